@@ -1,0 +1,31 @@
+//! Training data for moxin-train: tokenizers, prepared token shards and the sample loader.
+//!
+//! * [`prepare`] turns `.txt` / `.jsonl` files into a *prepared directory*: a tokenizer,
+//!   little-endian token shards (documents separated by EOS) and a [`Manifest`] with
+//!   sizes and checksums.
+//! * [`TokenDataset`] memory-maps a prepared directory after verifying it.
+//! * [`SampleOrder`] is the seeded, random-access order in which fixed windows of
+//!   `seq_len + 1` tokens are served. A position in it (the *cursor*: samples consumed so
+//!   far) is all the state needed to resume exactly, on any number of ranks.
+//! * [`builtin`] generates the small corpus the default job trains on offline.
+//!
+//! This crate links no libtorch: the coordinator uses it to validate data it never trains on.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod builtin;
+mod error;
+mod loader;
+mod manifest;
+mod order;
+mod prepare;
+mod rng;
+mod tokenizer;
+
+pub use error::DataError;
+pub use loader::TokenDataset;
+pub use manifest::{Manifest, ShardInfo, TokenDtype, TokenizerInfo, MANIFEST_FILE};
+pub use order::SampleOrder;
+pub use prepare::{prepare, PrepareOptions, TokenizerSource};
+pub use rng::SplitMix64;
+pub use tokenizer::{load_tokenizer, train_bpe, TextTokenizer};

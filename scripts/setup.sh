@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Idempotent project setup: a project-local Python venv with exactly the PyTorch that
+# tch 0.24.0 is built against (2.11.0), and the `.libtorch` link that .cargo/config.toml
+# points LIBTORCH at. About 60 s and 4.7 GB the first time; instant afterwards.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TORCH_VERSION=2.11.0
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+
+if ! command -v "$PYTHON" >/dev/null; then
+  echo "setup: $PYTHON not found; install Python 3.9+ (or set PYTHON=/path/to/python3)" >&2
+  exit 1
+fi
+if ! command -v cargo >/dev/null; then
+  echo "setup: cargo not found; install Rust from https://rustup.rs" >&2
+  exit 1
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: creating $VENV" >&2
+  "$PYTHON" -m venv "$VENV"
+fi
+
+have=$("$VENV/bin/python" -c 'import numpy, torch; print(torch.__version__.split("+")[0])' 2>/dev/null || true)
+if [ "$have" != "$TORCH_VERSION" ]; then
+  echo "setup: installing torch==$TORCH_VERSION into $VENV (about 60 s, 4.7 GB, once)" >&2
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION" numpy
+fi
+
+torch_dir=$("$VENV/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file__))')
+if [ "$(readlink .libtorch 2>/dev/null || true)" != "$torch_dir" ]; then
+  ln -sfn "$torch_dir" .libtorch
+fi
+echo "setup: libtorch $TORCH_VERSION at $torch_dir" >&2
