@@ -1,1 +1,79 @@
+//! The moxin-train worker: trains a Mistral-style model from a [`moxin_proto::v1::JobSpec`].
+//!
+//! * [`model`]: the decoder (RMSNorm, RoPE, GQA, SwiGLU, sliding-window attention) with HF
+//!   parameter names, and a KV cache for incremental decoding;
+//! * [`params`]: all parameters as views of one flat buffer;
+//! * [`optim`]: AdamW over flat fp32 partitions (ZeRO-1 ready) and the LR schedule;
+//! * [`trainer`]: the training loop (gradient accumulation, clipping, checkpoints, resume);
+//! * [`checkpoint`]: atomic, verified, pruned checkpoints;
+//! * [`generate`]: sampling (temperature, top-p, stop token) on the KV cache;
+//! * [`eval`]: held-out loss of a checkpoint; [`info`]: parameter counts without allocating.
+//!
+//! The worker never reads user configuration files: everything arrives in the JobSpec.
+#![warn(missing_docs)]
+#![deny(unsafe_code)]
 
+pub mod checkpoint;
+pub mod device;
+pub mod eval;
+pub mod generate;
+pub mod info;
+pub mod model;
+pub mod optim;
+pub mod params;
+pub mod trainer;
+
+use std::path::PathBuf;
+
+/// Errors of the worker. Each names the file or setting at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// I/O on a named path.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Training data problem.
+    #[error(transparent)]
+    Data(#[from] moxin_data::DataError),
+    /// A checkpoint is missing, corrupt or incompatible.
+    #[error("{path}: {reason}")]
+    Checkpoint {
+        /// The checkpoint file or directory.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The job spec is incomplete or inconsistent (a coordinator bug or version skew).
+    #[error("invalid job spec: {0}")]
+    Spec(String),
+    /// A run directory cannot be resumed with this job.
+    #[error("cannot resume {run_dir}: {reason}")]
+    Resume {
+        /// The run directory.
+        run_dir: PathBuf,
+        /// Why, and what to do.
+        reason: String,
+    },
+    /// The requested device is unusable.
+    #[error("device: {0}")]
+    Device(String),
+    /// libtorch reported an error.
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    /// A step observer (metrics sink) failed.
+    #[error("{0}")]
+    Observer(String),
+}
+
+impl WorkerError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        WorkerError::Io { path: path.into(), source }
+    }
+}
+
+#[cfg(test)]
+mod model_tests;

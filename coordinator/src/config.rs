@@ -1,0 +1,515 @@
+//! The user-facing job configuration: schema, loading and validation.
+//!
+//! Sources, later ones winning: the TOML file, environment variables
+//! `MOXIN__<SECTION>__<KEY>` (e.g. `MOXIN__TRAIN__STEPS=50`), then `--set section.key=value`.
+//! Unknown keys are errors, never silently ignored.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::presets::{self, ModelShape};
+
+/// Why a configuration was rejected. Messages name the file and the field, the offending
+/// value, and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read or parsed, or has unknown or mistyped keys.
+    #[error("{file}: {message}")]
+    Load {
+        /// The configuration file.
+        file: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value is out of range or inconsistent with another.
+    #[error("{field} = {value}: {message}")]
+    Invalid {
+        /// Dotted key, e.g. `model.n_heads`.
+        field: String,
+        /// The offending value.
+        value: String,
+        /// What is wrong and what to do.
+        message: String,
+    },
+    /// The training data does not fit the job.
+    #[error(transparent)]
+    Data(#[from] moxin_data::DataError),
+}
+
+/// A whole job configuration file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    /// Job identity.
+    #[serde(default)]
+    pub job: JobSection,
+    /// Model shape: a preset plus optional per-field overrides.
+    pub model: ModelSection,
+    /// Training data.
+    #[serde(default)]
+    pub data: DataSection,
+    /// Batch geometry and run length.
+    pub train: TrainSection,
+    /// AdamW.
+    #[serde(default)]
+    pub optimizer: OptimizerSection,
+    /// Learning-rate schedule.
+    #[serde(default)]
+    pub schedule: ScheduleSection,
+    /// Checkpointing.
+    #[serde(default)]
+    pub checkpoint: CheckpointSection,
+    /// Device, precision and threads.
+    #[serde(default)]
+    pub runtime: RuntimeSection,
+}
+
+/// `[job]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobSection {
+    /// Job name; defaults to the config file's stem.
+    pub name: Option<String>,
+    /// Master seed (initialisation and data order).
+    pub seed: u64,
+}
+
+impl Default for JobSection {
+    fn default() -> Self {
+        JobSection { name: None, seed: 1337 }
+    }
+}
+
+/// `[model]`: `preset` names a built-in shape or a TOML file; any other key overrides it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct ModelSection {
+    /// Built-in preset name (`tiny`, `bench-small`, `moxin-7b`) or a path to a model TOML.
+    pub preset: String,
+    pub vocab_size: Option<u32>,
+    pub dim: Option<u32>,
+    pub n_layers: Option<u32>,
+    pub n_heads: Option<u32>,
+    pub n_kv_heads: Option<u32>,
+    pub ffn_dim: Option<u32>,
+    pub max_seq_len: Option<u32>,
+    pub sliding_window: Option<u32>,
+    pub rope_theta: Option<f64>,
+    pub norm_eps: Option<f64>,
+    pub init_std: Option<f64>,
+}
+
+impl ModelSection {
+    /// The preset with this section's overrides applied.
+    pub fn shape(&self) -> Result<ModelShape, ConfigError> {
+        let mut s = presets::load(&self.preset)?;
+        macro_rules! apply {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { s.$f = v; } )* };
+        }
+        apply!(vocab_size, dim, n_layers, n_heads, n_kv_heads, ffn_dim, max_seq_len, sliding_window, rope_theta, norm_eps, init_std);
+        Ok(s)
+    }
+
+    fn resolved(&self, s: &ModelShape) -> Self {
+        ModelSection {
+            preset: self.preset.clone(),
+            vocab_size: Some(s.vocab_size),
+            dim: Some(s.dim),
+            n_layers: Some(s.n_layers),
+            n_heads: Some(s.n_heads),
+            n_kv_heads: Some(s.n_kv_heads),
+            ffn_dim: Some(s.ffn_dim),
+            max_seq_len: Some(s.max_seq_len),
+            sliding_window: Some(s.sliding_window),
+            rope_theta: Some(s.rope_theta),
+            norm_eps: Some(s.norm_eps),
+            init_std: Some(s.init_std),
+        }
+    }
+}
+
+/// `[data]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    /// `"builtin"` (the synthetic corpus, prepared into `<run dir>/data` on first use) or the
+    /// path of a directory made by `moxin-train data prepare` (relative to the working dir).
+    pub source: String,
+    /// Check every shard's sha256 when the data is opened (sizes are always checked).
+    pub verify_checksums: bool,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        DataSection { source: "builtin".into(), verify_checksums: true }
+    }
+}
+
+/// `[train]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    /// Optimizer steps in total.
+    pub steps: u64,
+    /// Tokens per sample; defaults to `model.max_seq_len`.
+    pub seq_len: Option<u32>,
+    /// Samples per optimizer step, over all workers.
+    pub global_batch_size: u32,
+    /// Samples per forward/backward on one worker; gradient accumulation makes up the rest.
+    pub micro_batch_size: u32,
+    /// Write a metrics line every this many steps.
+    #[serde(default = "one")]
+    pub log_every_steps: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// `[optimizer]`: AdamW with decoupled weight decay on matrices only.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[allow(missing_docs)]
+pub struct OptimizerSection {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Global gradient-norm clip; 0 disables.
+    pub grad_clip: f64,
+}
+
+impl Default for OptimizerSection {
+    fn default() -> Self {
+        // Moxin's pre-training recipe (AdamW β=(0.9, 0.95), eps 1e-8, wd 0.1, clip 1.0).
+        OptimizerSection { lr: 3e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, grad_clip: 1.0 }
+    }
+}
+
+/// Shape of the learning-rate decay after warmup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[allow(missing_docs)]
+pub enum Decay {
+    Cosine,
+    Linear,
+    Constant,
+}
+
+/// `[schedule]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScheduleSection {
+    /// Linear warmup from 0 to `optimizer.lr` over this many steps.
+    pub warmup_steps: u64,
+    /// Decay after warmup.
+    pub decay: Decay,
+    /// The schedule ends at `min_lr_ratio * optimizer.lr`.
+    pub min_lr_ratio: f64,
+}
+
+impl Default for ScheduleSection {
+    fn default() -> Self {
+        ScheduleSection { warmup_steps: 0, decay: Decay::Cosine, min_lr_ratio: 0.1 }
+    }
+}
+
+/// `[checkpoint]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointSection {
+    /// Save every this many steps (and always at the end); 0 saves only at the end.
+    pub every_steps: u64,
+    /// Number of most recent checkpoints kept.
+    pub keep_last: u32,
+}
+
+impl Default for CheckpointSection {
+    fn default() -> Self {
+        CheckpointSection { every_steps: 1000, keep_last: 3 }
+    }
+}
+
+/// Where computation runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[allow(missing_docs)]
+pub enum Device {
+    /// CUDA if the worker has a GPU, else CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// Number format of parameters and compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[allow(missing_docs)]
+pub enum Precision {
+    /// bf16 on CUDA, fp32 on CPU.
+    Auto,
+    Fp32,
+    /// bf16 parameters and compute with fp32 master weights and optimizer state.
+    Bf16,
+}
+
+/// `[runtime]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeSection {
+    /// Device.
+    pub device: Device,
+    /// Precision.
+    pub precision: Precision,
+    /// libtorch intra-op threads; 0 = one per available core.
+    pub threads: u32,
+}
+
+impl Default for RuntimeSection {
+    fn default() -> Self {
+        RuntimeSection { device: Device::Auto, precision: Precision::Auto, threads: 0 }
+    }
+}
+
+impl JobConfig {
+    /// Loads `file`, then applies `MOXIN__SECTION__KEY` variables from `env` and `--set`
+    /// overrides (`section.key=value`), and rejects unknown keys. Does not validate values.
+    pub fn load(file: &Path, env: HashMap<String, String>, overrides: &[String]) -> Result<Self, ConfigError> {
+        let load_err = |message: String| ConfigError::Load { file: file.to_path_buf(), message };
+        let text = std::fs::read_to_string(file).map_err(|e| load_err(format!("cannot read config: {e}")))?;
+        let mut builder = ::config::Config::builder()
+            .add_source(::config::File::from_str(&text, ::config::FileFormat::Toml))
+            .add_source(
+                ::config::Environment::with_prefix("MOXIN")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true)
+                    .source(Some(env.into_iter().collect())),
+            );
+        for set in overrides {
+            let (key, value) = set.split_once('=').ok_or_else(|| {
+                load_err(format!("--set {set:?}: expected section.key=value, e.g. --set train.steps=100"))
+            })?;
+            let key = key.trim();
+            if !key.contains('.') {
+                return Err(load_err(format!(
+                    "--set {set:?}: key {key:?} must name a section and a field, e.g. train.steps"
+                )));
+            }
+            builder = builder.set_override(key, value.trim()).map_err(|e| load_err(e.to_string()))?;
+        }
+        let merged = builder.build().map_err(|e| load_err(describe(e)))?;
+        merged.try_deserialize::<JobConfig>().map_err(|e| load_err(describe(e)))
+    }
+
+    /// Loads `file` with the process environment.
+    pub fn load_with_process_env(file: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        let env = std::env::vars().filter(|(k, _)| k.starts_with("MOXIN__")).collect();
+        Self::load(file, env, overrides)
+    }
+
+    /// Validates every value for a job of `world_size` workers and returns the resolved
+    /// model shape and sequence length.
+    pub fn validate(&self, world_size: u32) -> Result<(ModelShape, u32), ConfigError> {
+        let m = self.model.shape()?;
+        let bad = |field: &str, value: &dyn std::fmt::Display, message: String| ConfigError::Invalid {
+            field: field.into(),
+            value: value.to_string(),
+            message,
+        };
+        for (field, v) in [
+            ("model.vocab_size", m.vocab_size),
+            ("model.dim", m.dim),
+            ("model.n_layers", m.n_layers),
+            ("model.n_heads", m.n_heads),
+            ("model.n_kv_heads", m.n_kv_heads),
+            ("model.ffn_dim", m.ffn_dim),
+            ("model.max_seq_len", m.max_seq_len),
+            ("model.sliding_window", m.sliding_window),
+        ] {
+            if v == 0 {
+                return Err(bad(field, &v, "must be at least 1".into()));
+            }
+        }
+        if m.dim % m.n_heads != 0 {
+            return Err(bad(
+                "model.n_heads",
+                &m.n_heads,
+                format!("does not divide model.dim = {}; pick n_heads so that dim / n_heads is whole", m.dim),
+            ));
+        }
+        if m.n_heads % m.n_kv_heads != 0 {
+            return Err(bad(
+                "model.n_kv_heads",
+                &m.n_kv_heads,
+                format!("does not divide model.n_heads = {}; each KV head must serve a whole group of query heads", m.n_heads),
+            ));
+        }
+        if (m.dim / m.n_heads) % 2 != 0 {
+            return Err(bad(
+                "model.n_heads",
+                &m.n_heads,
+                format!("gives an odd head dim {} (dim {}); RoPE needs an even head dim", m.dim / m.n_heads, m.dim),
+            ));
+        }
+        for (field, v) in [("model.rope_theta", m.rope_theta), ("model.norm_eps", m.norm_eps), ("model.init_std", m.init_std)] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(bad(field, &v, "must be a positive number".into()));
+            }
+        }
+
+        let t = &self.train;
+        let seq_len = t.seq_len.unwrap_or(m.max_seq_len);
+        if seq_len == 0 || seq_len > m.max_seq_len {
+            return Err(bad(
+                "train.seq_len",
+                &seq_len,
+                format!("must be between 1 and model.max_seq_len = {}", m.max_seq_len),
+            ));
+        }
+        if t.steps == 0 {
+            return Err(bad("train.steps", &t.steps, "must be at least 1".into()));
+        }
+        if t.micro_batch_size == 0 {
+            return Err(bad("train.micro_batch_size", &0, "must be at least 1".into()));
+        }
+        if t.log_every_steps == 0 {
+            return Err(bad("train.log_every_steps", &0, "must be at least 1".into()));
+        }
+        let per_pass = t.micro_batch_size as u64 * world_size as u64;
+        if t.global_batch_size == 0 || t.global_batch_size as u64 % per_pass != 0 {
+            return Err(bad(
+                "train.global_batch_size",
+                &t.global_batch_size,
+                format!(
+                    "is not divisible by train.micro_batch_size = {} x {world_size} worker(s) = {per_pass}; \
+                     make it a multiple of {per_pass}",
+                    t.micro_batch_size
+                ),
+            ));
+        }
+
+        let o = &self.optimizer;
+        if !(o.lr.is_finite() && o.lr > 0.0) {
+            return Err(bad("optimizer.lr", &o.lr, "must be a positive number".into()));
+        }
+        for (field, v) in [("optimizer.beta1", o.beta1), ("optimizer.beta2", o.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(bad(field, &v, "must be in [0, 1)".into()));
+            }
+        }
+        if !(o.eps.is_finite() && o.eps > 0.0) {
+            return Err(bad("optimizer.eps", &o.eps, "must be a positive number".into()));
+        }
+        if !(o.weight_decay.is_finite() && o.weight_decay >= 0.0) {
+            return Err(bad("optimizer.weight_decay", &o.weight_decay, "must be >= 0".into()));
+        }
+        if !(o.grad_clip.is_finite() && o.grad_clip >= 0.0) {
+            return Err(bad("optimizer.grad_clip", &o.grad_clip, "must be >= 0 (0 disables clipping)".into()));
+        }
+        let s = &self.schedule;
+        if !(0.0..=1.0).contains(&s.min_lr_ratio) {
+            return Err(bad("schedule.min_lr_ratio", &s.min_lr_ratio, "must be in [0, 1]".into()));
+        }
+        if self.checkpoint.keep_last == 0 {
+            return Err(bad("checkpoint.keep_last", &0, "must be at least 1".into()));
+        }
+        if self.runtime.device == Device::Cpu && self.runtime.precision == Precision::Bf16 {
+            tracing::warn!("runtime.precision = bf16 on CPU is slow; fp32 is the usual choice");
+        }
+        Ok((m, seq_len))
+    }
+
+    /// This configuration with every model field and `train.seq_len` spelled out, as TOML.
+    pub fn resolved_toml(&self, shape: &ModelShape, seq_len: u32) -> String {
+        let mut resolved = self.clone();
+        resolved.model = self.model.resolved(shape);
+        resolved.train.seq_len = Some(seq_len);
+        toml::to_string_pretty(&resolved).expect("config serialises to TOML")
+    }
+}
+
+/// Turns the config crate's errors into one readable sentence with the offending key.
+fn describe(e: ::config::ConfigError) -> String {
+    let text = e.to_string();
+    if let Some(rest) = text.strip_prefix("unknown field ") {
+        return format!("unknown key {rest}; remove it or fix the spelling");
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let p = dir.join("job.toml");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    const MINIMAL: &str = "[model]\npreset = \"tiny\"\n[train]\nsteps = 10\nglobal_batch_size = 8\nmicro_batch_size = 4\n";
+
+    #[test]
+    fn env_and_set_override_file_in_order() {
+        let tmp = tempfile::tempdir().unwrap();
+        let f = write(tmp.path(), MINIMAL);
+        let env = HashMap::from([
+            ("MOXIN__TRAIN__STEPS".to_string(), "20".to_string()),
+            ("MOXIN__OPTIMIZER__LR".to_string(), "0.01".to_string()),
+        ]);
+        let c = JobConfig::load(&f, env.clone(), &["train.steps=30".into(), "model.n_layers=3".into()]).unwrap();
+        assert_eq!(c.train.steps, 30);
+        assert_eq!(c.optimizer.lr, 0.01);
+        assert_eq!(c.model.shape().unwrap().n_layers, 3);
+        let c = JobConfig::load(&f, env, &[]).unwrap();
+        assert_eq!(c.train.steps, 20);
+        let (shape, seq) = c.validate(1).unwrap();
+        assert_eq!(seq, shape.max_seq_len);
+        // The resolved TOML round-trips to the same job.
+        let again: JobConfig = toml::from_str(&c.resolved_toml(&shape, seq)).unwrap();
+        assert_eq!(again.model.shape().unwrap(), shape);
+    }
+
+    #[test]
+    fn unknown_and_mistyped_keys_are_errors() {
+        let tmp = tempfile::tempdir().unwrap();
+        let f = write(tmp.path(), &format!("{MINIMAL}lrr = 3\n"));
+        let e = JobConfig::load(&f, HashMap::new(), &[]).unwrap_err().to_string();
+        assert!(e.contains("job.toml") && e.contains("lrr"), "{e}");
+        let f = write(tmp.path(), MINIMAL);
+        let e = JobConfig::load(&f, HashMap::new(), &["train.stepz=3".into()]).unwrap_err().to_string();
+        assert!(e.contains("stepz"), "{e}");
+        let e = JobConfig::load(&f, HashMap::new(), &["train.steps=many".into()]).unwrap_err().to_string();
+        assert!(e.contains("steps") && e.contains("many"), "{e}");
+        let e = JobConfig::load(&f, HashMap::new(), &["steps".into()]).unwrap_err().to_string();
+        assert!(e.contains("section.key=value"), "{e}");
+        let e = JobConfig::load(&tmp.path().join("missing.toml"), HashMap::new(), &[]).unwrap_err().to_string();
+        assert!(e.contains("missing.toml") && e.contains("cannot read"), "{e}");
+    }
+
+    #[test]
+    fn invalid_values_name_field_value_and_fix() {
+        let tmp = tempfile::tempdir().unwrap();
+        let f = write(tmp.path(), MINIMAL);
+        let check = |sets: &[&str], world: u32, want: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            let c = JobConfig::load(&f, HashMap::new(), &sets).unwrap();
+            let e = c.validate(world).unwrap_err().to_string();
+            for w in want {
+                assert!(e.contains(w), "{e:?} lacks {w:?}");
+            }
+        };
+        check(&["model.n_heads=5"], 1, &["model.n_heads = 5", "does not divide model.dim = 96"]);
+        check(&["model.n_kv_heads=3"], 1, &["model.n_kv_heads = 3", "does not divide model.n_heads = 4"]);
+        check(&["train.global_batch_size=10"], 1, &["train.global_batch_size = 10", "multiple of 4"]);
+        check(&[], 3, &["train.global_batch_size = 8", "x 3 worker(s) = 12"]);
+        check(&["train.seq_len=4096"], 1, &["train.seq_len = 4096", "max_seq_len = 256"]);
+        check(&["optimizer.beta2=1.5"], 1, &["optimizer.beta2 = 1.5"]);
+        check(&["model.preset=huge"], 1, &["model.preset = huge", "unknown preset"]);
+    }
+}

@@ -1,0 +1,157 @@
+//! From a configuration file to a [`JobSpec`]: the only path by which work reaches workers.
+
+use std::path::{Path, PathBuf};
+
+use moxin_data::Manifest;
+use moxin_proto::v1::{
+    runtime_spec, schedule_spec, CheckpointSpec, DataSpec, JobSpec, ModelSpec, OptimizerSpec, RuntimeSpec,
+    ScheduleSpec, TrainSpec,
+};
+
+use crate::config::{Decay, Device, JobConfig, Precision};
+use crate::presets::ModelShape;
+use crate::ConfigError;
+
+/// A validated job: the configuration, where it runs, and the spec workers receive.
+#[derive(Debug, Clone)]
+pub struct ResolvedJob {
+    /// The configuration as loaded (with overrides).
+    pub config: JobConfig,
+    /// The spec sent to workers.
+    pub spec: JobSpec,
+    /// Run directory.
+    pub run_dir: PathBuf,
+    /// Samples per epoch of the training data at the job's sequence length.
+    pub samples_per_epoch: u64,
+}
+
+/// Loads, validates and resolves a job for `world_size` workers. `run_dir` defaults to
+/// `runs/<job name>`. Built-in data is prepared into `<run dir>/data` on first use.
+pub fn resolve_job(
+    config_file: &Path,
+    overrides: &[String],
+    run_dir: Option<&Path>,
+    world_size: u32,
+) -> Result<ResolvedJob, ConfigError> {
+    let config = JobConfig::load_with_process_env(config_file, overrides)?;
+    let name = config.job.name.clone().unwrap_or_else(|| {
+        config_file.file_stem().and_then(|s| s.to_str()).unwrap_or("job").to_string()
+    });
+    let run_dir = run_dir.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("runs").join(&name));
+    resolve_config(config, name, &run_dir, world_size)
+}
+
+/// Resolves an already-loaded configuration.
+pub fn resolve_config(
+    config: JobConfig,
+    name: String,
+    run_dir: &Path,
+    world_size: u32,
+) -> Result<ResolvedJob, ConfigError> {
+    let (shape, seq_len) = config.validate(world_size)?;
+    std::fs::create_dir_all(run_dir).map_err(|e| ConfigError::Invalid {
+        field: "--out".into(),
+        value: run_dir.display().to_string(),
+        message: format!("cannot create the run directory: {e}"),
+    })?;
+    let run_dir = std::fs::canonicalize(run_dir).map_err(|e| ConfigError::Invalid {
+        field: "--out".into(),
+        value: run_dir.display().to_string(),
+        message: e.to_string(),
+    })?;
+
+    let data_dir = if config.data.source == "builtin" {
+        let dir = run_dir.join("data");
+        tracing::info!(dir = %dir.display(), "preparing the built-in corpus");
+        moxin_data::builtin::prepare_builtin(&dir, shape.vocab_size)?;
+        dir
+    } else {
+        let dir = PathBuf::from(&config.data.source);
+        std::fs::canonicalize(&dir).map_err(|e| ConfigError::Invalid {
+            field: "data.source".into(),
+            value: config.data.source.clone(),
+            message: format!(
+                "{e}; expected \"builtin\" or a directory made by `moxin-train data prepare`"
+            ),
+        })?
+    };
+    let manifest = Manifest::load(&data_dir)?;
+    manifest.check_vocab(&data_dir, shape.vocab_size)?;
+    let samples_per_epoch = manifest.num_samples(&data_dir, seq_len)?;
+    manifest.verify(&data_dir, false)?;
+    let manifest_sha256 = Manifest::file_sha256(&data_dir)?;
+
+    let resolved_config_toml = config.resolved_toml(&shape, seq_len);
+    let spec = JobSpec {
+        name,
+        seed: config.job.seed,
+        model: Some(model_spec(&config.model.preset, &shape)),
+        data: Some(DataSpec {
+            prepared_dir: data_dir.display().to_string(),
+            manifest_sha256,
+            verify_checksums: config.data.verify_checksums,
+        }),
+        train: Some(TrainSpec {
+            steps: config.train.steps,
+            seq_len,
+            global_batch_size: config.train.global_batch_size,
+            micro_batch_size: config.train.micro_batch_size,
+            log_every_steps: config.train.log_every_steps,
+        }),
+        optimizer: Some(OptimizerSpec {
+            lr: config.optimizer.lr,
+            beta1: config.optimizer.beta1,
+            beta2: config.optimizer.beta2,
+            eps: config.optimizer.eps,
+            weight_decay: config.optimizer.weight_decay,
+            grad_clip: config.optimizer.grad_clip,
+        }),
+        schedule: Some(ScheduleSpec {
+            warmup_steps: config.schedule.warmup_steps,
+            decay: match config.schedule.decay {
+                Decay::Cosine => schedule_spec::Decay::Cosine,
+                Decay::Linear => schedule_spec::Decay::Linear,
+                Decay::Constant => schedule_spec::Decay::Constant,
+            } as i32,
+            min_lr_ratio: config.schedule.min_lr_ratio,
+        }),
+        checkpoint: Some(CheckpointSpec {
+            every_steps: config.checkpoint.every_steps,
+            keep_last: config.checkpoint.keep_last,
+        }),
+        runtime: Some(RuntimeSpec {
+            device: match config.runtime.device {
+                Device::Auto => runtime_spec::Device::Auto,
+                Device::Cpu => runtime_spec::Device::Cpu,
+                Device::Cuda => runtime_spec::Device::Cuda,
+            } as i32,
+            precision: match config.runtime.precision {
+                Precision::Auto => runtime_spec::Precision::Auto,
+                Precision::Fp32 => runtime_spec::Precision::Fp32,
+                Precision::Bf16 => runtime_spec::Precision::Bf16,
+            } as i32,
+            threads: config.runtime.threads,
+        }),
+        resolved_config_toml,
+        run_dir: run_dir.display().to_string(),
+    };
+    Ok(ResolvedJob { config, spec, run_dir, samples_per_epoch })
+}
+
+/// The wire form of a model shape.
+pub fn model_spec(preset: &str, s: &ModelShape) -> ModelSpec {
+    ModelSpec {
+        preset: preset.to_string(),
+        vocab_size: s.vocab_size,
+        dim: s.dim,
+        n_layers: s.n_layers,
+        n_heads: s.n_heads,
+        n_kv_heads: s.n_kv_heads,
+        ffn_dim: s.ffn_dim,
+        max_seq_len: s.max_seq_len,
+        sliding_window: s.sliding_window,
+        rope_theta: s.rope_theta,
+        norm_eps: s.norm_eps,
+        init_std: s.init_std,
+    }
+}

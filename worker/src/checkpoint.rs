@@ -1,0 +1,278 @@
+//! Checkpoints: `<run dir>/checkpoints/step-<8 digits>/` holding `model.safetensors` (HF
+//! names), one `optimizer.part-<rank>.safetensors` per optimizer partition, and
+//! `manifest.json` (step, data cursor, RNG state, resolved config, sha256 of every file).
+//!
+//! Commit protocol: everything is written into a hidden temporary directory, fsynced, the
+//! manifest written last, then the directory is renamed into place and the parent fsynced.
+//! A crash at any point leaves either the previous checkpoints untouched or a temporary
+//! directory that is never mistaken for a checkpoint (and is swept on the next start).
+//! Old checkpoints are pruned only after a new one is published.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tch::Tensor;
+
+use crate::model::ModelConfig;
+use crate::WorkerError;
+
+const FORMAT: &str = "moxin-checkpoint-v1";
+/// Manifest file name.
+pub const MANIFEST: &str = "manifest.json";
+/// Model weights file name.
+pub const MODEL_FILE: &str = "model.safetensors";
+
+/// One optimizer partition file: the flat range it covers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionFile {
+    /// File name inside the checkpoint directory.
+    pub file: String,
+    /// First flat element.
+    pub start: i64,
+    /// One past the last flat element.
+    pub end: i64,
+}
+
+/// Random state needed to continue a run exactly.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RngState {
+    /// Master seed of the job.
+    pub seed: u64,
+    /// Name of the data-order algorithm (the order is a pure function of seed and cursor).
+    pub data_order: String,
+}
+
+/// `manifest.json` of a checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointManifest {
+    /// `moxin-checkpoint-v1`.
+    pub format: String,
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// Samples consumed (the data cursor to continue from).
+    pub data_cursor: u64,
+    /// Tokens trained on so far.
+    pub tokens: u64,
+    /// Training wall time so far, seconds.
+    pub elapsed_s: f64,
+    /// Random state.
+    pub rng: RngState,
+    /// Ranks that trained it.
+    pub world_size: u32,
+    /// Sequence length trained on.
+    pub seq_len: u32,
+    /// Model shape.
+    pub model: ModelConfig,
+    /// sha256 of the training data's manifest.
+    pub data_manifest_sha256: String,
+    /// The resolved job configuration (TOML).
+    pub resolved_config_toml: String,
+    /// Optimizer partitions.
+    pub optimizer: Vec<PartitionFile>,
+    /// sha256 of every other file in the directory.
+    pub files: std::collections::BTreeMap<String, String>,
+}
+
+/// A checkpoint found on disk and verified.
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Its manifest.
+    pub manifest: CheckpointManifest,
+}
+
+impl Checkpoint {
+    /// Reads and verifies the checkpoint in `dir` (manifest and every file's sha256).
+    pub fn open(dir: &Path) -> Result<Self, WorkerError> {
+        let path = dir.join(MANIFEST);
+        let text = std::fs::read_to_string(&path).map_err(|e| WorkerError::Checkpoint {
+            path: path.clone(),
+            reason: format!("cannot read the manifest ({e}); is this a checkpoint directory (checkpoints/step-NNNNNNNN)?"),
+        })?;
+        let manifest: CheckpointManifest = serde_json::from_str(&text)
+            .map_err(|e| WorkerError::Checkpoint { path: path.clone(), reason: format!("invalid manifest: {e}") })?;
+        if manifest.format != FORMAT {
+            return Err(WorkerError::Checkpoint { path, reason: format!("format {:?}, expected {FORMAT:?}", manifest.format) });
+        }
+        for (file, want) in &manifest.files {
+            let file_path = dir.join(file);
+            let got = sha256_file(&file_path)?;
+            if &got != want {
+                return Err(WorkerError::Checkpoint {
+                    path: file_path,
+                    reason: format!("sha256 {got} does not match the manifest ({want}); the file is corrupt"),
+                });
+            }
+        }
+        Ok(Checkpoint { dir: dir.to_path_buf(), manifest })
+    }
+
+    /// Loads the model tensors.
+    pub fn model_tensors(&self) -> Result<Vec<(String, Tensor)>, WorkerError> {
+        let path = self.dir.join(MODEL_FILE);
+        Tensor::read_safetensors(&path).map_err(|e| WorkerError::Checkpoint { path, reason: e.to_string() })
+    }
+
+    /// Loads optimizer partition `index`: `(master, exp_avg, exp_avg_sq, step)`.
+    pub fn optimizer_part(&self, index: usize) -> Result<(PartitionFile, Vec<(String, Tensor)>), WorkerError> {
+        let part = self.manifest.optimizer.get(index).cloned().ok_or_else(|| WorkerError::Checkpoint {
+            path: self.dir.join(MANIFEST),
+            reason: format!("no optimizer partition {index}"),
+        })?;
+        let path = self.dir.join(&part.file);
+        let tensors =
+            Tensor::read_safetensors(&path).map_err(|e| WorkerError::Checkpoint { path, reason: e.to_string() })?;
+        Ok((part, tensors))
+    }
+}
+
+/// The checkpoints directory of a run.
+pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints")
+}
+
+fn step_dir_name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+fn parse_step(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix("step-")?;
+    (digits.len() == 8 && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok())?
+}
+
+/// Published checkpoint directories of a run, newest first.
+pub fn list(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>, WorkerError> {
+    let dir = checkpoints_dir(run_dir);
+    let mut found = Vec::new();
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+        Err(e) => return Err(WorkerError::io(&dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| WorkerError::io(&dir, e))?;
+        if let Some(step) = entry.file_name().to_str().and_then(parse_step) {
+            found.push((step, entry.path()));
+        }
+    }
+    found.sort_by(|a, b| b.0.cmp(&a.0));
+    Ok(found)
+}
+
+/// The newest checkpoint of the run that verifies, skipping (and reporting) broken ones.
+pub fn latest_valid(run_dir: &Path) -> Result<Option<Checkpoint>, WorkerError> {
+    for (_, dir) in list(run_dir)? {
+        match Checkpoint::open(&dir) {
+            Ok(ckpt) => return Ok(Some(ckpt)),
+            Err(e) => tracing::warn!("skipping invalid checkpoint: {e}"),
+        }
+    }
+    Ok(None)
+}
+
+/// Removes temporary directories left by interrupted saves.
+pub fn sweep_temporaries(run_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(checkpoints_dir(run_dir)) else { return };
+    for entry in entries.flatten() {
+        if entry.file_name().to_str().is_some_and(|n| n.starts_with(".tmp-")) {
+            tracing::info!(dir = %entry.path().display(), "removing an interrupted checkpoint");
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// What a checkpoint save needs besides the tensors.
+pub struct SaveRequest<'a> {
+    /// Run directory.
+    pub run_dir: &'a Path,
+    /// Manifest fields (files and optimizer are filled in by [`save`]).
+    pub manifest: CheckpointManifest,
+    /// Model tensors with HF names.
+    pub model: Vec<(String, Tensor)>,
+    /// Optimizer partitions: `(start, end, tensors)`.
+    pub optimizer: Vec<(i64, i64, Vec<(String, Tensor)>)>,
+    /// Keep this many newest checkpoints.
+    pub keep_last: usize,
+}
+
+/// Writes and publishes a checkpoint, then prunes old ones. Returns its directory.
+pub fn save(req: SaveRequest<'_>) -> Result<PathBuf, WorkerError> {
+    let root = checkpoints_dir(req.run_dir);
+    std::fs::create_dir_all(&root).map_err(|e| WorkerError::io(&root, e))?;
+    let name = step_dir_name(req.manifest.step);
+    let tmp = root.join(format!(".tmp-{name}-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| WorkerError::io(&tmp, e))?;
+    }
+    std::fs::create_dir(&tmp).map_err(|e| WorkerError::io(&tmp, e))?;
+
+    let mut manifest = req.manifest;
+    manifest.format = FORMAT.into();
+    manifest.files.clear();
+    manifest.optimizer.clear();
+    write_safetensors(&tmp, MODEL_FILE, &req.model, &mut manifest)?;
+    for (i, (start, end, tensors)) in req.optimizer.iter().enumerate() {
+        let file = format!("optimizer.part-{i:05}.safetensors");
+        write_safetensors(&tmp, &file, tensors, &mut manifest)?;
+        manifest.optimizer.push(PartitionFile { file, start: *start, end: *end });
+    }
+    let manifest_path = tmp.join(MANIFEST);
+    let json = serde_json::to_string_pretty(&manifest).expect("manifest serialises");
+    write_synced(&manifest_path, json.as_bytes())?;
+    sync_dir(&tmp)?;
+
+    let dest = root.join(&name);
+    if dest.exists() {
+        // Same step saved before (a resumed run passing it again): replace it.
+        let old = root.join(format!(".tmp-old-{name}-{}", std::process::id()));
+        std::fs::rename(&dest, &old).map_err(|e| WorkerError::io(&dest, e))?;
+        std::fs::rename(&tmp, &dest).map_err(|e| WorkerError::io(&dest, e))?;
+        let _ = std::fs::remove_dir_all(&old);
+    } else {
+        std::fs::rename(&tmp, &dest).map_err(|e| WorkerError::io(&dest, e))?;
+    }
+    sync_dir(&root)?;
+
+    for (_, dir) in list(req.run_dir)?.into_iter().skip(req.keep_last.max(1)) {
+        tracing::debug!(dir = %dir.display(), "pruning old checkpoint");
+        std::fs::remove_dir_all(&dir).map_err(|e| WorkerError::io(&dir, e))?;
+    }
+    Ok(dest)
+}
+
+fn write_safetensors(
+    dir: &Path,
+    file: &str,
+    tensors: &[(String, Tensor)],
+    manifest: &mut CheckpointManifest,
+) -> Result<(), WorkerError> {
+    let path = dir.join(file);
+    let contiguous: Vec<(&str, Tensor)> =
+        tensors.iter().map(|(n, t)| (n.as_str(), t.to_device(tch::Device::Cpu).contiguous())).collect();
+    Tensor::write_safetensors(&contiguous, &path)
+        .map_err(|e| WorkerError::Checkpoint { path: path.clone(), reason: e.to_string() })?;
+    File::open(&path).and_then(|f| f.sync_all()).map_err(|e| WorkerError::io(&path, e))?;
+    manifest.files.insert(file.to_string(), sha256_file(&path)?);
+    Ok(())
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), WorkerError> {
+    let mut f = File::create(path).map_err(|e| WorkerError::io(path, e))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| WorkerError::io(path, e))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), WorkerError> {
+    File::open(dir).and_then(|f| f.sync_all()).map_err(|e| WorkerError::io(dir, e))
+}
+
+/// sha256 of a file, lowercase hex.
+pub fn sha256_file(path: &Path) -> Result<String, WorkerError> {
+    let mut f = File::open(path).map_err(|e| WorkerError::io(path, e))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).map_err(|e| WorkerError::io(path, e))?;
+    Ok(hex::encode(h.finalize()))
+}

@@ -1,0 +1,73 @@
+//! Loss of a checkpoint on prepared data.
+
+use std::path::Path;
+
+use moxin_data::TokenDataset;
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+
+use crate::checkpoint::{Checkpoint, MODEL_FILE};
+use crate::model::Transformer;
+use crate::WorkerError;
+
+/// Result of [`evaluate`].
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    /// The checkpoint evaluated.
+    pub checkpoint: String,
+    /// Its training step.
+    pub step: u64,
+    /// Mean next-token cross-entropy (nats per token).
+    pub loss: f64,
+    /// exp(loss).
+    pub perplexity: f64,
+    /// Tokens scored.
+    pub tokens: u64,
+    /// Batches run.
+    pub batches: u64,
+}
+
+/// Scores up to `batches` batches of `batch_size` samples, taken in order from the start of
+/// `data_dir`, at the checkpoint's sequence length.
+pub fn evaluate(checkpoint_dir: &Path, data_dir: &Path, batches: u64, batch_size: u32) -> Result<EvalReport, WorkerError> {
+    let ckpt = Checkpoint::open(checkpoint_dir)?;
+    let config = ckpt.manifest.model.clone();
+    let device = Device::cuda_if_available();
+    let mut model = Transformer::new(config.clone(), Kind::Float, device);
+    model
+        .params
+        .load_named(&ckpt.model_tensors()?)
+        .map_err(|reason| WorkerError::Checkpoint { path: checkpoint_dir.join(MODEL_FILE), reason })?;
+    let seq_len = ckpt.manifest.seq_len;
+    let data = TokenDataset::open(data_dir, seq_len, config.vocab_size as u32, true)?;
+    let batch_size = batch_size.max(1) as u64;
+    let available = data.num_samples();
+    let (mut loss_sum, mut tokens, mut run) = (0.0, 0u64, 0u64);
+    let mut buf = vec![0i64; (seq_len + 1) as usize];
+    let mut rows = Vec::new();
+    tch::no_grad(|| {
+        while run < batches && run * batch_size < available {
+            let first = run * batch_size;
+            let n = batch_size.min(available - first);
+            rows.clear();
+            for i in first..first + n {
+                data.read_sample(i, &mut buf);
+                rows.extend_from_slice(&buf);
+            }
+            let batch = Tensor::from_slice(&rows).view([n as i64, seq_len as i64 + 1]).to_device(device);
+            let batch_tokens = n * seq_len as u64;
+            loss_sum += model.loss(&batch).double_value(&[]) * batch_tokens as f64;
+            tokens += batch_tokens;
+            run += 1;
+        }
+    });
+    let loss = loss_sum / tokens.max(1) as f64;
+    Ok(EvalReport {
+        checkpoint: checkpoint_dir.display().to_string(),
+        step: ckpt.manifest.step,
+        loss,
+        perplexity: loss.exp(),
+        tokens,
+        batches: run,
+    })
+}

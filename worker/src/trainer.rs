@@ -1,0 +1,317 @@
+//! The training loop: gradient accumulation to a fixed global batch, global-norm clipping,
+//! AdamW on a flat partition, scheduled checkpoints, and exact resume.
+//!
+//! One optimizer step consumes samples `[cursor, cursor + global_batch)` of the seeded
+//! [`SampleOrder`]. The loop's whole state is (parameters, optimizer state, step, cursor),
+//! all of which a checkpoint holds bit for bit, so a resumed run continues exactly as if it
+//! had never stopped.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use moxin_data::{Manifest, SampleOrder, TokenDataset};
+use moxin_proto::v1::{JobSpec, StepMetrics};
+use tch::{Kind, Tensor};
+
+use crate::checkpoint::{self, CheckpointManifest, RngState, SaveRequest};
+use crate::device::{place, Placement};
+use crate::model::{ModelConfig, Transformer};
+use crate::optim::{clip_factor, learning_rate, AdamW, AdamWConfig};
+use crate::WorkerError;
+
+/// Name of the data-order algorithm recorded in checkpoints.
+const DATA_ORDER: &str = "feistel6-splitmix64-v1";
+
+/// A job's training state on this process.
+pub struct Trainer {
+    spec: JobSpec,
+    /// The model.
+    pub model: Transformer,
+    opt: AdamW,
+    data: TokenDataset,
+    order: SampleOrder,
+    flat_grad: Tensor,
+    placement: Placement,
+    run_dir: PathBuf,
+    step: u64,
+    cursor: u64,
+    tokens: u64,
+    elapsed_s: f64,
+    resumed_from: Option<u64>,
+    batch_buf: Vec<i64>,
+}
+
+/// Why [`Trainer::run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunEnd {
+    /// `train.steps` were completed.
+    Finished,
+    /// Stopped early at the requested step (a checkpoint was written; resumable).
+    Stopped,
+}
+
+macro_rules! section {
+    ($spec:expr, $field:ident) => {
+        $spec.$field.as_ref().ok_or_else(|| WorkerError::Spec(concat!("missing ", stringify!($field)).into()))?
+    };
+}
+
+impl Trainer {
+    /// Builds the model and data for `spec`, resuming from the newest valid checkpoint in
+    /// the run directory if there is one.
+    pub fn new(spec: &JobSpec) -> Result<Self, WorkerError> {
+        let model_spec = section!(spec, model);
+        let data_spec = section!(spec, data);
+        let train = section!(spec, train);
+        let opt_spec = section!(spec, optimizer);
+        let placement = place(section!(spec, runtime))?;
+        let run_dir = PathBuf::from(&spec.run_dir);
+        if train.micro_batch_size == 0 || train.global_batch_size % train.micro_batch_size != 0 {
+            return Err(WorkerError::Spec(format!(
+                "global batch {} is not a multiple of micro batch {}",
+                train.global_batch_size, train.micro_batch_size
+            )));
+        }
+
+        let config = ModelConfig::from(model_spec);
+        let mut model = Transformer::new(config.clone(), placement.kind, placement.device);
+        tch::manual_seed(spec.seed as i64);
+        model.params.initialise();
+
+        let data_dir = PathBuf::from(&data_spec.prepared_dir);
+        let data = TokenDataset::open(&data_dir, train.seq_len, config.vocab_size as u32, data_spec.verify_checksums)?;
+        let sha = Manifest::file_sha256(&data_dir)?;
+        if !data_spec.manifest_sha256.is_empty() && sha != data_spec.manifest_sha256 {
+            return Err(WorkerError::Spec(format!(
+                "{}: data manifest changed since the coordinator validated it",
+                data_dir.display()
+            )));
+        }
+        let order = SampleOrder::new(data.num_samples(), spec.seed);
+        let total = model.params.numel();
+        let opt = AdamW::new(AdamWConfig::from(opt_spec), model.params.flat(), 0, total, model.params.decay_numel());
+        let flat_grad = Tensor::zeros([total], (Kind::Float, placement.device));
+
+        let mut trainer = Trainer {
+            spec: spec.clone(),
+            model,
+            opt,
+            data,
+            order,
+            flat_grad,
+            placement,
+            run_dir,
+            step: 0,
+            cursor: 0,
+            tokens: 0,
+            elapsed_s: 0.0,
+            resumed_from: None,
+            batch_buf: Vec::new(),
+        };
+        checkpoint::sweep_temporaries(&trainer.run_dir);
+        if let Some(ckpt) = checkpoint::latest_valid(&trainer.run_dir)? {
+            trainer.restore(&ckpt)?;
+        }
+        Ok(trainer)
+    }
+
+    fn restore(&mut self, ckpt: &checkpoint::Checkpoint) -> Result<(), WorkerError> {
+        let m = &ckpt.manifest;
+        let refuse = |reason: String| WorkerError::Resume { run_dir: self.run_dir.clone(), reason };
+        if m.model != self.model.config {
+            return Err(refuse(format!(
+                "{} was trained with model {:?} but this job has {:?}; pass a new --out to start a fresh run",
+                ckpt.dir.display(),
+                m.model,
+                self.model.config
+            )));
+        }
+        let data = section!(self.spec, data);
+        if m.data_manifest_sha256 != data.manifest_sha256 {
+            return Err(refuse(format!(
+                "{} was trained on other data (manifest sha256 {}, now {}); the data cursor would be meaningless. \
+                 Pass a new --out to start a fresh run",
+                ckpt.dir.display(),
+                m.data_manifest_sha256,
+                data.manifest_sha256
+            )));
+        }
+        let seq_len = section!(self.spec, train).seq_len;
+        if m.seq_len != seq_len || m.rng.seed != self.spec.seed {
+            return Err(refuse(format!(
+                "{} used seq_len {} and seed {}, this job has seq_len {seq_len} and seed {}; pass a new --out",
+                ckpt.dir.display(),
+                m.seq_len,
+                m.rng.seed,
+                self.spec.seed
+            )));
+        }
+        let tensors = ckpt.model_tensors()?;
+        self.model
+            .params
+            .load_named(&tensors)
+            .map_err(|reason| WorkerError::Checkpoint { path: ckpt.dir.join(checkpoint::MODEL_FILE), reason })?;
+        let mut restored = 0;
+        for i in 0..m.optimizer.len() {
+            let (part, tensors) = ckpt.optimizer_part(i)?;
+            restored += self
+                .opt
+                .load_overlap(part.start, part.end, &tensors)
+                .map_err(|reason| WorkerError::Checkpoint { path: ckpt.dir.join(&part.file), reason })?;
+        }
+        if restored != self.opt.len() {
+            return Err(WorkerError::Checkpoint {
+                path: ckpt.dir.clone(),
+                reason: format!("optimizer partitions cover {restored} of {} elements", self.opt.len()),
+            });
+        }
+        self.opt.write_params(self.model.params.flat());
+        self.step = m.step;
+        self.cursor = m.data_cursor;
+        self.tokens = m.tokens;
+        self.elapsed_s = m.elapsed_s;
+        self.resumed_from = Some(m.step);
+        tracing::info!(step = m.step, dir = %ckpt.dir.display(), "resumed from checkpoint");
+        Ok(())
+    }
+
+    /// Optimizer steps completed.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Samples consumed.
+    pub fn cursor(&self) -> u64 {
+        self.cursor
+    }
+
+    /// The step of the checkpoint this run resumed from, if any.
+    pub fn resumed_from(&self) -> Option<u64> {
+        self.resumed_from
+    }
+
+    /// Device and dtype in use.
+    pub fn placement(&self) -> Placement {
+        self.placement
+    }
+
+    /// Samples per epoch of the training data.
+    pub fn samples_per_epoch(&self) -> u64 {
+        self.data.num_samples()
+    }
+
+    /// Runs optimizer steps until `train.steps` (or `stop_after`, if smaller), calling
+    /// `observer` after every `log_every_steps`-th step and checkpointing on schedule and
+    /// at the end.
+    pub fn run(
+        &mut self,
+        stop_after: Option<u64>,
+        observer: &mut dyn FnMut(&StepMetrics) -> Result<(), String>,
+    ) -> Result<RunEnd, WorkerError> {
+        let train = section!(self.spec, train).clone();
+        let every = section!(self.spec, checkpoint).every_steps;
+        let target = stop_after.map_or(train.steps, |s| s.min(train.steps));
+        let mut saved_at = self.resumed_from;
+        while self.step < target {
+            let metrics = self.train_step()?;
+            if self.step % train.log_every_steps as u64 == 0 || self.step == target {
+                observer(&metrics).map_err(WorkerError::Observer)?;
+            }
+            if every > 0 && self.step % every == 0 {
+                self.save_checkpoint()?;
+                saved_at = Some(self.step);
+            }
+        }
+        if saved_at != Some(self.step) {
+            self.save_checkpoint()?;
+        }
+        Ok(if self.step >= train.steps { RunEnd::Finished } else { RunEnd::Stopped })
+    }
+
+    /// One optimizer step over the next global batch.
+    pub fn train_step(&mut self) -> Result<StepMetrics, WorkerError> {
+        let started = Instant::now();
+        let train = section!(self.spec, train).clone();
+        let opt_spec = section!(self.spec, optimizer).clone();
+        let schedule = section!(self.spec, schedule).clone();
+        let lr = learning_rate(&schedule, opt_spec.lr, self.step, train.steps);
+        let micro = train.micro_batch_size as usize;
+        let accum = train.global_batch_size as usize / micro;
+        let row = train.seq_len as i64 + 1;
+
+        let mut loss_sum = 0.0;
+        for m in 0..accum {
+            self.batch_buf.clear();
+            self.data.read_batch(&self.order, self.cursor + (m * micro) as u64, micro, &mut self.batch_buf);
+            let batch = Tensor::from_slice(&self.batch_buf).view([micro as i64, row]).to_device(self.placement.device);
+            let loss = self.model.loss(&batch);
+            (&loss / accum as f64).backward();
+            loss_sum += loss.double_value(&[]);
+        }
+        let loss = loss_sum / accum as f64;
+        if !loss.is_finite() {
+            return Err(WorkerError::Spec(format!(
+                "loss became {loss} at step {}; lower optimizer.lr or check the data",
+                self.step + 1
+            )));
+        }
+
+        self.model.params.gather_grads(&mut self.flat_grad);
+        let grad_norm = self.flat_grad.norm().double_value(&[]);
+        let clip = clip_factor(grad_norm, opt_spec.grad_clip);
+        if clip != 1.0 {
+            let _ = self.flat_grad.g_mul_scalar_(clip);
+        }
+        self.opt.step(&self.flat_grad, lr);
+        self.opt.write_params(self.model.params.flat());
+        self.model.params.zero_grads();
+
+        self.step += 1;
+        self.cursor += train.global_batch_size as u64;
+        let step_tokens = train.global_batch_size as u64 * train.seq_len as u64;
+        self.tokens += step_tokens;
+        let step_time_s = started.elapsed().as_secs_f64();
+        self.elapsed_s += step_time_s;
+        Ok(StepMetrics {
+            step: self.step,
+            loss,
+            lr,
+            grad_norm,
+            tokens: self.tokens,
+            tokens_per_s: step_tokens as f64 / step_time_s.max(1e-9),
+            elapsed_s: self.elapsed_s,
+            step_time_s,
+            world_size: 1,
+            data_cursor: self.cursor,
+        })
+    }
+
+    /// Writes a checkpoint of the current state.
+    pub fn save_checkpoint(&self) -> Result<PathBuf, WorkerError> {
+        let started = Instant::now();
+        let manifest = CheckpointManifest {
+            format: String::new(),
+            step: self.step,
+            data_cursor: self.cursor,
+            tokens: self.tokens,
+            elapsed_s: self.elapsed_s,
+            rng: RngState { seed: self.spec.seed, data_order: DATA_ORDER.into() },
+            world_size: 1,
+            seq_len: section!(self.spec, train).seq_len,
+            model: self.model.config.clone(),
+            data_manifest_sha256: section!(self.spec, data).manifest_sha256.clone(),
+            resolved_config_toml: self.spec.resolved_config_toml.clone(),
+            optimizer: Vec::new(),
+            files: Default::default(),
+        };
+        let dir = checkpoint::save(SaveRequest {
+            run_dir: &self.run_dir,
+            manifest,
+            model: self.model.params.named_tensors(),
+            optimizer: vec![(self.opt.start, self.opt.end, self.opt.state_tensors())],
+            keep_last: section!(self.spec, checkpoint).keep_last as usize,
+        })?;
+        tracing::info!(step = self.step, dir = %dir.display(), secs = started.elapsed().as_secs_f64(), "checkpoint saved");
+        Ok(dir)
+    }
+}
