@@ -1,1 +1,174 @@
-fn main() {}
+//! `moxin-train`: the command-line front end. Glue only: configuration and job logic live
+//! in `moxin-coordinator`, training in `moxin-worker`, data in `moxin-data`.
+#![forbid(unsafe_code)]
+
+mod commands;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+/// Train open Mistral-style LLMs end to end, on one laptop or a GPU cluster.
+#[derive(Parser)]
+#[command(name = "moxin-train", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model in this process from a job config (resumes if the run dir has checkpoints).
+    Train(TrainArgs),
+    /// Mean loss of a checkpoint on prepared data, as JSON.
+    Eval(EvalArgs),
+    /// Prepare training data.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Parameter count and memory of a model preset (allocates nothing).
+    ModelInfo(ModelInfoArgs),
+    /// Continue a text prompt with a checkpoint.
+    Generate(GenerateArgs),
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Job configuration (TOML), e.g. configs/tiny-pretrain.toml.
+    config: PathBuf,
+    /// Run directory [default: runs/<job name>].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Override a config value, e.g. --set train.steps=100 (repeatable; wins over the file
+    /// and over MOXIN__SECTION__KEY environment variables).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Stop after this many optimizer steps in total (writing a checkpoint), even if
+    /// train.steps is larger; running the command again resumes.
+    #[arg(long, value_name = "STEPS")]
+    stop_after: Option<u64>,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Checkpoint directory (runs/<job>/checkpoints/step-NNNNNNNN).
+    checkpoint: PathBuf,
+    /// Prepared data directory.
+    #[arg(long)]
+    data: PathBuf,
+    /// Batches to score (samples in order from the start of the data).
+    #[arg(long, default_value_t = 16)]
+    batches: u64,
+    /// Samples per batch.
+    #[arg(long, default_value_t = 8)]
+    batch_size: u32,
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Tokenize .txt / .jsonl files into token shards with a manifest.
+    Prepare(PrepareArgs),
+}
+
+#[derive(Args)]
+#[command(group = clap::ArgGroup::new("tok").required(true).args(["tokenizer", "train_tokenizer"]))]
+struct PrepareArgs {
+    /// Input files or directories (searched recursively for .txt and .jsonl).
+    #[arg(long, required = true, num_args = 1..)]
+    input: Vec<PathBuf>,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Use this Hugging Face tokenizer.json.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Train a byte-level BPE tokenizer with this vocabulary size on the inputs.
+    #[arg(long, value_name = "VOCAB_SIZE")]
+    train_tokenizer: Option<u32>,
+    /// Field of each .jsonl record holding the text.
+    #[arg(long, default_value = "text")]
+    text_field: String,
+    /// Tokens per shard file.
+    #[arg(long, default_value_t = 100_000_000)]
+    shard_tokens: u64,
+    /// Replace an existing prepared directory.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+#[derive(Args)]
+struct ModelInfoArgs {
+    /// Preset name (tiny, bench-small, moxin-7b) or a model TOML file.
+    preset: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// Checkpoint directory.
+    checkpoint: PathBuf,
+    /// Prompt text.
+    #[arg(long)]
+    prompt: String,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    /// Nucleus sampling threshold.
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f64,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn main() {
+    init_logging();
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train(a) => commands::train(&a.config, a.out.as_deref(), &a.set, a.stop_after),
+        Command::Eval(a) => commands::eval(&a.checkpoint, &a.data, a.batches, a.batch_size),
+        Command::Data(DataCommand::Prepare(a)) => commands::prepare(moxin_data::PrepareOptions {
+            tokenizer: match (a.tokenizer, a.train_tokenizer) {
+                (Some(path), _) => moxin_data::TokenizerSource::File(path),
+                (None, Some(vocab_size)) => moxin_data::TokenizerSource::Train { vocab_size },
+                (None, None) => unreachable!("clap requires one"),
+            },
+            inputs: a.input,
+            out_dir: a.out,
+            jsonl_text_field: a.text_field,
+            shard_tokens: a.shard_tokens,
+            overwrite: a.overwrite,
+            progress: true,
+        }),
+        Command::ModelInfo(a) => commands::model_info(&a.preset, a.json),
+        Command::Generate(a) => commands::generate(
+            &a.checkpoint,
+            &a.prompt,
+            moxin_worker::generate::SamplingOptions {
+                temperature: a.temperature,
+                top_p: a.top_p,
+                max_new_tokens: a.max_new_tokens,
+                stop_token: None,
+                seed: a.seed,
+            },
+        ),
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MOXIN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}

@@ -1,1 +1,5 @@
+//! Integration tests of the `moxin-train` binary (one test binary, modules per area).
 
+mod common;
+mod data_cli;
+mod train_cli;

@@ -13,6 +13,7 @@
 pub mod config;
 pub mod job;
 pub mod presets;
+pub mod rundir;
 
 pub use config::{ConfigError, JobConfig};
 pub use job::{resolve_job, ResolvedJob};

@@ -24,6 +24,8 @@ const FORMAT: &str = "moxin-checkpoint-v1";
 pub const MANIFEST: &str = "manifest.json";
 /// Model weights file name.
 pub const MODEL_FILE: &str = "model.safetensors";
+/// Tokenizer copied from the training data.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
 /// One optimizer partition file: the flat range it covers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -195,6 +197,9 @@ pub struct SaveRequest<'a> {
     pub model: Vec<(String, Tensor)>,
     /// Optimizer partitions: `(start, end, tensors)`.
     pub optimizer: Vec<(i64, i64, Vec<(String, Tensor)>)>,
+    /// Files copied in as they are, `(name in the checkpoint, source)`: e.g. the tokenizer,
+    /// so a checkpoint is self-contained for generation and export.
+    pub extra_files: Vec<(String, PathBuf)>,
     /// Keep this many newest checkpoints.
     pub keep_last: usize,
 }
@@ -219,6 +224,12 @@ pub fn save(req: SaveRequest<'_>) -> Result<PathBuf, WorkerError> {
         let file = format!("optimizer.part-{i:05}.safetensors");
         write_safetensors(&tmp, &file, tensors, &mut manifest)?;
         manifest.optimizer.push(PartitionFile { file, start: *start, end: *end });
+    }
+    for (name, source) in &req.extra_files {
+        let dest = tmp.join(name);
+        std::fs::copy(source, &dest).map_err(|e| WorkerError::io(source, e))?;
+        File::open(&dest).and_then(|f| f.sync_all()).map_err(|e| WorkerError::io(&dest, e))?;
+        manifest.files.insert(name.clone(), sha256_file(&dest)?);
     }
     let manifest_path = tmp.join(MANIFEST);
     let json = serde_json::to_string_pretty(&manifest).expect("manifest serialises");

@@ -93,3 +93,30 @@ fn sample(logits: &Tensor, opts: &SamplingOptions, rng: &mut SplitMix64) -> Tens
     let position = position.clamp_max(cumulative.size()[1] - 1);
     indices.gather(-1, &position, false).squeeze_dim(-1)
 }
+
+/// Loads a checkpoint and its tokenizer, and continues `prompt`; returns the new text.
+pub fn generate_text(
+    checkpoint_dir: &std::path::Path,
+    prompt: &str,
+    mut opts: SamplingOptions,
+) -> Result<String, crate::WorkerError> {
+    use crate::checkpoint::{Checkpoint, MODEL_FILE, TOKENIZER_FILE};
+    let ckpt = Checkpoint::open(checkpoint_dir)?;
+    let tokenizer = moxin_data::load_tokenizer(&checkpoint_dir.join(TOKENIZER_FILE))?;
+    let device = tch::Device::cuda_if_available();
+    let mut model = Transformer::new(ckpt.manifest.model.clone(), Kind::Float, device);
+    model
+        .params
+        .load_named(&ckpt.model_tensors()?)
+        .map_err(|reason| crate::WorkerError::Checkpoint { path: checkpoint_dir.join(MODEL_FILE), reason })?;
+    let mut ids: Vec<i64> = tokenizer.encode(prompt)?.into_iter().map(i64::from).collect();
+    if let Some(bos) = tokenizer.bos_id.filter(|_| ids.is_empty()) {
+        ids.push(bos as i64);
+    }
+    opts.stop_token = opts.stop_token.or(Some(tokenizer.eos_id as i64));
+    let room = (model.config.max_seq_len as usize).saturating_sub(ids.len());
+    opts.max_new_tokens = opts.max_new_tokens.min(room);
+    let out = generate(&model, &[ids], &opts).map_err(crate::WorkerError::Spec)?;
+    let new: Vec<u32> = out[0].iter().filter(|&&t| t != tokenizer.eos_id as i64).map(|&t| t as u32).collect();
+    Ok(tokenizer.decode(&new)?)
+}

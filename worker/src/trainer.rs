@@ -309,6 +309,10 @@ impl Trainer {
             manifest,
             model: self.model.params.named_tensors(),
             optimizer: vec![(self.opt.start, self.opt.end, self.opt.state_tensors())],
+            extra_files: vec![(
+                checkpoint::TOKENIZER_FILE.into(),
+                self.data.dir().join(&self.data.manifest().tokenizer.file),
+            )],
             keep_last: section!(self.spec, checkpoint).keep_last as usize,
         })?;
         tracing::info!(step = self.step, dir = %dir.display(), secs = started.elapsed().as_secs_f64(), "checkpoint saved");

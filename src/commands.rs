@@ -1,0 +1,131 @@
+//! The subcommands: each wires library calls together and reports to the user.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use moxin_coordinator::rundir::{self, MetricsLog};
+use moxin_worker::trainer::{RunEnd, Trainer};
+
+/// `train`: config → coordinator (validate, resolve, JobSpec) → worker (train), with the
+/// coordinator's run-directory writer receiving every step's metrics.
+pub fn train(config: &Path, out: Option<&Path>, overrides: &[String], stop_after: Option<u64>) -> Result<()> {
+    let job = moxin_coordinator::resolve_job(config, overrides, out, 1)
+        .with_context(|| format!("invalid job {}", config.display()))?;
+    rundir::write_resolved_config(&job.run_dir, &job.spec.resolved_config_toml)
+        .with_context(|| format!("writing the resolved config into {}", job.run_dir.display()))?;
+    let steps = job.spec.train.as_ref().map_or(0, |t| t.steps);
+    let mut trainer = Trainer::new(&job.spec).context("starting the trainer")?;
+    let placement = trainer.placement();
+    let params = trainer.model.params.numel();
+    tracing::info!(
+        job = %job.spec.name,
+        run_dir = %job.run_dir.display(),
+        params,
+        device = ?placement.device,
+        dtype = ?placement.kind,
+        samples_per_epoch = trainer.samples_per_epoch(),
+        "training {steps} steps"
+    );
+    let mut log = MetricsLog::open(&job.run_dir, trainer.step())
+        .with_context(|| format!("opening metrics.jsonl in {}", job.run_dir.display()))?;
+    let end = trainer.run(stop_after, &mut |m| {
+        tracing::info!(
+            "step {:>6}/{steps}  loss {:.4}  lr {:.2e}  grad_norm {:.3}  {:.0} tok/s",
+            m.step,
+            m.loss,
+            m.lr,
+            m.grad_norm,
+            m.tokens_per_s
+        );
+        log.append(m).map_err(|e| format!("{}: {e}", log.path().display()))
+    })?;
+    match end {
+        RunEnd::Finished => tracing::info!(run_dir = %job.run_dir.display(), "finished {steps} steps"),
+        RunEnd::Stopped => tracing::info!(
+            step = trainer.step(),
+            "stopped as asked; run the same command again to resume"
+        ),
+    }
+    Ok(())
+}
+
+/// `eval`: prints the report as JSON on stdout.
+pub fn eval(checkpoint: &Path, data: &Path, batches: u64, batch_size: u32) -> Result<()> {
+    let report = moxin_worker::eval::evaluate(checkpoint, data, batches, batch_size)
+        .with_context(|| format!("evaluating {}", checkpoint.display()))?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+/// `data prepare`.
+pub fn prepare(opts: moxin_data::PrepareOptions) -> Result<()> {
+    let out = opts.out_dir.clone();
+    let manifest = moxin_data::prepare(&opts).context("preparing data")?;
+    tracing::info!(
+        out = %out.display(),
+        documents = manifest.documents,
+        tokens = manifest.total_tokens,
+        shards = manifest.shards.len(),
+        vocab = manifest.tokenizer.vocab_size,
+        "prepared"
+    );
+    println!("{}", serde_json::to_string_pretty(&manifest)?);
+    Ok(())
+}
+
+/// `model-info`.
+pub fn model_info(preset: &str, json: bool) -> Result<()> {
+    let shape = moxin_coordinator::presets::load(preset)?;
+    let spec = moxin_coordinator::job::model_spec(preset, &shape);
+    let info = moxin_worker::info::model_info(&(&spec).into());
+    if json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "preset": preset, "shape": shape, "info": info }))?);
+        return Ok(());
+    }
+    println!("{preset}: {:.2} B parameters ({})", info.total_params as f64 / 1e9, thousands(info.total_params));
+    println!(
+        "  layers {}  dim {}  heads {}/{} kv  ffn {}  vocab {}  window {}  rope θ {}",
+        shape.n_layers, shape.dim, shape.n_heads, shape.n_kv_heads, shape.ffn_dim, shape.vocab_size,
+        shape.sliding_window, shape.rope_theta
+    );
+    println!("  {:<10} {:>16} {:>12} {:>12}", "class", "parameters", "bf16", "fp32");
+    for c in &info.classes {
+        println!("  {:<10} {:>16} {:>12} {:>12}", c.class, thousands(c.params), gib(c.bytes_bf16), gib(c.bytes_fp32));
+    }
+    println!(
+        "  training state, before activations: {} per rank replicated (bf16 params+grads, fp32 master+Adam: 16 B/param); \
+         {} with ZeRO-1 over 8 ranks",
+        gib(info.train_bytes_unsharded),
+        gib(info.train_bytes_zero1_8)
+    );
+    Ok(())
+}
+
+/// `generate`.
+pub fn generate(checkpoint: &Path, prompt: &str, opts: moxin_worker::generate::SamplingOptions) -> Result<()> {
+    let text = moxin_worker::generate::generate_text(checkpoint, prompt, opts)
+        .with_context(|| format!("generating with {}", checkpoint.display()))?;
+    println!("{prompt}{text}");
+    Ok(())
+}
+
+fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn gib(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= (1u64 << 30) as f64 {
+        format!("{:.1} GiB", b / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1} MiB", b / (1u64 << 20) as f64)
+    }
+}

@@ -1,0 +1,124 @@
+//! `train`, `eval`, `generate` and `model-info` end to end.
+
+use crate::common::{fails, metrics, ok, s, tiny_job};
+
+#[test]
+fn tiny_preset_loss_falls_and_the_run_dir_is_complete() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tiny_job(tmp.path(), 60, "");
+    let run = tmp.path().join("run");
+    ok(tmp.path(), &["train", s(&job), "--out", s(&run)]);
+    let m = metrics(&run);
+    assert_eq!(m.len(), 60);
+    for key in ["step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s", "world_size"] {
+        assert!(m[0].get(key).is_some(), "metrics.jsonl lacks {key}: {}", m[0]);
+    }
+    let first = m[0]["loss"].as_f64().unwrap();
+    let last: f64 = m[55..].iter().map(|v| v["loss"].as_f64().unwrap()).sum::<f64>() / 5.0;
+    assert!(first > 6.0, "initial loss {first} should be near ln(vocab)");
+    assert!(last < first - 2.5, "loss did not fall: {first} -> {last}");
+    assert_eq!(m[59]["tokens"].as_u64(), Some(60 * 8 * 32));
+
+    let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(config.contains("n_kv_heads = 2") && config.contains("seq_len = 32"), "{config}");
+    let ckpt = run.join("checkpoints/step-00000060");
+    for f in ["model.safetensors", "optimizer.part-00000.safetensors", "manifest.json", "tokenizer.json"] {
+        assert!(ckpt.join(f).exists(), "checkpoint lacks {f}");
+    }
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["step"], 60);
+    assert_eq!(manifest["data_cursor"], 60 * 8);
+    assert!(manifest["files"]["model.safetensors"].as_str().unwrap().len() == 64);
+
+    let report: serde_json::Value =
+        serde_json::from_str(&ok(tmp.path(), &["eval", s(&ckpt), "--data", s(&run.join("data")), "--batches", "3"])).unwrap();
+    assert_eq!(report["tokens"], 3 * 8 * 32);
+    assert!(report["loss"].as_f64().unwrap() < first - 2.0, "{report}");
+
+    let text = ok(tmp.path(), &["generate", s(&ckpt), "--prompt", "Once upon a time", "--max-new-tokens", "8", "--temperature", "0"]);
+    assert!(text.starts_with("Once upon a time") && text.len() > "Once upon a time".len(), "{text}");
+}
+
+/// 2N steps in one run give the same bytes as N steps, stop, and resume to 2N.
+#[test]
+fn resume_is_bit_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tiny_job(tmp.path(), 12, "[data]\nverify_checksums = true");
+    let straight = tmp.path().join("straight");
+    let resumed = tmp.path().join("resumed");
+    ok(tmp.path(), &["train", s(&job), "--out", s(&straight)]);
+    ok(tmp.path(), &["train", s(&job), "--out", s(&resumed), "--stop-after", "6"]);
+    assert!(resumed.join("checkpoints/step-00000006").exists());
+    assert!(!resumed.join("checkpoints/step-00000012").exists());
+    ok(tmp.path(), &["train", s(&job), "--out", s(&resumed)]);
+
+    let end = "checkpoints/step-00000012";
+    for file in ["model.safetensors", "optimizer.part-00000.safetensors"] {
+        let a = std::fs::read(straight.join(end).join(file)).unwrap();
+        let b = std::fs::read(resumed.join(end).join(file)).unwrap();
+        assert!(a == b, "{file} differs after resume");
+    }
+    let losses = |dir| metrics(dir).iter().map(|m| (m["step"].as_u64().unwrap(), m["loss"].as_f64().unwrap())).collect::<Vec<_>>();
+    assert_eq!(losses(&straight), losses(&resumed));
+}
+
+#[test]
+fn resume_skips_a_corrupt_newest_checkpoint_and_sweeps_temporaries() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tiny_job(tmp.path(), 8, "");
+    let run = tmp.path().join("run");
+    ok(tmp.path(), &["train", s(&job), "--out", s(&run), "--stop-after", "4", "--set", "checkpoint.every_steps=2"]);
+    // Damage the newest checkpoint and leave a half-written one behind, as a crash would.
+    let newest = run.join("checkpoints/step-00000004/model.safetensors");
+    let mut bytes = std::fs::read(&newest).unwrap();
+    let n = bytes.len();
+    bytes[n - 5] ^= 0xff;
+    std::fs::write(&newest, bytes).unwrap();
+    std::fs::create_dir_all(run.join("checkpoints/.tmp-step-00000006-1")).unwrap();
+
+    let out = crate::common::run(tmp.path(), &["train", s(&job), "--out", s(&run), "--set", "checkpoint.every_steps=2"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("step-00000004") && stderr.contains("sha256"), "no warning about the bad checkpoint: {stderr}");
+    let steps: Vec<u64> = metrics(&run).iter().map(|m| m["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, (1..=8).collect::<Vec<_>>(), "steps 3-4 are redone exactly once");
+    assert!(!run.join("checkpoints/.tmp-step-00000006-1").exists());
+}
+
+#[test]
+fn bad_configs_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tiny_job(tmp.path(), 5, "");
+    let job = s(&job);
+    let cases: &[(&[&str], &[&str])] = &[
+        (&["--set", "train.lrr=1"], &["unknown key `lrr`"]),
+        (&["--set", "model.n_heads=5"], &["model.n_heads = 5", "model.dim = 96"]),
+        (&["--set", "model.n_kv_heads=3"], &["model.n_kv_heads = 3", "model.n_heads = 4"]),
+        (&["--set", "train.global_batch_size=6"], &["train.global_batch_size = 6", "multiple of 4"]),
+        (&["--set", "data.source=no/such/dir"], &["data.source = no/such/dir"]),
+    ];
+    for (extra, want) in cases {
+        let mut args = vec!["train", job];
+        args.extend_from_slice(extra);
+        let err = fails(tmp.path(), &args);
+        for w in *want {
+            assert!(err.contains(w), "{extra:?}: {err:?} lacks {w:?}");
+        }
+        assert!(err.contains("job.toml"), "error should name the config file: {err}");
+    }
+    let err = fails(tmp.path(), &["train", "missing.toml"]);
+    assert!(err.contains("missing.toml") && err.contains("cannot read"), "{err}");
+}
+
+#[test]
+fn model_info_counts_moxin_7b_without_allocating() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json: serde_json::Value = serde_json::from_str(&ok(tmp.path(), &["model-info", "moxin-7b", "--json"])).unwrap();
+    assert_eq!(json["info"]["total_params"], 8_114_180_096u64);
+    assert_eq!(json["shape"]["n_layers"], 36);
+    let table = ok(tmp.path(), &["model-info", "moxin-7b"]);
+    assert!(table.contains("8.11 B parameters"), "{table}");
+    let err = fails(tmp.path(), &["model-info", "moxin-70b"]);
+    assert!(err.contains("unknown preset") && err.contains("moxin-7b"), "{err}");
+}
