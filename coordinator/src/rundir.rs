@@ -75,6 +75,8 @@ impl MetricsLog {
             "step_time_s": m.step_time_s,
             "world_size": m.world_size,
             "data_cursor": m.data_cursor,
+            "compute_s": m.compute_s,
+            "optimizer_s": m.optimizer_s,
         });
         writeln!(self.file, "{line}")?;
         self.file.flush()

@@ -14,7 +14,7 @@
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::params::{Init, ParamDecl, ParamStore};
+use crate::params::{Init, ParamDecl, ParamGroup, ParamStore};
 
 /// Model shape, from [`moxin_proto::v1::ModelSpec`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -59,28 +59,48 @@ impl ModelConfig {
 
     /// Every parameter in model order, with HF names, shapes and initialisation:
     /// normal(0, init_std), output projections (o_proj, down_proj) scaled by
-    /// 1/sqrt(2 * n_layers) as in GPT-2, norm gains at one.
-    pub fn param_decls(&self) -> Vec<ParamDecl> {
+    /// 1/sqrt(2 * n_layers) as in GPT-2, norm gains at one. q/k/v and gate/up are grouped
+    /// into fused leaves (see [`ParamGroup`]).
+    pub fn param_groups(&self) -> Vec<ParamGroup> {
         let (d, hd) = (self.dim, self.head_dim());
         let std = self.init_std;
         let out_std = std / (2.0 * self.n_layers as f64).sqrt();
-        let decl = |name: String, shape: Vec<i64>, init| ParamDecl { name, shape, init };
-        let mut v = vec![decl("model.embed_tokens.weight".into(), vec![self.vocab_size, d], Init::Normal { std })];
+        let mut order = 0;
+        let mut decl = |name: String, shape: Vec<i64>, init| {
+            order += 1;
+            ParamDecl { name, shape, init, order }
+        };
+        let mut v = vec![ParamGroup::single(decl("model.embed_tokens.weight".into(), vec![self.vocab_size, d], Init::Normal { std }))];
         for i in 0..self.n_layers {
             let p = format!("model.layers.{i}");
-            v.push(decl(format!("{p}.input_layernorm.weight"), vec![d], Init::Ones));
-            v.push(decl(format!("{p}.self_attn.q_proj.weight"), vec![self.n_heads * hd, d], Init::Normal { std }));
-            v.push(decl(format!("{p}.self_attn.k_proj.weight"), vec![self.n_kv_heads * hd, d], Init::Normal { std }));
-            v.push(decl(format!("{p}.self_attn.v_proj.weight"), vec![self.n_kv_heads * hd, d], Init::Normal { std }));
-            v.push(decl(format!("{p}.self_attn.o_proj.weight"), vec![d, self.n_heads * hd], Init::Normal { std: out_std }));
-            v.push(decl(format!("{p}.post_attention_layernorm.weight"), vec![d], Init::Ones));
-            v.push(decl(format!("{p}.mlp.gate_proj.weight"), vec![self.ffn_dim, d], Init::Normal { std }));
-            v.push(decl(format!("{p}.mlp.up_proj.weight"), vec![self.ffn_dim, d], Init::Normal { std }));
-            v.push(decl(format!("{p}.mlp.down_proj.weight"), vec![d, self.ffn_dim], Init::Normal { std: out_std }));
+            v.push(ParamGroup::single(decl(format!("{p}.input_layernorm.weight"), vec![d], Init::Ones)));
+            v.push(ParamGroup {
+                name: format!("{p}.self_attn.qkv"),
+                members: vec![
+                    decl(format!("{p}.self_attn.q_proj.weight"), vec![self.n_heads * hd, d], Init::Normal { std }),
+                    decl(format!("{p}.self_attn.k_proj.weight"), vec![self.n_kv_heads * hd, d], Init::Normal { std }),
+                    decl(format!("{p}.self_attn.v_proj.weight"), vec![self.n_kv_heads * hd, d], Init::Normal { std }),
+                ],
+            });
+            v.push(ParamGroup::single(decl(format!("{p}.self_attn.o_proj.weight"), vec![d, self.n_heads * hd], Init::Normal { std: out_std })));
+            v.push(ParamGroup::single(decl(format!("{p}.post_attention_layernorm.weight"), vec![d], Init::Ones)));
+            v.push(ParamGroup {
+                name: format!("{p}.mlp.gate_up"),
+                members: vec![
+                    decl(format!("{p}.mlp.gate_proj.weight"), vec![self.ffn_dim, d], Init::Normal { std }),
+                    decl(format!("{p}.mlp.up_proj.weight"), vec![self.ffn_dim, d], Init::Normal { std }),
+                ],
+            });
+            v.push(ParamGroup::single(decl(format!("{p}.mlp.down_proj.weight"), vec![d, self.ffn_dim], Init::Normal { std: out_std })));
         }
-        v.push(decl("model.norm.weight".into(), vec![d], Init::Ones));
-        v.push(decl("lm_head.weight".into(), vec![self.vocab_size, d], Init::Normal { std }));
+        v.push(ParamGroup::single(decl("model.norm.weight".into(), vec![d], Init::Ones)));
+        v.push(ParamGroup::single(decl("lm_head.weight".into(), vec![self.vocab_size, d], Init::Normal { std })));
         v
+    }
+
+    /// Every parameter declaration in model order.
+    pub fn param_decls(&self) -> Vec<ParamDecl> {
+        self.param_groups().into_iter().flat_map(|g| g.members).collect()
     }
 }
 
@@ -89,7 +109,9 @@ impl ModelConfig {
 #[derive(Debug)]
 pub struct Rope {
     cos: Tensor,
-    sin: Tensor,
+    /// `[-sin, sin]` over the two halves: `rotate_half(x) * sin == swap_halves(x) * signed_sin`,
+    /// which saves a negation pass per call.
+    signed_sin: Tensor,
 }
 
 impl Rope {
@@ -102,7 +124,8 @@ impl Rope {
         let t = Tensor::arange(positions, (Kind::Float, device));
         let freqs = t.outer(&inv_freq);
         let emb = Tensor::cat(&[&freqs, &freqs], -1);
-        Rope { cos: emb.cos(), sin: emb.sin() }
+        let sin = freqs.sin();
+        Rope { cos: emb.cos(), signed_sin: Tensor::cat(&[-&sin, sin], -1) }
     }
 
     /// Rotates `x` `[batch, heads, seq, head_dim]` whose first token sits at `start`.
@@ -110,15 +133,10 @@ impl Rope {
         let seq = x.size()[2];
         let kind = x.kind();
         let cos = self.cos.narrow(0, start, seq).to_kind(kind);
-        let sin = self.sin.narrow(0, start, seq).to_kind(kind);
-        x * cos + rotate_half(x) * sin
+        let signed_sin = self.signed_sin.narrow(0, start, seq).to_kind(kind);
+        let half = x.size()[3] / 2;
+        x * cos + x.roll([half], [-1]) * signed_sin
     }
-}
-
-/// `[x1, x2] -> [-x2, x1]` over the last dimension.
-pub fn rotate_half(x: &Tensor) -> Tensor {
-    let half = x.size().last().copied().unwrap() / 2;
-    Tensor::cat(&[-x.narrow(-1, half, half), x.narrow(-1, 0, half)], -1)
 }
 
 /// RMSNorm: `x / sqrt(mean(x²) + eps) * weight`, computed in at least fp32 (as HF does).
@@ -155,13 +173,12 @@ impl KvCache {
 
 struct Layer {
     input_norm: Tensor,
-    wq: Tensor,
-    wk: Tensor,
-    wv: Tensor,
+    /// `[q_proj; k_proj; v_proj]` as one matrix.
+    w_qkv: Tensor,
     wo: Tensor,
     post_norm: Tensor,
-    w_gate: Tensor,
-    w_up: Tensor,
+    /// `[gate_proj; up_proj]` as one matrix.
+    w_gate_up: Tensor,
     w_down: Tensor,
 }
 
@@ -182,20 +199,17 @@ impl Transformer {
     /// A model with zeroed parameters of `kind` on `device`; call
     /// [`ParamStore::initialise`] (after `tch::manual_seed`) or load weights.
     pub fn new(config: ModelConfig, kind: Kind, device: Device) -> Self {
-        let params = ParamStore::new(config.param_decls(), kind, device);
-        let t = |name: &str| params.get(name).shallow_clone();
+        let params = ParamStore::new(config.param_groups(), kind, device);
+        let t = |name: &str| params.leaf(name).shallow_clone();
         let layers = (0..config.n_layers)
             .map(|i| {
                 let p = format!("model.layers.{i}");
                 Layer {
                     input_norm: t(&format!("{p}.input_layernorm.weight")),
-                    wq: t(&format!("{p}.self_attn.q_proj.weight")),
-                    wk: t(&format!("{p}.self_attn.k_proj.weight")),
-                    wv: t(&format!("{p}.self_attn.v_proj.weight")),
+                    w_qkv: t(&format!("{p}.self_attn.qkv")),
                     wo: t(&format!("{p}.self_attn.o_proj.weight")),
                     post_norm: t(&format!("{p}.post_attention_layernorm.weight")),
-                    w_gate: t(&format!("{p}.mlp.gate_proj.weight")),
-                    w_up: t(&format!("{p}.mlp.up_proj.weight")),
+                    w_gate_up: t(&format!("{p}.mlp.gate_up")),
                     w_down: t(&format!("{p}.mlp.down_proj.weight")),
                 }
             })
@@ -277,10 +291,12 @@ impl Transformer {
     fn attention(&self, l: &Layer, x: &Tensor, start: i64, cache: Option<(&mut Option<(Tensor, Tensor)>, i64)>) -> Tensor {
         let c = &self.config;
         let (b, t, hd) = (x.size()[0], x.size()[1], c.head_dim());
-        let heads = |w: &Tensor, n: i64| x.linear(w, None::<Tensor>).view([b, t, n, hd]).transpose(1, 2);
-        let q = self.rope.apply(&heads(&l.wq, c.n_heads), start);
-        let mut k = self.rope.apply(&heads(&l.wk, c.n_kv_heads), start);
-        let mut v = heads(&l.wv, c.n_kv_heads);
+        // split (not narrow): its backward assembles the fused gradient with one cat.
+        let qkv = x.linear(&l.w_qkv, None::<Tensor>).split_with_sizes([c.n_heads * hd, c.n_kv_heads * hd, c.n_kv_heads * hd], 2);
+        let heads = |t_: &Tensor, n: i64| t_.view([b, t, n, hd]).transpose(1, 2);
+        let q = self.rope.apply(&heads(&qkv[0], c.n_heads), start);
+        let mut k = self.rope.apply(&heads(&qkv[1], c.n_kv_heads), start);
+        let mut v = heads(&qkv[2], c.n_kv_heads);
         let mut key_start = start;
         if let Some((slot, cache_start)) = cache {
             if let Some((past_k, past_v)) = slot.as_ref() {
@@ -305,8 +321,8 @@ impl Transformer {
     }
 
     fn mlp(&self, l: &Layer, x: &Tensor) -> Tensor {
-        let gate = x.linear(&l.w_gate, None::<Tensor>).silu();
-        (gate * x.linear(&l.w_up, None::<Tensor>)).linear(&l.w_down, None::<Tensor>)
+        let gate_up = x.linear(&l.w_gate_up, None::<Tensor>).split(self.config.ffn_dim, 2);
+        (gate_up[0].silu() * &gate_up[1]).linear(&l.w_down, None::<Tensor>)
     }
 }
 

@@ -2,7 +2,8 @@
 //!
 //! Every parameter tensor is a view of a single contiguous buffer, in a fixed order that is
 //! identical on every rank: first the matrices (which get weight decay), then the vectors
-//! (RMSNorm gains, which do not). So the optimizer works on flat buffers and a ZeRO-1 rank
+//! (RMSNorm gains, which do not). Parameters used together (q/k/v, gate/up) sit back to back
+//! and form one autograd leaf, so the model multiplies by them in one GEMM. So the optimizer works on flat buffers and a ZeRO-1 rank
 //! updates a contiguous slice, and the weight-decay region is one range, `0..decay_numel`.
 
 use tch::{Device, Kind, Tensor};
@@ -28,6 +29,8 @@ pub struct ParamDecl {
     pub shape: Vec<i64>,
     /// Initialisation.
     pub init: Init,
+    /// Position in the model's declaration order (initialisation and export order).
+    pub order: usize,
 }
 
 impl ParamDecl {
@@ -42,44 +45,99 @@ impl ParamDecl {
     }
 }
 
-/// One parameter: its declaration, where it sits in the flat buffer, and the view.
+/// One named parameter (an HF tensor): its declaration, where it sits in the flat buffer,
+/// and a view of it. Gradients flow through the view to its group's leaf.
 #[derive(Debug)]
 pub struct Param {
     /// Declaration.
     pub decl: ParamDecl,
     /// First element in the flat buffer.
     pub offset: i64,
-    /// The view (a leaf that requires grad).
+    /// The view (differentiable; for a one-member group it is the leaf itself).
     pub tensor: Tensor,
+}
+
+/// Parameters stored back to back and used as one autograd leaf: e.g. a layer's q, k and v
+/// projections form one `[q + k + v, dim]` matrix, so attention does one wide GEMM instead
+/// of three narrow ones (same for the MLP's gate and up projections). Members are
+/// `[out, in]` matrices with the same `in`, so their concatenation along rows is exactly
+/// their contiguous memory.
+#[derive(Debug, Clone)]
+pub struct ParamGroup {
+    /// Name of the fused leaf (its single member's name for one-member groups).
+    pub name: String,
+    /// Members in order.
+    pub members: Vec<ParamDecl>,
+}
+
+impl ParamGroup {
+    /// A group of one.
+    pub fn single(decl: ParamDecl) -> Self {
+        ParamGroup { name: decl.name.clone(), members: vec![decl] }
+    }
+
+    fn numel(&self) -> i64 {
+        self.members.iter().map(ParamDecl::numel).sum()
+    }
+
+    fn decays(&self) -> bool {
+        self.members[0].decays()
+    }
+}
+
+/// An autograd leaf: a view of the flat buffer that requires grad.
+#[derive(Debug)]
+struct Leaf {
+    name: String,
+    offset: i64,
+    numel: i64,
+    tensor: Tensor,
 }
 
 /// All parameters of a model, backed by one flat buffer.
 #[derive(Debug)]
 pub struct ParamStore {
     flat: Tensor,
-    /// Parameters in model (declaration) order.
+    /// Named parameters in declaration order.
     params: Vec<Param>,
+    leaves: Vec<Leaf>,
     decay_numel: i64,
 }
 
 impl ParamStore {
-    /// Allocates the flat buffer for `decls` (zeros) with views in flat order.
-    pub fn new(decls: Vec<ParamDecl>, kind: Kind, device: Device) -> Self {
-        let total: i64 = decls.iter().map(ParamDecl::numel).sum();
+    /// Allocates the flat buffer for `groups` (zeros): weight-decayed groups first, then
+    /// the others, each in declaration order.
+    pub fn new(groups: Vec<ParamGroup>, kind: Kind, device: Device) -> Self {
+        let total: i64 = groups.iter().map(ParamGroup::numel).sum();
         let flat = Tensor::zeros([total], (kind, device));
-        let decay_numel: i64 = decls.iter().filter(|d| d.decays()).map(ParamDecl::numel).sum();
+        let decay_numel: i64 = groups.iter().filter(|g| g.decays()).map(ParamGroup::numel).sum();
         let (mut next_decay, mut next_plain) = (0i64, decay_numel);
-        let params = decls
-            .into_iter()
-            .map(|decl| {
-                let slot = if decl.decays() { &mut next_decay } else { &mut next_plain };
-                let offset = *slot;
-                *slot += decl.numel();
-                let tensor = flat.narrow(0, offset, decl.numel()).view(decl.shape.as_slice()).set_requires_grad(true);
-                Param { decl, offset, tensor }
-            })
-            .collect();
-        ParamStore { flat, params, decay_numel }
+        let mut params = Vec::new();
+        let mut leaves = Vec::new();
+        for group in groups {
+            let slot = if group.decays() { &mut next_decay } else { &mut next_plain };
+            let offset = *slot;
+            *slot += group.numel();
+            let first = &group.members[0];
+            let leaf_shape: Vec<i64> = if group.members.len() == 1 {
+                first.shape.clone()
+            } else {
+                let rows = group.members.iter().map(|m| m.shape[0]).sum();
+                [vec![rows], first.shape[1..].to_vec()].concat()
+            };
+            let leaf = flat.narrow(0, offset, group.numel()).view(leaf_shape.as_slice()).set_requires_grad(true);
+            let (mut row, mut member_offset) = (0i64, offset);
+            for decl in group.members {
+                let tensor = if leaf_shape == decl.shape { leaf.shallow_clone() } else { leaf.narrow(0, row, decl.shape[0]) };
+                row += decl.shape[0];
+                let numel = decl.numel();
+                params.push(Param { decl, offset: member_offset, tensor });
+                member_offset += numel;
+            }
+            leaves.push(Leaf { name: group.name, offset, numel: member_offset - offset, tensor: leaf });
+        }
+        params.sort_by_key(|p| p.decl.order);
+        ParamStore { flat, params, leaves, decay_numel }
     }
 
     /// Initialises every parameter in declaration order from torch's global RNG (seed it
@@ -114,7 +172,7 @@ impl ParamStore {
         self.decay_numel
     }
 
-    /// Parameters in declaration order.
+    /// Named parameters in declaration order.
     pub fn params(&self) -> &[Param] {
         &self.params
     }
@@ -129,31 +187,33 @@ impl ParamStore {
             .tensor
     }
 
-    /// Copies every parameter's gradient into `flat_grad` (same layout as the flat buffer,
-    /// any float dtype), scaled by nothing; a missing gradient counts as zero.
-    pub fn gather_grads(&self, flat_grad: &mut Tensor) {
+    /// The autograd leaf of group `name` (a fused matrix, or a single parameter).
+    pub fn leaf(&self, name: &str) -> &Tensor {
+        &self.leaves.iter().find(|l| l.name == name).unwrap_or_else(|| panic!("no parameter group {name}")).tensor
+    }
+
+    /// Backpropagates `loss` and writes the gradient of every leaf into `flat_grad` (same
+    /// layout as the flat buffer), adding to what is there if `accumulate`. Gradients never
+    /// touch `param.grad`: they go straight from autograd into the flat buffer, which saves
+    /// the accumulate, copy and zeroing passes of the usual `.grad` round trip.
+    pub fn backward_into(&self, loss: &Tensor, flat_grad: &mut Tensor, accumulate: bool) {
+        let leaves: Vec<&Tensor> = self.leaves.iter().map(|l| &l.tensor).collect();
+        let grads = Tensor::run_backward(&[loss], &leaves, false, false);
         tch::no_grad(|| {
-            for p in &self.params {
-                let mut dst = flat_grad.narrow(0, p.offset, p.decl.numel());
-                let g = p.tensor.grad();
-                if g.defined() {
-                    dst.copy_(&g.view([-1]));
-                } else {
-                    let _ = dst.zero_();
+            for (leaf, g) in self.leaves.iter().zip(grads) {
+                let mut dst = flat_grad.narrow(0, leaf.offset, leaf.numel);
+                match (g.defined(), accumulate) {
+                    (true, false) => dst.copy_(&g.view([-1])),
+                    (true, true) => {
+                        let _ = dst.g_add_(&g.view([-1]));
+                    }
+                    (false, false) => {
+                        let _ = dst.zero_();
+                    }
+                    (false, true) => {}
                 }
             }
         });
-    }
-
-    /// Forgets all gradients (frees them, so the next backward allocates fresh ones).
-    pub fn zero_grads(&mut self) {
-        for p in &mut self.params {
-            let mut g = p.tensor.grad();
-            if g.defined() {
-                let _ = g.detach_();
-                let _ = g.zero_();
-            }
-        }
     }
 
     /// `(name, contiguous tensor)` pairs in declaration order, for safetensors.

@@ -245,7 +245,7 @@ impl Trainer {
             self.data.read_batch(&self.order, self.cursor + (m * micro) as u64, micro, &mut self.batch_buf);
             let batch = Tensor::from_slice(&self.batch_buf).view([micro as i64, row]).to_device(self.placement.device);
             let loss = self.model.loss(&batch);
-            (&loss / accum as f64).backward();
+            self.model.params.backward_into(&(&loss / accum as f64), &mut self.flat_grad, m > 0);
             loss_sum += loss.double_value(&[]);
         }
         let loss = loss_sum / accum as f64;
@@ -256,7 +256,7 @@ impl Trainer {
             )));
         }
 
-        self.model.params.gather_grads(&mut self.flat_grad);
+        let compute_s = started.elapsed().as_secs_f64();
         let grad_norm = self.flat_grad.norm().double_value(&[]);
         let clip = clip_factor(grad_norm, opt_spec.grad_clip);
         if clip != 1.0 {
@@ -264,7 +264,7 @@ impl Trainer {
         }
         self.opt.step(&self.flat_grad, lr);
         self.opt.write_params(self.model.params.flat());
-        self.model.params.zero_grads();
+        let optimizer_s = started.elapsed().as_secs_f64() - compute_s;
 
         self.step += 1;
         self.cursor += train.global_batch_size as u64;
@@ -283,6 +283,8 @@ impl Trainer {
             step_time_s,
             world_size: 1,
             data_cursor: self.cursor,
+            compute_s,
+            optimizer_s,
         })
     }
 
