@@ -14,6 +14,7 @@
 #![deny(unsafe_code)]
 
 pub mod checkpoint;
+pub mod collective;
 pub mod device;
 pub mod eval;
 pub mod generate;
