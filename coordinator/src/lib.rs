@@ -12,6 +12,7 @@
 
 pub mod config;
 pub mod job;
+pub mod plan;
 pub mod presets;
 pub mod rundir;
 

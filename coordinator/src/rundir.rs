@@ -77,6 +77,7 @@ impl MetricsLog {
             "data_cursor": m.data_cursor,
             "compute_s": m.compute_s,
             "optimizer_s": m.optimizer_s,
+            "comm_s": m.comm_s,
         });
         writeln!(self.file, "{line}")?;
         self.file.flush()

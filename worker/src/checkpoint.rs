@@ -187,16 +187,17 @@ pub fn sweep_temporaries(run_dir: &Path) {
     }
 }
 
-/// What a checkpoint save needs besides the tensors.
+/// What publishing a checkpoint needs besides the optimizer partitions.
 pub struct SaveRequest<'a> {
     /// Run directory.
     pub run_dir: &'a Path,
-    /// Manifest fields (files and optimizer are filled in by [`save`]).
+    /// Manifest fields (files and optimizer are filled in by [`publish`]).
     pub manifest: CheckpointManifest,
     /// Model tensors with HF names.
     pub model: Vec<(String, Tensor)>,
-    /// Optimizer partitions: `(start, end, tensors)`.
-    pub optimizer: Vec<(i64, i64, Vec<(String, Tensor)>)>,
+    /// Optimizer partitions already written into the staging directory: `(start, end)` of
+    /// partition `i`, whose file is [`partition_file`]`(i)`.
+    pub partitions: Vec<(i64, i64)>,
     /// Files copied in as they are, `(name in the checkpoint, source)`: e.g. the tokenizer,
     /// so a checkpoint is self-contained for generation and export.
     pub extra_files: Vec<(String, PathBuf)>,
@@ -204,32 +205,57 @@ pub struct SaveRequest<'a> {
     pub keep_last: usize,
 }
 
-/// Writes and publishes a checkpoint, then prunes old ones. Returns its directory.
-pub fn save(req: SaveRequest<'_>) -> Result<PathBuf, WorkerError> {
-    let root = checkpoints_dir(req.run_dir);
+/// File name of optimizer partition `index`.
+pub fn partition_file(index: usize) -> String {
+    format!("optimizer.part-{index:05}.safetensors")
+}
+
+/// Creates (afresh) the staging directory for the checkpoint of `step`. Every rank of a
+/// group writes its partition into the same directory, so its name depends only on the step.
+pub fn stage(run_dir: &Path, step: u64) -> Result<PathBuf, WorkerError> {
+    let root = checkpoints_dir(run_dir);
     std::fs::create_dir_all(&root).map_err(|e| WorkerError::io(&root, e))?;
-    let name = step_dir_name(req.manifest.step);
-    let tmp = root.join(format!(".tmp-{name}-{}", std::process::id()));
+    let tmp = staging_dir(run_dir, step);
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| WorkerError::io(&tmp, e))?;
     }
     std::fs::create_dir(&tmp).map_err(|e| WorkerError::io(&tmp, e))?;
+    Ok(tmp)
+}
 
+fn staging_dir(run_dir: &Path, step: u64) -> PathBuf {
+    checkpoints_dir(run_dir).join(format!(".tmp-{}", step_dir_name(step)))
+}
+
+/// Writes optimizer partition `index` into the staging directory of `step` (fsynced).
+pub fn write_partition(run_dir: &Path, step: u64, index: usize, tensors: &[(String, Tensor)]) -> Result<(), WorkerError> {
+    write_safetensors(&staging_dir(run_dir, step), &partition_file(index), tensors)
+}
+
+/// Writes the model, extra files and manifest (with every file's sha256, last) into the
+/// staging directory, renames it into place, and prunes old checkpoints.
+pub fn publish(req: SaveRequest<'_>) -> Result<PathBuf, WorkerError> {
+    let root = checkpoints_dir(req.run_dir);
+    let name = step_dir_name(req.manifest.step);
+    let tmp = staging_dir(req.run_dir, req.manifest.step);
     let mut manifest = req.manifest;
     manifest.format = FORMAT.into();
     manifest.files.clear();
     manifest.optimizer.clear();
-    write_safetensors(&tmp, MODEL_FILE, &req.model, &mut manifest)?;
-    for (i, (start, end, tensors)) in req.optimizer.iter().enumerate() {
-        let file = format!("optimizer.part-{i:05}.safetensors");
-        write_safetensors(&tmp, &file, tensors, &mut manifest)?;
-        manifest.optimizer.push(PartitionFile { file, start: *start, end: *end });
-    }
+    write_safetensors(&tmp, MODEL_FILE, &req.model)?;
     for (name, source) in &req.extra_files {
         let dest = tmp.join(name);
         std::fs::copy(source, &dest).map_err(|e| WorkerError::io(source, e))?;
         File::open(&dest).and_then(|f| f.sync_all()).map_err(|e| WorkerError::io(&dest, e))?;
-        manifest.files.insert(name.clone(), sha256_file(&dest)?);
+    }
+    for (i, (start, end)) in req.partitions.iter().enumerate() {
+        manifest.optimizer.push(PartitionFile { file: partition_file(i), start: *start, end: *end });
+    }
+    let names = std::iter::once(MODEL_FILE.to_string())
+        .chain(req.extra_files.iter().map(|(n, _)| n.clone()))
+        .chain((0..req.partitions.len()).map(partition_file));
+    for file in names {
+        manifest.files.insert(file.clone(), sha256_file(&tmp.join(&file))?);
     }
     let manifest_path = tmp.join(MANIFEST);
     let json = serde_json::to_string_pretty(&manifest).expect("manifest serialises");
@@ -255,20 +281,13 @@ pub fn save(req: SaveRequest<'_>) -> Result<PathBuf, WorkerError> {
     Ok(dest)
 }
 
-fn write_safetensors(
-    dir: &Path,
-    file: &str,
-    tensors: &[(String, Tensor)],
-    manifest: &mut CheckpointManifest,
-) -> Result<(), WorkerError> {
+fn write_safetensors(dir: &Path, file: &str, tensors: &[(String, Tensor)]) -> Result<(), WorkerError> {
     let path = dir.join(file);
     let contiguous: Vec<(&str, Tensor)> =
         tensors.iter().map(|(n, t)| (n.as_str(), t.to_device(tch::Device::Cpu).contiguous())).collect();
     Tensor::write_safetensors(&contiguous, &path)
         .map_err(|e| WorkerError::Checkpoint { path: path.clone(), reason: e.to_string() })?;
-    File::open(&path).and_then(|f| f.sync_all()).map_err(|e| WorkerError::io(&path, e))?;
-    manifest.files.insert(file.to_string(), sha256_file(&path)?);
-    Ok(())
+    File::open(&path).and_then(|f| f.sync_all()).map_err(|e| WorkerError::io(&path, e))
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), WorkerError> {

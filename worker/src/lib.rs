@@ -65,6 +65,9 @@ pub enum WorkerError {
     /// libtorch reported an error.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    /// A collective failed (a peer died, hung or the network broke).
+    #[error("collective: {0}")]
+    Collective(String),
     /// A step observer (metrics sink) failed.
     #[error("{0}")]
     Observer(String),
@@ -78,3 +81,6 @@ impl WorkerError {
 
 #[cfg(test)]
 mod model_tests;
+
+#[cfg(test)]
+mod trainer_tests;

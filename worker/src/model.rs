@@ -98,6 +98,11 @@ impl ModelConfig {
         v
     }
 
+    /// Parameter elements in total.
+    pub fn param_count(&self) -> i64 {
+        self.param_decls().iter().map(ParamDecl::numel).sum()
+    }
+
     /// Every parameter declaration in model order.
     pub fn param_decls(&self) -> Vec<ParamDecl> {
         self.param_groups().into_iter().flat_map(|g| g.members).collect()
@@ -199,7 +204,12 @@ impl Transformer {
     /// A model with zeroed parameters of `kind` on `device`; call
     /// [`ParamStore::initialise`] (after `tch::manual_seed`) or load weights.
     pub fn new(config: ModelConfig, kind: Kind, device: Device) -> Self {
-        let params = ParamStore::new(config.param_groups(), kind, device);
+        Self::with_flat_len(config, kind, device, 0)
+    }
+
+    /// As [`Transformer::new`] with the flat parameter buffer padded to at least `flat_len`.
+    pub fn with_flat_len(config: ModelConfig, kind: Kind, device: Device, flat_len: i64) -> Self {
+        let params = ParamStore::new(config.param_groups(), kind, device, flat_len);
         let t = |name: &str| params.leaf(name).shallow_clone();
         let layers = (0..config.n_layers)
             .map(|i| {

@@ -24,8 +24,7 @@ fn config(window: i64) -> ModelConfig {
 
 fn model(window: i64, seed: i64) -> Transformer {
     let mut m = Transformer::new(config(window), Kind::Double, Device::Cpu);
-    tch::manual_seed(seed);
-    m.params.initialise();
+    m.params.initialise(seed as u64);
     // Non-trivial norm gains so a wrong norm placement would show.
     tch::no_grad(|| {
         for p in m.params.params() {
@@ -199,8 +198,7 @@ fn initialisation_is_seeded_and_scaled() {
     assert_eq!(max_diff(a.params.flat(), b.params.flat()), 0.0);
     let c = Transformer::new(config(8), Kind::Float, Device::Cpu);
     let mut big = Transformer::new(ModelConfig { dim: 256, ffn_dim: 512, n_heads: 4, ..config(8) }, Kind::Float, Device::Cpu);
-    tch::manual_seed(0);
-    big.params.initialise();
+    big.params.initialise(0);
     let std = |n: &str| big.params.get(n).std(true).double_value(&[]);
     assert!((std("model.layers.0.self_attn.q_proj.weight") - 0.1).abs() < 0.005);
     // Output projections: init_std / sqrt(2 * n_layers) = 0.1 / 2.

@@ -106,10 +106,12 @@ pub struct ParamStore {
 
 impl ParamStore {
     /// Allocates the flat buffer for `groups` (zeros): weight-decayed groups first, then
-    /// the others, each in declaration order.
-    pub fn new(groups: Vec<ParamGroup>, kind: Kind, device: Device) -> Self {
+    /// the others, each in declaration order. The buffer has at least `min_len` elements
+    /// (padding at the end, viewed by no parameter), so ZeRO-1 partitions of equal size
+    /// can tile it.
+    pub fn new(groups: Vec<ParamGroup>, kind: Kind, device: Device, min_len: i64) -> Self {
         let total: i64 = groups.iter().map(ParamGroup::numel).sum();
-        let flat = Tensor::zeros([total], (kind, device));
+        let flat = Tensor::zeros([total.max(min_len)], (kind, device));
         let decay_numel: i64 = groups.iter().filter(|g| g.decays()).map(ParamGroup::numel).sum();
         let (mut next_decay, mut next_plain) = (0i64, decay_numel);
         let mut params = Vec::new();
@@ -140,9 +142,13 @@ impl ParamStore {
         ParamStore { flat, params, leaves, decay_numel }
     }
 
-    /// Initialises every parameter in declaration order from torch's global RNG (seed it
-    /// first with `tch::manual_seed` for a reproducible model).
-    pub fn initialise(&mut self) {
+    /// Seeds torch's global RNG with `seed` and initialises every parameter in declaration
+    /// order. Holds a process-wide lock so concurrent initialisations (several ranks in one
+    /// process) cannot interleave their draws.
+    pub fn initialise(&mut self, seed: u64) {
+        static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
+        tch::manual_seed(seed as i64);
         tch::no_grad(|| {
             for p in &mut self.params {
                 match p.decl.init {
@@ -162,9 +168,9 @@ impl ParamStore {
         &self.flat
     }
 
-    /// Elements in the flat buffer.
+    /// Parameter elements (the flat buffer may be longer by padding).
     pub fn numel(&self) -> i64 {
-        self.flat.numel() as i64
+        self.params.iter().map(|p| p.decl.numel()).sum()
     }
 
     /// `0..decay_numel` of the flat buffer is weight-decayed.
