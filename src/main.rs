@@ -30,6 +30,55 @@ enum Command {
     ModelInfo(ModelInfoArgs),
     /// Continue a text prompt with a checkpoint.
     Generate(GenerateArgs),
+    /// Run a distributed job on this machine: a coordinator plus N worker processes.
+    Launch(LaunchArgs),
+    /// Serve a job's coordinator (cluster mode); workers join with `moxin-train worker`.
+    Coordinator(CoordinatorArgs),
+    /// Join a job as a worker (cluster mode).
+    Worker(WorkerArgs),
+}
+
+#[derive(Args)]
+struct LaunchArgs {
+    /// Job configuration (TOML).
+    config: PathBuf,
+    /// Worker processes to start.
+    #[arg(long, default_value_t = 2)]
+    workers: u32,
+    /// Run directory [default: runs/<job name>].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Override a config value (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+#[derive(Args)]
+struct CoordinatorArgs {
+    /// Job configuration (TOML).
+    config: PathBuf,
+    /// gRPC address to bind [default: cluster.listen].
+    #[arg(long)]
+    listen: Option<String>,
+    /// Run directory [default: runs/<job name>].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Override a config value (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    /// Coordinator URL, e.g. http://10.0.0.1:50051.
+    #[arg(long)]
+    coordinator: String,
+    /// Address for collective connections from peers (host must be reachable by them).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    collective_listen: String,
+    /// Serve Prometheus metrics on this address.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args)]
@@ -153,6 +202,9 @@ fn run(cli: Cli) -> Result<()> {
             progress: true,
         }),
         Command::ModelInfo(a) => commands::model_info(&a.preset, a.json),
+        Command::Launch(a) => commands::cluster::launch(&a.config, a.workers, a.out.as_deref(), &a.set),
+        Command::Coordinator(a) => commands::cluster::coordinator(&a.config, a.listen.as_deref(), a.out.as_deref(), &a.set),
+        Command::Worker(a) => commands::cluster::worker(a.coordinator, a.collective_listen, a.metrics_listen),
         Command::Generate(a) => commands::generate(
             &a.checkpoint,
             &a.prompt,

@@ -64,6 +64,54 @@ pub struct JobConfig {
     /// Device, precision and threads.
     #[serde(default)]
     pub runtime: RuntimeSection,
+    /// Distributed runs: workers, heartbeats, addresses.
+    #[serde(default)]
+    pub cluster: ClusterSection,
+}
+
+/// `[cluster]`: how a distributed job forms and watches its group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    /// The group forms once this many workers have registered.
+    pub min_workers: u32,
+    /// Registrations beyond this are refused; defaults to `min_workers`.
+    pub max_workers: Option<u32>,
+    /// Address the coordinator's gRPC server binds (`moxin-train coordinator`; `launch`
+    /// uses an ephemeral loopback port).
+    pub listen: String,
+    /// Optional Prometheus endpoint of the coordinator, e.g. `127.0.0.1:9400`.
+    pub metrics_listen: Option<String>,
+    /// How often workers heartbeat.
+    pub heartbeat_interval_ms: u32,
+    /// A worker silent this long is lost (fails the job).
+    pub heartbeat_timeout_ms: u32,
+    /// Any collective call fails after this long without progress.
+    pub collective_timeout_ms: u32,
+    /// Where the coordinator persists its state; defaults to `<run dir>/coordinator`.
+    pub state_dir: Option<String>,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            min_workers: 1,
+            max_workers: None,
+            listen: "127.0.0.1:50051".into(),
+            metrics_listen: None,
+            heartbeat_interval_ms: 500,
+            heartbeat_timeout_ms: 3000,
+            collective_timeout_ms: 60_000,
+            state_dir: None,
+        }
+    }
+}
+
+impl ClusterSection {
+    /// `max_workers`, defaulted.
+    pub fn max(&self) -> u32 {
+        self.max_workers.unwrap_or(self.min_workers)
+    }
 }
 
 /// `[job]`
@@ -379,6 +427,26 @@ impl JobConfig {
         }
         if t.log_every_steps == 0 {
             return Err(bad("train.log_every_steps", &0, "must be at least 1".into()));
+        }
+        let c = &self.cluster;
+        if c.min_workers == 0 {
+            return Err(bad("cluster.min_workers", &0, "must be at least 1".into()));
+        }
+        if c.max() < c.min_workers {
+            return Err(bad("cluster.max_workers", &c.max(), format!("must be >= cluster.min_workers = {}", c.min_workers)));
+        }
+        if c.heartbeat_interval_ms == 0 || c.heartbeat_timeout_ms <= c.heartbeat_interval_ms {
+            return Err(bad(
+                "cluster.heartbeat_timeout_ms",
+                &c.heartbeat_timeout_ms,
+                format!("must exceed cluster.heartbeat_interval_ms = {} (> 0)", c.heartbeat_interval_ms),
+            ));
+        }
+        if c.collective_timeout_ms == 0 {
+            return Err(bad("cluster.collective_timeout_ms", &0, "must be at least 1".into()));
+        }
+        if world_size > 1 && self.runtime.device == Device::Cuda {
+            return Err(bad("runtime.device", &"cuda", "multi-worker GPU training (NCCL) is not available yet; use device = \"cpu\"".into()));
         }
         let per_pass = t.micro_batch_size as u64 * world_size as u64;
         if t.global_batch_size == 0 || t.global_batch_size as u64 % per_pass != 0 {

@@ -15,6 +15,7 @@ pub mod job;
 pub mod plan;
 pub mod presets;
 pub mod rundir;
+pub mod server;
 
 pub use config::{ConfigError, JobConfig};
 pub use job::{resolve_job, ResolvedJob};

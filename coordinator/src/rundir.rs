@@ -21,40 +21,30 @@ pub fn write_resolved_config(run_dir: &Path, toml: &str) -> std::io::Result<Path
     Ok(path)
 }
 
-/// Appends one JSON object per optimizer step to `metrics.jsonl`.
+/// Appends one JSON object per optimizer step to `metrics.jsonl`. Every step appears once:
+/// a step reported again (a run resumed from a checkpoint older than its last logged step)
+/// first drops the lines from that step on.
 pub struct MetricsLog {
     path: PathBuf,
     file: File,
+    last_step: u64,
+}
+
+fn line_step(line: &str) -> Option<u64> {
+    serde_json::from_str::<serde_json::Value>(line).ok()?.get("step")?.as_u64()
 }
 
 impl MetricsLog {
-    /// Opens the log for a run continuing after step `resumed_step` (0 for a fresh start):
-    /// lines of later steps, left by a run that stopped before its next checkpoint, are
-    /// dropped so that every step appears once.
-    pub fn open(run_dir: &Path, resumed_step: u64) -> std::io::Result<Self> {
+    /// Opens (or creates) the log of a run directory.
+    pub fn open(run_dir: &Path) -> std::io::Result<Self> {
         let path = run_dir.join(METRICS_FILE);
-        if path.exists() {
-            let kept: Vec<String> = BufReader::new(File::open(&path)?)
-                .lines()
-                .collect::<Result<Vec<_>, _>>()?
-                .into_iter()
-                .filter(|line| {
-                    serde_json::from_str::<serde_json::Value>(line)
-                        .ok()
-                        .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
-                        .is_some_and(|step| step <= resumed_step)
-                })
-                .collect();
-            let tmp = run_dir.join(format!(".{METRICS_FILE}.tmp"));
-            let mut body = kept.join("\n");
-            if !body.is_empty() {
-                body.push('\n');
-            }
-            std::fs::write(&tmp, body)?;
-            std::fs::rename(&tmp, &path)?;
-        }
+        let last_step = if path.exists() {
+            BufReader::new(File::open(&path)?).lines().map_while(Result::ok).filter_map(|l| line_step(&l)).max().unwrap_or(0)
+        } else {
+            0
+        };
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
-        Ok(MetricsLog { path, file })
+        Ok(MetricsLog { path, file, last_step })
     }
 
     /// Where the log is.
@@ -62,8 +52,31 @@ impl MetricsLog {
         &self.path
     }
 
+    fn truncate_from(&mut self, step: u64) -> std::io::Result<()> {
+        let kept: Vec<String> = BufReader::new(File::open(&self.path)?)
+            .lines()
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .filter(|line| line_step(line).is_some_and(|s| s < step))
+            .collect();
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let tmp = dir.join(format!(".{METRICS_FILE}.tmp"));
+        let mut body = kept.join("\n");
+        if !body.is_empty() {
+            body.push('\n');
+        }
+        std::fs::write(&tmp, body)?;
+        std::fs::rename(&tmp, &self.path)?;
+        self.file = OpenOptions::new().append(true).open(&self.path)?;
+        Ok(())
+    }
+
     /// Appends one step.
     pub fn append(&mut self, m: &StepMetrics) -> std::io::Result<()> {
+        if m.step <= self.last_step {
+            self.truncate_from(m.step)?;
+        }
+        self.last_step = m.step;
         let line = serde_json::json!({
             "step": m.step,
             "loss": m.loss,
@@ -91,12 +104,12 @@ mod tests {
     #[test]
     fn resume_drops_steps_after_the_checkpoint() {
         let tmp = tempfile::tempdir().unwrap();
-        let mut log = MetricsLog::open(tmp.path(), 0).unwrap();
+        let mut log = MetricsLog::open(tmp.path()).unwrap();
         for step in 1..=5 {
             log.append(&StepMetrics { step, loss: 1.0, ..Default::default() }).unwrap();
         }
         drop(log);
-        let mut log = MetricsLog::open(tmp.path(), 3).unwrap();
+        let mut log = MetricsLog::open(tmp.path()).unwrap();
         log.append(&StepMetrics { step: 4, loss: 2.0, ..Default::default() }).unwrap();
         let text = std::fs::read_to_string(tmp.path().join(METRICS_FILE)).unwrap();
         let steps: Vec<u64> = text

@@ -13,6 +13,7 @@
 #![warn(missing_docs)]
 #![deny(unsafe_code)]
 
+pub mod agent;
 pub mod checkpoint;
 pub mod collective;
 pub mod device;

@@ -35,6 +35,10 @@ pub struct Group {
 /// A job's training state on this process.
 pub struct Trainer {
     group: Option<Group>,
+    /// Set (from any thread) to stop at the next step boundary; in a group the ranks agree
+    /// on it through the per-step all-reduce, so all stop at the same step.
+    pub stop_requested: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    group_stop: bool,
     spec: JobSpec,
     /// The model.
     pub model: Transformer,
@@ -130,6 +134,8 @@ impl Trainer {
 
         let mut trainer = Trainer {
             group,
+            stop_requested: Default::default(),
+            group_stop: false,
             spec: spec.clone(),
             model,
             opt,
@@ -270,6 +276,10 @@ impl Trainer {
                 self.save_checkpoint()?;
                 saved_at = Some(self.step);
             }
+            if self.group_stop {
+                tracing::info!(step = self.step, "stop requested; saving a checkpoint and stopping");
+                break;
+            }
         }
         if saved_at != Some(self.step) {
             self.save_checkpoint()?;
@@ -319,13 +329,16 @@ impl Trainer {
             let ranges = group.partitions.clone();
             group.collective.reduce_scatter_f32(cpu_f32_mut(&mut self.flat_grad), &ranges, ReduceOp::Avg).map_err(comm_error)?;
             let own = self.flat_grad.narrow(0, start, len);
-            let mut stats = [own.square().sum(Kind::Double).double_value(&[]) as f32, loss as f32];
+            let stop = f32::from(u8::from(self.stop_requested.load(std::sync::atomic::Ordering::Relaxed)));
+            let mut stats = [own.square().sum(Kind::Double).double_value(&[]) as f32, loss as f32, stop];
             group.collective.all_reduce_f32(&mut stats, ReduceOp::Sum).map_err(comm_error)?;
             grad_norm = (stats[0] as f64).sqrt();
             loss = stats[1] as f64 / world as f64;
+            self.group_stop = stats[2] > 0.0;
             comm_s += t.elapsed().as_secs_f64();
         } else {
             grad_norm = self.flat_grad.norm().double_value(&[]);
+            self.group_stop = self.stop_requested.load(std::sync::atomic::Ordering::Relaxed);
         }
         if !loss.is_finite() {
             return Err(WorkerError::Spec(format!(

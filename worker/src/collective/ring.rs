@@ -132,6 +132,7 @@ impl TcpRing {
     ) -> Result<(), CollectiveError> {
         let (next_rank, prev_rank, timeout) = (self.next_rank(), self.prev_rank(), self.timeout);
         let (send_part, recv_part) = disjoint_mut(buf, send, recv);
+        metrics::counter!("moxin_collective_bytes_total", "op" => op).increment((send_part.len() * T::BYTES) as u64);
         let next = self.next.as_mut().expect("connected ring");
         let prev = self.prev.as_mut().expect("connected ring");
         let scratch = &mut self.scratch;
@@ -162,6 +163,7 @@ impl TcpRing {
     /// Generic reduce-scatter (see [`Collective::reduce_scatter_f32`]).
     pub fn reduce_scatter<T: Element>(&mut self, buf: &mut [T], ranges: &[Range<usize>], op: ReduceOp) -> Result<(), CollectiveError> {
         check_ranges(buf.len(), ranges, self.world)?;
+        let started = Instant::now();
         let w = self.world;
         for s in 0..w.saturating_sub(1) {
             let send = ranges[(self.rank + 2 * w - s - 1) % w].clone();
@@ -174,18 +176,21 @@ impl TcpRing {
                 *v = v.scale(factor);
             }
         }
+        metrics::histogram!("moxin_collective_duration_seconds", "op" => "reduce_scatter").record(started.elapsed().as_secs_f64());
         Ok(())
     }
 
     /// Generic all-gather (see [`Collective::all_gather_f32`]).
     pub fn all_gather<T: Element>(&mut self, buf: &mut [T], ranges: &[Range<usize>]) -> Result<(), CollectiveError> {
         check_ranges(buf.len(), ranges, self.world)?;
+        let started = Instant::now();
         let w = self.world;
         for s in 0..w.saturating_sub(1) {
             let send = ranges[(self.rank + w - s) % w].clone();
             let recv = ranges[(self.rank + 2 * w - s - 1) % w].clone();
             self.exchange("all_gather", buf, send, recv, false)?;
         }
+        metrics::histogram!("moxin_collective_duration_seconds", "op" => "all_gather").record(started.elapsed().as_secs_f64());
         Ok(())
     }
 

@@ -26,7 +26,7 @@ pub fn train(config: &Path, out: Option<&Path>, overrides: &[String], stop_after
         samples_per_epoch = trainer.samples_per_epoch(),
         "training {steps} steps"
     );
-    let mut log = MetricsLog::open(&job.run_dir, trainer.step())
+    let mut log = MetricsLog::open(&job.run_dir)
         .with_context(|| format!("opening metrics.jsonl in {}", job.run_dir.display()))?;
     let end = trainer.run(stop_after, &mut |m| {
         tracing::info!(
@@ -129,3 +129,4 @@ fn gib(bytes: u64) -> String {
         format!("{:.1} MiB", b / (1u64 << 20) as f64)
     }
 }
+pub mod cluster;

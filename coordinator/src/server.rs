@@ -1,0 +1,394 @@
+//! The coordinator's gRPC service: registration, heartbeats, group formation with ranks,
+//! data slices and ZeRO-1 partitions, step reports into `metrics.jsonl`, failure detection.
+//!
+//! Membership is versioned by *generation*: each time a group forms it gets the next
+//! generation, and every assignment carries it. In this version a lost or failing worker
+//! fails the job with a message naming it; re-forming the group is the resilience issue.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use moxin_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
+use moxin_proto::v1::{
+    event, Ack, Assignment, DataAssignment, Event, FailureReport, HeartbeatRequest, HeartbeatResponse, PartitionRange,
+    RegisterRequest, RegisterResponse, StepMetrics, StepReport, Stop, WatchRequest, WorkerIdentity,
+};
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::job::ResolvedJob;
+use crate::plan::{flat_param_count, zero1_partitions};
+use crate::rundir::MetricsLog;
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "phase", content = "detail", rename_all = "snake_case")]
+pub enum Phase {
+    /// Waiting for `min_workers` registrations.
+    Waiting,
+    /// A group is training.
+    Running,
+    /// The last step was reported.
+    Finished,
+    /// The job failed; the message says why.
+    Failed(String),
+    /// Stopped on request (Ctrl-C).
+    Stopped(String),
+}
+
+/// What `launch` shows and tests read.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    /// Latest reported step.
+    pub last: Option<StepMetrics>,
+    /// Registered workers.
+    pub workers: usize,
+    /// Membership generation.
+    pub generation: u64,
+}
+
+struct Worker {
+    identity: WorkerIdentity,
+    collective_address: String,
+    last_seen: Instant,
+    events: Option<mpsc::Sender<Result<Event, Status>>>,
+    rank: Option<u32>,
+}
+
+struct State {
+    workers: HashMap<String, Worker>,
+    order: Vec<String>,
+    next_id: u64,
+    generation: u64,
+    phase: Phase,
+    progress: Progress,
+    metrics: MetricsLog,
+}
+
+/// The coordinator of one job.
+#[derive(Clone)]
+pub struct CoordinatorService {
+    job: Arc<ResolvedJob>,
+    state: Arc<Mutex<State>>,
+    phase_tx: Arc<watch::Sender<Phase>>,
+    state_file: PathBuf,
+    min_workers: u32,
+    max_workers: u32,
+}
+
+impl CoordinatorService {
+    /// A coordinator for `job` expecting between `min_workers` and `max_workers` workers.
+    pub fn new(job: ResolvedJob, min_workers: u32, max_workers: u32) -> std::io::Result<Self> {
+        let metrics = MetricsLog::open(&job.run_dir)?;
+        let state_dir = job
+            .config
+            .cluster
+            .state_dir
+            .as_ref()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| job.run_dir.join("coordinator"));
+        std::fs::create_dir_all(&state_dir)?;
+        let (phase_tx, _) = watch::channel(Phase::Waiting);
+        let service = CoordinatorService {
+            job: Arc::new(job),
+            state: Arc::new(Mutex::new(State {
+                workers: HashMap::new(),
+                order: Vec::new(),
+                next_id: 1,
+                generation: 0,
+                phase: Phase::Waiting,
+                progress: Progress::default(),
+                metrics,
+            })),
+            phase_tx: Arc::new(phase_tx),
+            state_file: state_dir.join("state.json"),
+            min_workers,
+            max_workers,
+        };
+        service.persist(&service.state.lock().unwrap());
+        Ok(service)
+    }
+
+    /// The tonic service to serve.
+    pub fn into_server(self) -> CoordinatorServer<Self> {
+        CoordinatorServer::new(self)
+    }
+
+    /// Follows the job's phase.
+    pub fn phase(&self) -> watch::Receiver<Phase> {
+        self.phase_tx.subscribe()
+    }
+
+    /// The latest progress.
+    pub fn progress(&self) -> Progress {
+        let s = self.state.lock().unwrap();
+        let mut p = s.progress.clone();
+        p.workers = s.workers.len();
+        p.generation = s.generation;
+        p
+    }
+
+    /// Stops the job: every worker is told to stop (`failed` says whether that is a failure).
+    pub fn stop(&self, reason: &str, failed: bool) {
+        let mut s = self.state.lock().unwrap();
+        if matches!(s.phase, Phase::Finished | Phase::Failed(_) | Phase::Stopped(_)) {
+            return;
+        }
+        s.phase = if failed { Phase::Failed(reason.to_string()) } else { Phase::Stopped(reason.to_string()) };
+        broadcast(&s, Event { kind: Some(event::Kind::Stop(Stop { reason: reason.to_string(), failed })) });
+        self.publish(&s);
+    }
+
+    /// Runs the failure detector until the job ends: a running worker silent for longer
+    /// than `timeout` fails the job.
+    pub async fn watch_heartbeats(self, timeout: Duration) {
+        let mut phase = self.phase();
+        let mut tick = tokio::time::interval(Duration::from_millis(100).min(timeout / 4));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = phase.changed() => {}
+            }
+            let lost = {
+                let s = self.state.lock().unwrap();
+                if matches!(s.phase, Phase::Finished | Phase::Failed(_) | Phase::Stopped(_)) {
+                    return;
+                }
+                s.workers.iter().find(|(_, w)| w.last_seen.elapsed() > timeout).map(|(id, w)| {
+                    format!(
+                        "worker {id} ({}:{}) missed heartbeats for {:.1} s (timeout {:.1} s); the job stops",
+                        w.identity.host,
+                        w.identity.pid,
+                        w.last_seen.elapsed().as_secs_f64(),
+                        timeout.as_secs_f64()
+                    )
+                })
+            };
+            if let Some(message) = lost {
+                tracing::error!("{message}");
+                metrics::counter!("moxin_workers_lost_total").increment(1);
+                self.stop(&message, true);
+                return;
+            }
+        }
+    }
+
+    fn publish(&self, s: &State) {
+        self.persist(s);
+        let _ = self.phase_tx.send(s.phase.clone());
+        metrics::gauge!("moxin_workers_connected").set(s.workers.len() as f64);
+        metrics::gauge!("moxin_membership_generation").set(s.generation as f64);
+    }
+
+    /// Writes the job's state atomically (a later coordinator restarts from it).
+    fn persist(&self, s: &State) {
+        #[derive(Serialize)]
+        struct Member<'a> {
+            worker_id: &'a str,
+            host: &'a str,
+            pid: u32,
+            rank: Option<u32>,
+            collective_address: &'a str,
+        }
+        let members: Vec<Member> = s
+            .order
+            .iter()
+            .filter_map(|id| s.workers.get(id).map(|w| (id, w)))
+            .map(|(id, w)| Member {
+                worker_id: id,
+                host: &w.identity.host,
+                pid: w.identity.pid,
+                rank: w.rank,
+                collective_address: &w.collective_address,
+            })
+            .collect();
+        let doc = serde_json::json!({
+            "job": self.job.spec.name,
+            "phase": s.phase,
+            "generation": s.generation,
+            "step": s.progress.last.as_ref().map_or(0, |m| m.step),
+            "members": members,
+            "updated_unix_s": SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        });
+        let tmp = self.state_file.with_extension("json.tmp");
+        let written = std::fs::write(&tmp, serde_json::to_vec_pretty(&doc).expect("json"))
+            .and_then(|_| std::fs::rename(&tmp, &self.state_file));
+        if let Err(e) = written {
+            tracing::warn!("cannot persist coordinator state to {}: {e}", self.state_file.display());
+        }
+    }
+
+    /// Forms generation `generation + 1` once enough workers are watching.
+    fn maybe_form_group(&self, s: &mut State) {
+        if s.phase != Phase::Waiting {
+            return;
+        }
+        let ready: Vec<String> = s.order.iter().filter(|id| s.workers[*id].events.is_some()).cloned().collect();
+        if (ready.len() as u32) < self.min_workers {
+            return;
+        }
+        let world = ready.len() as u32;
+        let spec = &self.job.spec;
+        let train = spec.train.as_ref().expect("resolved spec");
+        let shape = self.job.config.model.shape().expect("validated");
+        let partitions: Vec<PartitionRange> = zero1_partitions(flat_param_count(&shape), world)
+            .into_iter()
+            .map(|r| PartitionRange { start: r.start, end: r.end })
+            .collect();
+        let per_rank = train.global_batch_size / world;
+        s.generation += 1;
+        let peers: Vec<String> = ready.iter().map(|id| s.workers[id].collective_address.clone()).collect();
+        for (rank, id) in ready.iter().enumerate() {
+            let assignment = Assignment {
+                generation: s.generation,
+                rank: rank as u32,
+                world_size: world,
+                data: Some(DataAssignment {
+                    global_batch_size: train.global_batch_size,
+                    rank_first_sample: rank as u32 * per_rank,
+                    rank_samples: per_rank,
+                    micro_batch_size: train.micro_batch_size,
+                    accumulation_steps: per_rank / train.micro_batch_size,
+                    samples_per_epoch: self.job.samples_per_epoch,
+                }),
+                partitions: partitions.clone(),
+                peers: peers.clone(),
+                collective_timeout_ms: self.job.config.cluster.collective_timeout_ms,
+            };
+            let w = s.workers.get_mut(id).expect("ready worker");
+            w.rank = Some(rank as u32);
+            if let Some(tx) = &w.events {
+                let _ = tx.try_send(Ok(Event { kind: Some(event::Kind::Assignment(assignment)) }));
+            }
+        }
+        s.phase = Phase::Running;
+        tracing::info!(generation = s.generation, world, "group formed");
+        self.publish(s);
+    }
+}
+
+fn broadcast(s: &State, event: Event) {
+    for w in s.workers.values() {
+        if let Some(tx) = &w.events {
+            let _ = tx.try_send(Ok(event.clone()));
+        }
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<Event, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorService {
+    async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+        let req = request.into_inner();
+        let identity = req.identity.ok_or_else(|| Status::invalid_argument("identity is required"))?;
+        if req.software_version != moxin_proto::SOFTWARE_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "worker version {} is incompatible with coordinator version {}; run the same moxin-train build everywhere",
+                req.software_version,
+                moxin_proto::SOFTWARE_VERSION
+            )));
+        }
+        let mut s = self.state.lock().unwrap();
+        if s.phase != Phase::Waiting {
+            return Err(Status::failed_precondition(format!("the job is not accepting workers ({:?})", s.phase)));
+        }
+        if s.workers.values().any(|w| w.identity == identity) {
+            return Err(Status::already_exists(format!(
+                "a worker {}:{} (instance {}) is already registered",
+                identity.host, identity.pid, identity.instance
+            )));
+        }
+        if s.workers.len() as u32 >= self.max_workers {
+            return Err(Status::resource_exhausted(format!(
+                "the job already has its maximum of {} workers (cluster.max_workers)",
+                self.max_workers
+            )));
+        }
+        req.collective_address
+            .parse::<std::net::SocketAddr>()
+            .map_err(|e| Status::invalid_argument(format!("collective_address {:?}: {e}", req.collective_address)))?;
+        let id = format!("w{}", s.next_id);
+        s.next_id += 1;
+        tracing::info!(worker = %id, host = %identity.host, pid = identity.pid, "worker registered");
+        s.workers.insert(
+            id.clone(),
+            Worker { identity, collective_address: req.collective_address, last_seen: Instant::now(), events: None, rank: None },
+        );
+        s.order.push(id.clone());
+        self.publish(&s);
+        Ok(Response::new(RegisterResponse {
+            worker_id: id,
+            job: Some(self.job.spec.clone()),
+            heartbeat_interval_ms: self.job.config.cluster.heartbeat_interval_ms,
+        }))
+    }
+
+    async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+        let req = request.into_inner();
+        let now_ns = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        if req.sent_unix_nanos > 0 && now_ns >= req.sent_unix_nanos {
+            metrics::histogram!("moxin_heartbeat_latency_seconds").record((now_ns - req.sent_unix_nanos) as f64 / 1e9);
+        }
+        let mut s = self.state.lock().unwrap();
+        let generation = s.generation;
+        let w = s.workers.get_mut(&req.worker_id).ok_or_else(|| Status::not_found(format!("unknown worker {}", req.worker_id)))?;
+        w.last_seen = Instant::now();
+        Ok(Response::new(HeartbeatResponse { generation }))
+    }
+
+    type WatchStream = EventStream;
+
+    async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let id = request.into_inner().worker_id;
+        let (tx, rx) = mpsc::channel(16);
+        let mut s = self.state.lock().unwrap();
+        let w = s.workers.get_mut(&id).ok_or_else(|| Status::not_found(format!("unknown worker {id}")))?;
+        w.events = Some(tx);
+        w.last_seen = Instant::now();
+        self.maybe_form_group(&mut s);
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn report_step(&self, request: Request<StepReport>) -> Result<Response<Ack>, Status> {
+        let req = request.into_inner();
+        let m = req.metrics.ok_or_else(|| Status::invalid_argument("metrics are required"))?;
+        let mut s = self.state.lock().unwrap();
+        if req.generation != s.generation {
+            return Err(Status::failed_precondition(format!("stale generation {} (now {})", req.generation, s.generation)));
+        }
+        s.metrics.append(&m).map_err(|e| Status::internal(format!("{}: {e}", s.metrics.path().display())))?;
+        metrics::gauge!("moxin_step").set(m.step as f64);
+        metrics::gauge!("moxin_loss").set(m.loss);
+        metrics::counter!("moxin_tokens_total").absolute(m.tokens);
+        metrics::histogram!("moxin_step_duration_seconds").record(m.step_time_s);
+        metrics::gauge!("moxin_last_step_timestamp_seconds")
+            .set(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()));
+        s.progress.last = Some(m);
+        if req.finished {
+            s.phase = Phase::Finished;
+            broadcast(&s, Event { kind: Some(event::Kind::Stop(Stop { reason: "finished".into(), failed: false })) });
+        }
+        self.publish(&s);
+        Ok(Response::new(Ack {}))
+    }
+
+    async fn report_failure(&self, request: Request<FailureReport>) -> Result<Response<Ack>, Status> {
+        let req = request.into_inner();
+        let who = {
+            let s = self.state.lock().unwrap();
+            s.workers.get(&req.worker_id).map_or(req.worker_id.clone(), |w| {
+                format!("worker {} ({}:{}, rank {:?})", req.worker_id, w.identity.host, w.identity.pid, w.rank)
+            })
+        };
+        let message = format!("{who} failed: {}", req.message);
+        tracing::error!("{message}");
+        self.stop(&message, true);
+        Ok(Response::new(Ack {}))
+    }
+}
