@@ -19,3 +19,6 @@ pub mod server;
 
 pub use config::{ConfigError, JobConfig};
 pub use job::{resolve_job, ResolvedJob};
+
+#[cfg(test)]
+mod server_tests;

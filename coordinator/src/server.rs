@@ -180,7 +180,7 @@ impl CoordinatorService {
 
     fn publish(&self, s: &State) {
         self.persist(s);
-        let _ = self.phase_tx.send(s.phase.clone());
+        self.phase_tx.send_replace(s.phase.clone());
         metrics::gauge!("moxin_workers_connected").set(s.workers.len() as f64);
         metrics::gauge!("moxin_membership_generation").set(s.generation as f64);
     }

@@ -1,0 +1,83 @@
+//! The service's admission rules, over a real gRPC connection.
+
+use moxin_proto::v1::coordinator_client::CoordinatorClient;
+use moxin_proto::v1::{event, HeartbeatRequest, RegisterRequest, WatchRequest, WorkerIdentity};
+
+use crate::server::{CoordinatorService, Phase};
+
+fn job(dir: &std::path::Path) -> crate::ResolvedJob {
+    let config = dir.join("job.toml");
+    std::fs::write(&config, "[model]\npreset = \"tiny\"\n[train]\nsteps = 2\nseq_len = 32\nglobal_batch_size = 4\nmicro_batch_size = 2\n").unwrap();
+    let cfg = crate::JobConfig::load(&config, Default::default(), &[]).unwrap();
+    crate::job::resolve_config(cfg, "admission".into(), &dir.join("run"), 2).unwrap()
+}
+
+fn request(pid: u32, version: &str) -> RegisterRequest {
+    RegisterRequest {
+        identity: Some(WorkerIdentity { host: "h".into(), pid, instance: "i".into() }),
+        software_version: version.into(),
+        cpu_cores: 2,
+        devices: Vec::new(),
+        collective_address: "127.0.0.1:1".into(),
+    }
+}
+
+#[tokio::test]
+async fn admission_rules_and_group_formation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let service = CoordinatorService::new(job(tmp.path()), 2, 2).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = service.clone().into_server();
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(server)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .unwrap()
+    });
+    let mut client = CoordinatorClient::connect(url).await.unwrap();
+    let v = moxin_proto::SOFTWARE_VERSION;
+
+    let e = client.register(request(1, "0.0.0-other")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.message().contains("incompatible"), "{}", e.message());
+
+    let first = client.register(request(1, v)).await.unwrap().into_inner();
+    assert!(first.job.as_ref().unwrap().model.is_some());
+    let e = client.register(request(1, v)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{}", e.message());
+
+    let second = client.register(request(2, v)).await.unwrap().into_inner();
+    let e = client.register(request(3, v)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+    assert!(e.message().contains("max_workers"), "{}", e.message());
+
+    // The group forms when both watch: ranks in registration order, same plan for both.
+    let mut w1 = client.watch(WatchRequest { worker_id: first.worker_id.clone() }).await.unwrap().into_inner();
+    assert_eq!(*service.phase().borrow(), Phase::Waiting);
+    let mut w2 = client.watch(WatchRequest { worker_id: second.worker_id.clone() }).await.unwrap().into_inner();
+    let a1 = match w1.message().await.unwrap().unwrap().kind { Some(event::Kind::Assignment(a)) => a, k => panic!("{k:?}") };
+    let a2 = match w2.message().await.unwrap().unwrap().kind { Some(event::Kind::Assignment(a)) => a, k => panic!("{k:?}") };
+    assert_eq!((a1.rank, a2.rank, a1.world_size, a1.generation), (0, 1, 2, 1));
+    assert_eq!(a1.partitions, a2.partitions);
+    assert_eq!(a1.data.as_ref().unwrap().rank_samples, 2);
+    assert_eq!(a2.data.as_ref().unwrap().rank_first_sample, 2);
+    assert_eq!(*service.phase().borrow(), Phase::Running);
+    let hb = client.heartbeat(HeartbeatRequest { worker_id: first.worker_id.clone(), step: 0, sent_unix_nanos: 0 }).await.unwrap();
+    assert_eq!(hb.into_inner().generation, 1);
+
+    // A worker that stops heartbeating fails the job, naming itself, and everyone is told.
+    let watcher = tokio::spawn(service.clone().watch_heartbeats(std::time::Duration::from_millis(300)));
+    watcher.await.unwrap();
+    match service.phase().borrow().clone() {
+        Phase::Failed(msg) => assert!(msg.contains("missed heartbeats") && msg.contains("h:"), "{msg}"),
+        p => panic!("{p:?}"),
+    }
+    let stop = match w2.message().await.unwrap().unwrap().kind { Some(event::Kind::Stop(s)) => s, k => panic!("{k:?}") };
+    assert!(stop.failed);
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("run/coordinator/state.json")).unwrap()).unwrap();
+    assert_eq!(state["phase"]["phase"], "failed");
+    assert_eq!(state["members"].as_array().unwrap().len(), 2);
+}

@@ -1,0 +1,170 @@
+//! `launch`, `coordinator` and `worker` as separate processes.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::{metrics, ok, s, tiny_job, BIN};
+
+fn params(ckpt: &Path) -> tch::Tensor {
+    let tensors = tch::Tensor::read_safetensors(ckpt.join("model.safetensors")).unwrap();
+    let mut sorted: Vec<_> = tensors.into_iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    tch::Tensor::cat(&sorted.iter().map(|(_, t)| t.view([-1])).collect::<Vec<_>>(), 0)
+}
+
+/// `launch --workers 2` and `--workers 3` (ZeRO-1 over the TCP ring, one process per rank)
+/// train to the same parameters as single-process `train`.
+#[test]
+fn launch_matches_single_process_train() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tiny_job(tmp.path(), 6, "");
+    let single = tmp.path().join("single");
+    ok(tmp.path(), &["train", s(&job), "--out", s(&single), "--set", "train.global_batch_size=12", "--set", "train.micro_batch_size=2"]);
+    let reference = params(&single.join("checkpoints/step-00000006"));
+    for workers in ["2", "3"] {
+        let run = tmp.path().join(format!("launch-{workers}"));
+        ok(tmp.path(), &[
+            "launch", s(&job), "--workers", workers, "--out", s(&run),
+            "--set", "train.global_batch_size=12", "--set", "train.micro_batch_size=2",
+        ]);
+        let got = params(&run.join("checkpoints/step-00000006"));
+        let rel = (&got - &reference).norm().double_value(&[]) / reference.norm().double_value(&[]);
+        assert!(rel < 1e-5, "--workers {workers}: relative L2 difference {rel}");
+        let m = metrics(&run);
+        assert_eq!(m.len(), 6);
+        assert_eq!(m[5]["world_size"].as_u64().unwrap().to_string(), workers);
+        let manifest: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("checkpoints/step-00000006/manifest.json")).unwrap()).unwrap();
+        assert_eq!(manifest["optimizer"].as_array().unwrap().len().to_string(), workers);
+    }
+}
+
+/// Killing a worker process mid-run fails the job with a message naming the worker.
+#[test]
+fn a_killed_worker_fails_the_launch_quickly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tiny_job(tmp.path(), 100_000, "[cluster]\nheartbeat_timeout_ms = 2000\ncollective_timeout_ms = 3000");
+    let run = tmp.path().join("run");
+    let mut launch = Command::new(BIN)
+        .args(["launch", s(&job), "--workers", "2", "--out", s(&run)])
+        .env("MOXIN_LOG", "warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until training is under way, then kill rank 1's process.
+    let state = run.join("coordinator/state.json");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let pid = loop {
+        assert!(Instant::now() < deadline, "the group never formed");
+        if let Ok(text) = std::fs::read_to_string(&state) {
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+            if v["step"].as_u64().unwrap_or(0) >= 2 {
+                break v["members"][1]["pid"].as_u64().unwrap();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let killed = Instant::now();
+    Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    let status = launch.wait().unwrap();
+    let waited = killed.elapsed();
+    let mut stderr = String::new();
+    launch.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("job failed"), "{stderr}");
+    assert!(waited < Duration::from_secs(15), "took {waited:?} to notice");
+}
+
+fn scrape(addr: &str) -> Option<String> {
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).ok()?;
+    Some(body)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The cluster commands as separate processes, and the coordinator's Prometheus endpoint.
+#[test]
+fn coordinator_and_worker_processes_expose_prometheus_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (grpc, prom, worker_prom) = (free_port(), free_port(), free_port());
+    let job = tiny_job(
+        tmp.path(),
+        100_000,
+        &format!("[cluster]\nlisten = \"127.0.0.1:{grpc}\"\nmetrics_listen = \"127.0.0.1:{prom}\""),
+    );
+    let run = tmp.path().join("run");
+    let mut coordinator = Command::new(BIN)
+        .args(["coordinator", s(&job), "--out", s(&run)])
+        .env("MOXIN_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let mut worker = Command::new(BIN)
+        .args(["worker", "--coordinator", &format!("http://127.0.0.1:{grpc}"), "--metrics-listen", &format!("127.0.0.1:{worker_prom}")])
+        .env("MOXIN_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut coord_text, mut worker_text) = (String::new(), String::new());
+    while Instant::now() < deadline {
+        coord_text = scrape(&format!("127.0.0.1:{prom}")).unwrap_or_default();
+        worker_text = scrape(&format!("127.0.0.1:{worker_prom}")).unwrap_or_default();
+        if coord_text.contains("moxin_heartbeat_latency_seconds") && coord_text.contains("moxin_step ") && worker_text.contains("moxin_collective") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = worker.kill();
+    let _ = coordinator.kill();
+    let _ = worker.wait();
+    let _ = coordinator.wait();
+    let samples = |text: &str| -> Vec<(String, f64)> {
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or(text);
+        body.lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .filter_map(|l| {
+                let (name, value) = l.rsplit_once(' ')?;
+                Some((name.to_string(), value.trim().parse::<f64>().ok()?))
+            })
+            .collect()
+    };
+    let coord = samples(&coord_text);
+    for name in [
+        "moxin_workers_connected",
+        "moxin_membership_generation",
+        "moxin_step",
+        "moxin_loss",
+        "moxin_tokens_total",
+        "moxin_last_step_timestamp_seconds",
+    ] {
+        assert!(coord.iter().any(|(n, _)| n == name), "coordinator lacks {name}:\n{coord_text}");
+    }
+    assert!(coord.iter().any(|(n, _)| n.starts_with("moxin_step_duration_seconds")), "{coord_text}");
+    assert!(coord.iter().any(|(n, _)| n.starts_with("moxin_heartbeat_latency_seconds")), "{coord_text}");
+    assert!(coord.iter().any(|(n, v)| n == "moxin_workers_connected" && *v == 1.0));
+    assert!(coord.iter().all(|(n, _)| n.starts_with("moxin_")), "one moxin_ prefix: {coord_text}");
+    let work = samples(&worker_text);
+    assert!(work.iter().any(|(n, _)| n.starts_with("moxin_step_duration_seconds")), "{worker_text}");
+    assert!(work.iter().any(|(n, _)| n.starts_with("moxin_collective_duration_seconds")), "{worker_text}");
+}
+
+/// A configuration that fails validation is refused before anything is served or spawned.
+#[test]
+fn malformed_config_never_reaches_workers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tiny_job(tmp.path(), 5, "");
+    let run = tmp.path().join("run");
+    for cmd in ["launch", "coordinator"] {
+        let err = crate::common::fails(tmp.path(), &[cmd, s(&job), "--out", s(&run), "--set", "model.n_heads=5"]);
+        assert!(err.contains("model.n_heads = 5"), "{err}");
+        assert!(!run.join("coordinator").exists(), "{cmd} started serving a bad job");
+    }
+    let err = crate::common::fails(tmp.path(), &["launch", s(&job), "--workers", "3", "--out", s(&run)]);
+    assert!(err.contains("x 3 worker(s)"), "{err}");
+}
