@@ -36,6 +36,31 @@ enum Command {
     Coordinator(CoordinatorArgs),
     /// Join a job as a worker (cluster mode).
     Worker(WorkerArgs),
+    /// Measurements used by bench/*.sh.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// All-reduce bus bandwidth of the CPU TCP ring on loopback.
+    AllReduce {
+        #[arg(long, default_value_t = 2)]
+        ranks: usize,
+        #[arg(long, default_value_t = 64)]
+        mib: usize,
+        #[arg(long, default_value_t = 7)]
+        iters: usize,
+    },
+    /// Simulated workers heartbeating at 1 Hz against a running coordinator.
+    Heartbeats {
+        #[arg(long)]
+        coordinator: String,
+        #[arg(long, default_value_t = 1000)]
+        workers: u32,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
 }
 
 #[derive(Args)]
@@ -204,6 +229,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::ModelInfo(a) => commands::model_info(&a.preset, a.json),
         Command::Launch(a) => commands::cluster::launch(&a.config, a.workers, a.out.as_deref(), &a.set),
         Command::Coordinator(a) => commands::cluster::coordinator(&a.config, a.listen.as_deref(), a.out.as_deref(), &a.set),
+        Command::Bench(BenchCommand::AllReduce { ranks, mib, iters }) => commands::bench::all_reduce(ranks, mib, iters),
+        Command::Bench(BenchCommand::Heartbeats { coordinator, workers, seconds }) => {
+            commands::bench::heartbeats(&coordinator, workers, seconds)
+        }
         Command::Worker(a) => commands::cluster::worker(a.coordinator, a.collective_listen, a.metrics_listen),
         Command::Generate(a) => commands::generate(
             &a.checkpoint,

@@ -130,3 +130,4 @@ fn gib(bytes: u64) -> String {
     }
 }
 pub mod cluster;
+pub mod bench;

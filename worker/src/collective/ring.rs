@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use super::{check_ranges, even_ranges, Collective, CollectiveError, Element, ReduceOp};
 
 /// Bytes received and reduced at a time.
-const PIECE: usize = 256 << 10;
+const PIECE: usize = 1 << 20;
 const HELLO_MAGIC: u32 = 0x4D58_5247; // "MXRG"
 
 /// One rank's end of a TCP ring.

@@ -1,0 +1,112 @@
+//! `bench`: measurements that compare against a reference in the same run (see bench/*.sh).
+
+use std::net::{SocketAddr, TcpListener};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use moxin_proto::v1::coordinator_client::CoordinatorClient;
+use moxin_proto::v1::{HeartbeatRequest, RegisterRequest, WorkerIdentity};
+use moxin_worker::collective::ring::TcpRing;
+use moxin_worker::collective::{Collective, ReduceOp};
+
+/// All-reduce of `mib` MiB of f32 over `ranks` ranks (threads, one TCP ring on loopback).
+/// Prints JSON with the median time, algorithm and bus bandwidth (nccl-tests definitions).
+pub fn all_reduce(ranks: usize, mib: usize, iters: usize) -> Result<()> {
+    let len = mib * (1 << 20) / 4;
+    let listeners: Vec<TcpListener> = (0..ranks).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
+    let peers: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr()).collect::<Result<_, _>>()?;
+    let handles: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(rank, listener)| {
+            let peers = peers.clone();
+            std::thread::spawn(move || -> Result<Vec<f64>> {
+                let mut ring = TcpRing::connect(rank, &peers, &listener, 1, Duration::from_secs(60))?;
+                let mut buf = vec![1.0f32; len];
+                ring.all_reduce_f32(&mut buf, ReduceOp::Sum)?; // warm-up
+                let mut times = Vec::new();
+                for _ in 0..iters {
+                    ring.barrier()?;
+                    let t = Instant::now();
+                    ring.all_reduce_f32(&mut buf, ReduceOp::Sum)?;
+                    times.push(t.elapsed().as_secs_f64());
+                }
+                Ok(times)
+            })
+        })
+        .collect();
+    let per_rank: Vec<Vec<f64>> =
+        handles.into_iter().map(|h| h.join().map_err(|_| anyhow::anyhow!("rank panicked"))?).collect::<Result<_>>()?;
+    let mut slowest: Vec<f64> = (0..iters).map(|i| per_rank.iter().map(|t| t[i]).fold(0.0, f64::max)).collect();
+    slowest.sort_by(f64::total_cmp);
+    let median = slowest[iters / 2];
+    let bytes = (len * 4) as f64;
+    let algbw = bytes / median / 1e9;
+    let busbw = algbw * 2.0 * (ranks as f64 - 1.0) / ranks as f64;
+    println!(
+        "{}",
+        serde_json::json!({"system": "moxin-tcp-ring", "ranks": ranks, "bytes": bytes, "seconds_median": median, "algbw_gb_s": algbw, "busbw_gb_s": busbw})
+    );
+    Ok(())
+}
+
+/// `workers` simulated workers register with the coordinator at `url` and heartbeat at
+/// 1 Hz for `seconds`; prints JSON with heartbeat round-trip p50/p99.
+pub fn heartbeats(url: &str, workers: u32, seconds: u64) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(async {
+        // A handful of HTTP/2 connections carry all simulated workers, as a real fleet's
+        // many connections would be multiplexed by the server's runtime.
+        let mut clients = Vec::new();
+        for _ in 0..16 {
+            clients.push(CoordinatorClient::connect(url.to_string()).await.with_context(|| format!("connecting to {url}"))?);
+        }
+        let mut ids = Vec::new();
+        for i in 0..workers {
+            let mut c = clients[i as usize % clients.len()].clone();
+            let r = c
+                .register(RegisterRequest {
+                    identity: Some(WorkerIdentity { host: format!("sim-{i}"), pid: i, instance: "bench".into() }),
+                    software_version: moxin_proto::SOFTWARE_VERSION.into(),
+                    cpu_cores: 1,
+                    devices: Vec::new(),
+                    collective_address: "127.0.0.1:1".into(),
+                })
+                .await?;
+            ids.push(r.into_inner().worker_id);
+        }
+        let tasks: Vec<_> = ids
+            .into_iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let mut c = clients[i % clients.len()].clone();
+                tokio::spawn(async move {
+                    // Spread the fleet over the second.
+                    tokio::time::sleep(Duration::from_millis((i as u64 * 1000) / workers as u64)).await;
+                    let mut tick = tokio::time::interval(Duration::from_secs(1));
+                    let mut rtts = Vec::new();
+                    for _ in 0..seconds {
+                        tick.tick().await;
+                        let sent = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+                        let t = Instant::now();
+                        if c.heartbeat(HeartbeatRequest { worker_id: id.clone(), step: 0, sent_unix_nanos: sent }).await.is_ok() {
+                            rtts.push(t.elapsed().as_secs_f64());
+                        }
+                    }
+                    rtts
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await?);
+        }
+        all.sort_by(f64::total_cmp);
+        let q = |p: f64| all[((all.len() - 1) as f64 * p) as usize] * 1e3;
+        println!(
+            "{}",
+            serde_json::json!({"workers": workers, "heartbeats": all.len(), "p50_ms": q(0.5), "p99_ms": q(0.99), "max_ms": q(1.0)})
+        );
+        Ok(())
+    })
+}
