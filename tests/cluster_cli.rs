@@ -168,3 +168,43 @@ fn malformed_config_never_reaches_workers() {
     let err = crate::common::fails(tmp.path(), &["launch", s(&job), "--workers", "3", "--out", s(&run)]);
     assert!(err.contains("x 3 worker(s)"), "{err}");
 }
+
+/// Ctrl-C on `launch` stops every worker cleanly at one step, with a checkpoint there, and
+/// exits 130; running the same command again resumes and finishes.
+#[test]
+fn ctrl_c_is_a_clean_stop_and_the_run_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tiny_job(tmp.path(), 60, "");
+    let run = tmp.path().join("run");
+    let launch = Command::new(BIN)
+        .args(["launch", s(&job), "--workers", "2", "--out", s(&run)])
+        .env("MOXIN_LOG", "warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let state = run.join("coordinator/state.json");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let pids = loop {
+        assert!(Instant::now() < deadline, "training never started");
+        if let Ok(v) = std::fs::read_to_string(&state).map(|t| serde_json::from_str::<serde_json::Value>(&t).unwrap_or_default()) {
+            if v["step"].as_u64().unwrap_or(0) >= 3 {
+                break [v["members"][0]["pid"].as_u64().unwrap(), v["members"][1]["pid"].as_u64().unwrap()];
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Command::new("kill").args(["-INT", &launch.id().to_string()]).status().unwrap();
+    let out = launch.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    for pid in pids {
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "worker {pid} still running");
+    }
+    let steps: Vec<u64> = metrics(&run).iter().map(|m| m["step"].as_u64().unwrap()).collect();
+    let stopped_at = *steps.last().unwrap();
+    assert!(stopped_at < 60, "stopped at {stopped_at}");
+    assert!(run.join(format!("checkpoints/step-{stopped_at:08}/manifest.json")).exists(), "no checkpoint at the stop step {stopped_at}");
+    ok(tmp.path(), &["launch", s(&job), "--workers", "2", "--out", s(&run)]);
+    let steps: Vec<u64> = metrics(&run).iter().map(|m| m["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, (1..=60).collect::<Vec<_>>());
+}

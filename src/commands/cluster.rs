@@ -35,9 +35,10 @@ pub fn launch(config: &Path, workers: u32, out: Option<&Path>, overrides: &[Stri
             let child = cmd.spawn().with_context(|| format!("starting worker {i}"))?;
             children.push(child);
         }
+        let mut exits = tokio::task::JoinSet::new();
         for (i, mut child) in children.into_iter().enumerate() {
             let service = service.clone();
-            tokio::spawn(async move {
+            exits.spawn(async move {
                 if let Ok(status) = child.wait().await {
                     if !status.success() {
                         service.stop(&format!("worker process {i} exited with {status}"), true);
@@ -46,8 +47,15 @@ pub fn launch(config: &Path, workers: u32, out: Option<&Path>, overrides: &[Stri
             });
         }
         let result = follow(&service).await;
-        // Give workers a moment to exit on their own after the stop event.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Workers exit on their own after the stop event (a clean stop checkpoints first);
+        // whatever is left after the grace period is killed when the tasks drop.
+        let grace = if result.is_ok() || matches!(*service.phase().borrow(), Phase::Stopped(_)) { 120 } else { 5 };
+        let _ = tokio::time::timeout(Duration::from_secs(grace), async { while exits.join_next().await.is_some() {} }).await;
+        exits.abort_all();
+        if let Phase::Stopped(reason) = service.phase().borrow().clone() {
+            tracing::warn!("job stopped: {reason}; run the same command again to resume");
+            std::process::exit(INTERRUPTED);
+        }
         result
     })
 }
@@ -61,7 +69,14 @@ pub fn coordinator(config: &Path, listen: Option<&str>, out: Option<&Path>, over
         let listener = TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
         tracing::info!("coordinator listening on {}", listener.local_addr()?);
         let service = start(config, out, overrides, listener).await?;
-        follow(&service).await
+        follow(&service).await?;
+        if let Phase::Stopped(reason) = service.phase().borrow().clone() {
+            tracing::warn!("job stopped: {reason}");
+            // Let the workers receive the stop before the server goes away.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            std::process::exit(INTERRUPTED);
+        }
+        Ok(())
     })
 }
 
@@ -153,11 +168,7 @@ async fn follow(service: &CoordinatorService) -> Result<()> {
                 return Ok(());
             }
             Phase::Failed(reason) => bail!("job failed: {reason}"),
-            Phase::Stopped(reason) => {
-                tracing::warn!("job stopped: {reason}");
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                std::process::exit(INTERRUPTED);
-            }
+            Phase::Stopped(_) => return Ok(()),
             Phase::Waiting | Phase::Running => {}
         }
     }

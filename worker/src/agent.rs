@@ -156,6 +156,15 @@ async fn drive(
     let mut last: Option<StepMetrics> = None;
     loop {
         tokio::select! {
+            _ = tokio::signal::ctrl_c() => {
+                // A worker's own Ctrl-C (or the terminal's, reaching the whole process group
+                // under `launch`) is a clean stop: the group agrees on it at the next step.
+                tracing::warn!("Ctrl-C: stopping at the next step boundary");
+                stop.store(true, Ordering::Relaxed);
+                if assignment.is_none() {
+                    return Ok(AgentEnd::Done);
+                }
+            }
             event = events.message() => {
                 match event.map_err(|s| rpc_error("the event stream", s))? {
                     Some(e) => match e.kind {
