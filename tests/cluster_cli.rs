@@ -47,25 +47,9 @@ fn a_killed_worker_fails_the_launch_quickly() {
     let tmp = tempfile::tempdir().unwrap();
     let job = tiny_job(tmp.path(), 100_000, "[cluster]\nheartbeat_timeout_ms = 2000\ncollective_timeout_ms = 3000");
     let run = tmp.path().join("run");
-    let mut launch = Command::new(BIN)
-        .args(["launch", s(&job), "--workers", "2", "--out", s(&run)])
-        .env("MOXIN_LOG", "warn")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Wait until training is under way, then kill rank 1's process.
-    let state = run.join("coordinator/state.json");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let pid = loop {
-        assert!(Instant::now() < deadline, "the group never formed");
-        if let Ok(text) = std::fs::read_to_string(&state) {
-            let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-            if v["step"].as_u64().unwrap_or(0) >= 2 {
-                break v["members"][1]["pid"].as_u64().unwrap();
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    // Once training is under way, kill rank 1's process.
+    let (mut launch, pids) = launch_until_step(&job, &run, 2);
+    let pid = pids[1];
     let killed = Instant::now();
     Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
     let status = launch.wait().unwrap();
@@ -75,6 +59,29 @@ fn a_killed_worker_fails_the_launch_quickly() {
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("job failed"), "{stderr}");
     assert!(waited < Duration::from_secs(15), "took {waited:?} to notice");
+}
+
+/// Starts `launch --workers 2` in the background and waits until the coordinator's state
+/// shows `step` completed steps; returns the child and the worker pids by rank.
+fn launch_until_step(job: &Path, run: &Path, step: u64) -> (std::process::Child, Vec<u64>) {
+    let launch = Command::new(BIN)
+        .args(["launch", s(job), "--workers", "2", "--out", s(run)])
+        .env("MOXIN_LOG", "warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let state = run.join("coordinator/state.json");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(Instant::now() < deadline, "training never reached step {step}");
+        let v: serde_json::Value =
+            std::fs::read_to_string(&state).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+        if v["step"].as_u64().unwrap_or(0) >= step {
+            let pids = v["members"].as_array().unwrap().iter().map(|m| m["pid"].as_u64().unwrap()).collect();
+            return (launch, pids);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn scrape(addr: &str) -> Option<String> {
@@ -176,23 +183,7 @@ fn ctrl_c_is_a_clean_stop_and_the_run_resumes() {
     let tmp = tempfile::tempdir().unwrap();
     let job = tiny_job(tmp.path(), 60, "");
     let run = tmp.path().join("run");
-    let launch = Command::new(BIN)
-        .args(["launch", s(&job), "--workers", "2", "--out", s(&run)])
-        .env("MOXIN_LOG", "warn")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let state = run.join("coordinator/state.json");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let pids = loop {
-        assert!(Instant::now() < deadline, "training never started");
-        if let Ok(v) = std::fs::read_to_string(&state).map(|t| serde_json::from_str::<serde_json::Value>(&t).unwrap_or_default()) {
-            if v["step"].as_u64().unwrap_or(0) >= 3 {
-                break [v["members"][0]["pid"].as_u64().unwrap(), v["members"][1]["pid"].as_u64().unwrap()];
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let (launch, pids) = launch_until_step(&job, &run, 3);
     Command::new("kill").args(["-INT", &launch.id().to_string()]).status().unwrap();
     let out = launch.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
