@@ -63,6 +63,7 @@ fn a_killed_worker_fails_the_launch_quickly() {
 
 /// Starts `launch --workers 2` in the background and waits until the coordinator's state
 /// shows `step` completed steps; returns the child and the worker pids by rank.
+#[allow(clippy::zombie_processes)] // the caller waits; a panic here fails the test anyway
 fn launch_until_step(job: &Path, run: &Path, step: u64) -> (std::process::Child, Vec<u64>) {
     let launch = Command::new(BIN)
         .args(["launch", s(job), "--workers", "2", "--out", s(run)])

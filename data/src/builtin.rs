@@ -52,7 +52,7 @@ pub fn prepare_builtin(out_dir: &Path, vocab_size: u32) -> Result<Manifest, Data
             return Ok(manifest);
         }
     }
-    let docs = corpus(0x4D4F_5849_4E, DEFAULT_DOCUMENTS);
+    let docs = corpus(0x004D_4F58_494E, DEFAULT_DOCUMENTS);
     crate::prepare::prepare_documents(&docs, source, out_dir, &crate::TokenizerSource::Train { vocab_size })
 }
 

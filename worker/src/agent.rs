@@ -223,7 +223,7 @@ async fn report(
     finished: bool,
 ) -> Result<(), WorkerError> {
     client
-        .report_step(StepReport { worker_id: worker_id.to_string(), generation, metrics: Some(m.clone()), finished })
+        .report_step(StepReport { worker_id: worker_id.to_string(), generation, metrics: Some(*m), finished })
         .await
         .map_err(|s| rpc_error("a step report", s))?;
     Ok(())
@@ -258,7 +258,7 @@ fn spawn_training(
                     metrics::counter!("moxin_tokens_total").absolute(m.tokens);
                     metrics::histogram!("moxin_step_duration_seconds").record(m.step_time_s);
                     metrics::histogram!("moxin_collective_duration_seconds").record(m.comm_s);
-                    step_tx.send(TrainMsg::Step(m.clone())).map_err(|_| "agent gone".to_string())
+                    step_tx.send(TrainMsg::Step(*m)).map_err(|_| "agent gone".to_string())
                 })
             })();
             let _ = tx.send(TrainMsg::Ended(result.map_err(|e| e.to_string())));

@@ -102,7 +102,7 @@ fn reference_logits(m: &Transformer, tokens: &Tensor) -> Tensor {
                 }
             }
         }
-        scores = scores + Tensor::from_slice(&mask).view([t, t]);
+        scores += Tensor::from_slice(&mask).view([t, t]);
         let attn = scores.softmax(-1, Kind::Double).matmul(&v).transpose(1, 2).reshape([b, t, c.dim]);
         x = &x + attn.matmul(&p(&format!("{l}.self_attn.o_proj.weight")).tr());
         let h = norm(&x, &p(&format!("{l}.post_attention_layernorm.weight")));
@@ -225,14 +225,14 @@ fn greedy_generation_follows_full_forward_argmax_and_stops() {
     // A stop token ends the sequence right after it is produced.
     let stop = out[0][4];
     let first = out[0].iter().position(|&t| t == stop).unwrap();
-    let stopped = generate(&m, &[prompt.clone()], &SamplingOptions { stop_token: Some(stop), ..opts.clone() }).unwrap();
+    let stopped = generate(&m, std::slice::from_ref(&prompt), &SamplingOptions { stop_token: Some(stop), ..opts.clone() }).unwrap();
     assert_eq!(stopped[0], out[0][..=first].to_vec());
     // Tiny top-p is greedy; sampling is reproducible from the seed.
     let nucleus = SamplingOptions { temperature: 1.0, top_p: 1e-6, ..opts.clone() };
-    assert_eq!(generate(&m, &[prompt.clone()], &nucleus).unwrap()[0], out[0]);
+    assert_eq!(generate(&m, std::slice::from_ref(&prompt), &nucleus).unwrap()[0], out[0]);
     let sampled = SamplingOptions { temperature: 1.0, top_p: 0.9, seed: 5, ..opts.clone() };
-    let s1 = generate(&m, &[prompt.clone()], &sampled).unwrap();
-    assert_eq!(s1, generate(&m, &[prompt.clone()], &sampled).unwrap());
+    let s1 = generate(&m, std::slice::from_ref(&prompt), &sampled).unwrap();
+    assert_eq!(s1, generate(&m, std::slice::from_ref(&prompt), &sampled).unwrap());
     assert!(s1[0].iter().all(|&t| (0..61).contains(&t)));
     let too_long = SamplingOptions { max_new_tokens: 100, ..opts };
     assert!(generate(&m, &[prompt], &too_long).unwrap_err().contains("max_seq_len"));

@@ -263,7 +263,7 @@ impl Trainer {
         stop_after: Option<u64>,
         observer: &mut dyn FnMut(&StepMetrics) -> Result<(), String>,
     ) -> Result<RunEnd, WorkerError> {
-        let train = section!(self.spec, train).clone();
+        let train = *section!(self.spec, train);
         let every = section!(self.spec, checkpoint).every_steps;
         let target = stop_after.map_or(train.steps, |s| s.min(train.steps));
         let mut saved_at = self.resumed_from;
@@ -298,9 +298,9 @@ impl Trainer {
     /// updates the partition; all-gather gives every rank the new parameters.
     pub fn train_step(&mut self) -> Result<StepMetrics, WorkerError> {
         let started = Instant::now();
-        let train = section!(self.spec, train).clone();
-        let opt_spec = section!(self.spec, optimizer).clone();
-        let schedule = section!(self.spec, schedule).clone();
+        let train = *section!(self.spec, train);
+        let opt_spec = *section!(self.spec, optimizer);
+        let schedule = *section!(self.spec, schedule);
         let lr = learning_rate(&schedule, opt_spec.lr, self.step, train.steps);
         let (rank, world) = self.rank_and_world();
         let micro = train.micro_batch_size as usize;
