@@ -61,6 +61,13 @@ fn resume_is_bit_exact() {
     }
     let losses = |dir| metrics(dir).iter().map(|m| (m["step"].as_u64().unwrap(), m["loss"].as_f64().unwrap())).collect::<Vec<_>>();
     assert_eq!(losses(&straight), losses(&resumed));
+
+    // An incompatible job on the same run directory is refused and changes nothing there.
+    let config = std::fs::read(resumed.join("config.toml")).unwrap();
+    let err = crate::common::fails(tmp.path(), &["train", s(&job), "--out", s(&resumed), "--set", "model.n_layers=2"]);
+    assert!(err.contains("model.n_layers = 4 in the checkpoint, 2 in this job") && err.contains("--out"), "{err}");
+    assert_eq!(std::fs::read(resumed.join("config.toml")).unwrap(), config);
+    assert_eq!(losses(&straight), losses(&resumed));
 }
 
 #[test]

@@ -62,7 +62,6 @@ pub fn resolve_config(
 
     let data_dir = if config.data.source == "builtin" {
         let dir = run_dir.join("data");
-        tracing::info!(dir = %dir.display(), "preparing the built-in corpus");
         moxin_data::builtin::prepare_builtin(&dir, shape.vocab_size)?;
         dir
     } else {

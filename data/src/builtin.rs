@@ -52,6 +52,7 @@ pub fn prepare_builtin(out_dir: &Path, vocab_size: u32) -> Result<Manifest, Data
             return Ok(manifest);
         }
     }
+    tracing::info!(dir = %out_dir.display(), "preparing the built-in corpus");
     let docs = corpus(0x004D_4F58_494E, DEFAULT_DOCUMENTS);
     crate::prepare::prepare_documents(&docs, source, out_dir, &crate::TokenizerSource::Train { vocab_size })
 }

@@ -11,10 +11,11 @@ use moxin_worker::trainer::{RunEnd, Trainer};
 pub fn train(config: &Path, out: Option<&Path>, overrides: &[String], stop_after: Option<u64>) -> Result<()> {
     let job = moxin_coordinator::resolve_job(config, overrides, out, 1)
         .with_context(|| format!("invalid job {}", config.display()))?;
-    rundir::write_resolved_config(&job.run_dir, &job.spec.resolved_config_toml)
-        .with_context(|| format!("writing the resolved config into {}", job.run_dir.display()))?;
     let steps = job.spec.train.as_ref().map_or(0, |t| t.steps);
     let mut trainer = Trainer::new(&job.spec).context("starting the trainer")?;
+    // Only now: a job that cannot resume this run directory must not overwrite its config.
+    rundir::write_resolved_config(&job.run_dir, &job.spec.resolved_config_toml)
+        .with_context(|| format!("writing the resolved config into {}", job.run_dir.display()))?;
     let placement = trainer.placement();
     let params = trainer.model.params.numel();
     tracing::info!(

@@ -174,11 +174,18 @@ impl Trainer {
         let m = &ckpt.manifest;
         let refuse = |reason: String| WorkerError::Resume { run_dir: self.run_dir.clone(), reason };
         if m.model != self.model.config {
+            let (saved, now) = (serde_json::to_value(&m.model).unwrap_or_default(), serde_json::to_value(&self.model.config).unwrap_or_default());
+            let diffs: Vec<String> = saved
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, v)| now.get(k.as_str()) != Some(v))
+                .map(|(k, v)| format!("model.{k} = {v} in the checkpoint, {} in this job", now[k.as_str()]))
+                .collect();
             return Err(refuse(format!(
-                "{} was trained with model {:?} but this job has {:?}; pass a new --out to start a fresh run",
+                "{} has a different model ({}); pass a new --out to start a fresh run",
                 ckpt.dir.display(),
-                m.model,
-                self.model.config
+                diffs.join(", ")
             )));
         }
         let data = section!(self.spec, data);
