@@ -6,6 +6,7 @@
 //! so a dead or stuck peer surfaces as a [`CollectiveError`], never a hang.
 
 pub mod ring;
+mod shm;
 
 use std::ops::Range;
 use std::time::Duration;

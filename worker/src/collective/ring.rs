@@ -12,7 +12,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
-use super::{check_ranges, even_ranges, Collective, CollectiveError, Element, ReduceOp};
+use super::{check_ranges, even_ranges, shm, Collective, CollectiveError, Element, ReduceOp};
 
 /// Bytes received and reduced at a time.
 const PIECE: usize = 1 << 20;
@@ -24,6 +24,9 @@ pub struct TcpRing {
     world: usize,
     next: Option<TcpStream>,
     prev: Option<TcpStream>,
+    /// Same-host fast path (see [`super::shm`]); `None` means data goes over the sockets.
+    outbox: Option<shm::Outbox>,
+    inbox: Option<shm::Inbox>,
     timeout: Duration,
     scratch: Vec<u8>,
 }
@@ -44,7 +47,7 @@ impl TcpRing {
         if rank >= world {
             return Err(CollectiveError::Usage(format!("rank {rank} outside a group of {world}")));
         }
-        let mut ring = TcpRing { rank, world, next: None, prev: None, timeout, scratch: vec![0; PIECE] };
+        let mut ring = TcpRing { rank, world, next: None, prev: None, outbox: None, inbox: None, timeout, scratch: vec![0; PIECE] };
         if world == 1 {
             return Ok(ring);
         }
@@ -107,6 +110,12 @@ impl TcpRing {
             s.set_read_timeout(Some(timeout)).map_err(|e| CollectiveError::Setup(e.to_string()))?;
             s.set_write_timeout(Some(timeout)).map_err(|e| CollectiveError::Setup(e.to_string()))?;
         }
+        let (mut next, mut prev) = (next, prev);
+        let (outbox, inbox) = shm::handshake(rank, generation, PIECE, &mut next, &mut prev)
+            .map_err(|e| CollectiveError::Setup(format!("shared-memory handshake: {e}")))?;
+        tracing::debug!(rank, shm_out = outbox.is_some(), shm_in = inbox.is_some(), "ring connected");
+        ring.outbox = outbox;
+        ring.inbox = inbox;
         ring.next = Some(next);
         ring.prev = Some(prev);
         Ok(ring)
@@ -140,16 +149,54 @@ impl TcpRing {
             ErrorKind::WouldBlock | ErrorKind::TimedOut => CollectiveError::Timeout { op, peer, timeout },
             _ => CollectiveError::Peer { op, peer, source },
         };
+        let (outbox, inbox) = (self.outbox.as_mut(), self.inbox.as_ref());
+        let combine = |chunk: &mut [T], bytes: &[u8]| {
+            for (dst, src) in chunk.iter_mut().zip(bytes.chunks_exact(T::BYTES)) {
+                let v = T::from_le(src);
+                *dst = if reduce { dst.add(v) } else { v };
+            }
+        };
         std::thread::scope(|scope| {
-            let sender = scope.spawn(move || next.write_all(as_bytes(send_part)));
+            let sender = scope.spawn(move || match outbox {
+                None => next.write_all(as_bytes(send_part)),
+                Some(outbox) => {
+                    // Fill slot k % 2, signal "ready k"; before reusing a slot wait for the
+                    // successor's acknowledgement of the piece that used it.
+                    let pieces = as_bytes(send_part).chunks(PIECE);
+                    let count = pieces.len();
+                    let mut ack = [0u8; 8];
+                    for (k, piece) in pieces.enumerate() {
+                        if k >= shm::SLOTS {
+                            read_exact(next, &mut ack)?;
+                        }
+                        outbox.write(k % shm::SLOTS, piece);
+                        next.write_all(&(k as u64).to_le_bytes())?;
+                    }
+                    for _ in 0..count.min(shm::SLOTS) {
+                        read_exact(next, &mut ack)?;
+                    }
+                    Ok(())
+                }
+            });
             let received = (|| {
                 let elems_per_piece = PIECE / T::BYTES;
-                for chunk in recv_part.chunks_mut(elems_per_piece) {
-                    let bytes = &mut scratch[..chunk.len() * T::BYTES];
-                    read_exact(prev, bytes)?;
-                    for (dst, src) in chunk.iter_mut().zip(bytes.chunks_exact(T::BYTES)) {
-                        let v = T::from_le(src);
-                        *dst = if reduce { dst.add(v) } else { v };
+                for (k, chunk) in recv_part.chunks_mut(elems_per_piece).enumerate() {
+                    let len = chunk.len() * T::BYTES;
+                    match inbox {
+                        None => {
+                            let bytes = &mut scratch[..len];
+                            read_exact(prev, bytes)?;
+                            combine(chunk, bytes);
+                        }
+                        Some(inbox) => {
+                            let mut ready = [0u8; 8];
+                            read_exact(prev, &mut ready)?;
+                            if u64::from_le_bytes(ready) != k as u64 {
+                                return Err(std::io::Error::other("ring out of step"));
+                            }
+                            combine(chunk, inbox.read(k % shm::SLOTS, len));
+                            prev.write_all(&(k as u64).to_le_bytes())?;
+                        }
                     }
                 }
                 Ok(())

@@ -1,0 +1,109 @@
+//! Same-host fast path for the ring: each rank's data to its successor goes through a
+//! two-slot shared-memory outbox instead of the socket, so a piece is copied once (into the
+//! outbox) and reduced straight out of it by the reader, with no kernel copies. The TCP
+//! connection stays as the signalling channel ("piece k ready" / "slot free"), which keeps
+//! the ring's failure semantics: a dead peer is an EOF, a stuck one a timeout.
+//!
+//! The outbox file lives in /dev/shm only until the successor has mapped it (then it is
+//! unlinked), so nothing is left behind even if a process dies.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+
+use memmap2::{Mmap, MmapMut};
+
+/// Slots per outbox: double buffering lets the writer fill one while the reader reduces the other.
+pub(crate) const SLOTS: usize = 2;
+
+/// This rank's outbox (written by us, read by the successor).
+pub(crate) struct Outbox {
+    map: MmapMut,
+    slot_bytes: usize,
+}
+
+/// The predecessor's outbox, mapped read-only.
+pub(crate) struct Inbox {
+    map: Mmap,
+    slot_bytes: usize,
+}
+
+impl Outbox {
+    /// Copies `bytes` (at most a slot) into slot `slot`.
+    pub(crate) fn write(&mut self, slot: usize, bytes: &[u8]) {
+        assert!(bytes.len() <= self.slot_bytes && slot < SLOTS);
+        // SAFETY: the protocol gives the writer exclusive use of a slot until the reader
+        // acknowledges it; we write through a raw pointer to that slot only.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.map.as_mut_ptr().add(slot * self.slot_bytes), bytes.len());
+        }
+    }
+}
+
+impl Inbox {
+    /// The first `len` bytes of slot `slot`.
+    pub(crate) fn read(&self, slot: usize, len: usize) -> &[u8] {
+        assert!(len <= self.slot_bytes && slot < SLOTS);
+        // SAFETY: after "ready" for this slot and until our acknowledgement the writer does
+        // not touch it; the slice covers only this slot (the other may be being written).
+        #[allow(unsafe_code)]
+        unsafe {
+            std::slice::from_raw_parts(self.map.as_ptr().add(slot * self.slot_bytes), len)
+        }
+    }
+}
+
+/// Sets up outboxes around the ring. Every rank first offers its outbox to its successor,
+/// then maps its predecessor's; each side learns whether the other could (different hosts
+/// or no /dev/shm mean plain TCP). Returns `(outbox to next, inbox from prev)`.
+pub(crate) fn handshake(
+    rank: usize,
+    generation: u64,
+    slot_bytes: usize,
+    next: &mut TcpStream,
+    prev: &mut TcpStream,
+) -> std::io::Result<(Option<Outbox>, Option<Inbox>)> {
+    let enabled = std::env::var("MOXIN_RING_SHM").map_or(true, |v| v != "0") && std::path::Path::new("/dev/shm").is_dir();
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let path = PathBuf::from(format!("/dev/shm/moxin-ring-{}-{rank}-{generation}-{nanos}", std::process::id()));
+    let outbox = if enabled { create(&path, slot_bytes).ok() } else { None };
+    let offer = if outbox.is_some() { path.to_string_lossy().into_owned() } else { String::new() };
+    next.write_all(&(offer.len() as u32).to_le_bytes())?;
+    next.write_all(offer.as_bytes())?;
+
+    let mut len = [0u8; 4];
+    prev.read_exact(&mut len)?;
+    let mut name = vec![0u8; u32::from_le_bytes(len) as usize];
+    prev.read_exact(&mut name)?;
+    let inbox = if enabled && !name.is_empty() { open(&String::from_utf8_lossy(&name), slot_bytes).ok() } else { None };
+    prev.write_all(&[u8::from(inbox.is_some())])?;
+
+    let mut accepted = [0u8; 1];
+    next.read_exact(&mut accepted)?;
+    if outbox.is_some() {
+        let _ = std::fs::remove_file(&path);
+    }
+    let outbox = outbox.filter(|_| accepted[0] == 1);
+    Ok((outbox, inbox))
+}
+
+fn create(path: &PathBuf, slot_bytes: usize) -> std::io::Result<Outbox> {
+    let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(path)?;
+    file.set_len((SLOTS * slot_bytes) as u64)?;
+    // SAFETY: a fresh file only this rank writes; the successor maps it read-only.
+    #[allow(unsafe_code)]
+    let map = unsafe { MmapMut::map_mut(&file) }?;
+    Ok(Outbox { map, slot_bytes })
+}
+
+fn open(path: &str, slot_bytes: usize) -> std::io::Result<Inbox> {
+    let file = std::fs::File::open(path)?;
+    if file.metadata()?.len() != (SLOTS * slot_bytes) as u64 {
+        return Err(std::io::Error::other("outbox of another size"));
+    }
+    // SAFETY: read-only view of the predecessor's outbox; accesses follow the slot protocol.
+    #[allow(unsafe_code)]
+    let map = unsafe { Mmap::map(&file) }?;
+    Ok(Inbox { map, slot_bytes })
+}
