@@ -228,7 +228,9 @@ fn run(cli: Cli) -> Result<()> {
         }),
         Command::ModelInfo(a) => commands::model_info(&a.preset, a.json),
         Command::Launch(a) => commands::cluster::launch(&a.config, a.workers, a.out.as_deref(), &a.set),
-        Command::Coordinator(a) => commands::cluster::coordinator(&a.config, a.listen.as_deref(), a.out.as_deref(), &a.set),
+        Command::Coordinator(a) => {
+            commands::cluster::coordinator(&a.config, a.listen.as_deref(), a.out.as_deref(), &a.set)
+        }
         Command::Bench(BenchCommand::AllReduce { ranks, mib, iters }) => commands::bench::all_reduce(ranks, mib, iters),
         Command::Bench(BenchCommand::Heartbeats { coordinator, workers, seconds }) => {
             commands::bench::heartbeats(&coordinator, workers, seconds)

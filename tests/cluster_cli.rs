@@ -21,22 +21,47 @@ fn launch_matches_single_process_train() {
     let tmp = tempfile::tempdir().unwrap();
     let job = tiny_job(tmp.path(), 6, "");
     let single = tmp.path().join("single");
-    ok(tmp.path(), &["train", s(&job), "--out", s(&single), "--set", "train.global_batch_size=12", "--set", "train.micro_batch_size=2"]);
+    ok(
+        tmp.path(),
+        &[
+            "train",
+            s(&job),
+            "--out",
+            s(&single),
+            "--set",
+            "train.global_batch_size=12",
+            "--set",
+            "train.micro_batch_size=2",
+        ],
+    );
     let reference = params(&single.join("checkpoints/step-00000006"));
     for workers in ["2", "3"] {
         let run = tmp.path().join(format!("launch-{workers}"));
-        ok(tmp.path(), &[
-            "launch", s(&job), "--workers", workers, "--out", s(&run),
-            "--set", "train.global_batch_size=12", "--set", "train.micro_batch_size=2",
-        ]);
+        ok(
+            tmp.path(),
+            &[
+                "launch",
+                s(&job),
+                "--workers",
+                workers,
+                "--out",
+                s(&run),
+                "--set",
+                "train.global_batch_size=12",
+                "--set",
+                "train.micro_batch_size=2",
+            ],
+        );
         let got = params(&run.join("checkpoints/step-00000006"));
         let rel = (&got - &reference).norm().double_value(&[]) / reference.norm().double_value(&[]);
         assert!(rel < 1e-5, "--workers {workers}: relative L2 difference {rel}");
         let m = metrics(&run);
         assert_eq!(m.len(), 6);
         assert_eq!(m[5]["world_size"].as_u64().unwrap().to_string(), workers);
-        let manifest: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(run.join("checkpoints/step-00000006/manifest.json")).unwrap()).unwrap();
+        let manifest: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(run.join("checkpoints/step-00000006/manifest.json")).unwrap(),
+        )
+        .unwrap();
         assert_eq!(manifest["optimizer"].as_array().unwrap().len().to_string(), workers);
     }
 }
@@ -108,13 +133,16 @@ fn coordinator_and_worker_processes_expose_prometheus_metrics() {
         &format!("[cluster]\nlisten = \"127.0.0.1:{grpc}\"\nmetrics_listen = \"127.0.0.1:{prom}\""),
     );
     let run = tmp.path().join("run");
-    let mut coordinator = Command::new(BIN)
-        .args(["coordinator", s(&job), "--out", s(&run)])
-        .env("MOXIN_LOG", "warn")
-        .spawn()
-        .unwrap();
+    let mut coordinator =
+        Command::new(BIN).args(["coordinator", s(&job), "--out", s(&run)]).env("MOXIN_LOG", "warn").spawn().unwrap();
     let mut worker = Command::new(BIN)
-        .args(["worker", "--coordinator", &format!("http://127.0.0.1:{grpc}"), "--metrics-listen", &format!("127.0.0.1:{worker_prom}")])
+        .args([
+            "worker",
+            "--coordinator",
+            &format!("http://127.0.0.1:{grpc}"),
+            "--metrics-listen",
+            &format!("127.0.0.1:{worker_prom}"),
+        ])
         .env("MOXIN_LOG", "warn")
         .spawn()
         .unwrap();
@@ -123,7 +151,10 @@ fn coordinator_and_worker_processes_expose_prometheus_metrics() {
     while Instant::now() < deadline {
         coord_text = scrape(&format!("127.0.0.1:{prom}")).unwrap_or_default();
         worker_text = scrape(&format!("127.0.0.1:{worker_prom}")).unwrap_or_default();
-        if coord_text.contains("moxin_heartbeat_latency_seconds") && coord_text.contains("moxin_step ") && worker_text.contains("moxin_collective") {
+        if coord_text.contains("moxin_heartbeat_latency_seconds")
+            && coord_text.contains("moxin_step ")
+            && worker_text.contains("moxin_collective")
+        {
             break;
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -195,7 +226,10 @@ fn ctrl_c_is_a_clean_stop_and_the_run_resumes() {
     let steps: Vec<u64> = metrics(&run).iter().map(|m| m["step"].as_u64().unwrap()).collect();
     let stopped_at = *steps.last().unwrap();
     assert!(stopped_at < 60, "stopped at {stopped_at}");
-    assert!(run.join(format!("checkpoints/step-{stopped_at:08}/manifest.json")).exists(), "no checkpoint at the stop step {stopped_at}");
+    assert!(
+        run.join(format!("checkpoints/step-{stopped_at:08}/manifest.json")).exists(),
+        "no checkpoint at the stop step {stopped_at}"
+    );
     ok(tmp.path(), &["launch", s(&job), "--workers", "2", "--out", s(&run)]);
     let steps: Vec<u64> = metrics(&run).iter().map(|m| m["step"].as_u64().unwrap()).collect();
     assert_eq!(steps, (1..=60).collect::<Vec<_>>());

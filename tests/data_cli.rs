@@ -17,9 +17,21 @@ fn prepare_then_train_on_it_and_reuse_its_tokenizer() {
     let tmp = tempfile::tempdir().unwrap();
     let input = write_corpus(tmp.path());
     let prepared = tmp.path().join("prepared");
-    let out = ok(tmp.path(), &[
-        "data", "prepare", "--input", s(&input), "--out", s(&prepared), "--train-tokenizer", "512", "--shard-tokens", "20000",
-    ]);
+    let out = ok(
+        tmp.path(),
+        &[
+            "data",
+            "prepare",
+            "--input",
+            s(&input),
+            "--out",
+            s(&prepared),
+            "--train-tokenizer",
+            "512",
+            "--shard-tokens",
+            "20000",
+        ],
+    );
     let manifest: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(manifest["documents"], 501);
     assert_eq!(manifest["dtype"], "u16");
@@ -28,7 +40,21 @@ fn prepare_then_train_on_it_and_reuse_its_tokenizer() {
     // A second preparation with the first one's tokenizer gives the same tokens.
     let again = tmp.path().join("again");
     let tok = prepared.join("tokenizer.json");
-    let out2 = ok(tmp.path(), &["data", "prepare", "--input", s(&input), "--out", s(&again), "--tokenizer", s(&tok), "--shard-tokens", "20000"]);
+    let out2 = ok(
+        tmp.path(),
+        &[
+            "data",
+            "prepare",
+            "--input",
+            s(&input),
+            "--out",
+            s(&again),
+            "--tokenizer",
+            s(&tok),
+            "--shard-tokens",
+            "20000",
+        ],
+    );
     let manifest2: serde_json::Value = serde_json::from_str(&out2).unwrap();
     assert_eq!(manifest["shards"], manifest2["shards"]);
 
@@ -37,7 +63,10 @@ fn prepare_then_train_on_it_and_reuse_its_tokenizer() {
     assert!(!tmp.path().join("run/data").exists(), "prepared data must not be copied");
 
     // Preparing over existing data is refused and leaves it intact.
-    let err = fails(tmp.path(), &["data", "prepare", "--input", s(&input), "--out", s(&prepared), "--train-tokenizer", "512"]);
+    let err = fails(
+        tmp.path(),
+        &["data", "prepare", "--input", s(&input), "--out", s(&prepared), "--train-tokenizer", "512"],
+    );
     assert!(err.contains("--overwrite"), "{err}");
     ok(tmp.path(), &["train", s(&job), "--out", s(&tmp.path().join("run2"))]);
 }
@@ -47,10 +76,25 @@ fn corrupt_shard_and_vocab_mismatch_are_named() {
     let tmp = tempfile::tempdir().unwrap();
     let input = write_corpus(tmp.path());
     let prepared = tmp.path().join("prepared");
-    ok(tmp.path(), &["data", "prepare", "--input", s(&input), "--out", s(&prepared), "--train-tokenizer", "512", "--shard-tokens", "20000"]);
+    ok(
+        tmp.path(),
+        &[
+            "data",
+            "prepare",
+            "--input",
+            s(&input),
+            "--out",
+            s(&prepared),
+            "--train-tokenizer",
+            "512",
+            "--shard-tokens",
+            "20000",
+        ],
+    );
     let job = tiny_job(tmp.path(), 2, &format!("[data]\nsource = {:?}", s(&prepared)));
 
-    let err = fails(tmp.path(), &["train", s(&job), "--set", "model.vocab_size=300", "--out", s(&tmp.path().join("r0"))]);
+    let err =
+        fails(tmp.path(), &["train", s(&job), "--set", "model.vocab_size=300", "--out", s(&tmp.path().join("r0"))]);
     assert!(err.contains("manifest.json") && err.contains("vocab_size is 300"), "{err}");
 
     let shard = prepared.join("shard-00001.bin");
@@ -65,6 +109,18 @@ fn corrupt_shard_and_vocab_mismatch_are_named() {
     let err = fails(tmp.path(), &["train", s(&job), "--out", s(&tmp.path().join("r2"))]);
     assert!(err.contains("shard-00001.bin") && err.contains("bytes but the manifest says"), "{err}");
 
-    let err = fails(tmp.path(), &["data", "prepare", "--input", s(&tmp.path().join("nope.txt")), "--out", s(&tmp.path().join("x")), "--train-tokenizer", "512"]);
+    let err = fails(
+        tmp.path(),
+        &[
+            "data",
+            "prepare",
+            "--input",
+            s(&tmp.path().join("nope.txt")),
+            "--out",
+            s(&tmp.path().join("x")),
+            "--train-tokenizer",
+            "512",
+        ],
+    );
     assert!(err.contains("nope.txt") && err.contains("not found"), "{err}");
 }

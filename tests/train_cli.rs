@@ -32,11 +32,15 @@ fn tiny_preset_loss_falls_and_the_run_dir_is_complete() {
     assert!(manifest["files"]["model.safetensors"].as_str().unwrap().len() == 64);
 
     let report: serde_json::Value =
-        serde_json::from_str(&ok(tmp.path(), &["eval", s(&ckpt), "--data", s(&run.join("data")), "--batches", "3"])).unwrap();
+        serde_json::from_str(&ok(tmp.path(), &["eval", s(&ckpt), "--data", s(&run.join("data")), "--batches", "3"]))
+            .unwrap();
     assert_eq!(report["tokens"], 3 * 8 * 32);
     assert!(report["loss"].as_f64().unwrap() < first - 2.0, "{report}");
 
-    let text = ok(tmp.path(), &["generate", s(&ckpt), "--prompt", "Once upon a time", "--max-new-tokens", "8", "--temperature", "0"]);
+    let text = ok(
+        tmp.path(),
+        &["generate", s(&ckpt), "--prompt", "Once upon a time", "--max-new-tokens", "8", "--temperature", "0"],
+    );
     assert!(text.starts_with("Once upon a time") && text.len() > "Once upon a time".len(), "{text}");
 }
 
@@ -59,7 +63,9 @@ fn resume_is_bit_exact() {
         let b = std::fs::read(resumed.join(end).join(file)).unwrap();
         assert!(a == b, "{file} differs after resume");
     }
-    let losses = |dir| metrics(dir).iter().map(|m| (m["step"].as_u64().unwrap(), m["loss"].as_f64().unwrap())).collect::<Vec<_>>();
+    let losses = |dir| {
+        metrics(dir).iter().map(|m| (m["step"].as_u64().unwrap(), m["loss"].as_f64().unwrap())).collect::<Vec<_>>()
+    };
     assert_eq!(losses(&straight), losses(&resumed));
 
     // An incompatible job on the same run directory is refused and changes nothing there.
@@ -84,10 +90,14 @@ fn resume_skips_a_corrupt_newest_checkpoint_and_sweeps_temporaries() {
     std::fs::write(&newest, bytes).unwrap();
     std::fs::create_dir_all(run.join("checkpoints/.tmp-step-00000006-1")).unwrap();
 
-    let out = crate::common::run(tmp.path(), &["train", s(&job), "--out", s(&run), "--set", "checkpoint.every_steps=2"]);
+    let out =
+        crate::common::run(tmp.path(), &["train", s(&job), "--out", s(&run), "--set", "checkpoint.every_steps=2"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("step-00000004") && stderr.contains("sha256"), "no warning about the bad checkpoint: {stderr}");
+    assert!(
+        stderr.contains("step-00000004") && stderr.contains("sha256"),
+        "no warning about the bad checkpoint: {stderr}"
+    );
     let steps: Vec<u64> = metrics(&run).iter().map(|m| m["step"].as_u64().unwrap()).collect();
     assert_eq!(steps, (1..=8).collect::<Vec<_>>(), "steps 3-4 are redone exactly once");
     assert!(!run.join("checkpoints/.tmp-step-00000006-1").exists());

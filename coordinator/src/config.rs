@@ -157,7 +157,19 @@ impl ModelSection {
         macro_rules! apply {
             ($($f:ident),*) => { $( if let Some(v) = self.$f { s.$f = v; } )* };
         }
-        apply!(vocab_size, dim, n_layers, n_heads, n_kv_heads, ffn_dim, max_seq_len, sliding_window, rope_theta, norm_eps, init_std);
+        apply!(
+            vocab_size,
+            dim,
+            n_layers,
+            n_heads,
+            n_kv_heads,
+            ffn_dim,
+            max_seq_len,
+            sliding_window,
+            rope_theta,
+            norm_eps,
+            init_std
+        );
         Ok(s)
     }
 
@@ -394,7 +406,10 @@ impl JobConfig {
             return Err(bad(
                 "model.n_kv_heads",
                 &m.n_kv_heads,
-                format!("does not divide model.n_heads = {}; each KV head must serve a whole group of query heads", m.n_heads),
+                format!(
+                    "does not divide model.n_heads = {}; each KV head must serve a whole group of query heads",
+                    m.n_heads
+                ),
             ));
         }
         if (m.dim / m.n_heads) % 2 != 0 {
@@ -404,7 +419,9 @@ impl JobConfig {
                 format!("gives an odd head dim {} (dim {}); RoPE needs an even head dim", m.dim / m.n_heads, m.dim),
             ));
         }
-        for (field, v) in [("model.rope_theta", m.rope_theta), ("model.norm_eps", m.norm_eps), ("model.init_std", m.init_std)] {
+        for (field, v) in
+            [("model.rope_theta", m.rope_theta), ("model.norm_eps", m.norm_eps), ("model.init_std", m.init_std)]
+        {
             if !(v.is_finite() && v > 0.0) {
                 return Err(bad(field, &v, "must be a positive number".into()));
             }
@@ -433,7 +450,11 @@ impl JobConfig {
             return Err(bad("cluster.min_workers", &0, "must be at least 1".into()));
         }
         if c.max() < c.min_workers {
-            return Err(bad("cluster.max_workers", &c.max(), format!("must be >= cluster.min_workers = {}", c.min_workers)));
+            return Err(bad(
+                "cluster.max_workers",
+                &c.max(),
+                format!("must be >= cluster.min_workers = {}", c.min_workers),
+            ));
         }
         if c.heartbeat_interval_ms == 0 || c.heartbeat_timeout_ms <= c.heartbeat_interval_ms {
             return Err(bad(
@@ -446,7 +467,11 @@ impl JobConfig {
             return Err(bad("cluster.collective_timeout_ms", &0, "must be at least 1".into()));
         }
         if world_size > 1 && self.runtime.device == Device::Cuda {
-            return Err(bad("runtime.device", &"cuda", "multi-worker GPU training (NCCL) is not available yet; use device = \"cpu\"".into()));
+            return Err(bad(
+                "runtime.device",
+                &"cuda",
+                "multi-worker GPU training (NCCL) is not available yet; use device = \"cpu\"".into(),
+            ));
         }
         let per_pass = t.micro_batch_size as u64 * world_size as u64;
         if t.global_batch_size == 0 || t.global_batch_size as u64 % per_pass != 0 {
@@ -520,7 +545,8 @@ mod tests {
         p
     }
 
-    const MINIMAL: &str = "[model]\npreset = \"tiny\"\n[train]\nsteps = 10\nglobal_batch_size = 8\nmicro_batch_size = 4\n";
+    const MINIMAL: &str =
+        "[model]\npreset = \"tiny\"\n[train]\nsteps = 10\nglobal_batch_size = 8\nmicro_batch_size = 4\n";
 
     #[test]
     fn env_and_set_override_file_in_order() {

@@ -34,9 +34,11 @@ pub fn resolve_job(
     world_size: u32,
 ) -> Result<ResolvedJob, ConfigError> {
     let config = JobConfig::load_with_process_env(config_file, overrides)?;
-    let name = config.job.name.clone().unwrap_or_else(|| {
-        config_file.file_stem().and_then(|s| s.to_str()).unwrap_or("job").to_string()
-    });
+    let name = config
+        .job
+        .name
+        .clone()
+        .unwrap_or_else(|| config_file.file_stem().and_then(|s| s.to_str()).unwrap_or("job").to_string());
     let run_dir = run_dir.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("runs").join(&name));
     resolve_config(config, name, &run_dir, world_size)
 }
@@ -69,9 +71,7 @@ pub fn resolve_config(
         std::fs::canonicalize(&dir).map_err(|e| ConfigError::Invalid {
             field: "data.source".into(),
             value: config.data.source.clone(),
-            message: format!(
-                "{e}; expected \"builtin\" or a directory made by `moxin-train data prepare`"
-            ),
+            message: format!("{e}; expected \"builtin\" or a directory made by `moxin-train data prepare`"),
         })?
     };
     let manifest = Manifest::load(&data_dir)?;

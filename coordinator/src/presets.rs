@@ -63,10 +63,7 @@ pub fn load(preset: &str) -> Result<ModelShape, ConfigError> {
             return Err(ConfigError::Invalid {
                 field: "model.preset".into(),
                 value: preset.into(),
-                message: format!(
-                    "unknown preset; use one of {:?} or a path to a .toml model file",
-                    names()
-                ),
+                message: format!("unknown preset; use one of {:?} or a path to a .toml model file", names()),
             })
         }
     };

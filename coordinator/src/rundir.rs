@@ -39,7 +39,12 @@ impl MetricsLog {
     pub fn open(run_dir: &Path) -> std::io::Result<Self> {
         let path = run_dir.join(METRICS_FILE);
         let last_step = if path.exists() {
-            BufReader::new(File::open(&path)?).lines().map_while(Result::ok).filter_map(|l| line_step(&l)).max().unwrap_or(0)
+            BufReader::new(File::open(&path)?)
+                .lines()
+                .map_while(Result::ok)
+                .filter_map(|l| line_step(&l))
+                .max()
+                .unwrap_or(0)
         } else {
             0
         };

@@ -85,13 +85,8 @@ impl CoordinatorService {
     /// A coordinator for `job` expecting between `min_workers` and `max_workers` workers.
     pub fn new(job: ResolvedJob, min_workers: u32, max_workers: u32) -> std::io::Result<Self> {
         let metrics = MetricsLog::open(&job.run_dir)?;
-        let state_dir = job
-            .config
-            .cluster
-            .state_dir
-            .as_ref()
-            .map(PathBuf::from)
-            .unwrap_or_else(|| job.run_dir.join("coordinator"));
+        let state_dir =
+            job.config.cluster.state_dir.as_ref().map(PathBuf::from).unwrap_or_else(|| job.run_dir.join("coordinator"));
         std::fs::create_dir_all(&state_dir)?;
         let (phase_tx, _) = watch::channel(Phase::Waiting);
         let service = CoordinatorService {
@@ -318,7 +313,13 @@ impl Coordinator for CoordinatorService {
         tracing::info!(worker = %id, host = %identity.host, pid = identity.pid, "worker registered");
         s.workers.insert(
             id.clone(),
-            Worker { identity, collective_address: req.collective_address, last_seen: Instant::now(), events: None, rank: None },
+            Worker {
+                identity,
+                collective_address: req.collective_address,
+                last_seen: Instant::now(),
+                events: None,
+                rank: None,
+            },
         );
         s.order.push(id.clone());
         self.publish(&s);
@@ -337,7 +338,10 @@ impl Coordinator for CoordinatorService {
         }
         let mut s = self.state.lock().unwrap();
         let generation = s.generation;
-        let w = s.workers.get_mut(&req.worker_id).ok_or_else(|| Status::not_found(format!("unknown worker {}", req.worker_id)))?;
+        let w = s
+            .workers
+            .get_mut(&req.worker_id)
+            .ok_or_else(|| Status::not_found(format!("unknown worker {}", req.worker_id)))?;
         w.last_seen = Instant::now();
         Ok(Response::new(HeartbeatResponse { generation }))
     }
@@ -360,7 +364,10 @@ impl Coordinator for CoordinatorService {
         let m = req.metrics.ok_or_else(|| Status::invalid_argument("metrics are required"))?;
         let mut s = self.state.lock().unwrap();
         if req.generation != s.generation {
-            return Err(Status::failed_precondition(format!("stale generation {} (now {})", req.generation, s.generation)));
+            return Err(Status::failed_precondition(format!(
+                "stale generation {} (now {})",
+                req.generation, s.generation
+            )));
         }
         s.metrics.append(&m).map_err(|e| Status::internal(format!("{}: {e}", s.metrics.path().display())))?;
         metrics::gauge!("moxin_step").set(m.step as f64);

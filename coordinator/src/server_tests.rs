@@ -7,7 +7,11 @@ use crate::server::{CoordinatorService, Phase};
 
 fn job(dir: &std::path::Path) -> crate::ResolvedJob {
     let config = dir.join("job.toml");
-    std::fs::write(&config, "[model]\npreset = \"tiny\"\n[train]\nsteps = 2\nseq_len = 32\nglobal_batch_size = 4\nmicro_batch_size = 2\n").unwrap();
+    std::fs::write(
+        &config,
+        "[model]\npreset = \"tiny\"\n[train]\nsteps = 2\nseq_len = 32\nglobal_batch_size = 4\nmicro_batch_size = 2\n",
+    )
+    .unwrap();
     let cfg = crate::JobConfig::load(&config, Default::default(), &[]).unwrap();
     crate::job::resolve_config(cfg, "admission".into(), &dir.join("run"), 2).unwrap()
 }
@@ -57,14 +61,23 @@ async fn admission_rules_and_group_formation() {
     let mut w1 = client.watch(WatchRequest { worker_id: first.worker_id.clone() }).await.unwrap().into_inner();
     assert_eq!(*service.phase().borrow(), Phase::Waiting);
     let mut w2 = client.watch(WatchRequest { worker_id: second.worker_id.clone() }).await.unwrap().into_inner();
-    let a1 = match w1.message().await.unwrap().unwrap().kind { Some(event::Kind::Assignment(a)) => a, k => panic!("{k:?}") };
-    let a2 = match w2.message().await.unwrap().unwrap().kind { Some(event::Kind::Assignment(a)) => a, k => panic!("{k:?}") };
+    let a1 = match w1.message().await.unwrap().unwrap().kind {
+        Some(event::Kind::Assignment(a)) => a,
+        k => panic!("{k:?}"),
+    };
+    let a2 = match w2.message().await.unwrap().unwrap().kind {
+        Some(event::Kind::Assignment(a)) => a,
+        k => panic!("{k:?}"),
+    };
     assert_eq!((a1.rank, a2.rank, a1.world_size, a1.generation), (0, 1, 2, 1));
     assert_eq!(a1.partitions, a2.partitions);
     assert_eq!(a1.data.as_ref().unwrap().rank_samples, 2);
     assert_eq!(a2.data.as_ref().unwrap().rank_first_sample, 2);
     assert_eq!(*service.phase().borrow(), Phase::Running);
-    let hb = client.heartbeat(HeartbeatRequest { worker_id: first.worker_id.clone(), step: 0, sent_unix_nanos: 0 }).await.unwrap();
+    let hb = client
+        .heartbeat(HeartbeatRequest { worker_id: first.worker_id.clone(), step: 0, sent_unix_nanos: 0 })
+        .await
+        .unwrap();
     assert_eq!(hb.into_inner().generation, 1);
 
     // A worker that stops heartbeating fails the job, naming itself, and everyone is told.
@@ -74,7 +87,10 @@ async fn admission_rules_and_group_formation() {
         Phase::Failed(msg) => assert!(msg.contains("missed heartbeats") && msg.contains("h:"), "{msg}"),
         p => panic!("{p:?}"),
     }
-    let stop = match w2.message().await.unwrap().unwrap().kind { Some(event::Kind::Stop(s)) => s, k => panic!("{k:?}") };
+    let stop = match w2.message().await.unwrap().unwrap().kind {
+        Some(event::Kind::Stop(s)) => s,
+        k => panic!("{k:?}"),
+    };
     assert!(stop.failed);
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(tmp.path().join("run/coordinator/state.json")).unwrap()).unwrap();

@@ -9,29 +9,21 @@ use std::path::Path;
 use crate::{DataError, Manifest, SplitMix64};
 
 const NAMES: &[&str] = &[
-    "Mia", "Leo", "Sam", "Ava", "Tom", "Zoe", "Ben", "Lily", "Max", "Nora", "Finn", "Ruby", "Omar",
-    "Ivy", "Jack", "Ella", "Theo", "Maya", "Hugo", "Lucy",
+    "Mia", "Leo", "Sam", "Ava", "Tom", "Zoe", "Ben", "Lily", "Max", "Nora", "Finn", "Ruby", "Omar", "Ivy", "Jack",
+    "Ella", "Theo", "Maya", "Hugo", "Lucy",
 ];
-const ANIMALS: &[&str] = &[
-    "cat", "dog", "fox", "owl", "rabbit", "bear", "duck", "mouse", "frog", "turtle", "horse", "bird",
-];
-const PLACES: &[&str] = &[
-    "park", "forest", "river", "garden", "school", "beach", "hill", "market", "library", "farm",
-    "lake", "village",
-];
-const OBJECTS: &[&str] = &[
-    "ball", "kite", "book", "apple", "hat", "box", "cake", "boat", "map", "lamp", "drum", "key",
-    "shell", "flower",
-];
+const ANIMALS: &[&str] =
+    &["cat", "dog", "fox", "owl", "rabbit", "bear", "duck", "mouse", "frog", "turtle", "horse", "bird"];
+const PLACES: &[&str] =
+    &["park", "forest", "river", "garden", "school", "beach", "hill", "market", "library", "farm", "lake", "village"];
+const OBJECTS: &[&str] =
+    &["ball", "kite", "book", "apple", "hat", "box", "cake", "boat", "map", "lamp", "drum", "key", "shell", "flower"];
 const ADJECTIVES: &[&str] = &[
-    "red", "big", "small", "happy", "old", "shiny", "soft", "blue", "green", "quiet", "brave",
-    "kind", "tiny", "bright",
+    "red", "big", "small", "happy", "old", "shiny", "soft", "blue", "green", "quiet", "brave", "kind", "tiny", "bright",
 ];
 const FEELINGS: &[&str] = &["happy", "sad", "excited", "tired", "surprised", "proud", "calm", "curious"];
 const WEATHER: &[&str] = &["sunny", "rainy", "windy", "cold", "warm", "cloudy"];
-const NUMBER_WORDS: &[&str] = &[
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-];
+const NUMBER_WORDS: &[&str] = &["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"];
 
 /// `docs` documents of the built-in corpus for `seed`. Document `i` depends only on
 /// `(seed, i)`.
@@ -93,11 +85,7 @@ fn story(rng: &mut SplitMix64) -> String {
     });
     let count = 2 + rng.below(7) as usize;
     if rng.below(2) == 0 {
-        s.push(format!(
-            "{name} counted {} {object}s: {}.",
-            NUMBER_WORDS[count],
-            NUMBER_WORDS[1..=count].join(", ")
-        ));
+        s.push(format!("{name} counted {} {object}s: {}.", NUMBER_WORDS[count], NUMBER_WORDS[1..=count].join(", ")));
     }
     s.push(format!("Then {name} met {friend} the {friend_animal}."));
     s.push(match rng.below(3) {

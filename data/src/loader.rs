@@ -117,10 +117,8 @@ mod tests {
     fn prepared(shard_tokens: u64) -> (tempfile::TempDir, PathBuf) {
         let tmp = tempfile::tempdir().unwrap();
         let input = tmp.path().join("in.jsonl");
-        let docs: Vec<String> = crate::builtin::corpus(3, 40)
-            .into_iter()
-            .map(|t| serde_json::json!({ "text": t }).to_string())
-            .collect();
+        let docs: Vec<String> =
+            crate::builtin::corpus(3, 40).into_iter().map(|t| serde_json::json!({ "text": t }).to_string()).collect();
         std::fs::write(&input, docs.join("\n")).unwrap();
         let out = tmp.path().join("prepared");
         let mut opts = PrepareOptions::new(vec![input], out.clone(), TokenizerSource::Train { vocab_size: 320 });

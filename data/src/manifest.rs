@@ -102,9 +102,7 @@ impl Manifest {
         let path = dir.join(MANIFEST_FILE);
         let text = match std::fs::read_to_string(&path) {
             Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(DataError::ManifestMissing { path })
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(DataError::ManifestMissing { path }),
             Err(e) => return Err(DataError::io(path, e)),
         };
         let manifest: Manifest = serde_json::from_str(&text)
@@ -115,10 +113,7 @@ impl Manifest {
         }
         let sum: u64 = manifest.shards.iter().map(|s| s.tokens).sum();
         if sum != manifest.total_tokens {
-            return Err(invalid(format!(
-                "total_tokens {} but the shards add up to {sum}",
-                manifest.total_tokens
-            )));
+            return Err(invalid(format!("total_tokens {} but the shards add up to {sum}", manifest.total_tokens)));
         }
         if manifest.tokenizer.eos_id >= manifest.tokenizer.vocab_size {
             return Err(invalid(format!(
@@ -162,9 +157,7 @@ impl Manifest {
             let path = dir.join(&shard.file);
             let meta = match std::fs::metadata(&path) {
                 Ok(meta) => meta,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return Err(DataError::ShardMissing { path })
-                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(DataError::ShardMissing { path }),
                 Err(e) => return Err(DataError::io(path, e)),
             };
             let expected = shard.tokens * self.dtype.bytes();

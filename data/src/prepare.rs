@@ -208,10 +208,7 @@ fn collect_inputs(inputs: &[PathBuf]) -> Result<Vec<(PathBuf, u64)>, DataError> 
     let mut out = Vec::new();
     for input in inputs {
         let meta = std::fs::metadata(input).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => DataError::Input {
-                path: input.clone(),
-                reason: "input not found".into(),
-            },
+            std::io::ErrorKind::NotFound => DataError::Input { path: input.clone(), reason: "input not found".into() },
             _ => DataError::io(input, e),
         })?;
         if meta.is_dir() {

@@ -30,11 +30,9 @@ pub struct TextTokenizer {
 impl TextTokenizer {
     fn from_tokenizer(inner: Tokenizer, origin: &Path) -> Result<Self, DataError> {
         let vocab_size = inner.get_vocab_size(true) as u32;
-        let eos_id = EOS_CANDIDATES.iter().find_map(|t| inner.token_to_id(t)).ok_or_else(|| {
-            DataError::Tokenizer {
-                path: origin.to_path_buf(),
-                reason: format!("no end-of-sequence token; expected one of {EOS_CANDIDATES:?}"),
-            }
+        let eos_id = EOS_CANDIDATES.iter().find_map(|t| inner.token_to_id(t)).ok_or_else(|| DataError::Tokenizer {
+            path: origin.to_path_buf(),
+            reason: format!("no end-of-sequence token; expected one of {EOS_CANDIDATES:?}"),
         })?;
         let bos_id = BOS_CANDIDATES.iter().find_map(|t| inner.token_to_id(t));
         Ok(TextTokenizer { inner, vocab_size, eos_id, bos_id })
@@ -42,19 +40,16 @@ impl TextTokenizer {
 
     /// Token ids of `text` (no special tokens added).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, DataError> {
-        let enc = self.inner.encode(text, false).map_err(|e| DataError::Tokenizer {
-            path: "<text>".into(),
-            reason: e.to_string(),
-        })?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| DataError::Tokenizer { path: "<text>".into(), reason: e.to_string() })?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Text of `ids`, skipping special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String, DataError> {
-        self.inner.decode(ids, true).map_err(|e| DataError::Tokenizer {
-            path: "<ids>".into(),
-            reason: e.to_string(),
-        })
+        self.inner.decode(ids, true).map_err(|e| DataError::Tokenizer { path: "<ids>".into(), reason: e.to_string() })
     }
 }
 

@@ -50,7 +50,8 @@ pub fn launch(config: &Path, workers: u32, out: Option<&Path>, overrides: &[Stri
         // Workers exit on their own after the stop event (a clean stop checkpoints first);
         // whatever is left after the grace period is killed when the tasks drop.
         let grace = if result.is_ok() || matches!(*service.phase().borrow(), Phase::Stopped(_)) { 120 } else { 5 };
-        let _ = tokio::time::timeout(Duration::from_secs(grace), async { while exits.join_next().await.is_some() {} }).await;
+        let _ = tokio::time::timeout(Duration::from_secs(grace), async { while exits.join_next().await.is_some() {} })
+            .await;
         exits.abort_all();
         if let Phase::Stopped(reason) = service.phase().borrow().clone() {
             tracing::warn!("job stopped: {reason}; run the same command again to resume");
@@ -81,7 +82,11 @@ pub fn coordinator(config: &Path, listen: Option<&str>, out: Option<&Path>, over
 }
 
 /// `worker`.
-pub fn worker(coordinator: String, collective_listen: String, metrics_listen: Option<std::net::SocketAddr>) -> Result<()> {
+pub fn worker(
+    coordinator: String,
+    collective_listen: String,
+    metrics_listen: Option<std::net::SocketAddr>,
+) -> Result<()> {
     let end = moxin_worker::agent::run(moxin_worker::agent::AgentOptions {
         coordinator,
         collective_listen,
@@ -100,7 +105,12 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 /// Resolves the job, writes the resolved config, starts the gRPC server, metrics endpoint
 /// and failure detector.
-async fn start(config: &Path, out: Option<&Path>, overrides: &[String], listener: TcpListener) -> Result<CoordinatorService> {
+async fn start(
+    config: &Path,
+    out: Option<&Path>,
+    overrides: &[String],
+    listener: TcpListener,
+) -> Result<CoordinatorService> {
     let cfg = moxin_coordinator::JobConfig::load_with_process_env(config, overrides)
         .with_context(|| format!("invalid job {}", config.display()))?;
     let (min, max) = (cfg.cluster.min_workers, cfg.cluster.max());

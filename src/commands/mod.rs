@@ -42,10 +42,9 @@ pub fn train(config: &Path, out: Option<&Path>, overrides: &[String], stop_after
     })?;
     match end {
         RunEnd::Finished => tracing::info!(run_dir = %job.run_dir.display(), "finished {steps} steps"),
-        RunEnd::Stopped => tracing::info!(
-            step = trainer.step(),
-            "stopped as asked; run the same command again to resume"
-        ),
+        RunEnd::Stopped => {
+            tracing::info!(step = trainer.step(), "stopped as asked; run the same command again to resume")
+        }
     }
     Ok(())
 }
@@ -80,14 +79,23 @@ pub fn model_info(preset: &str, json: bool) -> Result<()> {
     let spec = moxin_coordinator::job::model_spec(preset, &shape);
     let info = moxin_worker::info::model_info(&(&spec).into());
     if json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "preset": preset, "shape": shape, "info": info }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "preset": preset, "shape": shape, "info": info }))?
+        );
         return Ok(());
     }
     println!("{preset}: {:.2} B parameters ({})", info.total_params as f64 / 1e9, thousands(info.total_params));
     println!(
         "  layers {}  dim {}  heads {}/{} kv  ffn {}  vocab {}  window {}  rope θ {}",
-        shape.n_layers, shape.dim, shape.n_heads, shape.n_kv_heads, shape.ffn_dim, shape.vocab_size,
-        shape.sliding_window, shape.rope_theta
+        shape.n_layers,
+        shape.dim,
+        shape.n_heads,
+        shape.n_kv_heads,
+        shape.ffn_dim,
+        shape.vocab_size,
+        shape.sliding_window,
+        shape.rope_theta
     );
     println!("  {:<10} {:>16} {:>12} {:>12}", "class", "parameters", "bf16", "fp32");
     for c in &info.classes {
@@ -130,5 +138,5 @@ fn gib(bytes: u64) -> String {
         format!("{:.1} MiB", b / (1u64 << 20) as f64)
     }
 }
-pub mod cluster;
 pub mod bench;
+pub mod cluster;

@@ -95,7 +95,11 @@ async fn run_async(opts: AgentOptions) -> Result<AgentEnd, WorkerError> {
     let identity = WorkerIdentity {
         host: hostname(),
         pid: std::process::id(),
-        instance: format!("{:016x}", SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64) ^ (std::process::id() as u64) << 40),
+        instance: format!(
+            "{:016x}",
+            SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+                ^ (std::process::id() as u64) << 40
+        ),
     };
     let registered = client
         .register(RegisterRequest {
@@ -123,13 +127,19 @@ async fn run_async(opts: AgentOptions) -> Result<AgentEnd, WorkerError> {
     result
 }
 
-async fn heartbeats(mut client: CoordinatorClient<Channel>, worker_id: String, step: Arc<AtomicU64>, interval: Duration) {
+async fn heartbeats(
+    mut client: CoordinatorClient<Channel>,
+    worker_id: String,
+    step: Arc<AtomicU64>,
+    interval: Duration,
+) {
     let mut tick = tokio::time::interval(interval);
     loop {
         tick.tick().await;
         let sent_unix_nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
         let started = Instant::now();
-        let request = HeartbeatRequest { worker_id: worker_id.clone(), step: step.load(Ordering::Relaxed), sent_unix_nanos };
+        let request =
+            HeartbeatRequest { worker_id: worker_id.clone(), step: step.load(Ordering::Relaxed), sent_unix_nanos };
         match client.heartbeat(request).await {
             Ok(_) => metrics::histogram!("moxin_heartbeat_rtt_seconds").record(started.elapsed().as_secs_f64()),
             Err(e) => tracing::warn!("heartbeat failed: {}", e.message()),

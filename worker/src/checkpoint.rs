@@ -93,12 +93,17 @@ impl Checkpoint {
         let path = dir.join(MANIFEST);
         let text = std::fs::read_to_string(&path).map_err(|e| WorkerError::Checkpoint {
             path: path.clone(),
-            reason: format!("cannot read the manifest ({e}); is this a checkpoint directory (checkpoints/step-NNNNNNNN)?"),
+            reason: format!(
+                "cannot read the manifest ({e}); is this a checkpoint directory (checkpoints/step-NNNNNNNN)?"
+            ),
         })?;
         let manifest: CheckpointManifest = serde_json::from_str(&text)
             .map_err(|e| WorkerError::Checkpoint { path: path.clone(), reason: format!("invalid manifest: {e}") })?;
         if manifest.format != FORMAT {
-            return Err(WorkerError::Checkpoint { path, reason: format!("format {:?}, expected {FORMAT:?}", manifest.format) });
+            return Err(WorkerError::Checkpoint {
+                path,
+                reason: format!("format {:?}, expected {FORMAT:?}", manifest.format),
+            });
         }
         for (file, want) in &manifest.files {
             let file_path = dir.join(file);
@@ -228,7 +233,12 @@ fn staging_dir(run_dir: &Path, step: u64) -> PathBuf {
 }
 
 /// Writes optimizer partition `index` into the staging directory of `step` (fsynced).
-pub fn write_partition(run_dir: &Path, step: u64, index: usize, tensors: &[(String, Tensor)]) -> Result<(), WorkerError> {
+pub fn write_partition(
+    run_dir: &Path,
+    step: u64,
+    index: usize,
+    tensors: &[(String, Tensor)],
+) -> Result<(), WorkerError> {
     write_safetensors(&staging_dir(run_dir, step), &partition_file(index), tensors)
 }
 

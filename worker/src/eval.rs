@@ -29,7 +29,12 @@ pub struct EvalReport {
 
 /// Scores up to `batches` batches of `batch_size` samples, taken in order from the start of
 /// `data_dir`, at the checkpoint's sequence length.
-pub fn evaluate(checkpoint_dir: &Path, data_dir: &Path, batches: u64, batch_size: u32) -> Result<EvalReport, WorkerError> {
+pub fn evaluate(
+    checkpoint_dir: &Path,
+    data_dir: &Path,
+    batches: u64,
+    batch_size: u32,
+) -> Result<EvalReport, WorkerError> {
     let ckpt = Checkpoint::open(checkpoint_dir)?;
     let config = ckpt.manifest.model.clone();
     let device = Device::cuda_if_available();

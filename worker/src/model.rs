@@ -70,7 +70,11 @@ impl ModelConfig {
             order += 1;
             ParamDecl { name, shape, init, order }
         };
-        let mut v = vec![ParamGroup::single(decl("model.embed_tokens.weight".into(), vec![self.vocab_size, d], Init::Normal { std }))];
+        let mut v = vec![ParamGroup::single(decl(
+            "model.embed_tokens.weight".into(),
+            vec![self.vocab_size, d],
+            Init::Normal { std },
+        ))];
         for i in 0..self.n_layers {
             let p = format!("model.layers.{i}");
             v.push(ParamGroup::single(decl(format!("{p}.input_layernorm.weight"), vec![d], Init::Ones)));
@@ -82,7 +86,11 @@ impl ModelConfig {
                     decl(format!("{p}.self_attn.v_proj.weight"), vec![self.n_kv_heads * hd, d], Init::Normal { std }),
                 ],
             });
-            v.push(ParamGroup::single(decl(format!("{p}.self_attn.o_proj.weight"), vec![d, self.n_heads * hd], Init::Normal { std: out_std })));
+            v.push(ParamGroup::single(decl(
+                format!("{p}.self_attn.o_proj.weight"),
+                vec![d, self.n_heads * hd],
+                Init::Normal { std: out_std },
+            )));
             v.push(ParamGroup::single(decl(format!("{p}.post_attention_layernorm.weight"), vec![d], Init::Ones)));
             v.push(ParamGroup {
                 name: format!("{p}.mlp.gate_up"),
@@ -91,7 +99,11 @@ impl ModelConfig {
                     decl(format!("{p}.mlp.up_proj.weight"), vec![self.ffn_dim, d], Init::Normal { std }),
                 ],
             });
-            v.push(ParamGroup::single(decl(format!("{p}.mlp.down_proj.weight"), vec![d, self.ffn_dim], Init::Normal { std: out_std })));
+            v.push(ParamGroup::single(decl(
+                format!("{p}.mlp.down_proj.weight"),
+                vec![d, self.ffn_dim],
+                Init::Normal { std: out_std },
+            )));
         }
         v.push(ParamGroup::single(decl("model.norm.weight".into(), vec![d], Init::Ones)));
         v.push(ParamGroup::single(decl("lm_head.weight".into(), vec![self.vocab_size, d], Init::Normal { std })));
@@ -258,7 +270,8 @@ impl Transformer {
         let mut x = Tensor::embedding(&self.embed, tokens, -1, false, false);
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| (&mut c.layers[i], c.start));
-            let h = &x + self.attention(layer, &rms_norm(&x, &layer.input_norm, self.config.norm_eps), start, layer_cache);
+            let h =
+                &x + self.attention(layer, &rms_norm(&x, &layer.input_norm, self.config.norm_eps), start, layer_cache);
             x = &h + self.mlp(layer, &rms_norm(&h, &layer.post_norm, self.config.norm_eps));
         }
         if let Some(c) = cache {
@@ -298,11 +311,19 @@ impl Transformer {
         logits.view([-1, self.config.vocab_size]).cross_entropy_for_logits(&targets.reshape([-1]))
     }
 
-    fn attention(&self, l: &Layer, x: &Tensor, start: i64, cache: Option<(&mut Option<(Tensor, Tensor)>, i64)>) -> Tensor {
+    fn attention(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        start: i64,
+        cache: Option<(&mut Option<(Tensor, Tensor)>, i64)>,
+    ) -> Tensor {
         let c = &self.config;
         let (b, t, hd) = (x.size()[0], x.size()[1], c.head_dim());
         // split (not narrow): its backward assembles the fused gradient with one cat.
-        let qkv = x.linear(&l.w_qkv, None::<Tensor>).split_with_sizes([c.n_heads * hd, c.n_kv_heads * hd, c.n_kv_heads * hd], 2);
+        let qkv = x
+            .linear(&l.w_qkv, None::<Tensor>)
+            .split_with_sizes([c.n_heads * hd, c.n_kv_heads * hd, c.n_kv_heads * hd], 2);
         let heads = |t_: &Tensor, n: i64| t_.view([b, t, n, hd]).transpose(1, 2);
         let q = self.rope.apply(&heads(&qkv[0], c.n_heads), start);
         let mut k = self.rope.apply(&heads(&qkv[1], c.n_kv_heads), start);

@@ -89,9 +89,12 @@ fn reference_logits(m: &Transformer, tokens: &Tensor) -> Tensor {
     for i in 0..c.n_layers {
         let l = format!("model.layers.{i}");
         let h = norm(&x, &p(&format!("{l}.input_layernorm.weight")));
-        let proj = |w: &str, n: i64| h.matmul(&p(&format!("{l}.self_attn.{w}.weight")).tr()).view([b, t, n, hd]).transpose(1, 2);
+        let proj = |w: &str, n: i64| {
+            h.matmul(&p(&format!("{l}.self_attn.{w}.weight")).tr()).view([b, t, n, hd]).transpose(1, 2)
+        };
         let q = rope.apply(&proj("q_proj", c.n_heads), 0);
-        let k = rope.apply(&proj("k_proj", c.n_kv_heads), 0).repeat_interleave_self_int(c.n_heads / c.n_kv_heads, 1, None);
+        let k =
+            rope.apply(&proj("k_proj", c.n_kv_heads), 0).repeat_interleave_self_int(c.n_heads / c.n_kv_heads, 1, None);
         let v = proj("v_proj", c.n_kv_heads).repeat_interleave_self_int(c.n_heads / c.n_kv_heads, 1, None);
         let mut scores = q.matmul(&k.transpose(-2, -1)) / (hd as f64).sqrt();
         let mut mask = vec![0f64; (t * t) as usize];
@@ -197,7 +200,8 @@ fn initialisation_is_seeded_and_scaled() {
     let b = model(8, 7);
     assert_eq!(max_diff(a.params.flat(), b.params.flat()), 0.0);
     let c = Transformer::new(config(8), Kind::Float, Device::Cpu);
-    let mut big = Transformer::new(ModelConfig { dim: 256, ffn_dim: 512, n_heads: 4, ..config(8) }, Kind::Float, Device::Cpu);
+    let mut big =
+        Transformer::new(ModelConfig { dim: 256, ffn_dim: 512, n_heads: 4, ..config(8) }, Kind::Float, Device::Cpu);
     big.params.initialise(0);
     let std = |n: &str| big.params.get(n).std(true).double_value(&[]);
     assert!((std("model.layers.0.self_attn.q_proj.weight") - 0.1).abs() < 0.005);
@@ -218,14 +222,17 @@ fn greedy_generation_follows_full_forward_argmax_and_stops() {
     let mut seq = prompt.clone();
     for &tok in &out[0] {
         let x = Tensor::from_slice(&seq).view([1, -1]);
-        let want = tch::no_grad(|| m.forward(&x, None)).select(1, seq.len() as i64 - 1).argmax(-1, false).int64_value(&[0]);
+        let want =
+            tch::no_grad(|| m.forward(&x, None)).select(1, seq.len() as i64 - 1).argmax(-1, false).int64_value(&[0]);
         assert_eq!(tok, want);
         seq.push(tok);
     }
     // A stop token ends the sequence right after it is produced.
     let stop = out[0][4];
     let first = out[0].iter().position(|&t| t == stop).unwrap();
-    let stopped = generate(&m, std::slice::from_ref(&prompt), &SamplingOptions { stop_token: Some(stop), ..opts.clone() }).unwrap();
+    let stopped =
+        generate(&m, std::slice::from_ref(&prompt), &SamplingOptions { stop_token: Some(stop), ..opts.clone() })
+            .unwrap();
     assert_eq!(stopped[0], out[0][..=first].to_vec());
     // Tiny top-p is greedy; sampling is reproducible from the seed.
     let nucleus = SamplingOptions { temperature: 1.0, top_p: 1e-6, ..opts.clone() };

@@ -153,7 +153,12 @@ impl AdamW {
     /// Restores the elements `[from, to)` of this partition (flat coordinates) from a saved
     /// partition covering `[saved_start, saved_end)`, so state saved at any world size loads
     /// at any other. Returns how many elements were restored.
-    pub fn load_overlap(&mut self, saved_start: i64, saved_end: i64, tensors: &[(String, Tensor)]) -> Result<i64, String> {
+    pub fn load_overlap(
+        &mut self,
+        saved_start: i64,
+        saved_end: i64,
+        tensors: &[(String, Tensor)],
+    ) -> Result<i64, String> {
         let lo = self.start.max(saved_start);
         let hi = self.end.min(saved_end);
         let get = |name: &str| {
@@ -165,12 +170,15 @@ impl AdamW {
         }
         let device = self.device();
         tch::no_grad(|| -> Result<(), String> {
-            for (name, dst) in [("master", &mut self.master), ("exp_avg", &mut self.exp_avg), ("exp_avg_sq", &mut self.exp_avg_sq)] {
+            for (name, dst) in
+                [("master", &mut self.master), ("exp_avg", &mut self.exp_avg), ("exp_avg_sq", &mut self.exp_avg_sq)]
+            {
                 let src = get(name)?;
                 if src.size() != [saved_end - saved_start] {
                     return Err(format!("{name}: {:?} elements for range {saved_start}..{saved_end}", src.size()));
                 }
-                dst.narrow(0, lo - self.start, hi - lo).copy_(&src.narrow(0, lo - saved_start, hi - lo).to_device(device));
+                dst.narrow(0, lo - self.start, hi - lo)
+                    .copy_(&src.narrow(0, lo - saved_start, hi - lo).to_device(device));
             }
             Ok(())
         })?;

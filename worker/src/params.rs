@@ -130,7 +130,8 @@ impl ParamStore {
             let leaf = flat.narrow(0, offset, group.numel()).view(leaf_shape.as_slice()).set_requires_grad(true);
             let (mut row, mut member_offset) = (0i64, offset);
             for decl in group.members {
-                let tensor = if leaf_shape == decl.shape { leaf.shallow_clone() } else { leaf.narrow(0, row, decl.shape[0]) };
+                let tensor =
+                    if leaf_shape == decl.shape { leaf.shallow_clone() } else { leaf.narrow(0, row, decl.shape[0]) };
                 row += decl.shape[0];
                 let numel = decl.numel();
                 params.push(Param { decl, offset: member_offset, tensor });
@@ -185,12 +186,7 @@ impl ParamStore {
 
     /// The view of parameter `name`.
     pub fn get(&self, name: &str) -> &Tensor {
-        &self
-            .params
-            .iter()
-            .find(|p| p.decl.name == name)
-            .unwrap_or_else(|| panic!("no parameter {name}"))
-            .tensor
+        &self.params.iter().find(|p| p.decl.name == name).unwrap_or_else(|| panic!("no parameter {name}")).tensor
     }
 
     /// The autograd leaf of group `name` (a fused matrix, or a single parameter).

@@ -174,7 +174,10 @@ impl Trainer {
         let m = &ckpt.manifest;
         let refuse = |reason: String| WorkerError::Resume { run_dir: self.run_dir.clone(), reason };
         if m.model != self.model.config {
-            let (saved, now) = (serde_json::to_value(&m.model).unwrap_or_default(), serde_json::to_value(&self.model.config).unwrap_or_default());
+            let (saved, now) = (
+                serde_json::to_value(&m.model).unwrap_or_default(),
+                serde_json::to_value(&self.model.config).unwrap_or_default(),
+            );
             let diffs: Vec<String> = saved
                 .as_object()
                 .into_iter()
@@ -334,7 +337,10 @@ impl Trainer {
         if let Some(group) = self.group.as_mut() {
             let t = Instant::now();
             let ranges = group.partitions.clone();
-            group.collective.reduce_scatter_f32(cpu_f32_mut(&mut self.flat_grad), &ranges, ReduceOp::Avg).map_err(comm_error)?;
+            group
+                .collective
+                .reduce_scatter_f32(cpu_f32_mut(&mut self.flat_grad), &ranges, ReduceOp::Avg)
+                .map_err(comm_error)?;
             let own = self.flat_grad.narrow(0, start, len);
             let stop = f32::from(u8::from(self.stop_requested.load(std::sync::atomic::Ordering::Relaxed)));
             let mut stats = [own.square().sum(Kind::Double).double_value(&[]) as f32, loss as f32, stop];
@@ -414,7 +420,9 @@ impl Trainer {
             let total = self.model.params.numel();
             let partitions = match &self.group {
                 None => vec![(0, total)],
-                Some(g) => g.partitions.iter().map(|r| ((r.start as i64).min(total), (r.end as i64).min(total))).collect(),
+                Some(g) => {
+                    g.partitions.iter().map(|r| ((r.start as i64).min(total), (r.end as i64).min(total))).collect()
+                }
             };
             let manifest = CheckpointManifest {
                 format: String::new(),
@@ -455,7 +463,10 @@ fn comm_error(e: CollectiveError) -> WorkerError {
 
 /// The elements of a contiguous CPU fp32 tensor as a mutable slice.
 fn cpu_f32_mut(t: &mut Tensor) -> &mut [f32] {
-    assert!(t.device() == tch::Device::Cpu && t.kind() == Kind::Float && t.is_contiguous(), "CPU fp32 contiguous tensor expected");
+    assert!(
+        t.device() == tch::Device::Cpu && t.kind() == Kind::Float && t.is_contiguous(),
+        "CPU fp32 contiguous tensor expected"
+    );
     let len = t.numel();
     // SAFETY: the tensor is a contiguous CPU fp32 buffer of `len` elements that `t` keeps
     // alive for the borrow; no other Rust reference to it exists while the slice lives

@@ -67,7 +67,8 @@ fn zero1_on_2_and_3_ranks_matches_single_process() {
         }
         // Rank 0 published a checkpoint with one optimizer partition per rank.
         let m: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(tmp.path().join(format!("run-{world}/checkpoints/step-00000004/manifest.json"))).unwrap(),
+            &std::fs::read_to_string(tmp.path().join(format!("run-{world}/checkpoints/step-00000004/manifest.json")))
+                .unwrap(),
         )
         .unwrap();
         assert_eq!(m["world_size"], world);

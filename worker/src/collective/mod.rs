@@ -100,7 +100,12 @@ pub trait Collective: Send {
     /// `ranges` split `buf` into one contiguous part per rank, in rank order. After the call
     /// `buf[ranges[rank]]` holds the reduction over ranks of that part; the rest of `buf` is
     /// unspecified.
-    fn reduce_scatter_f32(&mut self, buf: &mut [f32], ranges: &[Range<usize>], op: ReduceOp) -> Result<(), CollectiveError>;
+    fn reduce_scatter_f32(
+        &mut self,
+        buf: &mut [f32],
+        ranges: &[Range<usize>],
+        op: ReduceOp,
+    ) -> Result<(), CollectiveError>;
     /// Each rank contributes `buf[ranges[rank]]`; after the call every rank's `buf` holds all parts.
     fn all_gather_f32(&mut self, buf: &mut [f32], ranges: &[Range<usize>]) -> Result<(), CollectiveError>;
     /// Copies `root`'s `buf` to every rank.

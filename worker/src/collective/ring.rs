@@ -43,11 +43,34 @@ impl TcpRing {
         generation: u64,
         timeout: Duration,
     ) -> Result<Self, CollectiveError> {
+        let shared_memory = std::env::var("MOXIN_RING_SHM").map_or(true, |v| v != "0");
+        Self::connect_with(rank, peers, listener, generation, timeout, shared_memory)
+    }
+
+    /// As [`TcpRing::connect`], choosing whether same-host neighbours may use shared memory
+    /// (`connect` allows it unless `MOXIN_RING_SHM=0`).
+    pub fn connect_with(
+        rank: usize,
+        peers: &[SocketAddr],
+        listener: &TcpListener,
+        generation: u64,
+        timeout: Duration,
+        shared_memory: bool,
+    ) -> Result<Self, CollectiveError> {
         let world = peers.len();
         if rank >= world {
             return Err(CollectiveError::Usage(format!("rank {rank} outside a group of {world}")));
         }
-        let mut ring = TcpRing { rank, world, next: None, prev: None, outbox: None, inbox: None, timeout, scratch: vec![0; PIECE] };
+        let mut ring = TcpRing {
+            rank,
+            world,
+            next: None,
+            prev: None,
+            outbox: None,
+            inbox: None,
+            timeout,
+            scratch: vec![0; PIECE],
+        };
         if world == 1 {
             return Ok(ring);
         }
@@ -65,7 +88,11 @@ impl TcpRing {
                         hello.extend_from_slice(&HELLO_MAGIC.to_le_bytes());
                         hello.extend_from_slice(&(rank as u32).to_le_bytes());
                         hello.extend_from_slice(&generation.to_le_bytes());
-                        s.write_all(&hello).map_err(|source| CollectiveError::Peer { op: "connect", peer: next_rank, source })?;
+                        s.write_all(&hello).map_err(|source| CollectiveError::Peer {
+                            op: "connect",
+                            peer: next_rank,
+                            source,
+                        })?;
                         return Ok(s);
                     }
                     Err(e) if Instant::now() < deadline => {
@@ -111,7 +138,7 @@ impl TcpRing {
             s.set_write_timeout(Some(timeout)).map_err(|e| CollectiveError::Setup(e.to_string()))?;
         }
         let (mut next, mut prev) = (next, prev);
-        let (outbox, inbox) = shm::handshake(rank, generation, PIECE, &mut next, &mut prev)
+        let (outbox, inbox) = shm::handshake(rank, generation, PIECE, shared_memory, &mut next, &mut prev)
             .map_err(|e| CollectiveError::Setup(format!("shared-memory handshake: {e}")))?;
         tracing::debug!(rank, shm_out = outbox.is_some(), shm_in = inbox.is_some(), "ring connected");
         ring.outbox = outbox;
@@ -208,7 +235,12 @@ impl TcpRing {
     }
 
     /// Generic reduce-scatter (see [`Collective::reduce_scatter_f32`]).
-    pub fn reduce_scatter<T: Element>(&mut self, buf: &mut [T], ranges: &[Range<usize>], op: ReduceOp) -> Result<(), CollectiveError> {
+    pub fn reduce_scatter<T: Element>(
+        &mut self,
+        buf: &mut [T],
+        ranges: &[Range<usize>],
+        op: ReduceOp,
+    ) -> Result<(), CollectiveError> {
         check_ranges(buf.len(), ranges, self.world)?;
         let started = Instant::now();
         let w = self.world;
@@ -223,7 +255,8 @@ impl TcpRing {
                 *v = v.scale(factor);
             }
         }
-        metrics::histogram!("moxin_collective_duration_seconds", "op" => "reduce_scatter").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("moxin_collective_duration_seconds", "op" => "reduce_scatter")
+            .record(started.elapsed().as_secs_f64());
         Ok(())
     }
 
@@ -237,7 +270,8 @@ impl TcpRing {
             let recv = ranges[(self.rank + 2 * w - s - 1) % w].clone();
             self.exchange("all_gather", buf, send, recv, false)?;
         }
-        metrics::histogram!("moxin_collective_duration_seconds", "op" => "all_gather").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("moxin_collective_duration_seconds", "op" => "all_gather")
+            .record(started.elapsed().as_secs_f64());
         Ok(())
     }
 
@@ -262,7 +296,12 @@ impl Collective for TcpRing {
         self.all_reduce(buf, op)
     }
 
-    fn reduce_scatter_f32(&mut self, buf: &mut [f32], ranges: &[Range<usize>], op: ReduceOp) -> Result<(), CollectiveError> {
+    fn reduce_scatter_f32(
+        &mut self,
+        buf: &mut [f32],
+        ranges: &[Range<usize>],
+        op: ReduceOp,
+    ) -> Result<(), CollectiveError> {
         self.reduce_scatter(buf, ranges, op)
     }
 

@@ -36,7 +36,11 @@ impl Outbox {
         // acknowledges it; we write through a raw pointer to that slot only.
         #[allow(unsafe_code)]
         unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.map.as_mut_ptr().add(slot * self.slot_bytes), bytes.len());
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.map.as_mut_ptr().add(slot * self.slot_bytes),
+                bytes.len(),
+            );
         }
     }
 }
@@ -61,10 +65,11 @@ pub(crate) fn handshake(
     rank: usize,
     generation: u64,
     slot_bytes: usize,
+    allowed: bool,
     next: &mut TcpStream,
     prev: &mut TcpStream,
 ) -> std::io::Result<(Option<Outbox>, Option<Inbox>)> {
-    let enabled = std::env::var("MOXIN_RING_SHM").map_or(true, |v| v != "0") && std::path::Path::new("/dev/shm").is_dir();
+    let enabled = allowed && std::path::Path::new("/dev/shm").is_dir();
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     let path = PathBuf::from(format!("/dev/shm/moxin-ring-{}-{rank}-{generation}-{nanos}", std::process::id()));
     let outbox = if enabled { create(&path, slot_bytes).ok() } else { None };

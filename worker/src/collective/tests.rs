@@ -12,10 +12,20 @@ fn listeners(world: usize) -> (Vec<TcpListener>, Vec<SocketAddr>) {
     (ls, addrs)
 }
 
-/// Runs `f(rank, ring)` on `world` threads connected in a ring; returns their results.
+/// Runs `f(rank, ring)` on `world` threads connected in a ring (same-host shared memory
+/// allowed); returns their results.
 fn with_ring<R: Send + 'static>(
     world: usize,
     timeout: Duration,
+    f: impl Fn(usize, TcpRing) -> R + Send + Sync + Clone + 'static,
+) -> Vec<R> {
+    with_ring_via(world, timeout, true, f)
+}
+
+fn with_ring_via<R: Send + 'static>(
+    world: usize,
+    timeout: Duration,
+    shared_memory: bool,
     f: impl Fn(usize, TcpRing) -> R + Send + Sync + Clone + 'static,
 ) -> Vec<R> {
     let (ls, addrs) = listeners(world);
@@ -24,7 +34,9 @@ fn with_ring<R: Send + 'static>(
         .enumerate()
         .map(|(rank, l)| {
             let (addrs, f) = (addrs.clone(), f.clone());
-            std::thread::spawn(move || f(rank, TcpRing::connect(rank, &addrs, &l, 1, timeout).unwrap()))
+            std::thread::spawn(move || {
+                f(rank, TcpRing::connect_with(rank, &addrs, &l, 1, timeout, shared_memory).unwrap())
+            })
         })
         .collect();
     handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -36,12 +48,18 @@ fn data(rank: usize, len: usize) -> Vec<f32> {
 
 #[test]
 fn reduce_scatter_all_gather_all_reduce_match_naive_for_odd_sizes() {
-    for world in [1usize, 2, 3, 4] {
-        for len in [0usize, 1, 2, 3, 5, 7, 1000, 100_003] {
+    // Both data paths: shared memory between same-host neighbours, and plain TCP; the
+    // largest size spans several 1 MiB pieces, so the two-slot outbox wraps around.
+    for (shared_memory, world, len) in [true, false].into_iter().flat_map(|shm| {
+        [1usize, 2, 3, 4]
+            .into_iter()
+            .flat_map(move |w| [0usize, 1, 2, 3, 5, 7, 1000, 100_003, 700_001].map(move |n| (shm, w, n)))
+    }) {
+        {
             let inputs: Vec<Vec<f32>> = (0..world).map(|r| data(r, len)).collect();
             let sum: Vec<f32> = (0..len).map(|i| inputs.iter().map(|v| v[i]).sum()).collect();
             let ranges = even_ranges(len, world);
-            let results = with_ring(world, Duration::from_secs(10), move |rank, mut ring| {
+            let results = with_ring_via(world, Duration::from_secs(10), shared_memory, move |rank, mut ring| {
                 let mut rs = data(rank, len);
                 ring.reduce_scatter_f32(&mut rs, &even_ranges(len, world), ReduceOp::Sum).unwrap();
                 let mut ar = data(rank, len);
@@ -130,8 +148,13 @@ fn a_peer_dying_mid_collective_is_an_error_within_the_timeout() {
         }
         let started = Instant::now();
         let mut buf = vec![1.0f32; 1000];
-        ring.all_reduce_f32(&mut buf, ReduceOp::Sum).map(|_| started.elapsed()).map_err(|e| (e, started.elapsed()))
-            .map_err(|(e, t)| { assert!(t < timeout * 3, "took {t:?}"); e })
+        ring.all_reduce_f32(&mut buf, ReduceOp::Sum)
+            .map(|_| started.elapsed())
+            .map_err(|e| (e, started.elapsed()))
+            .map_err(|(e, t)| {
+                assert!(t < timeout * 3, "took {t:?}");
+                e
+            })
     });
     for r in &results[..2] {
         let e = r.as_ref().expect_err("survivors must fail");
