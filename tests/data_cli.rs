@@ -12,26 +12,31 @@ fn write_corpus(dir: &std::path::Path) -> std::path::PathBuf {
     input
 }
 
-#[test]
-fn prepare_then_train_on_it_and_reuse_its_tokenizer() {
-    let tmp = tempfile::tempdir().unwrap();
-    let input = write_corpus(tmp.path());
-    let prepared = tmp.path().join("prepared");
-    let out = ok(
-        tmp.path(),
+/// `data prepare` with a trained 512-id BPE and small shards; returns the printed manifest.
+fn prepare_with_bpe(cwd: &std::path::Path, input: &std::path::Path, out: &std::path::Path) -> String {
+    ok(
+        cwd,
         &[
             "data",
             "prepare",
             "--input",
-            s(&input),
+            s(input),
             "--out",
-            s(&prepared),
+            s(out),
             "--train-tokenizer",
             "512",
             "--shard-tokens",
             "20000",
         ],
-    );
+    )
+}
+
+#[test]
+fn prepare_then_train_on_it_and_reuse_its_tokenizer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = write_corpus(tmp.path());
+    let prepared = tmp.path().join("prepared");
+    let out = prepare_with_bpe(tmp.path(), &input, &prepared);
     let manifest: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(manifest["documents"], 501);
     assert_eq!(manifest["dtype"], "u16");
@@ -76,21 +81,7 @@ fn corrupt_shard_and_vocab_mismatch_are_named() {
     let tmp = tempfile::tempdir().unwrap();
     let input = write_corpus(tmp.path());
     let prepared = tmp.path().join("prepared");
-    ok(
-        tmp.path(),
-        &[
-            "data",
-            "prepare",
-            "--input",
-            s(&input),
-            "--out",
-            s(&prepared),
-            "--train-tokenizer",
-            "512",
-            "--shard-tokens",
-            "20000",
-        ],
-    );
+    prepare_with_bpe(tmp.path(), &input, &prepared);
     let job = tiny_job(tmp.path(), 2, &format!("[data]\nsource = {:?}", s(&prepared)));
 
     let err =

@@ -24,7 +24,7 @@ mod tokenizer;
 
 pub use error::DataError;
 pub use loader::TokenDataset;
-pub use manifest::{Manifest, ShardInfo, TokenDtype, TokenizerInfo, MANIFEST_FILE};
+pub use manifest::{sha256_hex, Manifest, ShardInfo, TokenDtype, TokenizerInfo, MANIFEST_FILE};
 pub use order::SampleOrder;
 pub use prepare::{prepare, PrepareOptions, TokenizerSource};
 pub use rng::SplitMix64;

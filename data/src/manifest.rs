@@ -202,25 +202,30 @@ impl Manifest {
     }
 }
 
-/// sha256 of a file as lowercase hex, streamed.
-pub(crate) fn sha256_file(path: &Path) -> Result<String, DataError> {
-    let mut file = std::fs::File::open(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => DataError::Input {
-            path: path.to_path_buf(),
-            reason: "file listed in the manifest is missing; re-run `moxin-train data prepare`".into(),
-        },
-        _ => DataError::io(path, e),
-    })?;
+/// sha256 of a file as lowercase hex, streamed (shared with checkpoint verification).
+pub fn sha256_hex(path: &Path) -> std::io::Result<String> {
+    let mut file = std::fs::File::open(path)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = file.read(&mut buf).map_err(|e| DataError::io(path, e))?;
+        let n = file.read(&mut buf)?;
         if n == 0 {
             break;
         }
         hasher.update(&buf[..n]);
     }
     Ok(hex::encode(hasher.finalize()))
+}
+
+/// [`sha256_hex`] with errors phrased for a prepared directory.
+pub(crate) fn sha256_file(path: &Path) -> Result<String, DataError> {
+    sha256_hex(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => DataError::Input {
+            path: path.to_path_buf(),
+            reason: "file listed in the manifest is missing; re-run `moxin-train data prepare`".into(),
+        },
+        _ => DataError::io(path, e),
+    })
 }
 
 fn check_sha256(path: &Path, expected: &str) -> Result<(), DataError> {

@@ -13,7 +13,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tch::Tensor;
 
 use crate::model::ModelConfig;
@@ -311,8 +310,5 @@ fn sync_dir(dir: &Path) -> Result<(), WorkerError> {
 
 /// sha256 of a file, lowercase hex.
 pub fn sha256_file(path: &Path) -> Result<String, WorkerError> {
-    let mut f = File::open(path).map_err(|e| WorkerError::io(path, e))?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h).map_err(|e| WorkerError::io(path, e))?;
-    Ok(hex::encode(h.finalize()))
+    moxin_data::sha256_hex(path).map_err(|e| WorkerError::io(path, e))
 }
