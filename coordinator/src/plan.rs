@@ -28,6 +28,13 @@ pub fn zero1_partitions(numel: u64, world: u32) -> Vec<Range<u64>> {
     (0..world).map(|r| r * chunk..(r + 1) * chunk).collect()
 }
 
+/// The samples rank `rank` of `world` trains on within each global batch of `global_batch`
+/// (which validation guarantees `world` divides): contiguous, equal slices in rank order.
+pub fn rank_samples(global_batch: u32, world: u32, rank: u32) -> Range<u32> {
+    let per_rank = global_batch / world.max(1);
+    rank * per_rank..(rank + 1) * per_rank
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

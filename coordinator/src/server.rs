@@ -22,7 +22,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::job::ResolvedJob;
-use crate::plan::{flat_param_count, zero1_partitions};
+use crate::plan::{flat_param_count, rank_samples, zero1_partitions};
 use crate::rundir::MetricsLog;
 
 /// Where a job is in its life.
@@ -235,20 +235,20 @@ impl CoordinatorService {
             .into_iter()
             .map(|r| PartitionRange { start: r.start, end: r.end })
             .collect();
-        let per_rank = train.global_batch_size / world;
         s.generation += 1;
         let peers: Vec<String> = ready.iter().map(|id| s.workers[id].collective_address.clone()).collect();
         for (rank, id) in ready.iter().enumerate() {
+            let samples = rank_samples(train.global_batch_size, world, rank as u32);
             let assignment = Assignment {
                 generation: s.generation,
                 rank: rank as u32,
                 world_size: world,
                 data: Some(DataAssignment {
                     global_batch_size: train.global_batch_size,
-                    rank_first_sample: rank as u32 * per_rank,
-                    rank_samples: per_rank,
+                    rank_first_sample: samples.start,
+                    rank_samples: samples.len() as u32,
                     micro_batch_size: train.micro_batch_size,
-                    accumulation_steps: per_rank / train.micro_batch_size,
+                    accumulation_steps: samples.len() as u32 / train.micro_batch_size,
                     samples_per_epoch: self.job.samples_per_epoch,
                 }),
                 partitions: partitions.clone(),

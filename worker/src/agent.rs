@@ -259,7 +259,11 @@ fn spawn_training(
                 let ring = TcpRing::connect(a.rank as usize, &peers, &listener, a.generation, timeout)
                     .map_err(|e| WorkerError::Collective(e.to_string()))?;
                 let partitions = a.partitions.iter().map(|p| p.start as usize..p.end as usize).collect();
-                let mut trainer = Trainer::with_group(&job, Some(Group { collective: Box::new(ring), partitions }))?;
+                let data =
+                    a.data.as_ref().ok_or_else(|| WorkerError::Spec("assignment without a data slice".into()))?;
+                let samples = data.rank_first_sample..data.rank_first_sample + data.rank_samples;
+                let group = Group { collective: Box::new(ring), partitions, samples };
+                let mut trainer = Trainer::with_group(&job, Some(group))?;
                 trainer.stop_requested = stop;
                 let step_tx = tx.clone();
                 trainer.run(None, &mut |m| {

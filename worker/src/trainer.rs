@@ -30,6 +30,9 @@ pub struct Group {
     /// Optimizer partition of every rank: contiguous ranges tiling the (padded) flat
     /// parameter buffer, in rank order.
     pub partitions: Vec<std::ops::Range<usize>>,
+    /// This rank's samples within every global batch (the coordinator's data assignment):
+    /// global step s trains on cursors `s * B + samples`.
+    pub samples: std::ops::Range<u32>,
 }
 
 /// A job's training state on this process.
@@ -88,9 +91,14 @@ impl Trainer {
         let placement = place(section!(spec, runtime))?;
         let run_dir = PathBuf::from(&spec.run_dir);
         let world = group.as_ref().map_or(1, |g| g.collective.world_size()) as u32;
-        if train.micro_batch_size == 0 || train.global_batch_size % (train.micro_batch_size * world) != 0 {
+        let samples = group.as_ref().map_or(0..train.global_batch_size, |g| g.samples.clone());
+        if train.micro_batch_size == 0
+            || samples.is_empty()
+            || samples.end > train.global_batch_size
+            || samples.len() as u32 % train.micro_batch_size != 0
+        {
             return Err(WorkerError::Spec(format!(
-                "global batch {} is not a multiple of micro batch {} x {world} ranks",
+                "samples {samples:?} of a global batch of {} are not whole micro-batches of {}",
                 train.global_batch_size, train.micro_batch_size
             )));
         }
@@ -312,12 +320,12 @@ impl Trainer {
         let opt_spec = *section!(self.spec, optimizer);
         let schedule = *section!(self.spec, schedule);
         let lr = learning_rate(&schedule, opt_spec.lr, self.step, train.steps);
-        let (rank, world) = self.rank_and_world();
+        let world = self.rank_and_world().1;
+        let samples = self.group.as_ref().map_or(0..train.global_batch_size, |g| g.samples.clone());
         let micro = train.micro_batch_size as usize;
-        let per_rank = train.global_batch_size as usize / world;
-        let accum = per_rank / micro;
+        let accum = samples.len() / micro;
         let row = train.seq_len as i64 + 1;
-        let first = self.cursor + (rank * per_rank) as u64;
+        let first = self.cursor + samples.start as u64;
 
         let mut loss_sum = 0.0;
         for m in 0..accum {

@@ -42,7 +42,9 @@ fn train(spec: &JobSpec, world: u32) -> Vec<Tensor> {
             let (spec, peers, partitions) = (spec.clone(), peers.clone(), partitions.clone());
             std::thread::spawn(move || {
                 let ring = TcpRing::connect(rank, &peers, &listener, 1, Duration::from_secs(30)).unwrap();
-                let group = Group { collective: Box::new(ring), partitions };
+                let global = spec.train.as_ref().unwrap().global_batch_size;
+                let samples = moxin_coordinator::plan::rank_samples(global, world, rank as u32);
+                let group = Group { collective: Box::new(ring), partitions, samples };
                 let mut t = Trainer::with_group(&spec, Some(group)).unwrap();
                 t.run(None, &mut |_| Ok(())).unwrap();
                 t.model.params.flat().narrow(0, 0, t.model.params.numel()).copy()
