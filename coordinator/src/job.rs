@@ -34,6 +34,16 @@ pub fn resolve_job(
     world_size: u32,
 ) -> Result<ResolvedJob, ConfigError> {
     let config = JobConfig::load_with_process_env(config_file, overrides)?;
+    resolve_loaded(config_file, config, run_dir, world_size)
+}
+
+/// As [`resolve_job`] for a configuration already loaded from `config_file`.
+pub fn resolve_loaded(
+    config_file: &Path,
+    config: JobConfig,
+    run_dir: Option<&Path>,
+    world_size: u32,
+) -> Result<ResolvedJob, ConfigError> {
     let name = config
         .job
         .name

@@ -19,11 +19,12 @@ pub fn launch(config: &Path, workers: u32, out: Option<&Path>, overrides: &[Stri
     let mut overrides = overrides.to_vec();
     overrides.push(format!("cluster.min_workers={workers}"));
     overrides.push(format!("cluster.max_workers={workers}"));
+    let job = resolve(config, out, &overrides)?;
     let runtime = runtime()?;
     runtime.block_on(async {
         let listener = TcpListener::bind("127.0.0.1:0").await.context("binding the coordinator")?;
         let url = format!("http://{}", listener.local_addr()?);
-        let service = start(config, out, &overrides, listener).await?;
+        let service = start(job, listener).await?;
         let exe = std::env::current_exe().context("locating the moxin-train binary")?;
         let mut children = Vec::new();
         for i in 0..workers {
@@ -63,13 +64,13 @@ pub fn launch(config: &Path, workers: u32, out: Option<&Path>, overrides: &[Stri
 
 /// `coordinator`: serve a job until it finishes or fails.
 pub fn coordinator(config: &Path, listen: Option<&str>, out: Option<&Path>, overrides: &[String]) -> Result<()> {
+    let job = resolve(config, out, overrides)?;
     let runtime = runtime()?;
     runtime.block_on(async {
-        let cfg = moxin_coordinator::JobConfig::load_with_process_env(config, overrides)?;
-        let addr = listen.map(str::to_string).unwrap_or(cfg.cluster.listen.clone());
+        let addr = listen.map(str::to_string).unwrap_or(job.config.cluster.listen.clone());
         let listener = TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
         tracing::info!("coordinator listening on {}", listener.local_addr()?);
-        let service = start(config, out, overrides, listener).await?;
+        let service = start(job, listener).await?;
         follow(&service).await?;
         if let Phase::Stopped(reason) = service.phase().borrow().clone() {
             tracing::warn!("job stopped: {reason}");
@@ -103,22 +104,22 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
 }
 
-/// Resolves the job, writes the resolved config, starts the gRPC server, metrics endpoint
-/// and failure detector.
-async fn start(
-    config: &Path,
-    out: Option<&Path>,
-    overrides: &[String],
-    listener: TcpListener,
-) -> Result<CoordinatorService> {
+/// Loads the configuration once, validates it for every allowed worker count, and resolves
+/// it; nothing is bound or written before this succeeds.
+fn resolve(config: &Path, out: Option<&Path>, overrides: &[String]) -> Result<moxin_coordinator::ResolvedJob> {
     let cfg = moxin_coordinator::JobConfig::load_with_process_env(config, overrides)
         .with_context(|| format!("invalid job {}", config.display()))?;
     let (min, max) = (cfg.cluster.min_workers, cfg.cluster.max());
     for world in min..=max {
         cfg.validate(world).with_context(|| format!("invalid job {} for {world} workers", config.display()))?;
     }
-    let job = moxin_coordinator::resolve_job(config, overrides, out, min)
-        .with_context(|| format!("invalid job {}", config.display()))?;
+    moxin_coordinator::job::resolve_loaded(config, cfg, out, min)
+        .with_context(|| format!("invalid job {}", config.display()))
+}
+
+/// Writes the resolved config, starts the gRPC server, metrics endpoint and failure detector.
+async fn start(job: moxin_coordinator::ResolvedJob, listener: TcpListener) -> Result<CoordinatorService> {
+    let (min, max) = (job.config.cluster.min_workers, job.config.cluster.max());
     rundir::write_resolved_config(&job.run_dir, &job.spec.resolved_config_toml)?;
     if let Some(addr) = &job.config.cluster.metrics_listen {
         let addr: std::net::SocketAddr = addr.parse().with_context(|| format!("cluster.metrics_listen = {addr}"))?;
