@@ -36,9 +36,18 @@ enum Command {
     Coordinator(CoordinatorArgs),
     /// Join a job as a worker (cluster mode).
     Worker(WorkerArgs),
+    /// What this machine can run: libtorch, CUDA devices, NCCL, the backend a worker would use.
+    Doctor(DoctorArgs),
     /// Measurements used by bench/*.sh.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Args)]
+struct DoctorArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -104,6 +113,10 @@ struct WorkerArgs {
     /// Serve Prometheus metrics on this address.
     #[arg(long)]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Train on this device (cpu, cuda, cuda:N) [default: the job's runtime.device, the GPU
+    /// chosen by LOCAL_RANK or SLURM_LOCALID]
+    #[arg(long)]
+    device: Option<String>,
 }
 
 #[derive(Args)]
@@ -121,6 +134,10 @@ struct TrainArgs {
     /// train.steps is larger; running the command again resumes.
     #[arg(long, value_name = "STEPS")]
     stop_after: Option<u64>,
+    /// Train on this device (cpu, cuda, cuda:N) [default: runtime.device; the GPU chosen by
+    /// LOCAL_RANK or SLURM_LOCALID]
+    #[arg(long)]
+    device: Option<String>,
 }
 
 #[derive(Args)]
@@ -203,6 +220,9 @@ struct GenerateArgs {
 fn main() {
     init_logging();
     let cli = Cli::parse();
+    if uses_cuda(&cli.command) {
+        restart_with_cuda_libraries();
+    }
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -211,7 +231,8 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train(a) => commands::train(&a.config, a.out.as_deref(), &a.set, a.stop_after),
+        Command::Train(a) => commands::train(&a.config, a.out.as_deref(), &a.set, a.stop_after, a.device.as_deref()),
+        Command::Doctor(a) => commands::doctor(a.json),
         Command::Eval(a) => commands::eval(&a.checkpoint, &a.data, a.batches, a.batch_size),
         Command::Data(DataCommand::Prepare(a)) => commands::prepare(moxin_data::PrepareOptions {
             tokenizer: match (a.tokenizer, a.train_tokenizer) {
@@ -235,7 +256,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCommand::Heartbeats { coordinator, workers, seconds }) => {
             commands::bench::heartbeats(&coordinator, workers, seconds)
         }
-        Command::Worker(a) => commands::cluster::worker(a.coordinator, a.collective_listen, a.metrics_listen),
+        Command::Worker(a) => {
+            commands::cluster::worker(a.coordinator, a.collective_listen, a.metrics_listen, a.device.as_deref())
+        }
         Command::Generate(a) => commands::generate(
             &a.checkpoint,
             &a.prompt,
@@ -247,6 +270,47 @@ fn run(cli: Cli) -> Result<()> {
                 seed: a.seed,
             },
         ),
+    }
+}
+
+/// Commands that may put tensors on a GPU (and so may need NCCL or NVRTC).
+fn uses_cuda(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Train(_)
+            | Command::Worker(_)
+            | Command::Launch(_)
+            | Command::Doctor(_)
+            | Command::Eval(_)
+            | Command::Generate(_)
+    )
+}
+
+/// On a machine with a CUDA driver where NCCL or NVRTC sit outside the loader's search path
+/// (pip's `nvidia/*/lib` beside torch), restarts this process once with them on
+/// `LD_LIBRARY_PATH`; see `moxin_worker::cuda::libraries`. Elsewhere, does nothing.
+fn restart_with_cuda_libraries() {
+    use std::os::unix::process::CommandExt;
+    match moxin_worker::cuda::libraries::plan() {
+        Ok(None) => {}
+        Ok(Some(path)) => {
+            tracing::debug!("restarting with LD_LIBRARY_PATH={path}");
+            let mut args = std::env::args_os();
+            let arg0 = args.next().unwrap_or_default();
+            let err = std::process::Command::new("/proc/self/exe")
+                .arg0(arg0)
+                .args(args)
+                .env("LD_LIBRARY_PATH", path)
+                .env(moxin_worker::cuda::libraries::RESTARTED_ENV, "1")
+                .exec();
+            tracing::warn!(
+                "could not restart with the CUDA libraries on the search path ({err}); NCCL may be unavailable"
+            );
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
     }
 }
 

@@ -178,6 +178,8 @@ fn coordinator_and_worker_processes_expose_prometheus_metrics() {
         "moxin_loss",
         "moxin_tokens_total",
         "moxin_last_step_timestamp_seconds",
+        "moxin_mfu",
+        "moxin_peak_memory_bytes",
     ] {
         assert!(coord.iter().any(|(n, _)| n == name), "coordinator lacks {name}:\n{coord_text}");
     }
@@ -187,7 +189,10 @@ fn coordinator_and_worker_processes_expose_prometheus_metrics() {
     assert!(coord.iter().all(|(n, _)| n.starts_with("moxin_")), "one moxin_ prefix: {coord_text}");
     let work = samples(&worker_text);
     assert!(work.iter().any(|(n, _)| n.starts_with("moxin_step_duration_seconds")), "{worker_text}");
-    assert!(work.iter().any(|(n, _)| n.starts_with("moxin_collective_duration_seconds")), "{worker_text}");
+    assert!(work.iter().any(|(n, _)| n.starts_with("moxin_collective_exposed_seconds")), "{worker_text}");
+    assert!(work.iter().any(|(n, _)| n.starts_with("moxin_collective_busy_seconds")), "{worker_text}");
+    // On the CPU the peak memory is the process's peak resident set: more than nothing.
+    assert!(work.iter().any(|(n, v)| n == "moxin_peak_memory_bytes" && *v > 1e6), "{worker_text}");
 }
 
 /// A configuration that fails validation is refused before anything is served or spawned.

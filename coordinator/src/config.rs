@@ -90,6 +90,21 @@ pub struct ClusterSection {
     pub collective_timeout_ms: u32,
     /// Where the coordinator persists its state; defaults to `<run dir>/coordinator`.
     pub state_dir: Option<String>,
+    /// How workers exchange gradients: `auto` (NCCL when every worker has its own GPU and
+    /// NCCL, else the CPU ring), `nccl` or `ring`.
+    pub collective: CollectiveChoice,
+}
+
+/// `cluster.collective`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CollectiveChoice {
+    /// NCCL when every worker has its own GPU and can load NCCL, else the ring.
+    Auto,
+    /// NCCL between GPUs (fails when a worker cannot use it).
+    Nccl,
+    /// The CPU ring (CUDA tensors are staged through host memory).
+    Ring,
 }
 
 impl Default for ClusterSection {
@@ -103,6 +118,7 @@ impl Default for ClusterSection {
             heartbeat_timeout_ms: 3000,
             collective_timeout_ms: 60_000,
             state_dir: None,
+            collective: CollectiveChoice::Auto,
         }
     }
 }
@@ -317,6 +333,25 @@ pub enum Precision {
     Bf16,
 }
 
+/// Activation recomputation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Recompute {
+    /// Keep every activation backward needs.
+    None,
+    /// Keep each decoder block's input only and recompute the block in backward.
+    Blocks,
+}
+
+/// Number format gradients accumulate and reduce in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[allow(missing_docs)]
+pub enum GradReduce {
+    Fp32,
+    Bf16,
+}
+
 /// `[runtime]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -327,11 +362,27 @@ pub struct RuntimeSection {
     pub precision: Precision,
     /// libtorch intra-op threads; 0 = one per available core.
     pub threads: u32,
+    /// Activation recomputation (`none` or `blocks`).
+    pub recompute: Recompute,
+    /// Gradient accumulation and reduction format (`fp32` or `bf16`).
+    pub grad_reduce: GradReduce,
+    /// Synchronise the device between phases so the step breakdown is exact.
+    pub profile: bool,
+    /// Dense bf16 peak of one device in TFLOP/s for MFU; 0 = from the GPU's name.
+    pub peak_tflops: f64,
 }
 
 impl Default for RuntimeSection {
     fn default() -> Self {
-        RuntimeSection { device: Device::Auto, precision: Precision::Auto, threads: 0 }
+        RuntimeSection {
+            device: Device::Auto,
+            precision: Precision::Auto,
+            threads: 0,
+            recompute: Recompute::None,
+            grad_reduce: GradReduce::Fp32,
+            profile: false,
+            peak_tflops: 0.0,
+        }
     }
 }
 
@@ -466,11 +517,18 @@ impl JobConfig {
         if c.collective_timeout_ms == 0 {
             return Err(bad("cluster.collective_timeout_ms", &0, "must be at least 1".into()));
         }
-        if world_size > 1 && self.runtime.device == Device::Cuda {
+        if self.cluster.collective == CollectiveChoice::Nccl && self.runtime.device == Device::Cpu {
             return Err(bad(
-                "runtime.device",
-                &"cuda",
-                "multi-worker GPU training (NCCL) is not available yet; use device = \"cpu\"".into(),
+                "cluster.collective",
+                &"nccl",
+                "NCCL needs GPUs but runtime.device = \"cpu\"; use collective = \"ring\" or \"auto\"".into(),
+            ));
+        }
+        if !(self.runtime.peak_tflops.is_finite() && self.runtime.peak_tflops >= 0.0) {
+            return Err(bad(
+                "runtime.peak_tflops",
+                &self.runtime.peak_tflops,
+                "must be >= 0 (0 = from the GPU's name)".into(),
             ));
         }
         let per_pass = t.micro_batch_size as u64 * world_size as u64;

@@ -8,7 +8,7 @@ use moxin_proto::v1::{
     ScheduleSpec, TrainSpec,
 };
 
-use crate::config::{Decay, Device, JobConfig, Precision};
+use crate::config::{Decay, Device, GradReduce, JobConfig, Precision, Recompute};
 use crate::presets::ModelShape;
 use crate::ConfigError;
 
@@ -140,6 +140,16 @@ pub fn resolve_config(
                 Precision::Bf16 => runtime_spec::Precision::Bf16,
             } as i32,
             threads: config.runtime.threads,
+            recompute: match config.runtime.recompute {
+                Recompute::None => runtime_spec::Recompute::None,
+                Recompute::Blocks => runtime_spec::Recompute::Blocks,
+            } as i32,
+            grad_reduce: match config.runtime.grad_reduce {
+                GradReduce::Fp32 => runtime_spec::GradReduce::Fp32,
+                GradReduce::Bf16 => runtime_spec::GradReduce::Bf16,
+            } as i32,
+            profile: config.runtime.profile,
+            peak_tflops: config.runtime.peak_tflops,
         }),
         resolved_config_toml,
         run_dir: run_dir.display().to_string(),
@@ -149,18 +159,5 @@ pub fn resolve_config(
 
 /// The wire form of a model shape.
 pub fn model_spec(preset: &str, s: &ModelShape) -> ModelSpec {
-    ModelSpec {
-        preset: preset.to_string(),
-        vocab_size: s.vocab_size,
-        dim: s.dim,
-        n_layers: s.n_layers,
-        n_heads: s.n_heads,
-        n_kv_heads: s.n_kv_heads,
-        ffn_dim: s.ffn_dim,
-        max_seq_len: s.max_seq_len,
-        sliding_window: s.sliding_window,
-        rope_theta: s.rope_theta,
-        norm_eps: s.norm_eps,
-        init_std: s.init_std,
-    }
+    s.to_spec(preset)
 }

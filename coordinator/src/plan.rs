@@ -1,32 +1,13 @@
-//! ZeRO-1 partition plan: which contiguous range of the flat parameter buffer each rank's
-//! optimizer owns.
+//! The group plan: which contiguous range of the flat parameter buffer each rank's
+//! optimizer owns (ZeRO-1, from [`moxin_layout`]) and which samples of every global batch
+//! each rank trains on. [`assignment`] is the one place an [`Assignment`] is made, for a
+//! cluster's generations and for single-process `train` alike.
 
 use std::ops::Range;
 
-use crate::presets::ModelShape;
-
-/// Elements per partition are rounded up to this, so partitions start on 256-byte
-/// boundaries (fp32) and every rank's range has the same length (as NCCL's
-/// reduce-scatter requires).
-pub const PARTITION_ALIGN: u64 = 64;
-
-/// Parameters of a Mistral-style model of `shape` (the length of the flat buffer before
-/// padding). Must equal the worker's `ModelConfig::param_count` (tested there).
-pub fn flat_param_count(shape: &ModelShape) -> u64 {
-    let (d, v, l) = (shape.dim as u64, shape.vocab_size as u64, shape.n_layers as u64);
-    let hd = d / shape.n_heads as u64;
-    let attn = d * hd * (2 * shape.n_heads as u64 + 2 * shape.n_kv_heads as u64);
-    let mlp = 3 * d * shape.ffn_dim as u64;
-    2 * v * d + l * (attn + mlp + 2 * d) + d
-}
-
-/// Equal, aligned, contiguous ranges tiling `0..padded` (padded >= `numel`), one per rank.
-/// Ranks past the end of the real parameters own only padding.
-pub fn zero1_partitions(numel: u64, world: u32) -> Vec<Range<u64>> {
-    let world = world.max(1) as u64;
-    let chunk = numel.div_ceil(world).div_ceil(PARTITION_ALIGN) * PARTITION_ALIGN;
-    (0..world).map(|r| r * chunk..(r + 1) * chunk).collect()
-}
+use moxin_layout::ModelShape;
+pub use moxin_layout::{zero1_partitions, PARTITION_ALIGN};
+use moxin_proto::v1::{Assignment, CollectiveBackend, DataAssignment, JobSpec, PartitionRange};
 
 /// The samples rank `rank` of `world` trains on within each global batch of `global_batch`
 /// (which validation guarantees `world` divides): contiguous, equal slices in rank order.
@@ -35,20 +16,51 @@ pub fn rank_samples(global_batch: u32, world: u32, rank: u32) -> Range<u32> {
     rank * per_rank..(rank + 1) * per_rank
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Who the other ranks of a generation are and how to reach them.
+#[derive(Debug, Clone)]
+pub struct GroupPlan {
+    /// Membership generation (0 for a single process).
+    pub generation: u64,
+    /// Collective address of every rank, in rank order (empty for a single process).
+    pub peers: Vec<String>,
+    /// Collective timeout.
+    pub collective_timeout_ms: u32,
+    /// Backend the group uses.
+    pub backend: CollectiveBackend,
+}
 
-    #[test]
-    fn partitions_tile_and_cover() {
-        for (numel, world) in [(1u64, 1u32), (10, 3), (1000, 4), (8_114_180_096, 8), (5, 8)] {
-            let p = zero1_partitions(numel, world);
-            assert_eq!(p.len(), world as usize);
-            assert_eq!(p[0].start, 0);
-            assert!(p.windows(2).all(|w| w[0].end == w[1].start));
-            assert!(p.last().unwrap().end >= numel);
-            assert!(p.iter().all(|r| r.end - r.start == p[0].end - p[0].start && r.start % PARTITION_ALIGN == 0));
-        }
-        assert_eq!(flat_param_count(&crate::presets::load("moxin-7b").unwrap()), 8_114_180_096);
+/// Rank `rank`'s assignment in a group of `world` for `spec` (a validated job) whose data
+/// has `samples_per_epoch` samples.
+pub fn assignment(spec: &JobSpec, samples_per_epoch: u64, group: &GroupPlan, world: u32, rank: u32) -> Assignment {
+    let train = spec.train.unwrap_or_default();
+    let shape = spec.model.as_ref().map(ModelShape::from);
+    let numel = shape.map_or(0, |s| s.param_count());
+    let samples = rank_samples(train.global_batch_size, world, rank);
+    Assignment {
+        generation: group.generation,
+        rank,
+        world_size: world,
+        data: Some(DataAssignment {
+            global_batch_size: train.global_batch_size,
+            rank_first_sample: samples.start,
+            rank_samples: samples.len() as u32,
+            micro_batch_size: train.micro_batch_size,
+            accumulation_steps: samples.len() as u32 / train.micro_batch_size.max(1),
+            samples_per_epoch,
+        }),
+        partitions: zero1_partitions(numel, world)
+            .into_iter()
+            .map(|r| PartitionRange { start: r.start, end: r.end })
+            .collect(),
+        peers: group.peers.clone(),
+        collective_timeout_ms: group.collective_timeout_ms,
+        backend: group.backend as i32,
     }
+}
+
+/// The assignment of a single-process run (`moxin-train train`).
+pub fn solo_assignment(spec: &JobSpec, samples_per_epoch: u64) -> Assignment {
+    let group =
+        GroupPlan { generation: 0, peers: Vec::new(), collective_timeout_ms: 60_000, backend: CollectiveBackend::Solo };
+    assignment(spec, samples_per_epoch, &group, 1, 0)
 }

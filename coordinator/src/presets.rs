@@ -3,37 +3,9 @@
 
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
+pub use moxin_layout::ModelShape;
 
 use crate::ConfigError;
-
-/// A complete Mistral-style model shape (one preset file).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelShape {
-    /// Vocabulary size (rows of the embedding and the LM head).
-    pub vocab_size: u32,
-    /// Model width.
-    pub dim: u32,
-    /// Decoder blocks.
-    pub n_layers: u32,
-    /// Query heads.
-    pub n_heads: u32,
-    /// Key/value heads (grouped-query attention).
-    pub n_kv_heads: u32,
-    /// SwiGLU hidden size.
-    pub ffn_dim: u32,
-    /// Longest sequence the model is built for.
-    pub max_seq_len: u32,
-    /// Sliding attention window.
-    pub sliding_window: u32,
-    /// RoPE base.
-    pub rope_theta: f64,
-    /// RMSNorm epsilon.
-    pub norm_eps: f64,
-    /// Initialisation standard deviation.
-    pub init_std: f64,
-}
 
 /// Presets compiled into the binary: `(name, TOML)`.
 pub const BUILTIN: &[(&str, &str)] = &[

@@ -96,6 +96,9 @@ impl MetricsLog {
             "compute_s": m.compute_s,
             "optimizer_s": m.optimizer_s,
             "comm_s": m.comm_s,
+            "comm_exposed_s": m.comm_exposed_s,
+            "mfu": m.mfu,
+            "peak_memory_bytes": m.peak_memory_bytes,
         });
         writeln!(self.file, "{line}")?;
         self.file.flush()

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use moxin_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use moxin_proto::v1::{
-    event, Ack, Assignment, DataAssignment, Event, FailureReport, HeartbeatRequest, HeartbeatResponse, PartitionRange,
+    event, Ack, CollectiveBackend, CollectiveId, DeviceInfo, Event, FailureReport, HeartbeatRequest, HeartbeatResponse,
     RegisterRequest, RegisterResponse, StepMetrics, StepReport, Stop, WatchRequest, WorkerIdentity,
 };
 use serde::Serialize;
@@ -21,8 +21,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use crate::config::CollectiveChoice;
 use crate::job::ResolvedJob;
-use crate::plan::{flat_param_count, rank_samples, zero1_partitions};
+use crate::plan::{assignment, GroupPlan};
 use crate::rundir::MetricsLog;
 
 /// Where a job is in its life.
@@ -55,6 +56,8 @@ pub struct Progress {
 struct Worker {
     identity: WorkerIdentity,
     collective_address: String,
+    devices: Vec<DeviceInfo>,
+    nccl_version: String,
     last_seen: Instant,
     events: Option<mpsc::Sender<Result<Event, Status>>>,
     rank: Option<u32>,
@@ -68,6 +71,8 @@ struct State {
     phase: Phase,
     progress: Progress,
     metrics: MetricsLog,
+    /// The current generation's NCCL id, once its rank 0 shared it.
+    collective_id: Option<Vec<u8>>,
 }
 
 /// The coordinator of one job.
@@ -99,6 +104,7 @@ impl CoordinatorService {
                 phase: Phase::Waiting,
                 progress: Progress::default(),
                 metrics,
+                collective_id: None,
             })),
             phase_tx: Arc::new(phase_tx),
             state_file: state_dir.join("state.json"),
@@ -228,42 +234,100 @@ impl CoordinatorService {
             return;
         }
         let world = ready.len() as u32;
-        let spec = &self.job.spec;
-        let train = spec.train.as_ref().expect("resolved spec");
-        let shape = self.job.config.model.shape().expect("validated");
-        let partitions: Vec<PartitionRange> = zero1_partitions(flat_param_count(&shape), world)
-            .into_iter()
-            .map(|r| PartitionRange { start: r.start, end: r.end })
+        // A CPU job trains on no GPU, whatever the workers have.
+        let cpu_job = self.job.config.runtime.device == crate::config::Device::Cpu;
+        let members: Vec<MemberDevices> = ready
+            .iter()
+            .map(|id| {
+                let w = &s.workers[id];
+                MemberDevices {
+                    worker: format!("{id} ({}:{})", w.identity.host, w.identity.pid),
+                    host: w.identity.host.clone(),
+                    gpu: w.devices.iter().find(|d| d.kind == "cuda" && !cpu_job).map(|d| d.uuid.clone()),
+                    nccl: !w.nccl_version.is_empty(),
+                }
+            })
             .collect();
+        let backend = match choose_backend(self.job.config.cluster.collective, &members) {
+            Ok(b) => b,
+            Err(message) => {
+                drop(members);
+                s.phase = Phase::Failed(message.clone());
+                tracing::error!("{message}");
+                broadcast(s, Event { kind: Some(event::Kind::Stop(Stop { reason: message, failed: true })) });
+                self.publish(s);
+                return;
+            }
+        };
         s.generation += 1;
-        let peers: Vec<String> = ready.iter().map(|id| s.workers[id].collective_address.clone()).collect();
+        s.collective_id = None;
+        let group = GroupPlan {
+            generation: s.generation,
+            peers: ready.iter().map(|id| s.workers[id].collective_address.clone()).collect(),
+            collective_timeout_ms: self.job.config.cluster.collective_timeout_ms,
+            backend,
+        };
         for (rank, id) in ready.iter().enumerate() {
-            let samples = rank_samples(train.global_batch_size, world, rank as u32);
-            let assignment = Assignment {
-                generation: s.generation,
-                rank: rank as u32,
-                world_size: world,
-                data: Some(DataAssignment {
-                    global_batch_size: train.global_batch_size,
-                    rank_first_sample: samples.start,
-                    rank_samples: samples.len() as u32,
-                    micro_batch_size: train.micro_batch_size,
-                    accumulation_steps: samples.len() as u32 / train.micro_batch_size,
-                    samples_per_epoch: self.job.samples_per_epoch,
-                }),
-                partitions: partitions.clone(),
-                peers: peers.clone(),
-                collective_timeout_ms: self.job.config.cluster.collective_timeout_ms,
-            };
+            let assignment = assignment(&self.job.spec, self.job.samples_per_epoch, &group, world, rank as u32);
             let w = s.workers.get_mut(id).expect("ready worker");
             w.rank = Some(rank as u32);
             if let Some(tx) = &w.events {
                 let _ = tx.try_send(Ok(Event { kind: Some(event::Kind::Assignment(assignment)) }));
             }
         }
+        tracing::info!(generation = s.generation, world, backend = ?backend, "group formed");
         s.phase = Phase::Running;
-        tracing::info!(generation = s.generation, world, "group formed");
         self.publish(s);
+    }
+}
+
+/// What the coordinator knows about a member's devices when it picks a backend.
+#[derive(Debug, Clone)]
+pub struct MemberDevices {
+    /// Worker id and host:pid, for messages.
+    pub worker: String,
+    /// Host name.
+    pub host: String,
+    /// UUID of the GPU it trains on, if any.
+    pub gpu: Option<String>,
+    /// Whether it can load NCCL.
+    pub nccl: bool,
+}
+
+/// The backend a group of `members` uses for `cluster.collective = choice`: NCCL needs every
+/// member on its own GPU (NCCL refuses two ranks on one device) with NCCL loadable; `auto`
+/// falls back to the ring otherwise; one member alone needs nothing unless NCCL is asked for.
+pub fn choose_backend(choice: CollectiveChoice, members: &[MemberDevices]) -> Result<CollectiveBackend, String> {
+    let why_not_nccl = || -> Option<String> {
+        if let Some(m) = members.iter().find(|m| m.gpu.is_none()) {
+            return Some(format!("worker {} has no GPU", m.worker));
+        }
+        if let Some(m) = members.iter().find(|m| !m.nccl) {
+            return Some(format!("worker {} cannot load NCCL (see `moxin-train doctor`)", m.worker));
+        }
+        for (i, a) in members.iter().enumerate() {
+            if let Some(b) = members[i + 1..].iter().find(|b| b.host == a.host && b.gpu == a.gpu) {
+                return Some(format!(
+                    "workers {} and {} share one GPU, which NCCL refuses; give each worker its own GPU \
+                     (--device cuda:N or LOCAL_RANK)",
+                    a.worker, b.worker
+                ));
+            }
+        }
+        None
+    };
+    match choice {
+        CollectiveChoice::Nccl => match why_not_nccl() {
+            None => Ok(CollectiveBackend::Nccl),
+            Some(reason) => {
+                Err(format!("cluster.collective = \"nccl\" but {reason}; use collective = \"ring\" or \"auto\""))
+            }
+        },
+        _ if members.len() <= 1 => Ok(CollectiveBackend::Solo),
+        CollectiveChoice::Ring => Ok(CollectiveBackend::Ring),
+        CollectiveChoice::Auto => {
+            Ok(if why_not_nccl().is_none() { CollectiveBackend::Nccl } else { CollectiveBackend::Ring })
+        }
     }
 }
 
@@ -316,6 +380,8 @@ impl Coordinator for CoordinatorService {
             Worker {
                 identity,
                 collective_address: req.collective_address,
+                devices: req.devices,
+                nccl_version: req.nccl_version,
                 last_seen: Instant::now(),
                 events: None,
                 rank: None,
@@ -374,6 +440,9 @@ impl Coordinator for CoordinatorService {
         metrics::gauge!("moxin_loss").set(m.loss);
         metrics::counter!("moxin_tokens_total").absolute(m.tokens);
         metrics::histogram!("moxin_step_duration_seconds").record(m.step_time_s);
+        metrics::gauge!("moxin_mfu").set(m.mfu);
+        metrics::gauge!("moxin_peak_memory_bytes").set(m.peak_memory_bytes as f64);
+        metrics::histogram!("moxin_collective_exposed_seconds").record(m.comm_exposed_s);
         metrics::gauge!("moxin_last_step_timestamp_seconds")
             .set(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()));
         s.progress.last = Some(m);
@@ -382,6 +451,28 @@ impl Coordinator for CoordinatorService {
             broadcast(&s, Event { kind: Some(event::Kind::Stop(Stop { reason: "finished".into(), failed: false })) });
         }
         self.publish(&s);
+        Ok(Response::new(Ack {}))
+    }
+
+    async fn share_collective_id(&self, request: Request<CollectiveId>) -> Result<Response<Ack>, Status> {
+        let req = request.into_inner();
+        let mut s = self.state.lock().unwrap();
+        if req.generation != s.generation {
+            return Err(Status::failed_precondition(format!(
+                "stale generation {} (now {})",
+                req.generation, s.generation
+            )));
+        }
+        let rank = s.workers.get(&req.worker_id).and_then(|w| w.rank);
+        if rank != Some(0) {
+            return Err(Status::permission_denied(format!(
+                "only rank 0 shares the group's id; {} has rank {rank:?}",
+                req.worker_id
+            )));
+        }
+        s.collective_id = Some(req.id.clone());
+        let event = CollectiveId { worker_id: String::new(), generation: req.generation, id: req.id };
+        broadcast(&s, Event { kind: Some(event::Kind::CollectiveId(event)) });
         Ok(Response::new(Ack {}))
     }
 

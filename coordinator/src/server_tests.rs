@@ -23,6 +23,7 @@ fn request(pid: u32, version: &str) -> RegisterRequest {
         cpu_cores: 2,
         devices: Vec::new(),
         collective_address: "127.0.0.1:1".into(),
+        nccl_version: String::new(),
     }
 }
 
@@ -96,4 +97,37 @@ async fn admission_rules_and_group_formation() {
         serde_json::from_str(&std::fs::read_to_string(tmp.path().join("run/coordinator/state.json")).unwrap()).unwrap();
     assert_eq!(state["phase"]["phase"], "failed");
     assert_eq!(state["members"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn backend_choice_follows_devices() {
+    use crate::config::CollectiveChoice::{Auto, Nccl, Ring};
+    use crate::server::{choose_backend, MemberDevices};
+    use moxin_proto::v1::CollectiveBackend;
+    let m = |worker: &str, host: &str, gpu: Option<&str>, nccl: bool| MemberDevices {
+        worker: worker.into(),
+        host: host.into(),
+        gpu: gpu.map(str::to_string),
+        nccl,
+    };
+    let own_gpus = [m("w1", "a", Some("g0"), true), m("w2", "a", Some("g1"), true), m("w3", "b", Some("g0"), true)];
+    assert_eq!(choose_backend(Auto, &own_gpus), Ok(CollectiveBackend::Nccl));
+    assert_eq!(choose_backend(Ring, &own_gpus), Ok(CollectiveBackend::Ring));
+    assert_eq!(choose_backend(Nccl, &own_gpus), Ok(CollectiveBackend::Nccl));
+    // Two workers on one GPU: auto falls back to the ring; nccl is refused, naming them.
+    let shared = [m("w1", "a", Some("g0"), true), m("w2", "a", Some("g0"), true)];
+    assert_eq!(choose_backend(Auto, &shared), Ok(CollectiveBackend::Ring));
+    let e = choose_backend(Nccl, &shared).unwrap_err();
+    assert!(e.contains("w1") && e.contains("w2") && e.contains("share one GPU"), "{e}");
+    // CPU workers, or a worker without NCCL.
+    let cpu = [m("w1", "a", None, false), m("w2", "b", None, false)];
+    assert_eq!(choose_backend(Auto, &cpu), Ok(CollectiveBackend::Ring));
+    assert!(choose_backend(Nccl, &cpu).unwrap_err().contains("has no GPU"));
+    let no_nccl = [m("w1", "a", Some("g0"), true), m("w2", "b", Some("g1"), false)];
+    assert_eq!(choose_backend(Auto, &no_nccl), Ok(CollectiveBackend::Ring));
+    assert!(choose_backend(Nccl, &no_nccl).unwrap_err().contains("w2 cannot load NCCL"));
+    // One worker needs no collective, unless NCCL is asked for (a world-size-1 NCCL group).
+    assert_eq!(choose_backend(Auto, &own_gpus[..1]), Ok(CollectiveBackend::Solo));
+    assert_eq!(choose_backend(Ring, &own_gpus[..1]), Ok(CollectiveBackend::Solo));
+    assert_eq!(choose_backend(Nccl, &own_gpus[..1]), Ok(CollectiveBackend::Nccl));
 }

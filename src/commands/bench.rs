@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use moxin_proto::v1::coordinator_client::CoordinatorClient;
 use moxin_proto::v1::{HeartbeatRequest, RegisterRequest, WorkerIdentity};
 use moxin_worker::collective::ring::TcpRing;
-use moxin_worker::collective::{Collective, ReduceOp};
+use moxin_worker::collective::ReduceOp;
 
 /// All-reduce of `mib` MiB of f32 over `ranks` ranks (threads, one TCP ring on loopback).
 /// Prints JSON with the median time, algorithm and bus bandwidth (nccl-tests definitions).
@@ -23,12 +23,12 @@ pub fn all_reduce(ranks: usize, mib: usize, iters: usize) -> Result<()> {
             std::thread::spawn(move || -> Result<Vec<f64>> {
                 let mut ring = TcpRing::connect(rank, &peers, &listener, 1, Duration::from_secs(60))?;
                 let mut buf = vec![1.0f32; len];
-                ring.all_reduce_f32(&mut buf, ReduceOp::Sum)?; // warm-up
+                ring.all_reduce(&mut buf, ReduceOp::Sum)?; // warm-up
                 let mut times = Vec::new();
                 for _ in 0..iters {
                     ring.barrier()?;
                     let t = Instant::now();
-                    ring.all_reduce_f32(&mut buf, ReduceOp::Sum)?;
+                    ring.all_reduce(&mut buf, ReduceOp::Sum)?;
                     times.push(t.elapsed().as_secs_f64());
                 }
                 Ok(times)
@@ -71,6 +71,7 @@ pub fn heartbeats(url: &str, workers: u32, seconds: u64) -> Result<()> {
                     cpu_cores: 1,
                     devices: Vec::new(),
                     collective_address: "127.0.0.1:1".into(),
+                    nccl_version: String::new(),
                 })
                 .await?;
             ids.push(r.into_inner().worker_id);

@@ -26,10 +26,19 @@ pub fn launch(config: &Path, workers: u32, out: Option<&Path>, overrides: &[Stri
         let url = format!("http://{}", listener.local_addr()?);
         let service = start(job, listener).await?;
         let exe = std::env::current_exe().context("locating the moxin-train binary")?;
+        // With a GPU per worker, worker i trains on GPU i (LOCAL_RANK, as torchrun sets it);
+        // with fewer GPUs than workers they share, and the group uses the ring.
+        let gpus = if tch_cuda_available() { tch_device_count() } else { 0 };
+        let own_gpus = gpus >= workers as usize;
         let mut children = Vec::new();
         for i in 0..workers {
             let mut cmd = tokio::process::Command::new(&exe);
             cmd.args(["worker", "--coordinator", &url]).kill_on_drop(true);
+            if own_gpus {
+                cmd.env("LOCAL_RANK", i.to_string());
+            } else {
+                cmd.env_remove("LOCAL_RANK");
+            }
             if std::env::var_os("MOXIN_LOG").is_none() {
                 cmd.env("MOXIN_LOG", "warn");
             }
@@ -87,17 +96,28 @@ pub fn worker(
     coordinator: String,
     collective_listen: String,
     metrics_listen: Option<std::net::SocketAddr>,
+    device: Option<&str>,
 ) -> Result<()> {
+    let device = device.map(moxin_worker::device::parse_device).transpose().map_err(anyhow::Error::msg)?;
     let end = moxin_worker::agent::run(moxin_worker::agent::AgentOptions {
         coordinator,
         collective_listen,
         metrics_listen,
         connect_timeout: Duration::from_secs(60),
+        device,
     })?;
     match end {
         moxin_worker::agent::AgentEnd::Done => Ok(()),
         moxin_worker::agent::AgentEnd::JobFailed(reason) => Err(anyhow!("the job failed: {reason}")),
     }
+}
+
+fn tch_cuda_available() -> bool {
+    moxin_worker::device::cuda_available()
+}
+
+fn tch_device_count() -> usize {
+    moxin_worker::device::cuda_device_count()
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

@@ -4,26 +4,40 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use moxin_coordinator::rundir::{self, MetricsLog};
+use moxin_worker::collective::Solo;
 use moxin_worker::trainer::{RunEnd, Trainer};
 
-/// `train`: config → coordinator (validate, resolve, JobSpec) → worker (train), with the
-/// coordinator's run-directory writer receiving every step's metrics.
-pub fn train(config: &Path, out: Option<&Path>, overrides: &[String], stop_after: Option<u64>) -> Result<()> {
+/// `train`: config → coordinator (validate, resolve, JobSpec, a group of one) → worker
+/// (train), with the coordinator's run-directory writer receiving every step's metrics.
+pub fn train(
+    config: &Path,
+    out: Option<&Path>,
+    overrides: &[String],
+    stop_after: Option<u64>,
+    device: Option<&str>,
+) -> Result<()> {
+    let device = device.map(moxin_worker::device::parse_device).transpose().map_err(anyhow::Error::msg)?;
     let job = moxin_coordinator::resolve_job(config, overrides, out, 1)
         .with_context(|| format!("invalid job {}", config.display()))?;
     let steps = job.spec.train.as_ref().map_or(0, |t| t.steps);
-    let mut trainer = Trainer::new(&job.spec).context("starting the trainer")?;
+    let runtime = job.spec.runtime.unwrap_or_default();
+    let placement = moxin_worker::device::place(&runtime, device).context("choosing the device")?;
+    let assignment = moxin_coordinator::plan::solo_assignment(&job.spec, job.samples_per_epoch);
+    let mut trainer =
+        Trainer::new(&job.spec, &assignment, Box::new(Solo), placement).context("starting the trainer")?;
     // Only now: a job that cannot resume this run directory must not overwrite its config.
     rundir::write_resolved_config(&job.run_dir, &job.spec.resolved_config_toml)
         .with_context(|| format!("writing the resolved config into {}", job.run_dir.display()))?;
     let placement = trainer.placement();
     let params = trainer.model.params.numel();
+    let backend = trainer.backend();
     tracing::info!(
         job = %job.spec.name,
         run_dir = %job.run_dir.display(),
         params,
         device = ?placement.device,
         dtype = ?placement.kind,
+        backend,
         samples_per_epoch = trainer.samples_per_epoch(),
         "training {steps} steps"
     );
@@ -76,16 +90,25 @@ pub fn prepare(opts: moxin_data::PrepareOptions) -> Result<()> {
 /// `model-info`.
 pub fn model_info(preset: &str, json: bool) -> Result<()> {
     let shape = moxin_coordinator::presets::load(preset)?;
-    let spec = moxin_coordinator::job::model_spec(preset, &shape);
-    let info = moxin_worker::info::model_info(&(&spec).into());
+    let classes = shape.param_classes();
+    let total = shape.param_count();
+    // Training state before activations: bf16 parameters and gradients, fp32 master
+    // weights and Adam moments (16 B/parameter), or with ZeRO-1 over 8 ranks 4 + 12/8 B.
+    let (unsharded, zero1_8) = (total * 16, total * 4 + total * 12 / 8);
     if json {
+        let info = serde_json::json!({
+            "classes": classes,
+            "total_params": total,
+            "train_bytes_unsharded": unsharded,
+            "train_bytes_zero1_8": zero1_8,
+        });
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({ "preset": preset, "shape": shape, "info": info }))?
         );
         return Ok(());
     }
-    println!("{preset}: {:.2} B parameters ({})", info.total_params as f64 / 1e9, thousands(info.total_params));
+    println!("{preset}: {:.2} B parameters ({})", total as f64 / 1e9, thousands(total));
     println!(
         "  layers {}  dim {}  heads {}/{} kv  ffn {}  vocab {}  window {}  rope θ {}",
         shape.n_layers,
@@ -98,15 +121,61 @@ pub fn model_info(preset: &str, json: bool) -> Result<()> {
         shape.rope_theta
     );
     println!("  {:<10} {:>16} {:>12} {:>12}", "class", "parameters", "bf16", "fp32");
-    for c in &info.classes {
-        println!("  {:<10} {:>16} {:>12} {:>12}", c.class, thousands(c.params), gib(c.bytes_bf16), gib(c.bytes_fp32));
+    for c in &classes {
+        println!("  {:<10} {:>16} {:>12} {:>12}", c.class, thousands(c.params), gib(c.params * 2), gib(c.params * 4));
     }
     println!(
         "  training state, before activations: {} per rank replicated (bf16 params+grads, fp32 master+Adam: 16 B/param); \
-         {} with ZeRO-1 over 8 ranks",
-        gib(info.train_bytes_unsharded),
-        gib(info.train_bytes_zero1_8)
+         {} with ZeRO-1 over 8 ranks (see `moxin-train plan` for a full per-GPU plan)",
+        gib(unsharded),
+        gib(zero1_8)
     );
+    Ok(())
+}
+
+/// `doctor`: prints what this machine can run; never fails.
+pub fn doctor(json: bool) -> Result<()> {
+    let r = moxin_worker::doctor::report();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!("moxin-train {}", env!("CARGO_PKG_VERSION"));
+    println!(
+        "libtorch     {} ({})",
+        r.torch_version.as_deref().unwrap_or("unknown version"),
+        r.torch_lib_dir.as_deref().unwrap_or("location unknown")
+    );
+    if r.cuda_available {
+        println!("CUDA         available, {} device(s)", r.devices.len());
+        for d in &r.devices {
+            println!(
+                "  cuda:{}     {}, {} total, {} free, compute capability {}.{}",
+                d.ordinal,
+                d.name,
+                gib(d.memory_bytes),
+                gib(d.free_bytes),
+                d.compute_capability.0,
+                d.compute_capability.1
+            );
+        }
+    } else {
+        println!("CUDA         not available (no GPU or no CUDA driver): workers train on the CPU");
+    }
+    match &r.nccl {
+        Some(n) => println!(
+            "NCCL         {} ({}, found via {})",
+            n.version.as_deref().unwrap_or("does not load"),
+            n.library,
+            n.source
+        ),
+        None => println!("NCCL         not found"),
+    }
+    println!("worker       would train on {}", r.worker_device);
+    println!("collective   cluster.collective = \"auto\" picks {}", r.backend);
+    for note in &r.notes {
+        println!("note         {note}");
+    }
     Ok(())
 }
 

@@ -9,14 +9,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use moxin_proto::v1::coordinator_client::CoordinatorClient;
 use moxin_proto::v1::{
-    event, Assignment, FailureReport, HeartbeatRequest, JobSpec, RegisterRequest, StepMetrics, StepReport,
-    WatchRequest, WorkerIdentity,
+    event, Assignment, CollectiveBackend, CollectiveId, DeviceInfo, FailureReport, HeartbeatRequest, JobSpec,
+    RegisterRequest, StepMetrics, StepReport, WatchRequest, WorkerIdentity,
 };
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
+use crate::collective::nccl::{self, NcclCollective};
 use crate::collective::ring::TcpRing;
-use crate::trainer::{Group, RunEnd, Trainer};
+use crate::collective::{Collective, RingCollective, Solo};
+use crate::trainer::{RunEnd, Trainer};
 use crate::WorkerError;
 
 /// How a worker process connects.
@@ -31,6 +33,9 @@ pub struct AgentOptions {
     pub metrics_listen: Option<SocketAddr>,
     /// Give up connecting to the coordinator after this long.
     pub connect_timeout: Duration,
+    /// `--device`: the device to train on (else the job's `runtime.device` and the
+    /// `LOCAL_RANK` / `SLURM_LOCALID` rules of [`crate::device`]).
+    pub device: Option<tch::Device>,
 }
 
 /// How the worker's part of the job ended.
@@ -44,7 +49,38 @@ pub enum AgentEnd {
 
 enum TrainMsg {
     Step(StepMetrics),
+    /// Rank 0 of an NCCL group made the group's id; the coordinator passes it on.
+    CollectiveId(Vec<u8>),
     Ended(Result<RunEnd, String>),
+}
+
+/// The GPU this worker would train on and whether it can load NCCL, for registration.
+fn local_devices(explicit: Option<tch::Device>) -> (Vec<DeviceInfo>, String) {
+    if explicit == Some(tch::Device::Cpu) || !tch::Cuda::is_available() {
+        return (Vec::new(), String::new());
+    }
+    let explicit = match explicit {
+        Some(tch::Device::Cuda(n)) => Some(n),
+        _ => None,
+    };
+    let visible = tch::Cuda::device_count().max(0) as usize;
+    let Ok(ordinal) = crate::device::gpu_ordinal(explicit, &|k| std::env::var(k).ok(), visible) else {
+        return (Vec::new(), String::new());
+    };
+    let devices = match crate::cuda::gpu_info(ordinal) {
+        Ok(g) => vec![DeviceInfo {
+            kind: "cuda".into(),
+            name: g.name,
+            memory_bytes: g.memory_bytes,
+            uuid: g.uuid,
+            ordinal: ordinal as u32,
+        }],
+        Err(e) => {
+            tracing::warn!("cannot describe CUDA device {ordinal}: {e}");
+            Vec::new()
+        }
+    };
+    (devices, nccl::version().unwrap_or_default())
 }
 
 /// Runs the agent to completion on a fresh tokio runtime.
@@ -92,6 +128,7 @@ async fn run_async(opts: AgentOptions) -> Result<AgentEnd, WorkerError> {
         )));
     }
     let mut client = connect(&opts.coordinator, opts.connect_timeout).await?;
+    let (devices, nccl_version) = local_devices(opts.device);
     let identity = WorkerIdentity {
         host: hostname(),
         pid: std::process::id(),
@@ -106,8 +143,9 @@ async fn run_async(opts: AgentOptions) -> Result<AgentEnd, WorkerError> {
             identity: Some(identity),
             software_version: moxin_proto::SOFTWARE_VERSION.into(),
             cpu_cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
-            devices: Vec::new(),
+            devices,
             collective_address: collective_address.to_string(),
+            nccl_version,
         })
         .await
         .map_err(|s| rpc_error("registration", s))?
@@ -119,7 +157,7 @@ async fn run_async(opts: AgentOptions) -> Result<AgentEnd, WorkerError> {
     let step = Arc::new(AtomicU64::new(0));
     let interval = Duration::from_millis(registered.heartbeat_interval_ms.max(10) as u64);
     let heartbeat = tokio::spawn(heartbeats(client.clone(), worker_id.clone(), step.clone(), interval));
-    let result = drive(&mut client, &worker_id, job, listener, step).await;
+    let result = drive(&mut client, &worker_id, job, listener, step, opts.device).await;
     heartbeat.abort();
     if let Err(e) = &result {
         let _ = client.report_failure(FailureReport { worker_id: worker_id.clone(), message: e.to_string() }).await;
@@ -153,6 +191,7 @@ async fn drive(
     job: JobSpec,
     listener: TcpListener,
     step: Arc<AtomicU64>,
+    device: Option<tch::Device>,
 ) -> Result<AgentEnd, WorkerError> {
     let mut events = client
         .watch(WatchRequest { worker_id: worker_id.to_string() })
@@ -163,6 +202,8 @@ async fn drive(
     let stop = Arc::new(AtomicBool::new(false));
     let mut listener = Some(listener);
     let mut assignment: Option<Assignment> = None;
+    let (id_tx, id_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let mut id_rx = Some(id_rx);
     let mut last: Option<StepMetrics> = None;
     loop {
         tokio::select! {
@@ -181,9 +222,14 @@ async fn drive(
                         Some(event::Kind::Assignment(a)) => {
                             tracing::info!(rank = a.rank, world = a.world_size, generation = a.generation, "assigned");
                             let listener = listener.take().ok_or_else(|| WorkerError::Spec("second assignment: re-forming groups is not supported yet".into()))?;
-                            spawn_training(job.clone(), a.clone(), listener, stop.clone(), tx.clone())?;
+                            let ids = id_rx.take().expect("one assignment per process");
+                            spawn_training(job.clone(), a.clone(), listener, device, ids, stop.clone(), tx.clone())?;
                             assignment = Some(a);
                         }
+                        Some(event::Kind::CollectiveId(c)) if assignment.as_ref().is_some_and(|a| a.generation == c.generation) => {
+                            let _ = id_tx.send(c.id);
+                        }
+                        Some(event::Kind::CollectiveId(_)) => {}
                         Some(event::Kind::Stop(s)) => {
                             tracing::info!(reason = %s.reason, "coordinator says stop");
                             stop.store(true, Ordering::Relaxed);
@@ -208,6 +254,12 @@ async fn drive(
                             report(client, worker_id, a.generation, &m, false).await?;
                         }
                         last = Some(m);
+                    }
+                    Some(TrainMsg::CollectiveId(id)) => {
+                        client
+                            .share_collective_id(CollectiveId { worker_id: worker_id.to_string(), generation: a.generation, id })
+                            .await
+                            .map_err(|s| rpc_error("the NCCL id", s))?;
                     }
                     Some(TrainMsg::Ended(Ok(end))) => {
                         if a.rank == 0 {
@@ -243,6 +295,8 @@ fn spawn_training(
     job: JobSpec,
     a: Assignment,
     listener: TcpListener,
+    device: Option<tch::Device>,
+    ids: std::sync::mpsc::Receiver<Vec<u8>>,
     stop: Arc<AtomicBool>,
     tx: mpsc::UnboundedSender<TrainMsg>,
 ) -> Result<(), WorkerError> {
@@ -255,23 +309,22 @@ fn spawn_training(
         .name("moxin-train".into())
         .spawn(move || {
             let result = (|| -> Result<RunEnd, WorkerError> {
-                let timeout = Duration::from_millis(a.collective_timeout_ms as u64);
-                let ring = TcpRing::connect(a.rank as usize, &peers, &listener, a.generation, timeout)
-                    .map_err(|e| WorkerError::Collective(e.to_string()))?;
-                let partitions = a.partitions.iter().map(|p| p.start as usize..p.end as usize).collect();
-                let data =
-                    a.data.as_ref().ok_or_else(|| WorkerError::Spec("assignment without a data slice".into()))?;
-                let samples = data.rank_first_sample..data.rank_first_sample + data.rank_samples;
-                let group = Group { collective: Box::new(ring), partitions, samples };
-                let mut trainer = Trainer::with_group(&job, Some(group))?;
+                let runtime = job.runtime.as_ref().ok_or_else(|| WorkerError::Spec("missing runtime".into()))?;
+                let placement = crate::device::place(runtime, device)?;
+                let collective = connect_collective(&a, &peers, &listener, placement, &ids, &tx)?;
+                tracing::info!(rank = a.rank, backend = collective.backend(), device = ?placement.device, "group connected");
+                let mut trainer = Trainer::new(&job, &a, collective, placement)?;
                 trainer.stop_requested = stop;
                 let step_tx = tx.clone();
                 trainer.run(None, &mut |m| {
                     metrics::gauge!("moxin_step").set(m.step as f64);
                     metrics::gauge!("moxin_loss").set(m.loss);
+                    metrics::gauge!("moxin_mfu").set(m.mfu);
+                    metrics::gauge!("moxin_peak_memory_bytes").set(m.peak_memory_bytes as f64);
                     metrics::counter!("moxin_tokens_total").absolute(m.tokens);
                     metrics::histogram!("moxin_step_duration_seconds").record(m.step_time_s);
-                    metrics::histogram!("moxin_collective_duration_seconds").record(m.comm_s);
+                    metrics::histogram!("moxin_collective_busy_seconds").record(m.comm_s);
+                    metrics::histogram!("moxin_collective_exposed_seconds").record(m.comm_exposed_s);
                     step_tx.send(TrainMsg::Step(*m)).map_err(|_| "agent gone".to_string())
                 })
             })();
@@ -279,6 +332,42 @@ fn spawn_training(
         })
         .map_err(|e| WorkerError::Spec(format!("cannot start the training thread: {e}")))?;
     Ok(())
+}
+
+/// Joins the group the assignment describes with its backend.
+fn connect_collective(
+    a: &Assignment,
+    peers: &[SocketAddr],
+    listener: &TcpListener,
+    placement: crate::device::Placement,
+    ids: &std::sync::mpsc::Receiver<Vec<u8>>,
+    tx: &mpsc::UnboundedSender<TrainMsg>,
+) -> Result<Box<dyn Collective>, WorkerError> {
+    let timeout = Duration::from_millis(a.collective_timeout_ms as u64);
+    let (rank, world) = (a.rank as usize, a.world_size as usize);
+    let comm = |e: crate::collective::CollectiveError| WorkerError::Collective(e.to_string());
+    Ok(match a.backend() {
+        CollectiveBackend::Solo => Box::new(Solo),
+        CollectiveBackend::Ring => {
+            let ring = TcpRing::connect(rank, peers, listener, a.generation, timeout).map_err(comm)?;
+            Box::new(RingCollective::new(ring))
+        }
+        CollectiveBackend::Nccl => {
+            let ordinal = placement
+                .cuda_ordinal()
+                .ok_or_else(|| WorkerError::Device("the group uses NCCL but this worker trains on the CPU".into()))?;
+            let id = if rank == 0 {
+                let id = nccl::new_id().map_err(comm)?;
+                tx.send(TrainMsg::CollectiveId(id.clone())).map_err(|_| WorkerError::Spec("agent gone".into()))?;
+                id
+            } else {
+                ids.recv_timeout(timeout).map_err(|_| {
+                    WorkerError::Collective(format!("rank 0 did not share the NCCL id within {timeout:?}"))
+                })?
+            };
+            Box::new(NcclCollective::connect(rank, world, &id, ordinal, timeout).map_err(comm)?)
+        }
+    })
 }
 
 fn hostname() -> String {

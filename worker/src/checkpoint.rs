@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use crate::model::ModelConfig;
 use crate::WorkerError;
+use moxin_layout::ModelShape;
 
 const FORMAT: &str = "moxin-checkpoint-v1";
 /// Manifest file name.
@@ -66,7 +66,7 @@ pub struct CheckpointManifest {
     /// Sequence length trained on.
     pub seq_len: u32,
     /// Model shape.
-    pub model: ModelConfig,
+    pub model: ModelShape,
     /// sha256 of the training data's manifest.
     pub data_manifest_sha256: String,
     /// The resolved job configuration (TOML).

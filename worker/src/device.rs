@@ -1,4 +1,8 @@
-//! Choosing the device, precision and CPU threads a JobSpec asks for.
+//! Choosing the device, precision and CPU threads a worker uses.
+//!
+//! A worker's GPU, in order: an explicit `--device cuda:N`; else `LOCAL_RANK` (torchrun,
+//! `launch`) or `SLURM_LOCALID` (srun), where a process that sees one GPU only (e.g.
+//! `CUDA_VISIBLE_DEVICES` set per task) uses it whatever its local rank; else GPU 0.
 
 use moxin_proto::v1::{runtime_spec, RuntimeSpec};
 use tch::{Device, Kind};
@@ -14,28 +18,151 @@ pub struct Placement {
     pub kind: Kind,
 }
 
-/// Resolves `auto` choices against this machine and applies the thread count.
-pub fn place(runtime: &RuntimeSpec) -> Result<Placement, WorkerError> {
+impl Placement {
+    /// The CUDA ordinal, if on a GPU.
+    pub fn cuda_ordinal(&self) -> Option<usize> {
+        match self.device {
+            Device::Cuda(i) => Some(i),
+            _ => None,
+        }
+    }
+}
+
+/// Whether libtorch can use CUDA on this machine.
+pub fn cuda_available() -> bool {
+    tch::Cuda::is_available()
+}
+
+/// CUDA devices this process sees.
+pub fn cuda_device_count() -> usize {
+    tch::Cuda::device_count().max(0) as usize
+}
+
+/// Parses `cpu`, `cuda` or `cuda:N` (the `--device` flag).
+pub fn parse_device(text: &str) -> Result<Device, String> {
+    match text {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        _ => text
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(Device::Cuda)
+            .ok_or_else(|| format!("--device {text}: expected cpu, cuda or cuda:N")),
+    }
+}
+
+/// The GPU ordinal this process uses among `visible` devices (see the module docs);
+/// `env` reads environment variables.
+pub fn gpu_ordinal(
+    explicit: Option<usize>,
+    env: &dyn Fn(&str) -> Option<String>,
+    visible: usize,
+) -> Result<usize, String> {
+    if let Some(n) = explicit {
+        return if n < visible {
+            Ok(n)
+        } else {
+            Err(format!("--device cuda:{n}: this machine shows {visible} CUDA device(s)"))
+        };
+    }
+    for var in ["LOCAL_RANK", "SLURM_LOCALID"] {
+        if let Some(value) = env(var) {
+            let local: usize =
+                value.trim().parse().map_err(|_| format!("{var}={value}: expected a non-negative integer"))?;
+            if visible == 1 {
+                return Ok(0);
+            }
+            return if local < visible {
+                Ok(local)
+            } else {
+                Err(format!(
+                    "{var}={local} but this process sees {visible} CUDA device(s); start at most {visible} workers per \
+                     machine, set CUDA_VISIBLE_DEVICES per worker, or pass --device cuda:N"
+                ))
+            };
+        }
+    }
+    Ok(0)
+}
+
+/// Resolves `auto` choices against this machine, picks the GPU (`explicit` from
+/// `--device`, else the environment) and applies the thread count.
+pub fn place(runtime: &RuntimeSpec, explicit: Option<Device>) -> Result<Placement, WorkerError> {
     let threads = match runtime.threads {
         0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as i32,
         n => n as i32,
     };
     tch::set_num_threads(threads);
-    let device = match runtime.device() {
-        runtime_spec::Device::Cpu => Device::Cpu,
-        runtime_spec::Device::Cuda => {
+    let want_cuda = match (explicit, runtime.device()) {
+        (Some(Device::Cpu), _) => false,
+        (Some(_), _) | (None, runtime_spec::Device::Cuda) => {
             if !tch::Cuda::is_available() {
                 return Err(WorkerError::Device(
-                    "runtime.device = cuda but libtorch sees no CUDA device on this machine; use device = \"auto\" or \"cpu\"".into(),
+                    "CUDA was asked for but libtorch sees no CUDA device on this machine; use device = \"auto\" or \"cpu\""
+                        .into(),
                 ));
             }
-            Device::Cuda(0)
+            true
         }
-        runtime_spec::Device::Auto => Device::cuda_if_available(),
+        (None, runtime_spec::Device::Cpu) => false,
+        (None, runtime_spec::Device::Auto) => tch::Cuda::is_available(),
+    };
+    let device = if want_cuda {
+        let explicit = match explicit {
+            Some(Device::Cuda(n)) => Some(n),
+            _ => None,
+        };
+        let visible = tch::Cuda::device_count().max(0) as usize;
+        Device::Cuda(gpu_ordinal(explicit, &|k| std::env::var(k).ok(), visible).map_err(WorkerError::Device)?)
+    } else {
+        Device::Cpu
     };
     let kind = match (runtime.precision(), device) {
         (runtime_spec::Precision::Fp32, _) | (runtime_spec::Precision::Auto, Device::Cpu) => Kind::Float,
         _ => Kind::BFloat16,
     };
     Ok(Placement { device, kind })
+}
+
+/// Peak memory of this process on `device`: device memory in use on a GPU (total − free,
+/// as nvidia-smi counts it, sampled now), peak resident set on the CPU.
+pub fn memory_in_use(device: Device, ctx: Option<&crate::cuda::CudaContext>) -> u64 {
+    match (device, ctx) {
+        (Device::Cuda(_), Some(ctx)) => crate::cuda::memory_in_use(ctx).unwrap_or(0),
+        _ => peak_rss_bytes().unwrap_or(0),
+    }
+}
+
+/// `VmHWM` of this process in bytes.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpu_from_flag_then_local_rank_then_slurm() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        };
+        let none = env(&[]);
+        assert_eq!(gpu_ordinal(None, &none, 8), Ok(0));
+        assert_eq!(gpu_ordinal(Some(3), &env(&[("LOCAL_RANK", "5")]), 8), Ok(3));
+        assert!(gpu_ordinal(Some(8), &none, 8).unwrap_err().contains("cuda:8"));
+        assert_eq!(gpu_ordinal(None, &env(&[("LOCAL_RANK", "5"), ("SLURM_LOCALID", "2")]), 8), Ok(5));
+        assert_eq!(gpu_ordinal(None, &env(&[("SLURM_LOCALID", "2")]), 8), Ok(2));
+        // One visible GPU (CUDA_VISIBLE_DEVICES per task): it is ours whatever the local rank.
+        assert_eq!(gpu_ordinal(None, &env(&[("SLURM_LOCALID", "6")]), 1), Ok(0));
+        let e = gpu_ordinal(None, &env(&[("LOCAL_RANK", "4")]), 2).unwrap_err();
+        assert!(e.contains("LOCAL_RANK=4") && e.contains("2 CUDA device"), "{e}");
+        assert!(gpu_ordinal(None, &env(&[("LOCAL_RANK", "x")]), 2).unwrap_err().contains("LOCAL_RANK=x"));
+        assert_eq!(parse_device("cuda:3"), Ok(Device::Cuda(3)));
+        assert_eq!(parse_device("cpu"), Ok(Device::Cpu));
+        assert!(parse_device("gpu").is_err());
+    }
 }

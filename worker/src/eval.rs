@@ -8,6 +8,8 @@ use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{Checkpoint, MODEL_FILE};
 use crate::model::Transformer;
+use crate::trainer::objective::{head_loss, CrossEntropy};
+use crate::trainer::Batch;
 use crate::WorkerError;
 
 /// Result of [`evaluate`].
@@ -36,15 +38,15 @@ pub fn evaluate(
     batch_size: u32,
 ) -> Result<EvalReport, WorkerError> {
     let ckpt = Checkpoint::open(checkpoint_dir)?;
-    let config = ckpt.manifest.model.clone();
+    let shape = ckpt.manifest.model.clone();
     let device = Device::cuda_if_available();
-    let mut model = Transformer::new(config.clone(), Kind::Float, device);
+    let mut model = Transformer::new(shape.clone(), Kind::Float, device);
     model
         .params
         .load_named(&ckpt.model_tensors()?)
         .map_err(|reason| WorkerError::Checkpoint { path: checkpoint_dir.join(MODEL_FILE), reason })?;
     let seq_len = ckpt.manifest.seq_len;
-    let data = TokenDataset::open(data_dir, seq_len, config.vocab_size as u32, true)?;
+    let data = TokenDataset::open(data_dir, seq_len, shape.vocab_size, true)?;
     let batch_size = batch_size.max(1) as u64;
     let available = data.num_samples();
     let (mut loss_sum, mut tokens, mut run) = (0.0, 0u64, 0u64);
@@ -59,9 +61,14 @@ pub fn evaluate(
                 data.read_sample(i, &mut buf);
                 rows.extend_from_slice(&buf);
             }
-            let batch = Tensor::from_slice(&rows).view([n as i64, seq_len as i64 + 1]).to_device(device);
+            let rows = Tensor::from_slice(&rows).view([n as i64, seq_len as i64 + 1]).to_device(device);
+            let len = seq_len as i64;
+            let batch = Batch { inputs: rows.narrow(1, 0, len), targets: rows.narrow(1, 1, len), weights: None };
             let batch_tokens = n * seq_len as u64;
-            loss_sum += model.loss(&batch).double_value(&[]) * batch_tokens as f64;
+            let hidden = model.hidden(&batch.inputs, None);
+            // Sum of token losses (scale 1); divided by all tokens at the end.
+            let objective = CrossEntropy { scale: 1.0 };
+            loss_sum += head_loss(&hidden, model.lm_head(), &batch, &objective).double_value(&[]);
             tokens += batch_tokens;
             run += 1;
         }

@@ -34,7 +34,7 @@ pub fn generate(model: &Transformer, prompts: &[Vec<i64>], opts: &SamplingOption
     if len == 0 || prompts.iter().any(|p| p.len() != len) {
         return Err("prompts must be non-empty and of equal length".into());
     }
-    let max_total = model.config.max_seq_len as usize;
+    let max_total = model.shape.max_seq_len as usize;
     if len + opts.max_new_tokens > max_total {
         return Err(format!(
             "prompt of {len} tokens + {} new tokens exceeds max_seq_len {max_total}",
@@ -114,7 +114,7 @@ pub fn generate_text(
         ids.push(bos as i64);
     }
     opts.stop_token = opts.stop_token.or(Some(tokenizer.eos_id as i64));
-    let room = (model.config.max_seq_len as usize).saturating_sub(ids.len());
+    let room = (model.shape.max_seq_len as usize).saturating_sub(ids.len());
     opts.max_new_tokens = opts.max_new_tokens.min(room);
     let out = generate(&model, &[ids], &opts).map_err(crate::WorkerError::Spec)?;
     let new: Vec<u32> = out[0].iter().filter(|&&t| t != tokenizer.eos_id as i64).map(|&t| t as u32).collect();

@@ -2,12 +2,15 @@
 //!
 //! * [`model`]: the decoder (RMSNorm, RoPE, GQA, SwiGLU, sliding-window attention) with HF
 //!   parameter names, and a KV cache for incremental decoding;
-//! * [`params`]: all parameters as views of one flat buffer;
-//! * [`optim`]: AdamW over flat fp32 partitions (ZeRO-1 ready) and the LR schedule;
-//! * [`trainer`]: the training loop (gradient accumulation, clipping, checkpoints, resume);
+//! * [`params`]: all parameters as views of one flat buffer (laid out by `moxin-layout`);
+//! * [`optim`]: AdamW over flat fp32 partitions and the LR schedule;
+//! * [`trainer`]: the training step composed from parts (batch source, objective,
+//!   block-by-block forward/backward, ZeRO-1 gradient sync, checkpoint coordinator);
+//! * [`collective`]: collectives on tensors (world of one, CPU ring, NCCL);
+//! * [`cuda`]: the CUDA driver, NCCL and NVRTC, loaded at run time;
 //! * [`checkpoint`]: atomic, verified, pruned checkpoints;
 //! * [`generate`]: sampling (temperature, top-p, stop token) on the KV cache;
-//! * [`eval`]: held-out loss of a checkpoint; [`info`]: parameter counts without allocating.
+//! * [`eval`]: held-out loss of a checkpoint; [`doctor`]: what this machine can run.
 //!
 //! The worker never reads user configuration files: everything arrives in the JobSpec.
 #![warn(missing_docs)]
@@ -16,10 +19,11 @@
 pub mod agent;
 pub mod checkpoint;
 pub mod collective;
+pub mod cuda;
 pub mod device;
+pub mod doctor;
 pub mod eval;
 pub mod generate;
-pub mod info;
 pub mod model;
 pub mod optim;
 pub mod params;
@@ -85,3 +89,6 @@ mod model_tests;
 
 #[cfg(test)]
 mod trainer_tests;
+
+#[cfg(test)]
+mod step_tests;

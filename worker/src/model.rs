@@ -9,120 +9,18 @@
 //! | head      | final RMSNorm, untied `lm_head` `[vocab, dim]`                       |
 //!
 //! No biases anywhere. Parameter names are Hugging Face `MistralForCausalLM`'s, so a
-//! checkpoint's `model.safetensors` is already in HF layout.
+//! checkpoint's `model.safetensors` is already in HF layout. The model exposes its pieces
+//! (embedding, each block, final norm, head weight) so the training step can run and
+//! differentiate them one block at a time; the loss lives with the objective, not here.
 
-use serde::{Deserialize, Serialize};
+use moxin_layout::{FlatLayout, ModelShape};
 use tch::{Device, Kind, Tensor};
 
-use crate::params::{Init, ParamDecl, ParamGroup, ParamStore};
+use crate::params::ParamStore;
 
-/// Model shape, from [`moxin_proto::v1::ModelSpec`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[allow(missing_docs)]
-pub struct ModelConfig {
-    pub vocab_size: i64,
-    pub dim: i64,
-    pub n_layers: i64,
-    pub n_heads: i64,
-    pub n_kv_heads: i64,
-    pub ffn_dim: i64,
-    pub max_seq_len: i64,
-    pub sliding_window: i64,
-    pub rope_theta: f64,
-    pub norm_eps: f64,
-    pub init_std: f64,
-}
-
-impl From<&moxin_proto::v1::ModelSpec> for ModelConfig {
-    fn from(s: &moxin_proto::v1::ModelSpec) -> Self {
-        ModelConfig {
-            vocab_size: s.vocab_size as i64,
-            dim: s.dim as i64,
-            n_layers: s.n_layers as i64,
-            n_heads: s.n_heads as i64,
-            n_kv_heads: s.n_kv_heads as i64,
-            ffn_dim: s.ffn_dim as i64,
-            max_seq_len: s.max_seq_len as i64,
-            sliding_window: s.sliding_window as i64,
-            rope_theta: s.rope_theta,
-            norm_eps: s.norm_eps,
-            init_std: s.init_std,
-        }
-    }
-}
-
-impl ModelConfig {
-    /// Width of one attention head.
-    pub fn head_dim(&self) -> i64 {
-        self.dim / self.n_heads
-    }
-
-    /// Every parameter in model order, with HF names, shapes and initialisation:
-    /// normal(0, init_std), output projections (o_proj, down_proj) scaled by
-    /// 1/sqrt(2 * n_layers) as in GPT-2, norm gains at one. q/k/v and gate/up are grouped
-    /// into fused leaves (see [`ParamGroup`]).
-    pub fn param_groups(&self) -> Vec<ParamGroup> {
-        let (d, hd) = (self.dim, self.head_dim());
-        let std = self.init_std;
-        let out_std = std / (2.0 * self.n_layers as f64).sqrt();
-        let mut order = 0;
-        let mut decl = |name: String, shape: Vec<i64>, init| {
-            order += 1;
-            ParamDecl { name, shape, init, order }
-        };
-        let mut v = vec![ParamGroup::single(decl(
-            "model.embed_tokens.weight".into(),
-            vec![self.vocab_size, d],
-            Init::Normal { std },
-        ))];
-        for i in 0..self.n_layers {
-            let p = format!("model.layers.{i}");
-            v.push(ParamGroup::single(decl(format!("{p}.input_layernorm.weight"), vec![d], Init::Ones)));
-            v.push(ParamGroup {
-                name: format!("{p}.self_attn.qkv"),
-                members: vec![
-                    decl(format!("{p}.self_attn.q_proj.weight"), vec![self.n_heads * hd, d], Init::Normal { std }),
-                    decl(format!("{p}.self_attn.k_proj.weight"), vec![self.n_kv_heads * hd, d], Init::Normal { std }),
-                    decl(format!("{p}.self_attn.v_proj.weight"), vec![self.n_kv_heads * hd, d], Init::Normal { std }),
-                ],
-            });
-            v.push(ParamGroup::single(decl(
-                format!("{p}.self_attn.o_proj.weight"),
-                vec![d, self.n_heads * hd],
-                Init::Normal { std: out_std },
-            )));
-            v.push(ParamGroup::single(decl(format!("{p}.post_attention_layernorm.weight"), vec![d], Init::Ones)));
-            v.push(ParamGroup {
-                name: format!("{p}.mlp.gate_up"),
-                members: vec![
-                    decl(format!("{p}.mlp.gate_proj.weight"), vec![self.ffn_dim, d], Init::Normal { std }),
-                    decl(format!("{p}.mlp.up_proj.weight"), vec![self.ffn_dim, d], Init::Normal { std }),
-                ],
-            });
-            v.push(ParamGroup::single(decl(
-                format!("{p}.mlp.down_proj.weight"),
-                vec![d, self.ffn_dim],
-                Init::Normal { std: out_std },
-            )));
-        }
-        v.push(ParamGroup::single(decl("model.norm.weight".into(), vec![d], Init::Ones)));
-        v.push(ParamGroup::single(decl("lm_head.weight".into(), vec![self.vocab_size, d], Init::Normal { std })));
-        v
-    }
-
-    /// Parameter elements in total.
-    pub fn param_count(&self) -> i64 {
-        self.param_decls().iter().map(ParamDecl::numel).sum()
-    }
-
-    /// Every parameter declaration in model order.
-    pub fn param_decls(&self) -> Vec<ParamDecl> {
-        self.param_groups().into_iter().flat_map(|g| g.members).collect()
-    }
-}
-
-/// Precomputed RoPE rotation for positions `0..max_seq_len` (fp32, `[positions, head_dim]`),
-/// in Hugging Face's rotate-half layout: frequency `i` applies to dims `i` and `i + hd/2`.
+/// Precomputed RoPE rotation for positions `0..max_seq_len` (`[positions, head_dim]`, in
+/// the model's dtype, computed in fp32 as Hugging Face does), in rotate-half layout:
+/// frequency `i` applies to dims `i` and `i + hd/2`.
 #[derive(Debug)]
 pub struct Rope {
     cos: Tensor,
@@ -132,8 +30,8 @@ pub struct Rope {
 }
 
 impl Rope {
-    /// Tables for `positions` positions.
-    pub fn new(head_dim: i64, positions: i64, theta: f64, device: Device) -> Self {
+    /// Tables for `positions` positions, stored as `kind`.
+    pub fn new(head_dim: i64, positions: i64, theta: f64, kind: Kind, device: Device) -> Self {
         let inv_freq = Tensor::arange_start(0, head_dim / 2, (Kind::Float, device))
             .f_mul_scalar(-2.0 * theta.ln() / head_dim as f64)
             .unwrap()
@@ -142,26 +40,24 @@ impl Rope {
         let freqs = t.outer(&inv_freq);
         let emb = Tensor::cat(&[&freqs, &freqs], -1);
         let sin = freqs.sin();
-        Rope { cos: emb.cos(), signed_sin: Tensor::cat(&[-&sin, sin], -1) }
+        Rope { cos: emb.cos().to_kind(kind), signed_sin: Tensor::cat(&[-&sin, sin], -1).to_kind(kind) }
     }
 
     /// Rotates `x` `[batch, heads, seq, head_dim]` whose first token sits at `start`.
     pub fn apply(&self, x: &Tensor, start: i64) -> Tensor {
         let seq = x.size()[2];
-        let kind = x.kind();
-        let cos = self.cos.narrow(0, start, seq).to_kind(kind);
-        let signed_sin = self.signed_sin.narrow(0, start, seq).to_kind(kind);
+        let cos = self.cos.narrow(0, start, seq);
+        let signed_sin = self.signed_sin.narrow(0, start, seq);
         let half = x.size()[3] / 2;
         x * cos + x.roll([half], [-1]) * signed_sin
     }
 }
 
-/// RMSNorm: `x / sqrt(mean(x²) + eps) * weight`, computed in at least fp32 (as HF does).
+/// RMSNorm: `x / sqrt(mean(x²) + eps) * weight`. libtorch's fused op computes in fp32 for
+/// bf16 inputs and keeps only the input and the inverse RMS for backward.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
-    let kind = x.kind();
-    let dim = x.size().last().copied().unwrap();
-    let compute = if matches!(kind, Kind::Half | Kind::BFloat16) { Kind::Float } else { kind };
-    x.to_kind(compute).rms_norm([dim], None::<Tensor>, eps).to_kind(kind) * weight
+    let dim = *x.size().last().expect("rms_norm of a scalar");
+    x.rms_norm([dim], Some(weight), eps)
 }
 
 /// Keys and values of past tokens, per layer, for incremental decoding. It holds at most
@@ -202,7 +98,7 @@ struct Layer {
 /// The decoder. Parameters live in a [`ParamStore`]; this struct holds views of them.
 pub struct Transformer {
     /// Shape.
-    pub config: ModelConfig,
+    pub shape: ModelShape,
     /// Parameters (flat buffer + views).
     pub params: ParamStore,
     embed: Tensor,
@@ -214,16 +110,16 @@ pub struct Transformer {
 
 impl Transformer {
     /// A model with zeroed parameters of `kind` on `device`; call
-    /// [`ParamStore::initialise`] (after `tch::manual_seed`) or load weights.
-    pub fn new(config: ModelConfig, kind: Kind, device: Device) -> Self {
-        Self::with_flat_len(config, kind, device, 0)
+    /// [`ParamStore::initialise`] or load weights.
+    pub fn new(shape: ModelShape, kind: Kind, device: Device) -> Self {
+        Self::with_flat_len(shape, kind, device, 0)
     }
 
     /// As [`Transformer::new`] with the flat parameter buffer padded to at least `flat_len`.
-    pub fn with_flat_len(config: ModelConfig, kind: Kind, device: Device, flat_len: i64) -> Self {
-        let params = ParamStore::new(config.param_groups(), kind, device, flat_len);
+    pub fn with_flat_len(shape: ModelShape, kind: Kind, device: Device, flat_len: i64) -> Self {
+        let params = ParamStore::new(FlatLayout::of(&shape), kind, device, flat_len);
         let t = |name: &str| params.leaf(name).shallow_clone();
-        let layers = (0..config.n_layers)
+        let layers = (0..shape.n_layers)
             .map(|i| {
                 let p = format!("model.layers.{i}");
                 Layer {
@@ -236,7 +132,7 @@ impl Transformer {
                 }
             })
             .collect();
-        let rope = Rope::new(config.head_dim(), config.max_seq_len, config.rope_theta, device);
+        let rope = Rope::new(shape.head_dim() as i64, shape.max_seq_len as i64, shape.rope_theta, kind, device);
         Transformer {
             embed: t("model.embed_tokens.weight"),
             norm: t("model.norm.weight"),
@@ -244,7 +140,7 @@ impl Transformer {
             layers,
             rope,
             params,
-            config,
+            shape,
         }
     }
 
@@ -253,30 +149,56 @@ impl Transformer {
         self.embed.device()
     }
 
+    /// Token embeddings `[batch, seq, dim]`.
+    pub fn embed(&self, tokens: &Tensor) -> Tensor {
+        Tensor::embedding(&self.embed, tokens, -1, false, false)
+    }
+
+    /// Decoder block `i` on `x` `[batch, seq, dim]` whose first token is at position 0.
+    pub fn block(&self, i: usize, x: &Tensor) -> Tensor {
+        self.block_at(i, x, 0, None)
+    }
+
+    /// The final RMSNorm.
+    pub fn final_norm(&self, x: &Tensor) -> Tensor {
+        rms_norm(x, &self.norm, self.shape.norm_eps)
+    }
+
+    /// The LM head's weight `[vocab, dim]`.
+    pub fn lm_head(&self) -> &Tensor {
+        &self.lm_head
+    }
+
+    fn block_at(
+        &self,
+        i: usize,
+        x: &Tensor,
+        start: i64,
+        cache: Option<(&mut Option<(Tensor, Tensor)>, i64)>,
+    ) -> Tensor {
+        let (l, eps) = (&self.layers[i], self.shape.norm_eps);
+        let h = x + self.attention(l, &rms_norm(x, &l.input_norm, eps), start, cache);
+        &h + self.mlp(l, &rms_norm(&h, &l.post_norm, eps))
+    }
+
     /// Final hidden states `[batch, seq, dim]` for `tokens` `[batch, seq]`. With a cache,
     /// the tokens continue the cached sequence and the cache is extended.
     pub fn hidden(&self, tokens: &Tensor, mut cache: Option<&mut KvCache>) -> Tensor {
         let seq = tokens.size()[1];
         let start = cache.as_ref().map_or(0, |c| c.next);
-        assert!(
-            start + seq <= self.config.max_seq_len,
-            "positions up to {} exceed max_seq_len {}",
-            start + seq,
-            self.config.max_seq_len
-        );
+        let max = self.shape.max_seq_len as i64;
+        assert!(start + seq <= max, "positions up to {} exceed max_seq_len {max}", start + seq);
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize_with(self.layers.len(), || None);
         }
-        let mut x = Tensor::embedding(&self.embed, tokens, -1, false, false);
-        for (i, layer) in self.layers.iter().enumerate() {
+        let mut x = self.embed(tokens);
+        for i in 0..self.layers.len() {
             let layer_cache = cache.as_deref_mut().map(|c| (&mut c.layers[i], c.start));
-            let h =
-                &x + self.attention(layer, &rms_norm(&x, &layer.input_norm, self.config.norm_eps), start, layer_cache);
-            x = &h + self.mlp(layer, &rms_norm(&h, &layer.post_norm, self.config.norm_eps));
+            x = self.block_at(i, &x, start, layer_cache);
         }
         if let Some(c) = cache {
             c.next = start + seq;
-            c.start = (c.next - (self.config.sliding_window - 1)).max(0);
+            c.start = (c.next - (self.shape.sliding_window as i64 - 1)).max(0);
             let keep = c.next - c.start;
             for (k, v) in c.layers.iter_mut().flatten() {
                 let len = k.size()[2];
@@ -286,7 +208,7 @@ impl Transformer {
                 }
             }
         }
-        rms_norm(&x, &self.norm, self.config.norm_eps)
+        self.final_norm(&x)
     }
 
     /// Logits `[batch, seq, vocab]` for `tokens` `[batch, seq]`.
@@ -301,16 +223,6 @@ impl Transformer {
         h.select(1, seq - 1).linear(&self.lm_head, None::<Tensor>)
     }
 
-    /// Mean next-token cross-entropy (fp32) of `batch` `[b, seq + 1]`: inputs are the first
-    /// `seq` tokens, targets the last `seq`.
-    pub fn loss(&self, batch: &Tensor) -> Tensor {
-        let len = batch.size()[1] - 1;
-        let inputs = batch.narrow(1, 0, len);
-        let targets = batch.narrow(1, 1, len);
-        let logits = self.forward(&inputs, None).to_kind(Kind::Float);
-        logits.view([-1, self.config.vocab_size]).cross_entropy_for_logits(&targets.reshape([-1]))
-    }
-
     fn attention(
         &self,
         l: &Layer,
@@ -318,16 +230,16 @@ impl Transformer {
         start: i64,
         cache: Option<(&mut Option<(Tensor, Tensor)>, i64)>,
     ) -> Tensor {
-        let c = &self.config;
-        let (b, t, hd) = (x.size()[0], x.size()[1], c.head_dim());
+        let s = &self.shape;
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let (heads, kv_heads, hd) = (s.n_heads as i64, s.n_kv_heads as i64, s.head_dim() as i64);
+        let window = s.sliding_window as i64;
         // split (not narrow): its backward assembles the fused gradient with one cat.
-        let qkv = x
-            .linear(&l.w_qkv, None::<Tensor>)
-            .split_with_sizes([c.n_heads * hd, c.n_kv_heads * hd, c.n_kv_heads * hd], 2);
-        let heads = |t_: &Tensor, n: i64| t_.view([b, t, n, hd]).transpose(1, 2);
-        let q = self.rope.apply(&heads(&qkv[0], c.n_heads), start);
-        let mut k = self.rope.apply(&heads(&qkv[1], c.n_kv_heads), start);
-        let mut v = heads(&qkv[2], c.n_kv_heads);
+        let qkv = x.linear(&l.w_qkv, None::<Tensor>).split_with_sizes([heads * hd, kv_heads * hd, kv_heads * hd], 2);
+        let split_heads = |t_: &Tensor, n: i64| t_.view([b, t, n, hd]).transpose(1, 2);
+        let q = self.rope.apply(&split_heads(&qkv[0], heads), start);
+        let mut k = self.rope.apply(&split_heads(&qkv[1], kv_heads), start);
+        let mut v = split_heads(&qkv[2], kv_heads);
         let mut key_start = start;
         if let Some((slot, cache_start)) = cache {
             if let Some((past_k, past_v)) = slot.as_ref() {
@@ -338,23 +250,51 @@ impl Transformer {
             *slot = Some((k.shallow_clone(), v.shallow_clone()));
         }
         let keys = k.size()[2];
-        let out = if key_start == start && t <= c.sliding_window {
+        let out = if key_start == start && t <= window {
             // Plain causal attention: every earlier token is inside the window.
             Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, true)
-        } else if t == 1 && keys <= c.sliding_window {
+        } else if t == 1 && keys <= window {
             // One new token that may see every cached one.
             Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, true)
+        } else if key_start == start {
+            windowed_attention(&q, &k, &v, window)
         } else {
-            let mask = window_mask(start, t, key_start, keys, c.sliding_window, x.device());
+            let mask = window_mask(start, t, key_start, keys, window, x.device());
             Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, None, true)
         };
-        out.transpose(1, 2).reshape([b, t, c.n_heads * hd]).linear(&l.wo, None::<Tensor>)
+        out.transpose(1, 2).reshape([b, t, heads * hd]).linear(&l.wo, None::<Tensor>)
     }
 
     fn mlp(&self, l: &Layer, x: &Tensor) -> Tensor {
-        let gate_up = x.linear(&l.w_gate_up, None::<Tensor>).split(self.config.ffn_dim, 2);
+        let gate_up = x.linear(&l.w_gate_up, None::<Tensor>).split(self.shape.ffn_dim as i64, 2);
         (gate_up[0].silu() * &gate_up[1]).linear(&l.w_down, None::<Tensor>)
     }
+}
+
+/// Sliding-window causal attention over a sequence longer than the window, in query blocks
+/// of `window` tokens: block `j` attends to keys `[j·w − w + 1, (j+1)·w)` through a
+/// `[w, 2w − 1]` band mask, so memory grows with `seq · window`, never `seq²`.
+/// `q` `[b, heads, t, hd]`, `k`/`v` `[b, kv_heads, t, hd]`, positions from 0.
+pub fn windowed_attention(q: &Tensor, k: &Tensor, v: &Tensor, window: i64) -> Tensor {
+    let t = q.size()[2];
+    let device = q.device();
+    let mut outs = Vec::new();
+    let mut q_start = 0;
+    while q_start < t {
+        let n = window.min(t - q_start);
+        let k_start = (q_start - window + 1).max(0);
+        let keys = q_start + n - k_start;
+        let (qb, kb, vb) = (q.narrow(2, q_start, n), k.narrow(2, k_start, keys), v.narrow(2, k_start, keys));
+        let out = if k_start == q_start {
+            Tensor::scaled_dot_product_attention(&qb, &kb, &vb, None::<Tensor>, 0.0, true, None, true)
+        } else {
+            let mask = window_mask(q_start, n, k_start, keys, window, device);
+            Tensor::scaled_dot_product_attention(&qb, &kb, &vb, Some(mask), 0.0, false, None, true)
+        };
+        outs.push(out);
+        q_start += n;
+    }
+    Tensor::cat(&outs, 2)
 }
 
 /// Boolean `[queries, keys]` mask (true = may attend) for queries at positions

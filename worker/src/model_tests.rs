@@ -2,12 +2,13 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::generate::{generate, SamplingOptions};
-use crate::info::model_info;
-use crate::model::{rms_norm, KvCache, ModelConfig, Rope, Transformer};
+use moxin_layout::ModelShape;
 
-fn config(window: i64) -> ModelConfig {
-    ModelConfig {
+use crate::generate::{generate, SamplingOptions};
+use crate::model::{rms_norm, KvCache, Rope, Transformer};
+
+pub(crate) fn config(window: u32) -> ModelShape {
+    ModelShape {
         vocab_size: 61,
         dim: 48,
         n_layers: 2,
@@ -22,7 +23,7 @@ fn config(window: i64) -> ModelConfig {
     }
 }
 
-fn model(window: i64, seed: i64) -> Transformer {
+pub(crate) fn model(window: u32, seed: i64) -> Transformer {
     let mut m = Transformer::new(config(window), Kind::Double, Device::Cpu);
     m.params.initialise(seed as u64);
     // Non-trivial norm gains so a wrong norm placement would show.
@@ -37,12 +38,12 @@ fn model(window: i64, seed: i64) -> Transformer {
     m
 }
 
-fn tokens(batch: i64, len: i64, vocab: i64, seed: i64) -> Tensor {
+pub(crate) fn tokens(batch: i64, len: i64, vocab: i64, seed: i64) -> Tensor {
     tch::manual_seed(seed);
     Tensor::randint(vocab, [batch, len], (Kind::Int64, Device::Cpu))
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[])
 }
 
@@ -58,7 +59,7 @@ fn rms_norm_matches_formula() {
 #[test]
 fn rope_matches_rotate_half_formula() {
     let (hd, theta, start) = (8i64, 10000.0f64, 3i64);
-    let rope = Rope::new(hd, 32, theta, Device::Cpu);
+    let rope = Rope::new(hd, 32, theta, Kind::Double, Device::Cpu);
     let x = Tensor::randn([1, 2, 4, hd], (Kind::Double, Device::Cpu));
     let got = rope.apply(&x, start);
     for h in 0..2 {
@@ -78,35 +79,36 @@ fn rope_matches_rotate_half_formula() {
 
 /// The whole decoder written out naively: explicit per-head attention with a
 /// hand-built causal sliding-window mask and K/V heads repeated for GQA.
-fn reference_logits(m: &Transformer, tokens: &Tensor) -> Tensor {
-    let c = &m.config;
+pub(crate) fn reference_logits(m: &Transformer, tokens: &Tensor) -> Tensor {
+    let c = &m.shape;
     let p = |n: &str| m.params.get(n).detach();
     let (b, t) = (tokens.size()[0], tokens.size()[1]);
-    let hd = c.head_dim();
+    let hd = c.head_dim() as i64;
+    let (dim, n_heads, n_kv_heads, window) =
+        (c.dim as i64, c.n_heads as i64, c.n_kv_heads as i64, c.sliding_window as i64);
     let norm = |x: &Tensor, w: &Tensor| x / (x.square().mean_dim(-1, true, Kind::Double) + c.norm_eps).sqrt() * w;
-    let rope = Rope::new(hd, c.max_seq_len, c.rope_theta, Device::Cpu);
-    let mut x = p("model.embed_tokens.weight").index_select(0, &tokens.view([-1])).view([b, t, c.dim]);
+    let rope = Rope::new(hd, c.max_seq_len as i64, c.rope_theta, Kind::Double, Device::Cpu);
+    let mut x = p("model.embed_tokens.weight").index_select(0, &tokens.view([-1])).view([b, t, dim]);
     for i in 0..c.n_layers {
         let l = format!("model.layers.{i}");
         let h = norm(&x, &p(&format!("{l}.input_layernorm.weight")));
         let proj = |w: &str, n: i64| {
             h.matmul(&p(&format!("{l}.self_attn.{w}.weight")).tr()).view([b, t, n, hd]).transpose(1, 2)
         };
-        let q = rope.apply(&proj("q_proj", c.n_heads), 0);
-        let k =
-            rope.apply(&proj("k_proj", c.n_kv_heads), 0).repeat_interleave_self_int(c.n_heads / c.n_kv_heads, 1, None);
-        let v = proj("v_proj", c.n_kv_heads).repeat_interleave_self_int(c.n_heads / c.n_kv_heads, 1, None);
+        let q = rope.apply(&proj("q_proj", n_heads), 0);
+        let k = rope.apply(&proj("k_proj", n_kv_heads), 0).repeat_interleave_self_int(n_heads / n_kv_heads, 1, None);
+        let v = proj("v_proj", n_kv_heads).repeat_interleave_self_int(n_heads / n_kv_heads, 1, None);
         let mut scores = q.matmul(&k.transpose(-2, -1)) / (hd as f64).sqrt();
         let mut mask = vec![0f64; (t * t) as usize];
         for qi in 0..t {
             for ki in 0..t {
-                if ki > qi || qi - ki >= c.sliding_window {
+                if ki > qi || qi - ki >= window {
                     mask[(qi * t + ki) as usize] = f64::NEG_INFINITY;
                 }
             }
         }
         scores += Tensor::from_slice(&mask).view([t, t]);
-        let attn = scores.softmax(-1, Kind::Double).matmul(&v).transpose(1, 2).reshape([b, t, c.dim]);
+        let attn = scores.softmax(-1, Kind::Double).matmul(&v).transpose(1, 2).reshape([b, t, dim]);
         x = &x + attn.matmul(&p(&format!("{l}.self_attn.o_proj.weight")).tr());
         let h = norm(&x, &p(&format!("{l}.post_attention_layernorm.weight")));
         let gate = h.matmul(&p(&format!("{l}.mlp.gate_proj.weight")).tr());
@@ -153,8 +155,7 @@ fn kv_cache_decoding_matches_full_forward_across_the_window() {
 fn parameter_names_and_counts() {
     let c = config(8);
     let m = Transformer::new(c.clone(), Kind::Float, Device::Cpu);
-    let info = model_info(&c);
-    assert_eq!(info.total_params as i64, m.params.numel());
+    assert_eq!(c.param_count() as i64, m.params.numel());
     let names: Vec<_> = m.params.params().iter().map(|p| p.decl.name.as_str()).collect();
     assert_eq!(names[0], "model.embed_tokens.weight");
     assert!(names.contains(&"model.layers.1.self_attn.k_proj.weight"));
@@ -164,21 +165,6 @@ fn parameter_names_and_counts() {
     // Decayed matrices first in the flat buffer, norm gains after.
     let norms: i64 = m.params.params().iter().filter(|p| !p.decl.decays()).map(|p| p.decl.numel()).sum();
     assert_eq!(m.params.decay_numel() + norms, m.params.numel());
-
-    let moxin = ModelConfig {
-        vocab_size: 32000,
-        dim: 4096,
-        n_layers: 36,
-        n_heads: 32,
-        n_kv_heads: 8,
-        ffn_dim: 14336,
-        max_seq_len: 32768,
-        sliding_window: 4096,
-        rope_theta: 10000.0,
-        norm_eps: 1e-5,
-        init_std: 0.02,
-    };
-    assert_eq!(model_info(&moxin).total_params, 8_114_180_096);
 }
 
 #[test]
@@ -201,7 +187,7 @@ fn initialisation_is_seeded_and_scaled() {
     assert_eq!(max_diff(a.params.flat(), b.params.flat()), 0.0);
     let c = Transformer::new(config(8), Kind::Float, Device::Cpu);
     let mut big =
-        Transformer::new(ModelConfig { dim: 256, ffn_dim: 512, n_heads: 4, ..config(8) }, Kind::Float, Device::Cpu);
+        Transformer::new(ModelShape { dim: 256, ffn_dim: 512, n_heads: 4, ..config(8) }, Kind::Float, Device::Cpu);
     big.params.initialise(0);
     let std = |n: &str| big.params.get(n).std(true).double_value(&[]);
     assert!((std("model.layers.0.self_attn.q_proj.weight") - 0.1).abs() < 0.005);

@@ -94,7 +94,8 @@ impl AdamW {
     }
 
     /// One AdamW step with learning rate `lr` on the partition, given its gradient `grad`
-    /// (fp32, `len()` elements, already averaged and clipped). Updates the master weights.
+    /// (`len()` elements, fp32 or bf16, already reduced and clipped). Updates the master
+    /// weights.
     pub fn step(&mut self, grad: &Tensor, lr: f64) {
         let c = self.config;
         self.step += 1;
@@ -111,6 +112,7 @@ impl AdamW {
             while offset < len {
                 let n = CHUNK.min(len - offset);
                 let g = grad.narrow(0, offset, n);
+                let g = if g.kind() == Kind::Float { g } else { g.to_kind(Kind::Float) };
                 let mut m = self.exp_avg.narrow(0, offset, n);
                 let mut v = self.exp_avg_sq.narrow(0, offset, n);
                 let mut p = self.master.narrow(0, offset, n);
@@ -129,6 +131,15 @@ impl AdamW {
                 offset += n;
             }
         });
+    }
+
+    /// Sets the master weights from the partition's slice of the parameters (after they
+    /// were initialised or received from rank 0; a no-op when they share memory).
+    pub fn reset_master(&mut self, flat_params: &Tensor) {
+        if !self.aliases_params {
+            let src = flat_params.narrow(0, self.start, self.len());
+            tch::no_grad(|| self.master.copy_(&src));
+        }
     }
 
     /// Makes the partition's slice of the model's flat parameters equal the master

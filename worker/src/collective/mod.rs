@@ -1,17 +1,34 @@
-//! Collective communication between the ranks of a group: all-reduce, reduce-scatter,
-//! all-gather, broadcast and barrier over flat buffers.
+//! Collective communication between the ranks of a group, on tensors: all-reduce,
+//! reduce-scatter, all-gather, broadcast and barrier.
 //!
-//! [`Collective`] is the interface the trainer uses; backends plug in behind it: the CPU
-//! ring over TCP ([`ring::TcpRing`]) here, NCCL on GPUs. Every call is bounded by a timeout,
-//! so a dead or stuck peer surfaces as a [`CollectiveError`], never a hang.
+//! [`Collective`] is what the training step talks to. Operations take a 1-D contiguous
+//! tensor (fp32 or bf16, on the CPU or a GPU), work on it in place, and return a [`Work`]
+//! handle at once, so gradient buckets can be in flight while backward continues; the
+//! tensor's region belongs to the collective until the handle is waited on. Backends:
+//!
+//! * [`Solo`]: a group of one (every operation is already complete), so single-process
+//!   training runs the same step as a group;
+//! * [`ring::RingCollective`]: the CPU ring over TCP (or same-host shared memory) on its
+//!   own thread; CUDA tensors travel through host memory, which lets several workers share
+//!   one GPU;
+//! * [`nccl::NcclCollective`]: NCCL on a side stream for CUDA tensors.
+//!
+//! Every wait is bounded by the group's timeout, so a dead or stuck peer surfaces as a
+//! [`CollectiveError`], never a hang.
 
+pub mod nccl;
 pub mod ring;
+mod ring_collective;
 mod shm;
 
-use std::ops::Range;
-use std::time::Duration;
+pub use ring_collective::RingCollective;
 
-/// Element types the collectives move: fp32 and bf16 (summed in fp32).
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use tch::{Kind, Tensor};
+
+/// Element types the CPU ring moves: fp32 and bf16 (bf16 is summed in fp32).
 pub trait Element: Copy + Send + Sync + 'static {
     /// Bytes per element.
     const BYTES: usize;
@@ -84,34 +101,176 @@ pub enum CollectiveError {
     /// The group could not be formed.
     #[error("forming the group: {0}")]
     Setup(String),
-    /// Caller error (sizes, ranges).
+    /// The backend (NCCL, CUDA) reported an error.
+    #[error("{op}: {message}")]
+    Backend {
+        /// The operation.
+        op: &'static str,
+        /// What the backend said.
+        message: String,
+    },
+    /// Caller error (sizes, ranges, dtypes, devices).
     #[error("{0}")]
     Usage(String),
 }
 
 /// Collective operations of one rank in a group.
-pub trait Collective: Send {
+///
+/// Each operation works in place on `buf`, a 1-D contiguous fp32 or bf16 tensor, and
+/// returns when the operation is *enqueued*; the returned [`Work`] completes it. Until
+/// then the caller must neither read nor write `buf` (the region of it the operation
+/// touches). Operations complete in the order they were issued.
+pub trait Collective {
     /// This rank.
     fn rank(&self) -> usize;
     /// Ranks in the group.
     fn world_size(&self) -> usize;
-    /// After the call every rank's `buf` holds the element-wise reduction over ranks.
-    fn all_reduce_f32(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<(), CollectiveError>;
-    /// `ranges` split `buf` into one contiguous part per rank, in rank order. After the call
-    /// `buf[ranges[rank]]` holds the reduction over ranks of that part; the rest of `buf` is
-    /// unspecified.
-    fn reduce_scatter_f32(
-        &mut self,
-        buf: &mut [f32],
-        ranges: &[Range<usize>],
-        op: ReduceOp,
-    ) -> Result<(), CollectiveError>;
-    /// Each rank contributes `buf[ranges[rank]]`; after the call every rank's `buf` holds all parts.
-    fn all_gather_f32(&mut self, buf: &mut [f32], ranges: &[Range<usize>]) -> Result<(), CollectiveError>;
+    /// Backend name for logs and metrics: `solo`, `ring` or `nccl`.
+    fn backend(&self) -> &'static str;
+    /// After completion every rank's `buf` holds the element-wise reduction over ranks.
+    fn all_reduce(&mut self, buf: &Tensor, op: ReduceOp) -> Result<Work, CollectiveError>;
+    /// `ranges` split `buf` into one contiguous part per rank, in rank order (parts may be
+    /// empty or uneven). After completion `buf[ranges[rank]]` holds the reduction over
+    /// ranks of that part; the rest of `buf` is unspecified.
+    fn reduce_scatter(&mut self, buf: &Tensor, ranges: &[Range<usize>], op: ReduceOp) -> Result<Work, CollectiveError>;
+    /// Each rank contributes `buf[ranges[rank]]`; after completion every rank's `buf`
+    /// holds all parts.
+    fn all_gather(&mut self, buf: &Tensor, ranges: &[Range<usize>]) -> Result<Work, CollectiveError>;
     /// Copies `root`'s `buf` to every rank.
-    fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<(), CollectiveError>;
-    /// Returns once every rank has called it.
+    fn broadcast(&mut self, buf: &Tensor, root: usize) -> Result<Work, CollectiveError>;
+    /// Returns once every rank has called it (and everything issued before has completed).
     fn barrier(&mut self) -> Result<(), CollectiveError>;
+}
+
+/// What a backend measured of a completed operation.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct BackendTime {
+    /// Seconds the operation itself ran.
+    pub busy_s: f64,
+    /// Seconds of it not hidden behind computation, if the backend measures that itself
+    /// (NCCL does, on the GPU); `None` means "the time the caller was blocked".
+    pub exposed_s: Option<f64>,
+}
+
+/// Timings of a completed operation.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct OpTime {
+    /// Seconds the operation ran.
+    pub busy_s: f64,
+    /// Seconds the caller waited for it (communication not hidden behind computation).
+    pub exposed_s: f64,
+}
+
+/// Completion of an operation in flight (see [`Work`]).
+pub trait Pending {
+    /// Blocks until the operation has completed or failed (bounded by the group timeout).
+    fn wait(self: Box<Self>) -> Result<BackendTime, CollectiveError>;
+}
+
+/// A collective operation in flight. [`Work::wait`] completes it and reports how long the
+/// caller was blocked (the communication time not hidden behind computation). Dropping a
+/// `Work` also waits, so a buffer is never released while a backend still uses it.
+#[must_use = "a collective completes only when waited on"]
+pub struct Work {
+    pending: Option<Box<dyn Pending>>,
+}
+
+impl std::fmt::Debug for Work {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.pending.is_some() { "Work(in flight)" } else { "Work(done)" })
+    }
+}
+
+impl Work {
+    /// An operation that has already completed.
+    pub fn done() -> Self {
+        Work { pending: None }
+    }
+
+    /// An operation that completes when `pending` does.
+    pub fn new(pending: Box<dyn Pending>) -> Self {
+        Work { pending: Some(pending) }
+    }
+
+    /// Waits for completion; returns how long the operation ran and how much of that was
+    /// not hidden behind computation (on the CPU ring: the time blocked here).
+    pub fn wait(mut self) -> Result<OpTime, CollectiveError> {
+        let started = Instant::now();
+        match self.pending.take() {
+            Some(p) => p.wait().map(|t| OpTime {
+                busy_s: t.busy_s,
+                exposed_s: t.exposed_s.unwrap_or_else(|| started.elapsed().as_secs_f64()),
+            }),
+            None => Ok(OpTime::default()),
+        }
+    }
+}
+
+impl Drop for Work {
+    fn drop(&mut self) {
+        if let Some(p) = self.pending.take() {
+            if let Err(e) = p.wait() {
+                tracing::warn!("a collective dropped without waiting failed: {e}");
+            }
+        }
+    }
+}
+
+/// The group of one: every operation is the identity and completes at once.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Solo;
+
+impl Collective for Solo {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn backend(&self) -> &'static str {
+        "solo"
+    }
+    fn all_reduce(&mut self, buf: &Tensor, _op: ReduceOp) -> Result<Work, CollectiveError> {
+        check_buffer("all_reduce", buf)?;
+        Ok(Work::done())
+    }
+    fn reduce_scatter(
+        &mut self,
+        buf: &Tensor,
+        ranges: &[Range<usize>],
+        _op: ReduceOp,
+    ) -> Result<Work, CollectiveError> {
+        check_ranges(check_buffer("reduce_scatter", buf)?, ranges, 1)?;
+        Ok(Work::done())
+    }
+    fn all_gather(&mut self, buf: &Tensor, ranges: &[Range<usize>]) -> Result<Work, CollectiveError> {
+        check_ranges(check_buffer("all_gather", buf)?, ranges, 1)?;
+        Ok(Work::done())
+    }
+    fn broadcast(&mut self, buf: &Tensor, root: usize) -> Result<Work, CollectiveError> {
+        check_buffer("broadcast", buf)?;
+        if root != 0 {
+            return Err(CollectiveError::Usage(format!("broadcast root {root} outside a group of 1")));
+        }
+        Ok(Work::done())
+    }
+    fn barrier(&mut self) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+}
+
+/// Checks that `buf` is a 1-D contiguous fp32/bf16 tensor; returns its length.
+pub(crate) fn check_buffer(op: &str, buf: &Tensor) -> Result<usize, CollectiveError> {
+    if buf.dim() != 1 || !buf.is_contiguous() {
+        return Err(CollectiveError::Usage(format!(
+            "{op}: expected a 1-D contiguous tensor, got shape {:?}",
+            buf.size()
+        )));
+    }
+    match buf.kind() {
+        Kind::Float | Kind::BFloat16 => Ok(buf.numel()),
+        k => Err(CollectiveError::Usage(format!("{op}: dtype {k:?} is not supported (fp32 or bf16)"))),
+    }
 }
 
 /// `len` elements split into `world` contiguous ranges, as even as possible (the first
@@ -125,6 +284,18 @@ pub fn even_ranges(len: usize, world: usize) -> Vec<Range<usize>> {
             let range = start..start + n;
             start += n;
             range
+        })
+        .collect()
+}
+
+/// The parts of `partitions` (ranges tiling a whole buffer) that fall into `window`, made
+/// relative to `window.start`: the ranges a collective over the sub-buffer `window` uses.
+pub fn clip_ranges(partitions: &[Range<usize>], window: Range<usize>) -> Vec<Range<usize>> {
+    partitions
+        .iter()
+        .map(|p| {
+            let (s, e) = (p.start.clamp(window.start, window.end), p.end.clamp(window.start, window.end));
+            s - window.start..e - window.start
         })
         .collect()
 }

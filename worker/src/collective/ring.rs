@@ -12,7 +12,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
-use super::{check_ranges, even_ranges, shm, Collective, CollectiveError, Element, ReduceOp};
+use super::{check_ranges, even_ranges, shm, CollectiveError, Element, ReduceOp};
 
 /// Bytes received and reduced at a time.
 const PIECE: usize = 1 << 20;
@@ -234,7 +234,7 @@ impl TcpRing {
         })
     }
 
-    /// Generic reduce-scatter (see [`Collective::reduce_scatter_f32`]).
+    /// Reduce-scatter over `buf` split by `ranges` (see [`super::Collective::reduce_scatter`]).
     pub fn reduce_scatter<T: Element>(
         &mut self,
         buf: &mut [T],
@@ -260,7 +260,7 @@ impl TcpRing {
         Ok(())
     }
 
-    /// Generic all-gather (see [`Collective::all_gather_f32`]).
+    /// All-gather over `buf` split by `ranges` (see [`super::Collective::all_gather`]).
     pub fn all_gather<T: Element>(&mut self, buf: &mut [T], ranges: &[Range<usize>]) -> Result<(), CollectiveError> {
         check_ranges(buf.len(), ranges, self.world)?;
         let started = Instant::now();
@@ -275,7 +275,7 @@ impl TcpRing {
         Ok(())
     }
 
-    /// Generic all-reduce: reduce-scatter then all-gather over even parts.
+    /// All-reduce: reduce-scatter then all-gather over even parts.
     pub fn all_reduce<T: Element>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<(), CollectiveError> {
         let ranges = even_ranges(buf.len(), self.world);
         self.reduce_scatter(buf, &ranges, op)?;
@@ -283,33 +283,19 @@ impl TcpRing {
     }
 }
 
-impl Collective for TcpRing {
-    fn rank(&self) -> usize {
+impl TcpRing {
+    /// This rank.
+    pub fn rank(&self) -> usize {
         self.rank
     }
 
-    fn world_size(&self) -> usize {
+    /// Ranks in the ring.
+    pub fn world_size(&self) -> usize {
         self.world
     }
 
-    fn all_reduce_f32(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<(), CollectiveError> {
-        self.all_reduce(buf, op)
-    }
-
-    fn reduce_scatter_f32(
-        &mut self,
-        buf: &mut [f32],
-        ranges: &[Range<usize>],
-        op: ReduceOp,
-    ) -> Result<(), CollectiveError> {
-        self.reduce_scatter(buf, ranges, op)
-    }
-
-    fn all_gather_f32(&mut self, buf: &mut [f32], ranges: &[Range<usize>]) -> Result<(), CollectiveError> {
-        self.all_gather(buf, ranges)
-    }
-
-    fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<(), CollectiveError> {
+    /// Copies `root`'s `buf` to every rank.
+    pub fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<(), CollectiveError> {
         if root >= self.world {
             return Err(CollectiveError::Usage(format!("broadcast root {root} outside a group of {}", self.world)));
         }
@@ -330,7 +316,8 @@ impl Collective for TcpRing {
         Ok(())
     }
 
-    fn barrier(&mut self) -> Result<(), CollectiveError> {
+    /// Returns once every rank has called it.
+    pub fn barrier(&mut self) -> Result<(), CollectiveError> {
         let mut token = [1.0f32];
         self.all_reduce(&mut token, ReduceOp::Sum)?;
         // With one element only one rank receives data in each phase; a second ring pass
@@ -350,7 +337,13 @@ fn read_exact(stream: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<()> {
 
 /// Two disjoint sub-slices of one buffer.
 fn disjoint_mut<T>(buf: &mut [T], a: Range<usize>, b: Range<usize>) -> (&mut [T], &mut [T]) {
-    assert!(a.end <= b.start || b.end <= a.start, "overlapping ranges {a:?} {b:?}");
+    assert!(a.is_empty() || b.is_empty() || a.end <= b.start || b.end <= a.start, "overlapping ranges {a:?} {b:?}");
+    if a.is_empty() {
+        return (&mut [], &mut buf[b]);
+    }
+    if b.is_empty() {
+        return (&mut buf[a], &mut []);
+    }
     if a.start < b.start {
         let (lo, hi) = buf.split_at_mut(b.start);
         (&mut lo[a], &mut hi[..b.end - b.start])

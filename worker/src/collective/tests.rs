@@ -4,7 +4,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
 use super::ring::TcpRing;
-use super::{even_ranges, Collective, CollectiveError, ReduceOp};
+use super::{even_ranges, CollectiveError, ReduceOp};
 
 fn listeners(world: usize) -> (Vec<TcpListener>, Vec<SocketAddr>) {
     let ls: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
@@ -61,16 +61,16 @@ fn reduce_scatter_all_gather_all_reduce_match_naive_for_odd_sizes() {
             let ranges = even_ranges(len, world);
             let results = with_ring_via(world, Duration::from_secs(10), shared_memory, move |rank, mut ring| {
                 let mut rs = data(rank, len);
-                ring.reduce_scatter_f32(&mut rs, &even_ranges(len, world), ReduceOp::Sum).unwrap();
+                ring.reduce_scatter(&mut rs, &even_ranges(len, world), ReduceOp::Sum).unwrap();
                 let mut ar = data(rank, len);
-                ring.all_reduce_f32(&mut ar, ReduceOp::Avg).unwrap();
+                ring.all_reduce(&mut ar, ReduceOp::Avg).unwrap();
                 // all-gather: each rank contributes its own part of a known vector
                 let mut ag = vec![-1.0f32; len];
                 let mine = even_ranges(len, world)[rank].clone();
                 for i in mine {
                     ag[i] = i as f32;
                 }
-                ring.all_gather_f32(&mut ag, &even_ranges(len, world)).unwrap();
+                ring.all_gather(&mut ag, &even_ranges(len, world)).unwrap();
                 ring.barrier().unwrap();
                 (rs, ar, ag)
             });
@@ -97,7 +97,7 @@ fn bf16_all_reduce_and_uneven_zero1_ranges() {
         ring.all_reduce(&mut v, ReduceOp::Sum).unwrap();
         let ranges = vec![0..6, 6..6, 6..11];
         let mut g: Vec<f32> = (0..len).map(|i| if ranges[rank].contains(&i) { i as f32 * 2.0 } else { 0.0 }).collect();
-        ring.all_gather_f32(&mut g, &ranges).unwrap();
+        ring.all_gather(&mut g, &ranges).unwrap();
         (v, g)
     });
     for (v, g) in results {
@@ -132,7 +132,7 @@ fn a_peer_dying_mid_collective_is_an_error_within_the_timeout() {
             return Ok(());
         }
         let mut buf = vec![1.0f32; 1 << 20];
-        ring.all_reduce_f32(&mut buf, ReduceOp::Sum)
+        ring.all_reduce(&mut buf, ReduceOp::Sum)
     });
     for r in &results[..2] {
         let e = r.as_ref().expect_err("survivors must fail");
@@ -148,11 +148,93 @@ fn a_peer_dying_mid_collective_is_an_error_within_the_timeout() {
             return Ok(());
         }
         let mut buf = vec![1.0f32; 1000];
-        ring.all_reduce_f32(&mut buf, ReduceOp::Sum)
+        ring.all_reduce(&mut buf, ReduceOp::Sum)
     });
     match &results[0] {
         Err(CollectiveError::Timeout { peer: 2, .. }) => {}
         other => panic!("rank 0 should time out waiting for rank 2, got {other:?}"),
     }
     assert!(results[1].is_err(), "rank 1 must fail too");
+}
+
+/// Runs `f(rank, collective)` on `world` threads joined by `RingCollective`s.
+fn with_ring_collective<R: Send + 'static>(
+    world: usize,
+    f: impl Fn(usize, &mut dyn super::Collective) -> R + Send + Sync + Clone + 'static,
+) -> Vec<R> {
+    with_ring(world, Duration::from_secs(10), move |rank, ring| {
+        let mut c = super::RingCollective::new(ring);
+        f(rank, &mut c)
+    })
+}
+
+#[test]
+fn ring_collective_on_tensors_with_operations_in_flight() {
+    use tch::{Device, Kind, Tensor};
+    for world in [1usize, 2, 3] {
+        let len = 1000usize;
+        let results = with_ring_collective(world, move |rank, c| {
+            let base = Tensor::arange(len as i64, (Kind::Float, Device::Cpu)) * 0.5 + rank as f64;
+            // Three reduce-scatters over buckets of one buffer, all in flight at once, with
+            // the ZeRO partitions clipped to each bucket (some parts empty), then an
+            // all-reduce in bf16 and an all-gather of parameters.
+            let grads = base.copy();
+            let partitions = super::even_ranges(len, world);
+            let buckets = [0..137usize, 137..600, 600..1000];
+            let works: Vec<_> = buckets
+                .iter()
+                .rev()
+                .map(|b| {
+                    let view = grads.narrow(0, b.start as i64, b.len() as i64);
+                    c.reduce_scatter(&view, &super::clip_ranges(&partitions, b.clone()), ReduceOp::Sum).unwrap()
+                })
+                .collect();
+            let exposed: f64 = works.into_iter().map(|w| w.wait().unwrap().exposed_s).sum();
+            assert!(exposed >= 0.0);
+            let mine = partitions[rank].clone();
+            let own = grads.narrow(0, mine.start as i64, mine.len() as i64).copy();
+            let half = (base.copy() * 2.0).to_kind(Kind::BFloat16);
+            c.all_reduce(&half, ReduceOp::Avg).unwrap().wait().unwrap();
+            let params = Tensor::full([len as i64], -1.0, (Kind::Float, Device::Cpu));
+            let _ = params.narrow(0, mine.start as i64, mine.len() as i64).fill_(rank as f64);
+            c.all_gather(&params, &partitions).unwrap().wait().unwrap();
+            let root_bytes = Tensor::full([8], rank as f64 + 10.0, (Kind::Float, Device::Cpu));
+            c.broadcast(&root_bytes, world - 1).unwrap().wait().unwrap();
+            c.barrier().unwrap();
+            (own, half, params, root_bytes)
+        });
+        let sum_of_ranks = (0..world).sum::<usize>() as f64;
+        for (rank, (own, half, params, root)) in results.into_iter().enumerate() {
+            let mine = super::even_ranges(len, world)[rank].clone();
+            let want = Tensor::arange_start(mine.start as i64, mine.end as i64, (Kind::Float, Device::Cpu))
+                * (0.5 * world as f64)
+                + sum_of_ranks;
+            assert_eq!((own - want).abs().max().double_value(&[]), 0.0, "world {world} rank {rank}");
+            let mean =
+                (Tensor::arange(len as i64, (Kind::Float, Device::Cpu)) * 0.5 + sum_of_ranks / world as f64) * 2.0;
+            let err = (half.to_kind(Kind::Float) - &mean).abs().max().double_value(&[]);
+            assert!(err <= 0.01 * mean.abs().max().double_value(&[]), "bf16 all-reduce off by {err}");
+            for (r, part) in super::even_ranges(len, world).into_iter().enumerate() {
+                let got = params.narrow(0, part.start as i64, part.len() as i64);
+                assert!(got.numel() == 0 || got.eq(r as f64).all().int64_value(&[]) == 1, "all-gather part {r}");
+            }
+            assert_eq!(root.double_value(&[0]), world as f64 - 1.0 + 10.0);
+        }
+    }
+}
+
+#[test]
+fn solo_is_a_group_of_one() {
+    use super::{Collective, Solo};
+    use tch::{Device, Kind, Tensor};
+    let mut c = Solo;
+    let t = Tensor::ones([5], (Kind::Float, Device::Cpu));
+    c.all_reduce(&t, ReduceOp::Sum).unwrap().wait().unwrap();
+    c.reduce_scatter(&t, &even_ranges(5, 1), ReduceOp::Sum).unwrap().wait().unwrap();
+    assert_eq!(t.sum(Kind::Float).double_value(&[]), 5.0);
+    assert!(c.reduce_scatter(&t, &even_ranges(4, 1), ReduceOp::Sum).is_err(), "ranges must tile the buffer");
+    assert!(c.broadcast(&t, 1).is_err());
+    let ints = Tensor::ones([5], (Kind::Int64, Device::Cpu));
+    assert!(c.all_reduce(&ints, ReduceOp::Sum).unwrap_err().to_string().contains("not supported"));
+    assert_eq!((c.rank(), c.world_size(), c.backend()), (0, 1, "solo"));
 }

@@ -1,0 +1,222 @@
+//! The model shape: the one type every crate uses for it.
+
+use moxin_proto::v1::ModelSpec;
+use serde::{Deserialize, Serialize};
+
+use crate::params::{Init, ParamDecl, ParamGroup};
+
+/// A complete Mistral-style decoder shape. Field names follow the preset files
+/// (`configs/models/*.toml`); the wire form is [`ModelSpec`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelShape {
+    /// Vocabulary size (rows of the embedding and the LM head).
+    pub vocab_size: u32,
+    /// Model width (hidden_size).
+    pub dim: u32,
+    /// Decoder blocks.
+    pub n_layers: u32,
+    /// Query heads.
+    pub n_heads: u32,
+    /// Key/value heads (grouped-query attention); divides `n_heads`.
+    pub n_kv_heads: u32,
+    /// SwiGLU hidden size (intermediate_size).
+    pub ffn_dim: u32,
+    /// Longest sequence the model is built for.
+    pub max_seq_len: u32,
+    /// Sliding attention window: each token sees itself and the `sliding_window - 1` before it.
+    pub sliding_window: u32,
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// RMSNorm epsilon.
+    pub norm_eps: f64,
+    /// Standard deviation of the normal initialisation.
+    pub init_std: f64,
+}
+
+/// Parameters of one class (embedding, attention, MLP, norms, LM head).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ParamClass {
+    /// Class name.
+    pub class: &'static str,
+    /// Parameters.
+    pub params: u64,
+}
+
+impl From<&ModelSpec> for ModelShape {
+    fn from(s: &ModelSpec) -> Self {
+        ModelShape {
+            vocab_size: s.vocab_size,
+            dim: s.dim,
+            n_layers: s.n_layers,
+            n_heads: s.n_heads,
+            n_kv_heads: s.n_kv_heads,
+            ffn_dim: s.ffn_dim,
+            max_seq_len: s.max_seq_len,
+            sliding_window: s.sliding_window,
+            rope_theta: s.rope_theta,
+            norm_eps: s.norm_eps,
+            init_std: s.init_std,
+        }
+    }
+}
+
+impl ModelShape {
+    /// The wire form, recording the preset it came from.
+    pub fn to_spec(&self, preset: &str) -> ModelSpec {
+        ModelSpec {
+            preset: preset.to_string(),
+            vocab_size: self.vocab_size,
+            dim: self.dim,
+            n_layers: self.n_layers,
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            ffn_dim: self.ffn_dim,
+            max_seq_len: self.max_seq_len,
+            sliding_window: self.sliding_window,
+            rope_theta: self.rope_theta,
+            norm_eps: self.norm_eps,
+            init_std: self.init_std,
+        }
+    }
+
+    /// Width of one attention head.
+    pub fn head_dim(&self) -> u32 {
+        self.dim / self.n_heads.max(1)
+    }
+
+    /// Every parameter in model order, with Hugging Face `MistralForCausalLM` names, shapes
+    /// and initialisation: normal(0, init_std), output projections (o_proj, down_proj)
+    /// scaled by 1/sqrt(2 n_layers) as in GPT-2, norm gains at one. q/k/v and gate/up are
+    /// grouped into fused leaves so each is one GEMM.
+    pub fn param_groups(&self) -> Vec<ParamGroup> {
+        let (d, hd) = (self.dim as i64, self.head_dim() as i64);
+        let (heads, kv, ffn, vocab) =
+            (self.n_heads as i64, self.n_kv_heads as i64, self.ffn_dim as i64, self.vocab_size as i64);
+        let std = self.init_std;
+        let out_std = std / (2.0 * self.n_layers.max(1) as f64).sqrt();
+        let mut order = 0;
+        let mut decl = |name: String, shape: Vec<i64>, init| {
+            order += 1;
+            ParamDecl { name, shape, init, order }
+        };
+        let mut v =
+            vec![ParamGroup::single(decl("model.embed_tokens.weight".into(), vec![vocab, d], Init::Normal { std }))];
+        for i in 0..self.n_layers {
+            let p = format!("model.layers.{i}");
+            v.push(ParamGroup::single(decl(format!("{p}.input_layernorm.weight"), vec![d], Init::Ones)));
+            v.push(ParamGroup::fused(
+                format!("{p}.self_attn.qkv"),
+                vec![
+                    decl(format!("{p}.self_attn.q_proj.weight"), vec![heads * hd, d], Init::Normal { std }),
+                    decl(format!("{p}.self_attn.k_proj.weight"), vec![kv * hd, d], Init::Normal { std }),
+                    decl(format!("{p}.self_attn.v_proj.weight"), vec![kv * hd, d], Init::Normal { std }),
+                ],
+            ));
+            v.push(ParamGroup::single(decl(
+                format!("{p}.self_attn.o_proj.weight"),
+                vec![d, heads * hd],
+                Init::Normal { std: out_std },
+            )));
+            v.push(ParamGroup::single(decl(format!("{p}.post_attention_layernorm.weight"), vec![d], Init::Ones)));
+            v.push(ParamGroup::fused(
+                format!("{p}.mlp.gate_up"),
+                vec![
+                    decl(format!("{p}.mlp.gate_proj.weight"), vec![ffn, d], Init::Normal { std }),
+                    decl(format!("{p}.mlp.up_proj.weight"), vec![ffn, d], Init::Normal { std }),
+                ],
+            ));
+            v.push(ParamGroup::single(decl(
+                format!("{p}.mlp.down_proj.weight"),
+                vec![d, ffn],
+                Init::Normal { std: out_std },
+            )));
+        }
+        v.push(ParamGroup::single(decl("model.norm.weight".into(), vec![d], Init::Ones)));
+        v.push(ParamGroup::single(decl("lm_head.weight".into(), vec![vocab, d], Init::Normal { std })));
+        v
+    }
+
+    /// Every parameter declaration in model order.
+    pub fn param_decls(&self) -> Vec<ParamDecl> {
+        self.param_groups().into_iter().flat_map(|g| g.members).collect()
+    }
+
+    /// Parameter elements in total (the flat buffer's length before padding).
+    pub fn param_count(&self) -> u64 {
+        self.param_decls().iter().map(|d| d.numel() as u64).sum()
+    }
+
+    /// Parameters per class, in the order embedding, attention, mlp, norm, lm_head.
+    pub fn param_classes(&self) -> Vec<ParamClass> {
+        let mut counts = [0u64; 5];
+        for d in self.param_decls() {
+            let class = if d.name.contains("embed_tokens") {
+                0
+            } else if d.name.contains("self_attn") {
+                1
+            } else if d.name.contains(".mlp.") {
+                2
+            } else if d.name.contains("norm") {
+                3
+            } else {
+                4
+            };
+            counts[class] += d.numel() as u64;
+        }
+        ["embedding", "attention", "mlp", "norm", "lm_head"]
+            .into_iter()
+            .zip(counts)
+            .map(|(class, params)| ParamClass { class, params })
+            .collect()
+    }
+
+    /// Training FLOPs per token at sequence length `seq_len` (forward + backward):
+    /// 6 per parameter plus causal attention, 6 · layers · dim · (attended keys), where a
+    /// token attends on average to about `min(seq_len, sliding_window)` keys. This is the
+    /// numerator of MFU as PaLM and torchtitan define it.
+    pub fn train_flops_per_token(&self, seq_len: u32) -> f64 {
+        let keys = seq_len.min(self.sliding_window) as f64;
+        6.0 * self.param_count() as f64 + 6.0 * self.n_layers as f64 * self.dim as f64 * keys
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn moxin_7b() -> ModelShape {
+        ModelShape {
+            vocab_size: 32000,
+            dim: 4096,
+            n_layers: 36,
+            n_heads: 32,
+            n_kv_heads: 8,
+            ffn_dim: 14336,
+            max_seq_len: 32768,
+            sliding_window: 4096,
+            rope_theta: 10000.0,
+            norm_eps: 1e-5,
+            init_std: 0.02,
+        }
+    }
+
+    #[test]
+    fn moxin_7b_counts_by_hand() {
+        let s = moxin_7b();
+        // embed + head: 2 · 32000 · 4096; per layer: q,o 4096² each, k,v 1024·4096 each,
+        // MLP 3 · 14336 · 4096, two norms; final norm.
+        let per_layer = 2 * 4096 * 4096 + 2 * 1024 * 4096 + 3 * 14336 * 4096 + 2 * 4096;
+        let want = 2 * 32000 * 4096 + 36 * per_layer + 4096;
+        assert_eq!(s.param_count(), want);
+        assert_eq!(s.param_count(), 8_114_180_096);
+        assert_eq!(s.param_classes().iter().map(|c| c.params).sum::<u64>(), want);
+        let spec = s.to_spec("moxin-7b");
+        assert_eq!(ModelShape::from(&spec), s);
+        // 6N + 6 · 36 · 4096 · 4096 at seq 4096.
+        let f = s.train_flops_per_token(4096);
+        assert_eq!(f, 6.0 * want as f64 + 6.0 * 36.0 * 4096.0 * 4096.0);
+        // Beyond the window, attention cost stops growing.
+        assert_eq!(s.train_flops_per_token(8192), f);
+    }
+}

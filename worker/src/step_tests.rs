@@ -1,0 +1,111 @@
+//! The block-by-block step against whole-graph autograd, and the fused head against the
+//! plain cross-entropy.
+
+use tch::{Device, Kind, Tensor};
+
+use crate::model_tests::{max_diff, model, tokens};
+use crate::trainer::objective::{head_forward_backward, head_loss, CrossEntropy, Objective};
+use crate::trainer::step::{forward_backward, GradSink, Stages};
+use crate::trainer::Batch;
+use crate::WorkerError;
+
+/// Collects gradients into one flat buffer, like the real sink, and checks the protocol.
+struct Collect {
+    grad: Tensor,
+    ranges: Vec<(i64, i64)>,
+    shapes: Vec<Vec<i64>>,
+    done: Vec<usize>,
+}
+
+impl GradSink for Collect {
+    fn add(&mut self, leaf: usize, grad: &Tensor) -> Result<(), WorkerError> {
+        let (o, n) = self.ranges[leaf];
+        let _ = self.grad.narrow(0, o, n).g_add_(&grad.reshape([-1]));
+        Ok(())
+    }
+    fn region(&mut self, leaf: usize) -> Tensor {
+        let (o, n) = self.ranges[leaf];
+        self.grad.narrow(0, o, n).view(self.shapes[leaf].as_slice())
+    }
+    fn done(&mut self, leaf: usize) -> Result<(), WorkerError> {
+        assert!(!self.done.contains(&leaf), "leaf {leaf} finished twice");
+        self.done.push(leaf);
+        Ok(())
+    }
+}
+
+fn batch(len: i64, weights: bool) -> Batch {
+    let rows = tokens(2, len + 1, 61, 11);
+    let weights = weights.then(|| {
+        tch::manual_seed(3);
+        Tensor::rand([2, len], (Kind::Double, Device::Cpu)).ge(0.3).to_kind(Kind::Double)
+    });
+    Batch { inputs: rows.narrow(1, 0, len), targets: rows.narrow(1, 1, len), weights }
+}
+
+/// Whole-graph autograd: logits for the whole batch, log-softmax, weighted mean.
+fn reference(m: &crate::model::Transformer, b: &Batch, scale: f64) -> (f64, Tensor) {
+    let logits = m.forward(&b.inputs, None);
+    let logp = logits.log_softmax(-1, Kind::Double).gather(2, &b.targets.unsqueeze(2), false).squeeze_dim(2);
+    let w = b.weights.as_ref().map_or_else(|| logp.ones_like(), |w| w.shallow_clone());
+    let loss = -(logp * w).sum(Kind::Double) * scale;
+    let layout = m.params.layout();
+    let leaves: Vec<&Tensor> = (0..layout.leaves.len()).map(|i| m.params.leaf_at(i)).collect();
+    let grads = Tensor::run_backward(&[&loss], &leaves, false, false);
+    let flat = Tensor::zeros([layout.numel], (Kind::Double, Device::Cpu));
+    for (l, g) in layout.leaves.iter().zip(grads) {
+        flat.narrow(0, l.offset, l.numel).copy_(&g.reshape([-1]));
+    }
+    (loss.double_value(&[]), flat)
+}
+
+#[test]
+fn block_by_block_gradients_equal_whole_graph_autograd() {
+    // Window 7 < 20 tokens also sends attention through the windowed blocks.
+    for (window, recompute, weights) in [(64, false, false), (7, false, true), (7, true, false)] {
+        let m = model(window, 21);
+        let b = batch(20, weights);
+        let scale = 1.0 / 40.0;
+        let (want_loss, want) = reference(&m, &b, scale);
+        let layout = m.params.layout();
+        let mut sink = Collect {
+            grad: Tensor::zeros([layout.numel], (Kind::Double, Device::Cpu)),
+            ranges: layout.leaves.iter().map(|l| (l.offset, l.numel)).collect(),
+            shapes: layout.leaves.iter().map(|l| l.shape.clone()).collect(),
+            done: Vec::new(),
+        };
+        let objective = CrossEntropy { scale };
+        let loss = forward_backward(&m, &Stages::of(layout), &b, &objective, recompute, &mut sink).unwrap();
+        assert!((loss.double_value(&[]) - want_loss).abs() < 1e-12, "loss {} vs {want_loss}", loss.double_value(&[]));
+        assert_eq!(sink.done.len(), layout.leaves.len(), "every leaf reported once");
+        let err = max_diff(&sink.grad, &want) / want.abs().max().double_value(&[]);
+        assert!(err < 1e-10, "window {window} recompute {recompute} weights {weights}: relative error {err}");
+    }
+}
+
+#[test]
+fn chunked_head_matches_full_cross_entropy_in_fp32() {
+    // fp32, several chunks (the chunk size is large, so use a large vocabulary), and the
+    // no-grad path used by eval.
+    tch::manual_seed(5);
+    let (n, d, vocab) = (40i64, 16i64, 1 << 21);
+    let hidden = Tensor::randn([2, n / 2, d], (Kind::Float, Device::Cpu));
+    let weight = Tensor::randn([vocab, d], (Kind::Float, Device::Cpu)) * 0.1;
+    let targets = Tensor::randint(vocab, [2, n / 2], (Kind::Int64, Device::Cpu));
+    let b = Batch { inputs: targets.zeros_like(), targets: targets.shallow_clone(), weights: None };
+    let objective = CrossEntropy::mean_over(n as f64);
+
+    let h = hidden.detach().set_requires_grad(true);
+    let w = weight.detach().set_requires_grad(true);
+    let loss = h.matmul(&w.tr()).view([n, vocab]).cross_entropy_for_logits(&targets.view([-1]));
+    let grads = Tensor::run_backward(&[&loss], &[&h, &w], false, false);
+
+    let mut gw = Tensor::zeros([vocab, d], (Kind::Float, Device::Cpu));
+    let out = head_forward_backward(&hidden, &weight, &b, &objective, &mut gw);
+    assert!((out.loss.double_value(&[]) - loss.double_value(&[])).abs() < 1e-5);
+    assert!(max_diff(&out.d_hidden, &grads[0]) < 1e-6, "{}", max_diff(&out.d_hidden, &grads[0]));
+    assert!(max_diff(&gw, &grads[1]) < 1e-7, "{}", max_diff(&gw, &grads[1]));
+    let eval = head_loss(&hidden, &weight, &b, &objective);
+    assert!((eval.double_value(&[]) - loss.double_value(&[])).abs() < 1e-5);
+    assert_eq!(objective.name(), "cross_entropy");
+}

@@ -1,0 +1,141 @@
+//! Batch sources: what one rank trains on in each micro-batch of a step.
+//!
+//! A [`BatchSource`] turns the data cursor (the first sample of the step's global batch)
+//! into this rank's micro-batches. Pre-training windows are the one source today; SFT
+//! conversations with loss masks and GRPO rollouts are further implementations of the same
+//! trait, so the step, the objective and the gradient sync do not change with the data.
+
+use std::ops::Range;
+use std::path::PathBuf;
+
+use moxin_data::{SampleOrder, TokenDataset};
+use tch::{Device, Tensor};
+
+use crate::WorkerError;
+
+/// One micro-batch on the compute device.
+#[derive(Debug)]
+pub struct Batch {
+    /// Input tokens `[b, t]` (i64).
+    pub inputs: Tensor,
+    /// The token each position predicts `[b, t]` (i64).
+    pub targets: Tensor,
+    /// Per-token loss weight `[b, t]` (fp32; 0 leaves a token out of the loss), or `None`
+    /// when every token counts the same.
+    pub weights: Option<Tensor>,
+}
+
+impl Batch {
+    /// Tokens (positions) in the micro-batch.
+    pub fn tokens(&self) -> i64 {
+        self.inputs.numel() as i64
+    }
+}
+
+/// Where a rank's micro-batches come from.
+pub trait BatchSource {
+    /// Micro-batches this rank runs per optimizer step.
+    fn micro_batches(&self) -> usize;
+    /// Micro-batch `index` of the step whose global batch starts at sample `cursor`.
+    fn micro_batch(&mut self, cursor: u64, index: usize, device: Device) -> Result<Batch, WorkerError>;
+    /// Samples the data cursor advances per step (the global batch, over all ranks).
+    fn samples_per_step(&self) -> u64;
+    /// Tokens trained on per step over all ranks.
+    fn tokens_per_step(&self) -> u64;
+    /// The number of tokens the step's loss is the mean over (all ranks together).
+    fn loss_tokens_per_step(&self) -> f64;
+    /// Samples in one pass over the data.
+    fn samples_per_epoch(&self) -> u64;
+    /// Files a checkpoint copies so it is self-contained, `(name, source)` (the tokenizer).
+    fn checkpoint_files(&self) -> Vec<(String, PathBuf)>;
+}
+
+/// Pre-training: fixed-length windows of the token stream in a seeded order; each sample
+/// is `seq_len + 1` tokens (inputs, and targets shifted by one). Rank `r` takes the samples
+/// `cursor + slice` of each global batch, `micro` at a time.
+pub struct PretrainWindows {
+    data: TokenDataset,
+    order: SampleOrder,
+    slice: Range<u32>,
+    micro: usize,
+    global_batch: u32,
+    vocab: i64,
+    buf: Vec<i64>,
+}
+
+impl PretrainWindows {
+    /// Windows of `data` in the order seeded by `seed`; this rank trains on `slice` of each
+    /// global batch of `global_batch` samples in micro-batches of `micro`. Token ids must be
+    /// below `vocab` (the model's vocabulary).
+    pub fn new(
+        data: TokenDataset,
+        seed: u64,
+        slice: Range<u32>,
+        micro: u32,
+        global_batch: u32,
+        vocab: u32,
+    ) -> Result<Self, WorkerError> {
+        if micro == 0 || slice.is_empty() || slice.end > global_batch || slice.len() as u32 % micro != 0 {
+            return Err(WorkerError::Spec(format!(
+                "samples {slice:?} of a global batch of {global_batch} are not whole micro-batches of {micro}"
+            )));
+        }
+        let order = SampleOrder::new(data.num_samples(), seed);
+        Ok(PretrainWindows {
+            data,
+            order,
+            slice,
+            micro: micro as usize,
+            global_batch,
+            vocab: vocab as i64,
+            buf: Vec::new(),
+        })
+    }
+}
+
+impl BatchSource for PretrainWindows {
+    fn micro_batches(&self) -> usize {
+        self.slice.len() / self.micro
+    }
+
+    fn micro_batch(&mut self, cursor: u64, index: usize, device: Device) -> Result<Batch, WorkerError> {
+        let first = cursor + self.slice.start as u64 + (index * self.micro) as u64;
+        self.buf.clear();
+        self.data.read_batch(&self.order, first, self.micro, &mut self.buf);
+        let row = self.data.seq_len() as i64 + 1;
+        let rows = Tensor::from_slice(&self.buf).view([self.micro as i64, row]).to_device(device);
+        // A token id outside the vocabulary would index past the embedding (a crash deep in
+        // libtorch); the manifest's checksums normally rule it out, but they are optional.
+        if let Some(&bad) = self.buf.iter().find(|&&t| t < 0 || t >= self.vocab) {
+            return Err(WorkerError::Data(moxin_data::DataError::Input {
+                path: self.data.dir().to_path_buf(),
+                reason: format!(
+                    "token id {bad} is outside the model's vocabulary of {}; the shards are corrupt, \
+                     re-run `moxin-train data prepare` (or set data.verify_checksums = true to find the file)",
+                    self.vocab
+                ),
+            }));
+        }
+        Ok(Batch { inputs: rows.narrow(1, 0, row - 1), targets: rows.narrow(1, 1, row - 1), weights: None })
+    }
+
+    fn samples_per_step(&self) -> u64 {
+        self.global_batch as u64
+    }
+
+    fn tokens_per_step(&self) -> u64 {
+        self.global_batch as u64 * self.data.seq_len() as u64
+    }
+
+    fn loss_tokens_per_step(&self) -> f64 {
+        self.tokens_per_step() as f64
+    }
+
+    fn samples_per_epoch(&self) -> u64 {
+        self.data.num_samples()
+    }
+
+    fn checkpoint_files(&self) -> Vec<(String, PathBuf)> {
+        vec![(crate::checkpoint::TOKENIZER_FILE.into(), self.data.dir().join(&self.data.manifest().tokenizer.file))]
+    }
+}

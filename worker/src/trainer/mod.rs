@@ -1,0 +1,356 @@
+//! The training loop, composed from swappable parts (as torchtitan composes its step):
+//!
+//! * a [`BatchSource`] (pre-training windows today) says what this rank trains on;
+//! * an [`Objective`] (next-token cross-entropy today) turns target log-probs into a loss;
+//! * the step ([`step::forward_backward`]) runs the model block by block, optionally
+//!   recomputing blocks, handing gradients to
+//! * the gradient-sync / optimizer-sharding strategy ([`Zero1`] over a [`Collective`]: a
+//!   world of one is [`crate::collective::Solo`], so there is one code path), and
+//! * the [`Checkpointer`] saves and resumes the group's state.
+//!
+//! One optimizer step consumes samples `[cursor, cursor + global_batch)` of the seeded
+//! order. The loop's whole state is (parameters, optimizer state, step, cursor), which a
+//! checkpoint holds bit for bit, so a resumed run continues exactly as if never stopped.
+
+pub mod batch;
+pub mod checkpointing;
+pub mod objective;
+pub mod step;
+pub mod zero;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use moxin_data::{Manifest, TokenDataset};
+use moxin_layout::ModelShape;
+use moxin_proto::v1::{runtime_spec, Assignment, JobSpec, StepMetrics};
+use tch::{Kind, Tensor};
+
+pub use self::batch::{Batch, BatchSource, PretrainWindows};
+pub use self::checkpointing::{Checkpointer, Progress};
+pub use self::objective::{CrossEntropy, Objective};
+pub use self::zero::Zero1;
+use crate::collective::Collective;
+use crate::device::Placement;
+use crate::model::Transformer;
+use crate::optim::{learning_rate, AdamWConfig};
+use crate::WorkerError;
+
+/// Why [`Trainer::run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunEnd {
+    /// `train.steps` were completed.
+    Finished,
+    /// Stopped early (at `stop_after`, or on request); a checkpoint was written.
+    Stopped,
+}
+
+macro_rules! section {
+    ($spec:expr, $field:ident) => {
+        $spec.$field.as_ref().ok_or_else(|| WorkerError::Spec(concat!("missing ", stringify!($field)).into()))?
+    };
+}
+
+/// A job's training state on this process (one rank of a group, possibly of one).
+pub struct Trainer {
+    spec: JobSpec,
+    /// The model.
+    pub model: Transformer,
+    stages: step::Stages,
+    batches: Box<dyn BatchSource>,
+    objective: Box<dyn Objective>,
+    sync: Zero1,
+    checkpoints: Checkpointer,
+    placement: Placement,
+    progress: Progress,
+    resumed_from: Option<u64>,
+    /// Set (from any thread) to stop at the next step boundary; the ranks agree on it
+    /// through the per-step all-reduce, so all stop at the same step.
+    pub stop_requested: Arc<AtomicBool>,
+    group_stop: bool,
+    recompute: bool,
+    profile: bool,
+    flops_per_token: f64,
+    peak_flops: Option<f64>,
+    cuda: Option<Arc<crate::cuda::CudaContext>>,
+    peak_memory: u64,
+}
+
+impl Trainer {
+    /// Builds the model, data and optimizer partition for `spec` as the rank `assignment`
+    /// places this process at, talking to the others through `collective`, on `placement`;
+    /// resumes from the newest valid checkpoint in the run directory if there is one.
+    pub fn new(
+        spec: &JobSpec,
+        assignment: &Assignment,
+        collective: Box<dyn Collective>,
+        placement: Placement,
+    ) -> Result<Self, WorkerError> {
+        let model_spec = section!(spec, model);
+        let data_spec = section!(spec, data);
+        let train = section!(spec, train);
+        let runtime = section!(spec, runtime);
+        let data_plan = section!(assignment, data);
+        let (rank, world) = (collective.rank(), collective.world_size());
+        if (assignment.rank as usize, assignment.world_size as usize) != (rank, world) {
+            return Err(WorkerError::Spec(format!(
+                "assignment for rank {} of {} given a collective of rank {rank} of {world}",
+                assignment.rank, assignment.world_size
+            )));
+        }
+        if data_plan.global_batch_size != train.global_batch_size
+            || data_plan.accumulation_steps * data_plan.micro_batch_size != data_plan.rank_samples
+        {
+            return Err(WorkerError::Spec(format!(
+                "data assignment {data_plan:?} does not fit the job's global batch of {}",
+                train.global_batch_size
+            )));
+        }
+
+        let shape = ModelShape::from(model_spec);
+        let partitions: Vec<std::ops::Range<usize>> =
+            assignment.partitions.iter().map(|p| p.start as usize..p.end as usize).collect();
+        let padded = partitions.last().map_or(0, |r| r.end) as i64;
+        let mut model = Transformer::with_flat_len(shape.clone(), placement.kind, placement.device, padded);
+        model.params.initialise(spec.seed);
+
+        let data_dir = PathBuf::from(&data_spec.prepared_dir);
+        let data = TokenDataset::open(&data_dir, train.seq_len, shape.vocab_size, data_spec.verify_checksums)?;
+        let sha = Manifest::file_sha256(&data_dir)?;
+        if !data_spec.manifest_sha256.is_empty() && sha != data_spec.manifest_sha256 {
+            return Err(WorkerError::Spec(format!(
+                "{}: data manifest changed since the coordinator validated it",
+                data_dir.display()
+            )));
+        }
+        if data_plan.samples_per_epoch != data.num_samples() {
+            return Err(WorkerError::Spec(format!(
+                "{}: {} samples per epoch here, {} when the coordinator planned the job; the data changed",
+                data_dir.display(),
+                data.num_samples(),
+                data_plan.samples_per_epoch
+            )));
+        }
+        let slice = data_plan.rank_first_sample..data_plan.rank_first_sample + data_plan.rank_samples;
+        let batches = PretrainWindows::new(
+            data,
+            spec.seed,
+            slice,
+            data_plan.micro_batch_size,
+            data_plan.global_batch_size,
+            shape.vocab_size,
+        )?;
+        let objective = CrossEntropy::mean_over(batches.loss_tokens_per_step());
+
+        let grad_kind = match runtime.grad_reduce() {
+            runtime_spec::GradReduce::Bf16 => Kind::BFloat16,
+            runtime_spec::GradReduce::Fp32 => Kind::Float,
+        };
+        let opt_config = AdamWConfig::from(section!(spec, optimizer));
+        let mut sync =
+            Zero1::new(collective, partitions, model.params.layout(), model.params.flat(), grad_kind, opt_config)?;
+        let checkpoints = Checkpointer::new(spec);
+        if rank == 0 {
+            checkpoints.sweep();
+        }
+        let restored = checkpoints.restore_latest(&mut model, &mut sync.opt)?;
+        // Every rank starts from rank 0's parameters, whatever happened before.
+        let params = model.params.flat().shallow_clone();
+        sync.collective()
+            .broadcast(&params, 0)
+            .and_then(|w| w.wait())
+            .map_err(|e| WorkerError::Collective(e.to_string()))?;
+        if restored.is_none() {
+            sync.opt.reset_master(model.params.flat());
+        }
+
+        let cuda = placement.cuda_ordinal().and_then(|i| crate::cuda::context(i).ok());
+        let peak_flops = match (runtime.peak_tflops, &cuda) {
+            (p, _) if p > 0.0 => Some(p * 1e12),
+            (_, Some(ctx)) => ctx.name().ok().and_then(|n| crate::cuda::peak_bf16_flops(&n)),
+            _ => None,
+        };
+        Ok(Trainer {
+            spec: spec.clone(),
+            stages: step::Stages::of(model.params.layout()),
+            flops_per_token: shape.train_flops_per_token(train.seq_len),
+            model,
+            batches: Box::new(batches),
+            objective: Box::new(objective),
+            sync,
+            checkpoints,
+            placement,
+            resumed_from: restored.map(|p| p.step),
+            progress: restored.unwrap_or_default(),
+            stop_requested: Default::default(),
+            group_stop: false,
+            recompute: runtime.recompute() == runtime_spec::Recompute::Blocks,
+            profile: runtime.profile,
+            peak_flops,
+            cuda,
+            peak_memory: 0,
+        })
+    }
+
+    /// Optimizer steps completed.
+    pub fn step(&self) -> u64 {
+        self.progress.step
+    }
+
+    /// Samples consumed.
+    pub fn cursor(&self) -> u64 {
+        self.progress.cursor
+    }
+
+    /// The step of the checkpoint this run resumed from, if any.
+    pub fn resumed_from(&self) -> Option<u64> {
+        self.resumed_from
+    }
+
+    /// Device and dtype in use.
+    pub fn placement(&self) -> Placement {
+        self.placement
+    }
+
+    /// Samples per epoch of the training data.
+    pub fn samples_per_epoch(&self) -> u64 {
+        self.batches.samples_per_epoch()
+    }
+
+    /// This rank and the group size.
+    pub fn rank_and_world(&mut self) -> (usize, usize) {
+        let c = self.sync.collective();
+        (c.rank(), c.world_size())
+    }
+
+    /// The collective backend in use (`solo`, `ring` or `nccl`).
+    pub fn backend(&mut self) -> &'static str {
+        self.sync.collective().backend()
+    }
+
+    /// Runs optimizer steps until `train.steps` (or `stop_after`, if smaller), calling
+    /// `observer` after every `log_every_steps`-th step and checkpointing on schedule and
+    /// at the end.
+    pub fn run(
+        &mut self,
+        stop_after: Option<u64>,
+        observer: &mut dyn FnMut(&StepMetrics) -> Result<(), String>,
+    ) -> Result<RunEnd, WorkerError> {
+        let train = *section!(self.spec, train);
+        let every = section!(self.spec, checkpoint).every_steps;
+        let target = stop_after.map_or(train.steps, |s| s.min(train.steps));
+        let mut saved_at = self.resumed_from;
+        while self.progress.step < target {
+            let metrics = self.train_step()?;
+            let step = self.progress.step;
+            if step % train.log_every_steps as u64 == 0 || step == target {
+                observer(&metrics).map_err(WorkerError::Observer)?;
+            }
+            if every > 0 && step % every == 0 {
+                self.save_checkpoint()?;
+                saved_at = Some(step);
+            }
+            if self.group_stop {
+                tracing::info!(step, "stop requested; saving a checkpoint and stopping");
+                break;
+            }
+        }
+        if saved_at != Some(self.progress.step) {
+            self.save_checkpoint()?;
+        }
+        Ok(if self.progress.step >= train.steps { RunEnd::Finished } else { RunEnd::Stopped })
+    }
+
+    fn synchronize(&self) {
+        if let Some(i) = self.placement.cuda_ordinal() {
+            tch::Cuda::synchronize(i as i64);
+        }
+    }
+
+    /// One optimizer step over the next global batch: this rank's micro-batches forward and
+    /// backward (gradients reduce-scatter bucket by bucket as backward produces them), then
+    /// the group agrees on the norm and loss, clips, updates its partition and all-gathers.
+    pub fn train_step(&mut self) -> Result<StepMetrics, WorkerError> {
+        let started = Instant::now();
+        let train = *section!(self.spec, train);
+        let opt_spec = *section!(self.spec, optimizer);
+        let schedule = *section!(self.spec, schedule);
+        let lr = learning_rate(&schedule, opt_spec.lr, self.progress.step, train.steps);
+        let device = self.placement.device;
+        let micro = self.batches.micro_batches();
+        let mut loss = Tensor::zeros([], (Kind::Float, device));
+        for m in 0..micro {
+            self.sync.begin_micro_batch(m, micro);
+            let batch = self.batches.micro_batch(self.progress.cursor, m, device)?;
+            let l = step::forward_backward(
+                &self.model,
+                &self.stages,
+                &batch,
+                self.objective.as_ref(),
+                self.recompute,
+                &mut self.sync,
+            )?;
+            loss += l.to_kind(Kind::Float);
+        }
+        if self.profile {
+            self.synchronize();
+        }
+        let compute_s = started.elapsed().as_secs_f64();
+        let stop = self.stop_requested.load(Ordering::Relaxed);
+        let params = self.model.params.flat().shallow_clone();
+        let synced = self.sync.finish(&params, &loss, stop, lr, opt_spec.grad_clip)?;
+        if !synced.loss.is_finite() {
+            return Err(WorkerError::Spec(format!(
+                "loss became {} at step {}; lower optimizer.lr or check the data",
+                synced.loss,
+                self.progress.step + 1
+            )));
+        }
+        self.group_stop = synced.stop;
+        if self.profile {
+            self.synchronize();
+        }
+        let step_time_s = started.elapsed().as_secs_f64();
+        let world = self.sync.partitions().len();
+        let step_tokens = self.batches.tokens_per_step();
+        self.progress.step += 1;
+        self.progress.cursor += self.batches.samples_per_step();
+        self.progress.tokens += step_tokens;
+        self.progress.elapsed_s += step_time_s;
+        self.peak_memory = self.peak_memory.max(crate::device::memory_in_use(device, self.cuda.as_deref()));
+        let tokens_per_s = step_tokens as f64 / step_time_s.max(1e-9);
+        let mfu = self.peak_flops.map_or(0.0, |peak| tokens_per_s / world as f64 * self.flops_per_token / peak);
+        Ok(StepMetrics {
+            step: self.progress.step,
+            loss: synced.loss,
+            lr,
+            grad_norm: synced.grad_norm,
+            tokens: self.progress.tokens,
+            tokens_per_s,
+            elapsed_s: self.progress.elapsed_s,
+            step_time_s,
+            world_size: world as u32,
+            data_cursor: self.progress.cursor,
+            compute_s,
+            optimizer_s: (step_time_s - compute_s - synced.comm.exposed_s).max(0.0),
+            comm_s: synced.comm.busy_s,
+            comm_exposed_s: synced.comm.exposed_s,
+            mfu,
+            peak_memory_bytes: self.peak_memory,
+        })
+    }
+
+    /// Writes a checkpoint of the current state (every rank of the group takes part).
+    pub fn save_checkpoint(&mut self) -> Result<PathBuf, WorkerError> {
+        let total = self.model.params.numel();
+        let partitions =
+            self.sync.partitions().iter().map(|r| ((r.start as i64).min(total), (r.end as i64).min(total))).collect();
+        let keep_last = section!(self.spec, checkpoint).keep_last as usize;
+        let files = self.batches.checkpoint_files();
+        let progress = self.progress;
+        let (collective, opt) = self.sync.collective_and_optimizer();
+        self.checkpoints.save(collective, partitions, &self.model, opt, progress, files, keep_last)
+    }
+}

@@ -1,0 +1,132 @@
+//! One micro-batch's forward and backward pass, block by block.
+//!
+//! libtorch offers no backward hooks to tch, so instead of one backward over the whole
+//! graph the step differentiates one stage at a time: each decoder block's input is a leaf
+//! cut from the previous block's output, and backward runs stage by stage from the head to
+//! the embedding, handing each block's parameter gradients to a [`GradSink`] the moment
+//! they exist. That is what lets gradient buckets reduce while earlier blocks are still in
+//! backward, lets a block be recomputed instead of stored (`recompute`), and lets the head
+//! and the embedding use hand-written gradients (the chunked head in
+//! [`super::objective`], an `index_add` for the embedding) instead of materialising logits
+//! or a dense embedding gradient. Gradients equal whole-graph autograd's (tested).
+
+use moxin_layout::FlatLayout;
+use tch::Tensor;
+
+use super::batch::Batch;
+use super::objective::{head_forward_backward, Objective};
+use crate::model::Transformer;
+use crate::WorkerError;
+
+/// Receives gradients as backward produces them, in the flat layout's leaf indices.
+pub trait GradSink {
+    /// Adds `grad` (shaped like the leaf, any float dtype) to leaf `leaf`'s gradient.
+    fn add(&mut self, leaf: usize, grad: &Tensor) -> Result<(), WorkerError>;
+    /// Leaf `leaf`'s gradient storage, shaped like the leaf, for code that accumulates into
+    /// it in place.
+    fn region(&mut self, leaf: usize) -> Tensor;
+    /// Leaf `leaf`'s gradient for this micro-batch is complete.
+    fn done(&mut self, leaf: usize) -> Result<(), WorkerError>;
+}
+
+/// Which leaves belong to which stage.
+#[derive(Debug, Clone)]
+pub struct Stages {
+    embed: usize,
+    blocks: Vec<Vec<usize>>,
+    final_norm: usize,
+    head: usize,
+}
+
+impl Stages {
+    /// The stages of `layout` (a Mistral-style model's).
+    pub fn of(layout: &FlatLayout) -> Self {
+        let index = |name: &str| layout.leaves.iter().position(|l| l.name == name).expect("model leaf");
+        let layers = layout.leaves.iter().filter_map(|l| l.layer).max().map_or(0, |m| m as usize + 1);
+        let mut blocks = vec![Vec::new(); layers];
+        for (i, l) in layout.leaves.iter().enumerate() {
+            if let Some(layer) = l.layer {
+                blocks[layer as usize].push(i);
+            }
+        }
+        Stages {
+            embed: index("model.embed_tokens.weight"),
+            blocks,
+            final_norm: index("model.norm.weight"),
+            head: index("lm_head.weight"),
+        }
+    }
+}
+
+/// Runs `batch` forward and backward through `model` for `objective`, handing gradients to
+/// `sink`; returns the micro-batch's loss (a 0-d tensor on the device). With `recompute`,
+/// only each block's input is kept after forward and the block runs again in backward.
+pub fn forward_backward(
+    model: &Transformer,
+    stages: &Stages,
+    batch: &Batch,
+    objective: &dyn Objective,
+    recompute: bool,
+    sink: &mut dyn GradSink,
+) -> Result<Tensor, WorkerError> {
+    let params = &model.params;
+    // Forward: each block's input is a fresh leaf, so each block's graph stands alone.
+    let mut inputs = vec![tch::no_grad(|| model.embed(&batch.inputs)).set_requires_grad(true)];
+    let mut outputs = Vec::with_capacity(stages.blocks.len());
+    for i in 0..stages.blocks.len() {
+        let x = inputs.last().expect("input");
+        let y = if recompute { tch::no_grad(|| model.block(i, x)) } else { model.block(i, x) };
+        inputs.push(y.detach().set_requires_grad(true));
+        if !recompute {
+            outputs.push(y);
+        }
+    }
+    let last = inputs.last().expect("input");
+    let hidden = model.final_norm(last);
+
+    // Head: hand-written gradients, chunk by chunk.
+    let mut head_grad = sink.region(stages.head);
+    let head = head_forward_backward(&hidden.detach(), model.lm_head(), batch, objective, &mut head_grad);
+    sink.done(stages.head)?;
+
+    // Final norm.
+    let norm_leaf = params.leaf_at(stages.final_norm);
+    let mut grads = backward(&hidden, &head.d_hidden, &[last, norm_leaf])?;
+    sink.add(stages.final_norm, &grads[1])?;
+    sink.done(stages.final_norm)?;
+    let mut d_x = grads.swap_remove(0);
+
+    // Blocks, last to first.
+    for i in (0..stages.blocks.len()).rev() {
+        inputs.pop();
+        let x = inputs.last().expect("block input");
+        let y = if recompute { model.block(i, x) } else { outputs.pop().expect("block output") };
+        let mut wrt: Vec<&Tensor> = vec![x];
+        wrt.extend(stages.blocks[i].iter().map(|&l| params.leaf_at(l)));
+        let grads = backward(&y, &d_x, &wrt)?;
+        for (&leaf, g) in stages.blocks[i].iter().zip(&grads[1..]) {
+            sink.add(leaf, g)?;
+        }
+        for &leaf in &stages.blocks[i] {
+            sink.done(leaf)?;
+        }
+        d_x = grads.into_iter().next().expect("input gradient");
+    }
+
+    // Embedding: scatter-add the input gradient into the touched rows.
+    let mut embed_grad = sink.region(stages.embed);
+    tch::no_grad(|| {
+        let dim = d_x.size()[2];
+        let rows = d_x.reshape([-1, dim]).to_kind(embed_grad.kind());
+        let _ = embed_grad.index_add_(0, &batch.inputs.reshape([-1]), &rows);
+    });
+    sink.done(stages.embed)?;
+    Ok(head.loss)
+}
+
+/// Gradients of `output` (given `d_output`, the gradient flowing into it) with respect to
+/// `wrt`. Backward of `sum(output · d_output)` hands `d_output` to `output`'s graph exactly.
+fn backward(output: &Tensor, d_output: &Tensor, wrt: &[&Tensor]) -> Result<Vec<Tensor>, WorkerError> {
+    let surrogate = (output * d_output).sum(output.kind());
+    Ok(Tensor::f_run_backward(&[surrogate], wrt, false, false)?)
+}

@@ -1,0 +1,351 @@
+//! ZeRO-1 over a [`Collective`]: the gradient-sync and optimizer-sharding strategy.
+//!
+//! Gradients accumulate (over micro-batches) into one flat buffer in the parameters'
+//! layout. On the step's last micro-batch, as soon as backward has produced every leaf of
+//! a *bucket* (a contiguous run of the flat buffer), its reduce-scatter starts, so it
+//! overlaps the rest of backward; each rank ends up with the summed gradient of its own
+//! partition. Then: the global gradient norm (one all-reduce of three numbers, which also
+//! carries the loss and the stop flag), clipping, AdamW on the rank's partition (fp32
+//! master weights and moments), and an all-gather of the updated parameters.
+//!
+//! Buckets follow backward's order: the matrices form the weight-decayed prefix of the
+//! flat buffer in model order, so backward produces it back to front (head, last block, …,
+//! embedding) and buckets are cut from the end at leaf boundaries; the norm gains (a few
+//! thousand numbers after the matrices) and the padding go last.
+
+use std::ops::Range;
+
+use moxin_layout::FlatLayout;
+use tch::{Kind, Tensor};
+
+use super::step::GradSink;
+use crate::collective::{clip_ranges, Collective, CollectiveError, OpTime, ReduceOp, Work};
+use crate::optim::{clip_factor, AdamW};
+use crate::WorkerError;
+
+/// A bucket's reduce-scatter starts once it holds at least this many elements (or at a
+/// stage boundary that ends the buffer).
+const BUCKET_ELEMENTS: i64 = 1 << 24;
+
+/// Communication of one step.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CommTimes {
+    /// Time the collectives ran.
+    pub busy_s: f64,
+    /// Time the step waited for them (not hidden behind computation).
+    pub exposed_s: f64,
+}
+
+impl CommTimes {
+    fn add(&mut self, t: OpTime) {
+        self.busy_s += t.busy_s;
+        self.exposed_s += t.exposed_s;
+    }
+}
+
+/// What the group agreed on at the end of a step.
+#[derive(Debug, Clone, Copy)]
+pub struct StepSync {
+    /// Global gradient L2 norm before clipping.
+    pub grad_norm: f64,
+    /// The step's loss over all ranks.
+    pub loss: f64,
+    /// Some rank was asked to stop.
+    pub stop: bool,
+    /// Collective times.
+    pub comm: CommTimes,
+}
+
+struct Bucket {
+    range: Range<i64>,
+    /// Leaves still to finish in the current micro-batch.
+    remaining: usize,
+    leaves: usize,
+}
+
+/// ZeRO-1 gradient sync and sharded AdamW for one rank.
+pub struct Zero1 {
+    collective: Box<dyn Collective>,
+    partitions: Vec<Range<usize>>,
+    /// This rank's partition clamped to the real parameters.
+    own: Range<i64>,
+    grad: Tensor,
+    leaf_ranges: Vec<Range<i64>>,
+    leaf_shapes: Vec<Vec<i64>>,
+    buckets: Vec<Bucket>,
+    leaf_bucket: Vec<usize>,
+    written: Vec<bool>,
+    last_micro: bool,
+    in_flight: Vec<Work>,
+    comm: CommTimes,
+    /// AdamW over the partition.
+    pub opt: AdamW,
+}
+
+impl Zero1 {
+    /// The strategy for `collective`'s rank over `partitions` (tiling the padded flat
+    /// buffer `params`), with gradients kept as `grad_kind`.
+    pub fn new(
+        collective: Box<dyn Collective>,
+        partitions: Vec<Range<usize>>,
+        layout: &FlatLayout,
+        params: &Tensor,
+        grad_kind: Kind,
+        opt_config: crate::optim::AdamWConfig,
+    ) -> Result<Self, WorkerError> {
+        let padded = params.size()[0];
+        let world = collective.world_size();
+        let covered = partitions.last().map_or(0, |r| r.end) as i64;
+        if partitions.len() != world || covered != padded || padded < layout.numel {
+            return Err(WorkerError::Spec(format!(
+                "partitions {partitions:?} do not tile the {padded}-element parameter buffer ({} parameters) over {world} ranks",
+                layout.numel
+            )));
+        }
+        let mine = &partitions[collective.rank()];
+        let own = (mine.start as i64).min(layout.numel)..(mine.end as i64).min(layout.numel);
+        let opt = AdamW::new(opt_config, params, own.start, own.end, layout.decay_numel);
+        let grad = Tensor::zeros([padded], (grad_kind, params.device()));
+        let leaf_ranges: Vec<Range<i64>> = layout.leaves.iter().map(|l| l.offset..l.offset + l.numel).collect();
+        let (buckets, leaf_bucket) = plan_buckets(layout, padded);
+        let leaf_shapes = layout.leaves.iter().map(|l| l.shape.clone()).collect();
+        Ok(Zero1 {
+            leaf_shapes,
+            collective,
+            written: vec![false; leaf_ranges.len()],
+            partitions,
+            own,
+            grad,
+            leaf_ranges,
+            buckets,
+            leaf_bucket,
+            last_micro: false,
+            in_flight: Vec::new(),
+            comm: CommTimes::default(),
+            opt,
+        })
+    }
+
+    /// The collective (for broadcasts and barriers outside the step).
+    pub fn collective(&mut self) -> &mut dyn Collective {
+        self.collective.as_mut()
+    }
+
+    /// The collective and the optimizer, borrowed together (checkpoints need both).
+    pub fn collective_and_optimizer(&mut self) -> (&mut dyn Collective, &crate::optim::AdamW) {
+        (self.collective.as_mut(), &self.opt)
+    }
+
+    /// Every rank's partition.
+    pub fn partitions(&self) -> &[Range<usize>] {
+        &self.partitions
+    }
+
+    /// Starts micro-batch `index` of `count` in this step.
+    pub fn begin_micro_batch(&mut self, index: usize, count: usize) {
+        if index == 0 {
+            self.written.iter_mut().for_each(|w| *w = false);
+            self.comm = CommTimes::default();
+        }
+        self.last_micro = index + 1 == count;
+        for b in &mut self.buckets {
+            b.remaining = b.leaves;
+        }
+    }
+
+    fn view(&self, leaf: usize) -> Tensor {
+        let r = &self.leaf_ranges[leaf];
+        self.grad.narrow(0, r.start, r.end - r.start)
+    }
+
+    fn launch(&mut self, bucket: usize) -> Result<(), WorkerError> {
+        let r = self.buckets[bucket].range.clone();
+        let window = r.start as usize..r.end as usize;
+        let ranges = clip_ranges(&self.partitions, window);
+        let buf = self.grad.narrow(0, r.start, r.end - r.start);
+        let work = self.collective.reduce_scatter(&buf, &ranges, ReduceOp::Sum).map_err(comm_error)?;
+        self.in_flight.push(work);
+        Ok(())
+    }
+
+    fn wait_in_flight(&mut self) -> Result<(), WorkerError> {
+        for work in std::mem::take(&mut self.in_flight) {
+            let t = work.wait().map_err(comm_error)?;
+            self.comm.add(t);
+        }
+        Ok(())
+    }
+
+    /// Ends the step: waits for the buckets, agrees on the global gradient norm, the loss
+    /// (`local_loss`, this rank's share) and the stop flag, clips, runs AdamW with `lr` on
+    /// this rank's partition and all-gathers the parameters `params`.
+    pub fn finish(
+        &mut self,
+        params: &Tensor,
+        local_loss: &Tensor,
+        stop_requested: bool,
+        lr: f64,
+        grad_clip: f64,
+    ) -> Result<StepSync, WorkerError> {
+        tch::no_grad(|| -> Result<StepSync, WorkerError> {
+            for leaf in 0..self.written.len() {
+                if !self.written[leaf] {
+                    let _ = self.view(leaf).zero_();
+                    self.written[leaf] = true;
+                }
+            }
+            self.wait_in_flight()?;
+            let own = self.grad.narrow(0, self.own.start, self.own.end - self.own.start);
+            let sq_norm = if own.numel() == 0 {
+                Tensor::zeros([], (Kind::Float, own.device()))
+            } else {
+                own.norm_scalaropt_dtype(2, Kind::Float).square()
+            };
+            let stop = f64::from(u8::from(stop_requested));
+            let stats = Tensor::stack(
+                &[sq_norm, local_loss.to_kind(Kind::Float), Tensor::from(stop as f32).to_device(own.device())],
+                0,
+            );
+            let t =
+                self.collective.all_reduce(&stats, ReduceOp::Sum).map_err(comm_error)?.wait().map_err(comm_error)?;
+            self.comm.add(t);
+            let stats = Vec::<f64>::try_from(stats.to_kind(Kind::Double).to_device(tch::Device::Cpu))
+                .map_err(|e| WorkerError::Spec(format!("reading step statistics: {e}")))?;
+            let (grad_norm, loss, stop) = (stats[0].max(0.0).sqrt(), stats[1], stats[2] > 0.0);
+            if !loss.is_finite() {
+                return Ok(StepSync { grad_norm, loss, stop, comm: self.comm });
+            }
+            let mut own = own;
+            let clip = clip_factor(grad_norm, grad_clip);
+            if clip != 1.0 {
+                let _ = own.g_mul_scalar_(clip);
+            }
+            self.opt.step(&own, lr);
+            self.opt.write_params(params);
+            let ranges: Vec<Range<usize>> = self.partitions.clone();
+            let t = self.collective.all_gather(params, &ranges).map_err(comm_error)?.wait().map_err(comm_error)?;
+            self.comm.add(t);
+            Ok(StepSync { grad_norm, loss, stop, comm: self.comm })
+        })
+    }
+
+    /// Seconds spent so far this step in collectives and waiting for them.
+    pub fn comm_times(&self) -> CommTimes {
+        self.comm
+    }
+}
+
+impl GradSink for Zero1 {
+    fn add(&mut self, leaf: usize, grad: &Tensor) -> Result<(), WorkerError> {
+        let mut dst = self.view(leaf);
+        tch::no_grad(|| match (grad.defined(), self.written[leaf]) {
+            (true, false) => dst.copy_(&grad.reshape([-1])),
+            (true, true) => {
+                let _ = dst.g_add_(&grad.reshape([-1]).to_kind(dst.kind()));
+            }
+            (false, false) => {
+                let _ = dst.zero_();
+            }
+            (false, true) => {}
+        });
+        self.written[leaf] = true;
+        Ok(())
+    }
+
+    fn region(&mut self, leaf: usize) -> Tensor {
+        let mut v = self.view(leaf);
+        if !self.written[leaf] {
+            let _ = tch::no_grad(|| v.zero_());
+            self.written[leaf] = true;
+        }
+        v.view(self.leaf_shapes[leaf].as_slice())
+    }
+
+    fn done(&mut self, leaf: usize) -> Result<(), WorkerError> {
+        let b = self.leaf_bucket[leaf];
+        self.buckets[b].remaining -= 1;
+        if self.last_micro && self.buckets[b].remaining == 0 {
+            self.launch(b)?;
+        }
+        Ok(())
+    }
+}
+
+/// Cuts the flat buffer into buckets in backward order; returns them and each leaf's bucket.
+fn plan_buckets(layout: &FlatLayout, padded: i64) -> (Vec<Bucket>, Vec<usize>) {
+    // Matrices (the decayed prefix) back to front, cut at leaf boundaries.
+    let mut matrices: Vec<usize> =
+        (0..layout.leaves.len()).filter(|&i| layout.leaves[i].offset < layout.decay_numel).collect();
+    matrices.sort_by_key(|&i| std::cmp::Reverse(layout.leaves[i].offset));
+    let mut buckets: Vec<Bucket> = Vec::new();
+    let mut leaf_bucket = vec![0; layout.leaves.len()];
+    let mut current: Option<Bucket> = None;
+    for i in matrices {
+        let l = &layout.leaves[i];
+        let b =
+            current.get_or_insert(Bucket { range: l.offset + l.numel..l.offset + l.numel, remaining: 0, leaves: 0 });
+        b.range.start = l.offset;
+        b.leaves += 1;
+        leaf_bucket[i] = buckets.len();
+        if b.range.end - b.range.start >= BUCKET_ELEMENTS {
+            buckets.push(current.take().expect("bucket"));
+        }
+    }
+    buckets.extend(current.take());
+    // Norm gains and padding.
+    let rest: Vec<usize> =
+        (0..layout.leaves.len()).filter(|&i| layout.leaves[i].offset >= layout.decay_numel).collect();
+    if layout.decay_numel < padded {
+        for &i in &rest {
+            leaf_bucket[i] = buckets.len();
+        }
+        buckets.push(Bucket { range: layout.decay_numel..padded, remaining: 0, leaves: rest.len() });
+    }
+    (buckets, leaf_bucket)
+}
+
+fn comm_error(e: CollectiveError) -> WorkerError {
+    WorkerError::Collective(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_tile_the_buffer_in_backward_order() {
+        let shape = moxin_layout::ModelShape {
+            vocab_size: 1000,
+            dim: 64,
+            n_layers: 3,
+            n_heads: 4,
+            n_kv_heads: 2,
+            ffn_dim: 128,
+            max_seq_len: 64,
+            sliding_window: 64,
+            rope_theta: 1e4,
+            norm_eps: 1e-5,
+            init_std: 0.02,
+        };
+        let layout = FlatLayout::of(&shape);
+        let padded = layout.numel + 37;
+        let (buckets, leaf_bucket) = plan_buckets(&layout, padded);
+        // Together they tile [0, padded); each leaf lies inside its bucket.
+        let mut ranges: Vec<_> = buckets.iter().map(|b| b.range.clone()).collect();
+        ranges.sort_by_key(|r| r.start);
+        assert_eq!(ranges.first().unwrap().start, 0);
+        assert!(ranges.windows(2).all(|w| w[0].end == w[1].start));
+        assert_eq!(ranges.last().unwrap().end, padded);
+        for (i, l) in layout.leaves.iter().enumerate() {
+            let r = &buckets[leaf_bucket[i]].range;
+            assert!(r.start <= l.offset && l.offset + l.numel <= r.end, "{}", l.name);
+        }
+        assert_eq!(buckets.iter().map(|b| b.leaves).sum::<usize>(), layout.leaves.len());
+        // The head's bucket comes first, the embedding's after every block's, norms last.
+        let head = layout.leaves.iter().position(|l| l.name == "lm_head.weight").unwrap();
+        let embed = layout.leaves.iter().position(|l| l.name == "model.embed_tokens.weight").unwrap();
+        assert_eq!(leaf_bucket[head], 0);
+        assert!(leaf_bucket[embed] >= leaf_bucket[head]);
+        assert_eq!(buckets.last().unwrap().range.start, layout.decay_numel);
+    }
+}
