@@ -61,6 +61,22 @@ enum BenchCommand {
         #[arg(long, default_value_t = 7)]
         iters: usize,
     },
+    /// Fused CUDA kernels against their ATen equivalents: errors and timings (needs a GPU).
+    Kernels {
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+    },
+    /// Compile the fused CUDA kernels to PTX (needs only the NVRTC library, no GPU).
+    CompileKernels {
+        /// Compute capability, e.g. 90 for Hopper.
+        #[arg(long, default_value_t = 90)]
+        arch: u32,
+    },
+    /// Every NCCL collective on a world of one (needs a GPU and NCCL).
+    Nccl {
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+    },
     /// Simulated workers heartbeating at 1 Hz against a running coordinator.
     Heartbeats {
         #[arg(long)]
@@ -253,6 +269,13 @@ fn run(cli: Cli) -> Result<()> {
             commands::cluster::coordinator(&a.config, a.listen.as_deref(), a.out.as_deref(), &a.set)
         }
         Command::Bench(BenchCommand::AllReduce { ranks, mib, iters }) => commands::bench::all_reduce(ranks, mib, iters),
+        Command::Bench(BenchCommand::Kernels { device }) => {
+            commands::bench::print(moxin_worker::selftest::fused_kernels(device))
+        }
+        Command::Bench(BenchCommand::CompileKernels { arch }) => commands::bench::compile_kernels(arch),
+        Command::Bench(BenchCommand::Nccl { device }) => {
+            commands::bench::print(moxin_worker::selftest::nccl_world_of_one(device))
+        }
         Command::Bench(BenchCommand::Heartbeats { coordinator, workers, seconds }) => {
             commands::bench::heartbeats(&coordinator, workers, seconds)
         }
@@ -283,6 +306,7 @@ fn uses_cuda(command: &Command) -> bool {
             | Command::Doctor(_)
             | Command::Eval(_)
             | Command::Generate(_)
+            | Command::Bench(_)
     )
 }
 

@@ -302,11 +302,14 @@ pub struct CheckpointSection {
     pub every_steps: u64,
     /// Number of most recent checkpoints kept.
     pub keep_last: u32,
+    /// `false` writes no checkpoints at all (benchmarks, smoke tests); such a run cannot
+    /// be resumed.
+    pub enabled: bool,
 }
 
 impl Default for CheckpointSection {
     fn default() -> Self {
-        CheckpointSection { every_steps: 1000, keep_last: 3 }
+        CheckpointSection { every_steps: 1000, keep_last: 3, enabled: true }
     }
 }
 
@@ -370,6 +373,21 @@ pub struct RuntimeSection {
     pub profile: bool,
     /// Dense bf16 peak of one device in TFLOP/s for MFU; 0 = from the GPU's name.
     pub peak_tflops: f64,
+    /// `auto` (the fused kernels on CUDA, ATen elsewhere), `aten` (libtorch operations
+    /// only) or `fused` (moxin-train's own CUDA kernels where they apply; CUDA only).
+    pub kernels: KernelChoice,
+}
+
+/// `runtime.kernels`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelChoice {
+    /// Fused on CUDA, ATen elsewhere.
+    Auto,
+    /// libtorch operations only.
+    Aten,
+    /// Fused CUDA kernels compiled at run time (AdamW, cross-entropy).
+    Fused,
 }
 
 impl Default for RuntimeSection {
@@ -382,6 +400,7 @@ impl Default for RuntimeSection {
             grad_reduce: GradReduce::Fp32,
             profile: false,
             peak_tflops: 0.0,
+            kernels: KernelChoice::Auto,
         }
     }
 }
@@ -522,6 +541,13 @@ impl JobConfig {
                 "cluster.collective",
                 &"nccl",
                 "NCCL needs GPUs but runtime.device = \"cpu\"; use collective = \"ring\" or \"auto\"".into(),
+            ));
+        }
+        if self.runtime.kernels == KernelChoice::Fused && self.runtime.device == Device::Cpu {
+            return Err(bad(
+                "runtime.kernels",
+                &"fused",
+                "the fused kernels are CUDA code but runtime.device = \"cpu\"; use kernels = \"aten\"".into(),
             ));
         }
         if !(self.runtime.peak_tflops.is_finite() && self.runtime.peak_tflops >= 0.0) {

@@ -8,7 +8,7 @@ use moxin_proto::v1::{
     ScheduleSpec, TrainSpec,
 };
 
-use crate::config::{Decay, Device, GradReduce, JobConfig, Precision, Recompute};
+use crate::config::{Decay, Device, GradReduce, JobConfig, KernelChoice, Precision, Recompute};
 use crate::presets::ModelShape;
 use crate::ConfigError;
 
@@ -127,6 +127,7 @@ pub fn resolve_config(
         checkpoint: Some(CheckpointSpec {
             every_steps: config.checkpoint.every_steps,
             keep_last: config.checkpoint.keep_last,
+            disabled: !config.checkpoint.enabled,
         }),
         runtime: Some(RuntimeSpec {
             device: match config.runtime.device {
@@ -150,6 +151,11 @@ pub fn resolve_config(
             } as i32,
             profile: config.runtime.profile,
             peak_tflops: config.runtime.peak_tflops,
+            kernels: match config.runtime.kernels {
+                KernelChoice::Auto => runtime_spec::Kernels::Auto,
+                KernelChoice::Aten => runtime_spec::Kernels::Aten,
+                KernelChoice::Fused => runtime_spec::Kernels::Fused,
+            } as i32,
         }),
         resolved_config_toml,
         run_dir: run_dir.display().to_string(),

@@ -12,6 +12,7 @@ pub const BUILTIN: &[(&str, &str)] = &[
     ("tiny", include_str!("../../configs/models/tiny.toml")),
     ("bench-small", include_str!("../../configs/models/bench-small.toml")),
     ("moxin-7b", include_str!("../../configs/models/moxin-7b.toml")),
+    ("gpu-1b", include_str!("../../configs/models/gpu-1b.toml")),
 ];
 
 /// Names of the built-in presets.

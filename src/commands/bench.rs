@@ -9,6 +9,22 @@ use moxin_proto::v1::{HeartbeatRequest, RegisterRequest, WorkerIdentity};
 use moxin_worker::collective::ring::TcpRing;
 use moxin_worker::collective::ReduceOp;
 
+/// Prints a self-test report as JSON.
+pub fn print(report: Result<serde_json::Value, moxin_worker::WorkerError>) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(&report?)?);
+    Ok(())
+}
+
+/// Compiles the fused kernels for compute capability `arch` (e.g. 90) and lists them.
+pub fn compile_kernels(arch: u32) -> Result<()> {
+    use moxin_worker::cuda::kernels;
+    let ptx = kernels::compile_ptx((arch / 10) as i32, (arch % 10) as i32)?.to_src();
+    let found: Vec<&str> =
+        kernels::KERNEL_NAMES.iter().copied().filter(|k| ptx.contains(&format!(".entry {k}("))).collect();
+    println!("{}", serde_json::json!({"arch": arch, "ptx_bytes": ptx.len(), "kernels": found}));
+    Ok(())
+}
+
 /// All-reduce of `mib` MiB of f32 over `ranks` ranks (threads, one TCP ring on loopback).
 /// Prints JSON with the median time, algorithm and bus bandwidth (nccl-tests definitions).
 pub fn all_reduce(ranks: usize, mib: usize, iters: usize) -> Result<()> {

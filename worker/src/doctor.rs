@@ -59,8 +59,14 @@ pub fn report() -> Report {
             Err(e) => notes.push(e),
         }
         let override_path = std::env::var(libraries::NCCL_OVERRIDE_ENV).ok();
-        let found =
-            libraries::find_nccl(override_path.as_deref(), false, torch_lib.as_deref(), &libraries::system_dirs());
+        let loaded = libraries::loaded_nccl().into_iter().next();
+        let found = libraries::find_nccl(
+            override_path.as_deref(),
+            loaded.as_deref(),
+            false,
+            torch_lib.as_deref(),
+            &libraries::system_dirs(),
+        );
         let version = crate::collective::nccl::version();
         nccl = match (found, &version) {
             (Ok(Some(f)), _) => Some(NcclReport {
@@ -87,6 +93,10 @@ pub fn report() -> Report {
         };
         if let (Some(n), Err(e)) = (&nccl, &version) {
             notes.push(format!("NCCL at {} does not load: {e}", n.library));
+        }
+        let mapped = libraries::loaded_nccl();
+        if mapped.len() > 1 {
+            notes.push(format!("two NCCL libraries are loaded ({mapped:?}); NCCL collectives will fail"));
         }
     } else {
         notes.push("CUDA is not available: no GPU or no CUDA driver; workers train on the CPU".into());

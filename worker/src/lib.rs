@@ -27,6 +27,7 @@ pub mod generate;
 pub mod model;
 pub mod optim;
 pub mod params;
+pub mod selftest;
 pub mod trainer;
 
 use std::path::PathBuf;

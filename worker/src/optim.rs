@@ -50,6 +50,7 @@ pub struct AdamW {
     pub step: u64,
     scratch: Tensor,
     aliases_params: bool,
+    fused: Option<std::sync::Arc<crate::cuda::kernels::Kernels>>,
 }
 
 impl AdamW {
@@ -75,7 +76,50 @@ impl AdamW {
             step: 0,
             scratch: Tensor::zeros([len.min(CHUNK)], (Kind::Float, device)),
             aliases_params,
+            fused: None,
         }
+    }
+
+    /// Runs the update as one fused CUDA kernel (see [`crate::cuda::kernels`]).
+    pub fn use_fused_kernel(&mut self, kernels: std::sync::Arc<crate::cuda::kernels::Kernels>) {
+        self.fused = Some(kernels);
+    }
+
+    /// One AdamW step on the partition with gradient `grad` (`len()` elements, fp32 or
+    /// bf16, already reduced) scaled by `grad_scale` (the clipping factor), then the
+    /// partition's slice of `flat_params` is made equal to the new master weights.
+    pub fn update(
+        &mut self,
+        grad: &Tensor,
+        grad_scale: f64,
+        lr: f64,
+        flat_params: &Tensor,
+    ) -> Result<(), crate::WorkerError> {
+        let Some(kernels) = self.fused.clone() else {
+            if grad_scale != 1.0 {
+                let mut g = grad.shallow_clone();
+                let _ = tch::no_grad(|| g.g_mul_scalar_(grad_scale));
+            }
+            self.step(grad, lr);
+            self.write_params(flat_params);
+            return Ok(());
+        };
+        let c = self.config;
+        self.step += 1;
+        let bias1 = 1.0 - c.beta1.powi(self.step as i32);
+        let bias2_sqrt = (1.0 - c.beta2.powi(self.step as i32)).sqrt();
+        let out = (!self.aliases_params).then(|| flat_params.narrow(0, self.start, self.len()));
+        let hyper = crate::cuda::kernels::AdamWStep {
+            decay: (1.0 - lr * c.weight_decay) as f32,
+            beta1: c.beta1 as f32,
+            beta2: c.beta2 as f32,
+            eps: c.eps as f32,
+            step_size: (lr / bias1) as f32,
+            inv_bias2_sqrt: (1.0 / bias2_sqrt) as f32,
+            grad_scale: grad_scale as f32,
+        };
+        let decay_end = self.decay_end - self.start;
+        kernels.adamw(&self.master, &self.exp_avg, &self.exp_avg_sq, grad, out.as_ref(), decay_end, hyper)
     }
 
     /// Partition length.

@@ -5,7 +5,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::model_tests::{max_diff, model, tokens};
 use crate::trainer::objective::{head_forward_backward, head_loss, CrossEntropy, Objective};
-use crate::trainer::step::{forward_backward, GradSink, Stages};
+use crate::trainer::step::{forward_backward, EngineOptions, GradSink, Stages};
 use crate::trainer::Batch;
 use crate::WorkerError;
 
@@ -75,7 +75,8 @@ fn block_by_block_gradients_equal_whole_graph_autograd() {
             done: Vec::new(),
         };
         let objective = CrossEntropy { scale };
-        let loss = forward_backward(&m, &Stages::of(layout), &b, &objective, recompute, &mut sink).unwrap();
+        let opts = EngineOptions { recompute, kernels: None };
+        let loss = forward_backward(&m, &Stages::of(layout), &b, &objective, &opts, &mut sink).unwrap();
         assert!((loss.double_value(&[]) - want_loss).abs() < 1e-12, "loss {} vs {want_loss}", loss.double_value(&[]));
         assert_eq!(sink.done.len(), layout.leaves.len(), "every leaf reported once");
         let err = max_diff(&sink.grad, &want) / want.abs().max().double_value(&[]);
@@ -101,7 +102,7 @@ fn chunked_head_matches_full_cross_entropy_in_fp32() {
     let grads = Tensor::run_backward(&[&loss], &[&h, &w], false, false);
 
     let mut gw = Tensor::zeros([vocab, d], (Kind::Float, Device::Cpu));
-    let out = head_forward_backward(&hidden, &weight, &b, &objective, &mut gw);
+    let out = head_forward_backward(&hidden, &weight, &b, &objective, &mut gw, None).unwrap();
     assert!((out.loss.double_value(&[]) - loss.double_value(&[])).abs() < 1e-5);
     assert!(max_diff(&out.d_hidden, &grads[0]) < 1e-6, "{}", max_diff(&out.d_hidden, &grads[0]));
     assert!(max_diff(&gw, &grads[1]) < 1e-7, "{}", max_diff(&gw, &grads[1]));

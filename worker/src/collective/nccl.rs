@@ -34,11 +34,29 @@ pub fn available() -> bool {
     }
 }
 
+/// Loads NCCL (through cudarc) and checks that this process holds exactly one NCCL library.
+fn load() -> Result<(), CollectiveError> {
+    if !available() {
+        return Err(CollectiveError::Setup(
+            "the NCCL library was not found; run `moxin-train doctor`, set MOXIN_NCCL_LIBRARY, \
+             or use cluster.collective = \"ring\""
+                .into(),
+        ));
+    }
+    let v = result::get_nccl_version().map_err(|e| nccl_error("ncclGetVersion", e.0))?;
+    let mapped = crate::cuda::libraries::loaded_nccl();
+    if mapped.len() > 1 {
+        return Err(CollectiveError::Setup(format!(
+            "two NCCL libraries are loaded in this process ({mapped:?}; NCCL {v} answers), which corrupts \
+             communicators; set MOXIN_NCCL_LIBRARY to the one libtorch uses"
+        )));
+    }
+    Ok(())
+}
+
 /// The loaded NCCL's version as `major.minor.patch`.
 pub fn version() -> Result<String, CollectiveError> {
-    if !available() {
-        return Err(CollectiveError::Setup("the NCCL library was not found".into()));
-    }
+    load()?;
     let v = result::get_nccl_version().map_err(|e| nccl_error("ncclGetVersion", e.0))?;
     // NCCL >= 2.9 encodes MAJOR*10000 + MINOR*100 + PATCH.
     Ok(format!("{}.{}.{}", v / 10000, (v / 100) % 100, v % 100))
@@ -47,25 +65,41 @@ pub fn version() -> Result<String, CollectiveError> {
 /// Creates a new unique id (rank 0 does this; it reaches the other ranks through the
 /// coordinator).
 pub fn new_id() -> Result<Vec<u8>, CollectiveError> {
-    if !available() {
-        return Err(CollectiveError::Setup("the NCCL library was not found".into()));
-    }
+    load()?;
     let id = result::get_uniqueid().map_err(|e| nccl_error("ncclGetUniqueId", e.0))?;
-    Ok(id.internal.iter().map(|&c| c as u8).collect())
+    Ok(id_to_bytes(&id.internal))
+}
+
+/// An NCCL id as the bytes that travel through the coordinator (`bytes` in protobuf).
+fn id_to_bytes(internal: &[std::ffi::c_char; ID_BYTES]) -> Vec<u8> {
+    internal.iter().map(|&c| c as u8).collect()
+}
+
+/// The inverse of [`id_to_bytes`] (the length is checked by the caller).
+fn id_from_bytes(bytes: &[u8]) -> [std::ffi::c_char; ID_BYTES] {
+    let mut internal = [0 as std::ffi::c_char; ID_BYTES];
+    for (dst, src) in internal.iter_mut().zip(bytes) {
+        *dst = *src as std::ffi::c_char;
+    }
+    internal
 }
 
 fn nccl_error(op: &'static str, code: sys::ncclResult_t) -> CollectiveError {
-    // SAFETY: ncclGetErrorString returns a static C string for any result code.
+    // SAFETY: both return static or NCCL-owned C strings (ncclGetLastError ignores its
+    // argument and reports the calling thread's last warning).
     #[allow(unsafe_code)]
-    let text = unsafe {
-        let p = sys::ncclGetErrorString(code);
-        if p.is_null() {
-            String::new()
-        } else {
-            CStr::from_ptr(p).to_string_lossy().into_owned()
-        }
+    let (text, last) = unsafe {
+        let s = |p: *const std::ffi::c_char| {
+            if p.is_null() {
+                String::new()
+            } else {
+                CStr::from_ptr(p).to_string_lossy().into_owned()
+            }
+        };
+        (s(sys::ncclGetErrorString(code)), s(sys::ncclGetLastError(std::ptr::null_mut())))
     };
-    CollectiveError::Backend { op, message: format!("{code:?}: {text}") }
+    let detail = if last.is_empty() { String::new() } else { format!(" ({})", last.trim()) };
+    CollectiveError::Backend { op, message: format!("{code:?}: {text}{detail}") }
 }
 
 /// The raw communicator, shared by the collective and its operations in flight, aborted
@@ -163,21 +197,12 @@ impl NcclCollective {
         if id.len() != ID_BYTES {
             return Err(CollectiveError::Setup(format!("an NCCL id has {ID_BYTES} bytes, got {}", id.len())));
         }
-        if !available() {
-            return Err(CollectiveError::Setup(
-                "cluster.collective = \"nccl\" but the NCCL library was not found; run `moxin-train doctor`, \
-                 set MOXIN_NCCL_LIBRARY, or use cluster.collective = \"ring\""
-                    .into(),
-            ));
-        }
+        load()?;
         let ctx = cuda::context(ordinal).map_err(|e| CollectiveError::Setup(e.to_string()))?;
         ctx.bind_to_thread().map_err(|e| CollectiveError::Setup(format!("{e:?}")))?;
         let side = ctx.new_stream().map_err(|e| CollectiveError::Setup(format!("creating a stream: {e:?}")))?;
         let compute = ctx.default_stream();
-        let mut internal = [0 as std::ffi::c_char; ID_BYTES];
-        for (dst, src) in internal.iter_mut().zip(id) {
-            *dst = *src as std::ffi::c_char;
-        }
+        let internal = id_from_bytes(id);
         let mut config = sys::ncclConfig_t {
             size: std::mem::size_of::<sys::ncclConfig_t>(),
             magic: 0xcafe_beef,
@@ -439,5 +464,29 @@ impl Pending for NcclPending {
             busy_s: f64::from(busy_ms.max(0.0)) / 1e3,
             exposed_s: Some(f64::from(exposed_ms.max(0.0)) / 1e3),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_survive_the_trip_through_the_coordinator() {
+        // Every byte value, including those that are negative as a C char.
+        let mut internal = [0 as std::ffi::c_char; ID_BYTES];
+        for (i, c) in internal.iter_mut().enumerate() {
+            *c = (i as u8).wrapping_mul(37).wrapping_add(200) as std::ffi::c_char;
+        }
+        let bytes = id_to_bytes(&internal);
+        assert_eq!(bytes.len(), ID_BYTES);
+        // Through protobuf `bytes`, as the coordinator relays it.
+        use prost::Message;
+        let wire = moxin_proto::v1::CollectiveId { worker_id: "w1".into(), generation: 3, id: bytes }.encode_to_vec();
+        let back = moxin_proto::v1::CollectiveId::decode(wire.as_slice()).unwrap();
+        assert_eq!(id_from_bytes(&back.id), internal);
+        // A wrong length is refused before NCCL sees it.
+        let e = NcclCollective::connect(0, 1, &[0u8; 7], 0, Duration::from_secs(1)).err().unwrap();
+        assert!(e.to_string().contains("128 bytes"), "{e}");
     }
 }

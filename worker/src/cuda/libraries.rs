@@ -9,9 +9,12 @@
 //! with it, before doing anything else. Where NCCL is found in order:
 //!
 //! 1. `MOXIN_NCCL_LIBRARY=/path/to/libnccl.so.2` (an error if that file does not exist);
-//! 2. the loader's own search path, if it already finds `libnccl.so` (nothing to do);
+//! 2. the NCCL this process already loaded (libtorch links it): one process must never
+//!    hold two NCCL libraries, whose symbols would mix (seen on a GPU machine with a
+//!    system NCCL 2.28.3 beside pip's 2.28.9: every communicator looked corrupted);
 //! 3. beside the loaded libtorch: `<torch>/lib/../../nvidia/nccl/lib/libnccl.so.2`;
-//! 4. system locations: `/usr/lib/x86_64-linux-gnu`, `/usr/lib64`, `/usr/local/cuda/lib64`.
+//! 4. the loader's own search path, if it already finds `libnccl.so` (nothing to do);
+//! 5. system locations: `/usr/lib/x86_64-linux-gnu`, `/usr/lib64`, `/usr/local/cuda/lib64`.
 
 use std::path::{Path, PathBuf};
 
@@ -51,10 +54,12 @@ fn pip_nvidia_dir(torch_lib_dir: &Path, sub: &str) -> PathBuf {
     torch_lib_dir.join("../../nvidia").join(sub).join("lib")
 }
 
-/// Finds a NCCL library: the override, else beside torch, else in system directories.
-/// `in_search_path` says whether the loader already finds `libnccl.so` (then `Ok(None)`).
+/// Finds a NCCL library in the order of the module docs. `loaded` is the NCCL this process
+/// has already mapped, if any; `in_search_path` says whether the loader finds `libnccl.so`
+/// by itself (then, with nothing loaded and nothing beside torch, `Ok(None)`).
 pub fn find_nccl(
     override_path: Option<&str>,
+    loaded: Option<&Path>,
     in_search_path: bool,
     torch_lib_dir: Option<&Path>,
     system_dirs: &[PathBuf],
@@ -66,18 +71,35 @@ pub fn find_nccl(
         }
         return Ok(Some(Found { path, source: NCCL_OVERRIDE_ENV }));
     }
-    if in_search_path {
-        return Ok(None);
+    if let Some(path) = loaded {
+        return Ok(Some(Found { path: path.to_path_buf(), source: "already loaded by libtorch" }));
     }
     let beside_torch = torch_lib_dir.map(|d| pip_nvidia_dir(d, "nccl").join("libnccl.so.2"));
     if let Some(path) = beside_torch.filter(|p| p.is_file()) {
         return Ok(Some(Found { path, source: "torch" }));
+    }
+    if in_search_path {
+        return Ok(None);
     }
     Ok(system_dirs
         .iter()
         .map(|d| d.join("libnccl.so.2"))
         .find(|p| p.is_file())
         .map(|path| Found { path, source: "system" }))
+}
+
+/// The NCCL library files mapped into this process (normally none or one).
+pub fn loaded_nccl() -> Vec<PathBuf> {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    let mut found: Vec<PathBuf> = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .filter(|p| Path::new(p).file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libnccl.so")))
+        .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| PathBuf::from(p)))
+        .collect();
+    found.sort();
+    found.dedup();
+    found
 }
 
 /// System directories searched for `libnccl.so.2`.
@@ -117,8 +139,11 @@ pub fn plan() -> Result<Option<String>, String> {
     #[allow(unsafe_code)]
     let in_search_path = unsafe { cudarc::nccl::sys::is_culib_present() };
     let torch = torch_lib_dir();
+    let loaded = loaded_nccl().into_iter().next();
     let mut dirs: Vec<PathBuf> = Vec::new();
-    if let Some(found) = find_nccl(override_path.as_deref(), in_search_path, torch.as_deref(), &system_dirs())? {
+    if let Some(found) =
+        find_nccl(override_path.as_deref(), loaded.as_deref(), in_search_path, torch.as_deref(), &system_dirs())?
+    {
         let root = std::env::temp_dir().join(format!("moxin-train-libs-{}", user_id()));
         let linked = link_dir(&found.path, &root).map_err(|e| format!("{}: {e}", root.display()))?;
         dirs.push(linked);
@@ -159,24 +184,31 @@ mod tests {
         let sys_dirs = vec![system.clone()];
 
         // Nothing beside torch: the system copy.
-        let f = find_nccl(None, false, Some(&torch_lib), &sys_dirs).unwrap().unwrap();
+        let f = find_nccl(None, None, false, Some(&torch_lib), &sys_dirs).unwrap().unwrap();
         assert_eq!((f.source, f.path.clone()), ("system", system.join("libnccl.so.2")));
-        // pip's copy beside torch wins over the system's.
+        // The loader finds one by itself and nothing is beside torch: nothing to do.
+        assert_eq!(find_nccl(None, None, true, Some(&torch_lib), &sys_dirs).unwrap(), None);
+        // pip's copy beside torch wins over the system's and over the search path (which
+        // could hold a different NCCL than the one libtorch loads).
         std::fs::write(pip_nccl.join("libnccl.so.2"), b"").unwrap();
-        let f = find_nccl(None, false, Some(&torch_lib), &sys_dirs).unwrap().unwrap();
-        assert_eq!(f.source, "torch");
-        assert_eq!(f.path.canonicalize().unwrap(), pip_nccl.join("libnccl.so.2").canonicalize().unwrap());
-        // The loader already finds it: nothing to do.
-        assert_eq!(find_nccl(None, true, Some(&torch_lib), &sys_dirs).unwrap(), None);
+        for in_search_path in [false, true] {
+            let f = find_nccl(None, None, in_search_path, Some(&torch_lib), &sys_dirs).unwrap().unwrap();
+            assert_eq!(f.source, "torch");
+            assert_eq!(f.path.canonicalize().unwrap(), pip_nccl.join("libnccl.so.2").canonicalize().unwrap());
+        }
+        // The NCCL already in the process wins over every file on disk.
+        let loaded = tmp.path().join("loaded/libnccl.so.2");
+        let f = find_nccl(None, Some(&loaded), true, Some(&torch_lib), &sys_dirs).unwrap().unwrap();
+        assert_eq!((f.source, f.path), ("already loaded by libtorch", loaded.clone()));
         // The override wins over everything; a bad one is an error naming the variable.
         let custom = tmp.path().join("custom.so");
         std::fs::write(&custom, b"").unwrap();
-        let f = find_nccl(custom.to_str(), true, Some(&torch_lib), &sys_dirs).unwrap().unwrap();
+        let f = find_nccl(custom.to_str(), Some(&loaded), true, Some(&torch_lib), &sys_dirs).unwrap().unwrap();
         assert_eq!((f.source, f.path), (NCCL_OVERRIDE_ENV, custom));
-        let e = find_nccl(Some("/nope/libnccl.so.2"), false, None, &sys_dirs).unwrap_err();
+        let e = find_nccl(Some("/nope/libnccl.so.2"), None, false, None, &sys_dirs).unwrap_err();
         assert!(e.contains(NCCL_OVERRIDE_ENV) && e.contains("/nope/libnccl.so.2"), "{e}");
         // Nowhere at all.
-        assert_eq!(find_nccl(None, false, None, &[]).unwrap(), None);
+        assert_eq!(find_nccl(None, None, false, None, &[]).unwrap(), None);
 
         // The private directory links libnccl.so to the library, idempotently.
         let root = tmp.path().join("links");
@@ -192,5 +224,8 @@ mod tests {
         let dir = torch_lib_dir().expect("libtorch is mapped");
         assert!(dir.join("libtorch_cpu.so").is_file());
         assert!(torch_version(&dir).unwrap().starts_with("2.11.0"), "{:?}", torch_version(&dir));
+        // libtorch links pip's NCCL, so exactly that one is mapped.
+        let loaded = loaded_nccl();
+        assert!(loaded.len() <= 1, "{loaded:?}");
     }
 }

@@ -6,6 +6,7 @@
 //! on the legacy default stream, so work cudarc orders against that stream (events, waits)
 //! is ordered against torch's kernels.
 
+pub mod kernels;
 pub mod libraries;
 
 use std::sync::Arc;

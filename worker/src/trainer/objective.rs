@@ -15,6 +15,8 @@ use std::ops::Range;
 use tch::{Device, Kind, Tensor};
 
 use super::batch::Batch;
+use crate::cuda::kernels::Kernels;
+use crate::WorkerError;
 
 /// fp32 logits elements per chunk (256 MiB).
 const CHUNK_ELEMENTS: i64 = 1 << 26;
@@ -93,13 +95,17 @@ fn chunk_log_probs(h: &Tensor, weight: &Tensor, targets: &Tensor) -> (Tensor, Te
 /// The LM head and `objective` on `hidden` `[b, t, dim]` (a tensor without graph) with head
 /// weight `weight` `[vocab, dim]`: returns the loss and `d loss / d hidden`, and adds
 /// `d loss / d weight` into `grad_weight` (`[vocab, dim]`, fp32 or the model's dtype).
+/// With `kernels` (bf16 on CUDA) the softmax and its gradient run as two fused passes over
+/// the bf16 logits instead of materialising them in fp32.
 pub fn head_forward_backward(
     hidden: &Tensor,
     weight: &Tensor,
     batch: &Batch,
     objective: &dyn Objective,
     grad_weight: &mut Tensor,
-) -> HeadOutput {
+    kernels: Option<&Kernels>,
+) -> Result<HeadOutput, WorkerError> {
+    let kernels = kernels.filter(|_| hidden.kind() == Kind::BFloat16 && hidden.device() != Device::Cpu);
     tch::no_grad(|| {
         let (b, t, d) = (hidden.size()[0], hidden.size()[1], hidden.size()[2]);
         let n = b * t;
@@ -114,20 +120,29 @@ pub fn head_forward_backward(
             let rows = step.min(n - start);
             let h = h_all.narrow(0, start, rows);
             let tgt = targets.narrow(0, start, rows);
-            let (mut logits, lse, logp) = chunk_log_probs(&h, &weight, &tgt);
-            let (chunk_loss, d_logp) = objective.token_terms(&logp, batch, start..start + rows);
-            loss += chunk_loss;
-            // d loss / d logits = d_logp · (onehot − softmax), built in the logits' memory.
-            let _ = logits.g_sub_(&lse).exp_();
-            let minus_one = Tensor::full([rows, 1], -1.0, (logits.kind(), logits.device()));
-            let _ = logits.scatter_add_(1, &tgt.unsqueeze(1), &minus_one);
-            let _ = logits.g_mul_(&(-d_logp).unsqueeze(1));
-            let g = logits.to_kind(h.kind());
+            let g = if let Some(k) = kernels {
+                let logits = h.mm(&weight.tr());
+                let (lse, logp) = k.ce_row_stats(&logits, &tgt)?;
+                let (chunk_loss, d_logp) = objective.token_terms(&logp, batch, start..start + rows);
+                loss += chunk_loss;
+                k.ce_grad(&logits, &tgt, &lse, &(-d_logp).to_kind(Kind::Float).contiguous())?;
+                logits
+            } else {
+                let (mut logits, lse, logp) = chunk_log_probs(&h, &weight, &tgt);
+                let (chunk_loss, d_logp) = objective.token_terms(&logp, batch, start..start + rows);
+                loss += chunk_loss;
+                // d loss / d logits = d_logp · (onehot − softmax), built in the logits' memory.
+                let _ = logits.g_sub_(&lse).exp_();
+                let minus_one = Tensor::full([rows, 1], -1.0, (logits.kind(), logits.device()));
+                let _ = logits.scatter_add_(1, &tgt.unsqueeze(1), &minus_one);
+                let _ = logits.g_mul_(&(-d_logp).unsqueeze(1));
+                logits.to_kind(h.kind())
+            };
             let _ = g.mm_out(&d_hidden.narrow(0, start, rows), &weight);
             accumulate_gemm(grad_weight, &g.tr(), &h);
             start += rows;
         }
-        HeadOutput { loss, d_hidden: d_hidden.view([b, t, d]) }
+        Ok(HeadOutput { loss, d_hidden: d_hidden.view([b, t, d]) })
     })
 }
 

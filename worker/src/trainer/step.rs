@@ -58,17 +58,26 @@ impl Stages {
     }
 }
 
+/// How the step computes.
+#[derive(Clone, Default)]
+pub struct EngineOptions {
+    /// Keep only each block's input after forward and run the block again in backward.
+    pub recompute: bool,
+    /// Fused CUDA kernels to use where they apply (`runtime.kernels = "fused"`).
+    pub kernels: Option<std::sync::Arc<crate::cuda::kernels::Kernels>>,
+}
+
 /// Runs `batch` forward and backward through `model` for `objective`, handing gradients to
-/// `sink`; returns the micro-batch's loss (a 0-d tensor on the device). With `recompute`,
-/// only each block's input is kept after forward and the block runs again in backward.
+/// `sink`; returns the micro-batch's loss (a 0-d tensor on the device).
 pub fn forward_backward(
     model: &Transformer,
     stages: &Stages,
     batch: &Batch,
     objective: &dyn Objective,
-    recompute: bool,
+    opts: &EngineOptions,
     sink: &mut dyn GradSink,
 ) -> Result<Tensor, WorkerError> {
+    let recompute = opts.recompute;
     let params = &model.params;
     // Forward: each block's input is a fresh leaf, so each block's graph stands alone.
     let mut inputs = vec![tch::no_grad(|| model.embed(&batch.inputs)).set_requires_grad(true)];
@@ -86,7 +95,14 @@ pub fn forward_backward(
 
     // Head: hand-written gradients, chunk by chunk.
     let mut head_grad = sink.region(stages.head);
-    let head = head_forward_backward(&hidden.detach(), model.lm_head(), batch, objective, &mut head_grad);
+    let head = head_forward_backward(
+        &hidden.detach(),
+        model.lm_head(),
+        batch,
+        objective,
+        &mut head_grad,
+        opts.kernels.as_deref(),
+    )?;
     sink.done(stages.head)?;
 
     // Final norm.

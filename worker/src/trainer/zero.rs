@@ -215,13 +215,7 @@ impl Zero1 {
             if !loss.is_finite() {
                 return Ok(StepSync { grad_norm, loss, stop, comm: self.comm });
             }
-            let mut own = own;
-            let clip = clip_factor(grad_norm, grad_clip);
-            if clip != 1.0 {
-                let _ = own.g_mul_scalar_(clip);
-            }
-            self.opt.step(&own, lr);
-            self.opt.write_params(params);
+            self.opt.update(&own, clip_factor(grad_norm, grad_clip), lr, params)?;
             let ranges: Vec<Range<usize>> = self.partitions.clone();
             let t = self.collective.all_gather(params, &ranges).map_err(comm_error)?.wait().map_err(comm_error)?;
             self.comm.add(t);

@@ -1,0 +1,163 @@
+"""PyTorch reference for GPU training throughput and memory (what moxin-train is compared
+against in scripts/gpu-check.sh): the same Mistral-style decoder as moxin-train (RMSNorm,
+RoPE rotate-half, GQA through scaled_dot_product_attention, SwiGLU, untied head), trained
+the way PyTorch users usually do: fp32 parameters, autocast to bf16, fused AdamW (matrices
+decayed), global-norm clipping; optionally torch.compile on the model. Random tokens (the
+throughput does not depend on them). Prints one JSON line.
+
+Memory is reported two ways: torch's own allocator peak, and device memory in use
+(total - free, as nvidia-smi counts it), which is what moxin-train reports.
+
+usage: python bench/pytorch_gpu_reference.py --shape gpu-1b --mode compile --steps 20
+"""
+import argparse
+import json
+import math
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SHAPES = {
+    # configs/gpu-1b-bench.toml
+    "gpu-1b": dict(vocab=32000, dim=2048, layers=16, heads=16, kv_heads=8, ffn=5632, seq=2048, batch=8),
+    # configs/moxin-7b-4l-bench.toml
+    "moxin-7b-4l": dict(vocab=32000, dim=4096, layers=4, heads=32, kv_heads=8, ffn=14336, seq=4096, batch=2),
+}
+
+
+def rope_tables(seq, head_dim, device):
+    inv = torch.exp(torch.arange(0, head_dim // 2, dtype=torch.float32, device=device) * (-2.0 * math.log(10000.0) / head_dim))
+    freqs = torch.outer(torch.arange(seq, dtype=torch.float32, device=device), inv)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
+
+
+class Block(nn.Module):
+    def __init__(self, s):
+        super().__init__()
+        self.s = s
+        d, hd = s["dim"], s["dim"] // s["heads"]
+        self.input_layernorm = nn.Parameter(torch.ones(d))
+        self.q_proj = nn.Linear(d, s["heads"] * hd, bias=False)
+        self.k_proj = nn.Linear(d, s["kv_heads"] * hd, bias=False)
+        self.v_proj = nn.Linear(d, s["kv_heads"] * hd, bias=False)
+        self.o_proj = nn.Linear(s["heads"] * hd, d, bias=False)
+        self.post_attention_layernorm = nn.Parameter(torch.ones(d))
+        self.gate_proj = nn.Linear(d, s["ffn"], bias=False)
+        self.up_proj = nn.Linear(d, s["ffn"], bias=False)
+        self.down_proj = nn.Linear(s["ffn"], d, bias=False)
+
+    def forward(self, x, cos, sin):
+        s = self.s
+        b, t, d = x.shape
+        hd = d // s["heads"]
+        h = F.rms_norm(x, (d,), eps=1e-5) * self.input_layernorm
+        q = self.q_proj(h).view(b, t, s["heads"], hd).transpose(1, 2)
+        k = self.k_proj(h).view(b, t, s["kv_heads"], hd).transpose(1, 2)
+        v = self.v_proj(h).view(b, t, s["kv_heads"], hd).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        x = x + self.o_proj(a.transpose(1, 2).reshape(b, t, d))
+        h = F.rms_norm(x, (d,), eps=1e-5) * self.post_attention_layernorm
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class Model(nn.Module):
+    def __init__(self, s, device):
+        super().__init__()
+        d = s["dim"]
+        self.embed_tokens = nn.Embedding(s["vocab"], d)
+        self.layers = nn.ModuleList(Block(s) for _ in range(s["layers"]))
+        self.norm = nn.Parameter(torch.ones(d))
+        self.lm_head = nn.Linear(d, s["vocab"], bias=False)
+        cos, sin = rope_tables(s["seq"], d // s["heads"], device)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        for p in self.parameters():
+            if p.dim() >= 2:
+                nn.init.normal_(p, std=0.02)
+
+    def forward(self, tokens):
+        x = self.embed_tokens(tokens)
+        cos, sin = self.cos.to(x.dtype), self.sin.to(x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        d = x.shape[-1]
+        return self.lm_head(F.rms_norm(x, (d,), eps=1e-5) * self.norm)
+
+
+def peak_flops(name):
+    for model, tflops in [("H200", 989), ("H100", 989), ("H800", 989), ("A100", 312), ("L40S", 362)]:
+        if model in name.upper():
+            return tflops * 1e12
+    return None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=SHAPES, default="gpu-1b")
+    ap.add_argument("--mode", choices=["eager", "compile"], default="eager")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    args = ap.parse_args()
+    s = SHAPES[args.shape]
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = Model(s, device).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=3e-4, betas=(0.9, 0.95), eps=1e-8, fused=True,
+    )
+    forward = torch.compile(model) if args.mode == "compile" else model
+    tokens = s["batch"] * s["seq"]
+    times, in_use = [], 0
+    for step in range(args.steps):
+        batch = torch.randint(0, s["vocab"], (s["batch"], s["seq"] + 1), device=device)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = forward(batch[:, :-1])
+        loss = F.cross_entropy(logits.float().view(-1, s["vocab"]), batch[:, 1:].reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        free, total = torch.cuda.mem_get_info()
+        in_use = max(in_use, total - free)
+    measured = times[args.warmup:]
+    tps = tokens / statistics.median(measured)
+    flops_per_token = 6 * n_params + 6 * s["layers"] * s["dim"] * s["seq"]
+    peak = peak_flops(torch.cuda.get_device_name())
+    print(json.dumps({
+        "system": f"pytorch-{args.mode}",
+        "shape": args.shape,
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(),
+        "params": n_params,
+        "tokens_per_s_median": tps,
+        "mfu": tps * flops_per_token / peak if peak else None,
+        "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+        "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
+        "device_in_use_bytes": in_use,
+        "steps_measured": len(measured),
+        "final_loss": loss.item(),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# GPU check: runs on a one-GPU machine from a binary built elsewhere, in under ~6 minutes.
+# The machine needs python3 with torch 2.11 (CUDA), no Rust. Steps, most important first,
+# each bounded by a timeout; every result lands in $OUT (JSON, logs, summary.md):
+#   1. doctor                      what the machine has (torch, GPU, NCCL)
+#   2. bench nccl / kernels        every NCCL collective on a world of one; fused kernels vs ATen
+#   3. tiny preset on CUDA         loss falls as on the CPU (ATen and fused kernels)
+#   4. NCCL world of one           `launch --workers 1` over NCCL = `train` without it
+#   5. two workers on one GPU      `launch --workers 2` over the ring = single-GPU `train`
+#   6. gpu-1b, moxin-7b 4 layers   moxin-train vs PyTorch eager vs torch.compile, same run
+#
+# usage: bash scripts/gpu-check.sh [path/to/moxin-train]   (default dist/moxin-train)
+# Build the binary here first:  bash scripts/build-dist.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BIN=$(readlink -f "${1:-dist/moxin-train}")
+OUT=${OUT:-$(mktemp -d)}
+PY=${PYTHON:-python3}
+STEPS=${GPU_CHECK_STEPS:-12}
+mkdir -p "$OUT"
+TORCH_LIB=$($PY -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
+export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export MOXIN_LOG=${MOXIN_LOG:-warn}
+export PYTHONUNBUFFERED=1
+work=$(mktemp -d)
+started=$(date +%s)
+say() { echo "== [$(( $(date +%s) - started ))s] $*"; }
+run() { # run NAME TIMEOUT CMD...: stdout to $OUT/NAME.json, stderr to $OUT/NAME.log
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" "$@" >"$OUT/$name.json" 2>"$OUT/$name.log"
+  local rc=$?
+  [ $rc -eq 0 ] || { echo "   $name failed (exit $rc):"; tail -5 "$OUT/$name.log"; }
+  return $rc
+}
+train() { # train NAME TIMEOUT CONFIG ARGS...: a run directory under $work/NAME
+  local name=$1 limit=$2 config=$3; shift 3
+  timeout "$limit" "$BIN" train "$config" --out "$work/$name" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  [ $rc -eq 0 ] || { echo "   $name failed (exit $rc):"; tail -5 "$OUT/$name.log"; }
+  cp "$work/$name/metrics.jsonl" "$OUT/$name.metrics.jsonl" 2>/dev/null
+  return $rc
+}
+
+say "1. doctor"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null | tee "$OUT/nvidia-smi.txt"
+"$BIN" doctor | tee "$OUT/doctor.txt"
+"$BIN" doctor --json >"$OUT/doctor.json" 2>/dev/null
+
+say "2. NCCL collectives on a world of one; fused kernels vs ATen"
+run nccl 120 "$BIN" bench nccl && cat "$OUT/nccl.json" | $PY -c 'import json,sys; d=json.load(sys.stdin); print("   NCCL", d["nccl_version"], "all ok:", d["all_ok"])'
+run kernels 180 "$BIN" bench kernels && $PY - "$OUT/kernels.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+for k in ("adamw", "cross_entropy_head"):
+    print(f"   {k}: aten {d[k]['aten_ms']:.2f} ms, fused {d[k]['fused_ms']:.2f} ms ({d[k]['speedup']:.2f}x); relative error {d[k]['relative_error']}")
+PY
+
+TINY=(--set runtime.device=cuda --set train.steps=100 --set checkpoint.enabled=false)
+say "3. tiny preset on CUDA (ATen kernels, fused kernels)"
+train tiny-aten 120 configs/tiny-pretrain.toml "${TINY[@]}" --set runtime.kernels=aten
+train tiny-fused 120 configs/tiny-pretrain.toml "${TINY[@]}" --set runtime.kernels=fused
+
+say "4. NCCL world of one vs no NCCL"
+timeout 180 "$BIN" launch configs/tiny-pretrain.toml --workers 1 --out "$work/nccl1" "${TINY[@]}" \
+  --set cluster.collective=nccl >"$OUT/nccl1.log" 2>&1 || { echo "   nccl1 failed:"; tail -5 "$OUT/nccl1.log"; }
+cp "$work/nccl1/metrics.jsonl" "$OUT/nccl1.metrics.jsonl" 2>/dev/null
+
+say "5. launch --workers 2 on one GPU (ring) vs single-GPU train"
+RING=(--set runtime.device=cuda --set train.steps=20 --set checkpoint.every_steps=0)
+train ring-single 120 configs/tiny-pretrain.toml "${RING[@]}"
+timeout 180 "$BIN" launch configs/tiny-pretrain.toml --workers 2 --out "$work/ring2" "${RING[@]}" \
+  --set cluster.collective=ring >"$OUT/ring2.log" 2>&1 || { echo "   ring2 failed:"; tail -5 "$OUT/ring2.log"; }
+cp "$work/ring2/metrics.jsonl" "$OUT/ring2.metrics.jsonl" 2>/dev/null
+$PY - "$work/ring-single" "$work/ring2" >"$OUT/ring-equivalence.json" <<'PY'
+import glob, json, sys
+from safetensors.torch import load_file
+def last(run):
+    return load_file(sorted(glob.glob(f"{run}/checkpoints/step-*/model.safetensors"))[-1])
+a, b = last(sys.argv[1]), last(sys.argv[2])
+num = sum(float((a[k].float() - b[k].float()).pow(2).sum()) for k in a)
+den = sum(float(a[k].float().pow(2).sum()) for k in a)
+print(json.dumps({"params_relative_l2": (num / den) ** 0.5, "tensors": len(a)}))
+PY
+cat "$OUT/ring-equivalence.json" 2>/dev/null
+
+for shape in gpu-1b moxin-7b-4l; do
+  config=configs/$shape-bench.toml
+  say "6. $shape: moxin-train (aten, fused), PyTorch eager, torch.compile"
+  BENCH=(--set train.steps=$STEPS)
+  train "$shape-moxin-aten" 240 "$config" "${BENCH[@]}" --set runtime.kernels=aten
+  train "$shape-moxin-fused" 240 "$config" "${BENCH[@]}" --set runtime.kernels=fused
+  train "$shape-moxin-profile" 240 "$config" --set train.steps=8 --set runtime.kernels=fused --set runtime.profile=true
+  run "$shape-torch-eager" 300 $PY bench/pytorch_gpu_reference.py --shape "$shape" --mode eager --steps "$STEPS"
+  run "$shape-torch-compile" 400 $PY bench/pytorch_gpu_reference.py --shape "$shape" --mode compile --steps "$STEPS"
+done
+
+say "summary"
+$PY scripts/gpu_summary.py "$OUT" | tee "$OUT/summary.md"
+say "done; results in $OUT"

@@ -1,0 +1,106 @@
+"""Turns the files scripts/gpu-check.sh leaves in $OUT into summary.md: a table of
+moxin-train vs PyTorch eager vs torch.compile per shape (tokens/s median over steps 6+,
+ratios, MFU, peak device memory in use), and the equivalence checks."""
+import json
+import os
+import statistics
+import sys
+
+out = sys.argv[1]
+WARMUP = 5
+
+
+def load_json(name):
+    try:
+        return json.load(open(os.path.join(out, name)))
+    except (OSError, ValueError):
+        return None
+
+
+def metrics(name):
+    try:
+        rows = [json.loads(l) for l in open(os.path.join(out, f"{name}.metrics.jsonl"))]
+    except OSError:
+        return None
+    return rows
+
+
+def moxin(name):
+    rows = metrics(name)
+    if not rows:
+        return None
+    steady = rows[WARMUP:] or rows
+    return {
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),
+        "mfu": statistics.median(r["mfu"] for r in steady),
+        "memory": max(r["peak_memory_bytes"] for r in rows),
+        "loss": (rows[0]["loss"], rows[-1]["loss"]),
+        "rows": rows,
+    }
+
+
+def gib(b):
+    return f"{b / 2**30:.1f} GiB" if b else "-"
+
+
+doctor = load_json("doctor.json") or {}
+device = (doctor.get("devices") or [{}])[0].get("name", "unknown GPU")
+print(f"# GPU check on {device}\n")
+print(f"torch {doctor.get('torch_version')}; NCCL {(doctor.get('nccl') or {}).get('version')}\n")
+
+print("## Throughput and memory (same run, same GPU)\n")
+print("| shape | system | tokens/s | vs eager | vs compile | MFU | peak device memory in use |")
+print("|---|---|---|---|---|---|---|")
+for shape in ("gpu-1b", "moxin-7b-4l"):
+    eager, compiled = load_json(f"{shape}-torch-eager.json"), load_json(f"{shape}-torch-compile.json")
+    e = eager["tokens_per_s_median"] if eager else None
+    c = compiled["tokens_per_s_median"] if compiled else None
+    systems = []
+    for variant in ("aten", "fused"):
+        m = moxin(f"{shape}-moxin-{variant}")
+        if m:
+            systems.append((f"moxin-train ({variant} kernels)", m["tokens_per_s"], m["mfu"], m["memory"]))
+    for label, d in (("PyTorch eager (autocast bf16, fused AdamW)", eager), ("torch.compile", compiled)):
+        if d:
+            systems.append((label, d["tokens_per_s_median"], d.get("mfu") or 0, d["device_in_use_bytes"]))
+    for label, tps, mfu, mem in systems:
+        ve = f"{tps / e:.2f}x" if e else "-"
+        vc = f"{tps / c:.2f}x" if c else "-"
+        print(f"| {shape} | {label} | {tps:,.0f} | {ve} | {vc} | {100 * mfu:.1f}% | {gib(mem)} |")
+    for label, d in (("eager", eager), ("compile", compiled)):
+        if d:
+            print(f"| {shape} | (torch {label} allocator peak) | | | | | {gib(d['peak_allocated_bytes'])} allocated, {gib(d['peak_reserved_bytes'])} reserved |")
+
+print("\n## Step breakdown (profile mode, fused kernels, CUDA-synchronised)\n")
+print("| shape | step s | compute s | optimizer s | comm exposed s |")
+print("|---|---|---|---|---|")
+for shape in ("gpu-1b", "moxin-7b-4l"):
+    rows = metrics(f"{shape}-moxin-profile")
+    if rows:
+        steady = rows[3:] or rows
+        med = lambda k: statistics.median(r[k] for r in steady)
+        print(f"| {shape} | {med('step_time_s'):.3f} | {med('compute_s'):.3f} | {med('optimizer_s'):.3f} | {med('comm_exposed_s'):.4f} |")
+
+print("\n## Correctness\n")
+for name in ("tiny-aten", "tiny-fused", "nccl1"):
+    rows = metrics(name)
+    if rows:
+        print(f"- {name}: loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f} over {len(rows)} steps")
+a, b = metrics("tiny-aten"), metrics("nccl1")
+if a and b:
+    diff = max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b))
+    print(f"- NCCL world of one vs no NCCL: max |loss difference| over {min(len(a), len(b))} steps = {diff:.2e}")
+a, b = metrics("tiny-aten"), metrics("tiny-fused")
+if a and b:
+    diff = max(abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(a, b))
+    print(f"- fused vs ATen kernels (tiny, bf16): max relative loss difference = {diff:.2e}")
+eq = load_json("ring-equivalence.json")
+if eq:
+    print(f"- 2 workers on one GPU over the ring vs single-GPU train, 20 steps: parameters differ by {eq['params_relative_l2']:.2e} (relative L2)")
+nccl = load_json("nccl.json")
+if nccl:
+    print(f"- NCCL {nccl['nccl_version']} collectives on a world of one: all equal = {nccl['all_ok']} ({len(nccl['results'])} checks)")
+k = load_json("kernels.json")
+if k:
+    for name in ("adamw", "cross_entropy_head"):
+        print(f"- fused {name}: {k[name]['speedup']:.2f}x ATen ({k[name]['aten_ms']:.2f} -> {k[name]['fused_ms']:.2f} ms); relative errors {k[name]['relative_error']}")

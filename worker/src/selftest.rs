@@ -1,0 +1,145 @@
+//! Checks that need a GPU, run by `moxin-train bench kernels` and `moxin-train bench
+//! nccl` (and so by `scripts/gpu-check.sh`): each fused kernel against its ATen
+//! equivalent on the same inputs, with timings; every NCCL collective on a world of one.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tch::{Device, Kind, Tensor};
+
+use crate::collective::nccl::{self, NcclCollective};
+use crate::collective::{Collective, ReduceOp};
+use crate::cuda::kernels::Kernels;
+use crate::optim::{AdamW, AdamWConfig};
+use crate::trainer::objective::{head_forward_backward, CrossEntropy};
+use crate::trainer::Batch;
+use crate::WorkerError;
+
+fn gpu(ordinal: usize) -> Result<Device, WorkerError> {
+    if !tch::Cuda::is_available() || ordinal >= tch::Cuda::device_count().max(0) as usize {
+        return Err(WorkerError::Device(format!("this check needs CUDA device {ordinal}; see `moxin-train doctor`")));
+    }
+    Ok(Device::Cuda(ordinal))
+}
+
+/// Median milliseconds of `iters` runs of `f` (after one warm-up), device-synchronised.
+fn time_ms(ordinal: usize, iters: usize, mut f: impl FnMut() -> Result<(), WorkerError>) -> Result<f64, WorkerError> {
+    f()?;
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        tch::Cuda::synchronize(ordinal as i64);
+        let t = Instant::now();
+        f()?;
+        tch::Cuda::synchronize(ordinal as i64);
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
+    (&a - &b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]).max(1e-30)
+}
+
+/// Fused kernels vs ATen on device `ordinal`: errors and timings.
+pub fn fused_kernels(ordinal: usize) -> Result<Value, WorkerError> {
+    let device = gpu(ordinal)?;
+    let k = Kernels::for_device(ordinal)?;
+    let _guard = tch::no_grad_guard();
+
+    // AdamW over a bf16 model's partition (fp32 master, bf16 copy written back).
+    let n: i64 = (1 << 24) + 123;
+    tch::manual_seed(1);
+    let params = Tensor::randn([n], (Kind::BFloat16, device));
+    let cfg = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+    let (pa, pb) = (params.copy(), params.copy());
+    let mut aten = AdamW::new(cfg, &pa, 0, n, n / 2);
+    let mut fused = AdamW::new(cfg, &pb, 0, n, n / 2);
+    fused.use_fused_kernel(k.clone());
+    for step in 0..5 {
+        let g = Tensor::randn([n], (Kind::Float, device)) * (1.0 + step as f64);
+        aten.update(&g.copy(), 0.7, 1e-3, &pa)?;
+        fused.update(&g.copy(), 0.7, 1e-3, &pb)?;
+    }
+    let adamw_err = json!({
+        "master": rel_err(&fused.master, &aten.master),
+        "exp_avg": rel_err(&fused.exp_avg, &aten.exp_avg),
+        "exp_avg_sq": rel_err(&fused.exp_avg_sq, &aten.exp_avg_sq),
+        "bf16_params": rel_err(&pb, &pa),
+    });
+    let g = Tensor::randn([n], (Kind::Float, device));
+    let aten_ms = time_ms(ordinal, 10, || aten.update(&g, 1.0, 1e-3, &pa))?;
+    let fused_ms = time_ms(ordinal, 10, || fused.update(&g, 1.0, 1e-3, &pb))?;
+
+    // Cross-entropy head: 8192 tokens, dim 2048, vocab 32000, bf16.
+    let (rows, dim, vocab) = (8192i64, 2048i64, 32000i64);
+    let hidden = Tensor::randn([1, rows, dim], (Kind::BFloat16, device));
+    let weight = Tensor::randn([vocab, dim], (Kind::BFloat16, device)) * 0.02;
+    let targets = Tensor::randint(vocab, [1, rows], (Kind::Int64, device));
+    let batch = Batch { inputs: targets.zeros_like(), targets, weights: None };
+    let objective = CrossEntropy::mean_over(rows as f64);
+    let mut gw_aten = Tensor::zeros([vocab, dim], (Kind::Float, device));
+    let mut gw_fused = Tensor::zeros([vocab, dim], (Kind::Float, device));
+    let a = head_forward_backward(&hidden, &weight, &batch, &objective, &mut gw_aten, None)?;
+    let f = head_forward_backward(&hidden, &weight, &batch, &objective, &mut gw_fused, Some(&k))?;
+    let ce_err = json!({
+        "loss": (f.loss.double_value(&[]) - a.loss.double_value(&[])).abs() / a.loss.double_value(&[]).abs(),
+        "d_hidden": rel_err(&f.d_hidden, &a.d_hidden),
+        "d_weight": rel_err(&gw_fused, &gw_aten),
+    });
+    let ce_aten_ms = time_ms(ordinal, 10, || {
+        head_forward_backward(&hidden, &weight, &batch, &objective, &mut gw_aten, None).map(|_| ())
+    })?;
+    let ce_fused_ms = time_ms(ordinal, 10, || {
+        head_forward_backward(&hidden, &weight, &batch, &objective, &mut gw_fused, Some(&k)).map(|_| ())
+    })?;
+    Ok(json!({
+        "device": crate::cuda::gpu_info(ordinal).map(|g| g.name).unwrap_or_default(),
+        "adamw": {"elements": n, "relative_error": adamw_err, "aten_ms": aten_ms, "fused_ms": fused_ms, "speedup": aten_ms / fused_ms},
+        "cross_entropy_head": {"tokens": rows, "dim": dim, "vocab": vocab, "relative_error": ce_err,
+            "aten_ms": ce_aten_ms, "fused_ms": ce_fused_ms, "speedup": ce_aten_ms / ce_fused_ms},
+    }))
+}
+
+/// Every collective through NCCL on a world of one (the most a one-GPU machine allows:
+/// NCCL refuses two ranks on one device), in fp32 and bf16, whole buffers and bucket
+/// views, several in flight at once. At world size one each is the identity.
+pub fn nccl_world_of_one(ordinal: usize) -> Result<Value, WorkerError> {
+    let device = gpu(ordinal)?;
+    let comm = |e: crate::collective::CollectiveError| WorkerError::Collective(e.to_string());
+    let version = nccl::version().map_err(comm)?;
+    let id = nccl::new_id().map_err(comm)?;
+    let mut c = NcclCollective::connect(0, 1, &id, ordinal, Duration::from_secs(60)).map_err(comm)?;
+    let mut results = Vec::new();
+    for kind in [Kind::Float, Kind::BFloat16] {
+        let x = Tensor::randn([100_003], (Kind::Float, device)).to_kind(kind);
+        let want = x.copy();
+        let len = x.numel();
+        let mut check = |op: &str, t: &Tensor| {
+            let diff = (t.to_kind(Kind::Float) - want.to_kind(Kind::Float)).abs().max().double_value(&[]);
+            results.push(json!({"op": op, "dtype": format!("{kind:?}"), "max_diff": diff, "ok": diff == 0.0}));
+        };
+        c.all_reduce(&x, ReduceOp::Sum).map_err(comm)?.wait().map_err(comm)?;
+        check("all_reduce_sum", &x);
+        c.all_reduce(&x, ReduceOp::Avg).map_err(comm)?.wait().map_err(comm)?;
+        check("all_reduce_avg", &x);
+        // Bucket views in flight together, waited in reverse.
+        let works = [0..1000usize, 1000..50_000, 50_000..len]
+            .into_iter()
+            .map(|r| c.reduce_scatter(&x.narrow(0, r.start as i64, r.len() as i64), &[0..r.len()], ReduceOp::Sum))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(comm)?;
+        for w in works.into_iter().rev() {
+            w.wait().map_err(comm)?;
+        }
+        check("reduce_scatter_buckets", &x);
+        c.all_gather(&x, &[0..len]).map_err(comm)?.wait().map_err(comm)?;
+        check("all_gather", &x);
+        c.broadcast(&x, 0).map_err(comm)?.wait().map_err(comm)?;
+        check("broadcast", &x);
+        c.barrier().map_err(comm)?;
+    }
+    let all_ok = results.iter().all(|r| r["ok"] == true);
+    Ok(json!({"nccl_version": version, "world_size": 1, "all_ok": all_ok, "results": results}))
+}
