@@ -127,14 +127,20 @@ pub fn nccl_world_of_one(ordinal: usize) -> Result<Value, WorkerError> {
         // Bucket views in flight together, waited in reverse.
         let works = [0..1000usize, 1000..50_000, 50_000..len]
             .into_iter()
-            .map(|r| c.reduce_scatter(&x.narrow(0, r.start as i64, r.len() as i64), &[0..r.len()], ReduceOp::Sum))
+            .map(|r| {
+                c.reduce_scatter(
+                    &x.narrow(0, r.start as i64, r.len() as i64),
+                    &crate::collective::even_ranges(r.len(), 1),
+                    ReduceOp::Sum,
+                )
+            })
             .collect::<Result<Vec<_>, _>>()
             .map_err(comm)?;
         for w in works.into_iter().rev() {
             w.wait().map_err(comm)?;
         }
         check("reduce_scatter_buckets", &x);
-        c.all_gather(&x, &[0..len]).map_err(comm)?.wait().map_err(comm)?;
+        c.all_gather(&x, &crate::collective::even_ranges(len, 1)).map_err(comm)?.wait().map_err(comm)?;
         check("all_gather", &x);
         c.broadcast(&x, 0).map_err(comm)?.wait().map_err(comm)?;
         check("broadcast", &x);

@@ -36,7 +36,8 @@ fn err(what: &str, e: impl std::fmt::Debug) -> WorkerError {
 impl Kernels {
     /// The kernels for CUDA device `ordinal`, compiled on first use.
     pub fn for_device(ordinal: usize) -> Result<Arc<Kernels>, WorkerError> {
-        static CACHE: OnceLock<Mutex<Vec<(usize, Arc<Kernels>)>>> = OnceLock::new();
+        type PerDevice = Vec<(usize, Arc<Kernels>)>;
+        static CACHE: OnceLock<Mutex<PerDevice>> = OnceLock::new();
         let cache = CACHE.get_or_init(Default::default);
         let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((_, k)) = cache.iter().find(|(o, _)| *o == ordinal) {
