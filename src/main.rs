@@ -28,6 +28,8 @@ enum Command {
     Data(DataCommand),
     /// Parameter count and memory of a model preset (allocates nothing).
     ModelInfo(ModelInfoArgs),
+    /// Per-GPU memory of training a model (parameters, gradients, optimizer, activations).
+    Plan(PlanArgs),
     /// Continue a text prompt with a checkpoint.
     Generate(GenerateArgs),
     /// Run a distributed job on this machine: a coordinator plus N worker processes.
@@ -213,6 +215,34 @@ struct ModelInfoArgs {
 }
 
 #[derive(Args)]
+struct PlanArgs {
+    /// Preset name (tiny, bench-small, gpu-1b, moxin-7b) or a model TOML file.
+    #[arg(long)]
+    model: String,
+    /// GPUs the job trains on (ZeRO-1 splits the optimizer state over them).
+    #[arg(long, default_value_t = 1)]
+    gpus: u32,
+    /// Tokens per sample.
+    #[arg(long)]
+    seq: u32,
+    /// Samples per forward/backward on one GPU.
+    #[arg(long)]
+    micro_batch: u32,
+    /// Recompute each block in backward instead of keeping its activations.
+    #[arg(long)]
+    recompute: bool,
+    /// Accumulate and reduce gradients in bf16 instead of fp32.
+    #[arg(long)]
+    bf16_grads: bool,
+    /// Memory of one GPU in GiB (an 80 GB H100 has 79.6).
+    #[arg(long, default_value_t = 79.6)]
+    gpu_memory_gib: f64,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
 struct GenerateArgs {
     /// Checkpoint directory.
     checkpoint: PathBuf,
@@ -264,6 +294,18 @@ fn run(cli: Cli) -> Result<()> {
             progress: true,
         }),
         Command::ModelInfo(a) => commands::model_info(&a.preset, a.json),
+        Command::Plan(a) => commands::plan(
+            &a.model,
+            moxin_layout::memory::PlanInput {
+                gpus: a.gpus,
+                seq_len: a.seq,
+                micro_batch: a.micro_batch,
+                recompute: a.recompute,
+                bf16_grads: a.bf16_grads,
+            },
+            a.gpu_memory_gib,
+            a.json,
+        ),
         Command::Launch(a) => commands::cluster::launch(&a.config, a.workers, a.out.as_deref(), &a.set),
         Command::Coordinator(a) => {
             commands::cluster::coordinator(&a.config, a.listen.as_deref(), a.out.as_deref(), &a.set)

@@ -3,4 +3,5 @@
 mod cluster_cli;
 mod common;
 mod data_cli;
+mod device_cli;
 mod train_cli;

@@ -2,7 +2,7 @@
 //! ([`ModelShape`]), its parameters ([`ParamDecl`], grouped into autograd leaves by
 //! [`ParamGroup`]), where each sits in the flat parameter buffer ([`FlatLayout`]), how
 //! ZeRO-1 splits that buffer over ranks ([`zero1_partitions`]), and what training it costs
-//! in FLOPs.
+//! in FLOPs and per-GPU memory ([`memory`]).
 //!
 //! The coordinator (which never links libtorch) plans partitions and validates jobs with it;
 //! the worker's `ParamStore` lays out tensors with it; `model-info` and `plan` print it; the
@@ -12,6 +12,7 @@
 #![warn(missing_docs)]
 
 mod flat;
+pub mod memory;
 mod params;
 mod shape;
 

@@ -133,6 +133,58 @@ pub fn model_info(preset: &str, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// `plan`: the per-GPU memory of a training job, and whether it fits.
+pub fn plan(model: &str, input: moxin_layout::memory::PlanInput, gpu_gib: f64, json: bool) -> Result<()> {
+    let shape = moxin_coordinator::presets::load(model)?;
+    if input.gpus == 0 || input.seq_len == 0 || input.micro_batch == 0 {
+        anyhow::bail!("--gpus, --seq and --micro-batch must be at least 1");
+    }
+    if input.seq_len > shape.max_seq_len {
+        anyhow::bail!("--seq {} exceeds {model}'s max_seq_len {}", input.seq_len, shape.max_seq_len);
+    }
+    if !(gpu_gib.is_finite() && gpu_gib > 0.0) {
+        anyhow::bail!("--gpu-memory-gib {gpu_gib}: expected a positive number of GiB");
+    }
+    let m = moxin_layout::memory::plan(&shape, &input);
+    let fits = m.fits(gpu_gib);
+    if json {
+        let v = serde_json::json!({"model": model, "gpus": input.gpus, "seq": input.seq_len,
+            "micro_batch": input.micro_batch, "recompute": input.recompute, "bf16_grads": input.bf16_grads,
+            "bytes": m, "gpu_memory_gib": gpu_gib, "fits": fits});
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{model} on {} GPU(s), seq {}, micro-batch {}{}{}: per GPU",
+        input.gpus,
+        input.seq_len,
+        input.micro_batch,
+        if input.recompute { ", recomputing blocks" } else { "" },
+        if input.bf16_grads { ", bf16 gradients" } else { "" }
+    );
+    for (what, bytes) in [
+        ("parameters (bf16)", m.params),
+        (if input.bf16_grads { "gradients (bf16)" } else { "gradients (fp32)" }, m.grads),
+        ("optimizer partition (fp32 master + Adam)", m.optimizer),
+        ("activations", m.activations),
+        ("working memory + CUDA context", m.working),
+        ("total", m.total),
+    ] {
+        println!("  {what:<42} {:>10}", gib(bytes));
+    }
+    if fits {
+        println!("fits a {gpu_gib} GiB GPU ({} to spare)", gib((gpu_gib * (1u64 << 30) as f64) as u64 - m.total));
+    } else {
+        let hint = if input.recompute {
+            "more GPUs or a smaller micro-batch"
+        } else {
+            "--recompute, more GPUs or a smaller micro-batch"
+        };
+        println!("does NOT fit a {gpu_gib} GiB GPU; try {hint}");
+    }
+    Ok(())
+}
+
 /// `doctor`: prints what this machine can run; never fails.
 pub fn doctor(json: bool) -> Result<()> {
     let r = moxin_worker::doctor::report();
