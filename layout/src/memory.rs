@@ -83,7 +83,7 @@ pub fn plan(shape: &ModelShape, input: &PlanInput) -> MemoryPlan {
     } else {
         2 * tokens * layers * per_token_layer
     };
-    let layer_params = if layers == 0 { 0 } else { (p - 2 * shape.vocab_size as u64 * d - d) / layers };
+    let layer_params = (p - 2 * shape.vocab_size as u64 * d - d).checked_div(layers).unwrap_or(0);
     let working = 2 * layer_params                    // one block's weight gradients (bf16)
         + 2 * tokens * (2 * f + 2 * d)                // its activation gradients
         + 2 * HEAD_CHUNK_ELEMENTS                     // a chunk of bf16 logits
