@@ -62,6 +62,21 @@ enum BenchCommand {
         mib: usize,
         #[arg(long, default_value_t = 7)]
         iters: usize,
+        /// TCP only (the path between hosts), no same-host shared memory.
+        #[arg(long)]
+        tcp: bool,
+    },
+    /// One rank of `bench all-reduce` (started by it).
+    #[command(hide = true)]
+    AllReduceRank {
+        #[arg(long)]
+        rank: usize,
+        #[arg(long)]
+        peers: String,
+        #[arg(long)]
+        mib: usize,
+        #[arg(long)]
+        iters: usize,
     },
     /// Fused CUDA kernels against their ATen equivalents: errors and timings (needs a GPU).
     Kernels {
@@ -310,7 +325,12 @@ fn run(cli: Cli) -> Result<()> {
         Command::Coordinator(a) => {
             commands::cluster::coordinator(&a.config, a.listen.as_deref(), a.out.as_deref(), &a.set)
         }
-        Command::Bench(BenchCommand::AllReduce { ranks, mib, iters }) => commands::bench::all_reduce(ranks, mib, iters),
+        Command::Bench(BenchCommand::AllReduce { ranks, mib, iters, tcp }) => {
+            commands::bench::all_reduce(ranks, mib, iters, tcp)
+        }
+        Command::Bench(BenchCommand::AllReduceRank { rank, peers, mib, iters }) => {
+            commands::bench::all_reduce_rank(rank, &peers, mib, iters)
+        }
         Command::Bench(BenchCommand::Kernels { device }) => {
             commands::bench::print(moxin_worker::selftest::fused_kernels(device))
         }
@@ -348,7 +368,9 @@ fn uses_cuda(command: &Command) -> bool {
             | Command::Doctor(_)
             | Command::Eval(_)
             | Command::Generate(_)
-            | Command::Bench(_)
+            | Command::Bench(
+                BenchCommand::Kernels { .. } | BenchCommand::Nccl { .. } | BenchCommand::CompileKernels { .. }
+            )
     )
 }
 

@@ -25,44 +25,69 @@ pub fn compile_kernels(arch: u32) -> Result<()> {
     Ok(())
 }
 
-/// All-reduce of `mib` MiB of f32 over `ranks` ranks (threads, one TCP ring on loopback).
-/// Prints JSON with the median time, algorithm and bus bandwidth (nccl-tests definitions).
-pub fn all_reduce(ranks: usize, mib: usize, iters: usize) -> Result<()> {
-    let len = mib * (1 << 20) / 4;
-    let listeners: Vec<TcpListener> = (0..ranks).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
-    let peers: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr()).collect::<Result<_, _>>()?;
-    let handles: Vec<_> = listeners
-        .into_iter()
-        .enumerate()
-        .map(|(rank, listener)| {
-            let peers = peers.clone();
-            std::thread::spawn(move || -> Result<Vec<f64>> {
-                let mut ring = TcpRing::connect(rank, &peers, &listener, 1, Duration::from_secs(60))?;
-                let mut buf = vec![1.0f32; len];
-                ring.all_reduce(&mut buf, ReduceOp::Sum)?; // warm-up
-                let mut times = Vec::new();
-                for _ in 0..iters {
-                    ring.barrier()?;
-                    let t = Instant::now();
-                    ring.all_reduce(&mut buf, ReduceOp::Sum)?;
-                    times.push(t.elapsed().as_secs_f64());
-                }
-                Ok(times)
-            })
+/// All-reduce of `mib` MiB of f32 over `ranks` ranks, each a separate process (as
+/// gloo's ranks are in the reference), joined by the CPU ring on loopback: through shared
+/// memory between same-host neighbours, or TCP only (`tcp_only`, the path between hosts).
+/// Prints JSON with the median time of the slowest rank and the bus bandwidth
+/// (nccl-tests definitions).
+pub fn all_reduce(ranks: usize, mib: usize, iters: usize, tcp_only: bool) -> Result<()> {
+    if ranks < 2 || mib == 0 || iters == 0 {
+        anyhow::bail!("--ranks must be at least 2, --mib and --iters at least 1");
+    }
+    // Reserve an address per rank (a rank binds its own when it starts).
+    let peers: Vec<String> = (0..ranks)
+        .map(|_| TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.to_string()))
+        .collect::<Result<_, _>>()?;
+    let exe = std::env::current_exe()?;
+    let children: Vec<std::process::Child> = (0..ranks)
+        .map(|rank| {
+            std::process::Command::new(&exe)
+                .args(["bench", "all-reduce-rank", "--rank", &rank.to_string(), "--peers", &peers.join(",")])
+                .args(["--mib", &mib.to_string(), "--iters", &iters.to_string()])
+                .env("MOXIN_RING_SHM", if tcp_only { "0" } else { "1" })
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .with_context(|| format!("starting rank {rank}"))
         })
-        .collect();
-    let per_rank: Vec<Vec<f64>> =
-        handles.into_iter().map(|h| h.join().map_err(|_| anyhow::anyhow!("rank panicked"))?).collect::<Result<_>>()?;
+        .collect::<Result<_>>()?;
+    let mut per_rank: Vec<Vec<f64>> = Vec::new();
+    for (rank, child) in children.into_iter().enumerate() {
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            anyhow::bail!("rank {rank} failed ({})", out.status);
+        }
+        per_rank.push(serde_json::from_slice(&out.stdout).with_context(|| format!("rank {rank}'s output"))?);
+    }
     let mut slowest: Vec<f64> = (0..iters).map(|i| per_rank.iter().map(|t| t[i]).fold(0.0, f64::max)).collect();
     slowest.sort_by(f64::total_cmp);
     let median = slowest[iters / 2];
-    let bytes = (len * 4) as f64;
+    let bytes = (mib * (1 << 20)) as f64;
     let algbw = bytes / median / 1e9;
     let busbw = algbw * 2.0 * (ranks as f64 - 1.0) / ranks as f64;
+    let system = if tcp_only { "moxin-ring-tcp" } else { "moxin-ring-shm" };
     println!(
         "{}",
-        serde_json::json!({"system": "moxin-tcp-ring", "ranks": ranks, "bytes": bytes, "seconds_median": median, "algbw_gb_s": algbw, "busbw_gb_s": busbw})
+        serde_json::json!({"system": system, "ranks": ranks, "processes": true, "bytes": bytes, "seconds_median": median, "algbw_gb_s": algbw, "busbw_gb_s": busbw})
     );
+    Ok(())
+}
+
+/// One rank of [`all_reduce`]: prints its per-iteration seconds as a JSON array.
+pub fn all_reduce_rank(rank: usize, peers: &str, mib: usize, iters: usize) -> Result<()> {
+    let peers: Vec<SocketAddr> =
+        peers.split(',').map(|p| p.parse().with_context(|| format!("peer address {p}"))).collect::<Result<_>>()?;
+    let listener = TcpListener::bind(peers.get(rank).context("rank outside --peers")?)?;
+    let mut ring = TcpRing::connect(rank, &peers, &listener, 1, Duration::from_secs(60))?;
+    let mut buf = vec![1.0f32; mib * (1 << 20) / 4];
+    ring.all_reduce(&mut buf, ReduceOp::Sum)?; // warm-up
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        ring.barrier()?;
+        let t = Instant::now();
+        ring.all_reduce(&mut buf, ReduceOp::Sum)?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    println!("{}", serde_json::to_string(&times)?);
     Ok(())
 }
 

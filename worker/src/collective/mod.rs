@@ -38,6 +38,16 @@ pub trait Element: Copy + Send + Sync + 'static {
     fn scale(self, factor: f32) -> Self;
     /// Decodes one element from little-endian bytes.
     fn from_le(bytes: &[u8]) -> Self;
+
+    /// `dst[i] (+)= element i of bytes` (little-endian), adding when `reduce`, else copying.
+    /// The default decodes element by element; fp32 overrides it with a straight loop over
+    /// aligned memory that the compiler vectorises (the ring's hot loop).
+    fn combine(dst: &mut [Self], bytes: &[u8], reduce: bool) {
+        for (d, src) in dst.iter_mut().zip(bytes.chunks_exact(Self::BYTES)) {
+            let v = Self::from_le(src);
+            *d = if reduce { d.add(v) } else { v };
+        }
+    }
 }
 
 impl Element for f32 {
@@ -50,6 +60,25 @@ impl Element for f32 {
     }
     fn from_le(b: &[u8]) -> Self {
         f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    }
+    fn combine(dst: &mut [Self], bytes: &[u8], reduce: bool) {
+        const _: () = assert!(cfg!(target_endian = "little"), "the ring wire format is little-endian");
+        // SAFETY: any 4 aligned bytes are a valid f32; `align_to` only yields the aligned
+        // middle part, and we fall back to decoding when the buffer is not aligned.
+        #[allow(unsafe_code)]
+        let (head, src, _) = unsafe { bytes.align_to::<f32>() };
+        if !head.is_empty() || src.len() < dst.len() {
+            for (d, s) in dst.iter_mut().zip(bytes.chunks_exact(4)) {
+                let v = f32::from_le(s);
+                *d = if reduce { *d + v } else { v };
+            }
+        } else if reduce {
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d += *s;
+            }
+        } else {
+            dst.copy_from_slice(&src[..dst.len()]);
+        }
     }
 }
 

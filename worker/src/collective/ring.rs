@@ -177,12 +177,7 @@ impl TcpRing {
             _ => CollectiveError::Peer { op, peer, source },
         };
         let (outbox, inbox) = (self.outbox.as_mut(), self.inbox.as_ref());
-        let combine = |chunk: &mut [T], bytes: &[u8]| {
-            for (dst, src) in chunk.iter_mut().zip(bytes.chunks_exact(T::BYTES)) {
-                let v = T::from_le(src);
-                *dst = if reduce { dst.add(v) } else { v };
-            }
-        };
+        let combine = |chunk: &mut [T], bytes: &[u8]| T::combine(chunk, bytes, reduce);
         std::thread::scope(|scope| {
             let sender = scope.spawn(move || match outbox {
                 None => next.write_all(as_bytes(send_part)),
