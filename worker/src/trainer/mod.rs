@@ -278,6 +278,7 @@ impl Trainer {
         if !checkpoints.disabled && saved_at != Some(self.progress.step) {
             self.save_checkpoint()?;
         }
+        self.sync.wait_params()?;
         Ok(if self.progress.step >= train.steps { RunEnd::Finished } else { RunEnd::Stopped })
     }
 
@@ -289,7 +290,9 @@ impl Trainer {
 
     /// One optimizer step over the next global batch: this rank's micro-batches forward and
     /// backward (gradients reduce-scatter bucket by bucket as backward produces them), then
-    /// the group agrees on the norm and loss, clips, updates its partition and all-gathers.
+    /// the group agrees on the norm and loss, clips, updates its partition and starts the
+    /// parameter all-gathers, which the next step's forward waits for stage by stage (so the
+    /// parameters are whole again only once [`Trainer::run`] returns).
     pub fn train_step(&mut self) -> Result<StepMetrics, WorkerError> {
         let started = Instant::now();
         let train = *section!(self.spec, train);
@@ -362,6 +365,7 @@ impl Trainer {
 
     /// Writes a checkpoint of the current state (every rank of the group takes part).
     pub fn save_checkpoint(&mut self) -> Result<PathBuf, WorkerError> {
+        self.sync.wait_params()?;
         let total = self.model.params.numel();
         let partitions =
             self.sync.partitions().iter().map(|r| ((r.start as i64).min(total), (r.end as i64).min(total))).collect();

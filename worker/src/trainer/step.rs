@@ -18,8 +18,15 @@ use super::objective::{head_forward_backward, Objective};
 use crate::model::Transformer;
 use crate::WorkerError;
 
-/// Receives gradients as backward produces them, in the flat layout's leaf indices.
+/// Receives gradients as backward produces them, in the flat layout's leaf indices, and
+/// says when the parameters a forward stage needs are in place (they may still be arriving
+/// from the previous step's all-gather).
 pub trait GradSink {
+    /// Blocks until the parameters of forward stage `stage` are current: stage 0 is the
+    /// embedding (and every norm gain), `1 + i` block `i`, `layers + 1` the head.
+    fn params_ready(&mut self, _stage: usize) -> Result<(), WorkerError> {
+        Ok(())
+    }
     /// Adds `grad` (shaped like the leaf, any float dtype) to leaf `leaf`'s gradient.
     fn add(&mut self, leaf: usize, grad: &Tensor) -> Result<(), WorkerError>;
     /// Leaf `leaf`'s gradient storage, shaped like the leaf, for code that accumulates into
@@ -80,9 +87,11 @@ pub fn forward_backward(
     let recompute = opts.recompute;
     let params = &model.params;
     // Forward: each block's input is a fresh leaf, so each block's graph stands alone.
+    sink.params_ready(0)?;
     let mut inputs = vec![tch::no_grad(|| model.embed(&batch.inputs)).set_requires_grad(true)];
     let mut outputs = Vec::with_capacity(stages.blocks.len());
     for i in 0..stages.blocks.len() {
+        sink.params_ready(1 + i)?;
         let x = inputs.last().expect("input");
         let y = if recompute { tch::no_grad(|| model.block(i, x)) } else { model.block(i, x) };
         inputs.push(y.detach().set_requires_grad(true));
@@ -94,6 +103,7 @@ pub fn forward_backward(
     let hidden = model.final_norm(last);
 
     // Head: hand-written gradients, chunk by chunk.
+    sink.params_ready(stages.blocks.len() + 1)?;
     let mut head_grad = sink.region(stages.head);
     let head = head_forward_backward(
         &hidden.detach(),

@@ -6,7 +6,10 @@
 //! overlaps the rest of backward; each rank ends up with the summed gradient of its own
 //! partition. Then: the global gradient norm (one all-reduce of three numbers, which also
 //! carries the loss and the stop flag), clipping, AdamW on the rank's partition (fp32
-//! master weights and moments), and an all-gather of the updated parameters.
+//! master weights and moments), and all-gathers of the updated parameters — one per
+//! forward stage (norms and embedding, each block, the head), started at the end of the
+//! step and waited for only when the next forward reaches that stage, so they overlap the
+//! next step's computation.
 //!
 //! Buckets follow backward's order: the matrices form the weight-decayed prefix of the
 //! flat buffer in model order, so backward produces it back to front (head, last block, …,
@@ -77,6 +80,10 @@ pub struct Zero1 {
     written: Vec<bool>,
     last_micro: bool,
     in_flight: Vec<Work>,
+    /// Parameter all-gathers in flight, in forward order: (stage, work).
+    gathers: std::collections::VecDeque<(usize, Work)>,
+    /// Flat ranges of the parameters each forward stage needs first, in stage order.
+    gather_plan: Vec<(usize, Range<i64>)>,
     comm: CommTimes,
     /// AdamW over the partition.
     pub opt: AdamW,
@@ -109,8 +116,11 @@ impl Zero1 {
         let leaf_ranges: Vec<Range<i64>> = layout.leaves.iter().map(|l| l.offset..l.offset + l.numel).collect();
         let (buckets, leaf_bucket) = plan_buckets(layout, padded);
         let leaf_shapes = layout.leaves.iter().map(|l| l.shape.clone()).collect();
+        let gather_plan = plan_gathers(layout, padded);
         Ok(Zero1 {
             leaf_shapes,
+            gathers: Default::default(),
+            gather_plan,
             collective,
             written: vec![false; leaf_ranges.len()],
             partitions,
@@ -216,11 +226,30 @@ impl Zero1 {
                 return Ok(StepSync { grad_norm, loss, stop, comm: self.comm });
             }
             self.opt.update(&own, clip_factor(grad_norm, grad_clip), lr, params)?;
-            let ranges: Vec<Range<usize>> = self.partitions.clone();
-            let t = self.collective.all_gather(params, &ranges).map_err(comm_error)?.wait().map_err(comm_error)?;
-            self.comm.add(t);
+            for (stage, r) in self.gather_plan.clone() {
+                let window = r.start as usize..r.end as usize;
+                let ranges = clip_ranges(&self.partitions, window);
+                let view = params.narrow(0, r.start, r.end - r.start);
+                let work = self.collective.all_gather(&view, &ranges).map_err(comm_error)?;
+                self.gathers.push_back((stage, work));
+            }
             Ok(StepSync { grad_norm, loss, stop, comm: self.comm })
         })
+    }
+
+    /// Waits for every parameter all-gather in flight (before parameters are read as a
+    /// whole: checkpoints, the end of a run).
+    pub fn wait_params(&mut self) -> Result<(), WorkerError> {
+        self.wait_gathers(usize::MAX)
+    }
+
+    fn wait_gathers(&mut self, stage: usize) -> Result<(), WorkerError> {
+        while self.gathers.front().is_some_and(|(s, _)| *s <= stage) {
+            let (_, work) = self.gathers.pop_front().expect("front exists");
+            let t = work.wait().map_err(comm_error)?;
+            self.comm.add(t);
+        }
+        Ok(())
     }
 
     /// Seconds spent so far this step in collectives and waiting for them.
@@ -230,6 +259,10 @@ impl Zero1 {
 }
 
 impl GradSink for Zero1 {
+    fn params_ready(&mut self, stage: usize) -> Result<(), WorkerError> {
+        self.wait_gathers(stage)
+    }
+
     fn add(&mut self, leaf: usize, grad: &Tensor) -> Result<(), WorkerError> {
         let mut dst = self.view(leaf);
         tch::no_grad(|| match (grad.defined(), self.written[leaf]) {
@@ -263,6 +296,31 @@ impl GradSink for Zero1 {
         }
         Ok(())
     }
+}
+
+/// The flat ranges each forward stage needs, in stage order: stage 0 the norm gains (and
+/// padding, at the end of the buffer) and the embedding; stage `1 + i` block `i`'s
+/// matrices; stage `layers + 1` the head. Together they tile `0..padded`.
+fn plan_gathers(layout: &FlatLayout, padded: i64) -> Vec<(usize, Range<i64>)> {
+    let layers = layout.leaves.iter().filter_map(|l| l.layer).max().map_or(0, |m| m as usize + 1);
+    let stage_of = |l: &moxin_layout::LeafSlot| match l.layer {
+        _ if l.offset >= layout.decay_numel => 0,
+        Some(i) => 1 + i as usize,
+        None if l.name == "lm_head.weight" => layers + 1,
+        None => 0,
+    };
+    let mut plan = Vec::new();
+    if layout.decay_numel < padded {
+        plan.push((0, layout.decay_numel..padded));
+    }
+    for stage in 0..=layers + 1 {
+        let leaves = (0..layout.leaves.len()).filter(|&i| {
+            let l = &layout.leaves[i];
+            l.offset < layout.decay_numel && stage_of(l) == stage
+        });
+        plan.extend(layout.ranges_of(leaves).into_iter().map(|r| (stage, r)));
+    }
+    plan
 }
 
 /// Cuts the flat buffer into buckets in backward order; returns them and each leaf's bucket.
@@ -341,5 +399,20 @@ mod tests {
         assert_eq!(leaf_bucket[head], 0);
         assert!(leaf_bucket[embed] >= leaf_bucket[head]);
         assert_eq!(buckets.last().unwrap().range.start, layout.decay_numel);
+
+        // The all-gather plan tiles the buffer too, in forward order.
+        let gathers = plan_gathers(&layout, padded);
+        let mut ranges: Vec<_> = gathers.iter().map(|(_, r)| r.clone()).collect();
+        ranges.sort_by_key(|r| r.start);
+        assert_eq!(ranges.first().unwrap().start, 0);
+        assert!(ranges.windows(2).all(|w| w[0].end == w[1].start));
+        assert_eq!(ranges.last().unwrap().end, padded);
+        assert!(gathers.windows(2).all(|w| w[0].0 <= w[1].0), "stage order");
+        let stage_of_offset = |o: i64| gathers.iter().find(|(_, r)| r.contains(&o)).unwrap().0;
+        let leaf = |n: &str| layout.leaf(n).unwrap().offset;
+        assert_eq!(stage_of_offset(leaf("model.embed_tokens.weight")), 0);
+        assert_eq!(stage_of_offset(leaf("model.layers.2.input_layernorm.weight")), 0);
+        assert_eq!(stage_of_offset(leaf("model.layers.1.mlp.gate_up")), 2);
+        assert_eq!(stage_of_offset(leaf("lm_head.weight")), 4);
     }
 }
