@@ -145,3 +145,24 @@ fn recomputing_blocks_changes_nothing() {
     assert_eq!(plain_losses, losses);
     assert_eq!(rel_l2(&recomputed, &plain), 0.0, "recomputation is the same arithmetic");
 }
+
+/// Why parameters may only be written by raw pointers while a forward graph exists: every
+/// view of the flat buffer shares one version counter, so a tensor copy into any part of
+/// it (as the ring's CUDA staging does) makes backward refuse views saved elsewhere;
+/// writes through the raw pointer (NCCL, the ring on CPU memory) leave it alone.
+#[test]
+fn in_place_tensor_writes_to_the_flat_buffer_break_saved_views() {
+    let flat = Tensor::ones([8], (Kind::Float, Device::Cpu));
+    let w = flat.narrow(0, 0, 4).set_requires_grad(true);
+    let other = flat.narrow(0, 4, 4);
+    let x = Tensor::ones([4], (Kind::Float, Device::Cpu));
+    // The graph saves `w` (the gradient of x·w with respect to x is w).
+    let xr = x.set_requires_grad(true);
+    let y = (&xr * &w).sum(Kind::Float);
+    tch::no_grad(|| {
+        let mut o = other.shallow_clone();
+        o.copy_(&Tensor::zeros([4], (Kind::Float, Device::Cpu)));
+    });
+    let err = Tensor::f_run_backward(&[&y], &[&xr], false, false).expect_err("version check");
+    assert!(err.to_string().contains("modified by an inplace operation"), "{err}");
+}

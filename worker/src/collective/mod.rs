@@ -169,6 +169,15 @@ pub trait Collective {
     fn broadcast(&mut self, buf: &Tensor, root: usize) -> Result<Work, CollectiveError>;
     /// Returns once every rank has called it (and everything issued before has completed).
     fn barrier(&mut self) -> Result<(), CollectiveError>;
+
+    /// Whether an operation on `buf` may stay in flight while autograd graphs hold other
+    /// views of the same storage. Backends that write results through raw pointers (NCCL,
+    /// the ring on CPU memory) can; one that finishes with a tensor copy (the ring staging
+    /// CUDA memory through the host) cannot: the copy bumps the storage's version counter,
+    /// and backward would then refuse every saved view of it.
+    fn overlaps_autograd(&self, _buf: &Tensor) -> bool {
+        true
+    }
 }
 
 /// What a backend measured of a completed operation.

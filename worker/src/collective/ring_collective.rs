@@ -131,6 +131,10 @@ impl Collective for RingCollective {
     fn barrier(&mut self) -> Result<(), CollectiveError> {
         self.submit("barrier", None, Op::Barrier)?.wait().map(|_| ())
     }
+
+    fn overlaps_autograd(&self, buf: &Tensor) -> bool {
+        buf.device() == Device::Cpu
+    }
 }
 
 impl Drop for RingCollective {

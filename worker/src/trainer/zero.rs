@@ -233,6 +233,10 @@ impl Zero1 {
                 let work = self.collective.all_gather(&view, &ranges).map_err(comm_error)?;
                 self.gathers.push_back((stage, work));
             }
+            if !self.collective.overlaps_autograd(params) {
+                // Completing them during the next forward would invalidate its graph.
+                self.wait_params()?;
+            }
             Ok(StepSync { grad_norm, loss, stop, comm: self.comm })
         })
     }
