@@ -28,7 +28,7 @@ pub fn launch(config: &Path, workers: u32, out: Option<&Path>, overrides: &[Stri
         let exe = std::env::current_exe().context("locating the moxin-train binary")?;
         // With a GPU per worker, worker i trains on GPU i (LOCAL_RANK, as torchrun sets it);
         // with fewer GPUs than workers they share, and the group uses the ring.
-        let gpus = if tch_cuda_available() { tch_device_count() } else { 0 };
+        let gpus = if moxin_worker::device::cuda_available() { moxin_worker::device::cuda_device_count() } else { 0 };
         let own_gpus = gpus >= workers as usize;
         let mut children = Vec::new();
         for i in 0..workers {
@@ -110,14 +110,6 @@ pub fn worker(
         moxin_worker::agent::AgentEnd::Done => Ok(()),
         moxin_worker::agent::AgentEnd::JobFailed(reason) => Err(anyhow!("the job failed: {reason}")),
     }
-}
-
-fn tch_cuda_available() -> bool {
-    moxin_worker::device::cuda_available()
-}
-
-fn tch_device_count() -> usize {
-    moxin_worker::device::cuda_device_count()
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

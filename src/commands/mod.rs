@@ -92,9 +92,14 @@ pub fn model_info(preset: &str, json: bool) -> Result<()> {
     let shape = moxin_coordinator::presets::load(preset)?;
     let classes = shape.param_classes();
     let total = shape.param_count();
-    // Training state before activations: bf16 parameters and gradients, fp32 master
-    // weights and Adam moments (16 B/parameter), or with ZeRO-1 over 8 ranks 4 + 12/8 B.
-    let (unsharded, zero1_8) = (total * 16, total * 4 + total * 12 / 8);
+    // Training state before activations, from the same memory plan as `moxin-train plan`.
+    let state = |gpus| {
+        let input =
+            moxin_layout::memory::PlanInput { gpus, seq_len: 1, micro_batch: 1, recompute: false, bf16_grads: false };
+        let m = moxin_layout::memory::plan(&shape, &input);
+        m.params + m.grads + m.optimizer
+    };
+    let (unsharded, zero1_8) = (state(1), state(8));
     if json {
         let info = serde_json::json!({
             "classes": classes,
@@ -125,8 +130,8 @@ pub fn model_info(preset: &str, json: bool) -> Result<()> {
         println!("  {:<10} {:>16} {:>12} {:>12}", c.class, thousands(c.params), gib(c.params * 2), gib(c.params * 4));
     }
     println!(
-        "  training state, before activations: {} per rank replicated (bf16 params+grads, fp32 master+Adam: 16 B/param); \
-         {} with ZeRO-1 over 8 ranks (see `moxin-train plan` for a full per-GPU plan)",
+        "  training state, before activations: {} on one GPU (bf16 params, fp32 grads, fp32 master+Adam: 18 B/param); \
+         {} per GPU with ZeRO-1 over 8 (see `moxin-train plan` for a full per-GPU plan)",
         gib(unsharded),
         gib(zero1_8)
     );

@@ -314,10 +314,32 @@ fn call(op: &'static str, r: Result<result::NcclStatus, result::NcclError>) -> R
     r.map(|_| ()).map_err(|e| nccl_error(op, e.0))
 }
 
-/// Equal-length ranges (what NCCL's reduce-scatter / all-gather take directly).
-fn equal_parts(ranges: &[Range<usize>]) -> Option<usize> {
-    let n = ranges.first()?.len();
-    ranges.iter().all(|r| r.len() == n).then_some(n)
+/// A buffer split into one part per rank, as NCCL needs it: equal parts go to one
+/// reduce-scatter / all-gather call; uneven ones to one call per non-empty part's owner.
+struct Parts {
+    base: *mut std::ffi::c_void,
+    mine: *mut std::ffi::c_void,
+    /// The common length, when every part has the same one.
+    equal: Option<usize>,
+    /// `(owner rank, first element, length)` of every non-empty part.
+    owned: Vec<(i32, *mut std::ffi::c_void, usize)>,
+}
+
+impl Parts {
+    fn of(buf: &Tensor, ranges: &[Range<usize>], rank: usize) -> Self {
+        let n = ranges[0].len();
+        Parts {
+            base: ptr_at(buf, 0),
+            mine: ptr_at(buf, ranges[rank].start),
+            equal: ranges.iter().all(|r| r.len() == n).then_some(n),
+            owned: ranges
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| !r.is_empty())
+                .map(|(root, r)| (root as i32, ptr_at(buf, r.start), r.len()))
+                .collect(),
+        }
+    }
 }
 
 impl Collective for NcclCollective {
@@ -344,30 +366,20 @@ impl Collective for NcclCollective {
     fn reduce_scatter(&mut self, buf: &Tensor, ranges: &[Range<usize>], op: ReduceOp) -> Result<Work, CollectiveError> {
         let (dtype, len) = self.check_device("reduce_scatter", buf)?;
         check_ranges(len, ranges, self.world)?;
-        let rank = self.rank;
-        let parts: Vec<(usize, usize)> = ranges.iter().map(|r| (r.start, r.len())).collect();
-        let (base, mine) = (ptr_at(buf, 0), ptr_at(buf, ranges[rank].start));
-        let ptrs: Vec<*mut std::ffi::c_void> = ranges.iter().map(|r| ptr_at(buf, r.start)).collect();
+        let parts = Parts::of(buf, ranges, self.rank);
         self.issue("reduce_scatter", buf, move |comm, stream| {
             // SAFETY: every pointer and count lies inside the checked buffer on this device.
             #[allow(unsafe_code)]
             unsafe {
-                match equal_parts(ranges_of(&parts).as_slice()) {
+                match parts.equal {
                     Some(n) => call(
                         "ncclReduceScatter",
-                        result::reduce_scatter(base, mine, n, dtype, nccl_op(op), comm.raw, stream),
+                        result::reduce_scatter(parts.base, parts.mine, n, dtype, nccl_op(op), comm.raw, stream),
                     ),
-                    None => {
-                        // Uneven parts: one in-place reduce to each part's owner.
-                        for (root, &(_, n)) in parts.iter().enumerate().filter(|(_, p)| p.1 > 0) {
-                            let p = ptrs[root];
-                            call(
-                                "ncclReduce",
-                                result::reduce(p, p, n, dtype, nccl_op(op), root as i32, comm.raw, stream),
-                            )?;
-                        }
-                        Ok(())
-                    }
+                    // Uneven parts: one in-place reduce to each part's owner.
+                    None => parts.owned.iter().try_for_each(|&(root, p, n)| {
+                        call("ncclReduce", result::reduce(p, p, n, dtype, nccl_op(op), root, comm.raw, stream))
+                    }),
                 }
             }
         })
@@ -376,24 +388,19 @@ impl Collective for NcclCollective {
     fn all_gather(&mut self, buf: &Tensor, ranges: &[Range<usize>]) -> Result<Work, CollectiveError> {
         let (dtype, len) = self.check_device("all_gather", buf)?;
         check_ranges(len, ranges, self.world)?;
-        let rank = self.rank;
-        let parts: Vec<(usize, usize)> = ranges.iter().map(|r| (r.start, r.len())).collect();
-        let (base, mine) = (ptr_at(buf, 0), ptr_at(buf, ranges[rank].start));
-        let ptrs: Vec<*mut std::ffi::c_void> = ranges.iter().map(|r| ptr_at(buf, r.start)).collect();
+        let parts = Parts::of(buf, ranges, self.rank);
         self.issue("all_gather", buf, move |comm, stream| {
             // SAFETY: every pointer and count lies inside the checked buffer on this device.
             #[allow(unsafe_code)]
             unsafe {
-                match equal_parts(ranges_of(&parts).as_slice()) {
-                    Some(n) => call("ncclAllGather", result::all_gather(mine, base, n, dtype, comm.raw, stream)),
-                    None => {
-                        // Uneven parts: each owner broadcasts its part in place.
-                        for (root, &(_, n)) in parts.iter().enumerate().filter(|(_, p)| p.1 > 0) {
-                            let p = ptrs[root];
-                            call("ncclBroadcast", result::broadcast(p, p, n, dtype, root as i32, comm.raw, stream))?;
-                        }
-                        Ok(())
+                match parts.equal {
+                    Some(n) => {
+                        call("ncclAllGather", result::all_gather(parts.mine, parts.base, n, dtype, comm.raw, stream))
                     }
+                    // Uneven parts: each owner broadcasts its part in place.
+                    None => parts.owned.iter().try_for_each(|&(root, p, n)| {
+                        call("ncclBroadcast", result::broadcast(p, p, n, dtype, root, comm.raw, stream))
+                    }),
                 }
             }
         })
@@ -417,10 +424,6 @@ impl Collective for NcclCollective {
         let work = self.all_reduce(&token, ReduceOp::Sum)?;
         work.wait().map(|_| ())
     }
-}
-
-fn ranges_of(parts: &[(usize, usize)]) -> Vec<Range<usize>> {
-    parts.iter().map(|&(s, n)| s..s + n).collect()
 }
 
 struct NcclPending {

@@ -135,11 +135,17 @@ pub fn plan() -> Result<Option<String>, String> {
         return Ok(None);
     }
     let override_path = std::env::var(NCCL_OVERRIDE_ENV).ok();
-    // SAFETY: only tries to dlopen NCCL by its usual names.
-    #[allow(unsafe_code)]
-    let in_search_path = unsafe { cudarc::nccl::sys::is_culib_present() };
     let torch = torch_lib_dir();
     let loaded = loaded_nccl().into_iter().next();
+    let beside_torch = torch.as_deref().is_some_and(|d| pip_nvidia_dir(d, "nccl").join("libnccl.so.2").is_file());
+    // Probe the loader only when nothing better is known: a probe loads whatever NCCL the
+    // loader finds into this process.
+    // SAFETY: only tries to dlopen NCCL by its usual names.
+    #[allow(unsafe_code)]
+    let in_search_path = override_path.is_none()
+        && loaded.is_none()
+        && !beside_torch
+        && unsafe { cudarc::nccl::sys::is_culib_present() };
     let mut dirs: Vec<PathBuf> = Vec::new();
     if let Some(found) =
         find_nccl(override_path.as_deref(), loaded.as_deref(), in_search_path, torch.as_deref(), &system_dirs())?

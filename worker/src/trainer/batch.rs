@@ -25,13 +25,6 @@ pub struct Batch {
     pub weights: Option<Tensor>,
 }
 
-impl Batch {
-    /// Tokens (positions) in the micro-batch.
-    pub fn tokens(&self) -> i64 {
-        self.inputs.numel() as i64
-    }
-}
-
 /// Where a rank's micro-batches come from.
 pub trait BatchSource {
     /// Micro-batches this rank runs per optimizer step.

@@ -255,11 +255,6 @@ impl Zero1 {
         }
         Ok(())
     }
-
-    /// Seconds spent so far this step in collectives and waiting for them.
-    pub fn comm_times(&self) -> CommTimes {
-        self.comm
-    }
 }
 
 impl GradSink for Zero1 {
