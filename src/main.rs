@@ -284,15 +284,31 @@ fn main() {
     if uses_cuda(&cli.command) {
         restart_with_cuda_libraries();
     }
-    if let Err(e) = run(cli) {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+    match run(cli) {
+        Ok(0) => {}
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
-    match cli.command {
-        Command::Train(a) => commands::train(&a.config, a.out.as_deref(), &a.set, a.stop_after, a.device.as_deref()),
+/// Runs a command; the exit code is 0, or [`moxin_worker::driver::STOPPED_EXIT_CODE`] for a
+/// run stopped early on request (by a signal, Ctrl-C or its coordinator) after checkpointing.
+fn run(cli: Cli) -> Result<i32> {
+    let code = match cli.command {
+        Command::Train(a) => {
+            return Ok(commands::train(&a.config, a.out.as_deref(), &a.set, a.stop_after, a.device.as_deref())?
+                .exit_code())
+        }
+        Command::Launch(a) => return commands::cluster::launch(&a.config, a.workers, a.out.as_deref(), &a.set),
+        Command::Coordinator(a) => {
+            return commands::cluster::coordinator(&a.config, a.listen.as_deref(), a.out.as_deref(), &a.set)
+        }
+        Command::Worker(a) => {
+            return commands::cluster::worker(a.coordinator, a.collective_listen, a.metrics_listen, a.device.as_deref())
+        }
         Command::Doctor(a) => commands::doctor(a.json),
         Command::Eval(a) => commands::eval(&a.checkpoint, &a.data, a.batches, a.batch_size),
         Command::Data(DataCommand::Prepare(a)) => commands::prepare(moxin_data::PrepareOptions {
@@ -321,10 +337,6 @@ fn run(cli: Cli) -> Result<()> {
             a.gpu_memory_gib,
             a.json,
         ),
-        Command::Launch(a) => commands::cluster::launch(&a.config, a.workers, a.out.as_deref(), &a.set),
-        Command::Coordinator(a) => {
-            commands::cluster::coordinator(&a.config, a.listen.as_deref(), a.out.as_deref(), &a.set)
-        }
         Command::Bench(BenchCommand::AllReduce { ranks, mib, iters, tcp }) => {
             commands::bench::all_reduce(ranks, mib, iters, tcp)
         }
@@ -341,9 +353,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCommand::Heartbeats { coordinator, workers, seconds }) => {
             commands::bench::heartbeats(&coordinator, workers, seconds)
         }
-        Command::Worker(a) => {
-            commands::cluster::worker(a.coordinator, a.collective_listen, a.metrics_listen, a.device.as_deref())
-        }
         Command::Generate(a) => commands::generate(
             &a.checkpoint,
             &a.prompt,
@@ -355,7 +364,8 @@ fn run(cli: Cli) -> Result<()> {
                 seed: a.seed,
             },
         ),
-    }
+    };
+    code.map(|()| 0)
 }
 
 /// Commands that may put tensors on a GPU (and so may need NCCL or NVRTC).

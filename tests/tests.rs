@@ -4,4 +4,5 @@ mod cluster_cli;
 mod common;
 mod data_cli;
 mod device_cli;
+mod faults_cli;
 mod train_cli;

@@ -36,6 +36,9 @@ pub enum ConfigError {
     /// The training data does not fit the job.
     #[error(transparent)]
     Data(#[from] moxin_data::DataError),
+    /// Another process is using the run directory.
+    #[error(transparent)]
+    Locked(#[from] crate::rundir::LockError),
 }
 
 /// A whole job configuration file.
@@ -558,7 +561,7 @@ impl JobConfig {
             ));
         }
         let per_pass = t.micro_batch_size as u64 * world_size as u64;
-        if t.global_batch_size == 0 || t.global_batch_size as u64 % per_pass != 0 {
+        if t.global_batch_size == 0 || !(t.global_batch_size as u64).is_multiple_of(per_pass) {
             return Err(bad(
                 "train.global_batch_size",
                 &t.global_batch_size,

@@ -23,10 +23,14 @@ pub struct ResolvedJob {
     pub run_dir: PathBuf,
     /// Samples per epoch of the training data at the job's sequence length.
     pub samples_per_epoch: u64,
+    /// This process's exclusive use of the run directory, held as long as any clone lives.
+    pub lock: std::sync::Arc<crate::rundir::RunLock>,
 }
 
 /// Loads, validates and resolves a job for `world_size` workers. `run_dir` defaults to
-/// `runs/<job name>`. Built-in data is prepared into `<run dir>/data` on first use.
+/// `runs/<job name>`; it is locked for this process before anything in it is touched
+/// (a second run on it is refused). Built-in data is prepared into `<run dir>/data` on
+/// first use.
 pub fn resolve_job(
     config_file: &Path,
     overrides: &[String],
@@ -71,6 +75,7 @@ pub fn resolve_config(
         value: run_dir.display().to_string(),
         message: e.to_string(),
     })?;
+    let lock = std::sync::Arc::new(crate::rundir::RunLock::acquire(&run_dir)?);
 
     let data_dir = if config.data.source == "builtin" {
         let dir = run_dir.join("data");
@@ -160,7 +165,7 @@ pub fn resolve_config(
         resolved_config_toml,
         run_dir: run_dir.display().to_string(),
     };
-    Ok(ResolvedJob { config, spec, run_dir, samples_per_epoch })
+    Ok(ResolvedJob { config, spec, run_dir, samples_per_epoch, lock })
 }
 
 /// The wire form of a model shape.

@@ -1,9 +1,11 @@
-//! The run directory the coordinator owns: the resolved configuration and `metrics.jsonl`.
-//! (Checkpoints under `checkpoints/` are written by the workers that hold the state.)
+//! The run directory the coordinator owns: its lock, the resolved configuration and
+//! `metrics.jsonl`. (Checkpoints under `checkpoints/` are written by the workers that hold
+//! the state.)
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Seek, Write};
 use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use moxin_proto::v1::StepMetrics;
 
@@ -11,6 +13,86 @@ use moxin_proto::v1::StepMetrics;
 pub const CONFIG_FILE: &str = "config.toml";
 /// Name of the per-step metrics file in a run directory.
 pub const METRICS_FILE: &str = "metrics.jsonl";
+
+/// Name of the lock file in a run directory.
+pub const LOCK_FILE: &str = ".lock";
+
+/// A second process wanted a run directory that one already uses.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Held by another process.
+    #[error(
+        "run directory {run_dir} is in use by {holder}; wait for that run to end (or stop it), or pass another --out"
+    )]
+    Held {
+        /// The run directory.
+        run_dir: PathBuf,
+        /// Who holds it, as the holder wrote it (pid, host, command, since when).
+        holder: String,
+    },
+    /// The lock file could not be opened or locked.
+    #[error("{path}: cannot lock the run directory: {source}")]
+    Io {
+        /// The lock file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// Exclusive use of a run directory by this process (`train`, `launch` or `coordinator`):
+/// an advisory lock on `<run dir>/.lock`, released when dropped or when the process dies,
+/// however it dies. Nothing in a run directory is touched before it is held, so a second
+/// run on the same `--out` never re-prepares data or deletes checkpoint staging under the
+/// first one.
+#[derive(Debug)]
+pub struct RunLock {
+    _file: File,
+    path: PathBuf,
+}
+
+impl RunLock {
+    /// Takes the lock on `run_dir` (which must exist), or says who holds it.
+    pub fn acquire(run_dir: &Path) -> Result<RunLock, LockError> {
+        let path = run_dir.join(LOCK_FILE);
+        let io = |source| LockError::Io { path: path.clone(), source };
+        let mut file = OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&path).map_err(io)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                let holder = if holder.is_empty() { "another process".to_string() } else { holder.to_string() };
+                return Err(LockError::Held { run_dir: run_dir.to_path_buf(), holder });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
+        let since = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let command: Vec<String> = std::env::args().collect();
+        let holder = format!(
+            "pid {} on {} (`{}`, locked at unix time {since})\n",
+            std::process::id(),
+            hostname(),
+            command.join(" ")
+        );
+        file.set_len(0).and_then(|_| file.rewind()).and_then(|_| file.write_all(holder.as_bytes())).map_err(io)?;
+        Ok(RunLock { _file: file, path })
+    }
+
+    /// The lock file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// This machine's host name.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "unknown host".into())
+}
 
 /// Writes `config.toml` (the resolved configuration) atomically.
 pub fn write_resolved_config(run_dir: &Path, toml: &str) -> std::io::Result<PathBuf> {
@@ -108,6 +190,17 @@ impl MetricsLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_second_lock_names_the_holder_and_the_first_release_frees_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let first = RunLock::acquire(tmp.path()).unwrap();
+        let err = RunLock::acquire(tmp.path()).unwrap_err().to_string();
+        assert!(err.contains(&format!("pid {}", std::process::id())), "{err}");
+        assert!(err.contains("another --out"), "{err}");
+        drop(first);
+        RunLock::acquire(tmp.path()).unwrap();
+    }
 
     #[test]
     fn resume_drops_steps_after_the_checkpoint() {

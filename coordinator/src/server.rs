@@ -59,7 +59,7 @@ struct Worker {
     devices: Vec<DeviceInfo>,
     nccl_version: String,
     last_seen: Instant,
-    events: Option<mpsc::Sender<Result<Event, Status>>>,
+    events: Option<mpsc::UnboundedSender<Result<Event, Status>>>,
     rank: Option<u32>,
 }
 
@@ -73,6 +73,8 @@ struct State {
     metrics: MetricsLog,
     /// The current generation's NCCL id, once its rank 0 shared it.
     collective_id: Option<Vec<u8>>,
+    /// The step the run was at when this coordinator started (from `state.json`).
+    start_step: u64,
 }
 
 /// The coordinator of one job.
@@ -84,15 +86,55 @@ pub struct CoordinatorService {
     state_file: PathBuf,
     min_workers: u32,
     max_workers: u32,
+    previous: Option<PreviousRun>,
+}
+
+/// What an earlier coordinator of the same run directory left in `state.json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreviousRun {
+    /// Its last phase (`waiting`, `running`, `finished`, `failed`, `stopped`).
+    pub phase: String,
+    /// The last generation it formed.
+    pub generation: u64,
+    /// The last step reported to it.
+    pub step: u64,
+}
+
+impl PreviousRun {
+    /// Reads `state.json`; `None` if there is none or it cannot be read (then nothing is
+    /// known about earlier runs, which is also what a first run sees).
+    pub fn load(state_file: &std::path::Path) -> Option<PreviousRun> {
+        let text = std::fs::read_to_string(state_file).ok()?;
+        let doc: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| tracing::warn!("ignoring unreadable {}: {e}", state_file.display()))
+            .ok()?;
+        Some(PreviousRun {
+            phase: doc.pointer("/phase/phase").and_then(|p| p.as_str()).unwrap_or("unknown").to_string(),
+            generation: doc.get("generation").and_then(|g| g.as_u64()).unwrap_or(0),
+            step: doc.get("step").and_then(|g| g.as_u64()).unwrap_or(0),
+        })
+    }
 }
 
 impl CoordinatorService {
+    /// The step an earlier coordinator of this run directory finished the job at, if it did
+    /// and this job asks for no more steps: relaunching a finished run does nothing.
+    pub fn already_finished(&self) -> Option<u64> {
+        let steps = self.job.spec.train.as_ref().map_or(0, |t| t.steps);
+        self.previous.as_ref().filter(|p| p.phase == "finished" && p.step >= steps).map(|p| p.step)
+    }
+
     /// A coordinator for `job` expecting between `min_workers` and `max_workers` workers.
     pub fn new(job: ResolvedJob, min_workers: u32, max_workers: u32) -> std::io::Result<Self> {
         let metrics = MetricsLog::open(&job.run_dir)?;
         let state_dir =
             job.config.cluster.state_dir.as_ref().map(PathBuf::from).unwrap_or_else(|| job.run_dir.join("coordinator"));
         std::fs::create_dir_all(&state_dir)?;
+        let state_file = state_dir.join("state.json");
+        let previous = PreviousRun::load(&state_file);
+        if let Some(p) = &previous {
+            tracing::info!(phase = %p.phase, generation = p.generation, step = p.step, "continuing after an earlier coordinator");
+        }
         let (phase_tx, _) = watch::channel(Phase::Waiting);
         let service = CoordinatorService {
             job: Arc::new(job),
@@ -100,19 +142,42 @@ impl CoordinatorService {
                 workers: HashMap::new(),
                 order: Vec::new(),
                 next_id: 1,
-                generation: 0,
+                // Generations never repeat across coordinator restarts: a worker of an old
+                // group can never be mistaken for a member of the new one.
+                generation: previous.as_ref().map_or(0, |p| p.generation),
                 phase: Phase::Waiting,
                 progress: Progress::default(),
                 metrics,
                 collective_id: None,
+                start_step: previous.as_ref().map_or(0, |p| p.step),
             })),
             phase_tx: Arc::new(phase_tx),
-            state_file: state_dir.join("state.json"),
+            state_file,
             min_workers,
             max_workers,
+            previous,
         };
-        service.persist(&service.state.lock().unwrap());
+        if service.already_finished().is_none() {
+            service.persist(&service.lock());
+        }
         Ok(service)
+    }
+
+    /// The state, also after a panic elsewhere poisoned its lock (every update leaves it
+    /// consistent before anything can panic).
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Waits until every worker has closed its event stream (it exits after hearing the
+    /// stop and, on a clean stop, checkpointing), so no worker loses the reply to its last
+    /// report or the reason the job ended; gives up after `deadline`. Returns the workers
+    /// still connected then.
+    pub async fn drain(&self, deadline: Duration) -> usize {
+        let streams: Vec<_> = self.lock().workers.values().filter_map(|w| w.events.clone()).collect();
+        let all_closed = futures_join_all(streams.iter().map(|tx| tx.closed()));
+        let _ = tokio::time::timeout(deadline, all_closed).await;
+        streams.iter().filter(|tx| !tx.is_closed()).count()
     }
 
     /// The tonic service to serve.
@@ -127,7 +192,7 @@ impl CoordinatorService {
 
     /// The latest progress.
     pub fn progress(&self) -> Progress {
-        let s = self.state.lock().unwrap();
+        let s = self.lock();
         let mut p = s.progress.clone();
         p.workers = s.workers.len();
         p.generation = s.generation;
@@ -136,7 +201,7 @@ impl CoordinatorService {
 
     /// Stops the job: every worker is told to stop (`failed` says whether that is a failure).
     pub fn stop(&self, reason: &str, failed: bool) {
-        let mut s = self.state.lock().unwrap();
+        let mut s = self.lock();
         if matches!(s.phase, Phase::Finished | Phase::Failed(_) | Phase::Stopped(_)) {
             return;
         }
@@ -156,7 +221,7 @@ impl CoordinatorService {
                 _ = phase.changed() => {}
             }
             let lost = {
-                let s = self.state.lock().unwrap();
+                let s = self.lock();
                 if matches!(s.phase, Phase::Finished | Phase::Failed(_) | Phase::Stopped(_)) {
                     return;
                 }
@@ -212,12 +277,14 @@ impl CoordinatorService {
             "job": self.job.spec.name,
             "phase": s.phase,
             "generation": s.generation,
-            "step": s.progress.last.as_ref().map_or(0, |m| m.step),
+            "step": s.progress.last.as_ref().map_or(s.start_step, |m| m.step),
             "members": members,
             "updated_unix_s": SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         });
         let tmp = self.state_file.with_extension("json.tmp");
-        let written = std::fs::write(&tmp, serde_json::to_vec_pretty(&doc).expect("json"))
+        let written = serde_json::to_vec_pretty(&doc)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
             .and_then(|_| std::fs::rename(&tmp, &self.state_file));
         if let Err(e) = written {
             tracing::warn!("cannot persist coordinator state to {}: {e}", self.state_file.display());
@@ -269,10 +336,9 @@ impl CoordinatorService {
         };
         for (rank, id) in ready.iter().enumerate() {
             let assignment = assignment(&self.job.spec, self.job.samples_per_epoch, &group, world, rank as u32);
-            let w = s.workers.get_mut(id).expect("ready worker");
-            w.rank = Some(rank as u32);
-            if let Some(tx) = &w.events {
-                let _ = tx.try_send(Ok(Event { kind: Some(event::Kind::Assignment(assignment)) }));
+            if let Some(w) = s.workers.get_mut(id) {
+                w.rank = Some(rank as u32);
+                send(w, Event { kind: Some(event::Kind::Assignment(assignment)) });
             }
         }
         tracing::info!(generation = s.generation, world, backend = ?backend, "group formed");
@@ -333,9 +399,25 @@ pub fn choose_backend(choice: CollectiveChoice, members: &[MemberDevices]) -> Re
 
 fn broadcast(s: &State, event: Event) {
     for w in s.workers.values() {
-        if let Some(tx) = &w.events {
-            let _ = tx.try_send(Ok(event.clone()));
+        send(w, event.clone());
+    }
+}
+
+/// Queues `event` for worker `w` (unbounded: events are few and small, and dropping one
+/// would leave a worker without its assignment or stop). A worker that is gone is not an
+/// error here; the failure detector reports it.
+fn send(w: &Worker, event: Event) {
+    if let Some(tx) = &w.events {
+        if tx.send(Ok(event)).is_err() {
+            tracing::debug!(host = %w.identity.host, pid = w.identity.pid, "event for a worker whose stream is closed");
         }
+    }
+}
+
+/// Waits for all of `futures` (a tiny `join_all`, to avoid a dependency for one use).
+async fn futures_join_all<F: std::future::Future<Output = ()>>(futures: impl Iterator<Item = F>) {
+    for f in futures {
+        f.await;
     }
 }
 
@@ -353,7 +435,7 @@ impl Coordinator for CoordinatorService {
                 moxin_proto::SOFTWARE_VERSION
             )));
         }
-        let mut s = self.state.lock().unwrap();
+        let mut s = self.lock();
         if s.phase != Phase::Waiting {
             return Err(Status::failed_precondition(format!("the job is not accepting workers ({:?})", s.phase)));
         }
@@ -402,7 +484,7 @@ impl Coordinator for CoordinatorService {
         if req.sent_unix_nanos > 0 && now_ns >= req.sent_unix_nanos {
             metrics::histogram!("moxin_heartbeat_latency_seconds").record((now_ns - req.sent_unix_nanos) as f64 / 1e9);
         }
-        let mut s = self.state.lock().unwrap();
+        let mut s = self.lock();
         let generation = s.generation;
         let w = s
             .workers
@@ -416,25 +498,34 @@ impl Coordinator for CoordinatorService {
 
     async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         let id = request.into_inner().worker_id;
-        let (tx, rx) = mpsc::channel(16);
-        let mut s = self.state.lock().unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut s = self.lock();
         let w = s.workers.get_mut(&id).ok_or_else(|| Status::not_found(format!("unknown worker {id}")))?;
         w.events = Some(tx);
         w.last_seen = Instant::now();
         self.maybe_form_group(&mut s);
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))))
     }
 
     async fn report_step(&self, request: Request<StepReport>) -> Result<Response<Ack>, Status> {
         let req = request.into_inner();
-        let m = req.metrics.ok_or_else(|| Status::invalid_argument("metrics are required"))?;
-        let mut s = self.state.lock().unwrap();
+        let mut s = self.lock();
         if req.generation != s.generation {
             return Err(Status::failed_precondition(format!(
                 "stale generation {} (now {})",
                 req.generation, s.generation
             )));
         }
+        // A finished report carries no metrics when the run had nothing left to train.
+        let Some(m) = req.metrics else {
+            if !req.finished {
+                return Err(Status::invalid_argument("a step report needs metrics"));
+            }
+            s.phase = Phase::Finished;
+            broadcast(&s, Event { kind: Some(event::Kind::Stop(Stop { reason: "finished".into(), failed: false })) });
+            self.publish(&s);
+            return Ok(Response::new(Ack {}));
+        };
         s.metrics.append(&m).map_err(|e| Status::internal(format!("{}: {e}", s.metrics.path().display())))?;
         metrics::gauge!("moxin_step").set(m.step as f64);
         metrics::gauge!("moxin_loss").set(m.loss);
@@ -456,7 +547,7 @@ impl Coordinator for CoordinatorService {
 
     async fn share_collective_id(&self, request: Request<CollectiveId>) -> Result<Response<Ack>, Status> {
         let req = request.into_inner();
-        let mut s = self.state.lock().unwrap();
+        let mut s = self.lock();
         if req.generation != s.generation {
             return Err(Status::failed_precondition(format!(
                 "stale generation {} (now {})",
@@ -479,7 +570,7 @@ impl Coordinator for CoordinatorService {
     async fn report_failure(&self, request: Request<FailureReport>) -> Result<Response<Ack>, Status> {
         let req = request.into_inner();
         let who = {
-            let s = self.state.lock().unwrap();
+            let s = self.lock();
             s.workers.get(&req.worker_id).map_or(req.worker_id.clone(), |w| {
                 format!("worker {} ({}:{}, rank {:?})", req.worker_id, w.identity.host, w.identity.pid, w.rank)
             })

@@ -36,17 +36,43 @@ pub const DEFAULT_DOCUMENTS: usize = 4000;
 
 /// Generates the default built-in corpus, trains a byte-level BPE of `vocab_size` ids on it
 /// and prepares it into `out_dir`. Returns the existing manifest if `out_dir` already holds
-/// a valid preparation made with the same vocabulary size.
+/// a valid preparation made with the same vocabulary size. Prepared data that exists is
+/// never rewritten (a run may be reading it): data made for another vocabulary, or that no
+/// longer verifies, is an error that says what to do. A new preparation is written beside
+/// `out_dir` and renamed into place, so nothing ever sees it half-written.
 pub fn prepare_builtin(out_dir: &Path, vocab_size: u32) -> Result<Manifest, DataError> {
     let source = format!("builtin:stories-v1:docs={DEFAULT_DOCUMENTS}:bpe={vocab_size}");
-    if let Ok(manifest) = Manifest::load(out_dir) {
-        if manifest.source == source && manifest.verify(out_dir, true).is_ok() {
-            return Ok(manifest);
+    if out_dir.join(crate::manifest::MANIFEST_FILE).exists() {
+        let manifest = Manifest::load(out_dir)?;
+        if manifest.source != source {
+            return Err(DataError::Input {
+                path: out_dir.to_path_buf(),
+                reason: format!(
+                    "holds data prepared as {:?}, but this job needs {source:?} (another vocabulary size); \
+                     use another --out for this job, or move that directory away to prepare it again",
+                    manifest.source
+                ),
+            });
         }
+        manifest.verify(out_dir, true).map_err(|e| DataError::Input {
+            path: out_dir.to_path_buf(),
+            reason: format!("the built-in data here fails verification ({e}); delete this directory to prepare it again"),
+        })?;
+        return Ok(manifest);
     }
     tracing::info!(dir = %out_dir.display(), "preparing the built-in corpus");
+    let name = out_dir.file_name().and_then(|n| n.to_str()).unwrap_or("data");
+    let staging = out_dir.with_file_name(format!(".{name}.preparing-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
     let docs = corpus(0x004D_4F58_494E, DEFAULT_DOCUMENTS);
-    crate::prepare::prepare_documents(&docs, source, out_dir, &crate::TokenizerSource::Train { vocab_size })
+    let manifest =
+        crate::prepare::prepare_documents(&docs, source, &staging, &crate::TokenizerSource::Train { vocab_size })?;
+    // No manifest means nothing was ever published here (an interrupted older preparation).
+    if out_dir.exists() {
+        std::fs::remove_dir_all(out_dir).map_err(|e| DataError::io(out_dir, e))?;
+    }
+    std::fs::rename(&staging, out_dir).map_err(|e| DataError::io(out_dir, e))?;
+    Ok(manifest)
 }
 
 fn pick<'a>(rng: &mut SplitMix64, items: &[&'a str]) -> &'a str {

@@ -62,6 +62,13 @@ const ENCODE_BATCH_BYTES: usize = 8 << 20;
 /// written last and atomically, `manifest.json`. A crash midway never leaves a directory
 /// that looks prepared.
 pub fn prepare(opts: &PrepareOptions) -> Result<Manifest, DataError> {
+    if opts.shard_tokens == 0 {
+        return Err(DataError::Input {
+            path: opts.out_dir.clone(),
+            reason: "--shard-tokens 0: a shard holds at least one token; give a positive count (default 100000000)"
+                .into(),
+        });
+    }
     let files = collect_inputs(&opts.inputs)?;
     let total_bytes: u64 = files.iter().map(|f| f.1).sum();
     let files: Vec<PathBuf> = files.into_iter().map(|f| f.0).collect();
@@ -108,7 +115,7 @@ where
         .map_err(|e| DataError::Tokenizer { path: tokenizer_path.clone(), reason: e.to_string() })?;
 
     let dtype = TokenDtype::for_vocab(tokenizer.vocab_size);
-    let mut shards = ShardWriter::new(&opts.out_dir, dtype, opts.shard_tokens.max(1));
+    let mut shards = ShardWriter::new(&opts.out_dir, dtype, opts.shard_tokens);
     let bar = progress_bar(opts.progress, total_bytes);
     let mut count = 0u64;
     let mut batch: Vec<String> = Vec::new();

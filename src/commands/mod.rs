@@ -5,17 +5,20 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use moxin_coordinator::rundir::{self, MetricsLog};
 use moxin_worker::collective::Solo;
+use moxin_worker::driver::{guard, JobEnd, StopSignals};
 use moxin_worker::trainer::{RunEnd, Trainer};
 
 /// `train`: config → coordinator (validate, resolve, JobSpec, a group of one) → worker
 /// (train), with the coordinator's run-directory writer receiving every step's metrics.
+/// SIGINT and SIGTERM stop at the next step with a checkpoint.
 pub fn train(
     config: &Path,
     out: Option<&Path>,
     overrides: &[String],
     stop_after: Option<u64>,
     device: Option<&str>,
-) -> Result<()> {
+) -> Result<JobEnd> {
+    let signals = StopSignals::install()?;
     let device = device.map(moxin_worker::device::parse_device).transpose().map_err(anyhow::Error::msg)?;
     let job = moxin_coordinator::resolve_job(config, overrides, out, 1)
         .with_context(|| format!("invalid job {}", config.display()))?;
@@ -23,11 +26,21 @@ pub fn train(
     let runtime = job.spec.runtime.unwrap_or_default();
     let placement = moxin_worker::device::place(&runtime, device).context("choosing the device")?;
     let assignment = moxin_coordinator::plan::solo_assignment(&job.spec, job.samples_per_epoch);
-    let mut trainer =
-        Trainer::new(&job.spec, &assignment, Box::new(Solo), placement).context("starting the trainer")?;
+    let mut trainer = guard("starting the trainer", || Trainer::new(&job.spec, &assignment, Box::new(Solo), placement))
+        .context("starting the trainer")?;
+    trainer.stop_requested = signals.flag();
     // Only now: a job that cannot resume this run directory must not overwrite its config.
     rundir::write_resolved_config(&job.run_dir, &job.spec.resolved_config_toml)
         .with_context(|| format!("writing the resolved config into {}", job.run_dir.display()))?;
+    if trainer.step() >= steps {
+        tracing::info!(
+            run_dir = %job.run_dir.display(),
+            "already finished: the newest checkpoint is at step {} of {steps}; nothing to do (raise train.steps to \
+             train further, or pass a new --out to start over)",
+            trainer.step()
+        );
+        return Ok(JobEnd::AlreadyFinished { step: trainer.step() });
+    }
     let placement = trainer.placement();
     let params = trainer.model.params.numel();
     let backend = trainer.backend();
@@ -43,24 +56,34 @@ pub fn train(
     );
     let mut log = MetricsLog::open(&job.run_dir)
         .with_context(|| format!("opening metrics.jsonl in {}", job.run_dir.display()))?;
-    let end = trainer.run(stop_after, &mut |m| {
-        tracing::info!(
-            "step {:>6}/{steps}  loss {:.4}  lr {:.2e}  grad_norm {:.3}  {:.0} tok/s",
-            m.step,
-            m.loss,
-            m.lr,
-            m.grad_norm,
-            m.tokens_per_s
-        );
-        log.append(m).map_err(|e| format!("{}: {e}", log.path().display()))
+    let end = guard("training", || {
+        trainer.run(stop_after, &mut |m| {
+            tracing::info!(
+                "step {:>6}/{steps}  loss {:.4}  lr {:.2e}  grad_norm {:.3}  {:.0} tok/s",
+                m.step,
+                m.loss,
+                m.lr,
+                m.grad_norm,
+                m.tokens_per_s
+            );
+            log.append(m).map_err(|e| format!("{}: {e}", log.path().display()))
+        })
     })?;
-    match end {
-        RunEnd::Finished => tracing::info!(run_dir = %job.run_dir.display(), "finished {steps} steps"),
-        RunEnd::Stopped => {
-            tracing::info!(step = trainer.step(), "stopped as asked; run the same command again to resume")
+    let step = trainer.step();
+    Ok(match (end, signals.received()) {
+        (RunEnd::Finished, _) => {
+            tracing::info!(run_dir = %job.run_dir.display(), "finished {steps} steps");
+            JobEnd::Finished { step }
         }
-    }
-    Ok(())
+        (RunEnd::Stopped, Some(signal)) => {
+            tracing::warn!(step, "stopped by {signal} with a checkpoint; run the same command again to resume");
+            JobEnd::Stopped { reason: format!("stopped by {signal}") }
+        }
+        (RunEnd::Stopped, None) => {
+            tracing::info!(step, "stopped as asked (--stop-after); run the same command again to resume");
+            JobEnd::StoppedAfter { step }
+        }
+    })
 }
 
 /// `eval`: prints the report as JSON on stdout.
@@ -248,7 +271,7 @@ fn thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

@@ -3,7 +3,7 @@
 //! not share a thread with the async runtime), and reports progress over gRPC.
 
 use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -18,6 +18,7 @@ use tonic::transport::Channel;
 use crate::collective::nccl::{self, NcclCollective};
 use crate::collective::ring::TcpRing;
 use crate::collective::{Collective, RingCollective, Solo};
+use crate::driver::StopSignals;
 use crate::trainer::{RunEnd, Trainer};
 use crate::WorkerError;
 
@@ -36,13 +37,17 @@ pub struct AgentOptions {
     /// `--device`: the device to train on (else the job's `runtime.device` and the
     /// `LOCAL_RANK` / `SLURM_LOCALID` rules of [`crate::device`]).
     pub device: Option<tch::Device>,
+    /// SIGINT / SIGTERM: stop at the next step boundary (checkpointing first).
+    pub signals: StopSignals,
 }
 
 /// How the worker's part of the job ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AgentEnd {
-    /// Training finished (or was stopped cleanly).
+    /// Training finished (`train.steps` reached, now or before).
     Done,
+    /// Stopped early on request (a signal here, or the coordinator's stop); checkpointed.
+    Stopped(String),
     /// The coordinator stopped the job as failed.
     JobFailed(String),
 }
@@ -51,7 +56,8 @@ enum TrainMsg {
     Step(StepMetrics),
     /// Rank 0 of an NCCL group made the group's id; the coordinator passes it on.
     CollectiveId(Vec<u8>),
-    Ended(Result<RunEnd, String>),
+    /// The training thread is done: how, and at which step.
+    Ended(Result<(RunEnd, u64), WorkerError>),
 }
 
 /// The GPU this worker would train on and whether it can load NCCL, for registration.
@@ -85,44 +91,82 @@ fn local_devices(explicit: Option<tch::Device>) -> (Vec<DeviceInfo>, String) {
 
 /// Runs the agent to completion on a fresh tokio runtime.
 pub fn run(opts: AgentOptions) -> Result<AgentEnd, WorkerError> {
+    check_url(&opts.coordinator)?;
     if let Some(addr) = opts.metrics_listen {
         metrics_exporter_prometheus::PrometheusBuilder::new()
             .with_http_listener(addr)
             .install()
-            .map_err(|e| WorkerError::Spec(format!("metrics endpoint {addr}: {e}")))?;
+            .map_err(|e| WorkerError::Setup(format!("--metrics-listen {addr}: {e}")))?;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|e| WorkerError::Spec(format!("tokio runtime: {e}")))?;
+        .map_err(|e| WorkerError::Setup(format!("cannot start the async runtime: {e}")))?;
     runtime.block_on(run_async(opts))
 }
 
+/// A coordinator URL must be `http://host:port` (or https); anything else is a typo that
+/// no amount of retrying fixes.
+fn check_url(url: &str) -> Result<(), WorkerError> {
+    let bad = |why: &str| {
+        WorkerError::Coordinator(format!("--coordinator {url:?} {why}; expected a URL like http://10.0.0.1:50051"))
+    };
+    let uri: tonic::codegen::http::Uri = url.parse().map_err(|e| bad(&format!("is not a URL ({e})")))?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        Some(other) => return Err(bad(&format!("has scheme {other:?}"))),
+        None => return Err(bad("has no scheme")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(bad("has no host"));
+    }
+    Ok(())
+}
+
 fn rpc_error(what: &str, status: tonic::Status) -> WorkerError {
-    WorkerError::Spec(format!("coordinator refused {what}: {}", status.message()))
+    use tonic::Code;
+    match status.code() {
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded => WorkerError::Coordinator(
+            format!("lost the connection while sending {what} ({}); is the coordinator still running?", status.message()),
+        ),
+        _ => WorkerError::Coordinator(format!("refused {what}: {}", status.message())),
+    }
 }
 
 async fn connect(url: &str, timeout: Duration) -> Result<CoordinatorClient<Channel>, WorkerError> {
-    let deadline = Instant::now() + timeout;
+    let started = Instant::now();
+    let mut last_said = Instant::now();
     loop {
         match CoordinatorClient::connect(url.to_string()).await {
             Ok(client) => return Ok(client),
-            Err(e) if Instant::now() < deadline => {
-                tracing::debug!("coordinator {url} not reachable yet: {e}");
+            Err(e) if started.elapsed() < timeout => {
+                // Workers often start before their coordinator: say so now and then, not at every try.
+                if last_said.elapsed() >= Duration::from_secs(5) {
+                    tracing::warn!(
+                        "coordinator {url} not reachable yet ({e}); retrying for {:.0} s more",
+                        (timeout - started.elapsed()).as_secs_f64()
+                    );
+                    last_said = Instant::now();
+                }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            Err(e) => return Err(WorkerError::Spec(format!("cannot reach the coordinator at {url}: {e}"))),
+            Err(e) => {
+                return Err(WorkerError::Coordinator(format!(
+                    "cannot reach {url} after {:.0} s: {e}; check the address and that the coordinator is running",
+                    timeout.as_secs_f64()
+                )))
+            }
         }
     }
 }
 
 async fn run_async(opts: AgentOptions) -> Result<AgentEnd, WorkerError> {
     let listener = TcpListener::bind(&opts.collective_listen)
-        .map_err(|e| WorkerError::Spec(format!("--collective-listen {}: {e}", opts.collective_listen)))?;
-    let collective_address = listener.local_addr().map_err(|e| WorkerError::Spec(e.to_string()))?;
+        .map_err(|e| WorkerError::Setup(format!("--collective-listen {}: {e}", opts.collective_listen)))?;
+    let collective_address = listener.local_addr().map_err(|e| WorkerError::Setup(e.to_string()))?;
     if collective_address.ip().is_unspecified() {
-        return Err(WorkerError::Spec(format!(
+        return Err(WorkerError::Setup(format!(
             "--collective-listen {}: give an address the other workers can reach, not a wildcard",
             opts.collective_listen
         )));
@@ -148,7 +192,7 @@ async fn run_async(opts: AgentOptions) -> Result<AgentEnd, WorkerError> {
             nccl_version,
         })
         .await
-        .map_err(|s| rpc_error("registration", s))?
+        .map_err(|s| rpc_error("the registration", s))?
         .into_inner();
     let worker_id = registered.worker_id.clone();
     let job = registered.job.ok_or_else(|| WorkerError::Spec("registration returned no job".into()))?;
@@ -157,7 +201,19 @@ async fn run_async(opts: AgentOptions) -> Result<AgentEnd, WorkerError> {
     let step = Arc::new(AtomicU64::new(0));
     let interval = Duration::from_millis(registered.heartbeat_interval_ms.max(10) as u64);
     let heartbeat = tokio::spawn(heartbeats(client.clone(), worker_id.clone(), step.clone(), interval));
-    let result = drive(&mut client, &worker_id, job, listener, step, opts.device).await;
+    let mut agent = Agent {
+        client: client.clone(),
+        worker_id: worker_id.clone(),
+        job,
+        listener: Some(listener),
+        step,
+        device: opts.device,
+        signals: opts.signals,
+        training: None,
+        last: None,
+    };
+    let result = agent.drive().await;
+    let result = agent.wind_down(result).await;
     heartbeat.abort();
     if let Err(e) = &result {
         let _ = client.report_failure(FailureReport { worker_id: worker_id.clone(), message: e.to_string() }).await;
@@ -185,153 +241,213 @@ async fn heartbeats(
     }
 }
 
-async fn drive(
-    client: &mut CoordinatorClient<Channel>,
-    worker_id: &str,
+/// The training thread of this worker, once it has an assignment.
+struct Training {
+    assignment: Assignment,
+    messages: mpsc::UnboundedReceiver<TrainMsg>,
+    ids: std::sync::mpsc::Sender<Vec<u8>>,
+}
+
+/// One worker's side of the job: follows the coordinator's events, runs the training
+/// thread, reports its steps.
+struct Agent {
+    client: CoordinatorClient<Channel>,
+    worker_id: String,
     job: JobSpec,
-    listener: TcpListener,
+    listener: Option<TcpListener>,
     step: Arc<AtomicU64>,
     device: Option<tch::Device>,
-) -> Result<AgentEnd, WorkerError> {
-    let mut events = client
-        .watch(WatchRequest { worker_id: worker_id.to_string() })
-        .await
-        .map_err(|s| rpc_error("watch", s))?
-        .into_inner();
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut listener = Some(listener);
-    let mut assignment: Option<Assignment> = None;
-    let (id_tx, id_rx) = std::sync::mpsc::channel::<Vec<u8>>();
-    let mut id_rx = Some(id_rx);
-    let mut last: Option<StepMetrics> = None;
-    loop {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {
-                // A worker's own Ctrl-C (or the terminal's, reaching the whole process group
-                // under `launch`) is a clean stop: the group agrees on it at the next step.
-                tracing::warn!("Ctrl-C: stopping at the next step boundary");
-                stop.store(true, Ordering::Relaxed);
-                if assignment.is_none() {
-                    return Ok(AgentEnd::Done);
+    signals: StopSignals,
+    training: Option<Training>,
+    last: Option<StepMetrics>,
+}
+
+impl Agent {
+    /// Follows events until the job ends for this worker. Returns with the training thread
+    /// possibly still running; [`Agent::wind_down`] stops it and waits.
+    async fn drive(&mut self) -> Result<AgentEnd, WorkerError> {
+        let mut events = self
+            .client
+            .watch(WatchRequest { worker_id: self.worker_id.clone() })
+            .await
+            .map_err(|s| rpc_error("the event subscription", s))?
+            .into_inner();
+        let mut signal_poll = tokio::time::interval(Duration::from_millis(100));
+        let mut stop_reason: Option<String> = None;
+        loop {
+            let message = async {
+                match self.training.as_mut() {
+                    Some(t) => t.messages.recv().await,
+                    None => std::future::pending().await,
                 }
-            }
-            event = events.message() => {
-                match event.map_err(|s| rpc_error("the event stream", s))? {
-                    Some(e) => match e.kind {
+            };
+            tokio::select! {
+                _ = signal_poll.tick() => {
+                    if let (None, Some(signal)) = (&stop_reason, self.signals.received()) {
+                        // The trainer reads the same flag; the group agrees at the next step.
+                        tracing::warn!("{signal}: stopping at the next step boundary (checkpointing first)");
+                        stop_reason = Some(format!("stopped by {signal}"));
+                        if self.training.is_none() {
+                            return Ok(AgentEnd::Stopped(stop_reason.unwrap_or_default()));
+                        }
+                    }
+                }
+                event = events.message() => {
+                    let event = event.map_err(|s| rpc_error("the event stream", s))?
+                        .ok_or_else(|| WorkerError::Coordinator("the coordinator closed the event stream".into()))?;
+                    match event.kind {
                         Some(event::Kind::Assignment(a)) => {
                             tracing::info!(rank = a.rank, world = a.world_size, generation = a.generation, "assigned");
-                            let listener = listener.take().ok_or_else(|| WorkerError::Spec("second assignment: re-forming groups is not supported yet".into()))?;
-                            let ids = id_rx.take().expect("one assignment per process");
-                            spawn_training(job.clone(), a.clone(), listener, device, ids, stop.clone(), tx.clone())?;
-                            assignment = Some(a);
+                            if self.training.is_some() {
+                                return Err(WorkerError::Spec(format!(
+                                    "a new assignment (generation {}) while training; re-forming groups is not supported yet",
+                                    a.generation
+                                )));
+                            }
+                            self.start_training(a)?;
                         }
-                        Some(event::Kind::CollectiveId(c)) if assignment.as_ref().is_some_and(|a| a.generation == c.generation) => {
-                            let _ = id_tx.send(c.id);
+                        Some(event::Kind::CollectiveId(c)) => {
+                            if let Some(t) = self.training.as_ref().filter(|t| t.assignment.generation == c.generation) {
+                                let _ = t.ids.send(c.id);
+                            }
                         }
-                        Some(event::Kind::CollectiveId(_)) => {}
                         Some(event::Kind::Stop(s)) => {
-                            tracing::info!(reason = %s.reason, "coordinator says stop");
-                            stop.store(true, Ordering::Relaxed);
+                            tracing::info!(reason = %s.reason, failed = s.failed, "the coordinator says stop");
+                            self.signals.flag().store(true, Ordering::Relaxed);
                             if s.failed {
                                 return Ok(AgentEnd::JobFailed(s.reason));
                             }
-                            if assignment.is_none() {
-                                return Ok(AgentEnd::Done);
+                            stop_reason.get_or_insert(s.reason);
+                            if self.training.is_none() {
+                                return Ok(AgentEnd::Stopped(stop_reason.unwrap_or_default()));
                             }
                         }
                         None => {}
-                    },
-                    None => return Err(WorkerError::Spec("the coordinator closed the event stream".into())),
+                    }
                 }
-            }
-            msg = rx.recv() => {
-                let a = assignment.as_ref().expect("training runs only after an assignment");
-                match msg {
-                    Some(TrainMsg::Step(m)) => {
-                        step.store(m.step, Ordering::Relaxed);
-                        if a.rank == 0 {
-                            report(client, worker_id, a.generation, &m, false).await?;
-                        }
-                        last = Some(m);
-                    }
-                    Some(TrainMsg::CollectiveId(id)) => {
-                        client
-                            .share_collective_id(CollectiveId { worker_id: worker_id.to_string(), generation: a.generation, id })
-                            .await
-                            .map_err(|s| rpc_error("the NCCL id", s))?;
-                    }
-                    Some(TrainMsg::Ended(Ok(end))) => {
-                        if a.rank == 0 {
-                            if let (RunEnd::Finished, Some(m)) = (end, &last) {
-                                report(client, worker_id, a.generation, m, true).await?;
+                msg = message => {
+                    match msg {
+                        Some(msg) => {
+                            if let Some(end) = self.on_training_message(msg, &stop_reason).await? {
+                                return Ok(end);
                             }
                         }
-                        return Ok(AgentEnd::Done);
+                        None => return Err(WorkerError::Panic("the training thread ended without a word".into())),
                     }
-                    Some(TrainMsg::Ended(Err(e))) => return Err(WorkerError::Spec(e)),
-                    None => return Err(WorkerError::Spec("the training thread vanished".into())),
                 }
             }
         }
     }
-}
 
-async fn report(
-    client: &mut CoordinatorClient<Channel>,
-    worker_id: &str,
-    generation: u64,
-    m: &StepMetrics,
-    finished: bool,
-) -> Result<(), WorkerError> {
-    client
-        .report_step(StepReport { worker_id: worker_id.to_string(), generation, metrics: Some(*m), finished })
-        .await
-        .map_err(|s| rpc_error("a step report", s))?;
-    Ok(())
-}
+    /// Handles one message from the training thread; `Some` when training ended.
+    async fn on_training_message(
+        &mut self,
+        msg: TrainMsg,
+        stop_reason: &Option<String>,
+    ) -> Result<Option<AgentEnd>, WorkerError> {
+        let a = &self.training.as_ref().expect("messages come from a training thread").assignment;
+        let (rank, generation) = (a.rank, a.generation);
+        match msg {
+            TrainMsg::Step(m) => {
+                self.step.store(m.step, Ordering::Relaxed);
+                if rank == 0 {
+                    self.report(generation, Some(m), false).await?;
+                }
+                self.last = Some(m);
+                Ok(None)
+            }
+            TrainMsg::CollectiveId(id) => {
+                let request = CollectiveId { worker_id: self.worker_id.clone(), generation, id };
+                self.client.share_collective_id(request).await.map_err(|s| rpc_error("the NCCL id", s))?;
+                Ok(None)
+            }
+            TrainMsg::Ended(result) => {
+                self.training = None;
+                let (end, step) = result?;
+                match end {
+                    RunEnd::Finished => {
+                        if rank == 0 {
+                            // With nothing left to train, no step was reported: say so without metrics.
+                            let last = self.last.filter(|m| m.step == step);
+                            self.report(generation, last, true).await?;
+                        }
+                        Ok(Some(AgentEnd::Done))
+                    }
+                    RunEnd::Stopped => Ok(Some(AgentEnd::Stopped(
+                        stop_reason.clone().unwrap_or_else(|| format!("stopped at step {step}")),
+                    ))),
+                }
+            }
+        }
+    }
 
-fn spawn_training(
-    job: JobSpec,
-    a: Assignment,
-    listener: TcpListener,
-    device: Option<tch::Device>,
-    ids: std::sync::mpsc::Receiver<Vec<u8>>,
-    stop: Arc<AtomicBool>,
-    tx: mpsc::UnboundedSender<TrainMsg>,
-) -> Result<(), WorkerError> {
-    let peers: Vec<SocketAddr> = a
-        .peers
-        .iter()
-        .map(|p| p.parse().map_err(|e| WorkerError::Spec(format!("peer address {p:?}: {e}"))))
-        .collect::<Result<_, _>>()?;
-    std::thread::Builder::new()
-        .name("moxin-train".into())
-        .spawn(move || {
-            let result = (|| -> Result<RunEnd, WorkerError> {
-                let runtime = job.runtime.as_ref().ok_or_else(|| WorkerError::Spec("missing runtime".into()))?;
-                let placement = crate::device::place(runtime, device)?;
-                let collective = connect_collective(&a, &peers, &listener, placement, &ids, &tx)?;
-                tracing::info!(rank = a.rank, backend = collective.backend(), device = ?placement.device, "group connected");
-                let mut trainer = Trainer::new(&job, &a, collective, placement)?;
-                trainer.stop_requested = stop;
-                let step_tx = tx.clone();
-                trainer.run(None, &mut |m| {
-                    metrics::gauge!("moxin_step").set(m.step as f64);
-                    metrics::gauge!("moxin_loss").set(m.loss);
-                    metrics::gauge!("moxin_mfu").set(m.mfu);
-                    metrics::gauge!("moxin_peak_memory_bytes").set(m.peak_memory_bytes as f64);
-                    metrics::counter!("moxin_tokens_total").absolute(m.tokens);
-                    metrics::histogram!("moxin_step_duration_seconds").record(m.step_time_s);
-                    metrics::histogram!("moxin_collective_busy_seconds").record(m.comm_s);
-                    metrics::histogram!("moxin_collective_exposed_seconds").record(m.comm_exposed_s);
-                    step_tx.send(TrainMsg::Step(*m)).map_err(|_| "agent gone".to_string())
-                })
-            })();
-            let _ = tx.send(TrainMsg::Ended(result.map_err(|e| e.to_string())));
-        })
-        .map_err(|e| WorkerError::Spec(format!("cannot start the training thread: {e}")))?;
-    Ok(())
+    /// After [`Agent::drive`]: a training thread still running is asked to stop at the next
+    /// step (its group agrees, so it checkpoints) and waited for, so the process never
+    /// exits under a thread that is inside libtorch. Bounded: a group whose peers are gone
+    /// fails its next collective within the collective timeout.
+    async fn wind_down(&mut self, result: Result<AgentEnd, WorkerError>) -> Result<AgentEnd, WorkerError> {
+        let Some(training) = self.training.as_mut() else { return result };
+        self.signals.flag().store(true, Ordering::Relaxed);
+        if let Err(e) = &result {
+            tracing::warn!("{e}; stopping training at the next step");
+        }
+        let ended = loop {
+            match training.messages.recv().await {
+                Some(TrainMsg::Ended(r)) => break Some(r),
+                Some(_) => {}
+                None => break None,
+            }
+        };
+        self.training = None;
+        match (result, ended) {
+            (Err(e), Some(Ok((_, step)))) => Err(WorkerError::Coordinator(format!(
+                "{e}; training stopped at step {step} (checkpointed unless checkpoints are disabled)"
+            ))),
+            (Err(e), _) => Err(e),
+            (Ok(end), Some(Err(e))) if !matches!(end, AgentEnd::JobFailed(_)) => Err(e),
+            (Ok(end), _) => Ok(end),
+        }
+    }
+
+    async fn report(&mut self, generation: u64, metrics: Option<StepMetrics>, finished: bool) -> Result<(), WorkerError> {
+        let request = StepReport { worker_id: self.worker_id.clone(), generation, metrics, finished };
+        self.client.report_step(request).await.map_err(|s| rpc_error("a step report", s))?;
+        Ok(())
+    }
+
+    fn start_training(&mut self, a: Assignment) -> Result<(), WorkerError> {
+        let listener = self.listener.take().ok_or_else(|| WorkerError::Spec("the collective listener is gone".into()))?;
+        let peers: Vec<SocketAddr> = a
+            .peers
+            .iter()
+            .map(|p| p.parse().map_err(|e| WorkerError::Spec(format!("peer address {p:?}: {e}"))))
+            .collect::<Result<_, _>>()?;
+        let (tx, messages) = mpsc::unbounded_channel();
+        let (ids_tx, ids) = std::sync::mpsc::channel::<Vec<u8>>();
+        let (job, assignment, device, stop) = (self.job.clone(), a.clone(), self.device, self.signals.flag());
+        std::thread::Builder::new()
+            .name("moxin-train".into())
+            .spawn(move || {
+                let result = crate::driver::guard("training", || {
+                    let runtime = job.runtime.as_ref().ok_or_else(|| WorkerError::Spec("missing runtime".into()))?;
+                    let placement = crate::device::place(runtime, device)?;
+                    let collective = connect_collective(&assignment, &peers, &listener, placement, &ids, &tx)?;
+                    tracing::info!(rank = assignment.rank, backend = collective.backend(), device = ?placement.device, "group connected");
+                    let mut trainer = Trainer::new(&job, &assignment, collective, placement)?;
+                    trainer.stop_requested = stop;
+                    let step_tx = tx.clone();
+                    let end = trainer.run(None, &mut |m| {
+                        crate::driver::record_step_metrics(m);
+                        step_tx.send(TrainMsg::Step(*m)).map_err(|_| "the agent is gone".to_string())
+                    })?;
+                    Ok((end, trainer.step()))
+                });
+                let _ = tx.send(TrainMsg::Ended(result));
+            })
+            .map_err(|e| WorkerError::Setup(format!("cannot start the training thread: {e}")))?;
+        self.training = Some(Training { assignment: a, messages, ids: ids_tx });
+        Ok(())
+    }
 }
 
 /// Joins the group the assignment describes with its backend.
@@ -358,7 +474,7 @@ fn connect_collective(
                 .ok_or_else(|| WorkerError::Device("the group uses NCCL but this worker trains on the CPU".into()))?;
             let id = if rank == 0 {
                 let id = nccl::new_id().map_err(comm)?;
-                tx.send(TrainMsg::CollectiveId(id.clone())).map_err(|_| WorkerError::Spec("agent gone".into()))?;
+                tx.send(TrainMsg::CollectiveId(id.clone())).map_err(|_| WorkerError::Setup("the agent is gone".into()))?;
                 id
             } else {
                 ids.recv_timeout(timeout).map_err(|_| {

@@ -170,14 +170,34 @@ pub fn list(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>, WorkerError> {
 }
 
 /// The newest checkpoint of the run that verifies, skipping (and reporting) broken ones.
+/// `None` only when the run has no checkpoints at all: when every one is broken, starting
+/// again from step 0 would silently overwrite them, so that is an error saying how to start
+/// over deliberately.
 pub fn latest_valid(run_dir: &Path) -> Result<Option<Checkpoint>, WorkerError> {
-    for (_, dir) in list(run_dir)? {
-        match Checkpoint::open(&dir) {
+    let found = list(run_dir)?;
+    let mut problems = Vec::new();
+    for (_, dir) in &found {
+        match Checkpoint::open(dir) {
             Ok(ckpt) => return Ok(Some(ckpt)),
-            Err(e) => tracing::warn!("skipping invalid checkpoint: {e}"),
+            Err(e) => {
+                tracing::warn!("skipping invalid checkpoint: {e}");
+                problems.push(e.to_string());
+            }
         }
     }
-    Ok(None)
+    if found.is_empty() {
+        return Ok(None);
+    }
+    Err(WorkerError::Resume {
+        run_dir: run_dir.to_path_buf(),
+        reason: format!(
+            "none of its {} checkpoint(s) is valid ({}); nothing was changed. To start over from step 0 \
+             deliberately, move {} away or pass a new --out",
+            found.len(),
+            problems.join("; "),
+            checkpoints_dir(run_dir).display()
+        ),
+    })
 }
 
 /// Removes temporary directories left by interrupted saves.

@@ -6,7 +6,7 @@ use moxin_data::TokenDataset;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use crate::checkpoint::{Checkpoint, MODEL_FILE};
+use crate::checkpoint::{Checkpoint, MODEL_FILE, TOKENIZER_FILE};
 use crate::model::Transformer;
 use crate::trainer::objective::{head_loss, CrossEntropy};
 use crate::trainer::Batch;
@@ -37,8 +37,30 @@ pub fn evaluate(
     batches: u64,
     batch_size: u32,
 ) -> Result<EvalReport, WorkerError> {
+    if batches == 0 || batch_size == 0 {
+        return Err(WorkerError::Spec(format!(
+            "--batches {batches} --batch-size {batch_size}: both must be at least 1 (a loss over no tokens means nothing)"
+        )));
+    }
     let ckpt = Checkpoint::open(checkpoint_dir)?;
     let shape = ckpt.manifest.model.clone();
+    // Token ids only mean the same thing under the same tokenizer.
+    let data_manifest = moxin_data::Manifest::load(data_dir)?;
+    if let Some(trained) = ckpt.manifest.files.get(TOKENIZER_FILE) {
+        if *trained != data_manifest.tokenizer.sha256 {
+            return Err(WorkerError::Checkpoint {
+                path: checkpoint_dir.join(TOKENIZER_FILE),
+                reason: format!(
+                    "the checkpoint was trained with another tokenizer than {} was prepared with (sha256 {} vs {}); \
+                     prepare the data with the checkpoint's tokenizer: `moxin-train data prepare --tokenizer {}`",
+                    data_dir.display(),
+                    trained,
+                    data_manifest.tokenizer.sha256,
+                    checkpoint_dir.join(TOKENIZER_FILE).display()
+                ),
+            });
+        }
+    }
     let device = Device::cuda_if_available();
     let mut model = Transformer::new(shape.clone(), Kind::Float, device);
     model
@@ -47,7 +69,7 @@ pub fn evaluate(
         .map_err(|reason| WorkerError::Checkpoint { path: checkpoint_dir.join(MODEL_FILE), reason })?;
     let seq_len = ckpt.manifest.seq_len;
     let data = TokenDataset::open(data_dir, seq_len, shape.vocab_size, true)?;
-    let batch_size = batch_size.max(1) as u64;
+    let batch_size = batch_size as u64;
     let available = data.num_samples();
     let (mut loss_sum, mut tokens, mut run) = (0.0, 0u64, 0u64);
     let mut buf = vec![0i64; (seq_len + 1) as usize];

@@ -41,8 +41,11 @@ pub fn generate(model: &Transformer, prompts: &[Vec<i64>], opts: &SamplingOption
             opts.max_new_tokens
         ));
     }
-    if !(opts.top_p > 0.0 && opts.top_p <= 1.0) || opts.temperature < 0.0 {
-        return Err(format!("top_p {} must be in (0, 1] and temperature {} >= 0", opts.top_p, opts.temperature));
+    if !(opts.top_p > 0.0 && opts.top_p <= 1.0) {
+        return Err(format!("--top-p {}: must be in (0, 1]", opts.top_p));
+    }
+    if !(opts.temperature.is_finite() && opts.temperature >= 0.0) {
+        return Err(format!("--temperature {}: must be a finite number >= 0 (0 = greedy)", opts.temperature));
     }
     let device = model.device();
     let batch = prompts.len();

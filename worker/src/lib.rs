@@ -10,6 +10,8 @@
 //! * [`cuda`]: the CUDA driver, NCCL and NVRTC, loaded at run time;
 //! * [`checkpoint`]: atomic, verified, pruned checkpoints;
 //! * [`generate`]: sampling (temperature, top-p, stop token) on the KV cache;
+//! * [`driver`]: what `train` and a cluster worker share: stop signals, how a run ended
+//!   and its exit code, the panic guard, step metrics for Prometheus;
 //! * [`eval`]: held-out loss of a checkpoint; [`doctor`]: what this machine can run.
 //!
 //! The worker never reads user configuration files: everything arrives in the JobSpec.
@@ -22,6 +24,7 @@ pub mod collective;
 pub mod cuda;
 pub mod device;
 pub mod doctor;
+pub mod driver;
 pub mod eval;
 pub mod generate;
 pub mod model;
@@ -77,6 +80,18 @@ pub enum WorkerError {
     /// A step observer (metrics sink) failed.
     #[error("{0}")]
     Observer(String),
+    /// The coordinator is unreachable, closed the connection or refused a request.
+    #[error("coordinator: {0}")]
+    Coordinator(String),
+    /// Training diverged (a non-finite loss or gradient norm).
+    #[error("training diverged: {0}")]
+    Diverged(String),
+    /// The process could not set itself up (a thread, the async runtime, an endpoint).
+    #[error("{0}")]
+    Setup(String),
+    /// Code on the training path panicked (see [`driver::guard`]).
+    #[error("{0}")]
+    Panic(String),
 }
 
 impl WorkerError {

@@ -68,7 +68,7 @@ impl PretrainWindows {
         global_batch: u32,
         vocab: u32,
     ) -> Result<Self, WorkerError> {
-        if micro == 0 || slice.is_empty() || slice.end > global_batch || slice.len() as u32 % micro != 0 {
+        if micro == 0 || slice.is_empty() || slice.end > global_batch || !(slice.len() as u32).is_multiple_of(micro) {
             return Err(WorkerError::Spec(format!(
                 "samples {slice:?} of a global batch of {global_batch} are not whole micro-batches of {micro}"
             )));

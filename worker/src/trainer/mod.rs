@@ -263,10 +263,10 @@ impl Trainer {
         while self.progress.step < target {
             let metrics = self.train_step()?;
             let step = self.progress.step;
-            if step % train.log_every_steps as u64 == 0 || step == target {
+            if step.is_multiple_of(train.log_every_steps as u64) || step == target {
                 observer(&metrics).map_err(WorkerError::Observer)?;
             }
-            if every > 0 && step % every == 0 {
+            if every > 0 && step.is_multiple_of(every) {
                 self.save_checkpoint()?;
                 saved_at = Some(step);
             }
@@ -323,8 +323,8 @@ impl Trainer {
         let params = self.model.params.flat().shallow_clone();
         let synced = self.sync.finish(&params, &loss, stop, lr, opt_spec.grad_clip)?;
         if !synced.loss.is_finite() {
-            return Err(WorkerError::Spec(format!(
-                "loss became {} at step {}; lower optimizer.lr or check the data",
+            return Err(WorkerError::Diverged(format!(
+                "the loss became {} at step {}; lower optimizer.lr or check the data",
                 synced.loss,
                 self.progress.step + 1
             )));

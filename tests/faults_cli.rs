@@ -1,0 +1,233 @@
+//! Faults and bad input a user runs into: a second run on the same run directory,
+//! preemption (SIGTERM), broken checkpoints, a dying coordinator, relaunching a finished
+//! run, and arguments that make no sense. Each ends in a clear message and loses nothing.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::{fails, metrics, ok, s, tiny_job, BIN};
+
+fn spawn(args: &[&str], log: &str) -> Child {
+    Command::new(BIN)
+        .args(args)
+        .env("MOXIN_LOG", log)
+        .env_remove("LD_LIBRARY_PATH")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn signal(child: &Child, sig: &str) {
+    Command::new("kill").args([&format!("-{sig}"), &child.id().to_string()]).status().unwrap();
+}
+
+/// Waits (at most `secs`) for `child` to exit; returns its output.
+fn finish(mut child: Child, secs: u64) -> Output {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("process {} did not exit within {secs} s", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+/// Waits until `run`'s metrics.jsonl has at least `steps` lines.
+fn wait_for_steps(run: &Path, steps: usize, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let lines = std::fs::read_to_string(run.join("metrics.jsonl")).map_or(0, |t| t.lines().count());
+        if lines >= steps {
+            return;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+            panic!("exited early ({status}): {err}");
+        }
+        assert!(Instant::now() < deadline, "training never reached step {steps}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn checkpoint_steps(run: &Path) -> Vec<u64> {
+    let mut steps: Vec<u64> = std::fs::read_dir(run.join("checkpoints"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.strip_prefix("step-").and_then(|n| n.parse().ok()))
+                .collect()
+        })
+        .unwrap_or_default();
+    steps.sort();
+    steps
+}
+
+/// A second `train` on a run directory in use is refused with the holder named, touching
+/// nothing; SIGTERM (preemption) then stops the first run with a checkpoint at the step it
+/// reached and exit code 130, and the same command resumes from there.
+#[test]
+fn a_second_run_is_refused_and_sigterm_checkpoints_then_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tiny_job(tmp.path(), 100_000, "");
+    let run = tmp.path().join("run");
+    let mut first = spawn(&["train", s(&job), "--out", s(&run)], "warn");
+    wait_for_steps(&run, 2, &mut first);
+    let data_before = std::fs::metadata(run.join("data/manifest.json")).unwrap().modified().unwrap();
+
+    let err = fails(tmp.path(), &["train", s(&job), "--out", s(&run)]);
+    assert!(err.contains("is in use by") && err.contains(&format!("pid {}", first.id())), "{err}");
+    let err = fails(tmp.path(), &["launch", s(&job), "--workers", "1", "--out", s(&run)]);
+    assert!(err.contains("is in use by"), "{err}");
+    assert_eq!(std::fs::metadata(run.join("data/manifest.json")).unwrap().modified().unwrap(), data_before);
+
+    signal(&first, "TERM");
+    let out = finish(first, 60);
+    assert_eq!(out.status.code(), Some(130), "{}", stderr_of(&out));
+    let stopped_at = metrics(&run).last().unwrap()["step"].as_u64().unwrap();
+    assert_eq!(checkpoint_steps(&run).last(), Some(&stopped_at), "no checkpoint at the stop step");
+
+    ok(tmp.path(), &["train", s(&job), "--out", s(&run), "--stop-after", &(stopped_at + 2).to_string()]);
+    let steps: Vec<u64> = metrics(&run).iter().map(|m| m["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, (1..=stopped_at + 2).collect::<Vec<_>>(), "every step once, in order");
+}
+
+/// When every checkpoint is broken, resuming is refused (not a silent restart from step 0
+/// that would overwrite them), and the message says how to start over.
+#[test]
+fn all_checkpoints_invalid_is_refused_and_nothing_is_overwritten() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tiny_job(tmp.path(), 6, "");
+    let run = tmp.path().join("run");
+    ok(tmp.path(), &["train", s(&job), "--out", s(&run), "--stop-after", "4", "--set", "checkpoint.every_steps=2"]);
+    assert_eq!(checkpoint_steps(&run), [2, 4]);
+    let mut damaged = Vec::new();
+    for step in [2, 4] {
+        let file = run.join(format!("checkpoints/step-{step:08}/model.safetensors"));
+        let mut bytes = std::fs::read(&file).unwrap();
+        let n = bytes.len();
+        bytes[n - 3] ^= 0x55;
+        std::fs::write(&file, &bytes).unwrap();
+        damaged.push((file, bytes));
+    }
+    let err = fails(tmp.path(), &["train", s(&job), "--out", s(&run), "--set", "checkpoint.every_steps=2"]);
+    assert!(err.contains("none of its 2 checkpoint(s) is valid") && err.contains("move"), "{err}");
+    for (file, bytes) in damaged {
+        assert_eq!(std::fs::read(&file).unwrap(), bytes, "{} was rewritten", file.display());
+    }
+    assert_eq!(metrics(&run).len(), 4, "metrics.jsonl untouched");
+}
+
+/// Relaunching a finished run reports "already finished" and exits 0, for `train` and for
+/// `launch` (whose coordinator remembers the finished job in state.json).
+#[test]
+fn relaunching_a_finished_run_says_already_finished() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tiny_job(tmp.path(), 3, "");
+    for (cmd, extra) in [("train", vec![]), ("launch", vec!["--workers", "2"])] {
+        let run = tmp.path().join(format!("run-{cmd}"));
+        let mut args = vec![cmd, s(&job), "--out", s(&run)];
+        args.extend(&extra);
+        ok(tmp.path(), &args);
+        let started = Instant::now();
+        let out = finish(spawn(&args, "info"), 60);
+        let err = stderr_of(&out);
+        assert!(out.status.success(), "{cmd}: {err}");
+        assert!(err.contains("already finished"), "{cmd}: {err}");
+        assert!(started.elapsed() < Duration::from_secs(20), "{cmd} took {:?} to do nothing", started.elapsed());
+        assert_eq!(metrics(&run).len(), 3, "{cmd}: no step logged again");
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A coordinator and two workers as separate processes, the job at `run`.
+fn cluster(tmp: &Path, steps: u64) -> (PathBuf, Child, Vec<Child>) {
+    let port = free_port();
+    let job = tiny_job(tmp, steps, &format!("[cluster]\nlisten = \"127.0.0.1:{port}\"\nmin_workers = 2"));
+    let run = tmp.join("run");
+    let coordinator = spawn(&["coordinator", s(&job), "--out", s(&run)], "warn");
+    let url = format!("http://127.0.0.1:{port}");
+    let workers = (0..2).map(|_| spawn(&["worker", "--coordinator", &url], "warn")).collect();
+    (run, coordinator, workers)
+}
+
+/// A successful job: the coordinator waits for its workers to hear the end, so every
+/// process exits 0 (workers used to lose the reply to their last report).
+#[test]
+fn a_finished_cluster_job_exits_0_everywhere() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (run, coordinator, workers) = cluster(tmp.path(), 6);
+    for (i, w) in workers.into_iter().enumerate() {
+        let out = finish(w, 120);
+        assert!(out.status.success(), "worker {i}: {}", stderr_of(&out));
+    }
+    let out = finish(coordinator, 30);
+    assert!(out.status.success(), "coordinator: {}", stderr_of(&out));
+    assert_eq!(metrics(&run).len(), 6);
+}
+
+/// SIGKILL of the coordinator: the workers notice, stop together at the next step with a
+/// checkpoint, and exit with an error naming the coordinator, never a panic or a hang.
+#[test]
+fn killing_the_coordinator_stops_the_workers_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (run, mut coordinator, workers) = cluster(tmp.path(), 100_000);
+    wait_for_steps(&run, 2, &mut coordinator);
+    coordinator.kill().unwrap();
+    coordinator.wait().unwrap();
+    for (i, w) in workers.into_iter().enumerate() {
+        let out = finish(w, 90);
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(1), "worker {i}: {err}");
+        assert!(!err.contains("panicked"), "worker {i} panicked: {err}");
+        assert!(err.contains("coordinator") && err.contains("training stopped at step"), "worker {i}: {err}");
+    }
+    assert!(!checkpoint_steps(&run).is_empty(), "the workers left no checkpoint");
+}
+
+/// Arguments that cannot mean anything are refused up front, naming the value.
+#[test]
+fn nonsense_arguments_are_refused_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tiny_job(tmp.path(), 2, "");
+    let run = tmp.path().join("run");
+    ok(tmp.path(), &["train", s(&job), "--out", s(&run)]);
+    let ckpt = run.join("checkpoints/step-00000002");
+
+    for t in ["nan", "inf", "-1"] {
+        let temperature = format!("--temperature={t}");
+        let err = fails(tmp.path(), &["generate", s(&ckpt), "--prompt", "Once", &temperature]);
+        assert!(err.contains("--temperature"), "{t}: {err}");
+    }
+    let err = fails(tmp.path(), &["eval", s(&ckpt), "--data", s(&run.join("data")), "--batches", "0"]);
+    assert!(err.contains("--batches 0"), "{err}");
+
+    // Data made with another tokenizer: token ids mean other things.
+    let corpus = tmp.path().join("corpus.txt");
+    std::fs::write(&corpus, moxin_data::builtin::corpus(5, 200).join("\n\n")).unwrap();
+    let other = tmp.path().join("other-data");
+    let err = fails(
+        tmp.path(),
+        &["data", "prepare", "--input", s(&corpus), "--out", s(&other), "--train-tokenizer", "300", "--shard-tokens", "0"],
+    );
+    assert!(err.contains("--shard-tokens 0"), "{err}");
+    ok(tmp.path(), &["data", "prepare", "--input", s(&corpus), "--out", s(&other), "--train-tokenizer", "300"]);
+    let err = fails(tmp.path(), &["eval", s(&ckpt), "--data", s(&other)]);
+    assert!(err.contains("another tokenizer"), "{err}");
+
+    let started = Instant::now();
+    let err = fails(tmp.path(), &["worker", "--coordinator", "localhost:50051"]);
+    assert!(err.contains("expected a URL like http://"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10), "a malformed URL was retried");
+}

@@ -1,0 +1,168 @@
+//! What `train` and a cluster worker share around the training loop: how a run is asked to
+//! stop (signals), how it ended and the exit code that says so, the guard that turns a
+//! panic on the training thread into a reported error, and the Prometheus view of a step.
+//!
+//! Stopping is always "checkpoint, then exit": SIGINT (Ctrl-C) and SIGTERM (what Slurm and
+//! Kubernetes send before preempting) set one flag that the trainer reads at each step
+//! boundary; a group agrees on it through the per-step all-reduce, so every rank stops at
+//! the same step and the checkpoint is whole. A second signal ends the process at once, the
+//! default way, for a user who really means it.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use moxin_proto::v1::StepMetrics;
+use signal_hook::consts::{SIGINT, SIGTERM};
+
+use crate::WorkerError;
+
+/// Exit code of a run that stopped early on request (a signal, Ctrl-C or a coordinator
+/// stop) after writing its checkpoint: 128 + SIGINT, for every command and every way of
+/// asking.
+pub const STOPPED_EXIT_CODE: i32 = 130;
+
+/// SIGINT and SIGTERM as a stop request. Installing twice in one process is harmless.
+#[derive(Debug, Clone)]
+pub struct StopSignals {
+    asked: Arc<AtomicBool>,
+    which: Arc<AtomicUsize>,
+}
+
+impl StopSignals {
+    /// Catches SIGINT and SIGTERM from now on: the first sets [`StopSignals::flag`], a second
+    /// one terminates the process as if it were not caught.
+    pub fn install() -> Result<StopSignals, WorkerError> {
+        let asked = Arc::new(AtomicBool::new(false));
+        let which = Arc::new(AtomicUsize::new(0));
+        for signal in [SIGINT, SIGTERM] {
+            let installed = signal_hook::flag::register_conditional_default(signal, asked.clone())
+                .and_then(|_| signal_hook::flag::register_usize(signal, which.clone(), signal as usize))
+                .and_then(|_| signal_hook::flag::register(signal, asked.clone()));
+            installed.map_err(|e| WorkerError::Spec(format!("cannot install a handler for signal {signal}: {e}")))?;
+        }
+        Ok(StopSignals { asked, which })
+    }
+
+    /// Set once a stop was asked for; hand it to [`crate::trainer::Trainer::stop_requested`].
+    pub fn flag(&self) -> Arc<AtomicBool> {
+        self.asked.clone()
+    }
+
+    /// The signal that asked to stop, if one did (`"SIGINT"`, `"SIGTERM"`).
+    pub fn received(&self) -> Option<&'static str> {
+        if !self.asked.load(Ordering::Relaxed) {
+            return None;
+        }
+        Some(match self.which.load(Ordering::Relaxed) as i32 {
+            SIGTERM => "SIGTERM",
+            SIGINT => "SIGINT (Ctrl-C)",
+            _ => "a stop request",
+        })
+    }
+}
+
+/// How a run ended, when it did not fail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobEnd {
+    /// `train.steps` were completed by this run.
+    Finished {
+        /// The last step.
+        step: u64,
+    },
+    /// The run directory's newest checkpoint was already at `train.steps`.
+    AlreadyFinished {
+        /// Its step.
+        step: u64,
+    },
+    /// Reached `--stop-after`.
+    StoppedAfter {
+        /// The step it stopped at (checkpointed).
+        step: u64,
+    },
+    /// Stopped early on request (checkpointed, unless checkpoints are disabled).
+    Stopped {
+        /// Who asked: a signal's name or the coordinator's reason.
+        reason: String,
+    },
+}
+
+impl JobEnd {
+    /// The process exit code for this end: 0, or [`STOPPED_EXIT_CODE`] for a requested stop.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            JobEnd::Stopped { .. } => STOPPED_EXIT_CODE,
+            _ => 0,
+        }
+    }
+}
+
+/// Runs `f`, turning a panic inside it (tch panics on errors it does not return, e.g. a
+/// failed allocation) into [`WorkerError::Panic`], so the failure is reported with a
+/// message instead of taking the process down mid-collective.
+pub fn guard<T>(what: &str, f: impl FnOnce() -> Result<T, WorkerError>) -> Result<T, WorkerError> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(result) => result,
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(WorkerError::Panic(describe_panic(what, &message)))
+        }
+    }
+}
+
+fn describe_panic(what: &str, message: &str) -> String {
+    let first_line = message.lines().find(|l| !l.trim().is_empty()).unwrap_or(message).trim();
+    let lower = message.to_lowercase();
+    if lower.contains("out of memory") || lower.contains("can't allocate memory") || lower.contains("cannot allocate")
+    {
+        format!(
+            "{what} ran out of memory ({first_line}); size the job with `moxin-train plan`, then lower \
+             train.micro_batch_size or train.seq_len, set runtime.recompute = \"blocks\", use more workers \
+             (ZeRO-1 splits the optimizer state) or a smaller model"
+        )
+    } else {
+        format!("{what} failed unexpectedly: {first_line}")
+    }
+}
+
+/// Publishes one step's figures as Prometheus gauges and histograms (the same names on
+/// workers and on the coordinator).
+pub fn record_step_metrics(m: &StepMetrics) {
+    metrics::gauge!("moxin_step").set(m.step as f64);
+    metrics::gauge!("moxin_loss").set(m.loss);
+    metrics::gauge!("moxin_mfu").set(m.mfu);
+    metrics::gauge!("moxin_peak_memory_bytes").set(m.peak_memory_bytes as f64);
+    metrics::counter!("moxin_tokens_total").absolute(m.tokens);
+    metrics::histogram!("moxin_step_duration_seconds").record(m.step_time_s);
+    metrics::histogram!("moxin_collective_busy_seconds").record(m.comm_s);
+    metrics::histogram!("moxin_collective_exposed_seconds").record(m.comm_exposed_s);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_becomes_an_error_and_out_of_memory_says_what_to_do() {
+        let e = guard("training", || -> Result<(), WorkerError> {
+            panic!("called `Result::unwrap()` on an `Err` value: Torch(\"[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't allocate memory: you tried to allocate 28991029248 bytes.\")")
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("ran out of memory") && e.contains("moxin-train plan"), "{e}");
+        let e = guard("training", || -> Result<(), WorkerError> { panic!("boom") }).unwrap_err().to_string();
+        assert!(e.contains("training failed unexpectedly: boom"), "{e}");
+        assert_eq!(guard("x", || Ok(7)).unwrap(), 7);
+    }
+
+    #[test]
+    fn stop_exit_code_is_the_same_for_every_requested_stop() {
+        assert_eq!(JobEnd::Stopped { reason: "SIGTERM".into() }.exit_code(), STOPPED_EXIT_CODE);
+        assert_eq!(JobEnd::StoppedAfter { step: 3 }.exit_code(), 0);
+        assert_eq!(JobEnd::AlreadyFinished { step: 3 }.exit_code(), 0);
+    }
+}
