@@ -112,6 +112,10 @@ struct LaunchArgs {
     /// Worker processes to start.
     #[arg(long, default_value_t = 2)]
     workers: u32,
+    /// Replace a worker process that dies at most this many times in all (the group
+    /// re-forms and continues from the newest checkpoint); then the job fails.
+    #[arg(long, default_value_t = 3)]
+    max_restarts: u32,
     /// Run directory [default: runs/<job name>].
     #[arg(long)]
     out: Option<PathBuf>,
@@ -299,10 +303,13 @@ fn main() {
 fn run(cli: Cli) -> Result<i32> {
     let code = match cli.command {
         Command::Train(a) => {
-            return Ok(commands::train(&a.config, a.out.as_deref(), &a.set, a.stop_after, a.device.as_deref())?
-                .exit_code())
+            return Ok(
+                commands::train(&a.config, a.out.as_deref(), &a.set, a.stop_after, a.device.as_deref())?.exit_code()
+            )
         }
-        Command::Launch(a) => return commands::cluster::launch(&a.config, a.workers, a.out.as_deref(), &a.set),
+        Command::Launch(a) => {
+            return commands::cluster::launch(&a.config, a.workers, a.max_restarts, a.out.as_deref(), &a.set)
+        }
         Command::Coordinator(a) => {
             return commands::cluster::coordinator(&a.config, a.listen.as_deref(), a.out.as_deref(), &a.set)
         }

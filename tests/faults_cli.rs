@@ -219,7 +219,18 @@ fn nonsense_arguments_are_refused_clearly() {
     let other = tmp.path().join("other-data");
     let err = fails(
         tmp.path(),
-        &["data", "prepare", "--input", s(&corpus), "--out", s(&other), "--train-tokenizer", "300", "--shard-tokens", "0"],
+        &[
+            "data",
+            "prepare",
+            "--input",
+            s(&corpus),
+            "--out",
+            s(&other),
+            "--train-tokenizer",
+            "300",
+            "--shard-tokens",
+            "0",
+        ],
     );
     assert!(err.contains("--shard-tokens 0"), "{err}");
     ok(tmp.path(), &["data", "prepare", "--input", s(&corpus), "--out", s(&other), "--train-tokenizer", "300"]);

@@ -87,8 +87,11 @@ pub struct ClusterSection {
     pub metrics_listen: Option<String>,
     /// How often workers heartbeat.
     pub heartbeat_interval_ms: u32,
-    /// A worker silent this long is lost (fails the job).
+    /// A worker silent this long is lost; its group re-forms without it.
     pub heartbeat_timeout_ms: u32,
+    /// How long a job that lost workers waits for replacements when fewer than
+    /// `min_workers` are left, before it fails.
+    pub replacement_timeout_ms: u32,
     /// Any collective call fails after this long without progress.
     pub collective_timeout_ms: u32,
     /// Where the coordinator persists its state; defaults to `<run dir>/coordinator`.
@@ -119,6 +122,7 @@ impl Default for ClusterSection {
             metrics_listen: None,
             heartbeat_interval_ms: 500,
             heartbeat_timeout_ms: 3000,
+            replacement_timeout_ms: 300_000,
             collective_timeout_ms: 60_000,
             state_dir: None,
             collective: CollectiveChoice::Auto,

@@ -12,9 +12,11 @@
 
 pub mod config;
 pub mod job;
+pub mod membership;
 pub mod plan;
 pub mod presets;
 pub mod rundir;
+pub mod runtime;
 pub mod server;
 
 pub use config::{ConfigError, JobConfig};

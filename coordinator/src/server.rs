@@ -1,9 +1,12 @@
 //! The coordinator's gRPC service: registration, heartbeats, group formation with ranks,
 //! data slices and ZeRO-1 partitions, step reports into `metrics.jsonl`, failure detection.
 //!
-//! Membership is versioned by *generation*: each time a group forms it gets the next
-//! generation, and every assignment carries it. In this version a lost or failing worker
-//! fails the job with a message naming it; re-forming the group is the resilience issue.
+//! Who is in the group is decided by the pure [`Membership`] state machine; this file turns
+//! its [`Change`]s into events on the workers' streams. A worker is lost when its event
+//! stream closes (its process died), when it misses heartbeats, or when it reports a fatal
+//! error; the group then re-forms without it under a new generation, and the survivors
+//! restore from the newest checkpoint. A worker whose group broke but who is itself fine
+//! says so (`FailureReport.group_broke`) and is re-grouped.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -23,24 +26,10 @@ use tonic::{Request, Response, Status};
 
 use crate::config::CollectiveChoice;
 use crate::job::ResolvedJob;
+pub use crate::membership::Phase;
+use crate::membership::{Change, Membership, Refusal};
 use crate::plan::{assignment, GroupPlan};
 use crate::rundir::MetricsLog;
-
-/// Where a job is in its life.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "phase", content = "detail", rename_all = "snake_case")]
-pub enum Phase {
-    /// Waiting for `min_workers` registrations.
-    Waiting,
-    /// A group is training.
-    Running,
-    /// The last step was reported.
-    Finished,
-    /// The job failed; the message says why.
-    Failed(String),
-    /// Stopped on request (Ctrl-C).
-    Stopped(String),
-}
 
 /// What `launch` shows and tests read.
 #[derive(Debug, Clone, Default)]
@@ -51,6 +40,10 @@ pub struct Progress {
     pub workers: usize,
     /// Membership generation.
     pub generation: u64,
+    /// Workers lost so far.
+    pub failures: u64,
+    /// Groups that trained again after losing a member.
+    pub recoveries: u64,
 }
 
 struct Worker {
@@ -63,18 +56,31 @@ struct Worker {
     rank: Option<u32>,
 }
 
+impl Worker {
+    fn describe(&self, id: &str) -> String {
+        format!("worker {id} ({}:{})", self.identity.host, self.identity.pid)
+    }
+}
+
 struct State {
     workers: HashMap<String, Worker>,
-    order: Vec<String>,
     next_id: u64,
-    generation: u64,
-    phase: Phase,
+    membership: Membership,
     progress: Progress,
     metrics: MetricsLog,
     /// The current generation's NCCL id, once its rank 0 shared it.
     collective_id: Option<Vec<u8>>,
     /// The step the run was at when this coordinator started (from `state.json`).
     start_step: u64,
+    /// Workers lost so far.
+    failures: u64,
+    /// Groups that trained again after losing a member.
+    recoveries: u64,
+    /// Since when the job has been recovering from a loss (until the next group's first step).
+    recovering_since: Option<Instant>,
+    /// Whether this coordinator wrote the run's `config.toml`: only once a group trained,
+    /// so a job that cannot resume the run directory never replaces the config it had.
+    config_written: bool,
 }
 
 /// The coordinator of one job.
@@ -84,15 +90,13 @@ pub struct CoordinatorService {
     state: Arc<Mutex<State>>,
     phase_tx: Arc<watch::Sender<Phase>>,
     state_file: PathBuf,
-    min_workers: u32,
-    max_workers: u32,
     previous: Option<PreviousRun>,
 }
 
 /// What an earlier coordinator of the same run directory left in `state.json`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PreviousRun {
-    /// Its last phase (`waiting`, `running`, `finished`, `failed`, `stopped`).
+    /// Its last phase (`admitting`, `training`, `finished`, `failed`, `stopped`).
     pub phase: String,
     /// The last generation it formed.
     pub generation: u64,
@@ -117,14 +121,9 @@ impl PreviousRun {
 }
 
 impl CoordinatorService {
-    /// The step an earlier coordinator of this run directory finished the job at, if it did
-    /// and this job asks for no more steps: relaunching a finished run does nothing.
-    pub fn already_finished(&self) -> Option<u64> {
-        let steps = self.job.spec.train.as_ref().map_or(0, |t| t.steps);
-        self.previous.as_ref().filter(|p| p.phase == "finished" && p.step >= steps).map(|p| p.step)
-    }
-
     /// A coordinator for `job` expecting between `min_workers` and `max_workers` workers.
+    /// It continues where an earlier coordinator of the run directory left off (its
+    /// `state.json`): generations keep counting, and a finished job stays finished.
     pub fn new(job: ResolvedJob, min_workers: u32, max_workers: u32) -> std::io::Result<Self> {
         let metrics = MetricsLog::open(&job.run_dir)?;
         let state_dir =
@@ -135,32 +134,39 @@ impl CoordinatorService {
         if let Some(p) = &previous {
             tracing::info!(phase = %p.phase, generation = p.generation, step = p.step, "continuing after an earlier coordinator");
         }
-        let (phase_tx, _) = watch::channel(Phase::Waiting);
+        let (phase_tx, _) = watch::channel(Phase::Admitting);
         let service = CoordinatorService {
             job: Arc::new(job),
             state: Arc::new(Mutex::new(State {
                 workers: HashMap::new(),
-                order: Vec::new(),
                 next_id: 1,
                 // Generations never repeat across coordinator restarts: a worker of an old
                 // group can never be mistaken for a member of the new one.
-                generation: previous.as_ref().map_or(0, |p| p.generation),
-                phase: Phase::Waiting,
+                membership: Membership::new(min_workers, max_workers, previous.as_ref().map_or(0, |p| p.generation)),
                 progress: Progress::default(),
                 metrics,
                 collective_id: None,
                 start_step: previous.as_ref().map_or(0, |p| p.step),
+                failures: 0,
+                recoveries: 0,
+                recovering_since: None,
+                config_written: false,
             })),
             phase_tx: Arc::new(phase_tx),
             state_file,
-            min_workers,
-            max_workers,
             previous,
         };
         if service.already_finished().is_none() {
             service.persist(&service.lock());
         }
         Ok(service)
+    }
+
+    /// The step an earlier coordinator of this run directory finished the job at, if it did
+    /// and this job asks for no more steps: relaunching a finished run does nothing.
+    pub fn already_finished(&self) -> Option<u64> {
+        let steps = self.job.spec.train.as_ref().map_or(0, |t| t.steps);
+        self.previous.as_ref().filter(|p| p.phase == "finished" && p.step >= steps).map(|p| p.step)
     }
 
     /// The state, also after a panic elsewhere poisoned its lock (every update leaves it
@@ -175,7 +181,11 @@ impl CoordinatorService {
     /// still connected then.
     pub async fn drain(&self, deadline: Duration) -> usize {
         let streams: Vec<_> = self.lock().workers.values().filter_map(|w| w.events.clone()).collect();
-        let all_closed = futures_join_all(streams.iter().map(|tx| tx.closed()));
+        let all_closed = async {
+            for tx in &streams {
+                tx.closed().await;
+            }
+        };
         let _ = tokio::time::timeout(deadline, all_closed).await;
         streams.iter().filter(|tx| !tx.is_closed()).count()
     }
@@ -195,63 +205,159 @@ impl CoordinatorService {
         let s = self.lock();
         let mut p = s.progress.clone();
         p.workers = s.workers.len();
-        p.generation = s.generation;
+        p.generation = s.membership.generation();
+        p.failures = s.failures;
+        p.recoveries = s.recoveries;
         p
     }
 
     /// Stops the job: every worker is told to stop (`failed` says whether that is a failure).
     pub fn stop(&self, reason: &str, failed: bool) {
         let mut s = self.lock();
-        if matches!(s.phase, Phase::Finished | Phase::Failed(_) | Phase::Stopped(_)) {
-            return;
-        }
-        s.phase = if failed { Phase::Failed(reason.to_string()) } else { Phase::Stopped(reason.to_string()) };
-        broadcast(&s, Event { kind: Some(event::Kind::Stop(Stop { reason: reason.to_string(), failed })) });
-        self.publish(&s);
+        let change = s.membership.stop(reason, failed);
+        self.apply(&mut s, change);
     }
 
-    /// Runs the failure detector until the job ends: a running worker silent for longer
-    /// than `timeout` fails the job.
-    pub async fn watch_heartbeats(self, timeout: Duration) {
+    /// Runs the failure detector until the job ends: a worker whose event stream closed
+    /// (its process is gone) or that is silent for longer than `heartbeat_timeout` is lost,
+    /// and its group re-forms without it; a job short of workers for longer than
+    /// `cluster.replacement_timeout_ms` fails.
+    pub async fn watch_workers(self, heartbeat_timeout: Duration) {
+        let replacement = Duration::from_millis(self.job.config.cluster.replacement_timeout_ms as u64);
         let mut phase = self.phase();
-        let mut tick = tokio::time::interval(Duration::from_millis(100).min(timeout / 4));
+        let mut tick = tokio::time::interval(Duration::from_millis(100).min(heartbeat_timeout / 4));
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = phase.changed() => {}
             }
-            let lost = {
-                let s = self.lock();
-                if matches!(s.phase, Phase::Finished | Phase::Failed(_) | Phase::Stopped(_)) {
-                    return;
-                }
-                s.workers.iter().find(|(_, w)| w.last_seen.elapsed() > timeout).map(|(id, w)| {
-                    format!(
-                        "worker {id} ({}:{}) missed heartbeats for {:.1} s (timeout {:.1} s); the job stops",
-                        w.identity.host,
-                        w.identity.pid,
-                        w.last_seen.elapsed().as_secs_f64(),
-                        timeout.as_secs_f64()
-                    )
-                })
-            };
-            if let Some(message) = lost {
-                tracing::error!("{message}");
-                metrics::counter!("moxin_workers_lost_total").increment(1);
-                self.stop(&message, true);
+            let mut s = self.lock();
+            if s.membership.phase().is_over() {
                 return;
+            }
+            self.reap(&mut s, heartbeat_timeout);
+            let change = s.membership.tick(Instant::now(), replacement);
+            if change != Change::None {
+                self.apply(&mut s, change);
             }
         }
     }
 
-    fn publish(&self, s: &State) {
-        self.persist(s);
-        self.phase_tx.send_replace(s.phase.clone());
-        metrics::gauge!("moxin_workers_connected").set(s.workers.len() as f64);
-        metrics::gauge!("moxin_membership_generation").set(s.generation as f64);
+    /// Declares lost every worker whose stream closed or whose heartbeats stopped.
+    fn reap(&self, s: &mut State, heartbeat_timeout: Duration) {
+        let lost: Vec<(String, String)> = s
+            .workers
+            .iter()
+            .filter_map(|(id, w)| {
+                if w.events.as_ref().is_some_and(|tx| tx.is_closed()) {
+                    Some((
+                        id.clone(),
+                        format!("{} closed its connection (the process exited or was killed)", w.describe(id)),
+                    ))
+                } else if w.last_seen.elapsed() > heartbeat_timeout {
+                    Some((
+                        id.clone(),
+                        format!(
+                            "{} missed heartbeats for {:.1} s (timeout {:.1} s)",
+                            w.describe(id),
+                            w.last_seen.elapsed().as_secs_f64(),
+                            heartbeat_timeout.as_secs_f64()
+                        ),
+                    ))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        for (id, why) in lost {
+            self.lose(s, &id, &why);
+        }
     }
 
-    /// Writes the job's state atomically (a later coordinator restarts from it).
+    /// Worker `id` is gone: forget it and let the membership decide what follows.
+    fn lose(&self, s: &mut State, id: &str, why: &str) {
+        let Some(w) = s.workers.remove(id) else { return };
+        s.failures += 1;
+        metrics::counter!("moxin_workers_lost_total").increment(1);
+        let member = w.rank.is_some();
+        tracing::error!("{why}; {}", if member { "its group re-forms without it" } else { "it was not training" });
+        if member {
+            s.recovering_since.get_or_insert_with(Instant::now);
+        }
+        let change = s.membership.lost(id, Instant::now());
+        self.apply(s, change);
+    }
+
+    /// Carries out a membership change and publishes the new state (also after
+    /// [`Change::None`]: the phase may have changed without anyone to tell).
+    fn apply(&self, s: &mut State, change: Change) {
+        match change {
+            Change::None => {}
+            Change::Form { generation, members } => self.form_group(s, generation, &members),
+            Change::Stop { reason, failed } => {
+                if failed {
+                    tracing::error!("the job fails: {reason}");
+                }
+                broadcast(s, Event { kind: Some(event::Kind::Stop(Stop { reason, failed, finished: false })) });
+            }
+            Change::Finish => {
+                let stop = Stop { reason: "finished".into(), failed: false, finished: true };
+                broadcast(s, Event { kind: Some(event::Kind::Stop(stop)) });
+            }
+        }
+        self.publish(s);
+    }
+
+    /// Sends generation `generation`'s assignments to `members` (rank = index).
+    fn form_group(&self, s: &mut State, generation: u64, members: &[String]) {
+        let world = members.len() as u32;
+        // A CPU job trains on no GPU, whatever the workers have.
+        let cpu_job = self.job.config.runtime.device == crate::config::Device::Cpu;
+        let devices: Vec<MemberDevices> = members
+            .iter()
+            .filter_map(|id| s.workers.get(id).map(|w| (id, w)))
+            .map(|(id, w)| MemberDevices {
+                worker: format!("{id} ({}:{})", w.identity.host, w.identity.pid),
+                host: w.identity.host.clone(),
+                gpu: w.devices.iter().find(|d| d.kind == "cuda" && !cpu_job).map(|d| d.uuid.clone()),
+                nccl: !w.nccl_version.is_empty(),
+            })
+            .collect();
+        let backend = match choose_backend(self.job.config.cluster.collective, &devices) {
+            Ok(b) => b,
+            Err(message) => {
+                let change = s.membership.stop(&message, true);
+                return self.apply(s, change);
+            }
+        };
+        s.collective_id = None;
+        let group = GroupPlan {
+            generation,
+            peers: members.iter().filter_map(|id| s.workers.get(id)).map(|w| w.collective_address.clone()).collect(),
+            collective_timeout_ms: self.job.config.cluster.collective_timeout_ms,
+            backend,
+        };
+        for w in s.workers.values_mut() {
+            w.rank = None;
+        }
+        for (rank, id) in members.iter().enumerate() {
+            let assignment = assignment(&self.job.spec, self.job.samples_per_epoch, &group, world, rank as u32);
+            if let Some(w) = s.workers.get_mut(id) {
+                w.rank = Some(rank as u32);
+                send(w, Event { kind: Some(event::Kind::Assignment(assignment)) });
+            }
+        }
+        tracing::info!(generation, world, backend = ?backend, "group formed");
+    }
+
+    fn publish(&self, s: &State) {
+        self.persist(s);
+        self.phase_tx.send_replace(s.membership.phase().clone());
+        metrics::gauge!("moxin_workers_connected").set(s.workers.len() as f64);
+        metrics::gauge!("moxin_membership_generation").set(s.membership.generation() as f64);
+    }
+
+    /// Writes the job's state atomically (a later coordinator continues from it).
     fn persist(&self, s: &State) {
         #[derive(Serialize)]
         struct Member<'a> {
@@ -262,7 +368,8 @@ impl CoordinatorService {
             collective_address: &'a str,
         }
         let members: Vec<Member> = s
-            .order
+            .membership
+            .live()
             .iter()
             .filter_map(|id| s.workers.get(id).map(|w| (id, w)))
             .map(|(id, w)| Member {
@@ -275,10 +382,12 @@ impl CoordinatorService {
             .collect();
         let doc = serde_json::json!({
             "job": self.job.spec.name,
-            "phase": s.phase,
-            "generation": s.generation,
+            "phase": s.membership.phase(),
+            "generation": s.membership.generation(),
             "step": s.progress.last.as_ref().map_or(s.start_step, |m| m.step),
             "members": members,
+            "failures": s.failures,
+            "recoveries": s.recoveries,
             "updated_unix_s": SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         });
         let tmp = self.state_file.with_extension("json.tmp");
@@ -289,61 +398,6 @@ impl CoordinatorService {
         if let Err(e) = written {
             tracing::warn!("cannot persist coordinator state to {}: {e}", self.state_file.display());
         }
-    }
-
-    /// Forms generation `generation + 1` once enough workers are watching.
-    fn maybe_form_group(&self, s: &mut State) {
-        if s.phase != Phase::Waiting {
-            return;
-        }
-        let ready: Vec<String> = s.order.iter().filter(|id| s.workers[*id].events.is_some()).cloned().collect();
-        if (ready.len() as u32) < self.min_workers {
-            return;
-        }
-        let world = ready.len() as u32;
-        // A CPU job trains on no GPU, whatever the workers have.
-        let cpu_job = self.job.config.runtime.device == crate::config::Device::Cpu;
-        let members: Vec<MemberDevices> = ready
-            .iter()
-            .map(|id| {
-                let w = &s.workers[id];
-                MemberDevices {
-                    worker: format!("{id} ({}:{})", w.identity.host, w.identity.pid),
-                    host: w.identity.host.clone(),
-                    gpu: w.devices.iter().find(|d| d.kind == "cuda" && !cpu_job).map(|d| d.uuid.clone()),
-                    nccl: !w.nccl_version.is_empty(),
-                }
-            })
-            .collect();
-        let backend = match choose_backend(self.job.config.cluster.collective, &members) {
-            Ok(b) => b,
-            Err(message) => {
-                drop(members);
-                s.phase = Phase::Failed(message.clone());
-                tracing::error!("{message}");
-                broadcast(s, Event { kind: Some(event::Kind::Stop(Stop { reason: message, failed: true })) });
-                self.publish(s);
-                return;
-            }
-        };
-        s.generation += 1;
-        s.collective_id = None;
-        let group = GroupPlan {
-            generation: s.generation,
-            peers: ready.iter().map(|id| s.workers[id].collective_address.clone()).collect(),
-            collective_timeout_ms: self.job.config.cluster.collective_timeout_ms,
-            backend,
-        };
-        for (rank, id) in ready.iter().enumerate() {
-            let assignment = assignment(&self.job.spec, self.job.samples_per_epoch, &group, world, rank as u32);
-            if let Some(w) = s.workers.get_mut(id) {
-                w.rank = Some(rank as u32);
-                send(w, Event { kind: Some(event::Kind::Assignment(assignment)) });
-            }
-        }
-        tracing::info!(generation = s.generation, world, backend = ?backend, "group formed");
-        s.phase = Phase::Running;
-        self.publish(s);
     }
 }
 
@@ -414,13 +468,6 @@ fn send(w: &Worker, event: Event) {
     }
 }
 
-/// Waits for all of `futures` (a tiny `join_all`, to avoid a dependency for one use).
-async fn futures_join_all<F: std::future::Future<Output = ()>>(futures: impl Iterator<Item = F>) {
-    for f in futures {
-        f.await;
-    }
-}
-
 type EventStream = Pin<Box<dyn Stream<Item = Result<Event, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -436,19 +483,16 @@ impl Coordinator for CoordinatorService {
             )));
         }
         let mut s = self.lock();
-        if s.phase != Phase::Waiting {
-            return Err(Status::failed_precondition(format!("the job is not accepting workers ({:?})", s.phase)));
+        if let Err(refusal) = s.membership.admits(s.workers.len()) {
+            return Err(match refusal {
+                Refusal::Over(why) => Status::failed_precondition(why),
+                Refusal::Full(why) => Status::resource_exhausted(why),
+            });
         }
         if s.workers.values().any(|w| w.identity == identity) {
             return Err(Status::already_exists(format!(
                 "a worker {}:{} (instance {}) is already registered",
                 identity.host, identity.pid, identity.instance
-            )));
-        }
-        if s.workers.len() as u32 >= self.max_workers {
-            return Err(Status::resource_exhausted(format!(
-                "the job already has its maximum of {} workers (cluster.max_workers)",
-                self.max_workers
             )));
         }
         req.collective_address
@@ -469,7 +513,6 @@ impl Coordinator for CoordinatorService {
                 rank: None,
             },
         );
-        s.order.push(id.clone());
         self.publish(&s);
         Ok(Response::new(RegisterResponse {
             worker_id: id,
@@ -485,11 +528,8 @@ impl Coordinator for CoordinatorService {
             metrics::histogram!("moxin_heartbeat_latency_seconds").record((now_ns - req.sent_unix_nanos) as f64 / 1e9);
         }
         let mut s = self.lock();
-        let generation = s.generation;
-        let w = s
-            .workers
-            .get_mut(&req.worker_id)
-            .ok_or_else(|| Status::not_found(format!("unknown worker {}", req.worker_id)))?;
+        let generation = s.membership.generation();
+        let w = s.workers.get_mut(&req.worker_id).ok_or_else(|| unknown(&req.worker_id))?;
         w.last_seen = Instant::now();
         Ok(Response::new(HeartbeatResponse { generation }))
     }
@@ -500,60 +540,57 @@ impl Coordinator for CoordinatorService {
         let id = request.into_inner().worker_id;
         let (tx, rx) = mpsc::unbounded_channel();
         let mut s = self.lock();
-        let w = s.workers.get_mut(&id).ok_or_else(|| Status::not_found(format!("unknown worker {id}")))?;
+        let w = s.workers.get_mut(&id).ok_or_else(|| unknown(&id))?;
         w.events = Some(tx);
         w.last_seen = Instant::now();
-        self.maybe_form_group(&mut s);
+        let change = s.membership.joined(&id);
+        self.apply(&mut s, change);
         Ok(Response::new(Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))))
     }
 
     async fn report_step(&self, request: Request<StepReport>) -> Result<Response<Ack>, Status> {
         let req = request.into_inner();
         let mut s = self.lock();
-        if req.generation != s.generation {
-            return Err(Status::failed_precondition(format!(
-                "stale generation {} (now {})",
-                req.generation, s.generation
-            )));
+        check_generation(req.generation, s.membership.generation())?;
+        if let Some(m) = req.metrics {
+            s.metrics.append(&m).map_err(|e| Status::internal(format!("{}: {e}", s.metrics.path().display())))?;
+            record_step(&m);
+            if !s.config_written {
+                s.config_written = true;
+                if let Err(e) =
+                    crate::rundir::write_resolved_config(&self.job.run_dir, &self.job.spec.resolved_config_toml)
+                {
+                    tracing::warn!("cannot write config.toml into {}: {e}", self.job.run_dir.display());
+                }
+            }
+            if let Some(since) = s.recovering_since.take() {
+                s.recoveries += 1;
+                metrics::counter!("moxin_recoveries_total").increment(1);
+                metrics::histogram!("moxin_recovery_seconds").record(since.elapsed().as_secs_f64());
+                tracing::info!(
+                    generation = s.membership.generation(),
+                    "training again {:.1} s after losing a worker",
+                    since.elapsed().as_secs_f64()
+                );
+            }
+            s.progress.last = Some(m);
+        } else if !req.finished {
+            return Err(Status::invalid_argument("a step report needs metrics"));
         }
         // A finished report carries no metrics when the run had nothing left to train.
-        let Some(m) = req.metrics else {
-            if !req.finished {
-                return Err(Status::invalid_argument("a step report needs metrics"));
-            }
-            s.phase = Phase::Finished;
-            broadcast(&s, Event { kind: Some(event::Kind::Stop(Stop { reason: "finished".into(), failed: false })) });
-            self.publish(&s);
-            return Ok(Response::new(Ack {}));
-        };
-        s.metrics.append(&m).map_err(|e| Status::internal(format!("{}: {e}", s.metrics.path().display())))?;
-        metrics::gauge!("moxin_step").set(m.step as f64);
-        metrics::gauge!("moxin_loss").set(m.loss);
-        metrics::counter!("moxin_tokens_total").absolute(m.tokens);
-        metrics::histogram!("moxin_step_duration_seconds").record(m.step_time_s);
-        metrics::gauge!("moxin_mfu").set(m.mfu);
-        metrics::gauge!("moxin_peak_memory_bytes").set(m.peak_memory_bytes as f64);
-        metrics::histogram!("moxin_collective_exposed_seconds").record(m.comm_exposed_s);
-        metrics::gauge!("moxin_last_step_timestamp_seconds")
-            .set(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()));
-        s.progress.last = Some(m);
         if req.finished {
-            s.phase = Phase::Finished;
-            broadcast(&s, Event { kind: Some(event::Kind::Stop(Stop { reason: "finished".into(), failed: false })) });
+            let change = s.membership.finished();
+            self.apply(&mut s, change);
+        } else {
+            self.publish(&s);
         }
-        self.publish(&s);
         Ok(Response::new(Ack {}))
     }
 
     async fn share_collective_id(&self, request: Request<CollectiveId>) -> Result<Response<Ack>, Status> {
         let req = request.into_inner();
         let mut s = self.lock();
-        if req.generation != s.generation {
-            return Err(Status::failed_precondition(format!(
-                "stale generation {} (now {})",
-                req.generation, s.generation
-            )));
-        }
+        check_generation(req.generation, s.membership.generation())?;
         let rank = s.workers.get(&req.worker_id).and_then(|w| w.rank);
         if rank != Some(0) {
             return Err(Status::permission_denied(format!(
@@ -569,15 +606,61 @@ impl Coordinator for CoordinatorService {
 
     async fn report_failure(&self, request: Request<FailureReport>) -> Result<Response<Ack>, Status> {
         let req = request.into_inner();
-        let who = {
-            let s = self.lock();
-            s.workers.get(&req.worker_id).map_or(req.worker_id.clone(), |w| {
-                format!("worker {} ({}:{}, rank {:?})", req.worker_id, w.identity.host, w.identity.pid, w.rank)
-            })
-        };
-        let message = format!("{who} failed: {}", req.message);
-        tracing::error!("{message}");
-        self.stop(&message, true);
+        if !self.lock().workers.contains_key(&req.worker_id) {
+            return Err(unknown(&req.worker_id));
+        }
+        if req.group_broke {
+            tracing::warn!(worker = %req.worker_id, generation = req.generation, "group broke: {}", req.message);
+            // Give the failure detector a moment to notice a member that died (its stream
+            // closes within milliseconds), so the next group does not include it.
+            let settle =
+                Duration::from_millis(self.job.config.cluster.heartbeat_interval_ms as u64).min(Duration::from_secs(1));
+            let service = self.clone();
+            let timeout = Duration::from_millis(self.job.config.cluster.heartbeat_timeout_ms as u64);
+            tokio::spawn(async move {
+                tokio::time::sleep(settle).await;
+                let mut s = service.lock();
+                service.reap(&mut s, timeout);
+                let change = s.membership.group_broke(&req.worker_id, req.generation, Instant::now());
+                if change != Change::None {
+                    s.recovering_since.get_or_insert_with(Instant::now);
+                }
+                service.apply(&mut s, change);
+            });
+        } else {
+            let mut s = self.lock();
+            let who = s.workers.get(&req.worker_id).map_or(req.worker_id.clone(), |w| w.describe(&req.worker_id));
+            self.lose(&mut s, &req.worker_id, &format!("{who} failed: {}", req.message));
+        }
         Ok(Response::new(Ack {}))
     }
+}
+
+fn unknown(id: &str) -> Status {
+    Status::not_found(format!(
+        "unknown worker {id}: the coordinator dropped it (lost, or the coordinator restarted); register again"
+    ))
+}
+
+fn check_generation(reported: u64, current: u64) -> Result<(), Status> {
+    if reported != current {
+        return Err(Status::failed_precondition(format!(
+            "stale generation {reported} (now {current}): the group has re-formed"
+        )));
+    }
+    Ok(())
+}
+
+/// The step's figures as Prometheus metrics on the coordinator (the same names as a
+/// worker's, plus the time of the last step).
+fn record_step(m: &StepMetrics) {
+    metrics::gauge!("moxin_step").set(m.step as f64);
+    metrics::gauge!("moxin_loss").set(m.loss);
+    metrics::counter!("moxin_tokens_total").absolute(m.tokens);
+    metrics::histogram!("moxin_step_duration_seconds").record(m.step_time_s);
+    metrics::gauge!("moxin_mfu").set(m.mfu);
+    metrics::gauge!("moxin_peak_memory_bytes").set(m.peak_memory_bytes as f64);
+    metrics::histogram!("moxin_collective_exposed_seconds").record(m.comm_exposed_s);
+    metrics::gauge!("moxin_last_step_timestamp_seconds")
+        .set(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()));
 }

@@ -56,7 +56,9 @@ pub fn prepare_builtin(out_dir: &Path, vocab_size: u32) -> Result<Manifest, Data
         }
         manifest.verify(out_dir, true).map_err(|e| DataError::Input {
             path: out_dir.to_path_buf(),
-            reason: format!("the built-in data here fails verification ({e}); delete this directory to prepare it again"),
+            reason: format!(
+                "the built-in data here fails verification ({e}); delete this directory to prepare it again"
+            ),
         })?;
         return Ok(manifest);
     }

@@ -4,7 +4,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use moxin_coordinator::rundir;
 use moxin_coordinator::server::{CoordinatorService, Phase};
 use moxin_worker::agent::AgentEnd;
 use moxin_worker::driver::{StopSignals, STOPPED_EXIT_CODE};
@@ -17,8 +16,10 @@ const STOP_GRACE: Duration = Duration::from_secs(120);
 const FAILURE_GRACE: Duration = Duration::from_secs(5);
 
 /// `launch`: a coordinator in this process and `workers` worker processes on this machine.
-/// Returns the exit code (0, or the stopped code after a requested stop).
-pub fn launch(config: &Path, workers: u32, out: Option<&Path>, overrides: &[String]) -> Result<i32> {
+/// A worker process that dies is replaced (at most `max_restarts` times in all); the
+/// group re-forms with the replacement and continues from the newest checkpoint. Returns
+/// the exit code (0, or the stopped code after a requested stop).
+pub fn launch(config: &Path, workers: u32, max_restarts: u32, out: Option<&Path>, overrides: &[String]) -> Result<i32> {
     if workers == 0 {
         bail!("--workers must be at least 1");
     }
@@ -33,46 +34,91 @@ pub fn launch(config: &Path, workers: u32, out: Option<&Path>, overrides: &[Stri
         let url = format!("http://{}", listener.local_addr()?);
         let Some(service) = start(job, listener).await? else { return Ok(0) };
         let exe = std::env::current_exe().context("locating the moxin-train binary")?;
-        // With a GPU per worker, worker i trains on GPU i (LOCAL_RANK, as torchrun sets it);
-        // with fewer GPUs than workers they share, and the group uses the ring.
-        let gpus = if moxin_worker::device::cuda_available() { moxin_worker::device::cuda_device_count() } else { 0 };
-        let own_gpus = gpus >= workers as usize;
-        let mut children = Vec::new();
-        for i in 0..workers {
-            let mut cmd = tokio::process::Command::new(&exe);
-            cmd.args(["worker", "--coordinator", &url]).kill_on_drop(true);
-            if own_gpus {
-                cmd.env("LOCAL_RANK", i.to_string());
-            } else {
-                cmd.env_remove("LOCAL_RANK");
-            }
-            if std::env::var_os("MOXIN_LOG").is_none() {
-                cmd.env("MOXIN_LOG", "warn");
-            }
-            let child = cmd.spawn().with_context(|| format!("starting worker {i}"))?;
-            children.push(child);
-        }
-        let mut exits = tokio::task::JoinSet::new();
-        for (i, mut child) in children.into_iter().enumerate() {
-            let service = service.clone();
-            exits.spawn(async move {
-                if let Ok(status) = child.wait().await {
-                    // A worker stopped by the same Ctrl-C exits with the stopped code: not a failure.
-                    if !status.success() && status.code() != Some(STOPPED_EXIT_CODE) {
-                        service.stop(&format!("worker process {i} exited with {status}"), true);
-                    }
-                }
-            });
-        }
+        let supervisor = Supervisor { exe, url, workers, max_restarts, service: service.clone() };
+        let supervising = tokio::spawn(supervisor.run());
         let end = follow(&service, &signals).await;
-        // The workers' exits are their acknowledgements: each has heard the stop (and, on a
+        // The workers' exits are their acknowledgements: each has heard the end (and, on a
         // clean stop, checkpointed). Whatever is left after the grace period is killed when
-        // the tasks drop.
+        // the supervisor drops its children.
         let grace = if matches!(end, Phase::Failed(_)) { FAILURE_GRACE } else { STOP_GRACE };
-        let _ = tokio::time::timeout(grace, async { while exits.join_next().await.is_some() {} }).await;
-        exits.abort_all();
+        if tokio::time::timeout(grace, supervising).await.is_err() {
+            tracing::warn!("workers still running {} s after the end; killing them", grace.as_secs());
+        }
         outcome(end, true)
     })
+}
+
+/// `launch`'s worker processes: starts them, replaces those that die while the job runs,
+/// and returns once all have exited after the job ended.
+struct Supervisor {
+    exe: std::path::PathBuf,
+    url: String,
+    workers: u32,
+    max_restarts: u32,
+    service: CoordinatorService,
+}
+
+impl Supervisor {
+    fn spawn(&self, slot: u32, own_gpus: bool) -> Result<tokio::process::Child> {
+        let mut cmd = tokio::process::Command::new(&self.exe);
+        cmd.args(["worker", "--coordinator", &self.url]).kill_on_drop(true);
+        // With a GPU per worker, worker i trains on GPU i (LOCAL_RANK, as torchrun sets it);
+        // with fewer GPUs than workers they share, and the group uses the ring.
+        if own_gpus {
+            cmd.env("LOCAL_RANK", slot.to_string());
+        } else {
+            cmd.env_remove("LOCAL_RANK");
+        }
+        if std::env::var_os("MOXIN_LOG").is_none() {
+            cmd.env("MOXIN_LOG", "warn");
+        }
+        cmd.spawn().with_context(|| format!("starting worker {slot}"))
+    }
+
+    async fn run(self) {
+        let gpus = if moxin_worker::device::cuda_available() { moxin_worker::device::cuda_device_count() } else { 0 };
+        let own_gpus = gpus >= self.workers as usize;
+        let mut running = tokio::task::JoinSet::new();
+        let watch = |running: &mut tokio::task::JoinSet<_>, slot: u32, mut child: tokio::process::Child| {
+            running.spawn(async move { (slot, child.wait().await) });
+        };
+        for slot in 0..self.workers {
+            match self.spawn(slot, own_gpus) {
+                Ok(child) => watch(&mut running, slot, child),
+                Err(e) => return self.service.stop(&format!("{e:#}"), true),
+            }
+        }
+        let mut restarts = 0;
+        while let Some(joined) = running.join_next().await {
+            let Ok((slot, status)) = joined else { continue };
+            let over = self.service.phase().borrow().is_over();
+            let failed = match &status {
+                Ok(s) => !s.success() && s.code() != Some(STOPPED_EXIT_CODE),
+                Err(_) => true,
+            };
+            if over || !failed {
+                continue;
+            }
+            let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
+            if restarts >= self.max_restarts {
+                let reason = format!(
+                    "worker process {slot} exited with {status}, and the {} restart(s) allowed (--max-restarts) are used up",
+                    self.max_restarts
+                );
+                self.service.stop(&reason, true);
+                continue;
+            }
+            restarts += 1;
+            tracing::warn!(
+                "worker process {slot} exited with {status}; starting a replacement ({restarts} of {})",
+                self.max_restarts
+            );
+            match self.spawn(slot, own_gpus) {
+                Ok(child) => watch(&mut running, slot, child),
+                Err(e) => self.service.stop(&format!("{e:#}"), true),
+            }
+        }
+    }
 }
 
 /// `coordinator`: serve a job until it finishes, fails or is stopped.
@@ -105,7 +151,9 @@ fn outcome(end: Phase, launched: bool) -> Result<i32> {
             Ok(STOPPED_EXIT_CODE)
         }
         Phase::Failed(reason) => Err(anyhow!("job failed: {reason}")),
-        Phase::Waiting | Phase::Running => Err(anyhow!("the coordinator stopped following a job that had not ended")),
+        Phase::Admitting | Phase::Training => {
+            Err(anyhow!("the coordinator stopped following a job that had not ended"))
+        }
     }
 }
 
@@ -153,86 +201,12 @@ fn resolve(config: &Path, out: Option<&Path>, overrides: &[String]) -> Result<mo
         .with_context(|| format!("invalid job {}", config.display()))
 }
 
-/// Writes the resolved config, starts the gRPC server, metrics endpoint and failure
-/// detector. `None` when an earlier run already finished the job (nothing is started).
+/// Starts the coordinator's runtime; `None` when the job already finished.
 async fn start(job: moxin_coordinator::ResolvedJob, listener: TcpListener) -> Result<Option<CoordinatorService>> {
-    let (min, max) = (job.config.cluster.min_workers, job.config.cluster.max());
-    let timeout = Duration::from_millis(job.config.cluster.heartbeat_timeout_ms as u64);
-    let (run_dir, name, metrics_listen) = (job.run_dir.clone(), job.spec.name.clone(), job.config.cluster.metrics_listen.clone());
-    let resolved_toml = job.spec.resolved_config_toml.clone();
-    let service = CoordinatorService::new(job, min, max)
-        .with_context(|| format!("opening the coordinator state in {}", run_dir.display()))?;
-    if let Some(step) = service.already_finished() {
-        tracing::info!(
-            run_dir = %run_dir.display(),
-            "already finished at step {step}; nothing to do (raise train.steps to train further, or pass a new --out)"
-        );
-        return Ok(None);
-    }
-    rundir::write_resolved_config(&run_dir, &resolved_toml)?;
-    if let Some(addr) = &metrics_listen {
-        let addr: std::net::SocketAddr = addr.parse().with_context(|| format!("cluster.metrics_listen = {addr}"))?;
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
-            .with_context(|| format!("serving metrics on {addr}"))?;
-    }
-    tracing::info!(job = %name, run_dir = %run_dir.display(), min, max, "waiting for workers");
-    let server = service.clone().into_server();
-    tokio::spawn(async move {
-        let incoming = tokio_stream_listener(listener);
-        if let Err(e) = tonic::transport::Server::builder().add_service(server).serve_with_incoming(incoming).await {
-            tracing::error!("gRPC server stopped: {e}");
-        }
-    });
-    tokio::spawn(service.clone().watch_heartbeats(timeout));
-    Ok(Some(service))
+    Ok(moxin_coordinator::runtime::serve(job, listener).await?)
 }
 
-fn tokio_stream_listener(listener: TcpListener) -> tokio_stream::wrappers::TcpListenerStream {
-    tokio_stream::wrappers::TcpListenerStream::new(listener)
-}
-
-/// Shows progress until the job ends and returns how it ended; SIGINT (Ctrl-C) or SIGTERM
-/// stops it cleanly (the workers checkpoint at the next step).
+/// Follows the job to its end; SIGINT or SIGTERM stops it cleanly.
 async fn follow(service: &CoordinatorService, signals: &StopSignals) -> Phase {
-    let mut phase = service.phase();
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
-    let mut shown = 0;
-    let mut last_shown = std::time::Instant::now();
-    let mut stopping = false;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                let p = service.progress();
-                if let Some(m) = p.last.filter(|m| m.step != shown && last_shown.elapsed() >= Duration::from_secs(1)) {
-                    shown = m.step;
-                    last_shown = std::time::Instant::now();
-                    tracing::info!(
-                        "step {:>6}  loss {:.4}  {:.0} tok/s  workers {}  generation {}",
-                        m.step, m.loss, m.tokens_per_s, p.workers, p.generation
-                    );
-                }
-                if let (false, Some(signal)) = (stopping, signals.received()) {
-                    stopping = true;
-                    tracing::warn!("{signal}: stopping the workers (they checkpoint at the next step)");
-                    service.stop(&format!("stopped by {signal}"), false);
-                }
-            }
-            changed = phase.changed() => {
-                if changed.is_err() {
-                    return Phase::Failed("the coordinator's state channel closed".into());
-                }
-            }
-        }
-        let now = phase.borrow().clone();
-        match now {
-            Phase::Finished => {
-                tracing::info!("job finished");
-                return now;
-            }
-            Phase::Failed(_) | Phase::Stopped(_) => return now,
-            Phase::Waiting | Phase::Running => {}
-        }
-    }
+    moxin_coordinator::runtime::follow(service, &|| signals.received().map(str::to_string)).await
 }

@@ -3,7 +3,7 @@
 //! not share a thread with the async runtime), and reports progress over gRPC.
 
 use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -127,9 +127,12 @@ fn check_url(url: &str) -> Result<(), WorkerError> {
 fn rpc_error(what: &str, status: tonic::Status) -> WorkerError {
     use tonic::Code;
     match status.code() {
-        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded => WorkerError::Coordinator(
-            format!("lost the connection while sending {what} ({}); is the coordinator still running?", status.message()),
-        ),
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded => {
+            WorkerError::Coordinator(format!(
+                "lost the connection while sending {what} ({}); is the coordinator still running?",
+                status.message()
+            ))
+        }
         _ => WorkerError::Coordinator(format!("refused {what}: {}", status.message())),
     }
 }
@@ -199,24 +202,32 @@ async fn run_async(opts: AgentOptions) -> Result<AgentEnd, WorkerError> {
     tracing::info!(worker = %worker_id, job = %job.name, "registered");
 
     let step = Arc::new(AtomicU64::new(0));
+    let forgotten = Arc::new(AtomicBool::new(false));
     let interval = Duration::from_millis(registered.heartbeat_interval_ms.max(10) as u64);
-    let heartbeat = tokio::spawn(heartbeats(client.clone(), worker_id.clone(), step.clone(), interval));
+    let heartbeat =
+        tokio::spawn(heartbeats(client.clone(), worker_id.clone(), step.clone(), interval, forgotten.clone()));
     let mut agent = Agent {
         client: client.clone(),
         worker_id: worker_id.clone(),
         job,
-        listener: Some(listener),
+        listener: Arc::new(listener),
         step,
         device: opts.device,
         signals: opts.signals,
+        forgotten,
         training: None,
+        pending: None,
+        generation: 0,
+        stop_reason: None,
+        finished: false,
         last: None,
     };
     let result = agent.drive().await;
     let result = agent.wind_down(result).await;
     heartbeat.abort();
     if let Err(e) = &result {
-        let _ = client.report_failure(FailureReport { worker_id: worker_id.clone(), message: e.to_string() }).await;
+        let report = FailureReport { worker_id: worker_id.clone(), message: e.to_string(), ..Default::default() };
+        let _ = client.report_failure(report).await;
     }
     result
 }
@@ -226,6 +237,7 @@ async fn heartbeats(
     worker_id: String,
     step: Arc<AtomicU64>,
     interval: Duration,
+    forgotten: Arc<AtomicBool>,
 ) {
     let mut tick = tokio::time::interval(interval);
     loop {
@@ -236,29 +248,48 @@ async fn heartbeats(
             HeartbeatRequest { worker_id: worker_id.clone(), step: step.load(Ordering::Relaxed), sent_unix_nanos };
         match client.heartbeat(request).await {
             Ok(_) => metrics::histogram!("moxin_heartbeat_rtt_seconds").record(started.elapsed().as_secs_f64()),
+            Err(e) if e.code() == tonic::Code::NotFound => {
+                tracing::error!("{}", e.message());
+                forgotten.store(true, Ordering::Relaxed);
+                return;
+            }
             Err(e) => tracing::warn!("heartbeat failed: {}", e.message()),
         }
     }
 }
 
-/// The training thread of this worker, once it has an assignment.
+/// The training thread of one generation.
 struct Training {
     assignment: Assignment,
     messages: mpsc::UnboundedReceiver<TrainMsg>,
     ids: std::sync::mpsc::Sender<Vec<u8>>,
+    /// Stops the trainer at the next step boundary (the group agrees on the step).
+    stop: Arc<AtomicBool>,
 }
 
-/// One worker's side of the job: follows the coordinator's events, runs the training
-/// thread, reports its steps.
+/// One worker's side of the job: follows the coordinator's events, runs one training
+/// thread per generation it is assigned to, reports steps, and survives its group
+/// breaking (it waits for the next generation).
 struct Agent {
     client: CoordinatorClient<Channel>,
     worker_id: String,
     job: JobSpec,
-    listener: Option<TcpListener>,
+    /// Accepts ring connections for every generation (each handshake names its generation).
+    listener: Arc<TcpListener>,
     step: Arc<AtomicU64>,
     device: Option<tch::Device>,
     signals: StopSignals,
+    /// Set when the coordinator no longer knows this worker.
+    forgotten: Arc<AtomicBool>,
     training: Option<Training>,
+    /// A newer generation's assignment, started once the running one has stopped.
+    pending: Option<Assignment>,
+    /// The newest generation assigned to this worker.
+    generation: u64,
+    /// Why the job is stopping (a signal here, or the coordinator's stop).
+    stop_reason: Option<String>,
+    /// This worker's group trained the last step; waiting for the coordinator's word.
+    finished: bool,
     last: Option<StepMetrics>,
 }
 
@@ -272,8 +303,7 @@ impl Agent {
             .await
             .map_err(|s| rpc_error("the event subscription", s))?
             .into_inner();
-        let mut signal_poll = tokio::time::interval(Duration::from_millis(100));
-        let mut stop_reason: Option<String> = None;
+        let mut poll = tokio::time::interval(Duration::from_millis(100));
         loop {
             let message = async {
                 match self.training.as_mut() {
@@ -282,69 +312,96 @@ impl Agent {
                 }
             };
             tokio::select! {
-                _ = signal_poll.tick() => {
-                    if let (None, Some(signal)) = (&stop_reason, self.signals.received()) {
-                        // The trainer reads the same flag; the group agrees at the next step.
+                _ = poll.tick() => {
+                    if self.forgotten.load(Ordering::Relaxed) {
+                        return Err(WorkerError::Coordinator(
+                            "the coordinator dropped this worker (it was declared lost); start it again to rejoin".into(),
+                        ));
+                    }
+                    if let (None, Some(signal)) = (&self.stop_reason, self.signals.received()) {
                         tracing::warn!("{signal}: stopping at the next step boundary (checkpointing first)");
-                        stop_reason = Some(format!("stopped by {signal}"));
-                        if self.training.is_none() {
-                            return Ok(AgentEnd::Stopped(stop_reason.unwrap_or_default()));
+                        self.stop_reason = Some(format!("stopped by {signal}"));
+                        match &self.training {
+                            Some(t) => t.stop.store(true, Ordering::Relaxed),
+                            None => return Ok(AgentEnd::Stopped(format!("stopped by {signal}"))),
                         }
                     }
                 }
                 event = events.message() => {
-                    let event = event.map_err(|s| rpc_error("the event stream", s))?
-                        .ok_or_else(|| WorkerError::Coordinator("the coordinator closed the event stream".into()))?;
-                    match event.kind {
-                        Some(event::Kind::Assignment(a)) => {
-                            tracing::info!(rank = a.rank, world = a.world_size, generation = a.generation, "assigned");
-                            if self.training.is_some() {
-                                return Err(WorkerError::Spec(format!(
-                                    "a new assignment (generation {}) while training; re-forming groups is not supported yet",
-                                    a.generation
-                                )));
-                            }
-                            self.start_training(a)?;
-                        }
-                        Some(event::Kind::CollectiveId(c)) => {
-                            if let Some(t) = self.training.as_ref().filter(|t| t.assignment.generation == c.generation) {
-                                let _ = t.ids.send(c.id);
-                            }
-                        }
-                        Some(event::Kind::Stop(s)) => {
-                            tracing::info!(reason = %s.reason, failed = s.failed, "the coordinator says stop");
-                            self.signals.flag().store(true, Ordering::Relaxed);
-                            if s.failed {
-                                return Ok(AgentEnd::JobFailed(s.reason));
-                            }
-                            stop_reason.get_or_insert(s.reason);
-                            if self.training.is_none() {
-                                return Ok(AgentEnd::Stopped(stop_reason.unwrap_or_default()));
-                            }
-                        }
-                        None => {}
+                    let event = match event {
+                        Ok(Some(event)) => event,
+                        // Finished here and the coordinator is gone: it has nothing left to say.
+                        _ if self.finished => return Ok(AgentEnd::Done),
+                        Ok(None) => return Err(WorkerError::Coordinator("the coordinator closed the event stream".into())),
+                        Err(status) => return Err(rpc_error("the event stream", status)),
+                    };
+                    if let Some(end) = self.on_event(event.kind)? {
+                        return Ok(end);
                     }
                 }
                 msg = message => {
-                    match msg {
-                        Some(msg) => {
-                            if let Some(end) = self.on_training_message(msg, &stop_reason).await? {
-                                return Ok(end);
-                            }
-                        }
-                        None => return Err(WorkerError::Panic("the training thread ended without a word".into())),
+                    let msg = msg.ok_or_else(|| WorkerError::Panic("the training thread ended without a word".into()))?;
+                    if let Some(end) = self.on_training_message(msg).await? {
+                        return Ok(end);
                     }
                 }
             }
         }
     }
 
-    /// Handles one message from the training thread; `Some` when training ended.
-    async fn on_training_message(
-        &mut self,
-        msg: TrainMsg,
-        stop_reason: &Option<String>,
-    ) -> Result<Option<AgentEnd>, WorkerError> {
+    /// Handles one coordinator event; `Some` when this worker is done.
+    fn on_event(&mut self, kind: Option<event::Kind>) -> Result<Option<AgentEnd>, WorkerError> {
+        match kind {
+            Some(event::Kind::Assignment(a)) => {
+                if a.generation <= self.generation {
+                    return Ok(None);
+                }
+                tracing::info!(rank = a.rank, world = a.world_size, generation = a.generation, "assigned");
+                self.generation = a.generation;
+                // A group re-formed after this one finished (its rank 0 was lost before it
+                // could report): the new group resumes at the last step and reports it.
+                self.finished = false;
+                match &self.training {
+                    // The running group stops at its next step boundary (checkpointing),
+                    // then this generation starts from that checkpoint.
+                    Some(t) => {
+                        t.stop.store(true, Ordering::Relaxed);
+                        self.pending = Some(a);
+                    }
+                    None => self.start_training(a)?,
+                }
+            }
+            Some(event::Kind::CollectiveId(c)) => {
+                if let Some(t) = self.training.as_ref().filter(|t| t.assignment.generation == c.generation) {
+                    let _ = t.ids.send(c.id);
+                }
+            }
+            Some(event::Kind::Stop(s)) => {
+                tracing::info!(reason = %s.reason, failed = s.failed, "the coordinator says stop");
+                if let Some(t) = &self.training {
+                    t.stop.store(true, Ordering::Relaxed);
+                }
+                self.pending = None;
+                if s.failed {
+                    return Ok(Some(AgentEnd::JobFailed(s.reason)));
+                }
+                if !s.finished {
+                    self.stop_reason.get_or_insert(s.reason);
+                }
+                if self.training.is_none() {
+                    return Ok(Some(match &self.stop_reason {
+                        Some(reason) => AgentEnd::Stopped(reason.clone()),
+                        None => AgentEnd::Done,
+                    }));
+                }
+            }
+            None => {}
+        }
+        Ok(None)
+    }
+
+    /// Handles one message from the training thread; `Some` when this worker is done.
+    async fn on_training_message(&mut self, msg: TrainMsg) -> Result<Option<AgentEnd>, WorkerError> {
         let a = &self.training.as_ref().expect("messages come from a training thread").assignment;
         let (rank, generation) = (a.rank, a.generation);
         match msg {
@@ -354,31 +411,55 @@ impl Agent {
                     self.report(generation, Some(m), false).await?;
                 }
                 self.last = Some(m);
-                Ok(None)
             }
             TrainMsg::CollectiveId(id) => {
                 let request = CollectiveId { worker_id: self.worker_id.clone(), generation, id };
-                self.client.share_collective_id(request).await.map_err(|s| rpc_error("the NCCL id", s))?;
-                Ok(None)
+                if let Err(status) = self.client.share_collective_id(request).await {
+                    stale_or(status, "the NCCL id")?;
+                }
             }
             TrainMsg::Ended(result) => {
                 self.training = None;
-                let (end, step) = result?;
-                match end {
-                    RunEnd::Finished => {
-                        if rank == 0 {
-                            // With nothing left to train, no step was reported: say so without metrics.
-                            let last = self.last.filter(|m| m.step == step);
-                            self.report(generation, last, true).await?;
+                match result {
+                    Ok((RunEnd::Finished, step)) => {
+                        if rank != 0 {
+                            // Stay until the coordinator confirms the end: leaving now would look
+                            // like a lost worker while rank 0's last report is on its way.
+                            self.finished = true;
+                            return Ok(None);
                         }
-                        Ok(Some(AgentEnd::Done))
+                        // With nothing left to train, no step was reported: say so without metrics.
+                        let last = self.last.filter(|m| m.step == step);
+                        self.report(generation, last, true).await?;
+                        return Ok(Some(AgentEnd::Done));
                     }
-                    RunEnd::Stopped => Ok(Some(AgentEnd::Stopped(
-                        stop_reason.clone().unwrap_or_else(|| format!("stopped at step {step}")),
-                    ))),
+                    Ok((RunEnd::Stopped, step)) => {
+                        if let Some(reason) = &self.stop_reason {
+                            return Ok(Some(AgentEnd::Stopped(reason.clone())));
+                        }
+                        tracing::info!(step, generation, "the group stopped for a new generation");
+                    }
+                    Err(WorkerError::Collective(e)) => {
+                        // The group broke (a member died or hung); this worker is fine.
+                        tracing::warn!(generation, "the group broke: {e}; waiting for the next generation");
+                        if self.pending.is_none() {
+                            let report = FailureReport {
+                                worker_id: self.worker_id.clone(),
+                                message: e,
+                                group_broke: true,
+                                generation,
+                            };
+                            self.client.report_failure(report).await.map_err(|s| rpc_error("a failure report", s))?;
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
+                if let Some(next) = self.pending.take() {
+                    self.start_training(next)?;
                 }
             }
         }
+        Ok(None)
     }
 
     /// After [`Agent::drive`]: a training thread still running is asked to stop at the next
@@ -387,7 +468,7 @@ impl Agent {
     /// fails its next collective within the collective timeout.
     async fn wind_down(&mut self, result: Result<AgentEnd, WorkerError>) -> Result<AgentEnd, WorkerError> {
         let Some(training) = self.training.as_mut() else { return result };
-        self.signals.flag().store(true, Ordering::Relaxed);
+        training.stop.store(true, Ordering::Relaxed);
         if let Err(e) = &result {
             tracing::warn!("{e}; stopping training at the next step");
         }
@@ -409,14 +490,22 @@ impl Agent {
         }
     }
 
-    async fn report(&mut self, generation: u64, metrics: Option<StepMetrics>, finished: bool) -> Result<(), WorkerError> {
+    /// Reports a step (rank 0). A report about a generation that has since been replaced
+    /// is dropped: the next group redoes those steps from its checkpoint.
+    async fn report(
+        &mut self,
+        generation: u64,
+        metrics: Option<StepMetrics>,
+        finished: bool,
+    ) -> Result<(), WorkerError> {
         let request = StepReport { worker_id: self.worker_id.clone(), generation, metrics, finished };
-        self.client.report_step(request).await.map_err(|s| rpc_error("a step report", s))?;
-        Ok(())
+        match self.client.report_step(request).await {
+            Ok(_) => Ok(()),
+            Err(status) => stale_or(status, "a step report"),
+        }
     }
 
     fn start_training(&mut self, a: Assignment) -> Result<(), WorkerError> {
-        let listener = self.listener.take().ok_or_else(|| WorkerError::Spec("the collective listener is gone".into()))?;
         let peers: Vec<SocketAddr> = a
             .peers
             .iter()
@@ -424,17 +513,19 @@ impl Agent {
             .collect::<Result<_, _>>()?;
         let (tx, messages) = mpsc::unbounded_channel();
         let (ids_tx, ids) = std::sync::mpsc::channel::<Vec<u8>>();
-        let (job, assignment, device, stop) = (self.job.clone(), a.clone(), self.device, self.signals.flag());
+        let stop = Arc::new(AtomicBool::new(self.stop_reason.is_some()));
+        let (job, assignment, device, listener) = (self.job.clone(), a.clone(), self.device, self.listener.clone());
+        let trainer_stop = stop.clone();
         std::thread::Builder::new()
-            .name("moxin-train".into())
+            .name(format!("moxin-train-g{}", a.generation))
             .spawn(move || {
                 let result = crate::driver::guard("training", || {
                     let runtime = job.runtime.as_ref().ok_or_else(|| WorkerError::Spec("missing runtime".into()))?;
                     let placement = crate::device::place(runtime, device)?;
                     let collective = connect_collective(&assignment, &peers, &listener, placement, &ids, &tx)?;
-                    tracing::info!(rank = assignment.rank, backend = collective.backend(), device = ?placement.device, "group connected");
+                    tracing::info!(rank = assignment.rank, generation = assignment.generation, backend = collective.backend(), device = ?placement.device, "group connected");
                     let mut trainer = Trainer::new(&job, &assignment, collective, placement)?;
-                    trainer.stop_requested = stop;
+                    trainer.stop_requested = trainer_stop;
                     let step_tx = tx.clone();
                     let end = trainer.run(None, &mut |m| {
                         crate::driver::record_step_metrics(m);
@@ -445,9 +536,19 @@ impl Agent {
                 let _ = tx.send(TrainMsg::Ended(result));
             })
             .map_err(|e| WorkerError::Setup(format!("cannot start the training thread: {e}")))?;
-        self.training = Some(Training { assignment: a, messages, ids: ids_tx });
+        self.training = Some(Training { assignment: a, messages, ids: ids_tx, stop });
         Ok(())
     }
+}
+
+/// A refusal because the group moved on to a newer generation is not an error for this
+/// worker (its thread is about to stop); anything else is.
+fn stale_or(status: tonic::Status, what: &str) -> Result<(), WorkerError> {
+    if status.code() == tonic::Code::FailedPrecondition && status.message().starts_with("stale generation") {
+        tracing::debug!("{what}: {}", status.message());
+        return Ok(());
+    }
+    Err(rpc_error(what, status))
 }
 
 /// Joins the group the assignment describes with its backend.
@@ -474,7 +575,8 @@ fn connect_collective(
                 .ok_or_else(|| WorkerError::Device("the group uses NCCL but this worker trains on the CPU".into()))?;
             let id = if rank == 0 {
                 let id = nccl::new_id().map_err(comm)?;
-                tx.send(TrainMsg::CollectiveId(id.clone())).map_err(|_| WorkerError::Setup("the agent is gone".into()))?;
+                tx.send(TrainMsg::CollectiveId(id.clone()))
+                    .map_err(|_| WorkerError::Setup("the agent is gone".into()))?;
                 id
             } else {
                 ids.recv_timeout(timeout).map_err(|_| {

@@ -117,8 +117,7 @@ pub fn guard<T>(what: &str, f: impl FnOnce() -> Result<T, WorkerError>) -> Resul
 fn describe_panic(what: &str, message: &str) -> String {
     let first_line = message.lines().find(|l| !l.trim().is_empty()).unwrap_or(message).trim();
     let lower = message.to_lowercase();
-    if lower.contains("out of memory") || lower.contains("can't allocate memory") || lower.contains("cannot allocate")
-    {
+    if lower.contains("out of memory") || lower.contains("can't allocate memory") || lower.contains("cannot allocate") {
         format!(
             "{what} ran out of memory ({first_line}); size the job with `moxin-train plan`, then lower \
              train.micro_batch_size or train.seq_len, set runtime.recompute = \"blocks\", use more workers \
