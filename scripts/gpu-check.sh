@@ -7,7 +7,9 @@
 #   3. tiny preset on CUDA         loss falls as on the CPU (ATen and fused kernels)
 #   4. NCCL world of one           `launch --workers 1` over NCCL = `train` without it
 #   5. two workers on one GPU      `launch --workers 2` over the ring = single-GPU `train`
+#      and a worker SIGKILLed mid-run is replaced; the job finishes, every step logged once
 #   6. gpu-1b, moxin-7b 4 layers   moxin-train vs PyTorch eager vs torch.compile, same run
+#                                  (GPU_CHECK_BENCH=0 skips this step)
 #
 # usage: bash scripts/gpu-check.sh [path/to/moxin-train]   (default dist/moxin-train)
 # Build the binary here first:  bash scripts/build-dist.sh
@@ -82,6 +84,42 @@ den = sum(float(a[k].float().pow(2).sum()) for k in a)
 print(json.dumps({"params_relative_l2": (num / den) ** 0.5, "tensors": len(a)}))
 PY
 cat "$OUT/ring-equivalence.json" 2>/dev/null
+
+say "5b. a worker SIGKILLed mid-run on the GPU: replaced, the group re-forms, the job finishes"
+CHAOS=(--set runtime.device=cuda --set train.steps=150 --set checkpoint.every_steps=10 \
+  --set cluster.collective=ring --set cluster.heartbeat_timeout_ms=2000 --set cluster.collective_timeout_ms=10000)
+timeout 240 "$BIN" launch configs/tiny-pretrain.toml --workers 2 --max-restarts 2 --out "$work/chaos" "${CHAOS[@]}" \
+  >"$OUT/chaos.log" 2>&1 &
+launched=$!
+$PY - "$work/chaos" >"$OUT/recovery-kill.json" <<'PY'
+import json, os, signal, sys, time
+run = sys.argv[1]
+deadline, killed = time.time() + 120, None
+while time.time() < deadline and killed is None:
+    try:
+        s = json.load(open(f"{run}/coordinator/state.json"))
+        members = [m["pid"] for m in s["members"] if m["rank"] is not None]
+        if s["step"] >= 30 and len(members) == 2:
+            killed = members[1]
+            os.kill(killed, signal.SIGKILL)
+    except (OSError, ValueError, KeyError):
+        pass
+    time.sleep(0.05)
+print(json.dumps({"killed_pid": killed, "killed_unix_s": time.time()}))
+PY
+wait "$launched"; launch_exit=$?
+$PY - "$work/chaos" "$launch_exit" "$OUT/recovery-kill.json" >"$OUT/recovery.json" <<'PY'
+import json, sys, time
+run, code, kill = sys.argv[1], int(sys.argv[2]), json.load(open(sys.argv[3]))
+s = json.load(open(f"{run}/coordinator/state.json"))
+steps = [json.loads(l)["step"] for l in open(f"{run}/metrics.jsonl")]
+print(json.dumps({**kill, "launch_exit": code, "phase": s["phase"]["phase"], "failures": s["failures"],
+                  "recoveries": s["recoveries"], "generation": s["generation"],
+                  "steps_once_in_order": steps == list(range(1, 151))}))
+PY
+cat "$OUT/recovery.json"
+
+[ "${GPU_CHECK_BENCH:-1}" = 0 ] && { say "summary"; $PY scripts/gpu_summary.py "$OUT" | tee "$OUT/summary.md"; say "done (benchmarks skipped); results in $OUT"; exit 0; }
 
 for shape in gpu-1b moxin-7b-4l; do
   config=configs/$shape-bench.toml

@@ -154,6 +154,10 @@ struct WorkerArgs {
     /// chosen by LOCAL_RANK or SLURM_LOCALID]
     #[arg(long)]
     device: Option<String>,
+    /// Seconds to keep trying to reach the coordinator, at start and after losing it (a
+    /// restarted coordinator continues the job; the worker registers again).
+    #[arg(long, default_value_t = 60)]
+    connect_timeout: u64,
 }
 
 #[derive(Args)]
@@ -314,7 +318,13 @@ fn run(cli: Cli) -> Result<i32> {
             return commands::cluster::coordinator(&a.config, a.listen.as_deref(), a.out.as_deref(), &a.set)
         }
         Command::Worker(a) => {
-            return commands::cluster::worker(a.coordinator, a.collective_listen, a.metrics_listen, a.device.as_deref())
+            return commands::cluster::worker(
+                a.coordinator,
+                a.collective_listen,
+                a.metrics_listen,
+                a.device.as_deref(),
+                std::time::Duration::from_secs(a.connect_timeout),
+            )
         }
         Command::Doctor(a) => commands::doctor(a.json),
         Command::Eval(a) => commands::eval(&a.checkpoint, &a.data, a.batches, a.batch_size),

@@ -30,7 +30,9 @@ fn finish(mut child: Child, secs: u64) -> Output {
     while child.try_wait().unwrap().is_none() {
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("process {} did not exit within {secs} s", child.id());
+            let id = child.id();
+            let out = child.wait_with_output().unwrap();
+            panic!("process {id} did not exit within {secs} s; stderr:\n{}", stderr_of(&out));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -152,14 +154,19 @@ fn free_port() -> u16 {
 }
 
 /// A coordinator and two workers as separate processes, the job at `run`.
-fn cluster(tmp: &Path, steps: u64) -> (PathBuf, Child, Vec<Child>) {
+fn cluster(tmp: &Path, steps: u64, connect_timeout: &str, log: &str) -> (PathBuf, Vec<String>, Child, Vec<Child>) {
     let port = free_port();
     let job = tiny_job(tmp, steps, &format!("[cluster]\nlisten = \"127.0.0.1:{port}\"\nmin_workers = 2"));
     let run = tmp.join("run");
-    let coordinator = spawn(&["coordinator", s(&job), "--out", s(&run)], "warn");
+    let coordinator_args: Vec<String> = ["coordinator", s(&job), "--out", s(&run), "--set", "checkpoint.every_steps=5"]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    let coordinator = spawn(&coordinator_args.iter().map(String::as_str).collect::<Vec<_>>(), "warn");
     let url = format!("http://127.0.0.1:{port}");
-    let workers = (0..2).map(|_| spawn(&["worker", "--coordinator", &url], "warn")).collect();
-    (run, coordinator, workers)
+    let workers =
+        (0..2).map(|_| spawn(&["worker", "--coordinator", &url, "--connect-timeout", connect_timeout], log)).collect();
+    (run, coordinator_args, coordinator, workers)
 }
 
 /// A successful job: the coordinator waits for its workers to hear the end, so every
@@ -167,7 +174,7 @@ fn cluster(tmp: &Path, steps: u64) -> (PathBuf, Child, Vec<Child>) {
 #[test]
 fn a_finished_cluster_job_exits_0_everywhere() {
     let tmp = tempfile::tempdir().unwrap();
-    let (run, coordinator, workers) = cluster(tmp.path(), 6);
+    let (run, _, coordinator, workers) = cluster(tmp.path(), 6, "60", "info");
     for (i, w) in workers.into_iter().enumerate() {
         let out = finish(w, 120);
         assert!(out.status.success(), "worker {i}: {}", stderr_of(&out));
@@ -178,11 +185,12 @@ fn a_finished_cluster_job_exits_0_everywhere() {
 }
 
 /// SIGKILL of the coordinator: the workers notice, stop together at the next step with a
-/// checkpoint, and exit with an error naming the coordinator, never a panic or a hang.
+/// checkpoint, try to reconnect, and exit with an error naming the coordinator when it
+/// stays away, never a panic or a hang.
 #[test]
 fn killing_the_coordinator_stops_the_workers_cleanly() {
     let tmp = tempfile::tempdir().unwrap();
-    let (run, mut coordinator, workers) = cluster(tmp.path(), 100_000);
+    let (run, _, mut coordinator, workers) = cluster(tmp.path(), 100_000, "2", "warn");
     wait_for_steps(&run, 2, &mut coordinator);
     coordinator.kill().unwrap();
     coordinator.wait().unwrap();
@@ -191,9 +199,39 @@ fn killing_the_coordinator_stops_the_workers_cleanly() {
         let err = stderr_of(&out);
         assert_eq!(out.status.code(), Some(1), "worker {i}: {err}");
         assert!(!err.contains("panicked"), "worker {i} panicked: {err}");
-        assert!(err.contains("coordinator") && err.contains("training stopped at step"), "worker {i}: {err}");
+        assert!(err.contains("training stopped at step") && err.contains("did not come back"), "worker {i}: {err}");
     }
     assert!(!checkpoint_steps(&run).is_empty(), "the workers left no checkpoint");
+}
+
+/// The coordinator SIGKILLed and started again: it reloads state.json (generations keep
+/// counting), the workers register again, and the job continues from the checkpoint to
+/// the end with every step logged once.
+#[test]
+fn a_restarted_coordinator_continues_the_job() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (run, args, mut coordinator, workers) = cluster(tmp.path(), 40, "60", "warn");
+    wait_for_steps(&run, 12, &mut coordinator);
+    coordinator.kill().unwrap();
+    coordinator.wait().unwrap();
+    let generation_before = state(&run)["generation"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let coordinator = spawn(&args.iter().map(String::as_str).collect::<Vec<_>>(), "warn");
+    for (i, w) in workers.into_iter().enumerate() {
+        let out = finish(w, 120);
+        assert!(out.status.success(), "worker {i}: {}", stderr_of(&out));
+    }
+    let out = finish(coordinator, 30);
+    assert!(out.status.success(), "coordinator: {}", stderr_of(&out));
+    let steps: Vec<u64> = metrics(&run).iter().map(|m| m["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, (1..=40).collect::<Vec<_>>());
+    let s = state(&run);
+    assert_eq!(s["phase"]["phase"], "finished");
+    assert!(s["generation"].as_u64().unwrap() > generation_before, "{s}");
+}
+
+fn state(run: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(run.join("coordinator/state.json")).unwrap()).unwrap()
 }
 
 /// Arguments that cannot mean anything are refused up front, naming the value.

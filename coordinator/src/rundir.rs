@@ -135,6 +135,11 @@ impl MetricsLog {
         Ok(MetricsLog { path, file, last_step })
     }
 
+    /// The last step logged.
+    pub fn last_step(&self) -> u64 {
+        self.last_step
+    }
+
     /// Where the log is.
     pub fn path(&self) -> &Path {
         &self.path

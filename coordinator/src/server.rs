@@ -551,6 +551,13 @@ impl Coordinator for CoordinatorService {
     async fn report_step(&self, request: Request<StepReport>) -> Result<Response<Ack>, Status> {
         let req = request.into_inner();
         let mut s = self.lock();
+        if req.backfill {
+            if let Some(m) = req.metrics.filter(|m| m.step == s.metrics.last_step() + 1) {
+                s.metrics.append(&m).map_err(|e| Status::internal(format!("{}: {e}", s.metrics.path().display())))?;
+                s.progress.last = Some(m);
+            }
+            return Ok(Response::new(Ack {}));
+        }
         check_generation(req.generation, s.membership.generation())?;
         if let Some(m) = req.metrics {
             s.metrics.append(&m).map_err(|e| Status::internal(format!("{}: {e}", s.metrics.path().display())))?;

@@ -163,6 +163,7 @@ pub fn worker(
     collective_listen: String,
     metrics_listen: Option<std::net::SocketAddr>,
     device: Option<&str>,
+    connect_timeout: Duration,
 ) -> Result<i32> {
     let signals = StopSignals::install()?;
     let device = device.map(moxin_worker::device::parse_device).transpose().map_err(anyhow::Error::msg)?;
@@ -170,7 +171,7 @@ pub fn worker(
         coordinator,
         collective_listen,
         metrics_listen,
-        connect_timeout: Duration::from_secs(60),
+        connect_timeout,
         device,
         signals,
     })?;

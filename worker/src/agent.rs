@@ -127,12 +127,9 @@ fn check_url(url: &str) -> Result<(), WorkerError> {
 fn rpc_error(what: &str, status: tonic::Status) -> WorkerError {
     use tonic::Code;
     match status.code() {
-        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded => {
-            WorkerError::Coordinator(format!(
-                "lost the connection while sending {what} ({}); is the coordinator still running?",
-                status.message()
-            ))
-        }
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded => WorkerError::CoordinatorLost(
+            format!("lost the connection over {what} ({}); is the coordinator still running?", status.message()),
+        ),
         _ => WorkerError::Coordinator(format!("refused {what}: {}", status.message())),
     }
 }
@@ -174,7 +171,51 @@ async fn run_async(opts: AgentOptions) -> Result<AgentEnd, WorkerError> {
             opts.collective_listen
         )));
     }
-    let mut client = connect(&opts.coordinator, opts.connect_timeout).await?;
+    let listener = Arc::new(listener);
+    let mut generation = 0;
+    let mut unreported = Vec::new();
+    let mut lost: Option<String> = None;
+    // One session per coordinator incarnation: when the coordinator dies, training stops at
+    // the next step with a checkpoint, and the worker registers again once it is back (a
+    // restarted coordinator continues the job from state.json and the checkpoint).
+    loop {
+        let mut client = match connect(&opts.coordinator, opts.connect_timeout).await {
+            Ok(client) => client,
+            Err(e) => {
+                return Err(match lost {
+                    Some(why) => WorkerError::CoordinatorLost(format!(
+                        "{why}; it did not come back within {:.0} s (--connect-timeout)",
+                        opts.connect_timeout.as_secs_f64()
+                    )),
+                    None => e,
+                })
+            }
+        };
+        if let Some(why) = &lost {
+            tracing::warn!("reconnected to the coordinator after: {why}");
+        }
+        let result =
+            session(&opts, &mut client, listener.clone(), collective_address, &mut generation, &mut unreported).await;
+        match result {
+            Err(WorkerError::CoordinatorLost(why)) if opts.signals.received().is_none() => {
+                tracing::warn!("{why}; reconnecting for up to {:.0} s", opts.connect_timeout.as_secs_f64());
+                lost = Some(why);
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Registers with the coordinator and follows the job until it ends for this worker or
+/// the coordinator is lost.
+async fn session(
+    opts: &AgentOptions,
+    client: &mut CoordinatorClient<Channel>,
+    listener: Arc<TcpListener>,
+    collective_address: SocketAddr,
+    generation: &mut u64,
+    unreported: &mut Vec<StepMetrics>,
+) -> Result<AgentEnd, WorkerError> {
     let (devices, nccl_version) = local_devices(opts.device);
     let identity = WorkerIdentity {
         host: hostname(),
@@ -200,6 +241,13 @@ async fn run_async(opts: AgentOptions) -> Result<AgentEnd, WorkerError> {
     let worker_id = registered.worker_id.clone();
     let job = registered.job.ok_or_else(|| WorkerError::Spec("registration returned no job".into()))?;
     tracing::info!(worker = %worker_id, job = %job.name, "registered");
+    // Steps this worker trained as rank 0 while the coordinator was away, before any new
+    // group reports (the coordinator logs only those that continue its log).
+    for m in unreported.drain(..) {
+        let request =
+            StepReport { worker_id: worker_id.clone(), metrics: Some(m), backfill: true, ..Default::default() };
+        client.report_step(request).await.map_err(|s| rpc_error("a backfilled step report", s))?;
+    }
 
     let step = Arc::new(AtomicU64::new(0));
     let forgotten = Arc::new(AtomicBool::new(false));
@@ -210,24 +258,29 @@ async fn run_async(opts: AgentOptions) -> Result<AgentEnd, WorkerError> {
         client: client.clone(),
         worker_id: worker_id.clone(),
         job,
-        listener: Arc::new(listener),
+        listener,
         step,
         device: opts.device,
-        signals: opts.signals,
+        signals: opts.signals.clone(),
         forgotten,
         training: None,
         pending: None,
-        generation: 0,
+        generation: *generation,
         stop_reason: None,
         finished: false,
         last: None,
+        unreported: Vec::new(),
     };
     let result = agent.drive().await;
     let result = agent.wind_down(result).await;
+    *generation = agent.generation;
+    *unreported = std::mem::take(&mut agent.unreported);
     heartbeat.abort();
     if let Err(e) = &result {
-        let report = FailureReport { worker_id: worker_id.clone(), message: e.to_string(), ..Default::default() };
-        let _ = client.report_failure(report).await;
+        if !matches!(e, WorkerError::CoordinatorLost(_)) {
+            let report = FailureReport { worker_id: worker_id.clone(), message: e.to_string(), ..Default::default() };
+            let _ = client.report_failure(report).await;
+        }
     }
     result
 }
@@ -288,9 +341,12 @@ struct Agent {
     generation: u64,
     /// Why the job is stopping (a signal here, or the coordinator's stop).
     stop_reason: Option<String>,
-    /// This worker's group trained the last step; waiting for the coordinator's word.
+    /// The job reached its last step, as this worker's training thread or the coordinator
+    /// said first; the other one's word ends this worker.
     finished: bool,
     last: Option<StepMetrics>,
+    /// Steps trained as rank 0 that could not be reported (the coordinator was lost).
+    unreported: Vec<StepMetrics>,
 }
 
 impl Agent {
@@ -332,7 +388,7 @@ impl Agent {
                         Ok(Some(event)) => event,
                         // Finished here and the coordinator is gone: it has nothing left to say.
                         _ if self.finished => return Ok(AgentEnd::Done),
-                        Ok(None) => return Err(WorkerError::Coordinator("the coordinator closed the event stream".into())),
+                        Ok(None) => return Err(WorkerError::CoordinatorLost("the coordinator closed the event stream".into())),
                         Err(status) => return Err(rpc_error("the event stream", status)),
                     };
                     if let Some(end) = self.on_event(event.kind)? {
@@ -385,7 +441,11 @@ impl Agent {
                 if s.failed {
                     return Ok(Some(AgentEnd::JobFailed(s.reason)));
                 }
-                if !s.finished {
+                if s.finished {
+                    // The coordinator confirmed the end (possibly before this worker's own
+                    // training thread got there).
+                    self.finished = true;
+                } else {
                     self.stop_reason.get_or_insert(s.reason);
                 }
                 if self.training.is_none() {
@@ -423,6 +483,9 @@ impl Agent {
                 match result {
                     Ok((RunEnd::Finished, step)) => {
                         if rank != 0 {
+                            if self.finished {
+                                return Ok(Some(AgentEnd::Done));
+                            }
                             // Stay until the coordinator confirms the end: leaving now would look
                             // like a lost worker while rank 0's last report is on its way.
                             self.finished = true;
@@ -472,18 +535,24 @@ impl Agent {
         if let Err(e) = &result {
             tracing::warn!("{e}; stopping training at the next step");
         }
+        let rank = training.assignment.rank;
         let ended = loop {
             match training.messages.recv().await {
                 Some(TrainMsg::Ended(r)) => break Some(r),
+                Some(TrainMsg::Step(m)) if rank == 0 => self.unreported.push(m),
                 Some(_) => {}
                 None => break None,
             }
         };
         self.training = None;
         match (result, ended) {
-            (Err(e), Some(Ok((_, step)))) => Err(WorkerError::Coordinator(format!(
+            (Err(WorkerError::CoordinatorLost(e)), Some(Ok((_, step)))) => Err(WorkerError::CoordinatorLost(format!(
                 "{e}; training stopped at step {step} (checkpointed unless checkpoints are disabled)"
             ))),
+            (Err(e), Some(Ok((_, step)))) => {
+                tracing::warn!(step, "training stopped (checkpointed unless checkpoints are disabled)");
+                Err(e)
+            }
             (Err(e), _) => Err(e),
             (Ok(end), Some(Err(e))) if !matches!(end, AgentEnd::JobFailed(_)) => Err(e),
             (Ok(end), _) => Ok(end),
@@ -498,10 +567,16 @@ impl Agent {
         metrics: Option<StepMetrics>,
         finished: bool,
     ) -> Result<(), WorkerError> {
-        let request = StepReport { worker_id: self.worker_id.clone(), generation, metrics, finished };
+        let request = StepReport { worker_id: self.worker_id.clone(), generation, metrics, finished, backfill: false };
         match self.client.report_step(request).await {
             Ok(_) => Ok(()),
-            Err(status) => stale_or(status, "a step report"),
+            Err(status) => {
+                let e = stale_or(status, "a step report");
+                if let (Err(WorkerError::CoordinatorLost(_)), Some(m)) = (&e, metrics) {
+                    self.unreported.push(m);
+                }
+                e
+            }
         }
     }
 

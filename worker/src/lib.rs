@@ -80,9 +80,12 @@ pub enum WorkerError {
     /// A step observer (metrics sink) failed.
     #[error("{0}")]
     Observer(String),
-    /// The coordinator is unreachable, closed the connection or refused a request.
+    /// The coordinator refused a request or cannot be reached at all.
     #[error("coordinator: {0}")]
     Coordinator(String),
+    /// The connection to a coordinator that was reachable broke (it died or restarted).
+    #[error("coordinator: {0}")]
+    CoordinatorLost(String),
     /// Training diverged (a non-finite loss or gradient norm).
     #[error("training diverged: {0}")]
     Diverged(String),
