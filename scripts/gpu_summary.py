@@ -104,3 +104,10 @@ k = load_json("kernels.json")
 if k:
     for name in ("adamw", "cross_entropy_head"):
         print(f"- fused {name}: {k[name]['speedup']:.2f}x ATen ({k[name]['aten_ms']:.2f} -> {k[name]['fused_ms']:.2f} ms); relative errors {k[name]['relative_error']}")
+r = load_json("recovery.json")
+if r:
+    print(
+        f"- a worker SIGKILLed mid-run (2 workers on one GPU, ring): launch exit {r['launch_exit']}, phase {r['phase']}, "
+        f"failures {r['failures']}, recoveries {r['recoveries']}, generation {r['generation']}, "
+        f"every step logged once in order: {r['steps_once_in_order']}"
+    )
