@@ -90,7 +90,9 @@ fn resharded_resume_3_to_2_and_2_to_3_continues_the_curve() {
         let m = metrics(&run);
         let steps: Vec<(u64, u64, u64)> = m
             .iter()
-            .map(|m| (m["step"].as_u64().unwrap(), m["data_cursor"].as_u64().unwrap(), m["world_size"].as_u64().unwrap()))
+            .map(|m| {
+                (m["step"].as_u64().unwrap(), m["data_cursor"].as_u64().unwrap(), m["world_size"].as_u64().unwrap())
+            })
             .collect();
         let world = |step: u64| if step <= 5 { before } else { after }.parse::<u64>().unwrap();
         let planned: Vec<(u64, u64, u64)> = (1..=10).map(|step| (step, step * 12, world(step))).collect();

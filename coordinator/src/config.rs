@@ -92,6 +92,10 @@ pub struct ClusterSection {
     /// How long a job that lost workers waits for replacements when fewer than
     /// `min_workers` are left, before it fails.
     pub replacement_timeout_ms: u32,
+    /// A group member whose compute time per step exceeds this many times the group's
+    /// median is flagged as a straggler (log line, `moxin_straggler` gauge); 0 turns the
+    /// check off.
+    pub straggler_factor: f64,
     /// Any collective call fails after this long without progress.
     pub collective_timeout_ms: u32,
     /// Where the coordinator persists its state; defaults to `<run dir>/coordinator`.
@@ -123,6 +127,7 @@ impl Default for ClusterSection {
             heartbeat_interval_ms: 500,
             heartbeat_timeout_ms: 3000,
             replacement_timeout_ms: 300_000,
+            straggler_factor: 1.5,
             collective_timeout_ms: 60_000,
             state_dir: None,
             collective: CollectiveChoice::Auto,
@@ -538,6 +543,13 @@ impl JobConfig {
                 "cluster.heartbeat_timeout_ms",
                 &c.heartbeat_timeout_ms,
                 format!("must exceed cluster.heartbeat_interval_ms = {} (> 0)", c.heartbeat_interval_ms),
+            ));
+        }
+        if !(c.straggler_factor == 0.0 || c.straggler_factor.is_finite() && c.straggler_factor > 1.0) {
+            return Err(bad(
+                "cluster.straggler_factor",
+                &c.straggler_factor,
+                "must be above 1 (e.g. 1.5), or 0 to turn straggler detection off".into(),
             ));
         }
         if c.collective_timeout_ms == 0 {

@@ -256,9 +256,48 @@ impl Membership {
     }
 }
 
+/// The members whose compute seconds per step exceed `factor` × the median of the *other*
+/// members' (`(worker, seconds)`; members without a time yet are skipped), with that median.
+pub fn stragglers(times: &[(WorkerId, f64)], factor: f64) -> Vec<(WorkerId, f64)> {
+    if factor <= 0.0 {
+        return Vec::new();
+    }
+    let known: Vec<&(WorkerId, f64)> = times.iter().filter(|t| t.1 > 0.0).collect();
+    known
+        .iter()
+        .filter_map(|(id, t)| {
+            let mut others: Vec<f64> = known.iter().filter(|o| &o.0 != id).map(|o| o.1).collect();
+            if others.is_empty() {
+                return None;
+            }
+            others.sort_by(f64::total_cmp);
+            let n = others.len();
+            let median = if n % 2 == 1 { others[n / 2] } else { (others[n / 2 - 1] + others[n / 2]) / 2.0 };
+            (*t > factor * median).then(|| (id.clone(), median))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_member_much_slower_than_the_median_is_a_straggler() {
+        let t = |pairs: &[(&str, f64)]| pairs.iter().map(|(w, s)| (w.to_string(), *s)).collect::<Vec<_>>();
+        let ids = |v: Vec<(WorkerId, f64)>| v.into_iter().map(|(w, _)| w).collect::<Vec<_>>();
+        let group = t(&[("w1", 1.0), ("w2", 1.1), ("w3", 0.9), ("w4", 2.0)]);
+        assert_eq!(stragglers(&group, 1.5), [("w4".to_string(), 1.0)]);
+        assert!(stragglers(&group, 2.5).is_empty());
+        assert!(stragglers(&group, 0.0).is_empty(), "0 turns the check off");
+        assert!(stragglers(&t(&[("w1", 9.0)]), 1.5).is_empty(), "one member has no peers to lag");
+        assert_eq!(
+            ids(stragglers(&t(&[("w1", 1.0), ("w2", 1.6)]), 1.5)),
+            ["w2"],
+            "two members compare with each other"
+        );
+        assert_eq!(ids(stragglers(&t(&[("w1", 1.0), ("w2", 0.0), ("w3", 1.0), ("w4", 3.0)]), 1.5)), ["w4"]);
+    }
 
     fn form(generation: u64, members: &[&str]) -> Change {
         Change::Form { generation, members: members.iter().map(|m| m.to_string()).collect() }

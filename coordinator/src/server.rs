@@ -54,6 +54,10 @@ struct Worker {
     last_seen: Instant,
     events: Option<mpsc::UnboundedSender<Result<Event, Status>>>,
     rank: Option<u32>,
+    /// Compute seconds of its last logged step, from its heartbeats.
+    compute_s: f64,
+    /// Flagged as a straggler now.
+    straggler: bool,
 }
 
 impl Worker {
@@ -288,6 +292,41 @@ impl CoordinatorService {
         self.apply(s, change);
     }
 
+    /// Flags group members much slower than the group's median compute time (and clears
+    /// the flag when they catch up), logging each change once.
+    fn flag_stragglers(&self, s: &mut State) {
+        let factor = self.job.config.cluster.straggler_factor;
+        let times: Vec<(String, f64)> =
+            s.membership.group().iter().filter_map(|id| s.workers.get(id).map(|w| (id.clone(), w.compute_s))).collect();
+        let slow = crate::membership::stragglers(&times, factor);
+        let mut changed = false;
+        for (id, w) in s.workers.iter_mut() {
+            let lag = slow.iter().find(|(w, _)| w == id).map(|(_, median)| *median);
+            let now = lag.is_some();
+            if now != w.straggler {
+                changed = true;
+                w.straggler = now;
+                metrics::gauge!("moxin_straggler", "worker" => id.clone()).set(f64::from(u8::from(now)));
+                if let Some(median) = lag {
+                    tracing::warn!(
+                        "straggler: {} computes a step in {:.3} s, {:.1}x the other members' median {:.3} s \
+                         (cluster.straggler_factor = {factor}); the whole group waits for it",
+                        w.describe(id),
+                        w.compute_s,
+                        w.compute_s / median.max(1e-12),
+                        median
+                    );
+                } else {
+                    tracing::info!("{} no longer straggles", w.describe(id));
+                }
+            }
+        }
+        if changed {
+            metrics::gauge!("moxin_stragglers").set(slow.len() as f64);
+            self.persist(s);
+        }
+    }
+
     /// Carries out a membership change and publishes the new state (also after
     /// [`Change::None`]: the phase may have changed without anyone to tell).
     fn apply(&self, s: &mut State, change: Change) {
@@ -388,6 +427,7 @@ impl CoordinatorService {
             "members": members,
             "failures": s.failures,
             "recoveries": s.recoveries,
+            "stragglers": s.workers.iter().filter(|(_, w)| w.straggler).map(|(id, _)| id.as_str()).collect::<Vec<_>>(),
             "updated_unix_s": SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         });
         let tmp = self.state_file.with_extension("json.tmp");
@@ -511,6 +551,8 @@ impl Coordinator for CoordinatorService {
                 last_seen: Instant::now(),
                 events: None,
                 rank: None,
+                compute_s: 0.0,
+                straggler: false,
             },
         );
         self.publish(&s);
@@ -531,6 +573,11 @@ impl Coordinator for CoordinatorService {
         let generation = s.membership.generation();
         let w = s.workers.get_mut(&req.worker_id).ok_or_else(|| unknown(&req.worker_id))?;
         w.last_seen = Instant::now();
+        if req.compute_s > 0.0 && req.compute_s.is_finite() {
+            w.compute_s = req.compute_s;
+            metrics::gauge!("moxin_rank_compute_seconds", "worker" => req.worker_id.clone()).set(req.compute_s);
+            self.flag_stragglers(&mut s);
+        }
         Ok(Response::new(HeartbeatResponse { generation }))
     }
 

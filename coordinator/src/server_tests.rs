@@ -75,10 +75,8 @@ async fn admission_rules_and_group_formation() {
     assert_eq!(a1.data.as_ref().unwrap().rank_samples, 2);
     assert_eq!(a2.data.as_ref().unwrap().rank_first_sample, 2);
     assert_eq!(*service.phase().borrow(), Phase::Training);
-    let hb = client
-        .heartbeat(HeartbeatRequest { worker_id: first.worker_id.clone(), step: 0, sent_unix_nanos: 0 })
-        .await
-        .unwrap();
+    let hb =
+        client.heartbeat(HeartbeatRequest { worker_id: first.worker_id.clone(), ..Default::default() }).await.unwrap();
     assert_eq!(hb.into_inner().generation, 1);
 
     // A worker that stops heartbeating is lost; with fewer than min_workers left the
@@ -89,7 +87,7 @@ async fn admission_rules_and_group_formation() {
         let id = second.worker_id.clone();
         tokio::spawn(async move {
             loop {
-                let hb = HeartbeatRequest { worker_id: id.clone(), step: 0, sent_unix_nanos: 0 };
+                let hb = HeartbeatRequest { worker_id: id.clone(), ..Default::default() };
                 if client.heartbeat(hb).await.is_err() {
                     return;
                 }
@@ -102,7 +100,7 @@ async fn admission_rules_and_group_formation() {
         phase.changed().await.unwrap();
     }
     let e = client
-        .heartbeat(HeartbeatRequest { worker_id: first.worker_id.clone(), step: 0, sent_unix_nanos: 0 })
+        .heartbeat(HeartbeatRequest { worker_id: first.worker_id.clone(), ..Default::default() })
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound, "a lost worker is forgotten: {}", e.message());
@@ -118,6 +116,15 @@ async fn admission_rules_and_group_formation() {
         serde_json::from_str(&std::fs::read_to_string(tmp.path().join("run/coordinator/state.json")).unwrap()).unwrap();
     assert_eq!(state["phase"]["phase"], "training");
     assert_eq!((state["generation"].as_u64(), state["failures"].as_u64()), (Some(2), Some(1)));
+
+    // A member computing much slower than the others is flagged as a straggler.
+    for (id, compute_s) in [(&second.worker_id, 1.0), (&third.worker_id, 2.0)] {
+        let hb = HeartbeatRequest { worker_id: id.clone(), compute_s, ..Default::default() };
+        client.heartbeat(hb).await.unwrap();
+    }
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("run/coordinator/state.json")).unwrap()).unwrap();
+    assert_eq!(state["stragglers"], serde_json::json!([third.worker_id]));
 
     // Stopping tells everyone, and the detector ends with the job.
     service.stop("test over", true);

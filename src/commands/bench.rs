@@ -131,7 +131,7 @@ pub fn heartbeats(url: &str, workers: u32, seconds: u64) -> Result<()> {
                         tick.tick().await;
                         let sent = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
                         let t = Instant::now();
-                        if c.heartbeat(HeartbeatRequest { worker_id: id.clone(), step: 0, sent_unix_nanos: sent }).await.is_ok() {
+                        if c.heartbeat(HeartbeatRequest { worker_id: id.clone(), step: 0, sent_unix_nanos: sent, compute_s: 0.0 }).await.is_ok() {
                             rtts.push(t.elapsed().as_secs_f64());
                         }
                     }

@@ -249,7 +249,7 @@ async fn session(
         client.report_step(request).await.map_err(|s| rpc_error("a backfilled step report", s))?;
     }
 
-    let step = Arc::new(AtomicU64::new(0));
+    let step = Arc::new(Progress::default());
     let forgotten = Arc::new(AtomicBool::new(false));
     let interval = Duration::from_millis(registered.heartbeat_interval_ms.max(10) as u64);
     let heartbeat =
@@ -288,7 +288,7 @@ async fn session(
 async fn heartbeats(
     mut client: CoordinatorClient<Channel>,
     worker_id: String,
-    step: Arc<AtomicU64>,
+    step: Arc<Progress>,
     interval: Duration,
     forgotten: Arc<AtomicBool>,
 ) {
@@ -297,8 +297,12 @@ async fn heartbeats(
         tick.tick().await;
         let sent_unix_nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
         let started = Instant::now();
-        let request =
-            HeartbeatRequest { worker_id: worker_id.clone(), step: step.load(Ordering::Relaxed), sent_unix_nanos };
+        let request = HeartbeatRequest {
+            worker_id: worker_id.clone(),
+            step: step.step.load(Ordering::Relaxed),
+            sent_unix_nanos,
+            compute_s: f64::from_bits(step.compute_s_bits.load(Ordering::Relaxed)),
+        };
         match client.heartbeat(request).await {
             Ok(_) => metrics::histogram!("moxin_heartbeat_rtt_seconds").record(started.elapsed().as_secs_f64()),
             Err(e) if e.code() == tonic::Code::NotFound => {
@@ -309,6 +313,14 @@ async fn heartbeats(
             Err(e) => tracing::warn!("heartbeat failed: {}", e.message()),
         }
     }
+}
+
+/// What the heartbeats tell the coordinator about this worker's training.
+#[derive(Default)]
+struct Progress {
+    step: AtomicU64,
+    /// `f64` bits of the last logged step's compute seconds.
+    compute_s_bits: AtomicU64,
 }
 
 /// The training thread of one generation.
@@ -329,7 +341,7 @@ struct Agent {
     job: JobSpec,
     /// Accepts ring connections for every generation (each handshake names its generation).
     listener: Arc<TcpListener>,
-    step: Arc<AtomicU64>,
+    step: Arc<Progress>,
     device: Option<tch::Device>,
     signals: StopSignals,
     /// Set when the coordinator no longer knows this worker.
@@ -466,7 +478,8 @@ impl Agent {
         let (rank, generation) = (a.rank, a.generation);
         match msg {
             TrainMsg::Step(m) => {
-                self.step.store(m.step, Ordering::Relaxed);
+                self.step.step.store(m.step, Ordering::Relaxed);
+                self.step.compute_s_bits.store(m.compute_s.to_bits(), Ordering::Relaxed);
                 if rank == 0 {
                     self.report(generation, Some(m), false).await?;
                 }
