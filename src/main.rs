@@ -38,6 +38,8 @@ enum Command {
     Coordinator(CoordinatorArgs),
     /// Join a job as a worker (cluster mode).
     Worker(WorkerArgs),
+    /// Change the worker count of a running job (`launch` starts or releases processes).
+    Scale(ScaleArgs),
     /// What this machine can run: libtorch, CUDA devices, NCCL, the backend a worker would use.
     Doctor(DoctorArgs),
     /// Measurements used by bench/*.sh.
@@ -158,6 +160,16 @@ struct WorkerArgs {
     /// restarted coordinator continues the job; the worker registers again).
     #[arg(long, default_value_t = 60)]
     connect_timeout: u64,
+}
+
+#[derive(Args)]
+struct ScaleArgs {
+    /// The job's run directory (its coordinator's URL is in coordinator/state.json) or the
+    /// coordinator's URL, e.g. http://10.0.0.1:50051.
+    target: String,
+    /// Workers to train with from now on.
+    #[arg(long)]
+    workers: u32,
 }
 
 #[derive(Args)]
@@ -326,6 +338,7 @@ fn run(cli: Cli) -> Result<i32> {
                 std::time::Duration::from_secs(a.connect_timeout),
             )
         }
+        Command::Scale(a) => commands::cluster::scale(&a.target, a.workers),
         Command::Doctor(a) => commands::doctor(a.json),
         Command::Eval(a) => commands::eval(&a.checkpoint, &a.data, a.batches, a.batch_size),
         Command::Data(DataCommand::Prepare(a)) => commands::prepare(moxin_data::PrepareOptions {

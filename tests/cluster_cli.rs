@@ -329,3 +329,96 @@ fn ctrl_c_is_a_clean_stop_and_the_run_resumes() {
     let steps: Vec<u64> = metrics(&run).iter().map(|m| m["step"].as_u64().unwrap()).collect();
     assert_eq!(steps, (1..=60).collect::<Vec<_>>());
 }
+
+/// `scale` on a running `launch`: 2 → 3 workers (a third process starts and joins at a
+/// step boundary) → 2 (one is released and leaves after a checkpoint). No step is lost or
+/// repeated, and nothing counts as a failure. Impossible sizes are refused, naming why.
+#[test]
+fn scale_a_running_launch_up_and_down() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tiny_job(tmp.path(), 100_000, "[cluster]\nheartbeat_timeout_ms = 2000\ncollective_timeout_ms = 5000");
+    let run = tmp.path().join("run");
+    let launch = Command::new(BIN)
+        .args(["launch", s(&job), "--workers", "2", "--out", s(&run)])
+        .args(["--set", "train.global_batch_size=12", "--set", "train.micro_batch_size=2"])
+        .env("MOXIN_LOG", "warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (_, generation) = wait_for_state_step(&run, 4);
+    let err = crate::common::fails(tmp.path(), &["scale", s(&run), "--workers", "5"]);
+    assert!(err.contains("5 workers") && err.contains("global_batch_size"), "{err}");
+    let err = crate::common::fails(tmp.path(), &["scale", s(&run), "--workers", "0"]);
+    assert!(err.contains("SIGTERM"), "{err}");
+
+    let said = ok(tmp.path(), &["scale", s(&run), "--workers", "3"]);
+    assert!(said.contains("scaled to 3"), "{said}");
+    let (members, grown) = wait_for_group(&run, 3, generation);
+    assert_eq!(members, 3);
+    let at = state_step(&run);
+    wait_for_state_step_with(&run, at + 3, 3);
+    ok(tmp.path(), &["scale", s(&run), "--workers", "2"]);
+    wait_for_group(&run, 2, grown);
+    let at = state_step(&run);
+    wait_for_state_step_with(&run, at + 3, 2);
+
+    Command::new("kill").args(["-INT", &launch.id().to_string()]).status().unwrap();
+    let out = launch.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    let m = metrics(&run);
+    let logged: Vec<(u64, u64)> =
+        m.iter().map(|m| (m["step"].as_u64().unwrap(), m["data_cursor"].as_u64().unwrap())).collect();
+    let planned: Vec<(u64, u64)> = (1..=logged.len() as u64).map(|step| (step, step * 12)).collect();
+    let first_difference = logged.iter().zip(&planned).position(|(a, b)| a != b);
+    assert_eq!(
+        first_difference,
+        None,
+        "every step once, each its own global batch: {:?}",
+        &logged[first_difference.unwrap_or(0).saturating_sub(2)..][..5.min(logged.len())]
+    );
+    let worlds: Vec<u64> = m.iter().map(|m| m["world_size"].as_u64().unwrap()).collect();
+    assert!(worlds.contains(&3) && worlds.last() == Some(&2), "{worlds:?}");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("coordinator/state.json")).unwrap()).unwrap();
+    assert_eq!(state["failures"].as_u64(), Some(0), "scaling is not a failure: {state}");
+}
+
+fn state_of(run: &Path) -> serde_json::Value {
+    std::fs::read_to_string(run.join("coordinator/state.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default()
+}
+
+fn state_step(run: &Path) -> u64 {
+    state_of(run)["step"].as_u64().unwrap_or(0)
+}
+
+/// Waits for a group of `size` ranked members with a generation after `after`.
+fn wait_for_group(run: &Path, size: usize, after: u64) -> (usize, u64) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let v = state_of(run);
+        let ranked = v["members"].as_array().map_or(0, |a| a.iter().filter(|m| !m["rank"].is_null()).count());
+        let generation = v["generation"].as_u64().unwrap_or(0);
+        if ranked == size && generation > after && v["phase"]["phase"] == "training" {
+            return (ranked, generation);
+        }
+        assert!(Instant::now() < deadline, "no group of {size} after generation {after}: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until the state shows `step` steps done by a group of `size`.
+fn wait_for_state_step_with(run: &Path, step: u64, size: usize) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let v = state_of(run);
+        let ranked = v["members"].as_array().map_or(0, |a| a.iter().filter(|m| !m["rank"].is_null()).count());
+        if v["step"].as_u64().unwrap_or(0) >= step && ranked == size {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never reached step {step} with {size} workers: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -205,6 +205,23 @@ impl Membership {
         self.form_if_possible()
     }
 
+    /// New group size bounds (`moxin-train scale`). A group larger than `max` shrinks when
+    /// its extra members leave (the deployment stops them); a group can grow up to `max`
+    /// as workers join.
+    pub fn resize(&mut self, min: u32, max: u32) -> Change {
+        self.min = min.max(1) as usize;
+        self.max = max.max(min).max(1) as usize;
+        if self.phase.is_over() {
+            return Change::None;
+        }
+        self.form_if_possible()
+    }
+
+    /// The group size bounds `(min, max)`.
+    pub fn bounds(&self) -> (u32, u32) {
+        (self.min as u32, self.max as u32)
+    }
+
     /// The last step was reported.
     pub fn finished(&mut self) -> Change {
         if self.phase.is_over() {
@@ -366,6 +383,19 @@ mod tests {
         assert_eq!(m.group_broke("w1", 1, t0), form(2, &["w1", "w2"]));
         assert_eq!(m.group_broke("w2", 1, t0), Change::None, "w2's report about generation 1 is stale");
         assert_eq!(m.generation(), 2);
+    }
+
+    #[test]
+    fn resizing_grows_with_joiners_and_shrinks_as_members_leave() {
+        let t0 = Instant::now();
+        let mut m = Membership::new(2, 2, 0);
+        m.joined("w1");
+        m.joined("w2");
+        assert_eq!(m.resize(3, 3), Change::None, "the group keeps training until a third worker joins");
+        assert_eq!(m.joined("w3"), form(2, &["w1", "w2", "w3"]));
+        assert_eq!(m.resize(2, 2), Change::None);
+        assert_eq!(m.lost("w3", t0), form(3, &["w1", "w2"]), "the leaver's group re-forms at the new size");
+        assert_eq!(m.bounds(), (2, 2));
     }
 
     #[test]

@@ -55,6 +55,9 @@ pub async fn serve(job: ResolvedJob, listener: TcpListener) -> Result<Option<Coo
             .install()
             .map_err(|e| bad(e.to_string()))?;
     }
+    if let Ok(addr) = listener.local_addr() {
+        service.set_url(&format!("http://{addr}"));
+    }
     tracing::info!(job = %name, run_dir = %run_dir.display(), min, max, "waiting for workers");
     let server = service.clone().into_server();
     tokio::spawn(async move {

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use moxin_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use moxin_proto::v1::{
     event, Ack, CollectiveBackend, CollectiveId, DeviceInfo, Event, FailureReport, HeartbeatRequest, HeartbeatResponse,
-    RegisterRequest, RegisterResponse, StepMetrics, StepReport, Stop, WatchRequest, WorkerIdentity,
+    RegisterRequest, RegisterResponse, Release, ScaleRequest, ScaleResponse, StepMetrics, StepReport, Stop,
+    WatchRequest, WorkerIdentity,
 };
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
@@ -85,6 +86,8 @@ struct State {
     /// Whether this coordinator wrote the run's `config.toml`: only once a group trained,
     /// so a job that cannot resume the run directory never replaces the config it had.
     config_written: bool,
+    /// Where workers reach this coordinator, once known (`moxin-train scale` reads it).
+    url: Option<String>,
 }
 
 /// The coordinator of one job.
@@ -95,6 +98,8 @@ pub struct CoordinatorService {
     phase_tx: Arc<watch::Sender<Phase>>,
     state_file: PathBuf,
     previous: Option<PreviousRun>,
+    /// The worker count wanted now (`launch` starts processes to match).
+    desired_tx: Arc<watch::Sender<u32>>,
 }
 
 /// What an earlier coordinator of the same run directory left in `state.json`.
@@ -139,6 +144,7 @@ impl CoordinatorService {
             tracing::info!(phase = %p.phase, generation = p.generation, step = p.step, "continuing after an earlier coordinator");
         }
         let (phase_tx, _) = watch::channel(Phase::Admitting);
+        let (desired_tx, _) = watch::channel(max_workers);
         let service = CoordinatorService {
             job: Arc::new(job),
             state: Arc::new(Mutex::new(State {
@@ -155,10 +161,12 @@ impl CoordinatorService {
                 recoveries: 0,
                 recovering_since: None,
                 config_written: false,
+                url: None,
             })),
             phase_tx: Arc::new(phase_tx),
             state_file,
             previous,
+            desired_tx: Arc::new(desired_tx),
         };
         if service.already_finished().is_none() {
             service.persist(&service.lock());
@@ -197,6 +205,46 @@ impl CoordinatorService {
     /// The tonic service to serve.
     pub fn into_server(self) -> CoordinatorServer<Self> {
         CoordinatorServer::new(self)
+    }
+
+    /// Records the URL workers use to reach this coordinator (persisted in `state.json`).
+    pub fn set_url(&self, url: &str) {
+        let mut s = self.lock();
+        s.url = Some(url.to_string());
+        self.persist(&s);
+    }
+
+    /// The worker count wanted now: `max_workers`, until `moxin-train scale` changes it.
+    pub fn desired_workers(&self) -> watch::Receiver<u32> {
+        self.desired_tx.subscribe()
+    }
+
+    /// Trains with `workers` workers from now on: joiners are admitted up to that many, and
+    /// members beyond it are released (they leave at the group's next step boundary, which
+    /// checkpoints, and the rest re-form).
+    pub fn scale(&self, workers: u32) -> Result<(u32, u32), String> {
+        if workers == 0 {
+            return Err("--workers 0: to stop the job, send it SIGINT or SIGTERM (Ctrl-C)".into());
+        }
+        self.job.config.validate(workers).map_err(|e| format!("cannot train with {workers} workers: {e}"))?;
+        let mut s = self.lock();
+        if s.membership.phase().is_over() {
+            return Err(format!("the job is over ({})", s.membership.phase().name()));
+        }
+        let change = s.membership.resize(workers, workers);
+        // Release the newest members beyond the new size (standby workers first).
+        let keep: Vec<String> = s.membership.live().iter().take(workers as usize).cloned().collect();
+        for (id, w) in s.workers.iter() {
+            if w.events.is_some() && !keep.contains(id) {
+                tracing::info!("releasing {} (scaled to {workers} workers)", w.describe(id));
+                let reason = format!("scaled down to {workers} workers");
+                send(w, Event { kind: Some(event::Kind::Release(Release { reason })) });
+            }
+        }
+        self.apply(&mut s, change);
+        self.desired_tx.send_replace(workers);
+        tracing::info!("scaled to {workers} workers");
+        Ok(s.membership.bounds())
     }
 
     /// Follows the job's phase.
@@ -280,13 +328,24 @@ impl CoordinatorService {
 
     /// Worker `id` is gone: forget it and let the membership decide what follows.
     fn lose(&self, s: &mut State, id: &str, why: &str) {
+        self.remove(s, id, why, true)
+    }
+
+    /// Forgets worker `id`, a failure or a departure on purpose (`failed` = false), and
+    /// lets the membership decide what follows.
+    fn remove(&self, s: &mut State, id: &str, why: &str, failed: bool) {
         let Some(w) = s.workers.remove(id) else { return };
-        s.failures += 1;
-        metrics::counter!("moxin_workers_lost_total").increment(1);
         let member = w.rank.is_some();
-        tracing::error!("{why}; {}", if member { "its group re-forms without it" } else { "it was not training" });
-        if member {
-            s.recovering_since.get_or_insert_with(Instant::now);
+        let next = if member { "its group re-forms without it" } else { "it was not training" };
+        if failed {
+            s.failures += 1;
+            metrics::counter!("moxin_workers_lost_total").increment(1);
+            tracing::error!("{why}; {next}");
+            if member {
+                s.recovering_since.get_or_insert_with(Instant::now);
+            }
+        } else {
+            tracing::info!("{why}; {next}");
         }
         let change = s.membership.lost(id, Instant::now());
         self.apply(s, change);
@@ -427,6 +486,7 @@ impl CoordinatorService {
             "members": members,
             "failures": s.failures,
             "recoveries": s.recoveries,
+            "coordinator_url": s.url,
             "stragglers": s.workers.iter().filter(|(_, w)| w.straggler).map(|(id, _)| id.as_str()).collect::<Vec<_>>(),
             "updated_unix_s": SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         });
@@ -598,7 +658,10 @@ impl Coordinator for CoordinatorService {
     async fn report_step(&self, request: Request<StepReport>) -> Result<Response<Ack>, Status> {
         let req = request.into_inner();
         let mut s = self.lock();
-        if req.backfill {
+        // Steps a replaced group trained before it stopped (they are in the checkpoint the
+        // next group starts from), and steps trained while the coordinator was away: logged
+        // when they continue the log; a later group that redoes them overwrites them.
+        if req.backfill || (req.generation != s.membership.generation() && !req.finished) {
             if let Some(m) = req.metrics.filter(|m| m.step == s.metrics.last_step() + 1) {
                 s.metrics.append(&m).map_err(|e| Status::internal(format!("{}: {e}", s.metrics.path().display())))?;
                 s.progress.last = Some(m);
@@ -663,7 +726,11 @@ impl Coordinator for CoordinatorService {
         if !self.lock().workers.contains_key(&req.worker_id) {
             return Err(unknown(&req.worker_id));
         }
-        if req.group_broke {
+        if req.left {
+            let mut s = self.lock();
+            let who = s.workers.get(&req.worker_id).map_or(req.worker_id.clone(), |w| w.describe(&req.worker_id));
+            self.remove(&mut s, &req.worker_id, &format!("{who} left: {}", req.message), false);
+        } else if req.group_broke {
             tracing::warn!(worker = %req.worker_id, generation = req.generation, "group broke: {}", req.message);
             // Give the failure detector a moment to notice a member that died (its stream
             // closes within milliseconds), so the next group does not include it.
@@ -687,6 +754,13 @@ impl Coordinator for CoordinatorService {
             self.lose(&mut s, &req.worker_id, &format!("{who} failed: {}", req.message));
         }
         Ok(Response::new(Ack {}))
+    }
+
+    async fn scale(&self, request: Request<ScaleRequest>) -> Result<Response<ScaleResponse>, Status> {
+        let workers = request.into_inner().workers;
+        let (min_workers, max_workers) =
+            CoordinatorService::scale(self, workers).map_err(Status::failed_precondition)?;
+        Ok(Response::new(ScaleResponse { min_workers, max_workers }))
     }
 }
 

@@ -78,25 +78,48 @@ impl Supervisor {
     async fn run(self) {
         let gpus = if moxin_worker::device::cuda_available() { moxin_worker::device::cuda_device_count() } else { 0 };
         let own_gpus = gpus >= self.workers as usize;
+        let mut desired = self.service.desired_workers();
         let mut running = tokio::task::JoinSet::new();
-        let watch = |running: &mut tokio::task::JoinSet<_>, slot: u32, mut child: tokio::process::Child| {
-            running.spawn(async move { (slot, child.wait().await) });
-        };
-        for slot in 0..self.workers {
-            match self.spawn(slot, own_gpus) {
-                Ok(child) => watch(&mut running, slot, child),
-                Err(e) => return self.service.stop(&format!("{e:#}"), true),
-            }
-        }
+        let mut slots: std::collections::BTreeSet<u32> = Default::default();
         let mut restarts = 0;
-        while let Some(joined) = running.join_next().await {
+        loop {
+            // Start workers until the wanted count runs (at first, and after `scale` up).
+            let wanted = *desired.borrow_and_update();
+            if !self.service.phase().borrow().is_over() {
+                while (slots.len() as u32) < wanted {
+                    let slot = (0..).find(|s| !slots.contains(s)).unwrap_or(0);
+                    match self.spawn(slot, own_gpus) {
+                        Ok(mut child) => {
+                            slots.insert(slot);
+                            running.spawn(async move { (slot, child.wait().await) });
+                        }
+                        Err(e) => return self.service.stop(&format!("{e:#}"), true),
+                    }
+                }
+            }
+            let joined = tokio::select! {
+                joined = running.join_next() => joined,
+                changed = desired.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let Some(joined) = joined else { return };
             let Ok((slot, status)) = joined else { continue };
+            slots.remove(&slot);
             let over = self.service.phase().borrow().is_over();
+            // Exit 0 or the stopped code: the worker finished, or left on purpose (a signal,
+            // released by `scale`). Anything else is a failure.
             let failed = match &status {
                 Ok(s) => !s.success() && s.code() != Some(STOPPED_EXIT_CODE),
                 Err(_) => true,
             };
             if over || !failed {
+                if running.is_empty() && over {
+                    return;
+                }
                 continue;
             }
             let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
@@ -113,10 +136,6 @@ impl Supervisor {
                 "worker process {slot} exited with {status}; starting a replacement ({restarts} of {})",
                 self.max_restarts
             );
-            match self.spawn(slot, own_gpus) {
-                Ok(child) => watch(&mut running, slot, child),
-                Err(e) => self.service.stop(&format!("{e:#}"), true),
-            }
         }
     }
 }
@@ -183,6 +202,42 @@ pub fn worker(
         }
         AgentEnd::JobFailed(reason) => Err(anyhow!("the job failed: {reason}")),
     }
+}
+
+/// `scale`: asks the job's coordinator to train with `workers` workers.
+pub fn scale(target: &str, workers: u32) -> Result<()> {
+    let url = if target.starts_with("http://") || target.starts_with("https://") {
+        target.to_string()
+    } else {
+        let state = Path::new(target).join("coordinator/state.json");
+        let text = std::fs::read_to_string(&state).with_context(|| {
+            format!("{target}: no coordinator state; give a run directory of a running job or a URL")
+        })?;
+        let doc: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", state.display()))?;
+        if let Some(phase) = doc.pointer("/phase/phase").and_then(|p| p.as_str()) {
+            if matches!(phase, "finished" | "failed" | "stopped") {
+                bail!("the job in {target} is not running (it is {phase})");
+            }
+        }
+        doc.get("coordinator_url")
+            .and_then(|u| u.as_str())
+            .with_context(|| format!("{}: no coordinator_url (is the job running?)", state.display()))?
+            .to_string()
+    };
+    let runtime = runtime()?;
+    runtime.block_on(async {
+        let mut client = moxin_proto::v1::coordinator_client::CoordinatorClient::connect(url.clone())
+            .await
+            .with_context(|| format!("cannot reach the coordinator at {url}; is the job running?"))?;
+        let reply = client
+            .scale(moxin_proto::v1::ScaleRequest { workers })
+            .await
+            .map_err(|s| anyhow!("the coordinator refused: {}", s.message()))?
+            .into_inner();
+        println!("scaled to {} worker(s); the group re-forms at its next step boundary", reply.max_workers);
+        Ok(())
+    })
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

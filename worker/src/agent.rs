@@ -270,17 +270,30 @@ async fn session(
         finished: false,
         last: None,
         unreported: Vec::new(),
+        leaving: false,
     };
     let result = agent.drive().await;
     let result = agent.wind_down(result).await;
     *generation = agent.generation;
     *unreported = std::mem::take(&mut agent.unreported);
     heartbeat.abort();
-    if let Err(e) = &result {
-        if !matches!(e, WorkerError::CoordinatorLost(_)) {
+    match &result {
+        Err(e) if !matches!(e, WorkerError::CoordinatorLost(_)) => {
             let report = FailureReport { worker_id: worker_id.clone(), message: e.to_string(), ..Default::default() };
             let _ = client.report_failure(report).await;
         }
+        // Leaving on purpose is not a failure: say so, so that the others re-form without
+        // counting it as one.
+        Ok(AgentEnd::Stopped(reason)) if agent.leaving => {
+            let report = FailureReport {
+                worker_id: worker_id.clone(),
+                message: reason.clone(),
+                left: true,
+                ..Default::default()
+            };
+            let _ = client.report_failure(report).await;
+        }
+        _ => {}
     }
     result
 }
@@ -359,6 +372,8 @@ struct Agent {
     last: Option<StepMetrics>,
     /// Steps trained as rank 0 that could not be reported (the coordinator was lost).
     unreported: Vec<StepMetrics>,
+    /// This worker leaves on purpose (a signal, or released by the coordinator).
+    leaving: bool,
 }
 
 impl Agent {
@@ -389,6 +404,7 @@ impl Agent {
                     if let (None, Some(signal)) = (&self.stop_reason, self.signals.received()) {
                         tracing::warn!("{signal}: stopping at the next step boundary (checkpointing first)");
                         self.stop_reason = Some(format!("stopped by {signal}"));
+                        self.leaving = true;
                         match &self.training {
                             Some(t) => t.stop.store(true, Ordering::Relaxed),
                             None => return Ok(AgentEnd::Stopped(format!("stopped by {signal}"))),
@@ -442,6 +458,16 @@ impl Agent {
             Some(event::Kind::CollectiveId(c)) => {
                 if let Some(t) = self.training.as_ref().filter(|t| t.assignment.generation == c.generation) {
                     let _ = t.ids.send(c.id);
+                }
+            }
+            Some(event::Kind::Release(r)) => {
+                tracing::info!(reason = %r.reason, "released by the coordinator: leaving at the next step boundary");
+                self.leaving = true;
+                self.stop_reason.get_or_insert(format!("released: {}", r.reason));
+                self.pending = None;
+                match &self.training {
+                    Some(t) => t.stop.store(true, Ordering::Relaxed),
+                    None => return Ok(Some(AgentEnd::Stopped(format!("released: {}", r.reason)))),
                 }
             }
             Some(event::Kind::Stop(s)) => {
@@ -524,6 +550,7 @@ impl Agent {
                                 message: e,
                                 group_broke: true,
                                 generation,
+                                left: false,
                             };
                             self.client.report_failure(report).await.map_err(|s| rpc_error("a failure report", s))?;
                         }
