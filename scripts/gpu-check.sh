@@ -8,6 +8,7 @@
 #   4. NCCL world of one           `launch --workers 1` over NCCL = `train` without it
 #   5. two workers on one GPU      `launch --workers 2` over the ring = single-GPU `train`
 #      and a worker SIGKILLed mid-run is replaced; the job finishes, every step logged once
+#      and checkpoint blocking on gpu-1b, synchronous vs asynchronous
 #   6. gpu-1b, moxin-7b 4 layers   moxin-train vs PyTorch eager vs torch.compile, same run
 #                                  (GPU_CHECK_BENCH=0 skips this step)
 #
@@ -118,6 +119,15 @@ print(json.dumps({**kill, "launch_exit": code, "phase": s["phase"]["phase"], "fa
                   "steps_once_in_order": steps == list(range(1, 151))}))
 PY
 cat "$OUT/recovery.json"
+
+say "5c. checkpoint blocking on gpu-1b (12.4 GB of state): synchronous vs asynchronous"
+CKPT=(--set train.steps=8 --set checkpoint.every_steps=4 --set checkpoint.keep_last=1)
+train ckpt-sync 300 configs/gpu-1b-bench.toml "${CKPT[@]}" --set checkpoint.enabled=true --set checkpoint.synchronous=true
+train ckpt-async 300 configs/gpu-1b-bench.toml "${CKPT[@]}" --set checkpoint.enabled=true
+du -sh "$work"/ckpt-async/checkpoints/step-* 2>/dev/null | tail -1
+for mode in sync async; do
+  $PY -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; print('   $mode: blocking s per step', [round(x['checkpoint_blocking_s'],2) for x in r], 'write s', [round(x['checkpoint_write_s'],2) for x in r], 'median step s', sorted(x['step_time_s'] for x in r)[len(r)//2])" "$OUT/ckpt-$mode.metrics.jsonl"
+done
 
 [ "${GPU_CHECK_BENCH:-1}" = 0 ] && { say "summary"; $PY scripts/gpu_summary.py "$OUT" | tee "$OUT/summary.md"; say "done (benchmarks skipped); results in $OUT"; exit 0; }
 

@@ -139,3 +139,37 @@ fn model_info_counts_moxin_7b_without_allocating() {
     let err = fails(tmp.path(), &["model-info", "moxin-70b"]);
     assert!(err.contains("unknown preset") && err.contains("moxin-7b"), "{err}");
 }
+
+/// Asynchronous checkpoints (the default) hold training up only to copy the state; they
+/// contain exactly what synchronous ones do, and the metrics say how long each took.
+#[test]
+fn asynchronous_checkpoints_equal_synchronous_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tiny_job(tmp.path(), 6, "");
+    let mut files = Vec::new();
+    for mode in ["false", "true"] {
+        let run = tmp.path().join(format!("sync-{mode}"));
+        ok(
+            tmp.path(),
+            &[
+                "train",
+                s(&job),
+                "--out",
+                s(&run),
+                "--set",
+                "checkpoint.every_steps=2",
+                "--set",
+                &format!("checkpoint.synchronous={mode}"),
+            ],
+        );
+        let m = metrics(&run);
+        let blocked: Vec<f64> = m.iter().map(|r| r["checkpoint_blocking_s"].as_f64().unwrap()).collect();
+        assert!(blocked[2] > 0.0 && blocked[4] > 0.0, "saves after steps 2 and 4 show as blocking: {blocked:?}");
+        assert!(m.iter().any(|r| r["checkpoint_write_s"].as_f64().unwrap() > 0.0), "no write time reported");
+        let dir = run.join("checkpoints/step-00000006");
+        let manifest: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+        files.push((std::fs::read(dir.join("model.safetensors")).unwrap(), manifest["files"].clone()));
+    }
+    assert!(files[0] == files[1], "asynchronous and synchronous checkpoints differ");
+}

@@ -317,11 +317,14 @@ pub struct CheckpointSection {
     /// `false` writes no checkpoints at all (benchmarks, smoke tests); such a run cannot
     /// be resumed.
     pub enabled: bool,
+    /// `true`: training waits while a checkpoint is written. By default (`false`) it only
+    /// waits for the state to be copied off the training path.
+    pub synchronous: bool,
 }
 
 impl Default for CheckpointSection {
     fn default() -> Self {
-        CheckpointSection { every_steps: 1000, keep_last: 3, enabled: true }
+        CheckpointSection { every_steps: 1000, keep_last: 3, enabled: true, synchronous: false }
     }
 }
 

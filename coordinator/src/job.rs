@@ -133,6 +133,7 @@ pub fn resolve_config(
             every_steps: config.checkpoint.every_steps,
             keep_last: config.checkpoint.keep_last,
             disabled: !config.checkpoint.enabled,
+            synchronous: config.checkpoint.synchronous,
         }),
         runtime: Some(RuntimeSpec {
             device: match config.runtime.device {

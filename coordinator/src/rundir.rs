@@ -187,6 +187,8 @@ impl MetricsLog {
             "comm_exposed_s": m.comm_exposed_s,
             "mfu": m.mfu,
             "peak_memory_bytes": m.peak_memory_bytes,
+            "checkpoint_blocking_s": m.checkpoint_blocking_s,
+            "checkpoint_write_s": m.checkpoint_write_s,
         });
         writeln!(self.file, "{line}")?;
         self.file.flush()

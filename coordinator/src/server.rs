@@ -686,7 +686,7 @@ impl Coordinator for CoordinatorService {
                 metrics::histogram!("moxin_recovery_seconds").record(since.elapsed().as_secs_f64());
                 tracing::info!(
                     generation = s.membership.generation(),
-                    "training again {:.1} s after losing a worker",
+                    "training again {:.3} s after losing a worker",
                     since.elapsed().as_secs_f64()
                 );
             }

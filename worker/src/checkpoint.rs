@@ -251,14 +251,44 @@ fn staging_dir(run_dir: &Path, step: u64) -> PathBuf {
     checkpoints_dir(run_dir).join(format!(".tmp-{}", step_dir_name(step)))
 }
 
-/// Writes optimizer partition `index` into the staging directory of `step` (fsynced).
+/// Writes optimizer partition `index` into the staging directory of `step` (fsynced). The
+/// file appears under its final name only once complete, so its existence tells rank 0
+/// (see [`wait_for_partitions`]) that this rank is done.
 pub fn write_partition(
     run_dir: &Path,
     step: u64,
     index: usize,
     tensors: &[(String, Tensor)],
 ) -> Result<(), WorkerError> {
-    write_safetensors(&staging_dir(run_dir, step), &partition_file(index), tensors)
+    let dir = staging_dir(run_dir, step);
+    let partial = format!("{}.partial", partition_file(index));
+    write_safetensors(&dir, &partial, tensors)?;
+    let done = dir.join(partition_file(index));
+    std::fs::rename(dir.join(&partial), &done).map_err(|e| WorkerError::io(&done, e))
+}
+
+/// Waits until the staging directory of `step` holds all `count` partition files, checking
+/// `cancelled` between looks; `Ok(false)` if cancelled (the group broke: the checkpoint is
+/// abandoned and its staging directory swept later).
+pub fn wait_for_partitions(
+    run_dir: &Path,
+    step: u64,
+    count: usize,
+    cancelled: &std::sync::atomic::AtomicBool,
+) -> Result<bool, WorkerError> {
+    let dir = staging_dir(run_dir, step);
+    loop {
+        if (0..count).all(|i| dir.join(partition_file(i)).exists()) {
+            return Ok(true);
+        }
+        if cancelled.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(false);
+        }
+        if !dir.exists() {
+            return Err(WorkerError::Checkpoint { path: dir, reason: "the staging directory vanished".into() });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// Writes the model, extra files and manifest (with every file's sha256, last) into the

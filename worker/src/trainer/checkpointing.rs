@@ -1,16 +1,24 @@
 //! The checkpoint coordinator: saving a group's state at one step and resuming from it.
 //!
-//! Saving in a group: rank 0 stages `checkpoints/.tmp-step-N`, every rank writes its
-//! optimizer partition there, rank 0 writes the model and the manifest (hashes last) and
-//! publishes by renaming; barriers separate the phases. Resuming: the newest checkpoint
-//! that verifies, if it fits this job (same model, data, sequence length and seed); its
+//! Saving in a group: rank 0 stages `checkpoints/.tmp-step-N`; after a barrier every rank
+//! copies its optimizer partition (and rank 0 the model) off the training path into host
+//! memory and hands the copy to a background writer, and training goes on. Each writer
+//! writes its partition (named finally only once complete); rank 0's writes the model,
+//! waits for every partition, hashes everything, writes the manifest last and publishes by
+//! renaming. At most one checkpoint per rank is in flight: the next save, and the end of a
+//! run, wait for the previous one. `checkpoint.synchronous = true` waits at once (and ends
+//! with a barrier), as everything did before. Resuming: the newest checkpoint that
+//! verifies, if it fits this job (same model, data, sequence length and seed); its
 //! optimizer partitions load into any partitioning, so a run can resume at another world
 //! size.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use moxin_proto::v1::JobSpec;
+use tch::Tensor;
 
 use crate::checkpoint::{self, CheckpointManifest, RngState, SaveRequest};
 use crate::collective::Collective;
@@ -39,12 +47,106 @@ pub struct Progress {
 pub struct Checkpointer {
     run_dir: PathBuf,
     spec: JobSpec,
+    /// The background write in flight, if any.
+    writing: Option<Writing>,
+    /// Seconds of background writes completed since [`Checkpointer::take_write_seconds`].
+    completed_write_s: f64,
+    /// Where the optimizer partition and (rank 0) the model are copied at a checkpoint.
+    optimizer_snapshot: Snapshot,
+    model_snapshot: Snapshot,
+}
+
+struct Writing {
+    step: u64,
+    handle: std::thread::JoinHandle<Result<f64, WorkerError>>,
+    /// Tells rank 0's writer to stop waiting for partitions (the group is gone).
+    cancel: Arc<AtomicBool>,
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        if let Some(w) = self.writing.take() {
+            w.cancel.store(true, Ordering::Relaxed);
+            match w.handle.join() {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(step = w.step, "checkpoint not completed: {e}"),
+                Err(_) => tracing::warn!(step = w.step, "the checkpoint writer panicked"),
+            }
+        }
+    }
+}
+
+/// Host buffers that checkpoint snapshots are copied into, allocated once and reused:
+/// pinned (page-locked) when the state lives on a GPU, so the device-to-host copy runs at
+/// full bus speed and no time goes to faulting in fresh pages at every checkpoint. The
+/// background writer reads them; the next snapshot waits for it first.
+#[derive(Default)]
+struct Snapshot {
+    buffers: Vec<Tensor>,
+}
+
+impl Snapshot {
+    /// Copies `tensors` into the buffers (allocating them on first use or when shapes
+    /// change) and returns views of the copies, which training cannot change any more.
+    fn take(&mut self, tensors: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
+        let fits = self.buffers.len() == tensors.len()
+            && self.buffers.iter().zip(tensors).all(|(b, (_, t))| b.size() == t.size() && b.kind() == t.kind());
+        if !fits {
+            self.buffers = tensors
+                .iter()
+                .map(|(_, t)| {
+                    let buffer = Tensor::empty(t.size(), (t.kind(), tch::Device::Cpu));
+                    match t.device() {
+                        tch::Device::Cuda(i) => buffer.pin_memory(tch::Device::Cuda(i)),
+                        _ => buffer,
+                    }
+                })
+                .collect();
+        }
+        self.buffers
+            .iter_mut()
+            .zip(tensors)
+            .map(|(buffer, (name, t))| {
+                buffer.copy_(t);
+                (name.clone(), buffer.shallow_clone())
+            })
+            .collect()
+    }
 }
 
 impl Checkpointer {
     /// The checkpoints of `spec`'s run directory.
     pub fn new(spec: &JobSpec) -> Self {
-        Checkpointer { run_dir: PathBuf::from(&spec.run_dir), spec: spec.clone() }
+        Checkpointer {
+            run_dir: PathBuf::from(&spec.run_dir),
+            spec: spec.clone(),
+            writing: None,
+            completed_write_s: 0.0,
+            optimizer_snapshot: Snapshot::default(),
+            model_snapshot: Snapshot::default(),
+        }
+    }
+
+    /// Waits for the checkpoint in flight, if any, to be written (and, on rank 0,
+    /// published); its error, if it failed.
+    pub fn wait(&mut self) -> Result<(), WorkerError> {
+        let Some(w) = self.writing.take() else { return Ok(()) };
+        let seconds = w.handle.join().map_err(|_| WorkerError::Checkpoint {
+            path: self.run_dir.clone(),
+            reason: format!("the writer of step {} panicked", w.step),
+        })??;
+        self.completed_write_s += seconds;
+        metrics::gauge!("moxin_checkpoint_write_seconds").set(seconds);
+        Ok(())
+    }
+
+    /// Background write seconds completed since the last call (0 if none); collects a
+    /// finished write without waiting for one still running.
+    pub fn take_write_seconds(&mut self) -> Result<f64, WorkerError> {
+        if self.writing.as_ref().is_some_and(|w| w.handle.is_finished()) {
+            self.wait()?;
+        }
+        Ok(std::mem::take(&mut self.completed_write_s))
     }
 
     /// The run directory.
@@ -123,11 +225,13 @@ impl Checkpointer {
         Ok(Some(Progress { step: m.step, cursor: m.data_cursor, tokens: m.tokens, elapsed_s: m.elapsed_s }))
     }
 
-    /// Writes a checkpoint of the group's state at `progress`: every rank calls this with
-    /// its optimizer; `partitions` are every rank's flat ranges (clamped to the parameters).
+    /// Checkpoints the group's state at `progress`: every rank calls this with its
+    /// optimizer; `partitions` are every rank's flat ranges (clamped to the parameters).
+    /// Returns once the state is copied off the training path (or, synchronous, once the
+    /// checkpoint is published); the seconds training waited.
     #[allow(clippy::too_many_arguments)]
     pub fn save(
-        &self,
+        &mut self,
         collective: &mut dyn Collective,
         partitions: Vec<(i64, i64)>,
         model: &Transformer,
@@ -135,44 +239,81 @@ impl Checkpointer {
         progress: Progress,
         extra_files: Vec<(String, PathBuf)>,
         keep_last: usize,
-    ) -> Result<PathBuf, WorkerError> {
+    ) -> Result<f64, WorkerError> {
         let started = Instant::now();
+        let synchronous = self.spec.checkpoint.as_ref().is_some_and(|c| c.synchronous);
+        self.wait()?;
+        let waited = started.elapsed().as_secs_f64();
         let (rank, world) = (collective.rank(), collective.world_size());
         let barrier = |c: &mut dyn Collective| c.barrier().map_err(|e| WorkerError::Collective(e.to_string()));
         if rank == 0 {
             checkpoint::stage(&self.run_dir, progress.step)?;
         }
         barrier(collective)?;
-        checkpoint::write_partition(&self.run_dir, progress.step, rank, &opt.state_tensors())?;
-        barrier(collective)?;
-        let dir = checkpoint::checkpoints_dir(&self.run_dir).join(format!("step-{:08}", progress.step));
-        if rank == 0 {
-            let manifest = CheckpointManifest {
-                format: String::new(),
-                step: progress.step,
-                data_cursor: progress.cursor,
-                tokens: progress.tokens,
-                elapsed_s: progress.elapsed_s,
-                rng: RngState { seed: self.spec.seed, data_order: DATA_ORDER.into() },
-                world_size: world as u32,
-                seq_len: self.spec.train.as_ref().map_or(0, |t| t.seq_len),
-                model: model.shape.clone(),
-                data_manifest_sha256: self.spec.data.as_ref().map(|d| d.manifest_sha256.clone()).unwrap_or_default(),
-                resolved_config_toml: self.spec.resolved_config_toml.clone(),
-                optimizer: Vec::new(),
-                files: Default::default(),
-            };
-            checkpoint::publish(SaveRequest {
-                run_dir: &self.run_dir,
-                manifest,
-                model: model.params.named_tensors(),
-                partitions,
-                extra_files,
-                keep_last,
-            })?;
-            tracing::info!(step = progress.step, dir = %dir.display(), secs = started.elapsed().as_secs_f64(), "checkpoint saved");
+        let copying = Instant::now();
+        let state = self.optimizer_snapshot.take(&opt.state_tensors());
+        let model_state = if rank == 0 { self.model_snapshot.take(&model.params.named_tensors()) } else { Vec::new() };
+        let bytes: i64 =
+            state.iter().chain(&model_state).map(|(_, t)| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64).sum();
+        tracing::info!(
+            step = progress.step,
+            "checkpoint snapshot: waited {waited:.3} s for the previous write, copied {:.2} GB off the training path in {:.3} s",
+            bytes as f64 / 1e9,
+            copying.elapsed().as_secs_f64()
+        );
+        let manifest = CheckpointManifest {
+            format: String::new(),
+            step: progress.step,
+            data_cursor: progress.cursor,
+            tokens: progress.tokens,
+            elapsed_s: progress.elapsed_s,
+            rng: RngState { seed: self.spec.seed, data_order: DATA_ORDER.into() },
+            world_size: world as u32,
+            seq_len: self.spec.train.as_ref().map_or(0, |t| t.seq_len),
+            model: model.shape.clone(),
+            data_manifest_sha256: self.spec.data.as_ref().map(|d| d.manifest_sha256.clone()).unwrap_or_default(),
+            resolved_config_toml: self.spec.resolved_config_toml.clone(),
+            optimizer: Vec::new(),
+            files: Default::default(),
+        };
+        let run_dir = self.run_dir.clone();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let cancelled = cancel.clone();
+        let step = progress.step;
+        let write = move || -> Result<f64, WorkerError> {
+            let began = Instant::now();
+            checkpoint::write_partition(&run_dir, step, rank, &state)?;
+            if rank == 0 {
+                if !checkpoint::wait_for_partitions(&run_dir, step, partitions.len(), &cancelled)? {
+                    return Ok(began.elapsed().as_secs_f64());
+                }
+                let dir = checkpoint::publish(SaveRequest {
+                    run_dir: &run_dir,
+                    manifest,
+                    model: model_state,
+                    partitions,
+                    extra_files,
+                    keep_last,
+                })?;
+                tracing::info!(step, dir = %dir.display(), secs = began.elapsed().as_secs_f64(), "checkpoint saved");
+                metrics::gauge!("moxin_last_checkpoint_step").set(step as f64);
+                metrics::gauge!("moxin_last_checkpoint_timestamp_seconds").set(
+                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
+                );
+            }
+            Ok(began.elapsed().as_secs_f64())
+        };
+        let handle = std::thread::Builder::new()
+            .name(format!("moxin-ckpt-{step}"))
+            .spawn(write)
+            .map_err(|e| WorkerError::Setup(format!("cannot start the checkpoint writer: {e}")))?;
+        self.writing = Some(Writing { step, handle, cancel });
+        if synchronous {
+            self.wait()?;
+            barrier(collective)?;
         }
-        barrier(collective)?;
-        Ok(dir)
+        let blocking = started.elapsed().as_secs_f64();
+        metrics::gauge!("moxin_checkpoint_blocking_seconds").set(blocking);
+        Ok(blocking)
     }
 }

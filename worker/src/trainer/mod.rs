@@ -76,6 +76,8 @@ pub struct Trainer {
     peak_flops: Option<f64>,
     cuda: Option<Arc<crate::cuda::CudaContext>>,
     peak_memory: u64,
+    /// Seconds checkpointing held training up since the last step's metrics.
+    checkpoint_blocking_s: f64,
 }
 
 impl Trainer {
@@ -209,6 +211,7 @@ impl Trainer {
             peak_flops,
             cuda,
             peak_memory: 0,
+            checkpoint_blocking_s: 0.0,
         })
     }
 
@@ -279,6 +282,9 @@ impl Trainer {
         if !checkpoints.disabled && saved_at != Some(self.progress.step) {
             self.save_checkpoint()?;
         }
+        // The run's last checkpoint is published before anyone (a resumed run, the next
+        // generation of the group) can look for it.
+        self.checkpoints.wait()?;
         self.sync.wait_params()?;
         Ok(if self.progress.step >= train.steps { RunEnd::Finished } else { RunEnd::Stopped })
     }
@@ -361,11 +367,14 @@ impl Trainer {
             comm_exposed_s: synced.comm.exposed_s,
             mfu,
             peak_memory_bytes: self.peak_memory,
+            checkpoint_blocking_s: std::mem::take(&mut self.checkpoint_blocking_s),
+            checkpoint_write_s: self.checkpoints.take_write_seconds()?,
         })
     }
 
-    /// Writes a checkpoint of the current state (every rank of the group takes part).
-    pub fn save_checkpoint(&mut self) -> Result<PathBuf, WorkerError> {
+    /// Checkpoints the current state (every rank of the group takes part); the write
+    /// finishes in the background unless `checkpoint.synchronous`.
+    pub fn save_checkpoint(&mut self) -> Result<(), WorkerError> {
         self.sync.wait_params()?;
         let total = self.model.params.numel();
         let partitions =
@@ -374,7 +383,9 @@ impl Trainer {
         let files = self.batches.checkpoint_files();
         let progress = self.progress;
         let (collective, opt) = self.sync.collective_and_optimizer();
-        self.checkpoints.save(collective, partitions, &self.model, opt, progress, files, keep_last)
+        self.checkpoint_blocking_s +=
+            self.checkpoints.save(collective, partitions, &self.model, opt, progress, files, keep_last)?;
+        Ok(())
     }
 }
 
