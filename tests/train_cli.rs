@@ -169,6 +169,9 @@ fn asynchronous_checkpoints_equal_synchronous_ones() {
         let dir = run.join("checkpoints/step-00000006");
         let manifest: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+        let build = &manifest["build"];
+        assert!(build["torch"].as_str().unwrap().starts_with("2.11"), "{build}");
+        assert!(!build["git_commit"].as_str().unwrap().is_empty() && build["git_dirty"].is_string(), "{build}");
         files.push((std::fs::read(dir.join("model.safetensors")).unwrap(), manifest["files"].clone()));
     }
     assert!(files[0] == files[1], "asynchronous and synchronous checkpoints differ");

@@ -75,6 +75,36 @@ pub struct CheckpointManifest {
     pub optimizer: Vec<PartitionFile>,
     /// sha256 of every other file in the directory.
     pub files: std::collections::BTreeMap<String, String>,
+    /// The software that wrote it (absent in checkpoints of older builds).
+    #[serde(default)]
+    pub build: BuildInfo,
+}
+
+/// Which build wrote a checkpoint: enough to reproduce or to explain a difference.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildInfo {
+    /// moxin-train's version.
+    pub moxin_train: String,
+    /// The git commit it was built from ("unknown" outside a git checkout).
+    pub git_commit: String,
+    /// Whether that checkout had uncommitted changes ("true", "false" or "unknown").
+    pub git_dirty: String,
+    /// The libtorch version it ran on.
+    pub torch: String,
+}
+
+impl BuildInfo {
+    /// This process's build.
+    pub fn current() -> Self {
+        BuildInfo {
+            moxin_train: env!("CARGO_PKG_VERSION").into(),
+            git_commit: env!("MOXIN_GIT_COMMIT").into(),
+            git_dirty: env!("MOXIN_GIT_DIRTY").into(),
+            torch: crate::cuda::libraries::torch_lib_dir()
+                .and_then(|d| crate::cuda::libraries::torch_version(&d))
+                .unwrap_or_else(|| "unknown".into()),
+        }
+    }
 }
 
 /// A checkpoint found on disk and verified.

@@ -275,6 +275,7 @@ impl Checkpointer {
             resolved_config_toml: self.spec.resolved_config_toml.clone(),
             optimizer: Vec::new(),
             files: Default::default(),
+            build: checkpoint::BuildInfo::current(),
         };
         let run_dir = self.run_dir.clone();
         let cancel = Arc::new(AtomicBool::new(false));
