@@ -378,6 +378,11 @@ fn scale_a_running_launch_up_and_down() {
     );
     let worlds: Vec<u64> = m.iter().map(|m| m["world_size"].as_u64().unwrap()).collect();
     assert!(worlds.contains(&3) && worlds.last() == Some(&2), "{worlds:?}");
+    let generations: Vec<u64> = m.iter().map(|m| m["generation"].as_u64().unwrap()).collect();
+    assert!(
+        generations.windows(2).all(|g| g[0] <= g[1]) && generations.last() > generations.first(),
+        "{generations:?}"
+    );
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("coordinator/state.json")).unwrap()).unwrap();
     assert_eq!(state["failures"].as_u64(), Some(0), "scaling is not a failure: {state}");

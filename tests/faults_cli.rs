@@ -102,8 +102,9 @@ fn a_second_run_is_refused_and_sigterm_checkpoints_then_resumes() {
     assert_eq!(steps, (1..=stopped_at + 2).collect::<Vec<_>>(), "every step once, in order");
 }
 
-/// When every checkpoint is broken, resuming is refused (not a silent restart from step 0
-/// that would overwrite them), and the message says how to start over.
+/// When every checkpoint is broken (one truncated, one with a flipped bit), resuming is
+/// refused (not a silent restart from step 0 that would overwrite them), and the message
+/// says how to start over.
 #[test]
 fn all_checkpoints_invalid_is_refused_and_nothing_is_overwritten() {
     let tmp = tempfile::tempdir().unwrap();
@@ -116,7 +117,11 @@ fn all_checkpoints_invalid_is_refused_and_nothing_is_overwritten() {
         let file = run.join(format!("checkpoints/step-{step:08}/model.safetensors"));
         let mut bytes = std::fs::read(&file).unwrap();
         let n = bytes.len();
-        bytes[n - 3] ^= 0x55;
+        if step == 2 {
+            bytes.truncate(n / 2); // a write cut short
+        } else {
+            bytes[n - 3] ^= 0x55; // a flipped bit
+        }
         std::fs::write(&file, &bytes).unwrap();
         damaged.push((file, bytes));
     }

@@ -176,3 +176,23 @@ fn asynchronous_checkpoints_equal_synchronous_ones() {
     }
     assert!(files[0] == files[1], "asynchronous and synchronous checkpoints differ");
 }
+
+/// `checkpoint.every_seconds`: a checkpoint is due once that long has passed; with a
+/// vanishing interval one is due after every step (every_steps alone would save none).
+#[test]
+fn checkpoints_on_a_time_interval() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tiny_job(tmp.path(), 5, "");
+    let run = tmp.path().join("run");
+    let args = ["--set", "checkpoint.every_steps=0", "--set", "checkpoint.every_seconds=1e-9"];
+    let mut all = vec!["train", s(&job), "--out", s(&run)];
+    all.extend(args);
+    ok(tmp.path(), &all);
+    let blocked: Vec<bool> = metrics(&run).iter().map(|r| r["checkpoint_blocking_s"].as_f64().unwrap() > 0.0).collect();
+    assert_eq!(blocked, [false, true, true, true, true], "a save after each of steps 1-4 shows at the next step");
+    let err = fails(
+        tmp.path(),
+        &["train", s(&job), "--out", s(&tmp.path().join("x")), "--set", "checkpoint.every_seconds=-1"],
+    );
+    assert!(err.contains("checkpoint.every_seconds"), "{err}");
+}

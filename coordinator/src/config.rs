@@ -320,11 +320,13 @@ pub struct CheckpointSection {
     /// `true`: training waits while a checkpoint is written. By default (`false`) it only
     /// waits for the state to be copied off the training path.
     pub synchronous: bool,
+    /// Also save when this many seconds passed since the last checkpoint; 0 = off.
+    pub every_seconds: f64,
 }
 
 impl Default for CheckpointSection {
     fn default() -> Self {
-        CheckpointSection { every_steps: 1000, keep_last: 3, enabled: true, synchronous: false }
+        CheckpointSection { every_steps: 1000, keep_last: 3, enabled: true, synchronous: false, every_seconds: 0.0 }
     }
 }
 
@@ -546,6 +548,14 @@ impl JobConfig {
                 "cluster.heartbeat_timeout_ms",
                 &c.heartbeat_timeout_ms,
                 format!("must exceed cluster.heartbeat_interval_ms = {} (> 0)", c.heartbeat_interval_ms),
+            ));
+        }
+        let every_seconds = self.checkpoint.every_seconds;
+        if !(every_seconds.is_finite() && every_seconds >= 0.0) {
+            return Err(bad(
+                "checkpoint.every_seconds",
+                &every_seconds,
+                "must be a number of seconds >= 0 (0 = only every_steps)".into(),
             ));
         }
         if !(c.straggler_factor == 0.0 || c.straggler_factor.is_finite() && c.straggler_factor > 1.0) {

@@ -134,6 +134,7 @@ pub fn resolve_config(
             keep_last: config.checkpoint.keep_last,
             disabled: !config.checkpoint.enabled,
             synchronous: config.checkpoint.synchronous,
+            every_seconds: config.checkpoint.every_seconds,
         }),
         runtime: Some(RuntimeSpec {
             device: match config.runtime.device {

@@ -180,6 +180,7 @@ impl MetricsLog {
             "elapsed_s": m.elapsed_s,
             "step_time_s": m.step_time_s,
             "world_size": m.world_size,
+            "generation": m.generation,
             "data_cursor": m.data_cursor,
             "compute_s": m.compute_s,
             "optimizer_s": m.optimizer_s,

@@ -78,6 +78,12 @@ pub struct Trainer {
     peak_memory: u64,
     /// Seconds checkpointing held training up since the last step's metrics.
     checkpoint_blocking_s: f64,
+    /// The membership generation of this rank's group.
+    generation: u64,
+    /// When this rank last checkpointed (or started), for `checkpoint.every_seconds`.
+    last_checkpoint: Instant,
+    /// The group agreed, at the last step, that a checkpoint is due.
+    group_checkpoint: bool,
 }
 
 impl Trainer {
@@ -212,6 +218,9 @@ impl Trainer {
             cuda,
             peak_memory: 0,
             checkpoint_blocking_s: 0.0,
+            generation: assignment.generation,
+            last_checkpoint: Instant::now(),
+            group_checkpoint: false,
         })
     }
 
@@ -270,7 +279,7 @@ impl Trainer {
             if step.is_multiple_of(train.log_every_steps as u64) || step == target {
                 observer(&metrics).map_err(WorkerError::Observer)?;
             }
-            if every > 0 && step.is_multiple_of(every) {
+            if every > 0 && step.is_multiple_of(every) || self.group_checkpoint && !checkpoints.disabled {
                 self.save_checkpoint()?;
                 saved_at = Some(step);
             }
@@ -328,7 +337,10 @@ impl Trainer {
         let compute_s = started.elapsed().as_secs_f64();
         let stop = self.stop_requested.load(Ordering::Relaxed);
         let params = self.model.params.flat().shallow_clone();
-        let synced = self.sync.finish(&params, &loss, stop, lr, opt_spec.grad_clip)?;
+        let every_seconds = section!(self.spec, checkpoint).every_seconds;
+        let checkpoint_due = every_seconds > 0.0 && self.last_checkpoint.elapsed().as_secs_f64() >= every_seconds;
+        let synced = self.sync.finish(&params, &loss, (stop, checkpoint_due), lr, opt_spec.grad_clip)?;
+        self.group_checkpoint = synced.checkpoint;
         if !synced.loss.is_finite() {
             return Err(WorkerError::Diverged(format!(
                 "the loss became {} at step {}; lower optimizer.lr or check the data",
@@ -360,6 +372,7 @@ impl Trainer {
             elapsed_s: self.progress.elapsed_s,
             step_time_s,
             world_size: world as u32,
+            generation: self.generation,
             data_cursor: self.progress.cursor,
             compute_s,
             optimizer_s: (step_time_s - compute_s - synced.comm.exposed_s).max(0.0),
@@ -385,6 +398,7 @@ impl Trainer {
         let (collective, opt) = self.sync.collective_and_optimizer();
         self.checkpoint_blocking_s +=
             self.checkpoints.save(collective, partitions, &self.model, opt, progress, files, keep_last)?;
+        self.last_checkpoint = Instant::now();
         Ok(())
     }
 }

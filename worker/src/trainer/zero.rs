@@ -55,6 +55,8 @@ pub struct StepSync {
     pub loss: f64,
     /// Some rank was asked to stop.
     pub stop: bool,
+    /// Some rank asked for a checkpoint after this step (its clock says one is due).
+    pub checkpoint: bool,
     /// Collective times.
     pub comm: CommTimes,
 }
@@ -187,13 +189,14 @@ impl Zero1 {
     }
 
     /// Ends the step: waits for the buckets, agrees on the global gradient norm, the loss
-    /// (`local_loss`, this rank's share) and the stop flag, clips, runs AdamW with `lr` on
-    /// this rank's partition and all-gathers the parameters `params`.
+    /// (`local_loss`, this rank's share) and the stop and checkpoint flags (any rank's vote
+    /// carries, so all ranks act at the same step), clips, runs AdamW with `lr` on this
+    /// rank's partition and all-gathers the parameters `params`.
     pub fn finish(
         &mut self,
         params: &Tensor,
         local_loss: &Tensor,
-        stop_requested: bool,
+        (stop_requested, checkpoint_requested): (bool, bool),
         lr: f64,
         grad_clip: f64,
     ) -> Result<StepSync, WorkerError> {
@@ -211,9 +214,9 @@ impl Zero1 {
             } else {
                 own.norm_scalaropt_dtype(2, Kind::Float).square()
             };
-            let stop = f64::from(u8::from(stop_requested));
+            let flag = |b: bool| Tensor::from(f32::from(u8::from(b))).to_device(own.device());
             let stats = Tensor::stack(
-                &[sq_norm, local_loss.to_kind(Kind::Float), Tensor::from(stop as f32).to_device(own.device())],
+                &[sq_norm, local_loss.to_kind(Kind::Float), flag(stop_requested), flag(checkpoint_requested)],
                 0,
             );
             let t =
@@ -221,9 +224,10 @@ impl Zero1 {
             self.comm.add(t);
             let stats = Vec::<f64>::try_from(stats.to_kind(Kind::Double).to_device(tch::Device::Cpu))
                 .map_err(|e| WorkerError::Spec(format!("reading step statistics: {e}")))?;
-            let (grad_norm, loss, stop) = (stats[0].max(0.0).sqrt(), stats[1], stats[2] > 0.0);
+            let (grad_norm, loss, stop, checkpoint) =
+                (stats[0].max(0.0).sqrt(), stats[1], stats[2] > 0.0, stats[3] > 0.0);
             if !loss.is_finite() {
-                return Ok(StepSync { grad_norm, loss, stop, comm: self.comm });
+                return Ok(StepSync { grad_norm, loss, stop, checkpoint, comm: self.comm });
             }
             self.opt.update(&own, clip_factor(grad_norm, grad_clip), lr, params)?;
             for (stage, r) in self.gather_plan.clone() {
@@ -237,7 +241,7 @@ impl Zero1 {
                 // Completing them during the next forward would invalidate its graph.
                 self.wait_params()?;
             }
-            Ok(StepSync { grad_norm, loss, stop, comm: self.comm })
+            Ok(StepSync { grad_norm, loss, stop, checkpoint, comm: self.comm })
         })
     }
 
