@@ -166,3 +166,43 @@ fn in_place_tensor_writes_to_the_flat_buffer_break_saved_views() {
     let err = Tensor::f_run_backward(&[&y], &[&xr], false, false).expect_err("version check");
     assert!(err.to_string().contains("modified by an inplace operation"), "{err}");
 }
+
+/// A rank that does not see the run directory rank 0 sees (no shared filesystem) fails at
+/// group formation with a message saying so; the others see a group failure (the group
+/// re-forms without it) instead of breaking at the first checkpoint.
+#[test]
+fn a_rank_without_the_shared_run_directory_is_refused_at_formation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = job(tmp.path(), "shared", 2, "");
+    let mut elsewhere = spec.clone();
+    let other = tmp.path().join("not-shared");
+    std::fs::create_dir_all(&other).unwrap();
+    elsewhere.run_dir = other.display().to_string();
+    let listeners: Vec<TcpListener> = (0..2).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let peers: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let plan = GroupPlan {
+        generation: 1,
+        peers: peers.iter().map(|p| p.to_string()).collect(),
+        collective_timeout_ms: 30_000,
+        backend: CollectiveBackend::Ring,
+    };
+    let n = samples(&spec);
+    let handles: Vec<_> = listeners
+        .into_iter()
+        .zip([spec, elsewhere])
+        .enumerate()
+        .map(|(rank, (listener, spec))| {
+            let (peers, plan) = (peers.clone(), plan.clone());
+            std::thread::spawn(move || {
+                let ring = TcpRing::connect(rank, &peers, &listener, 1, Duration::from_secs(30)).unwrap();
+                let a = assignment(&spec, n, &plan, 2, rank as u32);
+                Trainer::new(&spec, &a, Box::new(RingCollective::new(ring)), cpu(Kind::Float))
+                    .err()
+                    .map(|e| e.to_string())
+            })
+        })
+        .collect();
+    let errors: Vec<String> = handles.into_iter().map(|h| h.join().unwrap().expect("formation must fail")).collect();
+    assert!(errors[0].starts_with("collective:") && errors[0].contains("1 rank(s) do not see"), "{}", errors[0]);
+    assert!(errors[1].contains("rank 1 does not see") && errors[1].contains("shared filesystem"), "{}", errors[1]);
+}

@@ -14,6 +14,7 @@
 
 pub mod batch;
 pub mod checkpointing;
+mod group_checks;
 pub mod objective;
 pub mod step;
 pub mod zero;
@@ -177,11 +178,17 @@ impl Trainer {
             sync.opt.use_fused_kernel(k.clone());
         }
         let checkpoints = Checkpointer::new(spec);
+        group_checks::check_shared_run_dir(
+            sync.collective(),
+            checkpoints.run_dir(),
+            assignment.generation,
+            placement.device,
+        )?;
         if rank == 0 {
             checkpoints.sweep();
         }
         let restored = checkpoints.restore_latest(&mut model, &mut sync.opt)?;
-        agree_on_restored_step(sync.collective(), restored.map_or(0, |p| p.step), placement.device)?;
+        group_checks::agree_on_restored_step(sync.collective(), restored.map_or(0, |p| p.step), placement.device)?;
         // Every rank starts from rank 0's parameters, whatever happened before.
         let params = model.params.flat().shallow_clone();
         sync.collective()
@@ -401,32 +408,4 @@ impl Trainer {
         self.last_checkpoint = Instant::now();
         Ok(())
     }
-}
-
-/// Every rank of a new group must continue from the same checkpoint. By construction they
-/// do (a group forms only once all its members have left their previous group, whose
-/// checkpoint is published by then), but a shared filesystem that shows a new directory
-/// late would break that silently; this check turns it into a group failure, and the
-/// group re-forms. Rank 0's step is broadcast in exact 16-bit halves, every rank compares,
-/// and a sum of mismatches tells all ranks the same verdict.
-fn agree_on_restored_step(collective: &mut dyn Collective, step: u64, device: tch::Device) -> Result<(), WorkerError> {
-    if collective.world_size() == 1 {
-        return Ok(());
-    }
-    let comm = |e: crate::collective::CollectiveError| WorkerError::Collective(e.to_string());
-    let halves = |s: u64| [(s & 0xffff) as f32, ((s >> 16) & 0xffff) as f32, ((s >> 32) & 0xffff) as f32];
-    let root = Tensor::from_slice(&halves(step)).to_device(device);
-    collective.broadcast(&root, 0).and_then(|w| w.wait()).map_err(comm)?;
-    let root = Vec::<f32>::try_from(root.to_device(tch::Device::Cpu)).map_err(WorkerError::Torch)?;
-    let mismatch = f32::from(root != halves(step));
-    let votes = Tensor::from_slice(&[mismatch]).to_device(device);
-    collective.all_reduce(&votes, crate::collective::ReduceOp::Sum).and_then(|w| w.wait()).map_err(comm)?;
-    let disagree = votes.double_value(&[0]);
-    if disagree > 0.0 {
-        return Err(WorkerError::Collective(format!(
-            "{disagree} rank(s) found another newest checkpoint than rank 0 (this rank: step {step}); \
-             the run directory must be one shared filesystem that all workers see alike"
-        )));
-    }
-    Ok(())
 }
