@@ -285,3 +285,37 @@ fn nonsense_arguments_are_refused_clearly() {
     assert!(err.contains("expected a URL like http://"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(10), "a malformed URL was retried");
 }
+
+/// Pruning never removes the checkpoint just published in favour of a newer, broken one
+/// (which the resume skipped): with keep_last = 1 the run still resumes afterwards.
+#[test]
+fn pruning_keeps_the_newest_valid_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tiny_job(tmp.path(), 10, "");
+    let run = tmp.path().join("run");
+    let every = ["--set", "checkpoint.every_steps=2", "--set", "checkpoint.keep_last=1"];
+    let mut args = vec!["train", s(&job), "--out", s(&run), "--stop-after", "4"];
+    args.extend(every);
+    ok(tmp.path(), &args);
+    assert_eq!(checkpoint_steps(&run), [4]);
+    let newest = run.join("checkpoints/step-00000004/model.safetensors");
+    let mut bytes = std::fs::read(&newest).unwrap();
+    // Step 4 broken, and a valid step 2 beside it (from a second run of the same job).
+    let run2 = tmp.path().join("run2");
+    let mut first = vec!["train", s(&job), "--out", s(&run2), "--stop-after", "2"];
+    first.extend(every);
+    ok(tmp.path(), &first);
+    std::fs::rename(run2.join("checkpoints/step-00000002"), run.join("checkpoints/step-00000002")).unwrap();
+    let n = bytes.len();
+    bytes[n - 3] ^= 0x55;
+    std::fs::write(&newest, &bytes).unwrap();
+    // Resumes from 2 (skipping 4), stops at 3 and publishes it with keep_last = 1.
+    let mut resume = vec!["train", s(&job), "--out", s(&run), "--stop-after", "3"];
+    resume.extend(every);
+    ok(tmp.path(), &resume);
+    assert_eq!(checkpoint_steps(&run), [3, 4], "step 3 kept, the broken step 4 left to be overwritten");
+    let mut again = vec!["train", s(&job), "--out", s(&run), "--stop-after", "6"];
+    again.extend(every);
+    ok(tmp.path(), &again);
+    assert_eq!(checkpoint_steps(&run), [6]);
+}

@@ -435,6 +435,9 @@ impl CoordinatorService {
             collective_timeout_ms: self.job.config.cluster.collective_timeout_ms,
             backend,
         };
+        // The new generation is on disk before anyone hears of it: a coordinator restarted
+        // in between never hands out the same generation twice.
+        self.persist(s);
         for w in s.workers.values_mut() {
             w.rank = None;
         }
@@ -660,9 +663,10 @@ impl Coordinator for CoordinatorService {
         let mut s = self.lock();
         // Steps a replaced group trained before it stopped (they are in the checkpoint the
         // next group starts from), and steps trained while the coordinator was away: logged
-        // when they continue the log; a later group that redoes them overwrites them.
+        // when they are newer than the log's last; a later group that redoes them
+        // overwrites them.
         if req.backfill || (req.generation != s.membership.generation() && !req.finished) {
-            if let Some(m) = req.metrics.filter(|m| m.step == s.metrics.last_step() + 1) {
+            if let Some(m) = req.metrics.filter(|m| m.step > s.metrics.last_step()) {
                 s.metrics.append(&m).map_err(|e| Status::internal(format!("{}: {e}", s.metrics.path().display())))?;
                 s.progress.last = Some(m);
             }

@@ -59,7 +59,9 @@ struct Supervisor {
 }
 
 impl Supervisor {
-    fn spawn(&self, slot: u32, own_gpus: bool) -> Result<tokio::process::Child> {
+    /// Starts worker `slot`; with `gpus` visible GPUs, slots below that count get their own.
+    fn spawn(&self, slot: u32, gpus: usize) -> Result<tokio::process::Child> {
+        let own_gpus = (slot as usize) < gpus && gpus >= self.workers as usize;
         let mut cmd = tokio::process::Command::new(&self.exe);
         cmd.args(["worker", "--coordinator", &self.url]).kill_on_drop(true);
         // With a GPU per worker, worker i trains on GPU i (LOCAL_RANK, as torchrun sets it);
@@ -77,7 +79,6 @@ impl Supervisor {
 
     async fn run(self) {
         let gpus = if moxin_worker::device::cuda_available() { moxin_worker::device::cuda_device_count() } else { 0 };
-        let own_gpus = gpus >= self.workers as usize;
         let mut desired = self.service.desired_workers();
         let mut running = tokio::task::JoinSet::new();
         let mut slots: std::collections::BTreeSet<u32> = Default::default();
@@ -88,7 +89,7 @@ impl Supervisor {
             if !self.service.phase().borrow().is_over() {
                 while (slots.len() as u32) < wanted {
                     let slot = (0..).find(|s| !slots.contains(s)).unwrap_or(0);
-                    match self.spawn(slot, own_gpus) {
+                    match self.spawn(slot, gpus) {
                         Ok(mut child) => {
                             slots.insert(slot);
                             running.spawn(async move { (slot, child.wait().await) });

@@ -3,7 +3,7 @@
 //! not share a thread with the async runtime), and reports progress over gRPC.
 
 use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -179,7 +179,17 @@ async fn run_async(opts: AgentOptions) -> Result<AgentEnd, WorkerError> {
     // the next step with a checkpoint, and the worker registers again once it is back (a
     // restarted coordinator continues the job from state.json and the checkpoint).
     loop {
-        let mut client = match connect(&opts.coordinator, opts.connect_timeout).await {
+        let connecting = async {
+            tokio::select! {
+                client = connect(&opts.coordinator, opts.connect_timeout) => Some(client),
+                _ = signalled(&opts.signals) => None,
+            }
+        };
+        let Some(connected) = connecting.await else {
+            // Already stopped with a checkpoint when the coordinator was lost (if it was).
+            return Ok(AgentEnd::Stopped("stopped by a signal while waiting for the coordinator".into()));
+        };
+        let mut client = match connected {
             Ok(client) => client,
             Err(e) => {
                 return Err(match lost {
@@ -203,6 +213,13 @@ async fn run_async(opts: AgentOptions) -> Result<AgentEnd, WorkerError> {
             }
             other => return other,
         }
+    }
+}
+
+/// Resolves once a stop signal arrived.
+async fn signalled(signals: &StopSignals) {
+    while signals.received().is_none() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -250,7 +267,7 @@ async fn session(
     }
 
     let step = Arc::new(Progress::default());
-    let forgotten = Arc::new(AtomicBool::new(false));
+    let forgotten = Arc::new(AtomicU8::new(Forgotten::No as u8));
     let interval = Duration::from_millis(registered.heartbeat_interval_ms.max(10) as u64);
     let heartbeat =
         tokio::spawn(heartbeats(client.clone(), worker_id.clone(), step.clone(), interval, forgotten.clone()));
@@ -271,6 +288,7 @@ async fn session(
         last: None,
         unreported: Vec::new(),
         leaving: false,
+        collective_id: None,
     };
     let result = agent.drive().await;
     let result = agent.wind_down(result).await;
@@ -303,9 +321,10 @@ async fn heartbeats(
     worker_id: String,
     step: Arc<Progress>,
     interval: Duration,
-    forgotten: Arc<AtomicBool>,
+    forgotten: Arc<AtomicU8>,
 ) {
     let mut tick = tokio::time::interval(interval);
+    let mut failures = 0;
     loop {
         tick.tick().await;
         let sent_unix_nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
@@ -320,12 +339,34 @@ async fn heartbeats(
             Ok(_) => metrics::histogram!("moxin_heartbeat_rtt_seconds").record(started.elapsed().as_secs_f64()),
             Err(e) if e.code() == tonic::Code::NotFound => {
                 tracing::error!("{}", e.message());
-                forgotten.store(true, Ordering::Relaxed);
+                forgotten.store(Forgotten::Dropped as u8, Ordering::Relaxed);
                 return;
             }
-            Err(e) => tracing::warn!("heartbeat failed: {}", e.message()),
+            Err(e) => {
+                failures += 1;
+                tracing::warn!("heartbeat failed ({failures} in a row): {}", e.message());
+                // A coordinator whose host died or is cut off never closes the connection:
+                // ten silent intervals in a row mean it is gone.
+                if failures >= 10 {
+                    forgotten.store(Forgotten::Unreachable as u8, Ordering::Relaxed);
+                    return;
+                }
+                continue;
+            }
         }
+        failures = 0;
     }
+}
+
+/// What the heartbeats found out about the coordinator.
+#[repr(u8)]
+enum Forgotten {
+    /// All is well.
+    No = 0,
+    /// It no longer knows this worker.
+    Dropped = 1,
+    /// It stopped answering.
+    Unreachable = 2,
 }
 
 /// What the heartbeats tell the coordinator about this worker's training.
@@ -357,8 +398,8 @@ struct Agent {
     step: Arc<Progress>,
     device: Option<tch::Device>,
     signals: StopSignals,
-    /// Set when the coordinator no longer knows this worker.
-    forgotten: Arc<AtomicBool>,
+    /// Set by the heartbeats when the coordinator dropped this worker or stopped answering.
+    forgotten: Arc<AtomicU8>,
     training: Option<Training>,
     /// A newer generation's assignment, started once the running one has stopped.
     pending: Option<Assignment>,
@@ -374,6 +415,8 @@ struct Agent {
     unreported: Vec<StepMetrics>,
     /// This worker leaves on purpose (a signal, or released by the coordinator).
     leaving: bool,
+    /// The newest generation's NCCL id, as the coordinator relayed it.
+    collective_id: Option<(u64, Vec<u8>)>,
 }
 
 impl Agent {
@@ -396,10 +439,14 @@ impl Agent {
             };
             tokio::select! {
                 _ = poll.tick() => {
-                    if self.forgotten.load(Ordering::Relaxed) {
-                        return Err(WorkerError::Coordinator(
+                    match self.forgotten.load(Ordering::Relaxed) {
+                        x if x == Forgotten::Dropped as u8 => return Err(WorkerError::Coordinator(
                             "the coordinator dropped this worker (it was declared lost); start it again to rejoin".into(),
-                        ));
+                        )),
+                        x if x == Forgotten::Unreachable as u8 => return Err(WorkerError::CoordinatorLost(
+                            "the coordinator stopped answering heartbeats".into(),
+                        )),
+                        _ => {}
                     }
                     if let (None, Some(signal)) = (&self.stop_reason, self.signals.received()) {
                         tracing::warn!("{signal}: stopping at the next step boundary (checkpointing first)");
@@ -457,8 +504,10 @@ impl Agent {
             }
             Some(event::Kind::CollectiveId(c)) => {
                 if let Some(t) = self.training.as_ref().filter(|t| t.assignment.generation == c.generation) {
-                    let _ = t.ids.send(c.id);
+                    let _ = t.ids.send(c.id.clone());
                 }
+                // Kept for a pending generation whose thread has not started yet.
+                self.collective_id = Some((c.generation, c.id));
             }
             Some(event::Kind::Release(r)) => {
                 tracing::info!(reason = %r.reason, "released by the coordinator: leaving at the next step boundary");
@@ -540,6 +589,14 @@ impl Agent {
                             return Ok(Some(AgentEnd::Stopped(reason.clone())));
                         }
                         tracing::info!(step, generation, "the group stopped for a new generation");
+                    }
+                    Err(WorkerError::Collective(e)) if self.stop_reason.is_some() || self.finished => {
+                        // Stopping or finished anyway: nothing to re-form for.
+                        tracing::warn!(generation, "the group broke while ending: {e}");
+                        return Ok(Some(match &self.stop_reason {
+                            Some(reason) => AgentEnd::Stopped(reason.clone()),
+                            None => AgentEnd::Done,
+                        }));
                     }
                     Err(WorkerError::Collective(e)) => {
                         // The group broke (a member died or hung); this worker is fine.
@@ -651,6 +708,9 @@ impl Agent {
                 let _ = tx.send(TrainMsg::Ended(result));
             })
             .map_err(|e| WorkerError::Setup(format!("cannot start the training thread: {e}")))?;
+        if let Some((_, id)) = self.collective_id.as_ref().filter(|(g, _)| *g == a.generation) {
+            let _ = ids_tx.send(id.clone());
+        }
         self.training = Some(Training { assignment: a, messages, ids: ids_tx, stop });
         Ok(())
     }

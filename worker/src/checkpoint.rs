@@ -305,14 +305,23 @@ pub fn wait_for_partitions(
     step: u64,
     count: usize,
     cancelled: &std::sync::atomic::AtomicBool,
+    deadline: std::time::Instant,
 ) -> Result<bool, WorkerError> {
     let dir = staging_dir(run_dir, step);
     loop {
-        if (0..count).all(|i| dir.join(partition_file(i)).exists()) {
+        let missing: Vec<usize> = (0..count).filter(|i| !dir.join(partition_file(*i)).exists()).collect();
+        if missing.is_empty() {
             return Ok(true);
         }
         if cancelled.load(std::sync::atomic::Ordering::Relaxed) {
             return Ok(false);
+        }
+        if std::time::Instant::now() > deadline {
+            // A rank died while writing: the group is broken, and this checkpoint with it.
+            return Err(WorkerError::Collective(format!(
+                "checkpoint of step {step}: rank(s) {missing:?} did not write their optimizer partitions in time; \
+                 the checkpoint is abandoned"
+            )));
         }
         if !dir.exists() {
             return Err(WorkerError::Checkpoint { path: dir, reason: "the staging directory vanished".into() });
@@ -363,7 +372,10 @@ pub fn publish(req: SaveRequest<'_>) -> Result<PathBuf, WorkerError> {
     }
     sync_dir(&root)?;
 
-    for (_, dir) in list(req.run_dir)?.into_iter().skip(req.keep_last.max(1)) {
+    // Only checkpoints older than this one count: a newer, broken one (skipped at resume)
+    // must not push the one just published out.
+    let older = list(req.run_dir)?.into_iter().filter(|(step, _)| *step < manifest.step);
+    for (_, dir) in older.skip(req.keep_last.max(1) - 1) {
         tracing::debug!(dir = %dir.display(), "pruning old checkpoint");
         std::fs::remove_dir_all(&dir).map_err(|e| WorkerError::io(&dir, e))?;
     }

@@ -54,6 +54,8 @@ pub struct Checkpointer {
     /// Where the optimizer partition and (rank 0) the model are copied at a checkpoint.
     optimizer_snapshot: Snapshot,
     model_snapshot: Snapshot,
+    /// How long rank 0 waits for the others' partitions beyond its own write time.
+    partition_timeout: std::time::Duration,
 }
 
 struct Writing {
@@ -124,6 +126,7 @@ impl Checkpointer {
             completed_write_s: 0.0,
             optimizer_snapshot: Snapshot::default(),
             model_snapshot: Snapshot::default(),
+            partition_timeout: std::time::Duration::from_secs(60),
         }
     }
 
@@ -147,6 +150,12 @@ impl Checkpointer {
             self.wait()?;
         }
         Ok(std::mem::take(&mut self.completed_write_s))
+    }
+
+    /// Sets how long rank 0 waits for the other ranks' partition files beyond its own
+    /// write time (the group's collective timeout).
+    pub fn set_partition_timeout(&mut self, timeout: std::time::Duration) {
+        self.partition_timeout = timeout;
     }
 
     /// The run directory.
@@ -278,6 +287,7 @@ impl Checkpointer {
             build: checkpoint::BuildInfo::current(),
         };
         let run_dir = self.run_dir.clone();
+        let partition_timeout = self.partition_timeout;
         let cancel = Arc::new(AtomicBool::new(false));
         let cancelled = cancel.clone();
         let step = progress.step;
@@ -285,7 +295,10 @@ impl Checkpointer {
             let began = Instant::now();
             checkpoint::write_partition(&run_dir, step, rank, &state)?;
             if rank == 0 {
-                if !checkpoint::wait_for_partitions(&run_dir, step, partitions.len(), &cancelled)? {
+                // The others write partitions of the same size: allow them several times
+                // this rank's write, plus the collective timeout, before calling them lost.
+                let deadline = Instant::now() + began.elapsed() * 4 + partition_timeout;
+                if !checkpoint::wait_for_partitions(&run_dir, step, partitions.len(), &cancelled, deadline)? {
                     return Ok(began.elapsed().as_secs_f64());
                 }
                 let dir = checkpoint::publish(SaveRequest {

@@ -177,7 +177,11 @@ impl Trainer {
         if let Some(k) = &kernels {
             sync.opt.use_fused_kernel(k.clone());
         }
-        let checkpoints = Checkpointer::new(spec);
+        let mut checkpoints = Checkpointer::new(spec);
+        if assignment.collective_timeout_ms > 0 {
+            checkpoints
+                .set_partition_timeout(std::time::Duration::from_millis(assignment.collective_timeout_ms as u64));
+        }
         group_checks::check_shared_run_dir(
             sync.collective(),
             checkpoints.run_dir(),
