@@ -144,12 +144,11 @@ fn relaunching_a_finished_run_says_already_finished() {
         let mut args = vec![cmd, s(&job), "--out", s(&run)];
         args.extend(&extra);
         ok(tmp.path(), &args);
-        let started = Instant::now();
         let out = finish(spawn(&args, "info"), 60);
         let err = stderr_of(&out);
         assert!(out.status.success(), "{cmd}: {err}");
         assert!(err.contains("already finished"), "{cmd}: {err}");
-        assert!(started.elapsed() < Duration::from_secs(20), "{cmd} took {:?} to do nothing", started.elapsed());
+        assert!(!err.contains("waiting for workers") && !err.contains("training 3 steps"), "{cmd} started work: {err}");
         assert_eq!(metrics(&run).len(), 3, "{cmd}: no step logged again");
     }
 }
@@ -280,10 +279,9 @@ fn nonsense_arguments_are_refused_clearly() {
     let err = fails(tmp.path(), &["eval", s(&ckpt), "--data", s(&other)]);
     assert!(err.contains("another tokenizer"), "{err}");
 
-    let started = Instant::now();
     let err = fails(tmp.path(), &["worker", "--coordinator", "localhost:50051"]);
     assert!(err.contains("expected a URL like http://"), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(10), "a malformed URL was retried");
+    assert!(!err.contains("cannot reach"), "a malformed URL was tried as an address: {err}");
 }
 
 /// Pruning never removes the checkpoint just published in favour of a newer, broken one

@@ -62,7 +62,8 @@ fn train_solo(spec: &JobSpec, kind: Kind) -> (Tensor, Vec<f64>) {
 }
 
 /// Trains `spec` on `world` ranks (threads) over the CPU ring; returns each rank's parameters.
-fn train_group(spec: &JobSpec, world: u32) -> Vec<Tensor> {
+/// Listeners, addresses and the generation-1 ring plan of a group of `world` local ranks.
+fn ring_group(world: u32) -> (Vec<TcpListener>, Vec<SocketAddr>, GroupPlan) {
     let listeners: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
     let peers: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
     let plan = GroupPlan {
@@ -71,6 +72,11 @@ fn train_group(spec: &JobSpec, world: u32) -> Vec<Tensor> {
         collective_timeout_ms: 30_000,
         backend: CollectiveBackend::Ring,
     };
+    (listeners, peers, plan)
+}
+
+fn train_group(spec: &JobSpec, world: u32) -> Vec<Tensor> {
+    let (listeners, peers, plan) = ring_group(world);
     let n = samples(spec);
     let handles: Vec<_> = listeners
         .into_iter()
@@ -178,14 +184,7 @@ fn a_rank_without_the_shared_run_directory_is_refused_at_formation() {
     let other = tmp.path().join("not-shared");
     std::fs::create_dir_all(&other).unwrap();
     elsewhere.run_dir = other.display().to_string();
-    let listeners: Vec<TcpListener> = (0..2).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    let peers: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-    let plan = GroupPlan {
-        generation: 1,
-        peers: peers.iter().map(|p| p.to_string()).collect(),
-        collective_timeout_ms: 30_000,
-        backend: CollectiveBackend::Ring,
-    };
+    let (listeners, peers, plan) = ring_group(2);
     let n = samples(&spec);
     let handles: Vec<_> = listeners
         .into_iter()
