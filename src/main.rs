@@ -40,6 +40,8 @@ enum Command {
     Worker(WorkerArgs),
     /// Change the worker count of a running job (`launch` starts or releases processes).
     Scale(ScaleArgs),
+    /// Ask a running job to checkpoint at its next step boundary (e.g. before maintenance).
+    Checkpoint(CheckpointArgs),
     /// What this machine can run: libtorch, CUDA devices, NCCL, the backend a worker would use.
     Doctor(DoctorArgs),
     /// Measurements used by bench/*.sh.
@@ -90,6 +92,17 @@ enum BenchCommand {
         /// Compute capability, e.g. 90 for Hopper.
         #[arg(long, default_value_t = 90)]
         arch: u32,
+    },
+    /// Writing rank 0's share of a checkpoint (model + optimizer partition, hashed while
+    /// written) against the usual serialise, fsync, read back and hash, in the same run.
+    CheckpointWrite {
+        /// Directory to write into (on the disk checkpoints go to).
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        #[arg(long, default_value_t = 2048)]
+        mib: usize,
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
     },
     /// Every NCCL collective on a world of one (needs a GPU and NCCL).
     Nccl {
@@ -170,6 +183,12 @@ struct ScaleArgs {
     /// Workers to train with from now on.
     #[arg(long)]
     workers: u32,
+}
+
+#[derive(Args)]
+struct CheckpointArgs {
+    /// The job's run directory or its coordinator's URL (as for `scale`).
+    target: String,
 }
 
 #[derive(Args)]
@@ -339,6 +358,7 @@ fn run(cli: Cli) -> Result<i32> {
             )
         }
         Command::Scale(a) => commands::cluster::scale(&a.target, a.workers),
+        Command::Checkpoint(a) => commands::cluster::checkpoint(&a.target),
         Command::Doctor(a) => commands::doctor(a.json),
         Command::Eval(a) => commands::eval(&a.checkpoint, &a.data, a.batches, a.batch_size),
         Command::Data(DataCommand::Prepare(a)) => commands::prepare(moxin_data::PrepareOptions {
@@ -377,6 +397,9 @@ fn run(cli: Cli) -> Result<i32> {
             commands::bench::print(moxin_worker::selftest::fused_kernels(device))
         }
         Command::Bench(BenchCommand::CompileKernels { arch }) => commands::bench::compile_kernels(arch),
+        Command::Bench(BenchCommand::CheckpointWrite { dir, mib, repeats }) => {
+            commands::bench::print(moxin_worker::selftest::checkpoint_write(&dir, mib, repeats))
+        }
         Command::Bench(BenchCommand::Nccl { device }) => {
             commands::bench::print(moxin_worker::selftest::nccl_world_of_one(device))
         }

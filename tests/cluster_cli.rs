@@ -330,9 +330,10 @@ fn ctrl_c_is_a_clean_stop_and_the_run_resumes() {
     assert_eq!(steps, (1..=60).collect::<Vec<_>>());
 }
 
-/// `scale` on a running `launch`: 2 → 3 workers (a third process starts and joins at a
-/// step boundary) → 2 (one is released and leaves after a checkpoint). No step is lost or
-/// repeated, and nothing counts as a failure. Impossible sizes are refused, naming why.
+/// `checkpoint` and `scale` on a running `launch`: a checkpoint on request (the schedule
+/// would save only at step 1000), then 2 → 3 workers (a third process starts and joins at
+/// a step boundary) → 2 (one is released and leaves after a checkpoint). No step is lost
+/// or repeated, and nothing counts as a failure. Impossible sizes are refused, naming why.
 #[test]
 fn scale_a_running_launch_up_and_down() {
     let tmp = tempfile::tempdir().unwrap();
@@ -346,6 +347,13 @@ fn scale_a_running_launch_up_and_down() {
         .spawn()
         .unwrap();
     let (_, generation) = wait_for_state_step(&run, 4);
+    let said = ok(tmp.path(), &["checkpoint", s(&run)]);
+    assert!(said.contains("checkpoint requested after step"), "{said}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while moxin_layout::checkpoint::latest_valid(&run).ok().flatten().is_none() {
+        assert!(Instant::now() < deadline, "no checkpoint after `moxin-train checkpoint`");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let err = crate::common::fails(tmp.path(), &["scale", s(&run), "--workers", "5"]);
     assert!(err.contains("5 workers") && err.contains("global_batch_size"), "{err}");
     let err = crate::common::fails(tmp.path(), &["scale", s(&run), "--workers", "0"]);

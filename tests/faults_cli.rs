@@ -190,22 +190,56 @@ fn a_finished_cluster_job_exits_0_everywhere() {
 
 /// SIGKILL of the coordinator: the workers notice, stop together at the next step with a
 /// checkpoint, try to reconnect, and exit with an error naming the coordinator when it
-/// stays away, never a panic or a hang.
+/// stays away, never a panic or a hang; the next coordinator publishes their checkpoint.
 #[test]
 fn killing_the_coordinator_stops_the_workers_cleanly() {
     let tmp = tempfile::tempdir().unwrap();
-    let (run, _, mut coordinator, workers) = cluster(tmp.path(), 100_000, "2", "warn");
+    let (run, args, mut coordinator, workers) = cluster(tmp.path(), 100_000, "2", "warn");
     wait_for_steps(&run, 2, &mut coordinator);
     coordinator.kill().unwrap();
     coordinator.wait().unwrap();
+    let mut stopped_at = Vec::new();
     for (i, w) in workers.into_iter().enumerate() {
         let out = finish(w, 90);
         let err = stderr_of(&out);
         assert_eq!(out.status.code(), Some(1), "worker {i}: {err}");
         assert!(!err.contains("panicked"), "worker {i} panicked: {err}");
-        assert!(err.contains("training stopped at step") && err.contains("did not come back"), "worker {i}: {err}");
+        assert!(err.contains("did not come back"), "worker {i}: {err}");
+        let step = err.split("training stopped at step ").nth(1).and_then(|t| t.split(' ').next());
+        stopped_at.push(step.and_then(|s| s.parse::<u64>().ok()).unwrap_or_else(|| panic!("worker {i}: {err}")));
     }
-    assert!(!checkpoint_steps(&run).is_empty(), "the workers left no checkpoint");
+    assert_eq!(stopped_at[0], stopped_at[1], "the ranks stop at one step");
+    // Every rank wrote its part of that checkpoint, but nobody was left to commit it: the
+    // next coordinator of the run directory publishes it, so nothing trained is lost.
+    let mut again = spawn(&args.iter().map(String::as_str).collect::<Vec<_>>(), "warn");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !checkpoint_steps(&run).contains(&stopped_at[0]) {
+        assert!(Instant::now() < deadline, "step {} never published: {:?}", stopped_at[0], checkpoint_steps(&run));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    again.kill().unwrap();
+    again.wait().unwrap();
+    moxin_layout::checkpoint::latest_valid(&run).unwrap().expect("a valid checkpoint");
+}
+
+/// A coordinator that hangs (SIGSTOP: it keeps its connections but never answers) is
+/// found by the workers' unanswered heartbeats; they stop with a checkpoint and give up
+/// after `--connect-timeout`, never hanging with it.
+#[test]
+fn a_hung_coordinator_is_detected_by_heartbeats() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (run, _, mut coordinator, workers) = cluster(tmp.path(), 100_000, "2", "warn");
+    wait_for_steps(&run, 2, &mut coordinator);
+    Command::new("kill").args(["-STOP", &coordinator.id().to_string()]).status().unwrap();
+    let outcomes: Vec<Output> = workers.into_iter().map(|w| finish(w, 120)).collect();
+    Command::new("kill").args(["-CONT", &coordinator.id().to_string()]).status().unwrap();
+    coordinator.kill().unwrap();
+    coordinator.wait().unwrap();
+    for (i, out) in outcomes.iter().enumerate() {
+        let err = stderr_of(out);
+        assert_eq!(out.status.code(), Some(1), "worker {i}: {err}");
+        assert!(err.contains("stopped answering heartbeats") && err.contains("did not come back"), "worker {i}: {err}");
+    }
 }
 
 /// The coordinator SIGKILLed and started again: it reloads state.json (generations keep

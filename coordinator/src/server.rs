@@ -14,11 +14,12 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use moxin_layout::checkpoint::{CheckpointError, Commits};
 use moxin_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use moxin_proto::v1::{
-    event, Ack, CollectiveBackend, CollectiveId, DeviceInfo, Event, FailureReport, HeartbeatRequest, HeartbeatResponse,
-    RegisterRequest, RegisterResponse, Release, ScaleRequest, ScaleResponse, StepMetrics, StepReport, Stop,
-    WatchRequest, WorkerIdentity,
+    event, Ack, CheckpointNow, CheckpointPart, CheckpointRequest, CheckpointResponse, CollectiveBackend, CollectiveId,
+    DeviceInfo, Event, FailureReport, HeartbeatRequest, HeartbeatResponse, RegisterRequest, RegisterResponse, Release,
+    ScaleRequest, ScaleResponse, StepMetrics, StepReport, Stop, WatchRequest, WorkerIdentity,
 };
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
@@ -100,6 +101,8 @@ pub struct CoordinatorService {
     previous: Option<PreviousRun>,
     /// The worker count wanted now (`launch` starts processes to match).
     desired_tx: Arc<watch::Sender<u32>>,
+    /// Checkpoints being committed (a lock of its own: commits do file I/O).
+    commits: Arc<Mutex<Commits>>,
 }
 
 /// What an earlier coordinator of the same run directory left in `state.json`.
@@ -145,6 +148,12 @@ impl CoordinatorService {
         }
         let (phase_tx, _) = watch::channel(Phase::Admitting);
         let (desired_tx, _) = watch::channel(max_workers);
+        let mut commits = Commits::new(&job.run_dir);
+        // A checkpoint every rank wrote but the previous coordinator did not live to publish;
+        // then its last generation may still complete one (its workers report again after
+        // reconnecting); older ones never will.
+        commits.recover();
+        commits.abandon_before(previous.as_ref().map_or(0, |p| p.generation));
         let service = CoordinatorService {
             job: Arc::new(job),
             state: Arc::new(Mutex::new(State {
@@ -167,6 +176,7 @@ impl CoordinatorService {
             state_file,
             previous,
             desired_tx: Arc::new(desired_tx),
+            commits: Arc::new(Mutex::new(commits)),
         };
         if service.already_finished().is_none() {
             service.persist(&service.lock());
@@ -429,6 +439,7 @@ impl CoordinatorService {
             }
         };
         s.collective_id = None;
+        self.commits.lock().unwrap_or_else(|p| p.into_inner()).abandon_before(generation);
         let group = GroupPlan {
             generation,
             peers: members.iter().filter_map(|id| s.workers.get(id)).map(|w| w.collective_address.clone()).collect(),
@@ -758,6 +769,55 @@ impl Coordinator for CoordinatorService {
             self.lose(&mut s, &req.worker_id, &format!("{who} failed: {}", req.message));
         }
         Ok(Response::new(Ack {}))
+    }
+
+    async fn commit_checkpoint(&self, request: Request<CheckpointPart>) -> Result<Response<Ack>, Status> {
+        let part = request.into_inner();
+        {
+            let s = self.lock();
+            if !s.workers.contains_key(&part.worker_id) {
+                return Err(unknown(&part.worker_id));
+            }
+            check_generation(part.generation, s.membership.generation())?;
+        }
+        let (step, rank) = (part.step, part.rank);
+        let commits = self.commits.clone();
+        let added = tokio::task::spawn_blocking(move || commits.lock().unwrap_or_else(|p| p.into_inner()).add(part))
+            .await
+            .map_err(|e| Status::internal(format!("the checkpoint committer failed: {e}")))?;
+        match added {
+            Ok(Some(dir)) => tracing::info!(step, dir = %dir.display(), "checkpoint published"),
+            Ok(None) => tracing::debug!(step, rank, "checkpoint part reported"),
+            // The group re-formed between the generation check and the commit.
+            Err(CheckpointError::Superseded { generation, by, .. }) => {
+                return Err(check_generation(generation, by).unwrap_err())
+            }
+            Err(e) => {
+                tracing::warn!(step, rank, "checkpoint not committed: {e}");
+                return Err(Status::invalid_argument(format!("checkpoint of step {step} not committed: {e}")));
+            }
+        }
+        Ok(Response::new(Ack {}))
+    }
+
+    async fn request_checkpoint(
+        &self,
+        request: Request<CheckpointRequest>,
+    ) -> Result<Response<CheckpointResponse>, Status> {
+        let reason = request.into_inner().reason;
+        let s = self.lock();
+        if *s.membership.phase() != Phase::Training {
+            return Err(Status::failed_precondition(format!(
+                "no group is training now (the job is {:?}); nothing to checkpoint",
+                s.membership.phase()
+            )));
+        }
+        let (generation, step) = (s.membership.generation(), s.progress.last.map_or(s.start_step, |m| m.step));
+        tracing::info!(generation, step, %reason, "checkpoint requested: the group saves at its next step boundary");
+        for w in s.workers.values().filter(|w| w.rank.is_some()) {
+            send(w, Event { kind: Some(event::Kind::Checkpoint(CheckpointNow { reason: reason.clone() })) });
+        }
+        Ok(Response::new(CheckpointResponse { generation, step }))
     }
 
     async fn scale(&self, request: Request<ScaleRequest>) -> Result<Response<ScaleResponse>, Status> {

@@ -2,7 +2,8 @@
 //! ([`ModelShape`]), its parameters ([`ParamDecl`], grouped into autograd leaves by
 //! [`ParamGroup`]), where each sits in the flat parameter buffer ([`FlatLayout`]), how
 //! ZeRO-1 splits that buffer over ranks ([`zero1_partitions`]), and what training it costs
-//! in FLOPs and per-GPU memory ([`memory`]).
+//! in FLOPs and per-GPU memory ([`memory`]), and how checkpoints of it are laid out on disk,
+//! written and committed ([`checkpoint`]).
 //!
 //! The coordinator (which never links libtorch) plans partitions and validates jobs with it;
 //! the worker's `ParamStore` lays out tensors with it; `model-info` and `plan` print it; the
@@ -11,6 +12,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod checkpoint;
 mod flat;
 pub mod memory;
 mod params;

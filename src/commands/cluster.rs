@@ -207,6 +207,42 @@ pub fn worker(
 
 /// `scale`: asks the job's coordinator to train with `workers` workers.
 pub fn scale(target: &str, workers: u32) -> Result<()> {
+    let url = coordinator_of(target)?;
+    runtime()?.block_on(async {
+        let reply = connect_to(&url)
+            .await?
+            .scale(moxin_proto::v1::ScaleRequest { workers })
+            .await
+            .map_err(|s| anyhow!("the coordinator refused: {}", s.message()))?
+            .into_inner();
+        println!("scaled to {} worker(s); the group re-forms at its next step boundary", reply.max_workers);
+        Ok(())
+    })
+}
+
+/// `checkpoint`: asks the job's training group to checkpoint at its next step boundary.
+pub fn checkpoint(target: &str) -> Result<()> {
+    let url = coordinator_of(target)?;
+    runtime()?.block_on(async {
+        let reason =
+            format!("`moxin-train checkpoint` from {}", std::env::var("USER").unwrap_or_else(|_| "a user".into()));
+        let reply = connect_to(&url)
+            .await?
+            .request_checkpoint(moxin_proto::v1::CheckpointRequest { reason })
+            .await
+            .map_err(|s| anyhow!("the coordinator refused: {}", s.message()))?
+            .into_inner();
+        println!(
+            "checkpoint requested after step {} (generation {}); it appears under checkpoints/ once written",
+            reply.step, reply.generation
+        );
+        Ok(())
+    })
+}
+
+/// The coordinator URL of `target`: a coordinator URL, or a run directory whose
+/// `coordinator/state.json` names a running job's coordinator.
+fn coordinator_of(target: &str) -> Result<String> {
     let url = if target.starts_with("http://") || target.starts_with("https://") {
         target.to_string()
     } else {
@@ -226,19 +262,15 @@ pub fn scale(target: &str, workers: u32) -> Result<()> {
             .with_context(|| format!("{}: no coordinator_url (is the job running?)", state.display()))?
             .to_string()
     };
-    let runtime = runtime()?;
-    runtime.block_on(async {
-        let mut client = moxin_proto::v1::coordinator_client::CoordinatorClient::connect(url.clone())
-            .await
-            .with_context(|| format!("cannot reach the coordinator at {url}; is the job running?"))?;
-        let reply = client
-            .scale(moxin_proto::v1::ScaleRequest { workers })
-            .await
-            .map_err(|s| anyhow!("the coordinator refused: {}", s.message()))?
-            .into_inner();
-        println!("scaled to {} worker(s); the group re-forms at its next step boundary", reply.max_workers);
-        Ok(())
-    })
+    Ok(url)
+}
+
+async fn connect_to(
+    url: &str,
+) -> Result<moxin_proto::v1::coordinator_client::CoordinatorClient<tonic::transport::Channel>> {
+    moxin_proto::v1::coordinator_client::CoordinatorClient::connect(url.to_string())
+        .await
+        .with_context(|| format!("cannot reach the coordinator at {url}; is the job running?"))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

@@ -65,7 +65,7 @@ pub fn evaluate(
     let mut model = Transformer::new(shape.clone(), Kind::Float, device);
     model
         .params
-        .load_named(&ckpt.model_tensors()?)
+        .load_named(&crate::checkpoint::model_tensors(&ckpt)?)
         .map_err(|reason| WorkerError::Checkpoint { path: checkpoint_dir.join(MODEL_FILE), reason })?;
     let seq_len = ckpt.manifest.seq_len;
     let data = TokenDataset::open(data_dir, seq_len, shape.vocab_size, true)?;

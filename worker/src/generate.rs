@@ -110,7 +110,7 @@ pub fn generate_text(
     let mut model = Transformer::new(ckpt.manifest.model.clone(), Kind::Float, device);
     model
         .params
-        .load_named(&ckpt.model_tensors()?)
+        .load_named(&crate::checkpoint::model_tensors(&ckpt)?)
         .map_err(|reason| crate::WorkerError::Checkpoint { path: checkpoint_dir.join(MODEL_FILE), reason })?;
     let mut ids: Vec<i64> = tokenizer.encode(prompt)?.into_iter().map(i64::from).collect();
     if let Some(bos) = tokenizer.bos_id.filter(|_| ids.is_empty()) {

@@ -1,6 +1,7 @@
-//! Checks that need a GPU, run by `moxin-train bench kernels` and `moxin-train bench
-//! nccl` (and so by `scripts/gpu-check.sh`): each fused kernel against its ATen
-//! equivalent on the same inputs, with timings; every NCCL collective on a world of one.
+//! Measurements behind `moxin-train bench`: checks that need a GPU (run by
+//! `scripts/gpu-check.sh`: each fused kernel against its ATen equivalent on the same
+//! inputs, with timings; every NCCL collective on a world of one), and checkpoint writing
+//! against the usual way, in the same run.
 
 use std::time::{Duration, Instant};
 
@@ -148,4 +149,69 @@ pub fn nccl_world_of_one(ordinal: usize) -> Result<Value, WorkerError> {
     }
     let all_ok = results.iter().all(|r| r["ok"] == true);
     Ok(json!({"nccl_version": version, "world_size": 1, "all_ok": all_ok, "results": results}))
+}
+
+/// Rank 0's share of a checkpoint of `mib` MiB (one third bf16 model, two thirds fp32
+/// optimizer partition, in 64 MiB tensors of random values) written into `dir` the way
+/// checkpoints are written ([`crate::checkpoint::write_rank_files`]: files in parallel,
+/// hashed while written) against the way they were written before, which is the usual
+/// way (libtorch's safetensors serialiser, fsync, then sha256 read back from the file).
+/// Alternates the two `repeats` times; reports the best of each, GB/s and the ratio.
+pub fn checkpoint_write(dir: &std::path::Path, mib: usize, repeats: usize) -> Result<Value, WorkerError> {
+    use crate::checkpoint::{sha256_file_for_bench as sha256, write_rank_files, MODEL_FILE};
+    if mib == 0 || repeats == 0 {
+        return Err(WorkerError::Spec("--mib and --repeats must be at least 1".into()));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| WorkerError::io(dir, e))?;
+    let tensors = |kind: Kind, bytes: usize, prefix: &str| -> Vec<(String, Tensor)> {
+        let per = (64usize << 20) / kind.elt_size_in_bytes();
+        let mut left = bytes / kind.elt_size_in_bytes();
+        let mut out = Vec::new();
+        while left > 0 {
+            let n = left.min(per);
+            out.push((format!("{prefix}.{}", out.len()), Tensor::randn([n as i64], (kind, Device::Cpu))));
+            left -= n;
+        }
+        out
+    };
+    let bytes = mib << 20;
+    let model = tensors(Kind::BFloat16, bytes / 3, "model");
+    let state = tensors(Kind::Float, bytes - bytes / 3, "state");
+    let total: usize = model.iter().chain(&state).map(|(_, t)| t.numel() * t.kind().elt_size_in_bytes()).sum();
+    let (mut ours, mut reference) = (f64::INFINITY, f64::INFINITY);
+    for i in 0..repeats {
+        let staging = dir.join(format!("bench-ours-{i}"));
+        std::fs::create_dir_all(&staging).map_err(|e| WorkerError::io(&staging, e))?;
+        let t = Instant::now();
+        let model_copy: Vec<(String, Tensor)> = model.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+        write_rank_files(&staging, "optimizer.part-00000.safetensors", &state, model_copy, &[])?;
+        ours = ours.min(t.elapsed().as_secs_f64());
+        let _ = std::fs::remove_dir_all(&staging);
+
+        let staging = dir.join(format!("bench-reference-{i}"));
+        std::fs::create_dir_all(&staging).map_err(|e| WorkerError::io(&staging, e))?;
+        let t = Instant::now();
+        for (file, tensors) in [("optimizer.part-00000.safetensors", &state), (MODEL_FILE, &model)] {
+            let path = staging.join(file);
+            let named: Vec<(&str, Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t.shallow_clone())).collect();
+            Tensor::write_safetensors(&named, &path)?;
+            std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(|e| WorkerError::io(&path, e))?;
+        }
+        for file in ["optimizer.part-00000.safetensors", MODEL_FILE] {
+            sha256(&staging.join(file))?;
+        }
+        reference = reference.min(t.elapsed().as_secs_f64());
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    let gbps = |s: f64| total as f64 / 1e9 / s;
+    Ok(json!({
+        "dir": dir.display().to_string(),
+        "bytes": total,
+        "repeats": repeats,
+        "ours_s": ours,
+        "ours_gb_per_s": gbps(ours),
+        "reference_s": reference,
+        "reference_gb_per_s": gbps(reference),
+        "speedup": reference / ours,
+    }))
 }

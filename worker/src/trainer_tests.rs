@@ -4,12 +4,14 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use moxin_coordinator::plan::{assignment, solo_assignment, GroupPlan};
 use moxin_proto::v1::{CollectiveBackend, JobSpec};
 use tch::{Device, Kind, Tensor};
 
+use crate::checkpoint::{Committer, LocalCommits};
 use crate::collective::ring::TcpRing;
 use crate::collective::{RingCollective, Solo};
 use crate::device::Placement;
@@ -44,6 +46,12 @@ fn samples(spec: &JobSpec) -> u64 {
     dataset.num_samples()
 }
 
+/// The process commits its own checkpoints (one committer per run directory, shared by
+/// every rank of an in-process group).
+fn local_commits(spec: &JobSpec) -> Arc<dyn Committer> {
+    Arc::new(LocalCommits::new(Path::new(&spec.run_dir)))
+}
+
 fn cpu(kind: Kind) -> Placement {
     Placement { device: Device::Cpu, kind }
 }
@@ -51,7 +59,7 @@ fn cpu(kind: Kind) -> Placement {
 /// Trains `spec` to the end in one process; returns the parameters (as fp32) and losses.
 fn train_solo(spec: &JobSpec, kind: Kind) -> (Tensor, Vec<f64>) {
     let a = solo_assignment(spec, samples(spec));
-    let mut t = Trainer::new(spec, &a, Box::new(Solo), cpu(kind)).unwrap();
+    let mut t = Trainer::new(spec, &a, Box::new(Solo), cpu(kind), local_commits(spec)).unwrap();
     let mut losses = Vec::new();
     t.run(None, &mut |m| {
         losses.push(m.loss);
@@ -78,15 +86,17 @@ fn ring_group(world: u32) -> (Vec<TcpListener>, Vec<SocketAddr>, GroupPlan) {
 fn train_group(spec: &JobSpec, world: u32) -> Vec<Tensor> {
     let (listeners, peers, plan) = ring_group(world);
     let n = samples(spec);
+    let commits = local_commits(spec);
     let handles: Vec<_> = listeners
         .into_iter()
         .enumerate()
         .map(|(rank, listener)| {
-            let (spec, peers, plan) = (spec.clone(), peers.clone(), plan.clone());
+            let (spec, peers, plan, commits) = (spec.clone(), peers.clone(), plan.clone(), commits.clone());
             std::thread::spawn(move || {
                 let ring = TcpRing::connect(rank, &peers, &listener, 1, Duration::from_secs(30)).unwrap();
                 let a = assignment(&spec, n, &plan, world, rank as u32);
-                let mut t = Trainer::new(&spec, &a, Box::new(RingCollective::new(ring)), cpu(Kind::Float)).unwrap();
+                let mut t =
+                    Trainer::new(&spec, &a, Box::new(RingCollective::new(ring)), cpu(Kind::Float), commits).unwrap();
                 t.run(None, &mut |_| Ok(())).unwrap();
                 t.model.params.flat().narrow(0, 0, t.model.params.numel()).copy()
             })
@@ -195,7 +205,8 @@ fn a_rank_without_the_shared_run_directory_is_refused_at_formation() {
             std::thread::spawn(move || {
                 let ring = TcpRing::connect(rank, &peers, &listener, 1, Duration::from_secs(30)).unwrap();
                 let a = assignment(&spec, n, &plan, 2, rank as u32);
-                Trainer::new(&spec, &a, Box::new(RingCollective::new(ring)), cpu(Kind::Float))
+                let commits = local_commits(&spec);
+                Trainer::new(&spec, &a, Box::new(RingCollective::new(ring)), cpu(Kind::Float), commits)
                     .err()
                     .map(|e| e.to_string())
             })

@@ -1,26 +1,25 @@
 //! The checkpoint coordinator: saving a group's state at one step and resuming from it.
 //!
-//! Saving in a group: rank 0 stages `checkpoints/.tmp-step-N`; after a barrier every rank
-//! copies its optimizer partition (and rank 0 the model) off the training path into host
-//! memory and hands the copy to a background writer, and training goes on. Each writer
-//! writes its partition (named finally only once complete); rank 0's writes the model,
-//! waits for every partition, hashes everything, writes the manifest last and publishes by
-//! renaming. At most one checkpoint per rank is in flight: the next save, and the end of a
+//! Saving in a group: every rank copies its optimizer partition (and rank 0 the model) off
+//! the training path into host memory and hands the copy to a background writer, and
+//! training goes on. Each writer writes its files into the generation's staging directory,
+//! hashing while writing, and reports them to the [`Committer`] (the coordinator, or this
+//! process in `train`), which writes the manifest last and publishes once every rank has
+//! reported. At most one checkpoint per rank is in flight: the next save, and the end of a
 //! run, wait for the previous one. `checkpoint.synchronous = true` waits at once (and ends
-//! with a barrier), as everything did before. Resuming: the newest checkpoint that
-//! verifies, if it fits this job (same model, data, sequence length and seed); its
-//! optimizer partitions load into any partitioning, so a run can resume at another world
-//! size.
+//! with a barrier, so the checkpoint is published when `save` returns). Resuming: the newest
+//! checkpoint that verifies, if it fits this job (same model, data, sequence length and
+//! seed); its optimizer partitions load into any partitioning, so a run can resume at
+//! another world size.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use moxin_proto::v1::JobSpec;
+use moxin_proto::v1::{CheckpointPart, JobSpec};
 use tch::Tensor;
 
-use crate::checkpoint::{self, CheckpointManifest, RngState, SaveRequest};
+use crate::checkpoint::{self, CheckpointManifest, Committed, Committer, RngState};
 use crate::collective::Collective;
 use crate::model::Transformer;
 use crate::optim::AdamW;
@@ -54,21 +53,20 @@ pub struct Checkpointer {
     /// Where the optimizer partition and (rank 0) the model are copied at a checkpoint.
     optimizer_snapshot: Snapshot,
     model_snapshot: Snapshot,
-    /// How long rank 0 waits for the others' partitions beyond its own write time.
-    partition_timeout: std::time::Duration,
+    /// The membership generation of this rank's group (names the staging directory).
+    generation: u64,
+    /// Where finished files are reported.
+    committer: Arc<dyn Committer>,
 }
 
 struct Writing {
     step: u64,
     handle: std::thread::JoinHandle<Result<f64, WorkerError>>,
-    /// Tells rank 0's writer to stop waiting for partitions (the group is gone).
-    cancel: Arc<AtomicBool>,
 }
 
 impl Drop for Checkpointer {
     fn drop(&mut self) {
         if let Some(w) = self.writing.take() {
-            w.cancel.store(true, Ordering::Relaxed);
             match w.handle.join() {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => tracing::warn!(step = w.step, "checkpoint not completed: {e}"),
@@ -117,8 +115,9 @@ impl Snapshot {
 }
 
 impl Checkpointer {
-    /// The checkpoints of `spec`'s run directory.
-    pub fn new(spec: &JobSpec) -> Self {
+    /// The checkpoints of `spec`'s run directory, saved by a group of generation
+    /// `generation` and committed by `committer`.
+    pub fn new(spec: &JobSpec, generation: u64, committer: Arc<dyn Committer>) -> Self {
         Checkpointer {
             run_dir: PathBuf::from(&spec.run_dir),
             spec: spec.clone(),
@@ -126,7 +125,8 @@ impl Checkpointer {
             completed_write_s: 0.0,
             optimizer_snapshot: Snapshot::default(),
             model_snapshot: Snapshot::default(),
-            partition_timeout: std::time::Duration::from_secs(60),
+            generation,
+            committer,
         }
     }
 
@@ -152,20 +152,9 @@ impl Checkpointer {
         Ok(std::mem::take(&mut self.completed_write_s))
     }
 
-    /// Sets how long rank 0 waits for the other ranks' partition files beyond its own
-    /// write time (the group's collective timeout).
-    pub fn set_partition_timeout(&mut self, timeout: std::time::Duration) {
-        self.partition_timeout = timeout;
-    }
-
     /// The run directory.
     pub fn run_dir(&self) -> &Path {
         &self.run_dir
-    }
-
-    /// Removes temporary directories of interrupted saves (rank 0 does this at start).
-    pub fn sweep(&self) {
-        checkpoint::sweep_temporaries(&self.run_dir);
     }
 
     /// Loads the newest valid checkpoint into `model` and `opt`, if there is one; refuses
@@ -211,14 +200,14 @@ impl Checkpointer {
                 self.spec.seed
             )));
         }
-        let tensors = ckpt.model_tensors()?;
+        let tensors = checkpoint::model_tensors(&ckpt)?;
         model
             .params
             .load_named(&tensors)
             .map_err(|reason| WorkerError::Checkpoint { path: ckpt.dir.join(checkpoint::MODEL_FILE), reason })?;
         let mut restored = 0;
         for i in 0..m.optimizer.len() {
-            let (part, tensors) = ckpt.optimizer_part(i)?;
+            let (part, tensors) = checkpoint::optimizer_part(&ckpt, i)?;
             restored += opt
                 .load_overlap(part.start, part.end, &tensors)
                 .map_err(|reason| WorkerError::Checkpoint { path: ckpt.dir.join(&part.file), reason })?;
@@ -254,11 +243,6 @@ impl Checkpointer {
         self.wait()?;
         let waited = started.elapsed().as_secs_f64();
         let (rank, world) = (collective.rank(), collective.world_size());
-        let barrier = |c: &mut dyn Collective| c.barrier().map_err(|e| WorkerError::Collective(e.to_string()));
-        if rank == 0 {
-            checkpoint::stage(&self.run_dir, progress.step)?;
-        }
-        barrier(collective)?;
         let copying = Instant::now();
         let state = self.optimizer_snapshot.take(&opt.state_tensors());
         let model_state = if rank == 0 { self.model_snapshot.take(&model.params.named_tensors()) } else { Vec::new() };
@@ -284,36 +268,43 @@ impl Checkpointer {
             resolved_config_toml: self.spec.resolved_config_toml.clone(),
             optimizer: Vec::new(),
             files: Default::default(),
-            build: checkpoint::BuildInfo::current(),
+            build: checkpoint::build_info(),
         };
-        let run_dir = self.run_dir.clone();
-        let partition_timeout = self.partition_timeout;
-        let cancel = Arc::new(AtomicBool::new(false));
-        let cancelled = cancel.clone();
+        let (start, end) = partitions[rank];
+        let mut part = CheckpointPart {
+            worker_id: String::new(),
+            generation: self.generation,
+            step: progress.step,
+            rank: rank as u32,
+            world_size: world as u32,
+            files: Vec::new(),
+            partition_file: checkpoint::partition_file(rank),
+            partition_start: start,
+            partition_end: end,
+            manifest_json: if rank == 0 {
+                serde_json::to_string(&manifest).map_err(|e| WorkerError::Spec(format!("checkpoint manifest: {e}")))?
+            } else {
+                String::new()
+            },
+            keep_last: keep_last as u32,
+        };
+        // The model and the files copied in are rank 0's to write.
+        let extra_files = if rank == 0 { extra_files } else { Vec::new() };
+        let staging = checkpoint::staging_dir(&self.run_dir, progress.step, self.generation);
+        let committer = self.committer.clone();
         let step = progress.step;
         let write = move || -> Result<f64, WorkerError> {
             let began = Instant::now();
-            checkpoint::write_partition(&run_dir, step, rank, &state)?;
-            if rank == 0 {
-                // The others write partitions of the same size: allow them several times
-                // this rank's write, plus the collective timeout, before calling them lost.
-                let deadline = Instant::now() + began.elapsed() * 4 + partition_timeout;
-                if !checkpoint::wait_for_partitions(&run_dir, step, partitions.len(), &cancelled, deadline)? {
-                    return Ok(began.elapsed().as_secs_f64());
+            std::fs::create_dir_all(&staging).map_err(|e| WorkerError::io(&staging, e))?;
+            part.files =
+                checkpoint::write_rank_files(&staging, &part.partition_file, &state, model_state, &extra_files)?;
+            checkpoint::record_part(&staging, &part)?;
+            match committer.commit(part)? {
+                Committed::Accepted => {}
+                Committed::Published(dir) => {
+                    tracing::info!(step, dir = %dir.display(), secs = began.elapsed().as_secs_f64(), "checkpoint saved");
                 }
-                let dir = checkpoint::publish(SaveRequest {
-                    run_dir: &run_dir,
-                    manifest,
-                    model: model_state,
-                    partitions,
-                    extra_files,
-                    keep_last,
-                })?;
-                tracing::info!(step, dir = %dir.display(), secs = began.elapsed().as_secs_f64(), "checkpoint saved");
-                metrics::gauge!("moxin_last_checkpoint_step").set(step as f64);
-                metrics::gauge!("moxin_last_checkpoint_timestamp_seconds").set(
-                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
-                );
+                Committed::Abandoned(why) => tracing::warn!(step, "checkpoint abandoned: {why}"),
             }
             Ok(began.elapsed().as_secs_f64())
         };
@@ -321,10 +312,10 @@ impl Checkpointer {
             .name(format!("moxin-ckpt-{step}"))
             .spawn(write)
             .map_err(|e| WorkerError::Setup(format!("cannot start the checkpoint writer: {e}")))?;
-        self.writing = Some(Writing { step, handle, cancel });
+        self.writing = Some(Writing { step, handle });
         if synchronous {
             self.wait()?;
-            barrier(collective)?;
+            collective.barrier().map_err(|e| WorkerError::Collective(e.to_string()))?;
         }
         let blocking = started.elapsed().as_secs_f64();
         metrics::gauge!("moxin_checkpoint_blocking_seconds").set(blocking);

@@ -33,6 +33,7 @@ pub use self::batch::{Batch, BatchSource, PretrainWindows};
 pub use self::checkpointing::{Checkpointer, Progress};
 pub use self::objective::{CrossEntropy, Objective};
 pub use self::zero::Zero1;
+use crate::checkpoint::Committer;
 use crate::collective::Collective;
 use crate::device::Placement;
 use crate::model::Transformer;
@@ -70,6 +71,9 @@ pub struct Trainer {
     /// Set (from any thread) to stop at the next step boundary; the ranks agree on it
     /// through the per-step all-reduce, so all stop at the same step.
     pub stop_requested: Arc<AtomicBool>,
+    /// Set (from any thread) to checkpoint at the next step boundary (the coordinator
+    /// asked); agreed on like a stop.
+    pub checkpoint_requested: Arc<AtomicBool>,
     group_stop: bool,
     engine: step::EngineOptions,
     profile: bool,
@@ -91,11 +95,13 @@ impl Trainer {
     /// Builds the model, data and optimizer partition for `spec` as the rank `assignment`
     /// places this process at, talking to the others through `collective`, on `placement`;
     /// resumes from the newest valid checkpoint in the run directory if there is one.
+    /// Checkpoints are committed by `committer`.
     pub fn new(
         spec: &JobSpec,
         assignment: &Assignment,
         collective: Box<dyn Collective>,
         placement: Placement,
+        committer: Arc<dyn Committer>,
     ) -> Result<Self, WorkerError> {
         let model_spec = section!(spec, model);
         let data_spec = section!(spec, data);
@@ -177,20 +183,13 @@ impl Trainer {
         if let Some(k) = &kernels {
             sync.opt.use_fused_kernel(k.clone());
         }
-        let mut checkpoints = Checkpointer::new(spec);
-        if assignment.collective_timeout_ms > 0 {
-            checkpoints
-                .set_partition_timeout(std::time::Duration::from_millis(assignment.collective_timeout_ms as u64));
-        }
+        let checkpoints = Checkpointer::new(spec, assignment.generation, committer);
         group_checks::check_shared_run_dir(
             sync.collective(),
             checkpoints.run_dir(),
             assignment.generation,
             placement.device,
         )?;
-        if rank == 0 {
-            checkpoints.sweep();
-        }
         let restored = checkpoints.restore_latest(&mut model, &mut sync.opt)?;
         group_checks::agree_on_restored_step(sync.collective(), restored.map_or(0, |p| p.step), placement.device)?;
         // Every rank starts from rank 0's parameters, whatever happened before.
@@ -222,6 +221,7 @@ impl Trainer {
             resumed_from: restored.map(|p| p.step),
             progress: restored.unwrap_or_default(),
             stop_requested: Default::default(),
+            checkpoint_requested: Default::default(),
             group_stop: false,
             engine: step::EngineOptions { recompute: runtime.recompute() == runtime_spec::Recompute::Blocks, kernels },
             profile: runtime.profile,
@@ -303,9 +303,13 @@ impl Trainer {
             self.save_checkpoint()?;
         }
         // The run's last checkpoint is published before anyone (a resumed run, the next
-        // generation of the group) can look for it.
+        // generation of the group) can look for it: every rank's report has been answered
+        // once all have passed the barrier, and the last report answered published it.
         self.checkpoints.wait()?;
         self.sync.wait_params()?;
+        if self.sync.collective().world_size() > 1 {
+            self.sync.collective().barrier().map_err(|e| WorkerError::Collective(e.to_string()))?;
+        }
         Ok(if self.progress.step >= train.steps { RunEnd::Finished } else { RunEnd::Stopped })
     }
 
@@ -349,7 +353,8 @@ impl Trainer {
         let stop = self.stop_requested.load(Ordering::Relaxed);
         let params = self.model.params.flat().shallow_clone();
         let every_seconds = section!(self.spec, checkpoint).every_seconds;
-        let checkpoint_due = every_seconds > 0.0 && self.last_checkpoint.elapsed().as_secs_f64() >= every_seconds;
+        let checkpoint_due = every_seconds > 0.0 && self.last_checkpoint.elapsed().as_secs_f64() >= every_seconds
+            || self.checkpoint_requested.swap(false, Ordering::Relaxed);
         let synced = self.sync.finish(&params, &loss, (stop, checkpoint_due), lr, opt_spec.grad_clip)?;
         self.group_checkpoint = synced.checkpoint;
         if !synced.loss.is_finite() {

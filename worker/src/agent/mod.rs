@@ -3,24 +3,28 @@
 //! not share a thread with the async runtime), and reports progress over gRPC.
 
 use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use moxin_proto::v1::coordinator_client::CoordinatorClient;
 use moxin_proto::v1::{
-    event, Assignment, CollectiveBackend, CollectiveId, DeviceInfo, FailureReport, HeartbeatRequest, JobSpec,
+    event, Assignment, CheckpointPart, CollectiveBackend, CollectiveId, DeviceInfo, FailureReport, JobSpec,
     RegisterRequest, StepMetrics, StepReport, WatchRequest, WorkerIdentity,
 };
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
+use crate::checkpoint::{Committed, Committer};
 use crate::collective::nccl::{self, NcclCollective};
 use crate::collective::ring::TcpRing;
 use crate::collective::{Collective, RingCollective, Solo};
 use crate::driver::StopSignals;
 use crate::trainer::{RunEnd, Trainer};
 use crate::WorkerError;
+
+mod link;
+use link::{check_url, connect, guarded, heartbeats, rpc_error, stale_or, timed, Forgotten, Progress, RPC_TIMEOUT};
 
 /// How a worker process connects.
 #[derive(Debug, Clone)]
@@ -58,6 +62,47 @@ enum TrainMsg {
     CollectiveId(Vec<u8>),
     /// The training thread is done: how, and at which step.
     Ended(Result<(RunEnd, u64), WorkerError>),
+    /// A checkpoint writer finished this rank's files: the coordinator commits them.
+    Checkpoint(CheckpointPart, std::sync::mpsc::Sender<Result<Committed, WorkerError>>),
+}
+
+/// A cluster worker's checkpoint files are committed by the coordinator: the writer thread
+/// hands its report to the agent, which owns the connection, and waits for the answer.
+struct CoordinatorCommits {
+    agent: mpsc::UnboundedSender<TrainMsg>,
+}
+
+impl Committer for CoordinatorCommits {
+    fn commit(&self, part: CheckpointPart) -> Result<Committed, WorkerError> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        let gone = || Committed::Abandoned("the worker is shutting down".into());
+        if self.agent.send(TrainMsg::Checkpoint(part, reply)).is_err() {
+            return Ok(gone());
+        }
+        answer.recv().unwrap_or_else(|_| Ok(gone()))
+    }
+}
+
+/// What one coordinator session hands to the next.
+#[derive(Default)]
+struct Carry {
+    /// The newest generation this worker was assigned to.
+    generation: u64,
+    backlog: Backlog,
+    /// Since when the coordinator has been away (cleared once a registration succeeds): a
+    /// hung coordinator accepts connections but never answers, so the deadline covers
+    /// connecting and registering together.
+    lost_since: Option<Instant>,
+}
+
+/// What a worker could not tell a coordinator that went away, told to the next one.
+#[derive(Default)]
+struct Backlog {
+    /// Steps trained as rank 0 that could not be reported.
+    steps: Vec<StepMetrics>,
+    /// Checkpoint files that could not be reported: a restarted coordinator still at
+    /// their generation commits them.
+    parts: Vec<CheckpointPart>,
 }
 
 /// The GPU this worker would train on and whether it can load NCCL, for registration.
@@ -106,61 +151,6 @@ pub fn run(opts: AgentOptions) -> Result<AgentEnd, WorkerError> {
     runtime.block_on(run_async(opts))
 }
 
-/// A coordinator URL must be `http://host:port` (or https); anything else is a typo that
-/// no amount of retrying fixes.
-fn check_url(url: &str) -> Result<(), WorkerError> {
-    let bad = |why: &str| {
-        WorkerError::Coordinator(format!("--coordinator {url:?} {why}; expected a URL like http://10.0.0.1:50051"))
-    };
-    let uri: tonic::codegen::http::Uri = url.parse().map_err(|e| bad(&format!("is not a URL ({e})")))?;
-    match uri.scheme_str() {
-        Some("http" | "https") => {}
-        Some(other) => return Err(bad(&format!("has scheme {other:?}"))),
-        None => return Err(bad("has no scheme")),
-    }
-    if uri.host().is_none_or(str::is_empty) {
-        return Err(bad("has no host"));
-    }
-    Ok(())
-}
-
-fn rpc_error(what: &str, status: tonic::Status) -> WorkerError {
-    use tonic::Code;
-    match status.code() {
-        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded => WorkerError::CoordinatorLost(
-            format!("lost the connection over {what} ({}); is the coordinator still running?", status.message()),
-        ),
-        _ => WorkerError::Coordinator(format!("refused {what}: {}", status.message())),
-    }
-}
-
-async fn connect(url: &str, timeout: Duration) -> Result<CoordinatorClient<Channel>, WorkerError> {
-    let started = Instant::now();
-    let mut last_said = Instant::now();
-    loop {
-        match CoordinatorClient::connect(url.to_string()).await {
-            Ok(client) => return Ok(client),
-            Err(e) if started.elapsed() < timeout => {
-                // Workers often start before their coordinator: say so now and then, not at every try.
-                if last_said.elapsed() >= Duration::from_secs(5) {
-                    tracing::warn!(
-                        "coordinator {url} not reachable yet ({e}); retrying for {:.0} s more",
-                        (timeout - started.elapsed()).as_secs_f64()
-                    );
-                    last_said = Instant::now();
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => {
-                return Err(WorkerError::Coordinator(format!(
-                    "cannot reach {url} after {:.0} s: {e}; check the address and that the coordinator is running",
-                    timeout.as_secs_f64()
-                )))
-            }
-        }
-    }
-}
-
 async fn run_async(opts: AgentOptions) -> Result<AgentEnd, WorkerError> {
     let listener = TcpListener::bind(&opts.collective_listen)
         .map_err(|e| WorkerError::Setup(format!("--collective-listen {}: {e}", opts.collective_listen)))?;
@@ -172,16 +162,16 @@ async fn run_async(opts: AgentOptions) -> Result<AgentEnd, WorkerError> {
         )));
     }
     let listener = Arc::new(listener);
-    let mut generation = 0;
-    let mut unreported = Vec::new();
+    let mut carry = Carry::default();
     let mut lost: Option<String> = None;
     // One session per coordinator incarnation: when the coordinator dies, training stops at
     // the next step with a checkpoint, and the worker registers again once it is back (a
     // restarted coordinator continues the job from state.json and the checkpoint).
     loop {
+        let budget = opts.connect_timeout.saturating_sub(carry.lost_since.map_or(Duration::ZERO, |t| t.elapsed()));
         let connecting = async {
             tokio::select! {
-                client = connect(&opts.coordinator, opts.connect_timeout) => Some(client),
+                client = connect(&opts.coordinator, budget) => Some(client),
                 _ = signalled(&opts.signals) => None,
             }
         };
@@ -204,11 +194,28 @@ async fn run_async(opts: AgentOptions) -> Result<AgentEnd, WorkerError> {
         if let Some(why) = &lost {
             tracing::warn!("reconnected to the coordinator after: {why}");
         }
-        let result =
-            session(&opts, &mut client, listener.clone(), collective_address, &mut generation, &mut unreported).await;
+        let result = session(
+            &opts,
+            &mut client,
+            listener.clone(),
+            collective_address,
+            &mut carry,
+            budget.max(Duration::from_secs(1)),
+        )
+        .await;
         match result {
             Err(WorkerError::CoordinatorLost(why)) if opts.signals.received().is_none() => {
-                tracing::warn!("{why}; reconnecting for up to {:.0} s", opts.connect_timeout.as_secs_f64());
+                let since = *carry.lost_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= opts.connect_timeout {
+                    return Err(WorkerError::CoordinatorLost(format!(
+                        "{why}; it did not come back within {:.0} s (--connect-timeout)",
+                        opts.connect_timeout.as_secs_f64()
+                    )));
+                }
+                tracing::warn!(
+                    "{why}; reconnecting for up to {:.0} s",
+                    (opts.connect_timeout - since.elapsed()).as_secs_f64()
+                );
                 lost = Some(why);
             }
             other => return other,
@@ -230,8 +237,8 @@ async fn session(
     client: &mut CoordinatorClient<Channel>,
     listener: Arc<TcpListener>,
     collective_address: SocketAddr,
-    generation: &mut u64,
-    unreported: &mut Vec<StepMetrics>,
+    carry: &mut Carry,
+    budget: Duration,
 ) -> Result<AgentEnd, WorkerError> {
     let (devices, nccl_version) = local_devices(opts.device);
     let identity = WorkerIdentity {
@@ -243,27 +250,39 @@ async fn session(
                 ^ (std::process::id() as u64) << 40
         ),
     };
-    let registered = client
-        .register(RegisterRequest {
+    let registered = timed(
+        RPC_TIMEOUT.min(budget),
+        client.register(RegisterRequest {
             identity: Some(identity),
             software_version: moxin_proto::SOFTWARE_VERSION.into(),
             cpu_cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
             devices,
             collective_address: collective_address.to_string(),
             nccl_version,
-        })
-        .await
-        .map_err(|s| rpc_error("the registration", s))?
-        .into_inner();
+        }),
+    )
+    .await
+    .map_err(|s| rpc_error("the registration", s))?
+    .into_inner();
+    carry.lost_since = None;
     let worker_id = registered.worker_id.clone();
     let job = registered.job.ok_or_else(|| WorkerError::Spec("registration returned no job".into()))?;
     tracing::info!(worker = %worker_id, job = %job.name, "registered");
     // Steps this worker trained as rank 0 while the coordinator was away, before any new
     // group reports (the coordinator logs only those that continue its log).
-    for m in unreported.drain(..) {
+    for m in carry.backlog.steps.drain(..) {
         let request =
             StepReport { worker_id: worker_id.clone(), metrics: Some(m), backfill: true, ..Default::default() };
-        client.report_step(request).await.map_err(|s| rpc_error("a backfilled step report", s))?;
+        timed(RPC_TIMEOUT, client.report_step(request)).await.map_err(|s| rpc_error("a backfilled step report", s))?;
+    }
+    // Before any new group can form (which abandons older generations' checkpoints).
+    for mut part in carry.backlog.parts.drain(..) {
+        part.worker_id = worker_id.clone();
+        let step = part.step;
+        match timed(RPC_TIMEOUT, client.commit_checkpoint(part)).await {
+            Ok(_) => tracing::info!(step, "reported this rank's checkpoint files to the coordinator again"),
+            Err(status) => tracing::warn!(step, "the checkpoint of step {step} is abandoned: {}", status.message()),
+        }
     }
 
     let step = Arc::new(Progress::default());
@@ -282,23 +301,23 @@ async fn session(
         forgotten,
         training: None,
         pending: None,
-        generation: *generation,
+        generation: carry.generation,
         stop_reason: None,
         finished: false,
         last: None,
-        unreported: Vec::new(),
+        backlog: Backlog::default(),
         leaving: false,
         collective_id: None,
     };
     let result = agent.drive().await;
     let result = agent.wind_down(result).await;
-    *generation = agent.generation;
-    *unreported = std::mem::take(&mut agent.unreported);
+    carry.generation = agent.generation;
+    carry.backlog = std::mem::take(&mut agent.backlog);
     heartbeat.abort();
     match &result {
         Err(e) if !matches!(e, WorkerError::CoordinatorLost(_)) => {
             let report = FailureReport { worker_id: worker_id.clone(), message: e.to_string(), ..Default::default() };
-            let _ = client.report_failure(report).await;
+            let _ = timed(RPC_TIMEOUT, client.report_failure(report)).await;
         }
         // Leaving on purpose is not a failure: say so, so that the others re-form without
         // counting it as one.
@@ -309,72 +328,11 @@ async fn session(
                 left: true,
                 ..Default::default()
             };
-            let _ = client.report_failure(report).await;
+            let _ = timed(RPC_TIMEOUT, client.report_failure(report)).await;
         }
         _ => {}
     }
     result
-}
-
-async fn heartbeats(
-    mut client: CoordinatorClient<Channel>,
-    worker_id: String,
-    step: Arc<Progress>,
-    interval: Duration,
-    forgotten: Arc<AtomicU8>,
-) {
-    let mut tick = tokio::time::interval(interval);
-    let mut failures = 0;
-    loop {
-        tick.tick().await;
-        let sent_unix_nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-        let started = Instant::now();
-        let request = HeartbeatRequest {
-            worker_id: worker_id.clone(),
-            step: step.step.load(Ordering::Relaxed),
-            sent_unix_nanos,
-            compute_s: f64::from_bits(step.compute_s_bits.load(Ordering::Relaxed)),
-        };
-        match client.heartbeat(request).await {
-            Ok(_) => metrics::histogram!("moxin_heartbeat_rtt_seconds").record(started.elapsed().as_secs_f64()),
-            Err(e) if e.code() == tonic::Code::NotFound => {
-                tracing::error!("{}", e.message());
-                forgotten.store(Forgotten::Dropped as u8, Ordering::Relaxed);
-                return;
-            }
-            Err(e) => {
-                failures += 1;
-                tracing::warn!("heartbeat failed ({failures} in a row): {}", e.message());
-                // A coordinator whose host died or is cut off never closes the connection:
-                // ten silent intervals in a row mean it is gone.
-                if failures >= 10 {
-                    forgotten.store(Forgotten::Unreachable as u8, Ordering::Relaxed);
-                    return;
-                }
-                continue;
-            }
-        }
-        failures = 0;
-    }
-}
-
-/// What the heartbeats found out about the coordinator.
-#[repr(u8)]
-enum Forgotten {
-    /// All is well.
-    No = 0,
-    /// It no longer knows this worker.
-    Dropped = 1,
-    /// It stopped answering.
-    Unreachable = 2,
-}
-
-/// What the heartbeats tell the coordinator about this worker's training.
-#[derive(Default)]
-struct Progress {
-    step: AtomicU64,
-    /// `f64` bits of the last logged step's compute seconds.
-    compute_s_bits: AtomicU64,
 }
 
 /// The training thread of one generation.
@@ -384,6 +342,8 @@ struct Training {
     ids: std::sync::mpsc::Sender<Vec<u8>>,
     /// Stops the trainer at the next step boundary (the group agrees on the step).
     stop: Arc<AtomicBool>,
+    /// Asks the trainer for a checkpoint at the next step boundary (the group agrees).
+    checkpoint: Arc<AtomicBool>,
 }
 
 /// One worker's side of the job: follows the coordinator's events, runs one training
@@ -411,8 +371,8 @@ struct Agent {
     /// said first; the other one's word ends this worker.
     finished: bool,
     last: Option<StepMetrics>,
-    /// Steps trained as rank 0 that could not be reported (the coordinator was lost).
-    unreported: Vec<StepMetrics>,
+    /// What could not be reported because the coordinator was lost.
+    backlog: Backlog,
     /// This worker leaves on purpose (a signal, or released by the coordinator).
     leaving: bool,
     /// The newest generation's NCCL id, as the coordinator relayed it.
@@ -423,9 +383,7 @@ impl Agent {
     /// Follows events until the job ends for this worker. Returns with the training thread
     /// possibly still running; [`Agent::wind_down`] stops it and waits.
     async fn drive(&mut self) -> Result<AgentEnd, WorkerError> {
-        let mut events = self
-            .client
-            .watch(WatchRequest { worker_id: self.worker_id.clone() })
+        let mut events = timed(RPC_TIMEOUT, self.client.watch(WatchRequest { worker_id: self.worker_id.clone() }))
             .await
             .map_err(|s| rpc_error("the event subscription", s))?
             .into_inner();
@@ -509,6 +467,12 @@ impl Agent {
                 // Kept for a pending generation whose thread has not started yet.
                 self.collective_id = Some((c.generation, c.id));
             }
+            Some(event::Kind::Checkpoint(c)) => {
+                tracing::info!(reason = %c.reason, "checkpoint requested: saving at the next step boundary");
+                if let Some(t) = &self.training {
+                    t.checkpoint.store(true, Ordering::Relaxed);
+                }
+            }
             Some(event::Kind::Release(r)) => {
                 tracing::info!(reason = %r.reason, "released by the coordinator: leaving at the next step boundary");
                 self.leaving = true;
@@ -560,9 +524,15 @@ impl Agent {
                 }
                 self.last = Some(m);
             }
+            TrainMsg::Checkpoint(part, reply) => {
+                let outcome = self.commit(part).await;
+                let _ = reply.send(outcome);
+            }
             TrainMsg::CollectiveId(id) => {
                 let request = CollectiveId { worker_id: self.worker_id.clone(), generation, id };
-                if let Err(status) = self.client.share_collective_id(request).await {
+                if let Err(status) =
+                    guarded(&self.forgotten, RPC_TIMEOUT, self.client.share_collective_id(request)).await
+                {
                     stale_or(status, "the NCCL id")?;
                 }
             }
@@ -609,7 +579,9 @@ impl Agent {
                                 generation,
                                 left: false,
                             };
-                            self.client.report_failure(report).await.map_err(|s| rpc_error("a failure report", s))?;
+                            guarded(&self.forgotten, RPC_TIMEOUT, self.client.report_failure(report))
+                                .await
+                                .map_err(|s| rpc_error("a failure report", s))?;
                         }
                     }
                     Err(e) => return Err(e),
@@ -627,16 +599,27 @@ impl Agent {
     /// exits under a thread that is inside libtorch. Bounded: a group whose peers are gone
     /// fails its next collective within the collective timeout.
     async fn wind_down(&mut self, result: Result<AgentEnd, WorkerError>) -> Result<AgentEnd, WorkerError> {
-        let Some(training) = self.training.as_mut() else { return result };
+        let Some(mut training) = self.training.take() else { return result };
         training.stop.store(true, Ordering::Relaxed);
         if let Err(e) = &result {
             tracing::warn!("{e}; stopping training at the next step");
         }
         let rank = training.assignment.rank;
+        let coordinator_lost = matches!(result, Err(WorkerError::CoordinatorLost(_)));
         let ended = loop {
             match training.messages.recv().await {
                 Some(TrainMsg::Ended(r)) => break Some(r),
-                Some(TrainMsg::Step(m)) if rank == 0 => self.unreported.push(m),
+                Some(TrainMsg::Step(m)) if rank == 0 => self.backlog.steps.push(m),
+                Some(TrainMsg::Checkpoint(part, reply)) if coordinator_lost => {
+                    self.backlog.parts.push(part);
+                    let _ = reply.send(Ok(Committed::Abandoned(
+                        "the coordinator was lost; reported again once it is back".into(),
+                    )));
+                }
+                Some(TrainMsg::Checkpoint(part, reply)) => {
+                    let outcome = self.commit(part).await;
+                    let _ = reply.send(outcome);
+                }
                 Some(_) => {}
                 None => break None,
             }
@@ -665,15 +648,35 @@ impl Agent {
         finished: bool,
     ) -> Result<(), WorkerError> {
         let request = StepReport { worker_id: self.worker_id.clone(), generation, metrics, finished, backfill: false };
-        match self.client.report_step(request).await {
+        match guarded(&self.forgotten, RPC_TIMEOUT, self.client.report_step(request)).await {
             Ok(_) => Ok(()),
             Err(status) => {
                 let e = stale_or(status, "a step report");
                 if let (Err(WorkerError::CoordinatorLost(_)), Some(m)) = (&e, metrics) {
-                    self.unreported.push(m);
+                    self.backlog.steps.push(m);
                 }
                 e
             }
+        }
+    }
+
+    /// Reports this rank's checkpoint files to the coordinator. Kept for the next
+    /// coordinator when this one cannot be reached; abandoned when the group was replaced.
+    async fn commit(&mut self, mut part: CheckpointPart) -> Result<Committed, WorkerError> {
+        part.worker_id = self.worker_id.clone();
+        // Committing does file I/O on the coordinator (fsyncs, renames): generous, but bounded.
+        let answer =
+            guarded(&self.forgotten, Duration::from_secs(120), self.client.commit_checkpoint(part.clone())).await;
+        match answer {
+            Ok(_) => Ok(Committed::Accepted),
+            Err(status) => match stale_or(status, "a checkpoint report") {
+                Ok(()) => Ok(Committed::Abandoned("the group was replaced".into())),
+                Err(WorkerError::CoordinatorLost(why)) => {
+                    self.backlog.parts.push(part);
+                    Ok(Committed::Abandoned(format!("{why}; reported again once it is back")))
+                }
+                Err(e) => Err(e),
+            },
         }
     }
 
@@ -688,6 +691,8 @@ impl Agent {
         let stop = Arc::new(AtomicBool::new(self.stop_reason.is_some()));
         let (job, assignment, device, listener) = (self.job.clone(), a.clone(), self.device, self.listener.clone());
         let trainer_stop = stop.clone();
+        let checkpoint = Arc::new(AtomicBool::new(false));
+        let trainer_checkpoint = checkpoint.clone();
         std::thread::Builder::new()
             .name(format!("moxin-train-g{}", a.generation))
             .spawn(move || {
@@ -696,8 +701,10 @@ impl Agent {
                     let placement = crate::device::place(runtime, device)?;
                     let collective = connect_collective(&assignment, &peers, &listener, placement, &ids, &tx)?;
                     tracing::info!(rank = assignment.rank, generation = assignment.generation, backend = collective.backend(), device = ?placement.device, "group connected");
-                    let mut trainer = Trainer::new(&job, &assignment, collective, placement)?;
+                    let committer = Arc::new(CoordinatorCommits { agent: tx.clone() });
+                    let mut trainer = Trainer::new(&job, &assignment, collective, placement, committer)?;
                     trainer.stop_requested = trainer_stop;
+                    trainer.checkpoint_requested = trainer_checkpoint;
                     let step_tx = tx.clone();
                     let end = trainer.run(None, &mut |m| {
                         crate::driver::record_step_metrics(m);
@@ -711,19 +718,9 @@ impl Agent {
         if let Some((_, id)) = self.collective_id.as_ref().filter(|(g, _)| *g == a.generation) {
             let _ = ids_tx.send(id.clone());
         }
-        self.training = Some(Training { assignment: a, messages, ids: ids_tx, stop });
+        self.training = Some(Training { assignment: a, messages, ids: ids_tx, stop, checkpoint });
         Ok(())
     }
-}
-
-/// A refusal because the group moved on to a newer generation is not an error for this
-/// worker (its thread is about to stop); anything else is.
-fn stale_or(status: tonic::Status, what: &str) -> Result<(), WorkerError> {
-    if status.code() == tonic::Code::FailedPrecondition && status.message().starts_with("stale generation") {
-        tracing::debug!("{what}: {}", status.message());
-        return Ok(());
-    }
-    Err(rpc_error(what, status))
 }
 
 /// Joins the group the assignment describes with its backend.

@@ -1,0 +1,395 @@
+//! Committing checkpoints: the owner of a run directory collects every rank's report of
+//! the files it wrote, then writes the manifest last and publishes atomically.
+//!
+//! Reports arrive over the network, so everything in them is checked before it touches
+//! the filesystem: file names are plain names inside the staging directory, sizes match
+//! the files, ranks and world sizes agree, and a generation that was replaced can no
+//! longer publish.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use moxin_proto::v1::CheckpointPart;
+use prost::Message;
+
+use super::{
+    checkpoints_dir, list, staging_dir, step_dir_name, sweep, CheckpointError, CheckpointManifest, PartitionFile,
+    FORMAT, MANIFEST,
+};
+
+/// Largest group a report may claim (far beyond any real job; bounds what a bad report
+/// can make the committer hold).
+const MAX_WORLD: u32 = 1 << 16;
+
+/// Checkpoints being committed in one run directory.
+#[derive(Debug)]
+pub struct Commits {
+    run_dir: PathBuf,
+    /// Reports so far, by (generation, step).
+    pending: BTreeMap<(u64, u64), Vec<CheckpointPart>>,
+    /// Reports of generations before this one are refused.
+    oldest_generation: u64,
+}
+
+impl Commits {
+    /// The committer of `run_dir`'s checkpoints (its owner holds the run directory's lock).
+    /// Staging directories are left alone: a restarted coordinator may still complete
+    /// its generation's checkpoint; [`Commits::abandon_before`] removes the others.
+    pub fn new(run_dir: &Path) -> Self {
+        Commits { run_dir: run_dir.to_path_buf(), pending: BTreeMap::new(), oldest_generation: 0 }
+    }
+
+    /// Adds one rank's report. When it completes the checkpoint (every rank of its
+    /// generation has reported), writes the manifest, publishes the checkpoint, prunes old
+    /// ones and returns the published directory.
+    pub fn add(&mut self, part: CheckpointPart) -> Result<Option<PathBuf>, CheckpointError> {
+        let staging = staging_dir(&self.run_dir, part.step, part.generation);
+        let refuse = |reason: String| Err(CheckpointError::Invalid { path: staging.clone(), reason });
+        if part.generation < self.oldest_generation {
+            return Err(CheckpointError::Superseded {
+                path: staging,
+                generation: part.generation,
+                by: self.oldest_generation,
+            });
+        }
+        if let Err(reason) = check_report(&part) {
+            return refuse(format!("rank {}'s report: {reason}", part.rank));
+        }
+        let key = (part.generation, part.step);
+        let parts = self.pending.entry(key).or_default();
+        if let Some(other) = parts.iter().find(|p| p.rank == part.rank || p.world_size != part.world_size) {
+            let reason = if other.rank == part.rank {
+                format!("rank {} reported twice", part.rank)
+            } else {
+                format!(
+                    "rank {} says the group has {} ranks, rank {} said {}",
+                    part.rank, part.world_size, other.rank, other.world_size
+                )
+            };
+            return refuse(reason);
+        }
+        parts.push(part);
+        if parts.len() < parts[0].world_size as usize {
+            return Ok(None);
+        }
+        let parts = self.pending.remove(&key).unwrap_or_default();
+        let dir = publish(&self.run_dir, &staging, parts)?;
+        metrics::gauge!("moxin_last_checkpoint_step").set(key.1 as f64);
+        metrics::gauge!("moxin_last_checkpoint_timestamp_seconds")
+            .set(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()));
+        Ok(Some(dir))
+    }
+
+    /// Publishes every staging directory whose ranks all recorded their part (see
+    /// [`record_part`]) and that is newer than the newest published checkpoint: a group
+    /// that finished writing a checkpoint whose committer died (the coordinator was killed
+    /// for good, or `train` crashed between writing and publishing) loses nothing. Returns
+    /// the directories published; what cannot be recovered is left for
+    /// [`Commits::abandon_before`].
+    pub fn recover(&mut self) -> Vec<PathBuf> {
+        let mut published = Vec::new();
+        let Ok(entries) = std::fs::read_dir(checkpoints_dir(&self.run_dir)) else { return published };
+        let mut staged: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(".tmp-step-")))
+            .collect();
+        staged.sort();
+        for dir in staged {
+            let newest = list(&self.run_dir).ok().and_then(|l| l.first().map(|(step, _)| *step));
+            let Some(parts) = recorded_parts(&dir) else { continue };
+            if newest.is_some_and(|n| n >= parts[0].step) {
+                continue;
+            }
+            match publish(&self.run_dir, &dir, parts) {
+                Ok(dest) => {
+                    tracing::info!(dir = %dest.display(), "recovered a checkpoint whose commit was interrupted");
+                    published.push(dest);
+                }
+                Err(e) => tracing::warn!(dir = %dir.display(), "cannot recover an interrupted checkpoint: {e}"),
+            }
+        }
+        published
+    }
+
+    /// Generation `generation` formed: checkpoints of older generations can no longer
+    /// complete, so their reports are dropped and their staging directories removed.
+    pub fn abandon_before(&mut self, generation: u64) {
+        self.oldest_generation = self.oldest_generation.max(generation);
+        self.pending.retain(|(g, _), _| *g >= generation);
+        sweep(&self.run_dir, |name| {
+            name.rsplit_once("-g").and_then(|(_, g)| g.parse::<u64>().ok()).is_none_or(|g| g < generation)
+        });
+    }
+}
+
+/// Name of the file in which a rank records its report inside the staging directory
+/// (hidden: never part of the checkpoint's file list).
+fn part_record(rank: u32) -> String {
+    format!(".part-{rank:05}.pb")
+}
+
+/// Records a rank's report next to its files (fsynced), before it is sent to the
+/// committer, so a committer that starts later can still publish the checkpoint
+/// ([`Commits::recover`]).
+pub fn record_part(staging: &Path, part: &CheckpointPart) -> Result<(), CheckpointError> {
+    write_synced(&staging.join(part_record(part.rank)), &part.encode_to_vec())
+}
+
+/// Every rank's recorded report in `dir`, if all ranks of one group recorded one and each
+/// passes the checks a report over the network would.
+fn recorded_parts(dir: &Path) -> Option<Vec<CheckpointPart>> {
+    let mut parts: Vec<CheckpointPart> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(".part-") && n.ends_with(".pb")))
+        .filter_map(|e| CheckpointPart::decode(std::fs::read(e.path()).ok()?.as_slice()).ok())
+        .filter(|p| check_report(p).is_ok())
+        .collect();
+    parts.sort_by_key(|p| p.rank);
+    let world = parts.first()?.world_size;
+    let whole = parts.len() == world as usize
+        && parts.iter().enumerate().all(|(i, p)| {
+            p.rank == i as u32
+                && p.world_size == world
+                && (p.step, p.generation) == (parts[0].step, parts[0].generation)
+        });
+    (whole && dir == staging_dir(dir.parent()?.parent()?, parts[0].step, parts[0].generation)).then_some(parts)
+}
+
+/// Checks what can be checked of one report on its own.
+fn check_report(part: &CheckpointPart) -> Result<(), String> {
+    if part.world_size == 0 || part.world_size > MAX_WORLD || part.rank >= part.world_size {
+        return Err(format!("rank {} of a group of {} is impossible", part.rank, part.world_size));
+    }
+    for f in &part.files {
+        let plain =
+            !f.name.is_empty() && !f.name.starts_with('.') && !f.name.contains(['/', '\\', '\0']) && f.name != MANIFEST;
+        if !plain {
+            return Err(format!("file name {:?} is not a plain file name of a checkpoint", f.name));
+        }
+        if f.sha256.len() != 64 || !f.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("file {}: {:?} is not a sha256 digest", f.name, f.sha256));
+        }
+    }
+    if !part.files.iter().any(|f| f.name == part.partition_file) {
+        return Err(format!("its optimizer partition {:?} is not among its files", part.partition_file));
+    }
+    if part.partition_start < 0 || part.partition_end < part.partition_start {
+        return Err(format!("partition range [{}, {}) is impossible", part.partition_start, part.partition_end));
+    }
+    if part.rank == 0 {
+        let manifest: CheckpointManifest =
+            serde_json::from_str(&part.manifest_json).map_err(|e| format!("invalid manifest fields: {e}"))?;
+        if manifest.step != part.step || manifest.world_size != part.world_size {
+            return Err(format!(
+                "the manifest says step {} of {} ranks, the report step {} of {}",
+                manifest.step, manifest.world_size, part.step, part.world_size
+            ));
+        }
+        if part.keep_last == 0 {
+            return Err("keep_last is 0".into());
+        }
+    }
+    Ok(())
+}
+
+/// Writes the manifest of a complete set of reports into `staging` (last), renames it into
+/// place and prunes checkpoints older than it beyond rank 0's `keep_last`.
+fn publish(run_dir: &Path, staging: &Path, mut parts: Vec<CheckpointPart>) -> Result<PathBuf, CheckpointError> {
+    parts.sort_by_key(|p| p.rank);
+    let invalid = |reason: String| CheckpointError::Invalid { path: staging.to_path_buf(), reason };
+    let rank0 = &parts[0];
+    let mut manifest: CheckpointManifest =
+        serde_json::from_str(&rank0.manifest_json).map_err(|e| invalid(format!("invalid manifest fields: {e}")))?;
+    manifest.format = FORMAT.into();
+    manifest.files.clear();
+    manifest.optimizer.clear();
+    for part in &parts {
+        for f in &part.files {
+            let path = staging.join(&f.name);
+            let size = std::fs::metadata(&path).map_err(|e| CheckpointError::io(&path, e))?.len();
+            if size != f.bytes {
+                return Err(invalid(format!(
+                    "rank {} reported {} bytes for {}, the file has {size}",
+                    part.rank, f.bytes, f.name
+                )));
+            }
+            if manifest.files.insert(f.name.clone(), f.sha256.clone()).is_some() {
+                return Err(invalid(format!("{} was reported by two ranks", f.name)));
+            }
+        }
+        manifest.optimizer.push(PartitionFile {
+            file: part.partition_file.clone(),
+            start: part.partition_start,
+            end: part.partition_end,
+        });
+    }
+    for part in &parts {
+        let _ = std::fs::remove_file(staging.join(part_record(part.rank)));
+    }
+    let json = serde_json::to_string_pretty(&manifest).map_err(|e| invalid(e.to_string()))?;
+    write_synced(&staging.join(MANIFEST), json.as_bytes())?;
+    sync_dir(staging)?;
+
+    let root = checkpoints_dir(run_dir);
+    let dest = root.join(step_dir_name(manifest.step));
+    if dest.exists() {
+        // The same step saved before (a resumed run passing it again): replace it.
+        let old = root.join(format!(".tmp-old-{}-{}", step_dir_name(manifest.step), std::process::id()));
+        std::fs::rename(&dest, &old).map_err(|e| CheckpointError::io(&dest, e))?;
+        std::fs::rename(staging, &dest).map_err(|e| CheckpointError::io(&dest, e))?;
+        let _ = std::fs::remove_dir_all(&old);
+    } else {
+        std::fs::rename(staging, &dest).map_err(|e| CheckpointError::io(&dest, e))?;
+    }
+    sync_dir(&root)?;
+
+    // Only checkpoints older than this one count: a newer, broken one (skipped at resume)
+    // must not push the one just published out.
+    let older = list(run_dir)?.into_iter().filter(|(step, _)| *step < manifest.step);
+    for (_, dir) in older.skip(rank0.keep_last.max(1) as usize - 1) {
+        tracing::debug!(dir = %dir.display(), "pruning old checkpoint");
+        std::fs::remove_dir_all(&dir).map_err(|e| CheckpointError::io(&dir, e))?;
+    }
+    Ok(dest)
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    let mut f = File::create(path).map_err(|e| CheckpointError::io(path, e))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| CheckpointError::io(path, e))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
+    File::open(dir).and_then(|f| f.sync_all()).map_err(|e| CheckpointError::io(dir, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::{partition_file, write::write_segments, BuildInfo, Checkpoint, RngState};
+
+    fn manifest(step: u64, world: u32) -> String {
+        let m = CheckpointManifest {
+            format: String::new(),
+            step,
+            data_cursor: step * 4,
+            tokens: 0,
+            elapsed_s: 0.0,
+            rng: RngState { seed: 1, data_order: "x".into() },
+            world_size: world,
+            seq_len: 8,
+            model: crate::shape::tests::moxin_7b(),
+            data_manifest_sha256: String::new(),
+            resolved_config_toml: String::new(),
+            optimizer: Vec::new(),
+            files: Default::default(),
+            build: BuildInfo::default(),
+        };
+        serde_json::to_string(&m).unwrap()
+    }
+
+    /// Rank `rank` writes its partition (and rank 0 the model) and makes its report.
+    fn part(run: &Path, generation: u64, step: u64, rank: u32, world: u32) -> CheckpointPart {
+        let staging = staging_dir(run, step, generation);
+        std::fs::create_dir_all(&staging).unwrap();
+        let name = partition_file(rank as usize);
+        let mut files = vec![write_segments(&staging.join(&name), &[&[rank as u8; 10]]).unwrap()];
+        if rank == 0 {
+            files.push(write_segments(&staging.join("model.safetensors"), &[b"model"]).unwrap());
+        }
+        CheckpointPart {
+            worker_id: String::new(),
+            generation,
+            step,
+            rank,
+            world_size: world,
+            files,
+            partition_file: name,
+            partition_start: rank as i64 * 10,
+            partition_end: rank as i64 * 10 + 10,
+            manifest_json: if rank == 0 { manifest(step, world) } else { String::new() },
+            keep_last: 2,
+        }
+    }
+
+    #[test]
+    fn publishes_once_every_rank_reported_and_prunes() {
+        let run = tempfile::tempdir().unwrap();
+        let mut commits = Commits::new(run.path());
+        for step in [2, 4, 6] {
+            assert_eq!(commits.add(part(run.path(), 1, step, 1, 2)).unwrap(), None);
+            let dir = commits.add(part(run.path(), 1, step, 0, 2)).unwrap().unwrap();
+            assert!(dir.ends_with(format!("step-{step:08}")));
+        }
+        let ckpt = Checkpoint::open(&run.path().join("checkpoints/step-00000006")).unwrap();
+        assert_eq!(ckpt.manifest.format, FORMAT);
+        assert_eq!(ckpt.manifest.files.len(), 3);
+        assert_eq!(ckpt.manifest.optimizer[1], PartitionFile { file: partition_file(1), start: 10, end: 20 });
+        let kept: Vec<u64> = list(run.path()).unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(kept, [6, 4]);
+    }
+
+    #[test]
+    fn bad_reports_are_refused_without_touching_anything() {
+        let run = tempfile::tempdir().unwrap();
+        let mut commits = Commits::new(run.path());
+        let mut p = part(run.path(), 1, 2, 0, 1);
+        p.files[0].name = "../../etc/passwd".into();
+        assert!(commits.add(p).unwrap_err().to_string().contains("not a plain file name"));
+        let mut p = part(run.path(), 1, 2, 0, 1);
+        p.files[0].bytes += 1;
+        assert!(commits.add(p).unwrap_err().to_string().contains("reported 11 bytes"));
+        let mut p = part(run.path(), 1, 2, 3, 2);
+        p.rank = 3;
+        assert!(commits.add(p).unwrap_err().to_string().contains("impossible"));
+        let mut p = part(run.path(), 1, 2, 0, 1);
+        p.manifest_json = "{".into();
+        assert!(commits.add(p).unwrap_err().to_string().contains("invalid manifest"));
+        assert!(commits.add(part(run.path(), 1, 4, 1, 2)).unwrap().is_none());
+        let e = commits.add(part(run.path(), 1, 4, 1, 2)).unwrap_err().to_string();
+        assert!(e.contains("reported twice"), "{e}");
+        assert!(list(run.path()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_checkpoint_whose_committer_died_is_recovered() {
+        let run = tempfile::tempdir().unwrap();
+        for step in [2, 4] {
+            for rank in 0..2 {
+                let p = part(run.path(), 3, step, rank, 2);
+                record_part(&staging_dir(run.path(), step, 3), &p).unwrap();
+            }
+        }
+        // Step 6: only one rank got there.
+        let p = part(run.path(), 3, 6, 1, 2);
+        record_part(&staging_dir(run.path(), 6, 3), &p).unwrap();
+        let mut commits = Commits::new(run.path());
+        let published = commits.recover();
+        assert_eq!(published.len(), 2);
+        let ckpt = Checkpoint::open(&run.path().join("checkpoints/step-00000004")).unwrap();
+        assert_eq!(ckpt.manifest.optimizer.len(), 2);
+        assert!(std::fs::read_dir(&ckpt.dir)
+            .unwrap()
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().starts_with('.')));
+        assert!(staging_dir(run.path(), 6, 3).exists(), "an incomplete one waits for its ranks");
+        commits.abandon_before(4);
+        assert!(!staging_dir(run.path(), 6, 3).exists());
+    }
+
+    #[test]
+    fn a_replaced_generation_cannot_publish() {
+        let run = tempfile::tempdir().unwrap();
+        let mut commits = Commits::new(run.path());
+        assert!(commits.add(part(run.path(), 1, 2, 1, 2)).unwrap().is_none());
+        commits.abandon_before(2);
+        assert!(!staging_dir(run.path(), 2, 1).exists());
+        let e = commits.add(part(run.path(), 1, 2, 0, 2)).unwrap_err().to_string();
+        assert!(e.contains("was replaced by generation 2"), "{e}");
+        // The new generation commits the same step in its own directory.
+        assert!(commits.add(part(run.path(), 2, 2, 0, 1)).unwrap().is_some());
+    }
+}

@@ -1,0 +1,301 @@
+//! The checkpoint format, without libtorch: `<run dir>/checkpoints/step-<8 digits>/` holds
+//! `model.safetensors` (Hugging Face names, readable on its own), one
+//! `optimizer.part-<rank>.safetensors` per ZeRO-1 partition (in global flat coordinates,
+//! so any world size can load them), files copied in (the tokenizer), and `manifest.json`
+//! (step, data cursor, RNG state, resolved config, build, sha256 of every file), written
+//! last.
+//!
+//! Writing ([`write`]) hashes while writing. Committing ([`Commits`]) is done by whoever
+//! owns the run directory (the coordinator of a cluster job, the process of a `train`):
+//! each rank reports the files it wrote with their digests, and once every rank of the
+//! generation has, the manifest is written and the staging directory renamed into place.
+//! A crash at any point leaves either the previous checkpoints untouched or a hidden
+//! staging directory that is never mistaken for a checkpoint (and is swept later).
+
+mod commit;
+pub mod write;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::ModelShape;
+pub use commit::{record_part, Commits};
+
+/// `format` of checkpoints this build writes and reads.
+pub const FORMAT: &str = "moxin-checkpoint-v1";
+/// Manifest file name.
+pub const MANIFEST: &str = "manifest.json";
+/// Model weights file name.
+pub const MODEL_FILE: &str = "model.safetensors";
+/// Tokenizer copied from the training data.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+
+/// Errors reading, writing or committing checkpoints; each names the path at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// I/O on a named path.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A checkpoint (or a report about one) is missing, corrupt or inconsistent.
+    #[error("{path}: {reason}")]
+    Invalid {
+        /// The file or directory.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A report for a generation that was replaced: its checkpoint is abandoned (not a
+    /// fault of the reporter, whose group is about to stop).
+    #[error("{path}: generation {generation} was replaced by generation {by}: the checkpoint is abandoned")]
+    Superseded {
+        /// The staging directory.
+        path: PathBuf,
+        /// The reporter's generation.
+        generation: u64,
+        /// The generation now.
+        by: u64,
+    },
+    /// The run has checkpoints but none verifies.
+    #[error("cannot resume {run_dir}: {reason}")]
+    NoneValid {
+        /// The run directory.
+        run_dir: PathBuf,
+        /// Why, and what to do.
+        reason: String,
+    },
+}
+
+impl CheckpointError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        CheckpointError::Io { path: path.into(), source }
+    }
+}
+
+/// One optimizer partition file: the flat range it covers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionFile {
+    /// File name inside the checkpoint directory.
+    pub file: String,
+    /// First flat element.
+    pub start: i64,
+    /// One past the last flat element.
+    pub end: i64,
+}
+
+/// Random state needed to continue a run exactly.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RngState {
+    /// Master seed of the job.
+    pub seed: u64,
+    /// Name of the data-order algorithm (the order is a pure function of seed and cursor).
+    pub data_order: String,
+}
+
+/// `manifest.json` of a checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointManifest {
+    /// [`FORMAT`].
+    pub format: String,
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// Samples consumed (the data cursor to continue from).
+    pub data_cursor: u64,
+    /// Tokens trained on so far.
+    pub tokens: u64,
+    /// Training wall time so far, seconds.
+    pub elapsed_s: f64,
+    /// Random state.
+    pub rng: RngState,
+    /// Ranks that trained it.
+    pub world_size: u32,
+    /// Sequence length trained on.
+    pub seq_len: u32,
+    /// Model shape.
+    pub model: ModelShape,
+    /// sha256 of the training data's manifest.
+    pub data_manifest_sha256: String,
+    /// The resolved job configuration (TOML).
+    pub resolved_config_toml: String,
+    /// Optimizer partitions.
+    pub optimizer: Vec<PartitionFile>,
+    /// sha256 of every other file in the directory.
+    pub files: std::collections::BTreeMap<String, String>,
+    /// The software that wrote it (absent in checkpoints of older builds).
+    #[serde(default)]
+    pub build: BuildInfo,
+}
+
+/// Which build wrote a checkpoint: enough to reproduce or to explain a difference.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildInfo {
+    /// moxin-train's version.
+    pub moxin_train: String,
+    /// The git commit it was built from ("unknown" outside a git checkout).
+    pub git_commit: String,
+    /// Whether that checkout had uncommitted changes ("true", "false" or "unknown").
+    pub git_dirty: String,
+    /// The libtorch version it ran on.
+    pub torch: String,
+}
+
+/// A checkpoint found on disk and verified.
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Its manifest.
+    pub manifest: CheckpointManifest,
+}
+
+impl Checkpoint {
+    /// Reads and verifies the checkpoint in `dir`: the manifest, and every file's sha256
+    /// (files are hashed in parallel).
+    pub fn open(dir: &Path) -> Result<Self, CheckpointError> {
+        let path = dir.join(MANIFEST);
+        let text = std::fs::read_to_string(&path).map_err(|e| CheckpointError::Invalid {
+            path: path.clone(),
+            reason: format!(
+                "cannot read the manifest ({e}); is this a checkpoint directory (checkpoints/step-NNNNNNNN)?"
+            ),
+        })?;
+        let manifest: CheckpointManifest = serde_json::from_str(&text)
+            .map_err(|e| CheckpointError::Invalid { path: path.clone(), reason: format!("invalid manifest: {e}") })?;
+        if manifest.format != FORMAT {
+            return Err(CheckpointError::Invalid {
+                path,
+                reason: format!("format {:?}, expected {FORMAT:?}", manifest.format),
+            });
+        }
+        let results: Vec<Result<(), CheckpointError>> = std::thread::scope(|scope| {
+            let checks: Vec<_> = manifest
+                .files
+                .iter()
+                .map(|(file, want)| {
+                    scope.spawn(move || {
+                        let file_path = dir.join(file);
+                        let got = moxin_data::sha256_hex(&file_path).map_err(|e| CheckpointError::io(&file_path, e))?;
+                        if &got != want {
+                            return Err(CheckpointError::Invalid {
+                                path: file_path,
+                                reason: format!(
+                                    "sha256 {got} does not match the manifest ({want}); the file is corrupt"
+                                ),
+                            });
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            checks
+                .into_iter()
+                .map(|c| {
+                    c.join().unwrap_or(Err(CheckpointError::Invalid {
+                        path: dir.to_path_buf(),
+                        reason: "a verifying thread panicked".into(),
+                    }))
+                })
+                .collect()
+        });
+        results.into_iter().collect::<Result<(), _>>()?;
+        Ok(Checkpoint { dir: dir.to_path_buf(), manifest })
+    }
+}
+
+/// The checkpoints directory of a run.
+pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints")
+}
+
+fn step_dir_name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+fn parse_step(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix("step-")?;
+    (digits.len() == 8 && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok())?
+}
+
+/// File name of optimizer partition `index` (the rank that owns it).
+pub fn partition_file(index: usize) -> String {
+    format!("optimizer.part-{index:05}.safetensors")
+}
+
+/// The staging directory every rank of generation `generation` writes the checkpoint of
+/// `step` into (hidden, so never mistaken for a checkpoint). Created by whichever rank gets
+/// there first; a generation's name is its own, so a dying group never writes into the
+/// directory of the one that replaced it.
+pub fn staging_dir(run_dir: &Path, step: u64, generation: u64) -> PathBuf {
+    checkpoints_dir(run_dir).join(format!(".tmp-{}-g{generation}", step_dir_name(step)))
+}
+
+/// Published checkpoint directories of a run, newest first.
+pub fn list(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
+    let dir = checkpoints_dir(run_dir);
+    let mut found = Vec::new();
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+        Err(e) => return Err(CheckpointError::io(&dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| CheckpointError::io(&dir, e))?;
+        if let Some(step) = entry.file_name().to_str().and_then(parse_step) {
+            found.push((step, entry.path()));
+        }
+    }
+    found.sort_by_key(|f| std::cmp::Reverse(f.0));
+    Ok(found)
+}
+
+/// The newest checkpoint of the run that verifies, skipping (and reporting) broken ones.
+/// `None` only when the run has no checkpoints at all: when every one is broken, starting
+/// again from step 0 would silently overwrite them, so that is an error saying how to start
+/// over deliberately.
+pub fn latest_valid(run_dir: &Path) -> Result<Option<Checkpoint>, CheckpointError> {
+    let found = list(run_dir)?;
+    let mut problems = Vec::new();
+    for (_, dir) in &found {
+        match Checkpoint::open(dir) {
+            Ok(ckpt) => return Ok(Some(ckpt)),
+            Err(e) => {
+                tracing::warn!("skipping invalid checkpoint: {e}");
+                problems.push(e.to_string());
+            }
+        }
+    }
+    if found.is_empty() {
+        return Ok(None);
+    }
+    Err(CheckpointError::NoneValid {
+        run_dir: run_dir.to_path_buf(),
+        reason: format!(
+            "none of its {} checkpoint(s) is valid ({}); nothing was changed. To start over from step 0 \
+             deliberately, move {} away or pass a new --out",
+            found.len(),
+            problems.join("; "),
+            checkpoints_dir(run_dir).display()
+        ),
+    })
+}
+
+/// Removes staging directories of checkpoints that were never committed.
+pub fn sweep_temporaries(run_dir: &Path) {
+    sweep(run_dir, |_| true);
+}
+
+/// Removes the staging directories whose name `abandoned` accepts.
+fn sweep(run_dir: &Path, abandoned: impl Fn(&str) -> bool) {
+    let Ok(entries) = std::fs::read_dir(checkpoints_dir(run_dir)) else { return };
+    for entry in entries.flatten() {
+        if entry.file_name().to_str().is_some_and(|n| n.starts_with(".tmp-") && abandoned(n)) {
+            tracing::info!(dir = %entry.path().display(), "removing an uncommitted checkpoint");
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! The worker's link to the coordinator: URL checks, connecting, the heartbeats that find
+//! a dead or hung coordinator, and bounded calls (a hung coordinator accepts connections
+//! but never answers, so every call has a deadline, and calls made while training give up
+//! as soon as the heartbeats do).
+
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use moxin_proto::v1::coordinator_client::CoordinatorClient;
+use moxin_proto::v1::HeartbeatRequest;
+use tonic::transport::Channel;
+
+use crate::WorkerError;
+
+/// A coordinator URL must be `http://host:port` (or https); anything else is a typo that
+/// no amount of retrying fixes.
+pub(super) fn check_url(url: &str) -> Result<(), WorkerError> {
+    let bad = |why: &str| {
+        WorkerError::Coordinator(format!("--coordinator {url:?} {why}; expected a URL like http://10.0.0.1:50051"))
+    };
+    let uri: tonic::codegen::http::Uri = url.parse().map_err(|e| bad(&format!("is not a URL ({e})")))?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        Some(other) => return Err(bad(&format!("has scheme {other:?}"))),
+        None => return Err(bad("has no scheme")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(bad("has no host"));
+    }
+    Ok(())
+}
+
+/// How long a worker waits for the coordinator to answer one call. A coordinator that
+/// hangs (stopped, or its host cut off) accepts connections but never answers; without a
+/// bound the worker would wait forever.
+pub(super) const RPC_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `call`, failed with `DeadlineExceeded` (which means "coordinator lost") when the
+/// coordinator does not answer within `limit`.
+pub(super) async fn timed<T>(
+    limit: Duration,
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<tonic::Response<T>, tonic::Status> {
+    tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+        Err(tonic::Status::deadline_exceeded(format!("no answer within {:.0} s", limit.as_secs_f64())))
+    })
+}
+
+/// [`timed`], also failed (`Unavailable`) as soon as the heartbeats find the coordinator
+/// unreachable: a call to a hung coordinator must not hold up the agent, whose training
+/// thread and checkpoint writers wait on it, for longer than detection takes.
+pub(super) async fn guarded<T>(
+    forgotten: &AtomicU8,
+    limit: Duration,
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<tonic::Response<T>, tonic::Status> {
+    let unreachable = async {
+        while forgotten.load(Ordering::Relaxed) != Forgotten::Unreachable as u8 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::select! {
+        answer = timed(limit, call) => answer,
+        _ = unreachable => Err(tonic::Status::unavailable("the coordinator stopped answering heartbeats")),
+    }
+}
+
+pub(super) fn rpc_error(what: &str, status: tonic::Status) -> WorkerError {
+    use tonic::Code;
+    match status.code() {
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded => WorkerError::CoordinatorLost(
+            format!("lost the connection over {what} ({}); is the coordinator still running?", status.message()),
+        ),
+        _ => WorkerError::Coordinator(format!("refused {what}: {}", status.message())),
+    }
+}
+
+pub(super) async fn connect(url: &str, timeout: Duration) -> Result<CoordinatorClient<Channel>, WorkerError> {
+    let started = Instant::now();
+    let mut last_said = Instant::now();
+    loop {
+        let left = timeout.saturating_sub(started.elapsed()).max(Duration::from_secs(1));
+        let attempt = match tokio::time::timeout(left, CoordinatorClient::connect(url.to_string())).await {
+            Ok(connected) => connected.map_err(|e| e.to_string()),
+            Err(_) => Err("it accepted the connection but did not answer".to_string()),
+        };
+        match attempt {
+            Ok(client) => return Ok(client),
+            Err(e) if started.elapsed() < timeout => {
+                // Workers often start before their coordinator: say so now and then, not at every try.
+                if last_said.elapsed() >= Duration::from_secs(5) {
+                    tracing::warn!(
+                        "coordinator {url} not reachable yet ({e}); retrying for {:.0} s more",
+                        (timeout - started.elapsed()).as_secs_f64()
+                    );
+                    last_said = Instant::now();
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => {
+                return Err(WorkerError::Coordinator(format!(
+                    "cannot reach {url} after {:.0} s: {e}; check the address and that the coordinator is running",
+                    timeout.as_secs_f64()
+                )))
+            }
+        }
+    }
+}
+
+pub(super) async fn heartbeats(
+    mut client: CoordinatorClient<Channel>,
+    worker_id: String,
+    step: Arc<Progress>,
+    interval: Duration,
+    forgotten: Arc<AtomicU8>,
+) {
+    let mut tick = tokio::time::interval(interval);
+    let mut failures = 0;
+    loop {
+        tick.tick().await;
+        let sent_unix_nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        let started = Instant::now();
+        let request = HeartbeatRequest {
+            worker_id: worker_id.clone(),
+            step: step.step.load(Ordering::Relaxed),
+            sent_unix_nanos,
+            compute_s: f64::from_bits(step.compute_s_bits.load(Ordering::Relaxed)),
+        };
+        // A heartbeat not answered within two intervals counts as failed.
+        match timed((interval * 2).max(Duration::from_secs(1)), client.heartbeat(request)).await {
+            Ok(_) => metrics::histogram!("moxin_heartbeat_rtt_seconds").record(started.elapsed().as_secs_f64()),
+            Err(e) if e.code() == tonic::Code::NotFound => {
+                tracing::error!("{}", e.message());
+                forgotten.store(Forgotten::Dropped as u8, Ordering::Relaxed);
+                return;
+            }
+            Err(e) => {
+                failures += 1;
+                tracing::warn!("heartbeat failed ({failures} in a row): {}", e.message());
+                // A coordinator whose host died or is cut off never closes the connection:
+                // ten silent intervals in a row mean it is gone.
+                if failures >= 10 {
+                    forgotten.store(Forgotten::Unreachable as u8, Ordering::Relaxed);
+                    return;
+                }
+                continue;
+            }
+        }
+        failures = 0;
+    }
+}
+
+/// What the heartbeats found out about the coordinator.
+#[repr(u8)]
+pub(super) enum Forgotten {
+    /// All is well.
+    No = 0,
+    /// It no longer knows this worker.
+    Dropped = 1,
+    /// It stopped answering.
+    Unreachable = 2,
+}
+
+/// What the heartbeats tell the coordinator about this worker's training.
+#[derive(Default)]
+pub(super) struct Progress {
+    pub(super) step: AtomicU64,
+    /// `f64` bits of the last logged step's compute seconds.
+    pub(super) compute_s_bits: AtomicU64,
+}
+
+/// A refusal because the group moved on to a newer generation is not an error for this
+/// worker (its thread is about to stop); anything else is.
+pub(super) fn stale_or(status: tonic::Status, what: &str) -> Result<(), WorkerError> {
+    if status.code() == tonic::Code::FailedPrecondition && status.message().starts_with("stale generation") {
+        tracing::debug!("{what}: {}", status.message());
+        return Ok(());
+    }
+    Err(rpc_error(what, status))
+}
