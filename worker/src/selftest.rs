@@ -155,7 +155,8 @@ pub fn nccl_world_of_one(ordinal: usize) -> Result<Value, WorkerError> {
 /// optimizer partition, in 64 MiB tensors of random values) written into `dir` the way
 /// checkpoints are written ([`crate::checkpoint::write_rank_files`]: files in parallel,
 /// hashed while written) against the way they were written before, which is the usual
-/// way (libtorch's safetensors serialiser, fsync, then sha256 read back from the file).
+/// way (tch's `write_safetensors` — the safetensors crate's serialiser — fsync, then sha256
+/// read back from the file).
 /// Alternates the two `repeats` times; reports the best of each, GB/s and the ratio.
 pub fn checkpoint_write(dir: &std::path::Path, mib: usize, repeats: usize) -> Result<Value, WorkerError> {
     use crate::checkpoint::{sha256_file_for_bench as sha256, write_rank_files, MODEL_FILE};

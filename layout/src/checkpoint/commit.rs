@@ -15,7 +15,7 @@ use moxin_proto::v1::CheckpointPart;
 use prost::Message;
 
 use super::{
-    checkpoints_dir, list, staging_dir, step_dir_name, sweep, CheckpointError, CheckpointManifest, PartitionFile,
+    checkpoints_dir, list, Checkpoint, staging_dir, step_dir_name, sweep, CheckpointError, CheckpointManifest, PartitionFile,
     FORMAT, MANIFEST,
 };
 
@@ -56,6 +56,16 @@ impl Commits {
         }
         if let Err(reason) = check_report(&part) {
             return refuse(format!("rank {}'s report: {reason}", part.rank));
+        }
+        if !staging.is_dir() {
+            // Published already (from the recorded reports, by a committer started after the
+            // one these reports were meant for): nothing left to do.
+            if Checkpoint::open(&checkpoints_dir(&self.run_dir).join(step_dir_name(part.step)))
+                .is_ok_and(|c| c.manifest.world_size == part.world_size)
+            {
+                return Ok(None);
+            }
+            return refuse(format!("rank {} reported files, but the staging directory does not exist", part.rank));
         }
         let key = (part.generation, part.step);
         let parts = self.pending.entry(key).or_default();
@@ -376,6 +386,16 @@ mod tests {
             .flatten()
             .all(|e| !e.file_name().to_string_lossy().starts_with('.')));
         assert!(staging_dir(run.path(), 6, 3).exists(), "an incomplete one waits for its ranks");
+        // The ranks report the recovered checkpoint again (after reconnecting): accepted quietly.
+        let mut again = part(run.path(), 3, 4, 1, 2);
+        std::fs::remove_dir_all(staging_dir(run.path(), 4, 3)).unwrap();
+        again.files.clear();
+        again.files.push(moxin_proto::v1::WrittenFile {
+            name: partition_file(1),
+            sha256: "0".repeat(64),
+            bytes: 10,
+        });
+        assert_eq!(commits.add(again).unwrap(), None);
         commits.abandon_before(4);
         assert!(!staging_dir(run.path(), 6, 3).exists());
     }
