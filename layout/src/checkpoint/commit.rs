@@ -15,8 +15,8 @@ use moxin_proto::v1::CheckpointPart;
 use prost::Message;
 
 use super::{
-    checkpoints_dir, list, Checkpoint, staging_dir, step_dir_name, sweep, CheckpointError, CheckpointManifest, PartitionFile,
-    FORMAT, MANIFEST,
+    checkpoints_dir, list, staging_dir, step_dir_name, sweep, Checkpoint, CheckpointError, CheckpointManifest,
+    PartitionFile, FORMAT, MANIFEST,
 };
 
 /// Largest group a report may claim (far beyond any real job; bounds what a bad report
@@ -390,11 +390,7 @@ mod tests {
         let mut again = part(run.path(), 3, 4, 1, 2);
         std::fs::remove_dir_all(staging_dir(run.path(), 4, 3)).unwrap();
         again.files.clear();
-        again.files.push(moxin_proto::v1::WrittenFile {
-            name: partition_file(1),
-            sha256: "0".repeat(64),
-            bytes: 10,
-        });
+        again.files.push(moxin_proto::v1::WrittenFile { name: partition_file(1), sha256: "0".repeat(64), bytes: 10 });
         assert_eq!(commits.add(again).unwrap(), None);
         commits.abandon_before(4);
         assert!(!staging_dir(run.path(), 6, 3).exists());
