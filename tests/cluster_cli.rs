@@ -342,7 +342,7 @@ fn scale_a_running_launch_up_and_down() {
     let launch = Command::new(BIN)
         .args(["launch", s(&job), "--workers", "2", "--out", s(&run)])
         .args(["--set", "train.global_batch_size=12", "--set", "train.micro_batch_size=2"])
-        .env("MOXIN_LOG", "warn")
+        .env("MOXIN_LOG", "warn,moxin_worker::trainer::handover=info")
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -394,6 +394,11 @@ fn scale_a_running_launch_up_and_down() {
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("coordinator/state.json")).unwrap()).unwrap();
     assert_eq!(state["failures"].as_u64(), Some(0), "scaling is not a failure: {state}");
+    // Both resizes moved the optimizer state in memory (3 ranks continued from it after
+    // growing, 2 after shrinking), not through a checkpoint.
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(log.matches("continuing from the group's state in memory").count(), 5, "{log}");
+    assert!(!log.contains("not usable"), "{log}");
 }
 
 fn state_of(run: &Path) -> serde_json::Value {

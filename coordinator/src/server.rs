@@ -230,8 +230,8 @@ impl CoordinatorService {
     }
 
     /// Trains with `workers` workers from now on: joiners are admitted up to that many, and
-    /// members beyond it are released (they leave at the group's next step boundary, which
-    /// checkpoints, and the rest re-form).
+    /// members beyond it are released (at the group's next step boundary they hand their
+    /// optimizer state to members that stay and leave, and the rest re-form).
     pub fn scale(&self, workers: u32) -> Result<(u32, u32), String> {
         if workers == 0 {
             return Err("--workers 0: to stop the job, send it SIGINT or SIGTERM (Ctrl-C)".into());

@@ -28,9 +28,10 @@ pub fn train(
     let assignment = moxin_coordinator::plan::solo_assignment(&job.spec, job.samples_per_epoch);
     // This process holds the run directory's lock, so it commits its own checkpoints.
     let committer = std::sync::Arc::new(moxin_worker::checkpoint::LocalCommits::new(&job.run_dir));
-    let mut trainer =
-        guard("starting the trainer", || Trainer::new(&job.spec, &assignment, Box::new(Solo), placement, committer))
-            .context("starting the trainer")?;
+    let mut trainer = guard("starting the trainer", || {
+        Trainer::new(&job.spec, &assignment, Box::new(Solo), placement, committer, None)
+    })
+    .context("starting the trainer")?;
     trainer.stop_requested = signals.flag();
     // Only now: a job that cannot resume this run directory must not overwrite its config.
     rundir::write_resolved_config(&job.run_dir, &job.spec.resolved_config_toml)

@@ -195,6 +195,14 @@ impl AdamW {
         }
     }
 
+    /// The partition's master weights and moments, independent of the parameter buffer
+    /// (with fp32 parameters the master weights are copied out of it), to outlive this
+    /// optimizer (a handover to the group's next generation).
+    pub fn detached_state(&self) -> [Tensor; 3] {
+        let master = if self.aliases_params { self.master.copy() } else { self.master.shallow_clone() };
+        [master, self.exp_avg.shallow_clone(), self.exp_avg_sq.shallow_clone()]
+    }
+
     /// State tensors for a checkpoint: `master`, `exp_avg`, `exp_avg_sq`, and `step`.
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
         vec![

@@ -15,7 +15,7 @@ use crate::checkpoint::{Committer, LocalCommits};
 use crate::collective::ring::TcpRing;
 use crate::collective::{RingCollective, Solo};
 use crate::device::Placement;
-use crate::trainer::Trainer;
+use crate::trainer::{Handover, Start, Trainer};
 
 fn job(dir: &Path, name: &str, world: u32, extra: &str) -> JobSpec {
     let config = dir.join(format!("{name}.toml"));
@@ -59,7 +59,7 @@ fn cpu(kind: Kind) -> Placement {
 /// Trains `spec` to the end in one process; returns the parameters (as fp32) and losses.
 fn train_solo(spec: &JobSpec, kind: Kind) -> (Tensor, Vec<f64>) {
     let a = solo_assignment(spec, samples(spec));
-    let mut t = Trainer::new(spec, &a, Box::new(Solo), cpu(kind), local_commits(spec)).unwrap();
+    let mut t = Trainer::new(spec, &a, Box::new(Solo), cpu(kind), local_commits(spec), None).unwrap();
     let mut losses = Vec::new();
     t.run(None, &mut |m| {
         losses.push(m.loss);
@@ -69,7 +69,6 @@ fn train_solo(spec: &JobSpec, kind: Kind) -> (Tensor, Vec<f64>) {
     (t.model.params.flat().narrow(0, 0, t.model.params.numel()).to_kind(Kind::Float), losses)
 }
 
-/// Trains `spec` on `world` ranks (threads) over the CPU ring; returns each rank's parameters.
 /// Listeners, addresses and the generation-1 ring plan of a group of `world` local ranks.
 fn ring_group(world: u32) -> (Vec<TcpListener>, Vec<SocketAddr>, GroupPlan) {
     let listeners: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
@@ -83,6 +82,7 @@ fn ring_group(world: u32) -> (Vec<TcpListener>, Vec<SocketAddr>, GroupPlan) {
     (listeners, peers, plan)
 }
 
+/// Trains `spec` on `world` ranks (threads) over the CPU ring; returns each rank's parameters.
 fn train_group(spec: &JobSpec, world: u32) -> Vec<Tensor> {
     let (listeners, peers, plan) = ring_group(world);
     let n = samples(spec);
@@ -96,7 +96,8 @@ fn train_group(spec: &JobSpec, world: u32) -> Vec<Tensor> {
                 let ring = TcpRing::connect(rank, &peers, &listener, 1, Duration::from_secs(30)).unwrap();
                 let a = assignment(&spec, n, &plan, world, rank as u32);
                 let mut t =
-                    Trainer::new(&spec, &a, Box::new(RingCollective::new(ring)), cpu(Kind::Float), commits).unwrap();
+                    Trainer::new(&spec, &a, Box::new(RingCollective::new(ring)), cpu(Kind::Float), commits, None)
+                        .unwrap();
                 t.run(None, &mut |_| Ok(())).unwrap();
                 t.model.params.flat().narrow(0, 0, t.model.params.numel()).copy()
             })
@@ -206,7 +207,7 @@ fn a_rank_without_the_shared_run_directory_is_refused_at_formation() {
                 let ring = TcpRing::connect(rank, &peers, &listener, 1, Duration::from_secs(30)).unwrap();
                 let a = assignment(&spec, n, &plan, 2, rank as u32);
                 let commits = local_commits(&spec);
-                Trainer::new(&spec, &a, Box::new(RingCollective::new(ring)), cpu(Kind::Float), commits)
+                Trainer::new(&spec, &a, Box::new(RingCollective::new(ring)), cpu(Kind::Float), commits, None)
                     .err()
                     .map(|e| e.to_string())
             })
@@ -215,4 +216,90 @@ fn a_rank_without_the_shared_run_directory_is_refused_at_formation() {
     let errors: Vec<String> = handles.into_iter().map(|h| h.join().unwrap().expect("formation must fail")).collect();
     assert!(errors[0].starts_with("collective:") && errors[0].contains("1 rank(s) do not see"), "{}", errors[0]);
     assert!(errors[1].contains("rank 1 does not see") && errors[1].contains("shared filesystem"), "{}", errors[1]);
+}
+
+/// What one rank of a generation ended with.
+struct RankEnd {
+    start: Start,
+    params: Tensor,
+    carried: Option<Handover>,
+}
+
+/// One generation of an in-process ring group: rank `r` starts with `carried[r]`; with
+/// `handover` every rank asks to stop for the next generation at once (after one step),
+/// `leaving[r]` saying whether it stays; otherwise the group trains to `stop_after`.
+fn run_generation(
+    spec: &JobSpec,
+    generation: u64,
+    carried: Vec<Option<Handover>>,
+    handover: Option<Vec<bool>>,
+    stop_after: Option<u64>,
+) -> Vec<RankEnd> {
+    let world = carried.len() as u32;
+    let (listeners, peers, mut plan) = ring_group(world);
+    plan.generation = generation;
+    let n = samples(spec);
+    let commits = local_commits(spec);
+    let handles: Vec<_> = listeners
+        .into_iter()
+        .zip(carried)
+        .enumerate()
+        .map(|(rank, (listener, carried))| {
+            let (spec, peers, plan, commits) = (spec.clone(), peers.clone(), plan.clone(), commits.clone());
+            let leaving = handover.as_ref().map(|l| l[rank]);
+            std::thread::spawn(move || {
+                let ring = TcpRing::connect(rank, &peers, &listener, generation, Duration::from_secs(30)).unwrap();
+                let a = assignment(&spec, n, &plan, world, rank as u32);
+                let collective = Box::new(RingCollective::new(ring));
+                let mut t = Trainer::new(&spec, &a, collective, cpu(Kind::Float), commits, carried).unwrap();
+                if let Some(leaving) = leaving {
+                    t.handover_requested.store(true, std::sync::atomic::Ordering::Relaxed);
+                    t.leaving.store(leaving, std::sync::atomic::Ordering::Relaxed);
+                }
+                t.run(stop_after, &mut |_| Ok(())).unwrap();
+                let params = t.model.params.flat().narrow(0, 0, t.model.params.numel()).copy();
+                RankEnd { start: t.start(), params, carried: t.take_handover() }
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// A graceful resize (3 → 2 with a rank released, 2 → 3 with a joiner) hands the
+/// optimizer state over in memory: no checkpoint is written or read, and training continues
+/// bit for bit as it does from a checkpoint written at the same step.
+#[test]
+fn a_graceful_resize_continues_in_memory_exactly_as_from_a_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (from, to) in [(3usize, 2usize), (2, 3)] {
+        // The reference: checkpoint after step 1, resume at the new size.
+        let spec = job(tmp.path(), &format!("disk-{from}-{to}"), 1, "");
+        run_generation(&spec, 1, (0..from).map(|_| None).collect(), None, Some(1));
+        let reference = run_generation(&spec, 2, (0..to).map(|_| None).collect(), None, None);
+        assert_eq!(reference[0].start, Start::Checkpoint(1));
+
+        let spec = job(tmp.path(), &format!("memory-{from}-{to}"), 1, "");
+        let leaving: Vec<bool> = (0..from).map(|r| r >= to).collect();
+        let old = run_generation(&spec, 1, (0..from).map(|_| None).collect(), Some(leaving), None);
+        let run_dir = Path::new(&spec.run_dir);
+        assert!(moxin_layout::checkpoint::list(run_dir).unwrap().is_empty(), "no checkpoint at a handover");
+        for (rank, end) in old.iter().enumerate() {
+            assert_eq!(end.carried.is_some(), rank < to, "rank {rank} of {from} → {to}");
+        }
+        let mut carried: Vec<Option<Handover>> = old.into_iter().map(|e| e.carried).collect();
+        carried.resize_with(to, || None);
+        let resized = run_generation(&spec, 2, carried, None, None);
+        for (rank, (got, want)) in resized.iter().zip(&reference).enumerate() {
+            assert_eq!(got.start, Start::Handover(1), "rank {rank} of {from} → {to}");
+            assert!(got.params.equal(&want.params), "rank {rank} of {from} → {to}: parameters differ");
+        }
+    }
+
+    // A rank that leaves without handing its part over leaves a gap: the carried state is
+    // not used, and the group restores from the newest checkpoint (here: none).
+    let spec = job(tmp.path(), "gap", 1, "");
+    let old = run_generation(&spec, 1, (0..3).map(|_| None).collect(), Some(vec![false; 3]), None);
+    let carried: Vec<Option<Handover>> = old.into_iter().take(2).map(|e| e.carried).collect();
+    let resized = run_generation(&spec, 2, carried, None, Some(1));
+    assert!(resized.iter().all(|e| e.start == Start::Fresh));
 }

@@ -20,7 +20,7 @@ use crate::collective::nccl::{self, NcclCollective};
 use crate::collective::ring::TcpRing;
 use crate::collective::{Collective, RingCollective, Solo};
 use crate::driver::StopSignals;
-use crate::trainer::{RunEnd, Trainer};
+use crate::trainer::{Handover, RunEnd, Trainer};
 use crate::WorkerError;
 
 mod link;
@@ -60,8 +60,9 @@ enum TrainMsg {
     Step(StepMetrics),
     /// Rank 0 of an NCCL group made the group's id; the coordinator passes it on.
     CollectiveId(Vec<u8>),
-    /// The training thread is done: how, and at which step.
-    Ended(Result<(RunEnd, u64), WorkerError>),
+    /// The training thread is done: how, at which step, and the state it hands to this
+    /// worker's next generation (after a handover stop).
+    Ended(Result<(RunEnd, u64, Option<Handover>), WorkerError>),
     /// A checkpoint writer finished this rank's files: the coordinator commits them.
     Checkpoint(CheckpointPart, std::sync::mpsc::Sender<Result<Committed, WorkerError>>),
 }
@@ -308,6 +309,7 @@ async fn session(
         backlog: Backlog::default(),
         leaving: false,
         collective_id: None,
+        carried: None,
     };
     let result = agent.drive().await;
     let result = agent.wind_down(result).await;
@@ -344,6 +346,11 @@ struct Training {
     stop: Arc<AtomicBool>,
     /// Asks the trainer for a checkpoint at the next step boundary (the group agrees).
     checkpoint: Arc<AtomicBool>,
+    /// Stops the trainer at the next step boundary for a new generation, handing the
+    /// state over in memory (the group agrees).
+    handover: Arc<AtomicBool>,
+    /// This worker will not be in the next generation (released).
+    leaving: Arc<AtomicBool>,
 }
 
 /// One worker's side of the job: follows the coordinator's events, runs one training
@@ -377,6 +384,8 @@ struct Agent {
     leaving: bool,
     /// The newest generation's NCCL id, as the coordinator relayed it.
     collective_id: Option<(u64, Vec<u8>)>,
+    /// The state the last generation's group handed over, for the next one.
+    carried: Option<Handover>,
 }
 
 impl Agent {
@@ -451,10 +460,10 @@ impl Agent {
                 // could report): the new group resumes at the last step and reports it.
                 self.finished = false;
                 match &self.training {
-                    // The running group stops at its next step boundary (checkpointing),
-                    // then this generation starts from that checkpoint.
+                    // The running group stops at its next step boundary and hands its
+                    // state over in memory, then this generation starts from it.
                     Some(t) => {
-                        t.stop.store(true, Ordering::Relaxed);
+                        t.handover.store(true, Ordering::Relaxed);
                         self.pending = Some(a);
                     }
                     None => self.start_training(a)?,
@@ -478,8 +487,14 @@ impl Agent {
                 self.leaving = true;
                 self.stop_reason.get_or_insert(format!("released: {}", r.reason));
                 self.pending = None;
+                self.carried = None;
                 match &self.training {
-                    Some(t) => t.stop.store(true, Ordering::Relaxed),
+                    // The group stops at its next step boundary; this worker gives its
+                    // optimizer state to one that stays, then leaves.
+                    Some(t) => {
+                        t.leaving.store(true, Ordering::Relaxed);
+                        t.handover.store(true, Ordering::Relaxed);
+                    }
                     None => return Ok(Some(AgentEnd::Stopped(format!("released: {}", r.reason)))),
                 }
             }
@@ -539,7 +554,7 @@ impl Agent {
             TrainMsg::Ended(result) => {
                 self.training = None;
                 match result {
-                    Ok((RunEnd::Finished, step)) => {
+                    Ok((RunEnd::Finished, step, _)) => {
                         if rank != 0 {
                             if self.finished {
                                 return Ok(Some(AgentEnd::Done));
@@ -554,11 +569,17 @@ impl Agent {
                         self.report(generation, last, true).await?;
                         return Ok(Some(AgentEnd::Done));
                     }
-                    Ok((RunEnd::Stopped, step)) => {
+                    Ok((RunEnd::Stopped, step, carried)) => {
                         if let Some(reason) = &self.stop_reason {
                             return Ok(Some(AgentEnd::Stopped(reason.clone())));
                         }
-                        tracing::info!(step, generation, "the group stopped for a new generation");
+                        tracing::info!(
+                            step,
+                            generation,
+                            in_memory = carried.is_some(),
+                            "the group stopped for a new generation"
+                        );
+                        self.carried = carried;
                     }
                     Err(WorkerError::Collective(e)) if self.stop_reason.is_some() || self.finished => {
                         // Stopping or finished anyway: nothing to re-form for.
@@ -626,10 +647,10 @@ impl Agent {
         };
         self.training = None;
         match (result, ended) {
-            (Err(WorkerError::CoordinatorLost(e)), Some(Ok((_, step)))) => Err(WorkerError::CoordinatorLost(format!(
-                "{e}; training stopped at step {step} (checkpointed unless checkpoints are disabled)"
-            ))),
-            (Err(e), Some(Ok((_, step)))) => {
+            (Err(WorkerError::CoordinatorLost(e)), Some(Ok((_, step, _)))) => Err(WorkerError::CoordinatorLost(
+                format!("{e}; training stopped at step {step} (checkpointed unless checkpoints are disabled)"),
+            )),
+            (Err(e), Some(Ok((_, step, _)))) => {
                 tracing::warn!(step, "training stopped (checkpointed unless checkpoints are disabled)");
                 Err(e)
             }
@@ -693,6 +714,9 @@ impl Agent {
         let trainer_stop = stop.clone();
         let checkpoint = Arc::new(AtomicBool::new(false));
         let trainer_checkpoint = checkpoint.clone();
+        let (handover, leaving) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let (trainer_handover, trainer_leaving) = (handover.clone(), leaving.clone());
+        let carried = self.carried.take();
         std::thread::Builder::new()
             .name(format!("moxin-train-g{}", a.generation))
             .spawn(move || {
@@ -702,15 +726,17 @@ impl Agent {
                     let collective = connect_collective(&assignment, &peers, &listener, placement, &ids, &tx)?;
                     tracing::info!(rank = assignment.rank, generation = assignment.generation, backend = collective.backend(), device = ?placement.device, "group connected");
                     let committer = Arc::new(CoordinatorCommits { agent: tx.clone() });
-                    let mut trainer = Trainer::new(&job, &assignment, collective, placement, committer)?;
+                    let mut trainer = Trainer::new(&job, &assignment, collective, placement, committer, carried)?;
                     trainer.stop_requested = trainer_stop;
                     trainer.checkpoint_requested = trainer_checkpoint;
+                    trainer.handover_requested = trainer_handover;
+                    trainer.leaving = trainer_leaving;
                     let step_tx = tx.clone();
                     let end = trainer.run(None, &mut |m| {
                         crate::driver::record_step_metrics(m);
                         step_tx.send(TrainMsg::Step(*m)).map_err(|_| "the agent is gone".to_string())
                     })?;
-                    Ok((end, trainer.step()))
+                    Ok((end, trainer.step(), trainer.take_handover()))
                 });
                 let _ = tx.send(TrainMsg::Ended(result));
             })
@@ -718,7 +744,7 @@ impl Agent {
         if let Some((_, id)) = self.collective_id.as_ref().filter(|(g, _)| *g == a.generation) {
             let _ = ids_tx.send(id.clone());
         }
-        self.training = Some(Training { assignment: a, messages, ids: ids_tx, stop, checkpoint });
+        self.training = Some(Training { assignment: a, messages, ids: ids_tx, stop, checkpoint, handover, leaving });
         Ok(())
     }
 }

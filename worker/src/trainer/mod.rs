@@ -6,7 +6,8 @@
 //!   recomputing blocks, handing gradients to
 //! * the gradient-sync / optimizer-sharding strategy ([`Zero1`] over a [`Collective`]: a
 //!   world of one is [`crate::collective::Solo`], so there is one code path), and
-//! * the [`Checkpointer`] saves and resumes the group's state.
+//! * the [`Checkpointer`] saves and resumes the group's state, and a [`Handover`] carries
+//!   it in memory to the group's next generation when nobody died.
 //!
 //! One optimizer step consumes samples `[cursor, cursor + global_batch)` of the seeded
 //! order. The loop's whole state is (parameters, optimizer state, step, cursor), which a
@@ -15,6 +16,7 @@
 pub mod batch;
 pub mod checkpointing;
 mod group_checks;
+pub mod handover;
 pub mod objective;
 pub mod step;
 pub mod zero;
@@ -31,8 +33,9 @@ use tch::{Kind, Tensor};
 
 pub use self::batch::{Batch, BatchSource, PretrainWindows};
 pub use self::checkpointing::{Checkpointer, Progress};
+pub use self::handover::Handover;
 pub use self::objective::{CrossEntropy, Objective};
-pub use self::zero::Zero1;
+pub use self::zero::{Votes, Zero1};
 use crate::checkpoint::Committer;
 use crate::collective::Collective;
 use crate::device::Placement;
@@ -45,8 +48,20 @@ use crate::WorkerError;
 pub enum RunEnd {
     /// `train.steps` were completed.
     Finished,
-    /// Stopped early (at `stop_after`, or on request); a checkpoint was written.
+    /// Stopped early (at `stop_after`, or on request); a checkpoint was written, or the
+    /// state was handed over to the group's next generation ([`Trainer::take_handover`]).
     Stopped,
+}
+
+/// Where a trainer's state came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// Initialised from the seed: nothing to resume.
+    Fresh,
+    /// The checkpoint of this step.
+    Checkpoint(u64),
+    /// The previous generation of the group, in memory, at this step.
+    Handover(u64),
 }
 
 macro_rules! section {
@@ -67,10 +82,20 @@ pub struct Trainer {
     checkpoints: Checkpointer,
     placement: Placement,
     progress: Progress,
-    resumed_from: Option<u64>,
+    start: Start,
     /// Set (from any thread) to stop at the next step boundary; the ranks agree on it
-    /// through the per-step all-reduce, so all stop at the same step.
+    /// through the per-step all-reduce, so all stop at the same step (and checkpoint).
     pub stop_requested: Arc<AtomicBool>,
+    /// Set (from any thread) to stop at the next step boundary for the group's next
+    /// generation: no checkpoint, the state is handed over in memory. Agreed like a stop,
+    /// which takes precedence.
+    pub handover_requested: Arc<AtomicBool>,
+    /// This rank will not be in the next generation: at a handover it gives its state to
+    /// a rank that stays.
+    pub leaving: Arc<AtomicBool>,
+    group_handover: bool,
+    /// What this rank carries to the next generation after a handover stop.
+    handover: Option<Handover>,
     /// Set (from any thread) to checkpoint at the next step boundary (the coordinator
     /// asked); agreed on like a stop.
     pub checkpoint_requested: Arc<AtomicBool>,
@@ -94,14 +119,17 @@ pub struct Trainer {
 impl Trainer {
     /// Builds the model, data and optimizer partition for `spec` as the rank `assignment`
     /// places this process at, talking to the others through `collective`, on `placement`;
-    /// resumes from the newest valid checkpoint in the run directory if there is one.
-    /// Checkpoints are committed by `committer`.
+    /// continues from the state the group's previous generation handed over in memory
+    /// (`carried` on the ranks that hold some) when it can, else resumes from the newest
+    /// valid checkpoint in the run directory if there is one. Checkpoints are committed by
+    /// `committer`.
     pub fn new(
         spec: &JobSpec,
         assignment: &Assignment,
         collective: Box<dyn Collective>,
         placement: Placement,
         committer: Arc<dyn Committer>,
+        carried: Option<Handover>,
     ) -> Result<Self, WorkerError> {
         let model_spec = section!(spec, model);
         let data_spec = section!(spec, data);
@@ -190,17 +218,38 @@ impl Trainer {
             assignment.generation,
             placement.device,
         )?;
-        let restored = checkpoints.restore_latest(&mut model, &mut sync.opt)?;
-        group_checks::agree_on_restored_step(sync.collective(), restored.map_or(0, |p| p.step), placement.device)?;
-        // Every rank starts from rank 0's parameters, whatever happened before.
+        let numel = model.params.numel();
+        let clamped = clamp(sync.partitions(), numel);
+        let newest_checkpoint = if rank == 0 {
+            moxin_layout::checkpoint::list(checkpoints.run_dir())?.first().map(|(step, _)| *step)
+        } else {
+            None
+        };
+        let (collective, opt) = sync.collective_and_optimizer();
+        let adopted = handover::adopt(collective, carried, opt, &clamped, numel, newest_checkpoint)?;
         let params = model.params.flat().shallow_clone();
-        sync.collective()
-            .broadcast(&params, 0)
-            .and_then(|w| w.wait())
-            .map_err(|e| WorkerError::Collective(e.to_string()))?;
-        if restored.is_none() {
-            sync.opt.reset_master(model.params.flat());
-        }
+        let (start, progress) = if let Some(progress) = adopted {
+            // The parameters are the master weights, gathered.
+            sync.opt.write_params(&params);
+            let partitions = sync.partitions().to_vec();
+            sync.collective()
+                .all_gather(&params, &partitions)
+                .and_then(|w| w.wait())
+                .map_err(|e| WorkerError::Collective(e.to_string()))?;
+            (Start::Handover(progress.step), progress)
+        } else {
+            let restored = checkpoints.restore_latest(&mut model, &mut sync.opt)?;
+            group_checks::agree_on_restored_step(sync.collective(), restored.map_or(0, |p| p.step), placement.device)?;
+            // Every rank starts from rank 0's parameters, whatever happened before.
+            sync.collective()
+                .broadcast(&params, 0)
+                .and_then(|w| w.wait())
+                .map_err(|e| WorkerError::Collective(e.to_string()))?;
+            if restored.is_none() {
+                sync.opt.reset_master(model.params.flat());
+            }
+            (restored.map_or(Start::Fresh, |p| Start::Checkpoint(p.step)), restored.unwrap_or_default())
+        };
 
         let cuda = placement.cuda_ordinal().and_then(|i| crate::cuda::context(i).ok());
         let peak_flops = match (runtime.peak_tflops, &cuda) {
@@ -218,9 +267,13 @@ impl Trainer {
             sync,
             checkpoints,
             placement,
-            resumed_from: restored.map(|p| p.step),
-            progress: restored.unwrap_or_default(),
+            start,
+            progress,
             stop_requested: Default::default(),
+            handover_requested: Default::default(),
+            leaving: Default::default(),
+            group_handover: false,
+            handover: None,
             checkpoint_requested: Default::default(),
             group_stop: false,
             engine: step::EngineOptions { recompute: runtime.recompute() == runtime_spec::Recompute::Blocks, kernels },
@@ -247,7 +300,21 @@ impl Trainer {
 
     /// The step of the checkpoint this run resumed from, if any.
     pub fn resumed_from(&self) -> Option<u64> {
-        self.resumed_from
+        match self.start {
+            Start::Checkpoint(step) => Some(step),
+            Start::Fresh | Start::Handover(_) => None,
+        }
+    }
+
+    /// Where this trainer's state came from.
+    pub fn start(&self) -> Start {
+        self.start
+    }
+
+    /// After [`Trainer::run`] stopped for the group's next generation: the state this rank
+    /// carries to it (`None` on a rank that left, or when the group checkpointed instead).
+    pub fn take_handover(&mut self) -> Option<Handover> {
+        self.handover.take()
     }
 
     /// Device and dtype in use.
@@ -283,7 +350,7 @@ impl Trainer {
         let checkpoints = *section!(self.spec, checkpoint);
         let every = if checkpoints.disabled { 0 } else { checkpoints.every_steps };
         let target = stop_after.map_or(train.steps, |s| s.min(train.steps));
-        let mut saved_at = self.resumed_from;
+        let mut saved_at = self.resumed_from();
         while self.progress.step < target {
             let metrics = self.train_step()?;
             let step = self.progress.step;
@@ -298,8 +365,26 @@ impl Trainer {
                 tracing::info!(step, "stop requested; saving a checkpoint and stopping");
                 break;
             }
+            if self.group_handover {
+                tracing::info!(step, "stopping for the group's next generation; handing the state over in memory");
+                break;
+            }
         }
-        if !checkpoints.disabled && saved_at != Some(self.progress.step) {
+        let mut handed_over = false;
+        if self.group_handover && !self.group_stop && self.progress.step < train.steps {
+            self.sync.wait_params()?;
+            let leaving = self.leaving.load(Ordering::Relaxed);
+            let partitions = self.clamped_partitions();
+            let (progress, generation) = (self.progress, self.generation);
+            let (collective, opt) = self.sync.collective_and_optimizer();
+            match handover::hand_off(collective, leaving, opt, &partitions, progress, generation)? {
+                handover::HandOff::Stayed(h) => (self.handover, handed_over) = (Some(h), true),
+                handover::HandOff::Left => handed_over = true,
+                // Nobody to hand it to: checkpoint, as for a stop.
+                handover::HandOff::NobodyStays => {}
+            }
+        }
+        if !checkpoints.disabled && !handed_over && saved_at != Some(self.progress.step) {
             self.save_checkpoint()?;
         }
         // The run's last checkpoint is published before anyone (a resumed run, the next
@@ -350,13 +435,17 @@ impl Trainer {
             self.synchronize();
         }
         let compute_s = started.elapsed().as_secs_f64();
-        let stop = self.stop_requested.load(Ordering::Relaxed);
         let params = self.model.params.flat().shallow_clone();
         let every_seconds = section!(self.spec, checkpoint).every_seconds;
-        let checkpoint_due = every_seconds > 0.0 && self.last_checkpoint.elapsed().as_secs_f64() >= every_seconds
-            || self.checkpoint_requested.swap(false, Ordering::Relaxed);
-        let synced = self.sync.finish(&params, &loss, (stop, checkpoint_due), lr, opt_spec.grad_clip)?;
+        let votes = Votes {
+            stop: self.stop_requested.load(Ordering::Relaxed),
+            checkpoint: every_seconds > 0.0 && self.last_checkpoint.elapsed().as_secs_f64() >= every_seconds
+                || self.checkpoint_requested.swap(false, Ordering::Relaxed),
+            handover: self.handover_requested.load(Ordering::Relaxed),
+        };
+        let synced = self.sync.finish(&params, &loss, votes, lr, opt_spec.grad_clip)?;
         self.group_checkpoint = synced.checkpoint;
+        self.group_handover = synced.handover;
         if !synced.loss.is_finite() {
             return Err(WorkerError::Diverged(format!(
                 "the loss became {} at step {}; lower optimizer.lr or check the data",
@@ -405,9 +494,7 @@ impl Trainer {
     /// finishes in the background unless `checkpoint.synchronous`.
     pub fn save_checkpoint(&mut self) -> Result<(), WorkerError> {
         self.sync.wait_params()?;
-        let total = self.model.params.numel();
-        let partitions =
-            self.sync.partitions().iter().map(|r| ((r.start as i64).min(total), (r.end as i64).min(total))).collect();
+        let partitions = self.clamped_partitions().into_iter().map(|r| (r.start, r.end)).collect();
         let keep_last = section!(self.spec, checkpoint).keep_last as usize;
         let files = self.batches.checkpoint_files();
         let progress = self.progress;
@@ -417,4 +504,15 @@ impl Trainer {
         self.last_checkpoint = Instant::now();
         Ok(())
     }
+
+    /// Every rank's partition, clamped to the real parameters.
+    fn clamped_partitions(&self) -> Vec<std::ops::Range<i64>> {
+        clamp(self.sync.partitions(), self.model.params.numel())
+    }
+}
+
+/// `partitions` clamped to the first `numel` elements (the padding after them has no
+/// optimizer state).
+fn clamp(partitions: &[std::ops::Range<usize>], numel: i64) -> Vec<std::ops::Range<i64>> {
+    partitions.iter().map(|r| (r.start as i64).min(numel)..(r.end as i64).min(numel)).collect()
 }

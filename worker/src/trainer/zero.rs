@@ -57,8 +57,22 @@ pub struct StepSync {
     pub stop: bool,
     /// Some rank asked for a checkpoint after this step (its clock says one is due).
     pub checkpoint: bool,
+    /// Some rank asked to stop for the group's next generation, handing the state over in
+    /// memory (a stop takes precedence).
+    pub handover: bool,
     /// Collective times.
     pub comm: CommTimes,
+}
+
+/// What this rank asks the group for at the end of a step; any rank's vote carries.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Votes {
+    /// Stop (with a checkpoint) at this step.
+    pub stop: bool,
+    /// Checkpoint at this step.
+    pub checkpoint: bool,
+    /// Stop at this step for the group's next generation (state handed over in memory).
+    pub handover: bool,
 }
 
 struct Bucket {
@@ -143,9 +157,9 @@ impl Zero1 {
         self.collective.as_mut()
     }
 
-    /// The collective and the optimizer, borrowed together (checkpoints need both).
-    pub fn collective_and_optimizer(&mut self) -> (&mut dyn Collective, &crate::optim::AdamW) {
-        (self.collective.as_mut(), &self.opt)
+    /// The collective and the optimizer, borrowed together (checkpoints and handovers need both).
+    pub fn collective_and_optimizer(&mut self) -> (&mut dyn Collective, &mut crate::optim::AdamW) {
+        (self.collective.as_mut(), &mut self.opt)
     }
 
     /// Every rank's partition.
@@ -189,14 +203,14 @@ impl Zero1 {
     }
 
     /// Ends the step: waits for the buckets, agrees on the global gradient norm, the loss
-    /// (`local_loss`, this rank's share) and the stop and checkpoint flags (any rank's vote
-    /// carries, so all ranks act at the same step), clips, runs AdamW with `lr` on this
-    /// rank's partition and all-gathers the parameters `params`.
+    /// (`local_loss`, this rank's share) and the `votes` (any rank's vote carries, so all
+    /// ranks act at the same step), clips, runs AdamW with `lr` on this rank's partition
+    /// and all-gathers the parameters `params`.
     pub fn finish(
         &mut self,
         params: &Tensor,
         local_loss: &Tensor,
-        (stop_requested, checkpoint_requested): (bool, bool),
+        votes: Votes,
         lr: f64,
         grad_clip: f64,
     ) -> Result<StepSync, WorkerError> {
@@ -216,7 +230,13 @@ impl Zero1 {
             };
             let flag = |b: bool| Tensor::from(f32::from(u8::from(b))).to_device(own.device());
             let stats = Tensor::stack(
-                &[sq_norm, local_loss.to_kind(Kind::Float), flag(stop_requested), flag(checkpoint_requested)],
+                &[
+                    sq_norm,
+                    local_loss.to_kind(Kind::Float),
+                    flag(votes.stop),
+                    flag(votes.checkpoint),
+                    flag(votes.handover),
+                ],
                 0,
             );
             let t =
@@ -224,10 +244,11 @@ impl Zero1 {
             self.comm.add(t);
             let stats = Vec::<f64>::try_from(stats.to_kind(Kind::Double).to_device(tch::Device::Cpu))
                 .map_err(|e| WorkerError::Spec(format!("reading step statistics: {e}")))?;
-            let (grad_norm, loss, stop, checkpoint) =
-                (stats[0].max(0.0).sqrt(), stats[1], stats[2] > 0.0, stats[3] > 0.0);
+            let (grad_norm, loss, stop, checkpoint, handover) =
+                (stats[0].max(0.0).sqrt(), stats[1], stats[2] > 0.0, stats[3] > 0.0, stats[4] > 0.0);
+            let synced = |comm| StepSync { grad_norm, loss, stop, checkpoint, handover, comm };
             if !loss.is_finite() {
-                return Ok(StepSync { grad_norm, loss, stop, checkpoint, comm: self.comm });
+                return Ok(synced(self.comm));
             }
             self.opt.update(&own, clip_factor(grad_norm, grad_clip), lr, params)?;
             for (stage, r) in self.gather_plan.clone() {
@@ -241,7 +262,7 @@ impl Zero1 {
                 // Completing them during the next forward would invalidate its graph.
                 self.wait_params()?;
             }
-            Ok(StepSync { grad_norm, loss, stop, checkpoint, comm: self.comm })
+            Ok(synced(self.comm))
         })
     }
 
