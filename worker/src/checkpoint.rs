@@ -75,16 +75,7 @@ fn safetensors_dtype(kind: Kind) -> Result<&'static str, WorkerError> {
 /// Writes host tensors as a safetensors file, hashing while writing (see
 /// [`write::write_safetensors`]); tensors not contiguous on the CPU are copied first.
 pub fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<WrittenFile, WorkerError> {
-    let host: Vec<Tensor> = tensors
-        .iter()
-        .map(|(_, t)| {
-            if t.device() == tch::Device::Cpu && t.is_contiguous() {
-                t.shallow_clone()
-            } else {
-                t.to_device(tch::Device::Cpu).contiguous()
-            }
-        })
-        .collect();
+    let host: Vec<Tensor> = tensors.iter().map(|(_, t)| on_host(t)).collect();
     let shapes: Vec<Vec<i64>> = host.iter().map(|t| t.size()).collect();
     let dtypes: Vec<&str> = host.iter().map(|t| safetensors_dtype(t.kind())).collect::<Result<_, _>>()?;
     let bytes: Vec<&[u8]> = host.iter().map(host_bytes).collect();
@@ -96,17 +87,69 @@ pub fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<Writte
     Ok(write::write_safetensors(path, &views)?)
 }
 
+/// A rank's share of the model file, which all ranks of a group write at once (see
+/// [`write::split_safetensors`]).
+pub struct ModelPart {
+    /// Every tensor's name, dtype tag and shape, in file order (the header).
+    pub metas: Vec<(String, &'static str, Vec<i64>)>,
+    /// The tensors this rank writes (indices into `metas`); rank 0 writes the header too.
+    pub part: std::ops::Range<usize>,
+    /// Whether this rank writes the header.
+    pub header: bool,
+}
+
+impl ModelPart {
+    /// Rank `rank` of `world`'s share of the model whose parameters are `named`.
+    pub fn of(named: &[(String, Tensor)], rank: usize, world: usize) -> Result<Self, WorkerError> {
+        let metas: Vec<(String, &'static str, Vec<i64>)> = named
+            .iter()
+            .map(|(n, t)| Ok((n.clone(), safetensors_dtype(t.kind())?, t.size())))
+            .collect::<Result<_, WorkerError>>()?;
+        let views = Self::views(&metas);
+        let parts = write::split_safetensors(&views, world).map_err(WorkerError::Spec)?;
+        let part = parts.get(rank).cloned().unwrap_or(0..0);
+        Ok(ModelPart { metas, part, header: rank == 0 })
+    }
+
+    fn views<'a>(metas: &'a [(String, &'static str, Vec<i64>)]) -> Vec<write::TensorMeta<'a>> {
+        metas.iter().map(|(name, dtype, shape)| write::TensorMeta { name, dtype, shape }).collect()
+    }
+
+    /// Writes `tensors` (host copies of the tensors `self.part`) into the model file in `dir`.
+    fn write(&self, dir: &Path, tensors: &[(String, Tensor)]) -> Result<WrittenFile, WorkerError> {
+        let host: Vec<Tensor> = tensors.iter().map(|(_, t)| on_host(t)).collect();
+        let bytes: Vec<&[u8]> = host.iter().map(host_bytes).collect();
+        let views = Self::views(&self.metas);
+        Ok(write::write_safetensors_part(&dir.join(MODEL_FILE), &views, self.part.clone(), &bytes, self.header)?)
+    }
+
+    /// Whether this rank writes any of the file.
+    pub fn is_empty(&self) -> bool {
+        self.part.is_empty() && !self.header
+    }
+}
+
+/// `t` contiguous in host memory (a copy only when it is not already).
+fn on_host(t: &Tensor) -> Tensor {
+    if t.device() == tch::Device::Cpu && t.is_contiguous() {
+        t.shallow_clone()
+    } else {
+        t.to_device(tch::Device::Cpu).contiguous()
+    }
+}
+
 /// Writes this rank's files of a checkpoint into `staging` at the same time: its optimizer
-/// partition as `partition_file`, and (rank 0) the model and the files copied in.
+/// partition as `partition_file`, its part of the model (`model`: host copies of the
+/// tensors `model_part.part`), and the files copied in.
 pub fn write_rank_files(
     staging: &Path,
     partition_file: &str,
     state: &[(String, Tensor)],
-    model: Vec<(String, Tensor)>,
+    (model_part, model): (&ModelPart, Vec<(String, Tensor)>),
     extra_files: &[(String, PathBuf)],
 ) -> Result<Vec<moxin_proto::v1::WrittenFile>, WorkerError> {
     std::thread::scope(|scope| {
-        let model = (!model.is_empty()).then(|| scope.spawn(move || write_tensors(&staging.join(MODEL_FILE), &model)));
+        let model = (!model_part.is_empty()).then(|| scope.spawn(move || model_part.write(staging, &model)));
         let mut files = vec![write_tensors(&staging.join(partition_file), state)?];
         for (name, source) in extra_files {
             files.push(write::copy_file(source, &staging.join(name))?);

@@ -159,7 +159,7 @@ pub fn nccl_world_of_one(ordinal: usize) -> Result<Value, WorkerError> {
 /// read back from the file).
 /// Alternates the two `repeats` times; reports the best of each, GB/s and the ratio.
 pub fn checkpoint_write(dir: &std::path::Path, mib: usize, repeats: usize) -> Result<Value, WorkerError> {
-    use crate::checkpoint::{sha256_file_for_bench as sha256, write_rank_files, MODEL_FILE};
+    use crate::checkpoint::{sha256_file_for_bench as sha256, write_rank_files, ModelPart, MODEL_FILE};
     if mib == 0 || repeats == 0 {
         return Err(WorkerError::Spec("--mib and --repeats must be at least 1".into()));
     }
@@ -179,13 +179,14 @@ pub fn checkpoint_write(dir: &std::path::Path, mib: usize, repeats: usize) -> Re
     let model = tensors(Kind::BFloat16, bytes / 3, "model");
     let state = tensors(Kind::Float, bytes - bytes / 3, "state");
     let total: usize = model.iter().chain(&state).map(|(_, t)| t.numel() * t.kind().elt_size_in_bytes()).sum();
+    let model_part = ModelPart::of(&model, 0, 1)?;
     let (mut ours, mut reference) = (f64::INFINITY, f64::INFINITY);
     for i in 0..repeats {
         let staging = dir.join(format!("bench-ours-{i}"));
         std::fs::create_dir_all(&staging).map_err(|e| WorkerError::io(&staging, e))?;
         let t = Instant::now();
         let model_copy: Vec<(String, Tensor)> = model.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
-        write_rank_files(&staging, "optimizer.part-00000.safetensors", &state, model_copy, &[])?;
+        write_rank_files(&staging, "optimizer.part-00000.safetensors", &state, (&model_part, model_copy), &[])?;
         ours = ours.min(t.elapsed().as_secs_f64());
         let _ = std::fs::remove_dir_all(&staging);
 

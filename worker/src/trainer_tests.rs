@@ -133,6 +133,8 @@ fn zero1_on_2_and_3_ranks_matches_single_process() {
         .unwrap();
         assert_eq!(m["world_size"], world);
         assert_eq!(m["optimizer"].as_array().unwrap().len(), world as usize);
+        // Every rank wrote a share of the one model file.
+        assert_eq!(m["file_parts"]["model.safetensors"].as_array().unwrap().len(), world as usize, "{m}");
     }
 }
 

@@ -16,7 +16,7 @@ use prost::Message;
 
 use super::{
     checkpoints_dir, list, staging_dir, step_dir_name, sweep, Checkpoint, CheckpointError, CheckpointManifest,
-    PartitionFile, FORMAT, MANIFEST,
+    FilePart, PartitionFile, FORMAT, MANIFEST,
 };
 
 /// Largest group a report may claim (far beyond any real job; bounds what a bad report
@@ -183,6 +183,12 @@ fn check_report(part: &CheckpointPart) -> Result<(), String> {
         if f.sha256.len() != 64 || !f.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(format!("file {}: {:?} is not a sha256 digest", f.name, f.sha256));
         }
+        if f.file_bytes > 0 && f.offset.checked_add(f.bytes).is_none_or(|end| end > f.file_bytes) {
+            return Err(format!(
+                "file {}: bytes {}+{} lie outside its {} bytes",
+                f.name, f.offset, f.bytes, f.file_bytes
+            ));
+        }
     }
     if !part.files.iter().any(|f| f.name == part.partition_file) {
         return Err(format!("its optimizer partition {:?} is not among its files", part.partition_file));
@@ -216,19 +222,33 @@ fn publish(run_dir: &Path, staging: &Path, mut parts: Vec<CheckpointPart>) -> Re
         serde_json::from_str(&rank0.manifest_json).map_err(|e| invalid(format!("invalid manifest fields: {e}")))?;
     manifest.format = FORMAT.into();
     manifest.files.clear();
+    manifest.file_parts.clear();
     manifest.optimizer.clear();
     for part in &parts {
         for f in &part.files {
             let path = staging.join(&f.name);
             let size = std::fs::metadata(&path).map_err(|e| CheckpointError::io(&path, e))?.len();
-            if size != f.bytes {
+            let whole = f.file_bytes == 0;
+            let expected = if whole { f.bytes } else { f.file_bytes };
+            if size != expected {
                 return Err(invalid(format!(
-                    "rank {} reported {} bytes for {}, the file has {size}",
-                    part.rank, f.bytes, f.name
+                    "rank {} reported {expected} bytes for {}, the file has {size}",
+                    part.rank, f.name
                 )));
             }
-            if manifest.files.insert(f.name.clone(), f.sha256.clone()).is_some() {
-                return Err(invalid(format!("{} was reported by two ranks", f.name)));
+            let duplicate = if whole {
+                manifest.files.insert(f.name.clone(), f.sha256.clone()).is_some()
+                    || manifest.file_parts.contains_key(&f.name)
+            } else {
+                manifest.file_parts.entry(f.name.clone()).or_default().push(FilePart {
+                    offset: f.offset,
+                    bytes: f.bytes,
+                    sha256: f.sha256.clone(),
+                });
+                manifest.files.contains_key(&f.name)
+            };
+            if duplicate {
+                return Err(invalid(format!("{} was reported whole by one rank and again by another", f.name)));
             }
         }
         manifest.optimizer.push(PartitionFile {
@@ -236,6 +256,23 @@ fn publish(run_dir: &Path, staging: &Path, mut parts: Vec<CheckpointPart>) -> Re
             start: part.partition_start,
             end: part.partition_end,
         });
+    }
+    for (name, file_parts) in &mut manifest.file_parts {
+        file_parts.sort_by_key(|p| p.offset);
+        let mut next = 0;
+        for p in file_parts.iter() {
+            if p.offset != next {
+                return Err(invalid(format!(
+                    "the ranks' parts of {name} leave bytes {next}..{} unreported or overlap",
+                    p.offset
+                )));
+            }
+            next = p.offset + p.bytes;
+        }
+        let size = file_parts.first().map_or(0, |_| std::fs::metadata(staging.join(name)).map_or(0, |m| m.len()));
+        if next != size {
+            return Err(invalid(format!("the ranks' parts of {name} cover {next} of its {size} bytes")));
+        }
     }
     for part in &parts {
         let _ = std::fs::remove_file(staging.join(part_record(part.rank)));
@@ -296,6 +333,7 @@ mod tests {
             resolved_config_toml: String::new(),
             optimizer: Vec::new(),
             files: Default::default(),
+            file_parts: Default::default(),
             build: BuildInfo::default(),
         };
         serde_json::to_string(&m).unwrap()
@@ -390,7 +428,12 @@ mod tests {
         let mut again = part(run.path(), 3, 4, 1, 2);
         std::fs::remove_dir_all(staging_dir(run.path(), 4, 3)).unwrap();
         again.files.clear();
-        again.files.push(moxin_proto::v1::WrittenFile { name: partition_file(1), sha256: "0".repeat(64), bytes: 10 });
+        again.files.push(moxin_proto::v1::WrittenFile {
+            name: partition_file(1),
+            sha256: "0".repeat(64),
+            bytes: 10,
+            ..Default::default()
+        });
         assert_eq!(commits.add(again).unwrap(), None);
         commits.abandon_before(4);
         assert!(!staging_dir(run.path(), 6, 3).exists());
@@ -407,5 +450,93 @@ mod tests {
         assert!(e.contains("was replaced by generation 2"), "{e}");
         // The new generation commits the same step in its own directory.
         assert!(commits.add(part(run.path(), 2, 2, 0, 1)).unwrap().is_some());
+    }
+
+    /// Three ranks write one model file at once, each its share; the published manifest
+    /// has a digest per share, the file is the one a single writer makes, and damage to
+    /// any share or a truncation is found.
+    #[test]
+    fn a_model_written_in_parts_by_every_rank_is_one_verified_file() {
+        use crate::checkpoint::write::{
+            split_safetensors, write_safetensors, write_safetensors_part, TensorBytes, TensorMeta,
+        };
+        let run = tempfile::tempdir().unwrap();
+        let sizes = [700usize, 64, 1300, 8, 900, 450];
+        let names: Vec<String> = (0..sizes.len()).map(|i| format!("t{i}")).collect();
+        let shapes: Vec<[i64; 1]> = sizes.iter().map(|&n| [n as i64]).collect();
+        let data: Vec<Vec<u8>> =
+            sizes.iter().enumerate().map(|(i, &n)| (0..n).map(|j| (i * 7 + j) as u8).collect()).collect();
+        let metas: Vec<TensorMeta<'_>> =
+            (0..sizes.len()).map(|i| TensorMeta { name: &names[i], dtype: "U8", shape: &shapes[i] }).collect();
+        let split = split_safetensors(&metas, 3).unwrap();
+        assert!(split.iter().all(|p| !p.is_empty()) && split[0].start == 0 && split[2].end == sizes.len());
+        let reports = |skip_model_of: Option<u32>, generation: u64| -> Vec<CheckpointPart> {
+            // The helper's own model file is replaced by the shares, written at once.
+            let mut parts: Vec<CheckpointPart> = (0..3).map(|rank| part(run.path(), generation, 2, rank, 3)).collect();
+            let staging = staging_dir(run.path(), 2, generation);
+            std::fs::remove_file(staging.join("model.safetensors")).unwrap();
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = parts
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(rank, _)| skip_model_of != Some(*rank as u32))
+                    .map(|(rank, p)| {
+                        let (metas, split, data, staging) = (&metas, &split, &data, &staging);
+                        scope.spawn(move || {
+                            p.files.retain(|f| f.name != "model.safetensors");
+                            let range = split[rank].clone();
+                            let bytes: Vec<&[u8]> = data[range.clone()].iter().map(Vec::as_slice).collect();
+                            let path = staging.join("model.safetensors");
+                            let f = write_safetensors_part(&path, metas, range, &bytes, rank == 0).unwrap();
+                            assert!(f.file_bytes > f.bytes, "a share, not the whole file");
+                            p.files.push(f);
+                        })
+                    })
+                    .collect();
+                handles.into_iter().for_each(|h| h.join().unwrap());
+            });
+            for p in &mut parts {
+                p.files.retain(|f| f.name != "model.safetensors" || f.file_bytes > 0);
+            }
+            parts
+        };
+
+        // A share nobody reported is refused.
+        let mut commits = Commits::new(run.path());
+        let mut incomplete = reports(Some(1), 1);
+        let last = incomplete.pop().unwrap();
+        for p in incomplete {
+            assert!(commits.add(p).unwrap().is_none());
+        }
+        let e = commits.add(last).unwrap_err().to_string();
+        assert!(e.contains("unreported"), "{e}");
+
+        let mut commits = Commits::new(run.path());
+        let mut dir = None;
+        for p in reports(None, 2) {
+            dir = commits.add(p).unwrap();
+        }
+        let dir = dir.expect("published");
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        assert_eq!(ckpt.manifest.file_parts["model.safetensors"].len(), 3);
+        assert!(!ckpt.manifest.files.contains_key("model.safetensors"));
+        let whole: Vec<TensorBytes<'_>> = (0..sizes.len())
+            .map(|i| TensorBytes { name: &names[i], dtype: "U8", shape: &shapes[i], data: &data[i] })
+            .collect();
+        let single = run.path().join("single.safetensors");
+        write_safetensors(&single, &whole).unwrap();
+        let model = dir.join("model.safetensors");
+        assert_eq!(std::fs::read(&model).unwrap(), std::fs::read(&single).unwrap());
+
+        let mut bytes = std::fs::read(&model).unwrap();
+        let middle = &ckpt.manifest.file_parts["model.safetensors"][1];
+        bytes[(middle.offset + 3) as usize] ^= 1;
+        std::fs::write(&model, &bytes).unwrap();
+        let e = Checkpoint::open(&dir).unwrap_err().to_string();
+        assert!(e.contains(&format!("of bytes {}..", middle.offset)) && e.contains("corrupt"), "{e}");
+        bytes.truncate(bytes.len() - 1);
+        std::fs::write(&model, &bytes).unwrap();
+        let e = Checkpoint::open(&dir).unwrap_err().to_string();
+        assert!(e.contains("truncated"), "{e}");
     }
 }

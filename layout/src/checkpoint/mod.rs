@@ -1,5 +1,6 @@
 //! The checkpoint format, without libtorch: `<run dir>/checkpoints/step-<8 digits>/` holds
-//! `model.safetensors` (Hugging Face names, readable on its own), one
+//! `model.safetensors` (Hugging Face names, readable on its own; written by all ranks of
+//! the group, each its own byte range, with a digest per range), one
 //! `optimizer.part-<rank>.safetensors` per ZeRO-1 partition (in global flat coordinates,
 //! so any world size can load them), files copied in (the tokenizer), and `manifest.json`
 //! (step, data cursor, RNG state, resolved config, build, sha256 of every file), written
@@ -88,6 +89,17 @@ pub struct PartitionFile {
     pub end: i64,
 }
 
+/// A byte range of a file written by several ranks, with its digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilePart {
+    /// First byte.
+    pub offset: u64,
+    /// Length.
+    pub bytes: u64,
+    /// sha256 of those bytes.
+    pub sha256: String,
+}
+
 /// Random state needed to continue a run exactly.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RngState {
@@ -124,8 +136,12 @@ pub struct CheckpointManifest {
     pub resolved_config_toml: String,
     /// Optimizer partitions.
     pub optimizer: Vec<PartitionFile>,
-    /// sha256 of every other file in the directory.
+    /// sha256 of every other file in the directory written whole by one rank.
     pub files: std::collections::BTreeMap<String, String>,
+    /// Files written by several ranks (the model): each range's sha256, in file order,
+    /// tiling the file.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub file_parts: std::collections::BTreeMap<String, Vec<FilePart>>,
     /// The software that wrote it (absent in checkpoints of older builds).
     #[serde(default)]
     pub build: BuildInfo,
@@ -172,19 +188,39 @@ impl Checkpoint {
                 reason: format!("format {:?}, expected {FORMAT:?}", manifest.format),
             });
         }
+        // One check per whole file and per part of a file written in parts, in parallel.
+        let mut checks: Vec<(&String, Option<&FilePart>, &String)> =
+            manifest.files.iter().map(|(file, want)| (file, None, want)).collect();
+        for (file, parts) in &manifest.file_parts {
+            let path = dir.join(file);
+            let size = std::fs::metadata(&path).map_err(|e| CheckpointError::io(&path, e))?.len();
+            let expected = parts.last().map_or(0, |p| p.offset + p.bytes);
+            if size != expected {
+                return Err(CheckpointError::Invalid {
+                    path,
+                    reason: format!("{size} bytes, the manifest says {expected}; the file is truncated or corrupt"),
+                });
+            }
+            checks.extend(parts.iter().map(|p| (file, Some(p), &p.sha256)));
+        }
         let results: Vec<Result<(), CheckpointError>> = std::thread::scope(|scope| {
-            let checks: Vec<_> = manifest
-                .files
-                .iter()
-                .map(|(file, want)| {
+            let checks: Vec<_> = checks
+                .into_iter()
+                .map(|(file, part, want)| {
                     scope.spawn(move || {
                         let file_path = dir.join(file);
-                        let got = moxin_data::sha256_hex(&file_path).map_err(|e| CheckpointError::io(&file_path, e))?;
+                        let got = match part {
+                            None => moxin_data::sha256_hex(&file_path),
+                            Some(p) => sha256_range(&file_path, p.offset, p.bytes),
+                        }
+                        .map_err(|e| CheckpointError::io(&file_path, e))?;
                         if &got != want {
+                            let which = part
+                                .map_or(String::new(), |p| format!(" of bytes {}..{}", p.offset, p.offset + p.bytes));
                             return Err(CheckpointError::Invalid {
                                 path: file_path,
                                 reason: format!(
-                                    "sha256 {got} does not match the manifest ({want}); the file is corrupt"
+                                    "sha256{which} {got} does not match the manifest ({want}); the file is corrupt"
                                 ),
                             });
                         }
@@ -205,6 +241,23 @@ impl Checkpoint {
         results.into_iter().collect::<Result<(), _>>()?;
         Ok(Checkpoint { dir: dir.to_path_buf(), manifest })
     }
+}
+
+/// sha256 (hex) of `bytes` bytes of the file at `offset` (a short file is an error).
+fn sha256_range(path: &Path, offset: u64, bytes: u64) -> std::io::Result<String> {
+    use sha2::Digest;
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(path)?;
+    let mut sha = sha2::Sha256::new();
+    let mut buf = vec![0u8; (4 << 20).min(bytes as usize)];
+    let mut done = 0u64;
+    while done < bytes {
+        let n = buf.len().min((bytes - done) as usize);
+        file.read_exact_at(&mut buf[..n], offset + done)?;
+        sha.update(&buf[..n]);
+        done += n as u64;
+    }
+    Ok(hex::encode(sha.finalize()))
 }
 
 /// The checkpoints directory of a run.

@@ -3,6 +3,11 @@
 //! hashes them, so each byte is read from memory for writing and for hashing concurrently,
 //! instead of being serialised into a copy, written, and read back from disk to be hashed.
 //! The file is fsynced before its digest is reported.
+//!
+//! One safetensors file can also be written by several processes at once, each writing
+//! (and hashing) its own byte range of it ([`write_safetensors_part`]): the model of a
+//! large job is split across the ranks of its group this way, and `model.safetensors`
+//! stays one file that any safetensors reader opens on its own.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -46,25 +51,58 @@ pub fn dtype_size(dtype: &str) -> Option<usize> {
     })
 }
 
+/// What the header says of a tensor: name, dtype tag and shape.
+#[derive(Debug, Clone, Copy)]
+pub struct TensorMeta<'a> {
+    /// Tensor name.
+    pub name: &'a str,
+    /// safetensors dtype tag.
+    pub dtype: &'a str,
+    /// Shape.
+    pub shape: &'a [i64],
+}
+
+impl TensorMeta<'_> {
+    /// Bytes of the tensor's data.
+    pub fn data_bytes(&self) -> Result<usize, String> {
+        let size =
+            dtype_size(self.dtype).ok_or_else(|| format!("tensor {}: unknown dtype {:?}", self.name, self.dtype))?;
+        let elements: i64 = self.shape.iter().product();
+        if elements < 0 || self.shape.iter().any(|&d| d < 0) {
+            return Err(format!("tensor {}: impossible shape {:?}", self.name, self.shape));
+        }
+        Ok(elements as usize * size)
+    }
+}
+
+impl<'a> TensorBytes<'a> {
+    fn meta(&self) -> TensorMeta<'a> {
+        TensorMeta { name: self.name, dtype: self.dtype, shape: self.shape }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let needed = self.meta().data_bytes()?;
+        if needed != self.data.len() {
+            return Err(format!(
+                "tensor {}: shape {:?} of {} needs {needed} bytes, got {}",
+                self.name,
+                self.shape,
+                self.dtype,
+                self.data.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The safetensors prefix (header length, then the JSON header padded with spaces to a
 /// multiple of 8 bytes) for `tensors` stored back to back in the order given. The order
 /// is part of the file, so the same tensors always make the same bytes.
-pub fn safetensors_header(tensors: &[TensorBytes<'_>]) -> Result<Vec<u8>, String> {
+pub fn safetensors_header(tensors: &[TensorMeta<'_>]) -> Result<Vec<u8>, String> {
     let mut json = String::from("{");
     let mut offset = 0usize;
     for (i, t) in tensors.iter().enumerate() {
-        let size = dtype_size(t.dtype).ok_or_else(|| format!("tensor {}: unknown dtype {:?}", t.name, t.dtype))?;
-        let elements: i64 = t.shape.iter().product();
-        if elements < 0 || elements as usize * size != t.data.len() {
-            return Err(format!(
-                "tensor {}: shape {:?} of {} needs {} bytes, got {}",
-                t.name,
-                t.shape,
-                t.dtype,
-                elements.max(0) as usize * size,
-                t.data.len()
-            ));
-        }
+        let bytes = t.data_bytes()?;
         if i > 0 {
             json.push(',');
         }
@@ -74,9 +112,9 @@ pub fn safetensors_header(tensors: &[TensorBytes<'_>]) -> Result<Vec<u8>, String
             "{name}:{{\"dtype\":\"{}\",\"shape\":[{}],\"data_offsets\":[{offset},{}]}}",
             t.dtype,
             shape.join(","),
-            offset + t.data.len()
+            offset + bytes
         ));
-        offset += t.data.len();
+        offset += bytes;
     }
     json.push('}');
     while json.len() % 8 != 0 {
@@ -89,10 +127,83 @@ pub fn safetensors_header(tensors: &[TensorBytes<'_>]) -> Result<Vec<u8>, String
 
 /// Writes `tensors` as a safetensors file at `path` (replacing it), hashing while writing.
 pub fn write_safetensors(path: &Path, tensors: &[TensorBytes<'_>]) -> Result<WrittenFile, CheckpointError> {
-    let header =
-        safetensors_header(tensors).map_err(|reason| CheckpointError::Invalid { path: path.into(), reason })?;
+    let invalid = |reason| CheckpointError::Invalid { path: path.into(), reason };
+    tensors.iter().try_for_each(TensorBytes::check).map_err(invalid)?;
+    let metas: Vec<TensorMeta<'_>> = tensors.iter().map(TensorBytes::meta).collect();
+    let header = safetensors_header(&metas).map_err(invalid)?;
     let segments: Vec<&[u8]> = std::iter::once(header.as_slice()).chain(tensors.iter().map(|t| t.data)).collect();
     write_segments(path, &segments)
+}
+
+/// How the safetensors file of `tensors` is split between `writers` processes: writer `w`
+/// writes the data of tensors `parts[w]` (contiguous, in order, possibly empty), and
+/// writer 0 the header too. Whole tensors, balanced by bytes: a tensor goes to the writer
+/// in whose share of the data its first byte lies.
+pub fn split_safetensors(tensors: &[TensorMeta<'_>], writers: usize) -> Result<Vec<std::ops::Range<usize>>, String> {
+    let writers = writers.max(1);
+    let sizes: Vec<usize> = tensors.iter().map(TensorMeta::data_bytes).collect::<Result<_, _>>()?;
+    let total: usize = sizes.iter().sum::<usize>().max(1);
+    let mut parts = vec![0..0; writers];
+    let mut offset = 0usize;
+    for (i, size) in sizes.iter().enumerate() {
+        let w = ((offset as u128 * writers as u128 / total as u128) as usize).min(writers - 1);
+        if parts[w].start == parts[w].end {
+            parts[w] = i..i;
+        }
+        parts[w].end = i + 1;
+        offset += size;
+    }
+    // Empty parts sit where their neighbours meet, so the parts stay in order.
+    let mut next = 0;
+    for p in &mut parts {
+        if p.start == p.end {
+            *p = next..next;
+        }
+        next = p.end;
+    }
+    Ok(parts)
+}
+
+/// Writes this writer's share of the safetensors file of `all` (see
+/// [`split_safetensors`]): the data of `data` — the tensors `part` of `all`, in order —
+/// at their offsets, and with `header` the header before them. Every writer creates the
+/// file at its final size and writes only its range, so they may run at once (on one
+/// machine or on a shared filesystem); the report covers that range.
+pub fn write_safetensors_part(
+    path: &Path,
+    all: &[TensorMeta<'_>],
+    part: std::ops::Range<usize>,
+    data: &[&[u8]],
+    header: bool,
+) -> Result<WrittenFile, CheckpointError> {
+    let invalid = |reason: String| CheckpointError::Invalid { path: path.into(), reason };
+    let prefix = safetensors_header(all).map_err(invalid)?;
+    let sizes: Vec<usize> = all.iter().map(TensorMeta::data_bytes).collect::<Result<_, _>>().map_err(invalid)?;
+    if part.end > all.len() || data.len() != part.len() {
+        return Err(invalid(format!("part {part:?} of {} tensors with {} buffers", all.len(), data.len())));
+    }
+    for (i, d) in part.clone().zip(data) {
+        if d.len() != sizes[i] {
+            return Err(invalid(format!("tensor {}: needs {} bytes, got {}", all[i].name, sizes[i], d.len())));
+        }
+    }
+    let file_bytes = (prefix.len() + sizes.iter().sum::<usize>()) as u64;
+    let data_start = prefix.len() + sizes[..part.start].iter().sum::<usize>();
+    let (offset, segments): (usize, Vec<&[u8]>) = if header {
+        if part.start != 0 {
+            return Err(invalid(format!("the header's writer must write from the first tensor, not {part:?}")));
+        }
+        (0, std::iter::once(prefix.as_slice()).chain(data.iter().copied()).collect())
+    } else {
+        (data_start, data.to_vec())
+    };
+    let mut written = write_range(path, offset as u64, file_bytes, &segments)?;
+    // A writer of the whole file reports it whole.
+    if written.bytes != file_bytes {
+        written.file_bytes = file_bytes;
+        written.offset = offset as u64;
+    }
+    Ok(written)
 }
 
 /// Copies the file `source` to `dest`, hashing what was written.
@@ -104,12 +215,42 @@ pub fn copy_file(source: &Path, dest: &Path) -> Result<WrittenFile, CheckpointEr
 /// Writes the concatenation of `segments` to `path` (replacing it) and fsyncs it: writer
 /// threads claim [`CHUNK`]-sized pieces while another thread hashes the whole in order.
 pub fn write_segments(path: &Path, segments: &[&[u8]]) -> Result<WrittenFile, CheckpointError> {
-    let io = |e| CheckpointError::io(path, e);
-    let file = File::create(path).map_err(io)?;
+    let file = File::create(path).map_err(|e| CheckpointError::io(path, e))?;
     let total: usize = segments.iter().map(|s| s.len()).sum();
-    file.set_len(total as u64).map_err(io)?;
+    write_into(path, file, 0, total as u64, segments)
+}
+
+/// Writes the concatenation of `segments` at `offset` of the file `path` of `file_bytes`
+/// bytes (created if missing, never truncated: other writers may be filling the rest).
+fn write_range(path: &Path, offset: u64, file_bytes: u64, segments: &[&[u8]]) -> Result<WrittenFile, CheckpointError> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| CheckpointError::io(path, e))?;
+    write_into(path, file, offset, file_bytes, segments)
+}
+
+fn write_into(
+    path: &Path,
+    file: File,
+    base: u64,
+    file_bytes: u64,
+    segments: &[&[u8]],
+) -> Result<WrittenFile, CheckpointError> {
+    let io = |e| CheckpointError::io(path, e);
+    let total: usize = segments.iter().map(|s| s.len()).sum();
+    if base + total as u64 > file_bytes {
+        return Err(CheckpointError::Invalid {
+            path: path.into(),
+            reason: format!("{total} bytes at offset {base} do not fit a file of {file_bytes} bytes"),
+        });
+    }
+    // Every writer sets the same final size, so the order they do it in does not matter.
+    file.set_len(file_bytes).map_err(io)?;
     let mut chunks = Vec::new();
-    let mut offset = 0u64;
+    let mut offset = base;
     for segment in segments {
         for piece in segment.chunks(CHUNK) {
             chunks.push((offset, piece));
@@ -146,7 +287,7 @@ pub fn write_segments(path: &Path, segments: &[&[u8]]) -> Result<WrittenFile, Ch
         return Err(CheckpointError::Invalid { path: path.into(), reason: "the hashing thread panicked".into() });
     }
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    Ok(WrittenFile { name, sha256: digest, bytes: total as u64 })
+    Ok(WrittenFile { name, sha256: digest, bytes: total as u64, file_bytes: 0, offset: 0 })
 }
 
 #[cfg(test)]

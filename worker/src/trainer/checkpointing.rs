@@ -1,7 +1,7 @@
 //! The checkpoint coordinator: saving a group's state at one step and resuming from it.
 //!
-//! Saving in a group: every rank copies its optimizer partition (and rank 0 the model) off
-//! the training path into host memory and hands the copy to a background writer, and
+//! Saving in a group: every rank copies its optimizer partition and its share of the model
+//! off the training path into host memory and hands the copy to a background writer, and
 //! training goes on. Each writer writes its files into the generation's staging directory,
 //! hashing while writing, and reports them to the [`Committer`] (the coordinator, or this
 //! process in `train`), which writes the manifest last and publishes once every rank has
@@ -245,7 +245,11 @@ impl Checkpointer {
         let (rank, world) = (collective.rank(), collective.world_size());
         let copying = Instant::now();
         let state = self.optimizer_snapshot.take(&opt.state_tensors());
-        let model_state = if rank == 0 { self.model_snapshot.take(&model.params.named_tensors()) } else { Vec::new() };
+        // Every rank writes its share of the model file, so no rank writes much more than
+        // the others (rank 0 alone would write the whole model on top of its partition).
+        let named = model.params.named_tensors();
+        let model_part = checkpoint::ModelPart::of(&named, rank, world)?;
+        let model_state = self.model_snapshot.take(&named[model_part.part.clone()]);
         let bytes: i64 =
             state.iter().chain(&model_state).map(|(_, t)| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64).sum();
         tracing::info!(
@@ -268,6 +272,7 @@ impl Checkpointer {
             resolved_config_toml: self.spec.resolved_config_toml.clone(),
             optimizer: Vec::new(),
             files: Default::default(),
+            file_parts: Default::default(),
             build: checkpoint::build_info(),
         };
         let (start, end) = partitions[rank];
@@ -296,8 +301,13 @@ impl Checkpointer {
         let write = move || -> Result<f64, WorkerError> {
             let began = Instant::now();
             std::fs::create_dir_all(&staging).map_err(|e| WorkerError::io(&staging, e))?;
-            part.files =
-                checkpoint::write_rank_files(&staging, &part.partition_file, &state, model_state, &extra_files)?;
+            part.files = checkpoint::write_rank_files(
+                &staging,
+                &part.partition_file,
+                &state,
+                (&model_part, model_state),
+                &extra_files,
+            )?;
             checkpoint::record_part(&staging, &part)?;
             match committer.commit(part)? {
                 Committed::Accepted => {}
