@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Idempotent project setup: a project-local Python venv with exactly the PyTorch that
-# tch 0.24.0 is built against (2.11.0), and the `.libtorch` link that .cargo/config.toml
-# points LIBTORCH at. About 60 s and 4.7 GB the first time; instant afterwards.
+# tch 0.24.0 is built against (2.11.0) and transformers (for the interop test), and the
+# `.libtorch` link that .cargo/config.toml points LIBTORCH at. About 90 s and 4.8 GB the
+# first time; instant afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TORCH_VERSION=2.11.0
+TRANSFORMERS_VERSION=5.24.0
 PYTHON=${PYTHON:-python3}
 VENV=.venv
 
@@ -27,6 +29,14 @@ have=$("$VENV/bin/python" -c 'import numpy, torch; print(torch.__version__.split
 if [ "$have" != "$TORCH_VERSION" ]; then
   echo "setup: installing torch==$TORCH_VERSION into $VENV (about 60 s, 4.7 GB, once)" >&2
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION" numpy
+fi
+
+# transformers: the Hugging Face interop test (tests/hf_cli.rs) checks our exports and
+# imports against it.
+have=$("$VENV/bin/python" -c 'import transformers; print(transformers.__version__)' 2>/dev/null || true)
+if [ "$have" != "$TRANSFORMERS_VERSION" ]; then
+  echo "setup: installing transformers==$TRANSFORMERS_VERSION into $VENV (once)" >&2
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "transformers==$TRANSFORMERS_VERSION"
 fi
 
 torch_dir=$("$VENV/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file__))')

@@ -32,6 +32,12 @@ enum Command {
     Plan(PlanArgs),
     /// Continue a text prompt with a checkpoint.
     Generate(GenerateArgs),
+    /// Write a checkpoint as a Hugging Face MistralForCausalLM folder.
+    ExportHf(ExportHfArgs),
+    /// Import a Hugging Face Mistral or Llama folder as a checkpoint (for `model.init_from`).
+    ImportHf(ImportHfArgs),
+    /// Logits of a checkpoint's model for token rows (fp32, CPU; for comparing implementations).
+    Logits(LogitsArgs),
     /// Run a distributed job on this machine: a coordinator plus N worker processes.
     Launch(LaunchArgs),
     /// Serve a job's coordinator (cluster mode); workers join with `moxin-train worker`.
@@ -297,6 +303,41 @@ struct PlanArgs {
 }
 
 #[derive(Args)]
+struct ExportHfArgs {
+    /// Checkpoint directory (checkpoints/step-NNNNNNNN), or a run directory (its newest).
+    checkpoint: PathBuf,
+    /// Folder to write (new or empty).
+    out: PathBuf,
+    /// Weight dtype: float32, bfloat16 or float16 (default: as stored in the checkpoint).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Largest weight file, in GB; bigger models are sharded with an index.
+    #[arg(long, default_value_t = 5.0)]
+    max_shard_gb: f64,
+}
+
+#[derive(Args)]
+struct ImportHfArgs {
+    /// Hugging Face model folder (config.json, model.safetensors or a sharded index).
+    dir: PathBuf,
+    /// Checkpoint directory to write (new or empty).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct LogitsArgs {
+    /// Checkpoint directory, or a run directory (its newest).
+    checkpoint: PathBuf,
+    /// JSON file of token-id rows of one length, e.g. [[1, 5, 9], [1, 7, 3]].
+    #[arg(long)]
+    tokens: PathBuf,
+    /// safetensors file to write (`logits`: fp32 [rows, length, vocab]).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
 struct GenerateArgs {
     /// Checkpoint directory.
     checkpoint: PathBuf,
@@ -406,6 +447,9 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Bench(BenchCommand::Heartbeats { coordinator, workers, seconds }) => {
             commands::bench::heartbeats(&coordinator, workers, seconds)
         }
+        Command::ExportHf(a) => commands::hf::export(&a.checkpoint, &a.out, a.dtype.as_deref(), a.max_shard_gb),
+        Command::ImportHf(a) => commands::hf::import(&a.dir, &a.out),
+        Command::Logits(a) => commands::hf::logits(&a.checkpoint, &a.tokens, &a.out),
         Command::Generate(a) => commands::generate(
             &a.checkpoint,
             &a.prompt,

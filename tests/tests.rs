@@ -5,4 +5,5 @@ mod common;
 mod data_cli;
 mod device_cli;
 mod faults_cli;
+mod hf_cli;
 mod train_cli;

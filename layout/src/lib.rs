@@ -2,8 +2,8 @@
 //! ([`ModelShape`]), its parameters ([`ParamDecl`], grouped into autograd leaves by
 //! [`ParamGroup`]), where each sits in the flat parameter buffer ([`FlatLayout`]), how
 //! ZeRO-1 splits that buffer over ranks ([`zero1_partitions`]), and what training it costs
-//! in FLOPs and per-GPU memory ([`memory`]), and how checkpoints of it are laid out on disk,
-//! written and committed ([`checkpoint`]).
+//! in FLOPs and per-GPU memory ([`memory`]), how checkpoints of it are laid out on disk,
+//! written and committed ([`checkpoint`]), and how it reads as a Hugging Face config ([`hf`]).
 //!
 //! The coordinator (which never links libtorch) plans partitions and validates jobs with it;
 //! the worker's `ParamStore` lays out tensors with it; `model-info` and `plan` print it; the
@@ -14,6 +14,7 @@
 
 pub mod checkpoint;
 mod flat;
+pub mod hf;
 pub mod memory;
 mod params;
 mod shape;

@@ -293,3 +293,4 @@ fn gib(bytes: u64) -> String {
 }
 pub mod bench;
 pub mod cluster;
+pub mod hf;

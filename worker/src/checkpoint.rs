@@ -8,7 +8,8 @@ use std::sync::Mutex;
 
 pub use moxin_layout::checkpoint::{
     checkpoints_dir, latest_valid, list, partition_file, record_part, staging_dir, write, BuildInfo, Checkpoint,
-    CheckpointError, CheckpointManifest, Commits, PartitionFile, RngState, MANIFEST, MODEL_FILE, TOKENIZER_FILE,
+    CheckpointError, CheckpointManifest, Commits, PartitionFile, RngState, FORMAT, MANIFEST, MODEL_FILE,
+    TOKENIZER_FILE,
 };
 use moxin_proto::v1::{CheckpointPart, WrittenFile};
 use tch::{Kind, Tensor};
@@ -44,6 +45,20 @@ pub fn build_info() -> BuildInfo {
 pub fn model_tensors(ckpt: &Checkpoint) -> Result<Vec<(String, Tensor)>, WorkerError> {
     let path = ckpt.dir.join(MODEL_FILE);
     Tensor::read_safetensors(&path).map_err(|e| WorkerError::Checkpoint { path, reason: e.to_string() })
+}
+
+/// The model of a verified checkpoint, its parameters as `kind` on `device`.
+pub fn load_model(
+    ckpt: &Checkpoint,
+    kind: Kind,
+    device: tch::Device,
+) -> Result<crate::model::Transformer, WorkerError> {
+    let mut model = crate::model::Transformer::new(ckpt.manifest.model.clone(), kind, device);
+    model
+        .params
+        .load_named(&model_tensors(ckpt)?)
+        .map_err(|reason| WorkerError::Checkpoint { path: ckpt.dir.join(MODEL_FILE), reason })?;
+    Ok(model)
 }
 
 /// Loads optimizer partition `index` of a verified checkpoint: its range and

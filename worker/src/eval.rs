@@ -6,8 +6,7 @@ use moxin_data::TokenDataset;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use crate::checkpoint::{Checkpoint, MODEL_FILE, TOKENIZER_FILE};
-use crate::model::Transformer;
+use crate::checkpoint::{Checkpoint, TOKENIZER_FILE};
 use crate::trainer::objective::{head_loss, CrossEntropy};
 use crate::trainer::Batch;
 use crate::WorkerError;
@@ -62,11 +61,7 @@ pub fn evaluate(
         }
     }
     let device = Device::cuda_if_available();
-    let mut model = Transformer::new(shape.clone(), Kind::Float, device);
-    model
-        .params
-        .load_named(&crate::checkpoint::model_tensors(&ckpt)?)
-        .map_err(|reason| WorkerError::Checkpoint { path: checkpoint_dir.join(MODEL_FILE), reason })?;
+    let model = crate::checkpoint::load_model(&ckpt, Kind::Float, device)?;
     let seq_len = ckpt.manifest.seq_len;
     let data = TokenDataset::open(data_dir, seq_len, shape.vocab_size, true)?;
     let batch_size = batch_size as u64;
@@ -104,4 +99,27 @@ pub fn evaluate(
         tokens,
         batches: run,
     })
+}
+
+/// Logits (fp32, `[rows, len, vocab]`) of the model at `checkpoint` (a checkpoint or a run
+/// directory's newest) for each row of `tokens`, computed in fp32 on the CPU: a fixed
+/// reference to compare other implementations against (`moxin-train logits`).
+pub fn logits(checkpoint: &Path, tokens: &[Vec<i64>]) -> Result<Tensor, WorkerError> {
+    let ckpt = crate::hf::open_checkpoint(checkpoint)?;
+    let shape = &ckpt.manifest.model;
+    let len = tokens.first().map_or(0, Vec::len);
+    let bad = |reason: String| WorkerError::Input { path: checkpoint.to_path_buf(), reason };
+    if len == 0 || tokens.iter().any(|r| r.len() != len) {
+        return Err(bad("the token rows must be non-empty and of one length".into()));
+    }
+    if len > shape.max_seq_len as usize {
+        return Err(bad(format!("rows of {len} tokens exceed the model's max_seq_len {}", shape.max_seq_len)));
+    }
+    if let Some(t) = tokens.iter().flatten().find(|&&t| t < 0 || t >= shape.vocab_size as i64) {
+        return Err(bad(format!("token id {t} is outside the vocabulary (0..{})", shape.vocab_size)));
+    }
+    let model = crate::checkpoint::load_model(&ckpt, Kind::Float, Device::Cpu)?;
+    let flat: Vec<i64> = tokens.iter().flatten().copied().collect();
+    let input = Tensor::from_slice(&flat).view([tokens.len() as i64, len as i64]);
+    Ok(tch::no_grad(|| model.forward(&input, None)))
 }

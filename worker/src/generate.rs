@@ -103,15 +103,11 @@ pub fn generate_text(
     prompt: &str,
     mut opts: SamplingOptions,
 ) -> Result<String, crate::WorkerError> {
-    use crate::checkpoint::{Checkpoint, MODEL_FILE, TOKENIZER_FILE};
+    use crate::checkpoint::{Checkpoint, TOKENIZER_FILE};
     let ckpt = Checkpoint::open(checkpoint_dir)?;
     let tokenizer = moxin_data::load_tokenizer(&checkpoint_dir.join(TOKENIZER_FILE))?;
     let device = tch::Device::cuda_if_available();
-    let mut model = Transformer::new(ckpt.manifest.model.clone(), Kind::Float, device);
-    model
-        .params
-        .load_named(&crate::checkpoint::model_tensors(&ckpt)?)
-        .map_err(|reason| crate::WorkerError::Checkpoint { path: checkpoint_dir.join(MODEL_FILE), reason })?;
+    let model = crate::checkpoint::load_model(&ckpt, Kind::Float, device)?;
     let mut ids: Vec<i64> = tokenizer.encode(prompt)?.into_iter().map(i64::from).collect();
     if let Some(bos) = tokenizer.bos_id.filter(|_| ids.is_empty()) {
         ids.push(bos as i64);

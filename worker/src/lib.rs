@@ -27,6 +27,7 @@ pub mod doctor;
 pub mod driver;
 pub mod eval;
 pub mod generate;
+pub mod hf;
 pub mod model;
 pub mod optim;
 pub mod params;
@@ -49,6 +50,14 @@ pub enum WorkerError {
     /// Training data problem.
     #[error(transparent)]
     Data(#[from] moxin_data::DataError),
+    /// An input file (a Hugging Face model folder, a token list) is missing or unusable.
+    #[error("{path}: {reason}")]
+    Input {
+        /// The file or directory.
+        path: PathBuf,
+        /// What is wrong, and what to do.
+        reason: String,
+    },
     /// A checkpoint is missing, corrupt or incompatible.
     #[error("{path}: {reason}")]
     Checkpoint {

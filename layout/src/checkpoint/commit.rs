@@ -335,6 +335,7 @@ mod tests {
             files: Default::default(),
             file_parts: Default::default(),
             build: BuildInfo::default(),
+            token_ids: None,
         };
         serde_json::to_string(&m).unwrap()
     }

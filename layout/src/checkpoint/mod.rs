@@ -145,6 +145,10 @@ pub struct CheckpointManifest {
     /// The software that wrote it (absent in checkpoints of older builds).
     #[serde(default)]
     pub build: BuildInfo,
+    /// Special token ids, when known apart from the tokenizer (a model imported from
+    /// Hugging Face: its `config.json`'s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<crate::hf::TokenIds>,
 }
 
 /// Which build wrote a checkpoint: enough to reproduce or to explain a difference.

@@ -274,6 +274,7 @@ impl Checkpointer {
             files: Default::default(),
             file_parts: Default::default(),
             build: checkpoint::build_info(),
+            token_ids: None,
         };
         let (start, end) = partitions[rank];
         let mut part = CheckpointPart {

@@ -1,0 +1,115 @@
+//! Hugging Face interop against transformers itself (installed into `.venv` by
+//! scripts/setup.sh; tests/hf/check.py is its side): exported checkpoints load as
+//! `MistralForCausalLM` with the same logits, models transformers made import with the
+//! same logits, and export → import → export reproduces every byte.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::common::{fails, ok, tiny_job};
+
+fn python() -> PathBuf {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    let has = Command::new(&python).args(["-c", "import transformers, safetensors"]).output();
+    assert!(
+        has.is_ok_and(|o| o.status.success()),
+        "{} cannot import transformers; run `bash scripts/setup.sh` (it installs it)",
+        python.display()
+    );
+    python
+}
+
+/// Runs tests/hf/check.py; returns stdout.
+fn check(cwd: &Path, args: &[&str]) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hf/check.py");
+    let out = Command::new(python())
+        .arg(script)
+        .args(args)
+        .current_dir(cwd)
+        .env("OMP_NUM_THREADS", "1")
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "check.py {args:?}:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn files_of(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap()))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn hugging_face_export_and_import_agree_with_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    // Two rows, 16 tokens: longer than the imported model's sliding window of 8.
+    let tokens = t.join("tokens.json");
+    std::fs::write(
+        &tokens,
+        "[[1,5,9,13,17,21,25,29,33,37,41,45,49,53,57,61],[1,7,3,200,12,99,5,3,8,1,250,33,2,17,120,4]]",
+    )
+    .unwrap();
+
+    // A moxin-train checkpoint, exported, loads in transformers with the same logits.
+    let job = tiny_job(t, 3, "");
+    let run = t.join("run");
+    ok(t, &["train", &s(&job), "--out", &s(&run)]);
+    let exported = t.join("exported");
+    let said = ok(t, &["export-hf", &s(&run), &s(&exported)]);
+    assert!(said.contains("\"step\": 3") && said.contains("\"tokenizer\": true"), "{said}");
+    ok(t, &["logits", &s(&run), "--tokens", &s(&tokens), "--out", &s(&t.join("ours.safetensors"))]);
+    check(t, &["logits", &s(&exported), &s(&tokens), "theirs.safetensors"]);
+    let diff = check(t, &["compare", "ours.safetensors", "theirs.safetensors", "1e-4"]);
+    assert!(diff.contains("max_abs_diff"), "{diff}");
+
+    // A model transformers created (random, sharded by save_pretrained, sliding window 8)
+    // imports with the same logits.
+    let created = t.join("created");
+    check(t, &["create", &s(&created), &s(&tokens), "theirs2.safetensors"]);
+    assert!(created.join("model.safetensors.index.json").exists(), "the test model should be sharded");
+    let imported = t.join("imported");
+    let said = ok(t, &["import-hf", &s(&created), "--out", &s(&imported)]);
+    assert!(said.contains("\"sliding_window\": 8") && said.contains("\"dtype\": \"float32\""), "{said}");
+    ok(t, &["logits", &s(&imported), "--tokens", &s(&tokens), "--out", &s(&t.join("ours2.safetensors"))]);
+    check(t, &["compare", "ours2.safetensors", "theirs2.safetensors", "1e-4"]);
+
+    // Export → import → export: the same bytes, sharded or not.
+    for shard_gb in ["5", "0.0001"] {
+        let (a, b, back) =
+            (t.join(format!("a-{shard_gb}")), t.join(format!("b-{shard_gb}")), t.join(format!("back-{shard_gb}")));
+        ok(t, &["export-hf", &s(&imported), &s(&a), "--max-shard-gb", shard_gb]);
+        ok(t, &["import-hf", &s(&a), "--out", &s(&back)]);
+        ok(t, &["export-hf", &s(&back), &s(&b), "--max-shard-gb", shard_gb]);
+        let (fa, fb) = (files_of(&a), files_of(&b));
+        assert_eq!(fa.iter().map(|f| &f.0).collect::<Vec<_>>(), fb.iter().map(|f| &f.0).collect::<Vec<_>>());
+        for ((name, x), (_, y)) in fa.iter().zip(&fb) {
+            assert!(x == y, "{name} differs after export → import → export");
+        }
+        assert_eq!(fa.iter().any(|f| f.0 == "model.safetensors.index.json"), shard_gb != "5");
+    }
+
+    // Bad input: clear errors, nothing overwritten.
+    let e = fails(t, &["export-hf", &s(&run), &s(&exported)]);
+    assert!(e.contains("not empty") && e.contains("nothing was overwritten"), "{e}");
+    let e = fails(t, &["import-hf", &s(&run), "--out", &s(&t.join("x"))]);
+    assert!(e.contains("config.json") && e.contains("Hugging Face model folder"), "{e}");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(created.join("config.json")).unwrap()).unwrap();
+    config["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0});
+    std::fs::write(created.join("config.json"), config.to_string()).unwrap();
+    let e = fails(t, &["import-hf", &s(&created), "--out", &s(&t.join("y"))]);
+    assert!(e.contains("rope_scaling") && e.contains("yarn"), "{e}");
+    assert!(!t.join("y").exists(), "a refused import leaves nothing behind");
+}
