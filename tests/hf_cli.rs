@@ -85,6 +85,35 @@ fn hugging_face_export_and_import_agree_with_transformers() {
     ok(t, &["logits", &s(&imported), "--tokens", &s(&tokens), "--out", &s(&t.join("ours2.safetensors"))]);
     check(t, &["compare", "ours2.safetensors", "theirs2.safetensors", "1e-4"]);
 
+    // A run starts from the imported weights (model.init_from; the shape comes from the
+    // checkpoint): after one step at a negligible learning rate the logits are the same.
+    let init_job = t.join("init.toml");
+    std::fs::write(
+        &init_job,
+        format!(
+            "[model]\ninit_from = {:?}\n[train]\nsteps = 1\nseq_len = 16\nglobal_batch_size = 4\n\
+             micro_batch_size = 2\n[optimizer]\nlr = 1e-12\n[runtime]\ndevice = \"cpu\"\nthreads = 1\n",
+            s(&imported)
+        ),
+    )
+    .unwrap();
+    let from_imported = t.join("from-imported");
+    ok(t, &["train", &s(&init_job), "--out", &s(&from_imported)]);
+    ok(t, &["logits", &s(&from_imported), "--tokens", &s(&tokens), "--out", &s(&t.join("ours3.safetensors"))]);
+    check(t, &["compare", "ours3.safetensors", "theirs2.safetensors", "1e-4"]);
+    let config = std::fs::read_to_string(from_imported.join("config.toml")).unwrap();
+    assert!(config.contains("init_from") && config.contains("sliding_window = 8"), "{config}");
+    // Overriding what the weights fix, or naming a preset as well, is refused by name.
+    let e = fails(t, &["train", &s(&init_job), "--out", &s(&t.join("z")), "--set", "model.dim=128"]);
+    assert!(e.contains("model.dim") && e.contains("init_from"), "{e}");
+    let e = fails(t, &["train", &s(&init_job), "--out", &s(&t.join("z")), "--set", "model.preset=tiny"]);
+    assert!(e.contains("give one"), "{e}");
+    let e = fails(
+        t,
+        &["train", &s(&init_job), "--out", &s(&t.join("z")), "--set", &format!("model.init_from={}", s(&created))],
+    );
+    assert!(e.contains("import-hf"), "{e}");
+
     // Export → import → export: the same bytes, sharded or not.
     for shard_gb in ["5", "0.0001"] {
         let (a, b, back) =

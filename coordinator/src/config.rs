@@ -158,13 +158,19 @@ impl Default for JobSection {
     }
 }
 
-/// `[model]`: `preset` names a built-in shape or a TOML file; any other key overrides it.
+/// `[model]`: `preset` names a built-in shape or a TOML file, or `init_from` a checkpoint
+/// whose shape and weights the run starts from; any other key overrides the shape.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[allow(missing_docs)]
 pub struct ModelSection {
     /// Built-in preset name (`tiny`, `bench-small`, `moxin-7b`) or a path to a model TOML.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub preset: String,
+    /// A checkpoint directory (or a run directory: its newest checkpoint) whose weights
+    /// start a fresh run: a model imported with `import-hf`, or an earlier stage's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<String>,
     pub vocab_size: Option<u32>,
     pub dim: Option<u32>,
     pub n_layers: Option<u32>,
@@ -179,9 +185,88 @@ pub struct ModelSection {
 }
 
 impl ModelSection {
-    /// The preset with this section's overrides applied.
+    /// The checkpoint directory `init_from` names (a run directory's newest checkpoint),
+    /// made absolute; `None` without `init_from`.
+    pub fn init_checkpoint(&self) -> Result<Option<std::path::PathBuf>, ConfigError> {
+        let Some(path) = &self.init_from else { return Ok(None) };
+        let bad =
+            |message: String| ConfigError::Invalid { field: "model.init_from".into(), value: path.clone(), message };
+        let dir = Path::new(path);
+        let dir = if dir.join(moxin_layout::checkpoint::MANIFEST).exists() {
+            dir.to_path_buf()
+        } else if moxin_layout::checkpoint::checkpoints_dir(dir).is_dir() {
+            let listed = moxin_layout::checkpoint::list(dir).map_err(|e| bad(e.to_string()))?;
+            listed
+                .into_iter()
+                .next()
+                .map(|(_, d)| d)
+                .ok_or_else(|| bad("this run directory has no checkpoint".into()))?
+        } else if dir.join("config.json").exists() {
+            return Err(bad(format!(
+                "a Hugging Face model folder; import it first: `moxin-train import-hf {path} --out <checkpoint dir>`, \
+                 then set model.init_from to that directory"
+            )));
+        } else {
+            return Err(bad(
+                "not a checkpoint directory (no manifest.json) or a run directory (no checkpoints/)".into()
+            ));
+        };
+        std::fs::canonicalize(&dir).map(Some).map_err(|e| bad(e.to_string()))
+    }
+
+    /// The preset (or `init_from`'s checkpoint's shape) with this section's overrides
+    /// applied. Over a checkpoint only what leaves the parameters' shapes alone may be
+    /// overridden (context length, window, RoPE base, norm epsilon).
     pub fn shape(&self) -> Result<ModelShape, ConfigError> {
-        let mut s = presets::load(&self.preset)?;
+        let base = match (self.preset.as_str(), self.init_checkpoint()?) {
+            ("", None) => {
+                return Err(ConfigError::Invalid {
+                    field: "model.preset".into(),
+                    value: String::new(),
+                    message: "missing; name a preset (e.g. \"tiny\") or set model.init_from to a checkpoint".into(),
+                })
+            }
+            (preset, None) => presets::load(preset)?,
+            ("", Some(dir)) => {
+                let manifest =
+                    moxin_layout::checkpoint::CheckpointManifest::read(&dir).map_err(|e| ConfigError::Invalid {
+                        field: "model.init_from".into(),
+                        value: dir.display().to_string(),
+                        message: e.to_string(),
+                    })?;
+                let m = manifest.model;
+                for (field, ours, theirs) in [
+                    ("vocab_size", self.vocab_size, m.vocab_size),
+                    ("dim", self.dim, m.dim),
+                    ("n_layers", self.n_layers, m.n_layers),
+                    ("n_heads", self.n_heads, m.n_heads),
+                    ("n_kv_heads", self.n_kv_heads, m.n_kv_heads),
+                    ("ffn_dim", self.ffn_dim, m.ffn_dim),
+                ] {
+                    if let Some(v) = ours.filter(|&v| v != theirs) {
+                        return Err(ConfigError::Invalid {
+                            field: format!("model.{field}"),
+                            value: v.to_string(),
+                            message: format!(
+                                "the checkpoint in model.init_from has {field} = {theirs}; its weights fix the \
+                                 parameter shapes (remove the override)"
+                            ),
+                        });
+                    }
+                }
+                m
+            }
+            (preset, Some(_)) => {
+                return Err(ConfigError::Invalid {
+                    field: "model.preset".into(),
+                    value: preset.into(),
+                    message: "and model.init_from both set; give one (with init_from the shape comes from the \
+                              checkpoint)"
+                        .into(),
+                })
+            }
+        };
+        let mut s = base;
         macro_rules! apply {
             ($($f:ident),*) => { $( if let Some(v) = self.$f { s.$f = v; } )* };
         }
@@ -204,6 +289,7 @@ impl ModelSection {
     fn resolved(&self, s: &ModelShape) -> Self {
         ModelSection {
             preset: self.preset.clone(),
+            init_from: self.init_from.clone(),
             vocab_size: Some(s.vocab_size),
             dim: Some(s.dim),
             n_layers: Some(s.n_layers),

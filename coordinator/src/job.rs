@@ -94,12 +94,37 @@ pub fn resolve_config(
     let samples_per_epoch = manifest.num_samples(&data_dir, seq_len)?;
     manifest.verify(&data_dir, false)?;
     let manifest_sha256 = Manifest::file_sha256(&data_dir)?;
+    let init_from = config.model.init_checkpoint()?;
+    if let Some(dir) = &init_from {
+        // Token ids only mean the same thing under the same tokenizer.
+        let init = moxin_layout::checkpoint::CheckpointManifest::read(dir).map_err(|e| ConfigError::Invalid {
+            field: "model.init_from".into(),
+            value: dir.display().to_string(),
+            message: e.to_string(),
+        })?;
+        if let Some(theirs) = init.files.get(moxin_layout::checkpoint::TOKENIZER_FILE) {
+            if *theirs != manifest.tokenizer.sha256 {
+                return Err(ConfigError::Invalid {
+                    field: "data.source".into(),
+                    value: data_dir.display().to_string(),
+                    message: format!(
+                        "prepared with another tokenizer than the model in model.init_from was trained with; \
+                         prepare the data with its tokenizer: `moxin-train data prepare --tokenizer {}`",
+                        dir.join(moxin_layout::checkpoint::TOKENIZER_FILE).display()
+                    ),
+                });
+            }
+        }
+    }
 
     let resolved_config_toml = config.resolved_toml(&shape, seq_len);
     let spec = JobSpec {
         name,
         seed: config.job.seed,
-        model: Some(model_spec(&config.model.preset, &shape)),
+        model: Some(ModelSpec {
+            init_from: init_from.map(|d| d.display().to_string()).unwrap_or_default(),
+            ..model_spec(&config.model.preset, &shape)
+        }),
         data: Some(DataSpec {
             prepared_dir: data_dir.display().to_string(),
             manifest_sha256,

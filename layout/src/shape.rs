@@ -77,6 +77,7 @@ impl ModelShape {
             rope_theta: self.rope_theta,
             norm_eps: self.norm_eps,
             init_std: self.init_std,
+            init_from: String::new(),
         }
     }
 

@@ -173,10 +173,10 @@ pub struct Checkpoint {
     pub manifest: CheckpointManifest,
 }
 
-impl Checkpoint {
-    /// Reads and verifies the checkpoint in `dir`: the manifest, and every file's sha256
-    /// (files are hashed in parallel).
-    pub fn open(dir: &Path) -> Result<Self, CheckpointError> {
+impl CheckpointManifest {
+    /// Reads the manifest of the checkpoint in `dir` without verifying its files (see
+    /// [`Checkpoint::open`] for that).
+    pub fn read(dir: &Path) -> Result<Self, CheckpointError> {
         let path = dir.join(MANIFEST);
         let text = std::fs::read_to_string(&path).map_err(|e| CheckpointError::Invalid {
             path: path.clone(),
@@ -192,6 +192,15 @@ impl Checkpoint {
                 reason: format!("format {:?}, expected {FORMAT:?}", manifest.format),
             });
         }
+        Ok(manifest)
+    }
+}
+
+impl Checkpoint {
+    /// Reads and verifies the checkpoint in `dir`: the manifest, and every file's sha256
+    /// (files are hashed in parallel).
+    pub fn open(dir: &Path) -> Result<Self, CheckpointError> {
+        let manifest = CheckpointManifest::read(dir)?;
         // One check per whole file and per part of a file written in parts, in parallel.
         let mut checks: Vec<(&String, Option<&FilePart>, &String)> =
             manifest.files.iter().map(|(file, want)| (file, None, want)).collect();

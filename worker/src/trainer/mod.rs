@@ -239,6 +239,17 @@ impl Trainer {
             (Start::Handover(progress.step), progress)
         } else {
             let restored = checkpoints.restore_latest(&mut model, &mut sync.opt)?;
+            if restored.is_none() && rank == 0 && !model_spec.init_from.is_empty() {
+                // A fresh run from given weights (rank 0 reads them; the broadcast below
+                // gives them to the others).
+                let dir = std::path::Path::new(&model_spec.init_from);
+                let init = crate::checkpoint::Checkpoint::open(dir)?;
+                // (The tensors' shapes are checked as they load.)
+                model.params.load_named(&crate::checkpoint::model_tensors(&init)?).map_err(|reason| {
+                    WorkerError::Checkpoint { path: dir.join(crate::checkpoint::MODEL_FILE), reason }
+                })?;
+                tracing::info!(checkpoint = %dir.display(), step = init.manifest.step, "initialised from");
+            }
             group_checks::agree_on_restored_step(sync.collective(), restored.map_or(0, |p| p.step), placement.device)?;
             // Every rank starts from rank 0's parameters, whatever happened before.
             sync.collective()
