@@ -237,6 +237,35 @@ struct EvalArgs {
 enum DataCommand {
     /// Tokenize .txt / .jsonl files into token shards with a manifest.
     Prepare(PrepareArgs),
+    /// Tokenize JSONL conversations ({"messages": [{"role", "content"}]}) for SFT: chat
+    /// template, loss only on the assistant's turns.
+    PrepareSft(PrepareSftArgs),
+}
+
+#[derive(Args)]
+struct PrepareSftArgs {
+    /// JSONL files of conversations.
+    #[arg(long, required = true, num_args = 1..)]
+    input: Vec<PathBuf>,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// The model's Hugging Face tokenizer.json (e.g. <checkpoint>/tokenizer.json).
+    #[arg(long)]
+    tokenizer: PathBuf,
+    /// Chat template: "moxin" (<|system|>, <|user|>, <|assistant|> turns) or a JSON file
+    /// with name, system, user, assistant and separator strings.
+    #[arg(long, default_value = "moxin")]
+    template: String,
+    /// Longest conversation, in tokens.
+    #[arg(long, default_value_t = 4096)]
+    max_tokens: u32,
+    /// Longer conversations: "truncate" (keep the start) or "drop".
+    #[arg(long, default_value = "truncate", value_parser = ["truncate", "drop"])]
+    overlong: String,
+    /// Replace an existing prepared directory.
+    #[arg(long)]
+    overwrite: bool,
 }
 
 #[derive(Args)]
@@ -415,6 +444,21 @@ fn run(cli: Cli) -> Result<i32> {
             overwrite: a.overwrite,
             progress: true,
         }),
+        Command::Data(DataCommand::PrepareSft(a)) => {
+            commands::prepare_sft(a.template.as_str(), |template| moxin_data::sft::SftPrepareOptions {
+                inputs: a.input,
+                out_dir: a.out,
+                tokenizer: a.tokenizer,
+                template,
+                max_tokens: a.max_tokens,
+                overlong: if a.overlong == "drop" {
+                    moxin_data::sft::Overlong::Drop
+                } else {
+                    moxin_data::sft::Overlong::Truncate
+                },
+                overwrite: a.overwrite,
+            })
+        }
         Command::ModelInfo(a) => commands::model_info(&a.preset, a.json),
         Command::Plan(a) => commands::plan(
             &a.model,

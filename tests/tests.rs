@@ -6,4 +6,5 @@ mod data_cli;
 mod device_cli;
 mod faults_cli;
 mod hf_cli;
+mod sft_cli;
 mod train_cli;

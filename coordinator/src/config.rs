@@ -326,8 +326,13 @@ impl Default for DataSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainSection {
-    /// Optimizer steps in total.
+    /// Optimizer steps in total (0 with `epochs`: derived from the data).
+    #[serde(default)]
     pub steps: u64,
+    /// Passes over the data instead of `steps`: steps = ceil(epochs × samples per epoch /
+    /// global batch) (for SFT data, samples are packed rows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<f64>,
     /// Tokens per sample; defaults to `model.max_seq_len`.
     pub seq_len: Option<u32>,
     /// Samples per optimizer step, over all workers.
@@ -380,6 +385,9 @@ pub enum Decay {
 pub struct ScheduleSection {
     /// Linear warmup from 0 to `optimizer.lr` over this many steps.
     pub warmup_steps: u64,
+    /// Or over this fraction of `train.steps` (0 = use `warmup_steps`).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub warmup_ratio: f64,
     /// Decay after warmup.
     pub decay: Decay,
     /// The schedule ends at `min_lr_ratio * optimizer.lr`.
@@ -388,8 +396,12 @@ pub struct ScheduleSection {
 
 impl Default for ScheduleSection {
     fn default() -> Self {
-        ScheduleSection { warmup_steps: 0, decay: Decay::Cosine, min_lr_ratio: 0.1 }
+        ScheduleSection { warmup_steps: 0, warmup_ratio: 0.0, decay: Decay::Cosine, min_lr_ratio: 0.1 }
     }
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 /// `[checkpoint]`
@@ -609,8 +621,26 @@ impl JobConfig {
                 format!("must be between 1 and model.max_seq_len = {}", m.max_seq_len),
             ));
         }
-        if t.steps == 0 {
-            return Err(bad("train.steps", &t.steps, "must be at least 1".into()));
+        match (t.steps, t.epochs) {
+            (0, None) => return Err(bad("train.steps", &t.steps, "must be at least 1 (or set train.epochs)".into())),
+            (_, Some(e)) if !(e > 0.0 && e.is_finite()) => {
+                return Err(bad("train.epochs", &e, "must be a positive number of passes over the data".into()))
+            }
+            (s, Some(_)) if s > 0 => {
+                return Err(bad("train.epochs", &t.epochs.unwrap_or(0.0), "and train.steps both set; give one".into()))
+            }
+            _ => {}
+        }
+        let sched = &self.schedule;
+        if !(0.0..1.0).contains(&sched.warmup_ratio) {
+            return Err(bad("schedule.warmup_ratio", &sched.warmup_ratio, "must be in [0, 1)".into()));
+        }
+        if sched.warmup_ratio > 0.0 && sched.warmup_steps > 0 {
+            return Err(bad(
+                "schedule.warmup_ratio",
+                &sched.warmup_ratio,
+                "and schedule.warmup_steps both set; give one".into(),
+            ));
         }
         if t.micro_batch_size == 0 {
             return Err(bad("train.micro_batch_size", &0, "must be at least 1".into()));
@@ -807,5 +837,28 @@ mod tests {
         check(&["train.seq_len=4096"], 1, &["train.seq_len = 4096", "max_seq_len = 256"]);
         check(&["optimizer.beta2=1.5"], 1, &["optimizer.beta2 = 1.5"]);
         check(&["model.preset=huge"], 1, &["model.preset = huge", "unknown preset"]);
+        check(&["train.epochs=0"], 1, &["train.epochs = 0", "positive"]);
+        check(&["train.epochs=2"], 1, &["train.epochs", "give one"]);
+        check(&["schedule.warmup_ratio=1.5"], 1, &["schedule.warmup_ratio = 1.5"]);
+        check(&["schedule.warmup_ratio=0.1", "schedule.warmup_steps=5"], 1, &["give one"]);
+    }
+
+    /// Every shipped job config parses; those that do not start from a checkpoint validate.
+    #[test]
+    fn shipped_configs_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+                continue;
+            }
+            let c = JobConfig::load(&path, HashMap::new(), &[]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            if c.model.init_from.is_none() {
+                c.validate(1).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            }
+            seen += 1;
+        }
+        assert!(seen >= 6, "{seen} configs");
     }
 }

@@ -59,7 +59,7 @@ pub fn resolve_loaded(
 
 /// Resolves an already-loaded configuration.
 pub fn resolve_config(
-    config: JobConfig,
+    mut config: JobConfig,
     name: String,
     run_dir: &Path,
     world_size: u32,
@@ -89,11 +89,32 @@ pub fn resolve_config(
             message: format!("{e}; expected \"builtin\" or a directory made by `moxin-train data prepare`"),
         })?
     };
-    let manifest = Manifest::load(&data_dir)?;
-    manifest.check_vocab(&data_dir, shape.vocab_size)?;
-    let samples_per_epoch = manifest.num_samples(&data_dir, seq_len)?;
-    manifest.verify(&data_dir, false)?;
+    // Pre-training token shards, or SFT conversations (samples are then packed rows).
+    let (tokenizer_sha256, samples_per_epoch) = match moxin_data::sft::SftManifest::load(&data_dir)? {
+        Some(sft) => {
+            let data = moxin_data::sft::SftData::open(&data_dir, seq_len, shape.vocab_size, config.job.seed, false)?;
+            (sft.tokenizer.sha256, data.num_rows())
+        }
+        None => {
+            let manifest = Manifest::load(&data_dir)?;
+            manifest.check_vocab(&data_dir, shape.vocab_size)?;
+            let samples = manifest.num_samples(&data_dir, seq_len)?;
+            manifest.verify(&data_dir, false)?;
+            (manifest.tokenizer.sha256, samples)
+        }
+    };
     let manifest_sha256 = Manifest::file_sha256(&data_dir)?;
+    // Steps from epochs and warmup from a ratio, now that the data's size is known; the
+    // resolved config records the numbers.
+    if let Some(epochs) = config.train.epochs {
+        let global = config.train.global_batch_size.max(1) as f64;
+        config.train.steps = ((epochs * samples_per_epoch as f64 / global).ceil() as u64).max(1);
+        config.train.epochs = None;
+    }
+    if config.schedule.warmup_ratio > 0.0 {
+        config.schedule.warmup_steps = (config.schedule.warmup_ratio * config.train.steps as f64).round() as u64;
+        config.schedule.warmup_ratio = 0.0;
+    }
     let init_from = config.model.init_checkpoint()?;
     if let Some(dir) = &init_from {
         // Token ids only mean the same thing under the same tokenizer.
@@ -103,7 +124,7 @@ pub fn resolve_config(
             message: e.to_string(),
         })?;
         if let Some(theirs) = init.files.get(moxin_layout::checkpoint::TOKENIZER_FILE) {
-            if *theirs != manifest.tokenizer.sha256 {
+            if *theirs != tokenizer_sha256 {
                 return Err(ConfigError::Invalid {
                     field: "data.source".into(),
                     value: data_dir.display().to_string(),

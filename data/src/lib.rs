@@ -8,6 +8,8 @@
 //!   `seq_len + 1` tokens are served. A position in it (the *cursor*: samples consumed so
 //!   far) is all the state needed to resume exactly, on any number of ranks.
 //! * [`builtin`] generates the small corpus the default job trains on offline.
+//! * [`sft`] prepares conversations for supervised fine-tuning (chat template, loss masks)
+//!   and packs them into rows.
 //!
 //! This crate links no libtorch: the coordinator uses it to validate data it never trains on.
 #![deny(unsafe_code)]
@@ -20,6 +22,7 @@ mod manifest;
 mod order;
 mod prepare;
 mod rng;
+pub mod sft;
 mod tokenizer;
 
 pub use error::DataError;

@@ -98,6 +98,29 @@ pub fn eval(checkpoint: &Path, data: &Path, batches: u64, batch_size: u32) -> Re
     Ok(())
 }
 
+/// `data prepare-sft`: the template named `template`, the options built around it.
+pub fn prepare_sft(
+    template: &str,
+    options: impl FnOnce(moxin_data::sft::ChatTemplate) -> moxin_data::sft::SftPrepareOptions,
+) -> Result<()> {
+    let template = moxin_data::sft::ChatTemplate::load(template).context("loading the chat template")?;
+    let opts = options(template);
+    let manifest = moxin_data::sft::prepare_sft(&opts).context("preparing SFT data")?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::json!({
+            "out": opts.out_dir.display().to_string(),
+            "conversations": manifest.conversations,
+            "tokens": manifest.tokens,
+            "trained_tokens": manifest.trained_tokens,
+            "skipped_no_assistant": manifest.skipped_no_assistant,
+            "truncated": manifest.truncated,
+            "dropped_overlong": manifest.dropped_overlong,
+        }))?
+    );
+    Ok(())
+}
+
 /// `data prepare`.
 pub fn prepare(opts: moxin_data::PrepareOptions) -> Result<()> {
     let out = opts.out_dir.clone();

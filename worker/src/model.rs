@@ -51,6 +51,41 @@ impl Rope {
         let half = x.size()[3] / 2;
         x * cos + x.roll([half], [-1]) * signed_sin
     }
+
+    /// Rotates `x` `[batch, heads, seq, head_dim]` whose tokens sit at `positions`
+    /// `[batch, seq]` (packed sequences: positions restart with each conversation).
+    pub fn apply_at(&self, x: &Tensor, positions: &Tensor) -> Tensor {
+        let (b, t, hd) = (x.size()[0], x.size()[2], x.size()[3]);
+        let flat = positions.reshape([-1]);
+        let cos = self.cos.index_select(0, &flat).view([b, 1, t, hd]);
+        let signed_sin = self.signed_sin.index_select(0, &flat).view([b, 1, t, hd]);
+        x * cos + x.roll([hd / 2], [-1]) * signed_sin
+    }
+}
+
+/// Several sequences packed into each row of a batch: every token's position inside its
+/// own sequence, and the attention mask that keeps sequences apart.
+#[derive(Debug)]
+pub struct Packing {
+    /// `[batch, seq]` positions (restarting at 0 with each packed sequence).
+    pub positions: Tensor,
+    /// `[batch, 1, seq, seq]` boolean: causal, inside the sliding window, same sequence.
+    pub mask: Tensor,
+}
+
+impl Packing {
+    /// The packing of rows whose tokens have `positions` and belong to `segments` (both
+    /// `[batch, seq]` i64), for a model with a sliding window of `window` tokens.
+    pub fn new(positions: Tensor, segments: &Tensor, window: i64) -> Self {
+        let t = positions.size()[1];
+        let device = positions.device();
+        let same = segments.unsqueeze(2).eq_tensor(&segments.unsqueeze(1));
+        let behind = positions.unsqueeze(2) - positions.unsqueeze(1);
+        let idx = Tensor::arange(t, (Kind::Int64, device));
+        let causal = idx.unsqueeze(1).ge_tensor(&idx.unsqueeze(0));
+        let mask = same.logical_and(&causal).logical_and(&behind.lt(window)).unsqueeze(1);
+        Packing { positions, mask }
+    }
 }
 
 /// RMSNorm: `x / sqrt(mean(x²) + eps) * weight`. libtorch's fused op computes in fp32 for
@@ -159,6 +194,23 @@ impl Transformer {
         self.block_at(i, x, 0, None)
     }
 
+    /// Decoder block `i` on `x`, whose rows are packed as `packing` says (if at all).
+    pub fn block_packed(&self, i: usize, x: &Tensor, packing: Option<&Packing>) -> Tensor {
+        let Some(p) = packing else { return self.block(i, x) };
+        let (l, eps) = (&self.layers[i], self.shape.norm_eps);
+        let h = x + self.packed_attention(l, &rms_norm(x, &l.input_norm, eps), p);
+        &h + self.mlp(l, &rms_norm(&h, &l.post_norm, eps))
+    }
+
+    /// Final hidden states for `tokens` packed as `packing` says.
+    pub fn hidden_packed(&self, tokens: &Tensor, packing: &Packing) -> Tensor {
+        let mut x = self.embed(tokens);
+        for i in 0..self.layers.len() {
+            x = self.block_packed(i, &x, Some(packing));
+        }
+        self.final_norm(&x)
+    }
+
     /// The final RMSNorm.
     pub fn final_norm(&self, x: &Tensor) -> Tensor {
         rms_norm(x, &self.norm, self.shape.norm_eps)
@@ -262,6 +314,19 @@ impl Transformer {
             let mask = window_mask(start, t, key_start, keys, window, x.device());
             Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, None, true)
         };
+        out.transpose(1, 2).reshape([b, t, heads * hd]).linear(&l.wo, None::<Tensor>)
+    }
+
+    fn packed_attention(&self, l: &Layer, x: &Tensor, p: &Packing) -> Tensor {
+        let s = &self.shape;
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let (heads, kv_heads, hd) = (s.n_heads as i64, s.n_kv_heads as i64, s.head_dim() as i64);
+        let qkv = x.linear(&l.w_qkv, None::<Tensor>).split_with_sizes([heads * hd, kv_heads * hd, kv_heads * hd], 2);
+        let split_heads = |t_: &Tensor, n: i64| t_.view([b, t, n, hd]).transpose(1, 2);
+        let q = self.rope.apply_at(&split_heads(&qkv[0], heads), &p.positions);
+        let k = self.rope.apply_at(&split_heads(&qkv[1], kv_heads), &p.positions);
+        let v = split_heads(&qkv[2], kv_heads);
+        let out = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&p.mask), 0.0, false, None, true);
         out.transpose(1, 2).reshape([b, t, heads * hd]).linear(&l.wo, None::<Tensor>)
     }
 

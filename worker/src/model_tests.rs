@@ -230,3 +230,45 @@ fn greedy_generation_follows_full_forward_argmax_and_stops() {
     let too_long = SamplingOptions { max_new_tokens: 100, ..opts };
     assert!(generate(&m, &[prompt], &too_long).unwrap_err().contains("max_seq_len"));
 }
+
+/// Packed rows (SFT): a sequence's logits in a pack are its logits alone (positions
+/// restart, attention stays inside it, the sliding window still applies), and changing
+/// another sequence in the pack changes nothing of it.
+#[test]
+fn packed_sequences_do_not_see_each_other() {
+    use crate::model::Packing;
+    let window = 6;
+    let m = model(window, 5);
+    let head = |h: Tensor| h.matmul(&m.lm_head().tr());
+    let (a, b) = (tokens(1, 9, 61, 1), tokens(1, 12, 61, 2));
+    let pad = Tensor::zeros([1, 3], (Kind::Int64, Device::Cpu));
+    let row = |b_tokens: &Tensor| Tensor::cat(&[&a, b_tokens, &pad], 1);
+    let positions = Tensor::cat(
+        &[
+            Tensor::arange(9, (Kind::Int64, Device::Cpu)),
+            Tensor::arange(12, (Kind::Int64, Device::Cpu)),
+            Tensor::arange(3, (Kind::Int64, Device::Cpu)),
+        ],
+        0,
+    )
+    .unsqueeze(0);
+    let segments = Tensor::cat(
+        &[
+            Tensor::zeros([9], (Kind::Int64, Device::Cpu)),
+            Tensor::ones([12], (Kind::Int64, Device::Cpu)),
+            Tensor::full([3], -1, (Kind::Int64, Device::Cpu)),
+        ],
+        0,
+    )
+    .unsqueeze(0);
+    let packing = Packing::new(positions, &segments, window as i64);
+    let packed = head(m.hidden_packed(&row(&b), &packing));
+    let alone_a = m.forward(&a, None);
+    let alone_b = m.forward(&b, None);
+    assert!(max_diff(&packed.narrow(1, 0, 9), &alone_a) < 1e-10);
+    assert!(max_diff(&packed.narrow(1, 9, 12), &alone_b) < 1e-10, "the second sequence starts at position 0");
+    let other = tokens(1, 12, 61, 3);
+    let changed = head(m.hidden_packed(&row(&other), &packing));
+    assert_eq!(max_diff(&changed.narrow(1, 0, 9), &packed.narrow(1, 0, 9)), 0.0, "another sequence changed nothing");
+    assert!(changed.isfinite().all().int64_value(&[]) == 1, "padding rows stay finite");
+}

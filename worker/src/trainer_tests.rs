@@ -36,6 +36,11 @@ fn job(dir: &Path, name: &str, world: u32, extra: &str) -> JobSpec {
 
 fn samples(spec: &JobSpec) -> u64 {
     let data = spec.data.as_ref().unwrap();
+    let dir = Path::new(&data.prepared_dir);
+    let (seq_len, vocab) = (spec.train.unwrap().seq_len, spec.model.as_ref().unwrap().vocab_size);
+    if moxin_data::sft::SftManifest::load(dir).unwrap().is_some() {
+        return moxin_data::sft::SftData::open(dir, seq_len, vocab, spec.seed, false).unwrap().num_rows();
+    }
     let dataset = moxin_data::TokenDataset::open(
         Path::new(&data.prepared_dir),
         spec.train.unwrap().seq_len,
@@ -304,4 +309,46 @@ fn a_graceful_resize_continues_in_memory_exactly_as_from_a_checkpoint() {
     let carried: Vec<Option<Handover>> = old.into_iter().take(2).map(|e| e.carried).collect();
     let resized = run_generation(&spec, 2, carried, None, Some(1));
     assert!(resized.iter().all(|e| e.start == Start::Fresh));
+}
+
+/// SFT on packed conversations: the loss is the mean over the assistant tokens of the whole
+/// global batch, so 1, 2 and 3 ranks (with different gradient accumulation) train to the
+/// same parameters.
+#[test]
+fn sft_trains_alike_on_any_world_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let builtin = tmp.path().join("builtin");
+    moxin_data::builtin::prepare_builtin(&builtin, 1024).unwrap();
+    let chats = tmp.path().join("chats.jsonl");
+    let lines: Vec<String> = (0..60)
+        .map(|i| {
+            let (a, b) = (i * 7 % 50, i * 13 % 40);
+            serde_json::json!({"messages": [
+                {"role": "user", "content": format!("What is {a} plus {b}?")},
+                {"role": "assistant", "content": format!("{}", a + b)},
+            ]})
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&chats, lines.join("\n")).unwrap();
+    let sft = tmp.path().join("sft");
+    moxin_data::sft::prepare_sft(&moxin_data::sft::SftPrepareOptions {
+        inputs: vec![chats],
+        out_dir: sft.clone(),
+        tokenizer: builtin.join("tokenizer.json"),
+        template: moxin_data::sft::ChatTemplate::moxin(),
+        max_tokens: 64,
+        overlong: moxin_data::sft::Overlong::Truncate,
+        overwrite: false,
+    })
+    .unwrap();
+    let extra = format!("[data]\nsource = {:?}\n", sft.display().to_string());
+    let (single, losses) = train_solo(&job(tmp.path(), "sft", 1, &extra), Kind::Float);
+    assert!(losses.iter().all(|l| l.is_finite() && *l > 0.0), "{losses:?}");
+    for world in [2u32, 3] {
+        for (rank, params) in train_group(&job(tmp.path(), "sft", world, &extra), world).iter().enumerate() {
+            let rel = rel_l2(params, &single);
+            assert!(rel < 1e-5, "world {world} rank {rank}: relative L2 difference {rel}");
+        }
+    }
 }

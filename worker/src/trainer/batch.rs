@@ -1,13 +1,15 @@
 //! Batch sources: what one rank trains on in each micro-batch of a step.
 //!
 //! A [`BatchSource`] turns the data cursor (the first sample of the step's global batch)
-//! into this rank's micro-batches. Pre-training windows are the one source today; SFT
-//! conversations with loss masks and GRPO rollouts are further implementations of the same
-//! trait, so the step, the objective and the gradient sync do not change with the data.
+//! into this rank's micro-batches: pre-training windows ([`PretrainWindows`]) and packed
+//! SFT conversations with loss masks ([`SftPacks`]); GRPO rollouts will be another
+//! implementation of the same trait, so the step, the objective and the gradient sync do
+//! not change with the data.
 
 use std::ops::Range;
 use std::path::PathBuf;
 
+use moxin_data::sft::{PackedRow, SftData};
 use moxin_data::{SampleOrder, TokenDataset};
 use tch::{Device, Tensor};
 
@@ -23,6 +25,9 @@ pub struct Batch {
     /// Per-token loss weight `[b, t]` (fp32; 0 leaves a token out of the loss), or `None`
     /// when every token counts the same.
     pub weights: Option<Tensor>,
+    /// How several sequences share each row (positions, attention mask), or `None` for
+    /// one sequence per row.
+    pub packing: Option<crate::model::Packing>,
 }
 
 /// Where a rank's micro-batches come from.
@@ -35,8 +40,9 @@ pub trait BatchSource {
     fn samples_per_step(&self) -> u64;
     /// Tokens trained on per step over all ranks.
     fn tokens_per_step(&self) -> u64;
-    /// The number of tokens the step's loss is the mean over (all ranks together).
-    fn loss_tokens_per_step(&self) -> f64;
+    /// The number of tokens the loss of the step starting at `cursor` is the mean over
+    /// (all ranks together, so the mean is the same whatever the world size).
+    fn loss_tokens(&self, cursor: u64) -> f64;
     /// Samples in one pass over the data.
     fn samples_per_epoch(&self) -> u64;
     /// Files a checkpoint copies so it is self-contained, `(name, source)` (the tokenizer).
@@ -109,7 +115,12 @@ impl BatchSource for PretrainWindows {
                 ),
             }));
         }
-        Ok(Batch { inputs: rows.narrow(1, 0, row - 1), targets: rows.narrow(1, 1, row - 1), weights: None })
+        Ok(Batch {
+            inputs: rows.narrow(1, 0, row - 1),
+            targets: rows.narrow(1, 1, row - 1),
+            weights: None,
+            packing: None,
+        })
     }
 
     fn samples_per_step(&self) -> u64 {
@@ -120,12 +131,111 @@ impl BatchSource for PretrainWindows {
         self.global_batch as u64 * self.data.seq_len() as u64
     }
 
-    fn loss_tokens_per_step(&self) -> f64 {
+    fn loss_tokens(&self, _cursor: u64) -> f64 {
         self.tokens_per_step() as f64
     }
 
     fn samples_per_epoch(&self) -> u64 {
         self.data.num_samples()
+    }
+
+    fn checkpoint_files(&self) -> Vec<(String, PathBuf)> {
+        vec![(crate::checkpoint::TOKENIZER_FILE.into(), self.data.dir().join(&self.data.manifest().tokenizer.file))]
+    }
+}
+
+/// Supervised fine-tuning: conversations packed into rows of `seq_len` slots
+/// ([`SftData`]), rows served in a seeded order per epoch; the loss covers the assistant's
+/// tokens only and is their mean over the whole global batch (every rank can count them:
+/// the packing is the same everywhere). Rank `r` takes rows `cursor + slice` of each
+/// global batch, `micro` at a time.
+pub struct SftPacks {
+    data: SftData,
+    order: SampleOrder,
+    slice: Range<u32>,
+    micro: usize,
+    global_batch: u32,
+    vocab: i64,
+    window: i64,
+    pad: i64,
+}
+
+impl SftPacks {
+    /// Packed rows of `data` in the order seeded by `seed`; the rest as for
+    /// [`PretrainWindows::new`]. `window` is the model's sliding window.
+    pub fn new(
+        data: SftData,
+        seed: u64,
+        slice: Range<u32>,
+        micro: u32,
+        global_batch: u32,
+        (vocab, window): (u32, u32),
+    ) -> Result<Self, WorkerError> {
+        if micro == 0 || slice.is_empty() || slice.end > global_batch || !(slice.len() as u32).is_multiple_of(micro) {
+            return Err(WorkerError::Spec(format!(
+                "samples {slice:?} of a global batch of {global_batch} are not whole micro-batches of {micro}"
+            )));
+        }
+        let order = SampleOrder::new(data.num_rows(), seed);
+        let pad = data.manifest().tokenizer.eos_id as i64;
+        Ok(SftPacks {
+            data,
+            order,
+            slice,
+            micro: micro as usize,
+            global_batch,
+            vocab: vocab as i64,
+            window: window as i64,
+            pad,
+        })
+    }
+}
+
+impl BatchSource for SftPacks {
+    fn micro_batches(&self) -> usize {
+        self.slice.len() / self.micro
+    }
+
+    fn micro_batch(&mut self, cursor: u64, index: usize, device: Device) -> Result<Batch, WorkerError> {
+        let first = cursor + self.slice.start as u64 + (index * self.micro) as u64;
+        let mut rows = PackedRow::default();
+        for i in 0..self.micro as u64 {
+            self.data.read_row(self.order.sample_at(first + i), self.pad, &mut rows);
+        }
+        if let Some(&bad) = rows.inputs.iter().chain(&rows.targets).find(|&&t| t < 0 || t >= self.vocab) {
+            return Err(WorkerError::Data(moxin_data::DataError::Input {
+                path: self.data.dir().to_path_buf(),
+                reason: format!(
+                    "token id {bad} is outside the model's vocabulary of {}; prepare the data again",
+                    self.vocab
+                ),
+            }));
+        }
+        let shape = [self.micro as i64, self.data.seq_len() as i64];
+        let t = |v: &[i64]| Tensor::from_slice(v).view(shape).to_device(device);
+        let packing = crate::model::Packing::new(t(&rows.positions), &t(&rows.segments), self.window);
+        Ok(Batch {
+            inputs: t(&rows.inputs),
+            targets: t(&rows.targets),
+            weights: Some(Tensor::from_slice(&rows.weights).view(shape).to_device(device)),
+            packing: Some(packing),
+        })
+    }
+
+    fn samples_per_step(&self) -> u64 {
+        self.global_batch as u64
+    }
+
+    fn tokens_per_step(&self) -> u64 {
+        self.global_batch as u64 * self.data.seq_len() as u64
+    }
+
+    fn loss_tokens(&self, cursor: u64) -> f64 {
+        (0..self.global_batch as u64).map(|i| self.data.trained_in_row(self.order.sample_at(cursor + i)) as f64).sum()
+    }
+
+    fn samples_per_epoch(&self) -> u64 {
+        self.data.num_rows()
     }
 
     fn checkpoint_files(&self) -> Vec<(String, PathBuf)> {

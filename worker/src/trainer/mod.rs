@@ -31,7 +31,7 @@ use moxin_layout::ModelShape;
 use moxin_proto::v1::{runtime_spec, Assignment, JobSpec, StepMetrics};
 use tch::{Kind, Tensor};
 
-pub use self::batch::{Batch, BatchSource, PretrainWindows};
+pub use self::batch::{Batch, BatchSource, PretrainWindows, SftPacks};
 pub use self::checkpointing::{Checkpointer, Progress};
 pub use self::handover::Handover;
 pub use self::objective::{CrossEntropy, Objective};
@@ -160,7 +160,6 @@ impl Trainer {
         model.params.initialise(spec.seed);
 
         let data_dir = PathBuf::from(&data_spec.prepared_dir);
-        let data = TokenDataset::open(&data_dir, train.seq_len, shape.vocab_size, data_spec.verify_checksums)?;
         let sha = Manifest::file_sha256(&data_dir)?;
         if !data_spec.manifest_sha256.is_empty() && sha != data_spec.manifest_sha256 {
             return Err(WorkerError::Spec(format!(
@@ -168,24 +167,30 @@ impl Trainer {
                 data_dir.display()
             )));
         }
-        if data_plan.samples_per_epoch != data.num_samples() {
+        let slice = data_plan.rank_first_sample..data_plan.rank_first_sample + data_plan.rank_samples;
+        let (micro, global) = (data_plan.micro_batch_size, data_plan.global_batch_size);
+        let batches: Box<dyn BatchSource> = if moxin_data::sft::SftManifest::load(&data_dir)?.is_some() {
+            let data = moxin_data::sft::SftData::open(
+                &data_dir,
+                train.seq_len,
+                shape.vocab_size,
+                spec.seed,
+                data_spec.verify_checksums,
+            )?;
+            Box::new(SftPacks::new(data, spec.seed, slice, micro, global, (shape.vocab_size, shape.sliding_window))?)
+        } else {
+            let data = TokenDataset::open(&data_dir, train.seq_len, shape.vocab_size, data_spec.verify_checksums)?;
+            Box::new(PretrainWindows::new(data, spec.seed, slice, micro, global, shape.vocab_size)?)
+        };
+        if data_plan.samples_per_epoch != batches.samples_per_epoch() {
             return Err(WorkerError::Spec(format!(
                 "{}: {} samples per epoch here, {} when the coordinator planned the job; the data changed",
                 data_dir.display(),
-                data.num_samples(),
+                batches.samples_per_epoch(),
                 data_plan.samples_per_epoch
             )));
         }
-        let slice = data_plan.rank_first_sample..data_plan.rank_first_sample + data_plan.rank_samples;
-        let batches = PretrainWindows::new(
-            data,
-            spec.seed,
-            slice,
-            data_plan.micro_batch_size,
-            data_plan.global_batch_size,
-            shape.vocab_size,
-        )?;
-        let objective = CrossEntropy::mean_over(batches.loss_tokens_per_step());
+        let objective = CrossEntropy::mean_over(batches.loss_tokens(0));
 
         let grad_kind = match runtime.grad_reduce() {
             runtime_spec::GradReduce::Bf16 => Kind::BFloat16,
@@ -273,7 +278,7 @@ impl Trainer {
             stages: step::Stages::of(model.params.layout()),
             flops_per_token: shape.train_flops_per_token(train.seq_len),
             model,
-            batches: Box::new(batches),
+            batches,
             objective: Box::new(objective),
             sync,
             checkpoints,
@@ -429,6 +434,7 @@ impl Trainer {
         let device = self.placement.device;
         let micro = self.batches.micro_batches();
         let mut loss = Tensor::zeros([], (Kind::Float, device));
+        self.objective.normalise(self.batches.loss_tokens(self.progress.cursor));
         for m in 0..micro {
             self.sync.begin_micro_batch(m, micro);
             let batch = self.batches.micro_batch(self.progress.cursor, m, device)?;

@@ -29,6 +29,9 @@ pub trait Objective {
     /// (flattened `[b·t]`), returns this chunk's contribution to the step's loss (a 0-d
     /// fp32 tensor) and `d loss / d logp` `[n]`.
     fn token_terms(&self, logp: &Tensor, batch: &Batch, rows: Range<i64>) -> (Tensor, Tensor);
+    /// Called before each step with the number of loss tokens of the whole step (all
+    /// ranks, all micro-batches), which a per-token mean divides by.
+    fn normalise(&mut self, loss_tokens: f64);
 }
 
 /// Next-token cross-entropy, as a mean over the step's loss tokens on all ranks:
@@ -49,6 +52,10 @@ impl CrossEntropy {
 impl Objective for CrossEntropy {
     fn name(&self) -> &'static str {
         "cross_entropy"
+    }
+
+    fn normalise(&mut self, loss_tokens: f64) {
+        *self = CrossEntropy::mean_over(loss_tokens);
     }
 
     fn token_terms(&self, logp: &Tensor, batch: &Batch, rows: Range<i64>) -> (Tensor, Tensor) {

@@ -93,7 +93,12 @@ pub fn forward_backward(
     for i in 0..stages.blocks.len() {
         sink.params_ready(1 + i)?;
         let x = inputs.last().expect("input");
-        let y = if recompute { tch::no_grad(|| model.block(i, x)) } else { model.block(i, x) };
+        let packing = batch.packing.as_ref();
+        let y = if recompute {
+            tch::no_grad(|| model.block_packed(i, x, packing))
+        } else {
+            model.block_packed(i, x, packing)
+        };
         inputs.push(y.detach().set_requires_grad(true));
         if !recompute {
             outputs.push(y);
@@ -126,7 +131,11 @@ pub fn forward_backward(
     for i in (0..stages.blocks.len()).rev() {
         inputs.pop();
         let x = inputs.last().expect("block input");
-        let y = if recompute { model.block(i, x) } else { outputs.pop().expect("block output") };
+        let y = if recompute {
+            model.block_packed(i, x, batch.packing.as_ref())
+        } else {
+            outputs.pop().expect("block output")
+        };
         let mut wrt: Vec<&Tensor> = vec![x];
         wrt.extend(stages.blocks[i].iter().map(|&l| params.leaf_at(l)));
         let grads = backward(&y, &d_x, &wrt)?;
