@@ -370,9 +370,9 @@ struct LogitsArgs {
 struct GenerateArgs {
     /// Checkpoint directory.
     checkpoint: PathBuf,
-    /// Prompt text.
-    #[arg(long)]
-    prompt: String,
+    /// Prompt text; repeat for several prompts, continued together in one batch.
+    #[arg(long, required = true)]
+    prompt: Vec<String>,
     /// Tokens to generate at most.
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,

@@ -42,6 +42,17 @@ fn tiny_preset_loss_falls_and_the_run_dir_is_complete() {
         &["generate", s(&ckpt), "--prompt", "Once upon a time", "--max-new-tokens", "8", "--temperature", "0"],
     );
     assert!(text.starts_with("Once upon a time") && text.len() > "Once upon a time".len(), "{text}");
+    // Several prompts of different lengths, decoded in one batch: each as it is alone.
+    let args = ["--max-new-tokens", "8", "--temperature", "0"];
+    let batched = ok(
+        tmp.path(),
+        &[&["generate", s(&ckpt), "--prompt", "Once", "--prompt", "Once upon a time"][..], &args].concat(),
+    );
+    let lines: Vec<serde_json::Value> = batched.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "{batched}");
+    assert_eq!(format!("Once upon a time{}", lines[1]["completion"].as_str().unwrap()), text.trim_end_matches('\n'));
+    let alone = ok(tmp.path(), &[&["generate", s(&ckpt), "--prompt", "Once"][..], &args].concat());
+    assert_eq!(format!("Once{}", lines[0]["completion"].as_str().unwrap()), alone.trim_end_matches('\n'));
 }
 
 /// 2N steps in one run give the same bytes as N steps, stop, and resume to 2N.

@@ -287,10 +287,18 @@ pub fn doctor(json: bool) -> Result<()> {
 }
 
 /// `generate`.
-pub fn generate(checkpoint: &Path, prompt: &str, opts: moxin_worker::generate::SamplingOptions) -> Result<()> {
-    let text = moxin_worker::generate::generate_text(checkpoint, prompt, opts)
+/// One prompt: the text continued. Several (decoded together in one batch): one JSON
+/// object per line, `{"prompt", "completion"}`.
+pub fn generate(checkpoint: &Path, prompts: &[String], opts: moxin_worker::generate::SamplingOptions) -> Result<()> {
+    let texts = moxin_worker::generate::generate_texts(checkpoint, prompts, opts)
         .with_context(|| format!("generating with {}", checkpoint.display()))?;
-    println!("{prompt}{text}");
+    if let ([prompt], [text]) = (prompts, texts.as_slice()) {
+        println!("{prompt}{text}");
+        return Ok(());
+    }
+    for (prompt, text) in prompts.iter().zip(&texts) {
+        println!("{}", serde_json::json!({"prompt": prompt, "completion": text}));
+    }
     Ok(())
 }
 

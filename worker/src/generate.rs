@@ -26,13 +26,14 @@ impl Default for SamplingOptions {
     }
 }
 
-/// Continues each prompt (all of the same length) and returns the new tokens of each,
-/// ending with the stop token where one was produced. Prompt plus continuation must fit in
-/// the model's `max_seq_len`.
+/// Continues each prompt and returns the new tokens of each, ending with the stop token
+/// where one was produced. Prompts of different lengths are decoded together in one batch
+/// (left-padded; each row has its own positions and never attends to padding). Prompt plus
+/// continuation must fit in the model's `max_seq_len`.
 pub fn generate(model: &Transformer, prompts: &[Vec<i64>], opts: &SamplingOptions) -> Result<Vec<Vec<i64>>, String> {
-    let Some(len) = prompts.first().map(Vec::len) else { return Ok(Vec::new()) };
-    if len == 0 || prompts.iter().any(|p| p.len() != len) {
-        return Err("prompts must be non-empty and of equal length".into());
+    let Some(len) = prompts.iter().map(Vec::len).max() else { return Ok(Vec::new()) };
+    if prompts.iter().any(Vec::is_empty) {
+        return Err("prompts must be non-empty".into());
     }
     let max_total = model.shape.max_seq_len as usize;
     if len + opts.max_new_tokens > max_total {
@@ -47,6 +48,9 @@ pub fn generate(model: &Transformer, prompts: &[Vec<i64>], opts: &SamplingOption
     if !(opts.temperature.is_finite() && opts.temperature >= 0.0) {
         return Err(format!("--temperature {}: must be a finite number >= 0 (0 = greedy)", opts.temperature));
     }
+    if prompts.iter().any(|p| p.len() != len) {
+        return Ok(generate_ragged(model, prompts, opts));
+    }
     let device = model.device();
     let batch = prompts.len();
     let flat: Vec<i64> = prompts.iter().flatten().copied().collect();
@@ -59,20 +63,81 @@ pub fn generate(model: &Transformer, prompts: &[Vec<i64>], opts: &SamplingOption
         for _ in 0..opts.max_new_tokens {
             let logits = model.forward_last(&input, Some(&mut cache)).to_kind(Kind::Float);
             let next = sample(&logits, opts, &mut rng);
-            let ids: Vec<i64> = Vec::<i64>::try_from(&next.to_device(tch::Device::Cpu)).expect("i64 ids");
-            for (b, &id) in ids.iter().enumerate() {
-                if !done[b] {
-                    out[b].push(id);
-                    done[b] = opts.stop_token == Some(id);
-                }
-            }
-            if done.iter().all(|&d| d) {
+            if record(&next, &mut out, &mut done, opts.stop_token) {
                 break;
             }
             input = next.view([batch as i64, 1]);
         }
     });
     Ok(out)
+}
+
+/// Batched decoding of prompts of different lengths: left-padded to the longest, each row
+/// at its own positions; a key is visible when it is real (not padding), not after the
+/// query, and inside the sliding window. Every key is kept (the lengths fit max_seq_len).
+fn generate_ragged(model: &Transformer, prompts: &[Vec<i64>], opts: &SamplingOptions) -> Vec<Vec<i64>> {
+    let device = model.device();
+    let (batch, width) = (prompts.len() as i64, prompts.iter().map(Vec::len).max().unwrap_or(0) as i64);
+    let window = model.shape.sliding_window as i64;
+    let (mut tokens, mut positions, mut valid) = (Vec::new(), Vec::new(), Vec::new());
+    for p in prompts {
+        let pad = width as usize - p.len();
+        tokens.extend(std::iter::repeat_n(0, pad).chain(p.iter().copied()));
+        positions.extend(std::iter::repeat_n(0, pad).chain(0..p.len() as i64));
+        valid.extend(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, p.len())));
+    }
+    let shape = [batch, width];
+    let mut key_pos = Tensor::from_slice(&positions).view(shape).to_device(device);
+    let mut key_valid = Tensor::from_slice(&valid).view(shape).to_device(device);
+    let mut next_pos =
+        Tensor::from_slice(&prompts.iter().map(|p| p.len() as i64).collect::<Vec<_>>()).to_device(device);
+    // Keys a query at `q_pos` may see: real, not later, inside the window; and itself (so
+    // a padding query has one key and stays finite).
+    let visible = |q_pos: &Tensor, key_pos: &Tensor, key_valid: &Tensor, own: &Tensor| {
+        let behind = q_pos.unsqueeze(2) - key_pos.unsqueeze(1);
+        key_valid.unsqueeze(1).logical_and(&behind.ge(0)).logical_and(&behind.lt(window)).logical_or(own).unsqueeze(1)
+    };
+    let idx = Tensor::arange(width, (Kind::Int64, device));
+    let causal = idx.unsqueeze(1).ge_tensor(&idx.unsqueeze(0));
+    let own = idx.unsqueeze(1).eq_tensor(&idx.unsqueeze(0)).unsqueeze(0);
+    let mut cache = KvCache::new();
+    let mut rng = SplitMix64::new(opts.seed);
+    let mut out = vec![Vec::new(); batch as usize];
+    let mut done = vec![false; batch as usize];
+    tch::no_grad(|| {
+        let input = Tensor::from_slice(&tokens).view(shape).to_device(device);
+        let mask = visible(&key_pos, &key_pos, &key_valid, &own).logical_and(&causal.unsqueeze(0).unsqueeze(0));
+        let mut hidden = model.hidden_masked(&input, &key_pos, &mask, &mut cache);
+        for _ in 0..opts.max_new_tokens {
+            let last = hidden.select(1, hidden.size()[1] - 1);
+            let logits = last.linear(model.lm_head(), None::<Tensor>).to_kind(Kind::Float);
+            let next = sample(&logits, opts, &mut rng);
+            if record(&next, &mut out, &mut done, opts.stop_token) {
+                break;
+            }
+            let q_pos = next_pos.view([batch, 1]);
+            key_pos = Tensor::cat(&[&key_pos, &q_pos], 1);
+            key_valid = Tensor::cat(&[key_valid, Tensor::ones([batch, 1], (Kind::Bool, device))], 1);
+            let keys = key_pos.size()[1];
+            let own = Tensor::arange(keys, (Kind::Int64, device)).eq(keys - 1).view([1, 1, keys]);
+            let mask = visible(&q_pos, &key_pos, &key_valid, &own);
+            hidden = model.hidden_masked(&next.view([batch, 1]), &q_pos, &mask, &mut cache);
+            next_pos = next_pos + 1;
+        }
+    });
+    out
+}
+
+/// Appends each unfinished row's new token; true once every row has stopped.
+fn record(next: &Tensor, out: &mut [Vec<i64>], done: &mut [bool], stop: Option<i64>) -> bool {
+    let ids: Vec<i64> = Vec::<i64>::try_from(&next.to_device(tch::Device::Cpu)).expect("i64 ids");
+    for (b, &id) in ids.iter().enumerate() {
+        if !done[b] {
+            out[b].push(id);
+            done[b] = stop == Some(id);
+        }
+    }
+    done.iter().all(|&d| d)
 }
 
 /// Draws one token per row of `logits` `[batch, vocab]`. The uniform draws come from our
@@ -97,25 +162,35 @@ fn sample(logits: &Tensor, opts: &SamplingOptions, rng: &mut SplitMix64) -> Tens
     indices.gather(-1, &position, false).squeeze_dim(-1)
 }
 
-/// Loads a checkpoint and its tokenizer, and continues `prompt`; returns the new text.
-pub fn generate_text(
+/// Loads a checkpoint and its tokenizer, and continues every prompt (in one batch);
+/// returns the new text of each.
+pub fn generate_texts(
     checkpoint_dir: &std::path::Path,
-    prompt: &str,
+    prompts: &[String],
     mut opts: SamplingOptions,
-) -> Result<String, crate::WorkerError> {
+) -> Result<Vec<String>, crate::WorkerError> {
     use crate::checkpoint::{Checkpoint, TOKENIZER_FILE};
     let ckpt = Checkpoint::open(checkpoint_dir)?;
     let tokenizer = moxin_data::load_tokenizer(&checkpoint_dir.join(TOKENIZER_FILE))?;
     let device = tch::Device::cuda_if_available();
     let model = crate::checkpoint::load_model(&ckpt, Kind::Float, device)?;
-    let mut ids: Vec<i64> = tokenizer.encode(prompt)?.into_iter().map(i64::from).collect();
-    if let Some(bos) = tokenizer.bos_id.filter(|_| ids.is_empty()) {
-        ids.push(bos as i64);
+    let mut rows = Vec::with_capacity(prompts.len());
+    for prompt in prompts {
+        let mut ids: Vec<i64> = tokenizer.encode(prompt)?.into_iter().map(i64::from).collect();
+        if let Some(bos) = tokenizer.bos_id.filter(|_| ids.is_empty()) {
+            ids.push(bos as i64);
+        }
+        rows.push(ids);
     }
     opts.stop_token = opts.stop_token.or(Some(tokenizer.eos_id as i64));
-    let room = (model.shape.max_seq_len as usize).saturating_sub(ids.len());
+    let longest = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let room = (model.shape.max_seq_len as usize).saturating_sub(longest);
     opts.max_new_tokens = opts.max_new_tokens.min(room);
-    let out = generate(&model, &[ids], &opts).map_err(crate::WorkerError::Spec)?;
-    let new: Vec<u32> = out[0].iter().filter(|&&t| t != tokenizer.eos_id as i64).map(|&t| t as u32).collect();
-    Ok(tokenizer.decode(&new)?)
+    let out = generate(&model, &rows, &opts).map_err(crate::WorkerError::Spec)?;
+    out.iter()
+        .map(|new| {
+            let kept: Vec<u32> = new.iter().filter(|&&t| t != tokenizer.eos_id as i64).map(|&t| t as u32).collect();
+            Ok(tokenizer.decode(&kept)?)
+        })
+        .collect()
 }

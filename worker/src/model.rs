@@ -197,9 +197,33 @@ impl Transformer {
     /// Decoder block `i` on `x`, whose rows are packed as `packing` says (if at all).
     pub fn block_packed(&self, i: usize, x: &Tensor, packing: Option<&Packing>) -> Tensor {
         let Some(p) = packing else { return self.block(i, x) };
+        self.block_masked(i, x, &p.positions, &p.mask, None)
+    }
+
+    fn block_masked(
+        &self,
+        i: usize,
+        x: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Tensor {
         let (l, eps) = (&self.layers[i], self.shape.norm_eps);
-        let h = x + self.packed_attention(l, &rms_norm(x, &l.input_norm, eps), p);
+        let h = x + self.masked_attention(l, &rms_norm(x, &l.input_norm, eps), positions, mask, cache);
         &h + self.mlp(l, &rms_norm(&h, &l.post_norm, eps))
+    }
+
+    /// Final hidden states of `tokens` `[batch, t]` at `positions` `[batch, t]`, attending
+    /// to the keys in `cache` and themselves as `mask` `[batch, 1, t, cached + t]` allows;
+    /// the cache is extended with the new keys. (Batched decoding of rows of different
+    /// lengths: each row has its own positions, and padding is masked out.)
+    pub fn hidden_masked(&self, tokens: &Tensor, positions: &Tensor, mask: &Tensor, cache: &mut KvCache) -> Tensor {
+        cache.layers.resize_with(self.layers.len(), || None);
+        let mut x = self.embed(tokens);
+        for i in 0..self.layers.len() {
+            x = self.block_masked(i, &x, positions, mask, Some(&mut cache.layers[i]));
+        }
+        self.final_norm(&x)
     }
 
     /// Final hidden states for `tokens` packed as `packing` says.
@@ -317,16 +341,31 @@ impl Transformer {
         out.transpose(1, 2).reshape([b, t, heads * hd]).linear(&l.wo, None::<Tensor>)
     }
 
-    fn packed_attention(&self, l: &Layer, x: &Tensor, p: &Packing) -> Tensor {
+    /// Attention with per-token positions and an explicit mask over (cached and new) keys.
+    fn masked_attention(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Tensor {
         let s = &self.shape;
         let (b, t) = (x.size()[0], x.size()[1]);
         let (heads, kv_heads, hd) = (s.n_heads as i64, s.n_kv_heads as i64, s.head_dim() as i64);
         let qkv = x.linear(&l.w_qkv, None::<Tensor>).split_with_sizes([heads * hd, kv_heads * hd, kv_heads * hd], 2);
         let split_heads = |t_: &Tensor, n: i64| t_.view([b, t, n, hd]).transpose(1, 2);
-        let q = self.rope.apply_at(&split_heads(&qkv[0], heads), &p.positions);
-        let k = self.rope.apply_at(&split_heads(&qkv[1], kv_heads), &p.positions);
-        let v = split_heads(&qkv[2], kv_heads);
-        let out = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&p.mask), 0.0, false, None, true);
+        let q = self.rope.apply_at(&split_heads(&qkv[0], heads), positions);
+        let mut k = self.rope.apply_at(&split_heads(&qkv[1], kv_heads), positions);
+        let mut v = split_heads(&qkv[2], kv_heads);
+        if let Some(slot) = cache {
+            if let Some((past_k, past_v)) = slot.as_ref() {
+                k = Tensor::cat(&[past_k, &k], 2);
+                v = Tensor::cat(&[past_v, &v], 2);
+            }
+            *slot = Some((k.shallow_clone(), v.shallow_clone()));
+        }
+        let out = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, None, true);
         out.transpose(1, 2).reshape([b, t, heads * hd]).linear(&l.wo, None::<Tensor>)
     }
 

@@ -272,3 +272,21 @@ fn packed_sequences_do_not_see_each_other() {
     assert_eq!(max_diff(&changed.narrow(1, 0, 9), &packed.narrow(1, 0, 9)), 0.0, "another sequence changed nothing");
     assert!(changed.isfinite().all().int64_value(&[]) == 1, "padding rows stay finite");
 }
+
+/// Prompts of different lengths decoded in one batch (left-padded, per-row positions,
+/// padding masked) give what each gives alone, greedy, also once the sequences outgrow
+/// the sliding window.
+#[test]
+fn batched_generation_of_ragged_prompts_equals_one_at_a_time() {
+    let m = model(6, 9);
+    let prompts: Vec<Vec<i64>> = [(3, 1), (7, 2), (5, 3), (1, 4)]
+        .iter()
+        .map(|&(len, seed)| Vec::<i64>::try_from(tokens(1, len, 61, seed).view([-1])).unwrap())
+        .collect();
+    let opts = SamplingOptions { temperature: 0.0, max_new_tokens: 12, ..Default::default() };
+    let batched = generate(&m, &prompts, &opts).unwrap();
+    for (p, got) in prompts.iter().zip(&batched) {
+        let alone = generate(&m, std::slice::from_ref(p), &opts).unwrap();
+        assert_eq!(got, &alone[0], "prompt of {} tokens", p.len());
+    }
+}
