@@ -122,7 +122,7 @@ fn generate_ragged(model: &Transformer, prompts: &[Vec<i64>], opts: &SamplingOpt
             let own = Tensor::arange(keys, (Kind::Int64, device)).eq(keys - 1).view([1, 1, keys]);
             let mask = visible(&q_pos, &key_pos, &key_valid, &own);
             hidden = model.hidden_masked(&next.view([batch, 1]), &q_pos, &mask, &mut cache);
-            next_pos = next_pos + 1;
+            next_pos += 1;
         }
     });
     out
