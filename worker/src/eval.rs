@@ -80,8 +80,13 @@ pub fn evaluate(
             }
             let rows = Tensor::from_slice(&rows).view([n as i64, seq_len as i64 + 1]).to_device(device);
             let len = seq_len as i64;
-            let batch =
-                Batch { inputs: rows.narrow(1, 0, len), targets: rows.narrow(1, 1, len), weights: None, packing: None };
+            let batch = Batch {
+                inputs: rows.narrow(1, 0, len),
+                targets: rows.narrow(1, 1, len),
+                weights: None,
+                packing: None,
+                rl: None,
+            };
             let batch_tokens = n * seq_len as u64;
             let hidden = model.hidden(&batch.inputs, None);
             // Sum of token losses (scale 1); divided by all tokens at the end.

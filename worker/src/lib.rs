@@ -31,6 +31,7 @@ pub mod hf;
 pub mod model;
 pub mod optim;
 pub mod params;
+pub mod rl;
 pub mod selftest;
 pub mod trainer;
 

@@ -78,7 +78,7 @@ pub fn fused_kernels(ordinal: usize) -> Result<Value, WorkerError> {
     let hidden = Tensor::randn([1, rows, dim], (Kind::BFloat16, device));
     let weight = Tensor::randn([vocab, dim], (Kind::BFloat16, device)) * 0.02;
     let targets = Tensor::randint(vocab, [1, rows], (Kind::Int64, device));
-    let batch = Batch { inputs: targets.zeros_like(), targets, weights: None, packing: None };
+    let batch = Batch { inputs: targets.zeros_like(), targets, weights: None, packing: None, rl: None };
     let objective = CrossEntropy::mean_over(rows as f64);
     let mut gw_aten = Tensor::zeros([vocab, dim], (Kind::Float, device));
     let mut gw_fused = Tensor::zeros([vocab, dim], (Kind::Float, device));

@@ -40,7 +40,7 @@ fn batch(len: i64, weights: bool) -> Batch {
         tch::manual_seed(3);
         Tensor::rand([2, len], (Kind::Double, Device::Cpu)).ge(0.3).to_kind(Kind::Double)
     });
-    Batch { inputs: rows.narrow(1, 0, len), targets: rows.narrow(1, 1, len), weights, packing: None }
+    Batch { inputs: rows.narrow(1, 0, len), targets: rows.narrow(1, 1, len), weights, packing: None, rl: None }
 }
 
 /// Whole-graph autograd: logits for the whole batch, log-softmax, weighted mean.
@@ -93,7 +93,13 @@ fn chunked_head_matches_full_cross_entropy_in_fp32() {
     let hidden = Tensor::randn([2, n / 2, d], (Kind::Float, Device::Cpu));
     let weight = Tensor::randn([vocab, d], (Kind::Float, Device::Cpu)) * 0.1;
     let targets = Tensor::randint(vocab, [2, n / 2], (Kind::Int64, Device::Cpu));
-    let b = Batch { inputs: targets.zeros_like(), targets: targets.shallow_clone(), weights: None, packing: None };
+    let b = Batch {
+        inputs: targets.zeros_like(),
+        targets: targets.shallow_clone(),
+        weights: None,
+        packing: None,
+        rl: None,
+    };
     let objective = CrossEntropy::mean_over(n as f64);
 
     let h = hidden.detach().set_requires_grad(true);

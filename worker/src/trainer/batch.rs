@@ -28,6 +28,8 @@ pub struct Batch {
     /// How several sequences share each row (positions, attention mask), or `None` for
     /// one sequence per row.
     pub packing: Option<crate::model::Packing>,
+    /// Rollout terms (advantages, old and reference log-probs) for the GRPO objective.
+    pub rl: Option<crate::rl::grpo::RlTerms>,
 }
 
 /// Where a rank's micro-batches come from.
@@ -120,6 +122,7 @@ impl BatchSource for PretrainWindows {
             targets: rows.narrow(1, 1, row - 1),
             weights: None,
             packing: None,
+            rl: None,
         })
     }
 
@@ -219,6 +222,7 @@ impl BatchSource for SftPacks {
             targets: t(&rows.targets),
             weights: Some(Tensor::from_slice(&rows.weights).view(shape).to_device(device)),
             packing: Some(packing),
+            rl: None,
         })
     }
 
