@@ -5,6 +5,7 @@ mod common;
 mod data_cli;
 mod device_cli;
 mod faults_cli;
+mod grpo_cli;
 mod hf_cli;
 mod sft_cli;
 mod train_cli;

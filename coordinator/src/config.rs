@@ -70,6 +70,9 @@ pub struct JobConfig {
     /// Distributed runs: workers, heartbeats, addresses.
     #[serde(default)]
     pub cluster: ClusterSection,
+    /// GRPO: present, the job learns from rollouts on prompts instead of from data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpo: Option<crate::grpo::GrpoSection>,
 }
 
 /// `[cluster]`: how a distributed job forms and watches its group.
@@ -188,7 +191,7 @@ impl ModelSection {
     /// The checkpoint directory `init_from` names (a run directory's newest checkpoint),
     /// made absolute; `None` without `init_from`.
     pub fn init_checkpoint(&self) -> Result<Option<std::path::PathBuf>, ConfigError> {
-        let Some(path) = &self.init_from else { return Ok(None) };
+        let Some(path) = self.init_from.as_ref().filter(|p| !p.is_empty()) else { return Ok(None) };
         let bad =
             |message: String| ConfigError::Invalid { field: "model.init_from".into(), value: path.clone(), message };
         let dir = Path::new(path);

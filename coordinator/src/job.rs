@@ -77,33 +77,23 @@ pub fn resolve_config(
     })?;
     let lock = std::sync::Arc::new(crate::rundir::RunLock::acquire(&run_dir)?);
 
-    let data_dir = if config.data.source == "builtin" {
-        let dir = run_dir.join("data");
-        moxin_data::builtin::prepare_builtin(&dir, shape.vocab_size)?;
-        dir
-    } else {
-        let dir = PathBuf::from(&config.data.source);
-        std::fs::canonicalize(&dir).map_err(|e| ConfigError::Invalid {
-            field: "data.source".into(),
-            value: config.data.source.clone(),
-            message: format!("{e}; expected \"builtin\" or a directory made by `moxin-train data prepare`"),
-        })?
+    let init_from = config.model.init_checkpoint()?;
+    // GRPO learns from rollouts on prompts: they are its data (the DataSpec names the file).
+    let grpo = match &config.grpo {
+        Some(section) => Some(crate::grpo::resolve(section, init_from.as_deref())?),
+        None => None,
     };
-    // Pre-training token shards, or SFT conversations (samples are then packed rows).
-    let (tokenizer_sha256, samples_per_epoch) = match moxin_data::sft::SftManifest::load(&data_dir)? {
-        Some(sft) => {
-            let data = moxin_data::sft::SftData::open(&data_dir, seq_len, shape.vocab_size, config.job.seed, false)?;
-            (sft.tokenizer.sha256, data.num_rows())
+    let (data_dir, tokenizer_sha256, samples_per_epoch, manifest_sha256) = match &grpo {
+        Some((spec, prompts)) => {
+            let sha = moxin_data::sha256_hex(Path::new(&spec.tokenizer)).map_err(|e| ConfigError::Invalid {
+                field: "model.init_from".into(),
+                value: spec.tokenizer.clone(),
+                message: e.to_string(),
+            })?;
+            (PathBuf::from(&spec.prompts), sha, *prompts, spec.prompts_sha256.clone())
         }
-        None => {
-            let manifest = Manifest::load(&data_dir)?;
-            manifest.check_vocab(&data_dir, shape.vocab_size)?;
-            let samples = manifest.num_samples(&data_dir, seq_len)?;
-            manifest.verify(&data_dir, false)?;
-            (manifest.tokenizer.sha256, samples)
-        }
+        None => resolve_data(&config, &run_dir, shape.vocab_size, seq_len)?,
     };
-    let manifest_sha256 = Manifest::file_sha256(&data_dir)?;
     // Steps from epochs and warmup from a ratio, now that the data's size is known; the
     // resolved config records the numbers.
     if let Some(epochs) = config.train.epochs {
@@ -115,7 +105,6 @@ pub fn resolve_config(
         config.schedule.warmup_steps = (config.schedule.warmup_ratio * config.train.steps as f64).round() as u64;
         config.schedule.warmup_ratio = 0.0;
     }
-    let init_from = config.model.init_checkpoint()?;
     if let Some(dir) = &init_from {
         // Token ids only mean the same thing under the same tokenizer.
         let init = moxin_layout::checkpoint::CheckpointManifest::read(dir).map_err(|e| ConfigError::Invalid {
@@ -212,8 +201,47 @@ pub fn resolve_config(
         }),
         resolved_config_toml,
         run_dir: run_dir.display().to_string(),
+        grpo: grpo.map(|(spec, _)| spec),
     };
     Ok(ResolvedJob { config, spec, run_dir, samples_per_epoch, lock })
+}
+
+/// The prepared data of a job: its directory (built-in data is prepared into the run
+/// directory on first use), the tokenizer's sha256, samples per epoch (pre-training
+/// windows, or packed rows of SFT conversations) and the manifest's sha256.
+fn resolve_data(
+    config: &JobConfig,
+    run_dir: &Path,
+    vocab_size: u32,
+    seq_len: u32,
+) -> Result<(PathBuf, String, u64, String), ConfigError> {
+    let data_dir = if config.data.source == "builtin" {
+        let dir = run_dir.join("data");
+        moxin_data::builtin::prepare_builtin(&dir, vocab_size)?;
+        dir
+    } else {
+        let dir = PathBuf::from(&config.data.source);
+        std::fs::canonicalize(&dir).map_err(|e| ConfigError::Invalid {
+            field: "data.source".into(),
+            value: config.data.source.clone(),
+            message: format!("{e}; expected \"builtin\" or a directory made by `moxin-train data prepare`"),
+        })?
+    };
+    let (tokenizer_sha256, samples_per_epoch) = match moxin_data::sft::SftManifest::load(&data_dir)? {
+        Some(sft) => {
+            let data = moxin_data::sft::SftData::open(&data_dir, seq_len, vocab_size, config.job.seed, false)?;
+            (sft.tokenizer.sha256, data.num_rows())
+        }
+        None => {
+            let manifest = Manifest::load(&data_dir)?;
+            manifest.check_vocab(&data_dir, vocab_size)?;
+            let samples = manifest.num_samples(&data_dir, seq_len)?;
+            manifest.verify(&data_dir, false)?;
+            (manifest.tokenizer.sha256, samples)
+        }
+    };
+    let manifest_sha256 = Manifest::file_sha256(&data_dir)?;
+    Ok((data_dir, tokenizer_sha256, samples_per_epoch, manifest_sha256))
 }
 
 /// The wire form of a model shape.

@@ -12,6 +12,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod grpo;
 pub mod job;
 pub mod membership;
 pub mod plan;

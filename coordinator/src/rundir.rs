@@ -191,6 +191,24 @@ impl MetricsLog {
             "checkpoint_blocking_s": m.checkpoint_blocking_s,
             "checkpoint_write_s": m.checkpoint_write_s,
         });
+        let mut line = line;
+        if m.rollout {
+            let rl = serde_json::json!({
+                "reward_mean": m.reward_mean,
+                "reward_std": m.reward_std,
+                "zero_std_fraction": m.zero_std_fraction,
+                "completion_len_mean": m.completion_len_mean,
+                "completion_len_max": m.completion_len_max,
+                "truncation_ratio": m.truncation_ratio,
+                "kl": m.kl,
+                "clip_fraction": m.clip_fraction,
+                "rollout_s": m.rollout_s,
+                "update_s": m.update_s,
+            });
+            if let (Some(line), Some(rl)) = (line.as_object_mut(), rl.as_object()) {
+                line.extend(rl.clone());
+            }
+        }
         writeln!(self.file, "{line}")?;
         self.file.flush()
     }

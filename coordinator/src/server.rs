@@ -796,13 +796,7 @@ fn check_generation(reported: u64, current: u64) -> Result<(), Status> {
 /// The step's figures as Prometheus metrics on the coordinator (the same names as a
 /// worker's, plus the time of the last step).
 fn record_step(m: &StepMetrics) {
-    metrics::gauge!("moxin_step").set(m.step as f64);
-    metrics::gauge!("moxin_loss").set(m.loss);
-    metrics::counter!("moxin_tokens_total").absolute(m.tokens);
-    metrics::histogram!("moxin_step_duration_seconds").record(m.step_time_s);
-    metrics::gauge!("moxin_mfu").set(m.mfu);
-    metrics::gauge!("moxin_peak_memory_bytes").set(m.peak_memory_bytes as f64);
-    metrics::histogram!("moxin_collective_exposed_seconds").record(m.comm_exposed_s);
+    moxin_proto::record_step(m);
     metrics::gauge!("moxin_last_step_timestamp_seconds")
         .set(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()));
 }

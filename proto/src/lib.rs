@@ -13,3 +13,27 @@ pub mod v1 {
 /// Version of this build, sent by workers at registration so the coordinator can refuse
 /// incompatible peers.
 pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The Prometheus view of a step, the same on a worker's exporter and the coordinator's.
+pub fn record_step(m: &v1::StepMetrics) {
+    metrics::gauge!("moxin_step").set(m.step as f64);
+    metrics::gauge!("moxin_loss").set(m.loss);
+    metrics::gauge!("moxin_mfu").set(m.mfu);
+    metrics::gauge!("moxin_peak_memory_bytes").set(m.peak_memory_bytes as f64);
+    metrics::counter!("moxin_tokens_total").absolute(m.tokens);
+    metrics::histogram!("moxin_step_duration_seconds").record(m.step_time_s);
+    metrics::histogram!("moxin_collective_busy_seconds").record(m.comm_s);
+    metrics::histogram!("moxin_collective_exposed_seconds").record(m.comm_exposed_s);
+    if m.rollout {
+        metrics::gauge!("moxin_grpo_reward_mean").set(m.reward_mean);
+        metrics::gauge!("moxin_grpo_reward_std").set(m.reward_std);
+        metrics::gauge!("moxin_grpo_zero_std_fraction").set(m.zero_std_fraction);
+        metrics::gauge!("moxin_grpo_completion_length_mean").set(m.completion_len_mean);
+        metrics::gauge!("moxin_grpo_completion_length_max").set(m.completion_len_max as f64);
+        metrics::gauge!("moxin_grpo_truncation_ratio").set(m.truncation_ratio);
+        metrics::gauge!("moxin_grpo_kl").set(m.kl);
+        metrics::gauge!("moxin_grpo_clip_fraction").set(m.clip_fraction);
+        metrics::gauge!("moxin_grpo_rollout_seconds").set(m.rollout_s);
+        metrics::gauge!("moxin_grpo_update_seconds").set(m.update_s);
+    }
+}

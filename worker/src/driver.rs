@@ -131,14 +131,7 @@ fn describe_panic(what: &str, message: &str) -> String {
 /// Publishes one step's figures as Prometheus gauges and histograms (the same names on
 /// workers and on the coordinator).
 pub fn record_step_metrics(m: &StepMetrics) {
-    metrics::gauge!("moxin_step").set(m.step as f64);
-    metrics::gauge!("moxin_loss").set(m.loss);
-    metrics::gauge!("moxin_mfu").set(m.mfu);
-    metrics::gauge!("moxin_peak_memory_bytes").set(m.peak_memory_bytes as f64);
-    metrics::counter!("moxin_tokens_total").absolute(m.tokens);
-    metrics::histogram!("moxin_step_duration_seconds").record(m.step_time_s);
-    metrics::histogram!("moxin_collective_busy_seconds").record(m.comm_s);
-    metrics::histogram!("moxin_collective_exposed_seconds").record(m.comm_exposed_s);
+    moxin_proto::record_step(m);
 }
 
 #[cfg(test)]

@@ -162,16 +162,16 @@ fn sample(logits: &Tensor, opts: &SamplingOptions, rng: &mut SplitMix64) -> Tens
     indices.gather(-1, &position, false).squeeze_dim(-1)
 }
 
-/// Loads a checkpoint and its tokenizer, and continues every prompt (in one batch);
+/// Loads a checkpoint (or a run directory's newest) and its tokenizer, and continues every
+/// prompt (in one batch);
 /// returns the new text of each.
 pub fn generate_texts(
     checkpoint_dir: &std::path::Path,
     prompts: &[String],
     mut opts: SamplingOptions,
 ) -> Result<Vec<String>, crate::WorkerError> {
-    use crate::checkpoint::{Checkpoint, TOKENIZER_FILE};
-    let ckpt = Checkpoint::open(checkpoint_dir)?;
-    let tokenizer = moxin_data::load_tokenizer(&checkpoint_dir.join(TOKENIZER_FILE))?;
+    let ckpt = crate::hf::open_checkpoint(checkpoint_dir)?;
+    let tokenizer = moxin_data::load_tokenizer(&ckpt.dir.join(crate::checkpoint::TOKENIZER_FILE))?;
     let device = tch::Device::cuda_if_available();
     let model = crate::checkpoint::load_model(&ckpt, Kind::Float, device)?;
     let mut rows = Vec::with_capacity(prompts.len());

@@ -180,6 +180,20 @@ pub trait Collective {
     }
 }
 
+/// Every rank's `values` summed over the group (fp32 on the wire: exact for counts
+/// below 2^24), on every rank. For small statistics outside the training step.
+pub fn all_sum(
+    collective: &mut dyn Collective,
+    values: &[f64],
+    device: tch::Device,
+) -> Result<Vec<f64>, CollectiveError> {
+    let t = Tensor::from_slice(&values.iter().map(|&v| v as f32).collect::<Vec<_>>()).to_device(device);
+    collective.all_reduce(&t, ReduceOp::Sum)?.wait()?;
+    let host =
+        Vec::<f32>::try_from(t.to_device(tch::Device::Cpu)).map_err(|e| CollectiveError::Usage(e.to_string()))?;
+    Ok(host.into_iter().map(f64::from).collect())
+}
+
 /// What a backend measured of a completed operation.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct BackendTime {

@@ -85,18 +85,9 @@ pub struct RlTerms {
 pub struct GrpoObjective {
     /// Hyper-parameters.
     pub config: GrpoConfig,
-    /// Statistics of the tokens seen since [`GrpoObjective::take_stats`]:
+    /// Statistics of the tokens seen since the last [`Objective::take_policy_sums`]:
     /// (tokens with weight, tokens clipped, Σ KL).
     stats: Cell<(f64, f64, f64)>,
-}
-
-/// Policy statistics of a step.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct PolicyStats {
-    /// Fraction of completion tokens whose ratio was clipped.
-    pub clip_fraction: f64,
-    /// Mean k3 KL to the reference model per completion token.
-    pub kl: f64,
 }
 
 impl GrpoObjective {
@@ -104,18 +95,16 @@ impl GrpoObjective {
     pub fn new(config: GrpoConfig) -> Self {
         GrpoObjective { config, stats: Cell::new((0.0, 0.0, 0.0)) }
     }
-
-    /// The statistics since the last call.
-    pub fn take_stats(&self) -> PolicyStats {
-        let (tokens, clipped, kl) = self.stats.replace((0.0, 0.0, 0.0));
-        let per = |x: f64| if tokens > 0.0 { x / tokens } else { 0.0 };
-        PolicyStats { clip_fraction: per(clipped), kl: per(kl) }
-    }
 }
 
 impl Objective for GrpoObjective {
     fn name(&self) -> &'static str {
         "grpo"
+    }
+
+    fn take_policy_sums(&self) -> Option<[f64; 3]> {
+        let (tokens, clipped, kl) = self.stats.replace((0.0, 0.0, 0.0));
+        Some([tokens, clipped, kl])
     }
 
     fn token_terms(&self, logp: &Tensor, batch: &Batch, rows: Range<i64>) -> (Tensor, Tensor) {
@@ -207,7 +196,7 @@ mod tests {
         assert!((loss.double_value(&[]) - -(1.5 * 0.5 - 0.5 * 0.5)).abs() < 1e-12);
         let g = Vec::<f64>::try_from(grad).unwrap();
         assert_eq!(g, vec![-0.75, 0.25, 0.0]);
-        assert_eq!(obj.take_stats(), PolicyStats { clip_fraction: 0.0, kl: 0.0 });
+        assert_eq!(obj.take_policy_sums(), Some([2.0, 0.0, 0.0]), "two weighted tokens, none clipped, no KL");
     }
 
     /// Hand-computed values of a moved policy with a reference model, and the analytic
@@ -244,9 +233,8 @@ mod tests {
         for (x, y) in g.iter().zip(&a) {
             assert!((x - y).abs() < 1e-12, "analytic {g:?} vs autograd {a:?}");
         }
-        let stats = obj.take_stats();
-        assert!((stats.clip_fraction - 1.0 / 3.0).abs() < 1e-12, "{stats:?}");
-        let mean_kl = (kl(-1.2, -1.0) + kl(-0.8, -1.0)) / 3.0;
-        assert!((stats.kl - mean_kl).abs() < 1e-12, "{stats:?}");
+        let [tokens, clipped, kl_sum] = obj.take_policy_sums().unwrap();
+        assert_eq!((tokens, clipped), (3.0, 1.0));
+        assert!((kl_sum - (kl(-1.2, -1.0) + kl(-0.8, -1.0))).abs() < 1e-12, "{kl_sum}");
     }
 }

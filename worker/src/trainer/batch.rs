@@ -49,6 +49,17 @@ pub trait BatchSource {
     fn samples_per_epoch(&self) -> u64;
     /// Files a checkpoint copies so it is self-contained, `(name, source)` (the tokenizer).
     fn checkpoint_files(&self) -> Vec<(String, PathBuf)>;
+    /// Called before the micro-batches of the step starting at `cursor`, with the model's
+    /// whole parameters and the group: sources that generate their data (GRPO rollouts) do
+    /// it here and say what they made.
+    fn begin_step(
+        &mut self,
+        _cursor: u64,
+        _model: &crate::model::Transformer,
+        _collective: &mut dyn crate::collective::Collective,
+    ) -> Result<Option<crate::rl::rollouts::RolloutStats>, WorkerError> {
+        Ok(None)
+    }
 }
 
 /// Pre-training: fixed-length windows of the token stream in a seeded order; each sample

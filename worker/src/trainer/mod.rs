@@ -41,6 +41,8 @@ use crate::collective::Collective;
 use crate::device::Placement;
 use crate::model::Transformer;
 use crate::optim::{learning_rate, AdamWConfig};
+use crate::rl::grpo::{GrpoConfig, GrpoObjective};
+use crate::rl::rollouts::Rollouts;
 use crate::WorkerError;
 
 /// Why [`Trainer::run`] returned.
@@ -160,16 +162,21 @@ impl Trainer {
         model.params.initialise(spec.seed);
 
         let data_dir = PathBuf::from(&data_spec.prepared_dir);
-        let sha = Manifest::file_sha256(&data_dir)?;
-        if !data_spec.manifest_sha256.is_empty() && sha != data_spec.manifest_sha256 {
-            return Err(WorkerError::Spec(format!(
-                "{}: data manifest changed since the coordinator validated it",
-                data_dir.display()
-            )));
+        if spec.grpo.is_none() {
+            let sha = Manifest::file_sha256(&data_dir)?;
+            if !data_spec.manifest_sha256.is_empty() && sha != data_spec.manifest_sha256 {
+                return Err(WorkerError::Spec(format!(
+                    "{}: data manifest changed since the coordinator validated it",
+                    data_dir.display()
+                )));
+            }
         }
         let slice = data_plan.rank_first_sample..data_plan.rank_first_sample + data_plan.rank_samples;
         let (micro, global) = (data_plan.micro_batch_size, data_plan.global_batch_size);
-        let batches: Box<dyn BatchSource> = if moxin_data::sft::SftManifest::load(&data_dir)?.is_some() {
+        let batches: Box<dyn BatchSource> = if spec.grpo.is_some() {
+            // Prompts, not prepared data: the rollouts are made at each step.
+            Box::new(Rollouts::new(spec, slice, micro, global, rank, (placement.kind, placement.device))?)
+        } else if moxin_data::sft::SftManifest::load(&data_dir)?.is_some() {
             let data = moxin_data::sft::SftData::open(
                 &data_dir,
                 train.seq_len,
@@ -190,7 +197,14 @@ impl Trainer {
                 data_plan.samples_per_epoch
             )));
         }
-        let objective = CrossEntropy::mean_over(batches.loss_tokens(0));
+        let objective: Box<dyn Objective> = match &spec.grpo {
+            Some(g) => Box::new(GrpoObjective::new(GrpoConfig {
+                epsilon: g.epsilon,
+                epsilon_high: g.epsilon_high,
+                beta: g.beta,
+            })),
+            None => Box::new(CrossEntropy::mean_over(batches.loss_tokens(0))),
+        };
 
         let grad_kind = match runtime.grad_reduce() {
             runtime_spec::GradReduce::Bf16 => Kind::BFloat16,
@@ -279,7 +293,7 @@ impl Trainer {
             flops_per_token: shape.train_flops_per_token(train.seq_len),
             model,
             batches,
-            objective: Box::new(objective),
+            objective,
             sync,
             checkpoints,
             placement,
@@ -434,6 +448,14 @@ impl Trainer {
         let device = self.placement.device;
         let micro = self.batches.micro_batches();
         let mut loss = Tensor::zeros([], (Kind::Float, device));
+        // Sources that generate their data (GRPO) need the parameters whole first.
+        let rollout = if self.spec.grpo.is_some() {
+            self.sync.wait_params()?;
+            self.batches.begin_step(self.progress.cursor, &self.model, self.sync.collective())?
+        } else {
+            None
+        };
+        let rollout_s = rollout.map_or(0.0, |r| r.seconds);
         self.objective.normalise(self.batches.loss_tokens(self.progress.cursor));
         for m in 0..micro {
             self.sync.begin_micro_batch(m, micro);
@@ -483,8 +505,30 @@ impl Trainer {
         self.progress.elapsed_s += step_time_s;
         self.peak_memory = self.peak_memory.max(crate::device::memory_in_use(device, self.cuda.as_deref()));
         let tokens_per_s = step_tokens as f64 / step_time_s.max(1e-9);
-        let mfu = self.peak_flops.map_or(0.0, |peak| tokens_per_s / world as f64 * self.flops_per_token / peak);
+        // (Not for GRPO: generation is not a training step's arithmetic.)
+        let mfu = match (self.peak_flops, rollout) {
+            (Some(peak), None) => tokens_per_s / world as f64 * self.flops_per_token / peak,
+            _ => 0.0,
+        };
+        let policy = match self.objective.take_policy_sums() {
+            Some(sums) if rollout.is_some() => crate::collective::all_sum(self.sync.collective(), &sums, device)
+                .map_err(|e| WorkerError::Collective(e.to_string()))?,
+            _ => vec![0.0; 3],
+        };
+        let per_token = |x: f64| if policy[0] > 0.0 { x / policy[0] } else { 0.0 };
+        let r = rollout.unwrap_or_default();
         Ok(StepMetrics {
+            rollout: rollout.is_some(),
+            reward_mean: r.reward_mean,
+            reward_std: r.reward_std,
+            zero_std_fraction: r.zero_std_fraction,
+            completion_len_mean: r.len_mean,
+            completion_len_max: r.len_max,
+            truncation_ratio: r.truncation_ratio,
+            kl: per_token(policy[2]),
+            clip_fraction: per_token(policy[1]),
+            rollout_s,
+            update_s: if rollout.is_some() { step_time_s - rollout_s } else { 0.0 },
             step: self.progress.step,
             loss: synced.loss,
             lr,

@@ -32,6 +32,11 @@ pub trait Objective {
     /// Called before each step with the number of loss tokens of the whole step (all
     /// ranks, all micro-batches), which a per-token mean divides by.
     fn normalise(&mut self, loss_tokens: f64);
+    /// Policy statistics summed since the last call, `[tokens, clipped tokens, Σ KL]`,
+    /// for objectives that have them (GRPO).
+    fn take_policy_sums(&self) -> Option<[f64; 3]> {
+        None
+    }
 }
 
 /// Next-token cross-entropy, as a mean over the step's loss tokens on all ranks:
@@ -167,6 +172,24 @@ fn accumulate_gemm(acc: &mut Tensor, a: &Tensor, b: &Tensor) {
         }
     }
     let _ = acc.g_add_(&a.mm(b).to_kind(acc.kind()));
+}
+
+/// Log-probabilities `[n]` (fp32) of `targets` `[n]` under the head `weight` applied to
+/// `hidden` `[n, dim]`, in chunks (never the whole `[n, vocab]` at once), without gradients.
+pub fn target_log_probs(hidden: &Tensor, weight: &Tensor, targets: &Tensor) -> Tensor {
+    tch::no_grad(|| {
+        let n = hidden.size()[0];
+        let step = chunk_rows(weight.size()[0]);
+        let mut parts = Vec::new();
+        let mut start = 0;
+        while start < n {
+            let rows = step.min(n - start);
+            let (_, _, logp) = chunk_log_probs(&hidden.narrow(0, start, rows), weight, &targets.narrow(0, start, rows));
+            parts.push(logp.to_kind(Kind::Float));
+            start += rows;
+        }
+        Tensor::cat(&parts, 0)
+    })
 }
 
 /// The loss of `objective` on `batch` given final hidden states, without gradients (eval).
