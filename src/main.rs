@@ -407,10 +407,17 @@ fn main() {
 /// run stopped early on request (by a signal, Ctrl-C or its coordinator) after checkpointing.
 fn run(cli: Cli) -> Result<i32> {
     let code = match cli.command {
+        Command::Train(a) if moxin_coordinator::pipeline::is_pipeline(&a.config) => {
+            return commands::pipeline::run(&a.config, a.out.as_deref(), &a.set, commands::pipeline::Mode::Train)
+        }
         Command::Train(a) => {
             return Ok(
                 commands::train(&a.config, a.out.as_deref(), &a.set, a.stop_after, a.device.as_deref())?.exit_code()
             )
+        }
+        Command::Launch(a) if moxin_coordinator::pipeline::is_pipeline(&a.config) => {
+            let mode = commands::pipeline::Mode::Launch { workers: a.workers, max_restarts: a.max_restarts };
+            return commands::pipeline::run(&a.config, a.out.as_deref(), &a.set, mode);
         }
         Command::Launch(a) => {
             return commands::cluster::launch(&a.config, a.workers, a.max_restarts, a.out.as_deref(), &a.set)

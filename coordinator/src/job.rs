@@ -78,6 +78,11 @@ pub fn resolve_config(
     let lock = std::sync::Arc::new(crate::rundir::RunLock::acquire(&run_dir)?);
 
     let init_from = config.model.init_checkpoint()?;
+    // The resolved config names the checkpoint itself: a restarted coordinator (or a run
+    // directory that has moved on since) must not change what this job started from.
+    if let Some(dir) = &init_from {
+        config.model.init_from = Some(dir.display().to_string());
+    }
     // GRPO learns from rollouts on prompts: they are its data (the DataSpec names the file).
     let grpo = match &config.grpo {
         Some(section) => Some(crate::grpo::resolve(section, init_from.as_deref())?),
@@ -92,7 +97,7 @@ pub fn resolve_config(
             })?;
             (PathBuf::from(&spec.prompts), sha, *prompts, spec.prompts_sha256.clone())
         }
-        None => resolve_data(&config, &run_dir, shape.vocab_size, seq_len)?,
+        None => resolve_data(&config, &run_dir, (shape.vocab_size, shape.max_seq_len), seq_len, init_from.as_deref())?,
     };
     // Steps from epochs and warmup from a ratio, now that the data's size is known; the
     // resolved config records the numbers.
@@ -206,19 +211,23 @@ pub fn resolve_config(
     Ok(ResolvedJob { config, spec, run_dir, samples_per_epoch, lock })
 }
 
-/// The prepared data of a job: its directory (built-in data is prepared into the run
-/// directory on first use), the tokenizer's sha256, samples per epoch (pre-training
-/// windows, or packed rows of SFT conversations) and the manifest's sha256.
+/// The prepared data of a job: its directory (built-in data, and a data file, are
+/// prepared into the run directory on first use), the tokenizer's sha256, samples per
+/// epoch (pre-training windows, or packed rows of SFT conversations) and the manifest's
+/// sha256.
 fn resolve_data(
     config: &JobConfig,
     run_dir: &Path,
-    vocab_size: u32,
+    (vocab_size, max_seq_len): (u32, u32),
     seq_len: u32,
+    init_from: Option<&Path>,
 ) -> Result<(PathBuf, String, u64, String), ConfigError> {
     let data_dir = if config.data.source == "builtin" {
         let dir = run_dir.join("data");
         moxin_data::builtin::prepare_builtin(&dir, vocab_size)?;
         dir
+    } else if Path::new(&config.data.source).is_file() {
+        prepare_file(Path::new(&config.data.source), &run_dir.join("data"), (vocab_size, max_seq_len), init_from)?
     } else {
         let dir = PathBuf::from(&config.data.source);
         std::fs::canonicalize(&dir).map_err(|e| ConfigError::Invalid {
@@ -242,6 +251,76 @@ fn resolve_data(
     };
     let manifest_sha256 = Manifest::file_sha256(&data_dir)?;
     Ok((data_dir, tokenizer_sha256, samples_per_epoch, manifest_sha256))
+}
+
+/// Prepares the data file `source` into `dir` on first use (again only if the file
+/// changed, which is refused): JSONL conversations (`{"messages": ...}` lines) as SFT data
+/// with the starting checkpoint's tokenizer and the Moxin chat template; text (`.txt`, or
+/// JSONL `{"text": ...}` lines) as pre-training data, with the starting checkpoint's
+/// tokenizer or else a byte-level BPE of the model's vocabulary trained on it.
+fn prepare_file(
+    source: &Path,
+    dir: &Path,
+    (vocab_size, max_seq_len): (u32, u32),
+    init_from: Option<&Path>,
+) -> Result<PathBuf, ConfigError> {
+    let bad = |message: String| ConfigError::Invalid {
+        field: "data.source".into(),
+        value: source.display().to_string(),
+        message,
+    };
+    let source = std::fs::canonicalize(source).map_err(|e| bad(e.to_string()))?;
+    let sha = moxin_data::sha256_hex(&source).map_err(|e| bad(e.to_string()))?;
+    let tag = format!("{}\nsha256 {sha}\n", source.display());
+    let marker = dir.join(".prepared-from");
+    if dir.join(moxin_data::MANIFEST_FILE).exists() {
+        let before = std::fs::read_to_string(&marker).unwrap_or_default();
+        if before == tag {
+            return Ok(dir.to_path_buf());
+        }
+        return Err(bad(format!(
+            "{} holds data prepared from another file (or this one before it changed); use another --out for \
+             this job, or remove that directory to prepare it again",
+            dir.display()
+        )));
+    }
+    let first = std::fs::read_to_string(&source)
+        .map_err(|e| bad(e.to_string()))?
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .unwrap_or_default();
+    let conversations = serde_json::from_str::<serde_json::Value>(&first).is_ok_and(|v| v["messages"].is_array());
+    let init_tokenizer = init_from.map(|d| d.join(moxin_layout::checkpoint::TOKENIZER_FILE)).filter(|t| t.exists());
+    tracing::info!(source = %source.display(), dir = %dir.display(), "preparing the data file");
+    // Written first: a manifest without its marker never appears (the manifest comes last).
+    std::fs::create_dir_all(dir).map_err(|e| bad(format!("{}: {e}", dir.display())))?;
+    std::fs::write(&marker, &tag).map_err(|e| bad(format!("{}: {e}", marker.display())))?;
+    if conversations {
+        let tokenizer = init_tokenizer.ok_or_else(|| {
+            bad("conversations are encoded with the starting model's tokenizer: set model.init_from to a checkpoint \
+                 that has one"
+                .into())
+        })?;
+        moxin_data::sft::prepare_sft(&moxin_data::sft::SftPrepareOptions {
+            inputs: vec![source.clone()],
+            out_dir: dir.to_path_buf(),
+            tokenizer,
+            template: moxin_data::sft::ChatTemplate::moxin(),
+            max_tokens: max_seq_len + 1,
+            overlong: moxin_data::sft::Overlong::Truncate,
+            overwrite: true,
+        })?;
+    } else {
+        let tokenizer = match init_tokenizer {
+            Some(t) => moxin_data::TokenizerSource::File(t),
+            None => moxin_data::TokenizerSource::Train { vocab_size },
+        };
+        let mut opts = moxin_data::PrepareOptions::new(vec![source.clone()], dir.to_path_buf(), tokenizer);
+        opts.overwrite = true;
+        moxin_data::prepare(&opts)?;
+    }
+    Ok(dir.to_path_buf())
 }
 
 /// The wire form of a model shape.

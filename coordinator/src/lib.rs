@@ -15,6 +15,7 @@ pub mod config;
 pub mod grpo;
 pub mod job;
 pub mod membership;
+pub mod pipeline;
 pub mod plan;
 pub mod presets;
 pub mod rundir;

@@ -77,18 +77,6 @@ impl ChatTemplate {
         serde_json::from_str(&text).map_err(|e| DataError::Input { path: path.to_path_buf(), reason: e.to_string() })
     }
 
-    /// The prompt for a new assistant turn after `messages` (what generation starts from).
-    pub fn prompt(&self, messages: &[Message]) -> String {
-        let mut text = String::new();
-        for m in messages {
-            text.push_str(self.prefix(&m.role));
-            text.push_str(&m.content);
-            text.push_str(&self.separator);
-        }
-        text.push_str(&self.assistant);
-        text
-    }
-
     fn prefix(&self, role: &str) -> &str {
         match role {
             "system" => &self.system,
@@ -116,10 +104,16 @@ pub struct Rendered {
     pub mask: Vec<u8>,
 }
 
-/// Renders and tokenizes `messages`: each piece is tokenized on its own, so the mask's
-/// edges fall exactly on the assistant's words.
+/// Renders and tokenizes `messages`: the tokenizer's beginning-of-sequence token if it has
+/// one, then each piece tokenized on its own, so the mask's edges fall exactly on the
+/// assistant's words (and a prompt, [`render_prompt`], is token for token the start of
+/// the conversation it begins).
 pub fn render(template: &ChatTemplate, tokenizer: &TextTokenizer, messages: &[Message]) -> Result<Rendered, String> {
     let mut out = Rendered { tokens: Vec::new(), mask: Vec::new() };
+    if let Some(bos) = tokenizer.bos_id {
+        out.tokens.push(bos);
+        out.mask.push(0);
+    }
     let push = |text: &str, trained: bool, out: &mut Rendered| -> Result<(), String> {
         let ids = tokenizer.encode(text).map_err(|e| e.to_string())?;
         out.mask.extend(std::iter::repeat_n(u8::from(trained), ids.len()));
@@ -142,6 +136,22 @@ pub fn render(template: &ChatTemplate, tokenizer: &TextTokenizer, messages: &[Me
         }
     }
     Ok(out)
+}
+
+/// The tokens a new assistant turn after `messages` starts from (generation prompts: GRPO
+/// rollouts, evaluation), tokenized exactly as [`render`] tokenizes conversations.
+pub fn render_prompt(
+    template: &ChatTemplate,
+    tokenizer: &TextTokenizer,
+    messages: &[Message],
+) -> Result<Vec<u32>, String> {
+    let mut r = render(template, tokenizer, messages)?;
+    if !messages.is_empty() {
+        let separator = tokenizer.encode(&template.separator).map_err(|e| e.to_string())?;
+        r.tokens.extend(separator);
+    }
+    r.tokens.extend(tokenizer.encode(&template.assistant).map_err(|e| e.to_string())?);
+    Ok(r.tokens)
 }
 
 /// What to do with a conversation longer than the limit.
@@ -581,8 +591,14 @@ mod tests {
         assert_eq!(trained, expected);
         // The whole text is the template's.
         let text = tok.inner.decode(&r.tokens, false).unwrap();
-        assert_eq!(text, "<|system|>\nBe brief.\n<|user|>\nWhat is 2+3?\n<|assistant|>\n5</s>\n<|user|>\nAnd 4+4?\n<|assistant|>\n8</s>");
-        assert_eq!(t.prompt(&conv[..2]), "<|system|>\nBe brief.\n<|user|>\nWhat is 2+3?\n<|assistant|>\n");
+        assert_eq!(text, "<s><|system|>\nBe brief.\n<|user|>\nWhat is 2+3?\n<|assistant|>\n5</s>\n<|user|>\nAnd 4+4?\n<|assistant|>\n8</s>");
+        // A prompt is token for token the start of the conversation it begins.
+        let prompt = render_prompt(&t, &tok, &conv[..2]).unwrap();
+        assert_eq!(&r.tokens[..prompt.len()], &prompt[..]);
+        assert_eq!(
+            tok.inner.decode(&prompt, false).unwrap(),
+            "<s><|system|>\nBe brief.\n<|user|>\nWhat is 2+3?\n<|assistant|>\n"
+        );
         let e = render(&t, &tok, &[msg("tool", "x")]).unwrap_err();
         assert!(e.contains("role \"tool\""), "{e}");
     }

@@ -325,3 +325,4 @@ fn gib(bytes: u64) -> String {
 pub mod bench;
 pub mod cluster;
 pub mod hf;
+pub mod pipeline;

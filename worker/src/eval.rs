@@ -129,3 +129,59 @@ pub fn logits(checkpoint: &Path, tokens: &[Vec<i64>]) -> Result<Tensor, WorkerEr
     let input = Tensor::from_slice(&flat).view([tokens.len() as i64, len as i64]);
     Ok(tch::no_grad(|| model.forward(&input, None)))
 }
+
+/// Held-out accuracy of the model at `checkpoint` (or a run directory's newest) on
+/// `prompts` (`{"prompt": ..., "answer": ...}` lines): each prompt rendered as a user turn
+/// of the Moxin chat template, continued greedily (in batches) for at most
+/// `max_new_tokens`, and scored by the math-answer verifier. Returns (accuracy, prompts).
+pub fn accuracy(checkpoint: &Path, prompts: &Path, max_new_tokens: usize) -> Result<(f64, u64), WorkerError> {
+    use crate::rl::reward::{MathAnswer, Reward};
+    let ckpt = crate::hf::open_checkpoint(checkpoint)?;
+    let tokenizer = moxin_data::load_tokenizer(&ckpt.dir.join(TOKENIZER_FILE))?;
+    let model = crate::checkpoint::load_model(&ckpt, Kind::Float, Device::cuda_if_available())?;
+    let template = moxin_data::sft::ChatTemplate::moxin();
+    let text = std::fs::read_to_string(prompts).map_err(|e| WorkerError::io(prompts, e))?;
+    let mut items = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let bad = |reason: &str| WorkerError::Input {
+            path: prompts.to_path_buf(),
+            reason: format!("line {}: {reason}", i + 1),
+        };
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(&e.to_string()))?;
+        let prompt = v["prompt"].as_str().ok_or_else(|| bad("no \"prompt\" string"))?;
+        let answer = match &v["answer"] {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        let user = [moxin_data::sft::Message { role: "user".into(), content: prompt.into() }];
+        let ids: Vec<i64> = moxin_data::sft::render_prompt(&template, &tokenizer, &user)
+            .map_err(|e| bad(&e))?
+            .into_iter()
+            .map(i64::from)
+            .collect();
+        if ids.len() + max_new_tokens > ckpt.manifest.model.max_seq_len as usize {
+            return Err(bad("the prompt and max_new_tokens exceed the model's max_seq_len"));
+        }
+        items.push((ids, answer));
+    }
+    if items.is_empty() {
+        return Err(WorkerError::Input { path: prompts.to_path_buf(), reason: "no prompts".into() });
+    }
+    let opts = crate::generate::SamplingOptions {
+        temperature: 0.0,
+        max_new_tokens,
+        stop_token: Some(tokenizer.eos_id as i64),
+        ..Default::default()
+    };
+    let mut correct = 0usize;
+    for chunk in items.chunks(64) {
+        let rows: Vec<Vec<i64>> = chunk.iter().map(|(ids, _)| ids.clone()).collect();
+        let out = crate::generate::generate(&model, &rows, &opts).map_err(WorkerError::Spec)?;
+        for ((_, answer), completion) in chunk.iter().zip(out) {
+            let kept: Vec<u32> =
+                completion.iter().filter(|&&t| t != tokenizer.eos_id as i64).map(|&t| t as u32).collect();
+            correct += (MathAnswer.score(&tokenizer.decode(&kept)?, answer) > 0.0) as usize;
+        }
+    }
+    Ok((correct as f64 / items.len() as f64, items.len() as u64))
+}

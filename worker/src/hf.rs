@@ -363,9 +363,17 @@ pub fn import(dir: &Path, out: &Path) -> Result<ImportReport, WorkerError> {
         files.insert(written.name, written.sha256);
         let tokenizer = dir.join(TOKENIZER_FILE);
         let with_tokenizer = match tokenizer.exists().then(|| moxin_data::load_tokenizer(&tokenizer)) {
-            Some(Ok(_)) => {
-                let written = checkpoint::write::copy_file(&tokenizer, &staging.join(TOKENIZER_FILE))?;
-                files.insert(written.name, written.sha256);
+            Some(Ok(t)) => {
+                // Saved as `data prepare` saves it, so data prepared with this checkpoint's
+                // tokenizer is recognised as such (same bytes, same sha256).
+                let dest = staging.join(TOKENIZER_FILE);
+                t.inner
+                    .save(&dest, false)
+                    .map_err(|e| WorkerError::Input { path: tokenizer.clone(), reason: e.to_string() })?;
+                files.insert(
+                    TOKENIZER_FILE.into(),
+                    moxin_data::sha256_hex(&dest).map_err(|e| WorkerError::io(&dest, e))?,
+                );
                 true
             }
             Some(Err(e)) => {

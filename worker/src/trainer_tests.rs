@@ -232,14 +232,22 @@ struct RankEnd {
     carried: Option<Handover>,
 }
 
+/// How a generation ends in a handover: each rank's own `leaving` flag, and the next
+/// generation's size as the ranks that stay know it from their next assignment (the
+/// first `n` of this generation's addresses), if they do.
+struct Yield {
+    leaving: Vec<bool>,
+    next_size: Option<usize>,
+}
+
 /// One generation of an in-process ring group: rank `r` starts with `carried[r]`; with
-/// `handover` every rank asks to stop for the next generation at once (after one step),
-/// `leaving[r]` saying whether it stays; otherwise the group trains to `stop_after`.
+/// `handover` every rank asks to stop for the next generation at once (after one step);
+/// otherwise the group trains to `stop_after`.
 fn run_generation(
     spec: &JobSpec,
     generation: u64,
     carried: Vec<Option<Handover>>,
-    handover: Option<Vec<bool>>,
+    handover: Option<Yield>,
     stop_after: Option<u64>,
 ) -> Vec<RankEnd> {
     let world = carried.len() as u32;
@@ -253,7 +261,9 @@ fn run_generation(
         .enumerate()
         .map(|(rank, (listener, carried))| {
             let (spec, peers, plan, commits) = (spec.clone(), peers.clone(), plan.clone(), commits.clone());
-            let leaving = handover.as_ref().map(|l| l[rank]);
+            let leaving = handover.as_ref().map(|h| h.leaving[rank]);
+            let next_peers =
+                handover.as_ref().and_then(|h| h.next_size).filter(|&n| rank < n).map(|n| plan.peers[..n].to_vec());
             std::thread::spawn(move || {
                 let ring = TcpRing::connect(rank, &peers, &listener, generation, Duration::from_secs(30)).unwrap();
                 let a = assignment(&spec, n, &plan, world, rank as u32);
@@ -262,6 +272,7 @@ fn run_generation(
                 if let Some(leaving) = leaving {
                     t.handover_requested.store(true, std::sync::atomic::Ordering::Relaxed);
                     t.leaving.store(leaving, std::sync::atomic::Ordering::Relaxed);
+                    *t.next_peers.lock().unwrap() = next_peers;
                 }
                 t.run(stop_after, &mut |_| Ok(())).unwrap();
                 let params = t.model.params.flat().narrow(0, 0, t.model.params.numel()).copy();
@@ -278,16 +289,19 @@ fn run_generation(
 #[test]
 fn a_graceful_resize_continues_in_memory_exactly_as_from_a_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
-    for (from, to) in [(3usize, 2usize), (2, 3)] {
+    // 3 → 2 with the released rank told (Release), and with only the ranks that stay told
+    // (their next assignment lacks it: a Release that came late, or none at all); 2 → 3.
+    for (from, to, released_knows) in [(3usize, 2usize, true), (3, 2, false), (2, 3, true)] {
         // The reference: checkpoint after step 1, resume at the new size.
-        let spec = job(tmp.path(), &format!("disk-{from}-{to}"), 1, "");
+        let spec = job(tmp.path(), &format!("disk-{from}-{to}-{released_knows}"), 1, "");
         run_generation(&spec, 1, (0..from).map(|_| None).collect(), None, Some(1));
         let reference = run_generation(&spec, 2, (0..to).map(|_| None).collect(), None, None);
         assert_eq!(reference[0].start, Start::Checkpoint(1));
 
-        let spec = job(tmp.path(), &format!("memory-{from}-{to}"), 1, "");
-        let leaving: Vec<bool> = (0..from).map(|r| r >= to).collect();
-        let old = run_generation(&spec, 1, (0..from).map(|_| None).collect(), Some(leaving), None);
+        let spec = job(tmp.path(), &format!("memory-{from}-{to}-{released_knows}"), 1, "");
+        let leaving: Vec<bool> = (0..from).map(|r| r >= to && released_knows).collect();
+        let next_size = (!released_knows).then_some(to);
+        let old = run_generation(&spec, 1, (0..from).map(|_| None).collect(), Some(Yield { leaving, next_size }), None);
         let run_dir = Path::new(&spec.run_dir);
         assert!(moxin_layout::checkpoint::list(run_dir).unwrap().is_empty(), "no checkpoint at a handover");
         for (rank, end) in old.iter().enumerate() {
@@ -305,7 +319,13 @@ fn a_graceful_resize_continues_in_memory_exactly_as_from_a_checkpoint() {
     // A rank that leaves without handing its part over leaves a gap: the carried state is
     // not used, and the group restores from the newest checkpoint (here: none).
     let spec = job(tmp.path(), "gap", 1, "");
-    let old = run_generation(&spec, 1, (0..3).map(|_| None).collect(), Some(vec![false; 3]), None);
+    let old = run_generation(
+        &spec,
+        1,
+        (0..3).map(|_| None).collect(),
+        Some(Yield { leaving: vec![false; 3], next_size: None }),
+        None,
+    );
     let carried: Vec<Option<Handover>> = old.into_iter().take(2).map(|e| e.carried).collect();
     let resized = run_generation(&spec, 2, carried, None, Some(1));
     assert!(resized.iter().all(|e| e.start == Start::Fresh));

@@ -351,6 +351,8 @@ struct Training {
     handover: Arc<AtomicBool>,
     /// This worker will not be in the next generation (released).
     leaving: Arc<AtomicBool>,
+    /// The next generation's collective addresses, once assigned.
+    next_peers: Arc<std::sync::Mutex<Option<Vec<String>>>>,
 }
 
 /// One worker's side of the job: follows the coordinator's events, runs one training
@@ -463,6 +465,9 @@ impl Agent {
                     // The running group stops at its next step boundary and hands its
                     // state over in memory, then this generation starts from it.
                     Some(t) => {
+                        if let Ok(mut next) = t.next_peers.lock() {
+                            *next = Some(a.peers.clone());
+                        }
                         t.handover.store(true, Ordering::Relaxed);
                         self.pending = Some(a);
                     }
@@ -716,6 +721,8 @@ impl Agent {
         let trainer_checkpoint = checkpoint.clone();
         let (handover, leaving) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
         let (trainer_handover, trainer_leaving) = (handover.clone(), leaving.clone());
+        let next_peers: Arc<std::sync::Mutex<Option<Vec<String>>>> = Default::default();
+        let trainer_next_peers = next_peers.clone();
         let carried = self.carried.take();
         std::thread::Builder::new()
             .name(format!("moxin-train-g{}", a.generation))
@@ -731,6 +738,7 @@ impl Agent {
                     trainer.checkpoint_requested = trainer_checkpoint;
                     trainer.handover_requested = trainer_handover;
                     trainer.leaving = trainer_leaving;
+                    trainer.next_peers = trainer_next_peers;
                     let step_tx = tx.clone();
                     let end = trainer.run(None, &mut |m| {
                         crate::driver::record_step_metrics(m);
@@ -744,7 +752,8 @@ impl Agent {
         if let Some((_, id)) = self.collective_id.as_ref().filter(|(g, _)| *g == a.generation) {
             let _ = ids_tx.send(id.clone());
         }
-        self.training = Some(Training { assignment: a, messages, ids: ids_tx, stop, checkpoint, handover, leaving });
+        self.training =
+            Some(Training { assignment: a, messages, ids: ids_tx, stop, checkpoint, handover, leaving, next_peers });
         Ok(())
     }
 }

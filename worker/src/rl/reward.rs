@@ -66,7 +66,8 @@ pub fn final_answer(text: &str) -> Option<String> {
     if let Some(boxed) = last_boxed(text) {
         return Some(boxed);
     }
-    let lower = text.to_lowercase();
+    // ASCII lowering keeps byte offsets (full Unicode lowering may not).
+    let lower = text.to_ascii_lowercase();
     let at = lower.rfind("answer")?;
     let decoration = |c: char| c == ' ' || c == '*';
     let rest = text[at + "answer".len()..].trim_start_matches(decoration);
@@ -145,6 +146,15 @@ fn number(s: &str) -> Option<f64> {
         None => (s, 1.0),
     };
     let plain = |t: &str| -> Option<f64> {
+        // Commas only as thousands separators: `1,000` is a number, `1,2` is a list.
+        let whole = t.split('.').next().unwrap_or("");
+        let mut groups = whole.split(',');
+        let grouped = whole.contains(',')
+            && groups.next().is_some_and(|g| (1..=3).contains(&g.len()))
+            && groups.all(|g| g.len() == 3);
+        if whole.contains(',') && !grouped {
+            return None;
+        }
         let t = t.replace(',', "");
         if t.is_empty() || !t.chars().all(|c| c.is_ascii_digit() || c == '.') {
             return None;
@@ -204,6 +214,8 @@ mod tests {
             ("\\boxed{\\left( 1, 2 \\right)}", "(1,2)"),
             ("\\boxed{90^\\circ}", "90"),
             ("\\boxed{2.50}", "2.5"),
+            ("\\boxed{12,345.5}", "12345.5"),
+            ("ΩΩ K answer: 7", "7"),
         ] {
             assert_eq!(r.score(completion, reference), 1.0, "{completion} vs {reference}");
         }
@@ -214,6 +226,8 @@ mod tests {
             ("answer: ", "0"),
             ("the result is 5", "5"),
             ("\\boxed{}", ""),
+            ("\\boxed{1,2}", "12"),
+            ("İİİ answer: 5", "6"),
         ] {
             assert_eq!(r.score(completion, reference), 0.0, "{completion} vs {reference}");
         }

@@ -106,8 +106,12 @@ impl Rollouts {
                 serde_json::Value::String(s) => s.clone(),
                 other => other.to_string(),
             };
-            let rendered = template.prompt(&[Message { role: "user".into(), content: prompt.into() }]);
-            let tokens: Vec<i64> = tokenizer.encode(&rendered)?.into_iter().map(i64::from).collect();
+            let user = [Message { role: "user".into(), content: prompt.into() }];
+            let tokens: Vec<i64> = moxin_data::sft::render_prompt(&template, &tokenizer, &user)
+                .map_err(&bad)?
+                .into_iter()
+                .map(i64::from)
+                .collect();
             if tokens.len() > room {
                 return Err(bad(format!(
                     "the prompt is {} tokens; with grpo.max_new_tokens = {} it exceeds the model's max_seq_len {}",
@@ -226,7 +230,12 @@ impl BatchSource for Rollouts {
             seed: moxin_data::SplitMix64::new(self.seed ^ cursor.rotate_left(17) ^ self.rank.rotate_left(40))
                 .next_u64(),
         };
-        let completions = generate(model, &rows, &opts).map_err(WorkerError::Spec)?;
+        // One micro-batch of prompts at a time: the KV cache of a batch grows with its rows.
+        let mut completions = Vec::with_capacity(rows.len());
+        for (i, chunk) in rows.chunks(self.micro * group).enumerate() {
+            let opts = SamplingOptions { seed: opts.seed.wrapping_add(i as u64).rotate_left(7), ..opts.clone() };
+            completions.extend(generate(model, chunk, &opts).map_err(WorkerError::Spec)?);
+        }
         let mut rewards = Vec::with_capacity(completions.len());
         for (i, c) in completions.iter().enumerate() {
             let kept: Vec<u32> = c.iter().filter(|&&t| t != eos).map(|&t| t as u32).collect();

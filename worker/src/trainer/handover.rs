@@ -108,11 +108,13 @@ pub enum HandOff {
 }
 
 /// The old group's half: called by every rank once the group agreed to stop for a new
-/// generation; `leaving` says whether this rank will be in it. `partitions` are every
-/// rank's flat ranges, clamped to the parameters.
+/// generation; `absent[r]` says whether this rank knows that rank `r` will not be in it
+/// (itself when released; any rank missing from the next assignment it received), and
+/// a rank leaves when any rank says so. `partitions` are every rank's flat ranges,
+/// clamped to the parameters.
 pub fn hand_off(
     collective: &mut dyn Collective,
-    leaving: bool,
+    absent: &[bool],
     opt: &AdamW,
     partitions: &[Range<i64>],
     progress: Progress,
@@ -120,13 +122,13 @@ pub fn hand_off(
 ) -> Result<HandOff, WorkerError> {
     let (rank, world) = (collective.rank(), collective.world_size());
     let device = opt.device();
-    let mut votes = vec![0f32; world];
-    votes[rank] = f32::from(u8::from(leaving));
+    let votes: Vec<f32> = (0..world).map(|r| f32::from(u8::from(absent.get(r).copied().unwrap_or(false)))).collect();
     let votes_t = Tensor::from_slice(&votes).to_device(device);
     collective.all_reduce(&votes_t, ReduceOp::Sum).and_then(|w| w.wait()).map_err(comm)?;
     let votes = Vec::<f32>::try_from(votes_t.to_device(Device::Cpu)).map_err(WorkerError::Torch)?;
     let stayers: Vec<usize> = (0..world).filter(|&r| votes[r] < 0.5).collect();
     let leavers: Vec<usize> = (0..world).filter(|&r| votes[r] >= 0.5).collect();
+    let leaving = leavers.contains(&rank);
     if stayers.is_empty() {
         return Ok(HandOff::NobodyStays);
     }

@@ -95,6 +95,11 @@ pub struct Trainer {
     /// This rank will not be in the next generation: at a handover it gives its state to
     /// a rank that stays.
     pub leaving: Arc<AtomicBool>,
+    /// The collective addresses of the next generation's members, once this rank has its
+    /// next assignment: ranks missing from it leave at a handover (whatever they heard).
+    pub next_peers: Arc<std::sync::Mutex<Option<Vec<String>>>>,
+    /// Every rank's collective address in this generation.
+    peers: Vec<String>,
     group_handover: bool,
     /// What this rank carries to the next generation after a handover stop.
     handover: Option<Handover>,
@@ -239,8 +244,15 @@ impl Trainer {
         )?;
         let numel = model.params.numel();
         let clamped = clamp(sync.partitions(), numel);
+        // (Not fatal on rank 0 alone: the others are already waiting in `adopt`.)
         let newest_checkpoint = if rank == 0 {
-            moxin_layout::checkpoint::list(checkpoints.run_dir())?.first().map(|(step, _)| *step)
+            match moxin_layout::checkpoint::list(checkpoints.run_dir()) {
+                Ok(list) => list.first().map(|(step, _)| *step),
+                Err(e) => {
+                    tracing::warn!("listing checkpoints: {e}");
+                    None
+                }
+            }
         } else {
             None
         };
@@ -302,6 +314,8 @@ impl Trainer {
             stop_requested: Default::default(),
             handover_requested: Default::default(),
             leaving: Default::default(),
+            next_peers: Default::default(),
+            peers: assignment.peers.clone(),
             group_handover: false,
             handover: None,
             checkpoint_requested: Default::default(),
@@ -404,10 +418,18 @@ impl Trainer {
         if self.group_handover && !self.group_stop && self.progress.step < train.steps {
             self.sync.wait_params()?;
             let leaving = self.leaving.load(Ordering::Relaxed);
+            let next = self.next_peers.lock().map(|n| n.clone()).unwrap_or_default();
+            let (rank, world) = self.rank_and_world();
+            let absent: Vec<bool> = (0..world)
+                .map(|r| {
+                    (r == rank && leaving)
+                        || next.as_ref().zip(self.peers.get(r)).is_some_and(|(next, own)| !next.contains(own))
+                })
+                .collect();
             let partitions = self.clamped_partitions();
             let (progress, generation) = (self.progress, self.generation);
             let (collective, opt) = self.sync.collective_and_optimizer();
-            match handover::hand_off(collective, leaving, opt, &partitions, progress, generation)? {
+            match handover::hand_off(collective, &absent, opt, &partitions, progress, generation)? {
                 handover::HandOff::Stayed(h) => (self.handover, handed_over) = (Some(h), true),
                 handover::HandOff::Left => handed_over = true,
                 // Nobody to hand it to: checkpoint, as for a stop.

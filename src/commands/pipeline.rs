@@ -1,0 +1,78 @@
+//! A pipeline file given to `train` or `launch`: its stages run in order, each as that
+//! command runs a job (logic in `moxin_coordinator::pipeline`); `summary.json` records
+//! every stage's final step, wall time and held-out accuracy.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use moxin_coordinator::pipeline::{last_step, Pipeline, StageSummary};
+
+/// How each stage runs: in this process (`train`) or as a local group (`launch`).
+pub enum Mode {
+    /// `train`.
+    Train,
+    /// `launch --workers N --max-restarts R`.
+    Launch {
+        /// Worker processes.
+        workers: u32,
+        /// Replacements per worker.
+        max_restarts: u32,
+    },
+}
+
+/// Marks a stage that ran to its end, so a restarted pipeline skips it.
+const FINISHED: &str = ".pipeline-stage-finished";
+const SUMMARY: &str = "summary.json";
+
+/// Runs the pipeline `file` (stages already finished are skipped); returns the exit code
+/// of the first stage that did not finish, or 0.
+pub fn run(file: &Path, out: Option<&Path>, overrides: &[String], mode: Mode) -> Result<i32> {
+    let pipeline = Pipeline::load(file, out).with_context(|| format!("invalid pipeline {}", file.display()))?;
+    let summary_path = pipeline.out.join(SUMMARY);
+    let previous: Vec<StageSummary> = std::fs::read_to_string(&summary_path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| serde_json::from_value(v["stages"].clone()).ok())
+        .unwrap_or_default();
+    let mut summary: Vec<StageSummary> = Vec::new();
+    for stage in &pipeline.stages {
+        let marker = stage.run_dir.join(FINISHED);
+        let kept = previous.iter().find(|s| s.stage == stage.name).filter(|_| marker.exists());
+        if let Some(done) = kept {
+            tracing::info!(stage = %stage.name, step = done.step, "stage finished before; skipping it");
+            summary.push(done.clone());
+            continue;
+        }
+        tracing::info!(stage = %stage.name, run_dir = %stage.run_dir.display(), "starting stage");
+        let code = match mode {
+            Mode::Train => super::train(&stage.config, Some(&stage.run_dir), overrides, None, None)?.exit_code(),
+            Mode::Launch { workers, max_restarts } => {
+                super::cluster::launch(&stage.config, workers, max_restarts, Some(&stage.run_dir), overrides)?
+            }
+        };
+        if code != 0 {
+            tracing::warn!(stage = %stage.name, code, "the stage did not finish; rerun the same command to continue");
+            return Ok(code);
+        }
+        std::fs::write(&marker, "").with_context(|| format!("writing {}", marker.display()))?;
+        let (step, elapsed_s) = last_step(&stage.run_dir).unwrap_or((0, 0.0));
+        let (eval_accuracy, eval_prompts) = match &pipeline.section.eval_prompts {
+            Some(prompts) => {
+                let (accuracy, n) = moxin_worker::eval::accuracy(
+                    &stage.run_dir,
+                    Path::new(prompts),
+                    pipeline.section.eval_max_new_tokens as usize,
+                )
+                .with_context(|| format!("scoring stage {} on {prompts}", stage.name))?;
+                tracing::info!(stage = %stage.name, accuracy, prompts = n, "held-out accuracy");
+                (Some(accuracy), n)
+            }
+            None => (None, 0),
+        };
+        summary.push(StageSummary { stage: stage.name.clone(), step, elapsed_s, eval_accuracy, eval_prompts });
+        let text = serde_json::to_string_pretty(&serde_json::json!({ "stages": summary }))?;
+        std::fs::write(&summary_path, text).with_context(|| format!("writing {}", summary_path.display()))?;
+    }
+    println!("{}", std::fs::read_to_string(&summary_path).unwrap_or_default());
+    Ok(0)
+}
