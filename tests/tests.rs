@@ -7,5 +7,6 @@ mod device_cli;
 mod faults_cli;
 mod grpo_cli;
 mod hf_cli;
+mod pipeline_cli;
 mod sft_cli;
 mod train_cli;

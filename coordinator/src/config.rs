@@ -856,12 +856,23 @@ mod tests {
             if path.extension().and_then(|e| e.to_str()) != Some("toml") {
                 continue;
             }
-            let c = JobConfig::load(&path, HashMap::new(), &[]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            if c.model.init_from.is_none() {
-                c.validate(1).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            // A pipeline's stages are job files of their own.
+            let tmp = tempfile::tempdir().unwrap();
+            let jobs = if crate::pipeline::is_pipeline(&path) {
+                let p = crate::pipeline::Pipeline::load(&path, Some(tmp.path()))
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                p.stages.into_iter().map(|s| s.config).collect()
+            } else {
+                vec![path.clone()]
+            };
+            for job in jobs {
+                let c = JobConfig::load(&job, HashMap::new(), &[]).unwrap_or_else(|e| panic!("{}: {e}", job.display()));
+                if c.model.init_from.is_none() {
+                    c.validate(1).unwrap_or_else(|e| panic!("{}: {e}", job.display()));
+                }
             }
             seen += 1;
         }
-        assert!(seen >= 6, "{seen} configs");
+        assert!(seen >= 8, "{seen} configs");
     }
 }

@@ -1,0 +1,62 @@
+//! Pipelines: one file, stages in order, each from the previous one's checkpoint, a
+//! summary with held-out accuracy, and finished stages skipped on a rerun.
+
+use crate::common::{metrics, ok, s};
+
+#[test]
+fn a_pipeline_runs_its_stages_in_order_and_skips_finished_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let task = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tasks/arithmetic");
+    let file = t.join("p.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[pipeline]\nstages = [\"pretrain\", \"sft\", \"grpo\"]\neval_prompts = {test:?}\neval_max_new_tokens = 16\n\
+             [runtime]\ndevice = \"cpu\"\nthreads = 1\n[checkpoint]\nevery_steps = 0\nkeep_last = 1\n\
+             [stage.pretrain.model]\npreset = \"tiny\"\n[stage.pretrain.data]\nsource = {pre:?}\n\
+             [stage.pretrain.train]\nsteps = 20\nseq_len = 64\nglobal_batch_size = 8\nmicro_batch_size = 8\n\
+             [stage.sft.data]\nsource = {sft:?}\n[stage.sft.train]\nsteps = 10\nseq_len = 64\nglobal_batch_size = 8\nmicro_batch_size = 8\n\
+             [stage.grpo.train]\nsteps = 3\nglobal_batch_size = 4\nmicro_batch_size = 4\n\
+             [stage.grpo.grpo]\nprompts = {prompts:?}\ngroup_size = 4\nmax_new_tokens = 8\n",
+            test = task.join("test.jsonl").display().to_string(),
+            pre = task.join("pretrain.jsonl").display().to_string(),
+            sft = task.join("sft.jsonl").display().to_string(),
+            prompts = task.join("prompts.jsonl").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let out = t.join("out");
+    let said = ok(t, &["train", s(&file), "--out", s(&out)]);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let stages = summary["stages"].as_array().unwrap();
+    assert_eq!(
+        stages.iter().map(|s| s["stage"].as_str().unwrap()).collect::<Vec<_>>(),
+        ["pretrain", "sft", "grpo"],
+        "{said}"
+    );
+    for (stage, steps) in [("pretrain", 20), ("sft", 10), ("grpo", 3)] {
+        assert_eq!(metrics(&out.join(stage)).len(), steps, "{stage} has its own metrics");
+        let s = stages.iter().find(|s| s["stage"] == stage).unwrap();
+        assert_eq!(s["step"], steps);
+        assert_eq!(s["eval_prompts"], 100);
+        assert!((0.0..=1.0).contains(&s["eval_accuracy"].as_f64().unwrap()), "{s}");
+    }
+    // Each stage started from the previous one, and prepared its data file with its tokenizer.
+    let sft_config = std::fs::read_to_string(out.join("sft/config.toml")).unwrap();
+    assert!(sft_config.contains("init_from") && sft_config.contains("pretrain"), "{sft_config}");
+    assert!(out.join("sft/data/conversations.bin").exists());
+    assert_eq!(
+        metrics(&out.join("grpo"))[0]["rollout"],
+        serde_json::Value::Null,
+        "rollout flag is implied by its fields"
+    );
+    assert!(metrics(&out.join("grpo"))[0]["reward_mean"].is_number());
+
+    // A rerun skips the finished stages (their metrics are untouched) and repeats the summary.
+    let before = std::fs::read_to_string(out.join("pretrain/metrics.jsonl")).unwrap();
+    let again = ok(t, &["train", s(&file), "--out", s(&out)]);
+    assert!(again.contains("\"stages\""), "{again}");
+    assert_eq!(std::fs::read_to_string(out.join("pretrain/metrics.jsonl")).unwrap(), before);
+}
