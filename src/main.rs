@@ -110,6 +110,23 @@ enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         repeats: usize,
     },
+    /// Batched KV-cached sampling (what GRPO rollouts run) on a checkpoint: tokens/s.
+    Rollout {
+        /// Checkpoint or run directory.
+        #[arg(long)]
+        checkpoint: std::path::PathBuf,
+        /// JSON file of token-id rows (prompts of any lengths).
+        #[arg(long)]
+        prompts: std::path::PathBuf,
+        /// New tokens per row (no stop token: every row makes exactly this many).
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// CPU threads (0 = libtorch's default).
+        #[arg(long, default_value_t = 0)]
+        threads: i32,
+    },
     /// Every NCCL collective on a world of one (needs a GPU and NCCL).
     Nccl {
         #[arg(long, default_value_t = 0)]
@@ -491,6 +508,9 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Bench(BenchCommand::CompileKernels { arch }) => commands::bench::compile_kernels(arch),
         Command::Bench(BenchCommand::CheckpointWrite { dir, mib, repeats }) => {
             commands::bench::print(moxin_worker::selftest::checkpoint_write(&dir, mib, repeats))
+        }
+        Command::Bench(BenchCommand::Rollout { checkpoint, prompts, max_new_tokens, repeats, threads }) => {
+            commands::bench::rollout(&checkpoint, &prompts, max_new_tokens, repeats, threads)
         }
         Command::Bench(BenchCommand::Nccl { device }) => {
             commands::bench::print(moxin_worker::selftest::nccl_world_of_one(device))

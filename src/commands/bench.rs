@@ -152,3 +152,17 @@ pub fn heartbeats(url: &str, workers: u32, seconds: u64) -> Result<()> {
         Ok(())
     })
 }
+
+/// `bench rollout`.
+pub fn rollout(
+    checkpoint: &std::path::Path,
+    prompts: &std::path::Path,
+    max_new_tokens: usize,
+    repeats: usize,
+    threads: i32,
+) -> Result<()> {
+    let text = std::fs::read_to_string(prompts).with_context(|| format!("reading {}", prompts.display()))?;
+    let rows: Vec<Vec<i64>> = serde_json::from_str(&text)
+        .with_context(|| format!("{}: expected a JSON list of token-id lists", prompts.display()))?;
+    print(moxin_worker::selftest::rollout(checkpoint, &rows, max_new_tokens, repeats, threads))
+}

@@ -147,6 +147,16 @@ fn sample(logits: &Tensor, opts: &SamplingOptions, rng: &mut SplitMix64) -> Tens
         return logits.argmax(-1, false);
     }
     let probs = (logits / opts.temperature).softmax(-1, Kind::Float);
+    let rows = logits.size()[0];
+    let draws: Vec<f32> = (0..rows).map(|_| rng.next_f64() as f32).collect();
+    let u = Tensor::from_slice(&draws).to_device(logits.device()).view([rows, 1]);
+    if opts.top_p >= 1.0 {
+        // Plain sampling needs no sort: invert the cumulative distribution in vocabulary order.
+        let cumulative = probs.cumsum(-1, Kind::Float);
+        let total = cumulative.select(-1, cumulative.size()[1] - 1).unsqueeze(-1);
+        let position = (u * total).searchsorted(&cumulative, false, true, "right", None::<Tensor>);
+        return position.clamp_max(cumulative.size()[1] - 1).squeeze_dim(-1);
+    }
     let (sorted, indices) = probs.sort(-1, true);
     let cumulative = sorted.cumsum(-1, Kind::Float);
     // Keep a token if the mass before it is below top_p (so the top token always stays).
@@ -154,10 +164,7 @@ fn sample(logits: &Tensor, opts: &SamplingOptions, rng: &mut SplitMix64) -> Tens
     let kept = sorted * keep.to_kind(Kind::Float);
     let cumulative = kept.cumsum(-1, Kind::Float);
     let total = cumulative.select(-1, cumulative.size()[1] - 1).unsqueeze(-1);
-    let rows = logits.size()[0];
-    let draws: Vec<f32> = (0..rows).map(|_| rng.next_f64() as f32).collect();
-    let u = Tensor::from_slice(&draws).to_device(logits.device()).view([rows, 1]) * total;
-    let position = u.searchsorted(&cumulative, false, true, "right", None::<Tensor>);
+    let position = (u * total).searchsorted(&cumulative, false, true, "right", None::<Tensor>);
     let position = position.clamp_max(cumulative.size()[1] - 1);
     indices.gather(-1, &position, false).squeeze_dim(-1)
 }

@@ -217,3 +217,38 @@ pub fn checkpoint_write(dir: &std::path::Path, mib: usize, repeats: usize) -> Re
         "speedup": reference / ours,
     }))
 }
+
+/// Batched sampling (temperature 1, no stop token, so every row makes `max_new_tokens`) of
+/// `prompts` with the model at `checkpoint`, on the CPU with `threads` threads (0 =
+/// libtorch's default), best of `repeats`: what `bench/rollout_vs_transformers.sh`
+/// compares with transformers' `generate`.
+pub fn rollout(
+    checkpoint: &std::path::Path,
+    prompts: &[Vec<i64>],
+    max_new_tokens: usize,
+    repeats: usize,
+    threads: i32,
+) -> Result<Value, WorkerError> {
+    if threads > 0 {
+        tch::set_num_threads(threads);
+    }
+    let ckpt = crate::hf::open_checkpoint(checkpoint)?;
+    let model = crate::checkpoint::load_model(&ckpt, Kind::Float, Device::Cpu)?;
+    let opts =
+        crate::generate::SamplingOptions { temperature: 1.0, top_p: 1.0, max_new_tokens, stop_token: None, seed: 1 };
+    let mut best = f64::INFINITY;
+    for _ in 0..repeats.max(1) {
+        let t = Instant::now();
+        let out = crate::generate::generate(&model, prompts, &opts).map_err(WorkerError::Spec)?;
+        best = best.min(t.elapsed().as_secs_f64());
+        debug_assert!(out.iter().all(|o| o.len() == max_new_tokens));
+    }
+    let tokens = prompts.len() * max_new_tokens;
+    Ok(json!({
+        "rows": prompts.len(),
+        "max_new_tokens": max_new_tokens,
+        "threads": tch::get_num_threads(),
+        "seconds": best,
+        "tokens_per_s": tokens as f64 / best,
+    }))
+}
