@@ -100,7 +100,7 @@ fn generate_ragged(model: &Transformer, prompts: &[Vec<i64>], opts: &SamplingOpt
     let idx = Tensor::arange(width, (Kind::Int64, device));
     let causal = idx.unsqueeze(1).ge_tensor(&idx.unsqueeze(0));
     let own = idx.unsqueeze(1).eq_tensor(&idx.unsqueeze(0)).unsqueeze(0);
-    let mut cache = KvCache::new();
+    let mut cache = KvCache::with_capacity(width + opts.max_new_tokens as i64);
     let mut rng = SplitMix64::new(opts.seed);
     let mut out = vec![Vec::new(); batch as usize];
     let mut done = vec![false; batch as usize];

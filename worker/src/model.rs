@@ -105,6 +105,10 @@ pub struct KvCache {
     start: i64,
     /// Position the next token will have.
     next: i64,
+    /// For batched decoding with explicit masks ([`Transformer::hidden_masked`]): key
+    /// slots preallocated per layer (0: grow by concatenation), and how many are filled.
+    capacity: i64,
+    filled: i64,
 }
 
 impl KvCache {
@@ -113,11 +117,21 @@ impl KvCache {
         KvCache::default()
     }
 
+    /// An empty cache for [`Transformer::hidden_masked`] that holds `keys` keys per row
+    /// without reallocating (new keys are written in place, not concatenated).
+    pub fn with_capacity(keys: i64) -> Self {
+        KvCache { capacity: keys, ..KvCache::default() }
+    }
+
     /// Position of the next token to be fed.
     pub fn next_position(&self) -> i64 {
         self.next
     }
 }
+
+/// One layer's KV slot during masked decoding, the keys already in it, and its
+/// preallocated capacity (0: grow by concatenation).
+type LayerCache<'a> = (&'a mut Option<(Tensor, Tensor)>, i64, i64);
 
 struct Layer {
     input_norm: Tensor,
@@ -206,7 +220,7 @@ impl Transformer {
         x: &Tensor,
         positions: &Tensor,
         mask: &Tensor,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<LayerCache<'_>>,
     ) -> Tensor {
         let (l, eps) = (&self.layers[i], self.shape.norm_eps);
         let h = x + self.masked_attention(l, &rms_norm(x, &l.input_norm, eps), positions, mask, cache);
@@ -220,9 +234,11 @@ impl Transformer {
     pub fn hidden_masked(&self, tokens: &Tensor, positions: &Tensor, mask: &Tensor, cache: &mut KvCache) -> Tensor {
         cache.layers.resize_with(self.layers.len(), || None);
         let mut x = self.embed(tokens);
+        let (filled, capacity) = (cache.filled, cache.capacity);
         for i in 0..self.layers.len() {
-            x = self.block_masked(i, &x, positions, mask, Some(&mut cache.layers[i]));
+            x = self.block_masked(i, &x, positions, mask, Some((&mut cache.layers[i], filled, capacity)));
         }
+        cache.filled += tokens.size()[1];
         self.final_norm(&x)
     }
 
@@ -342,13 +358,14 @@ impl Transformer {
     }
 
     /// Attention with per-token positions and an explicit mask over (cached and new) keys.
+    /// `cache`: the layer's slot, the keys already in it, and its preallocated capacity.
     fn masked_attention(
         &self,
         l: &Layer,
         x: &Tensor,
         positions: &Tensor,
         mask: &Tensor,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<LayerCache<'_>>,
     ) -> Tensor {
         let s = &self.shape;
         let (b, t) = (x.size()[0], x.size()[1]);
@@ -358,12 +375,26 @@ impl Transformer {
         let q = self.rope.apply_at(&split_heads(&qkv[0], heads), positions);
         let mut k = self.rope.apply_at(&split_heads(&qkv[1], kv_heads), positions);
         let mut v = split_heads(&qkv[2], kv_heads);
-        if let Some(slot) = cache {
-            if let Some((past_k, past_v)) = slot.as_ref() {
-                k = Tensor::cat(&[past_k, &k], 2);
-                v = Tensor::cat(&[past_v, &v], 2);
+        match cache {
+            Some((slot, filled, capacity)) if capacity > 0 => {
+                assert!(filled + t <= capacity, "KV cache of {capacity} keys overflows (generate sizes it)");
+                let (kb, vb) = slot.get_or_insert_with(|| {
+                    let empty = || Tensor::zeros([b, kv_heads, capacity, hd], (k.kind(), k.device()));
+                    (empty(), empty())
+                });
+                kb.narrow(2, filled, t).copy_(&k);
+                vb.narrow(2, filled, t).copy_(&v);
+                k = kb.narrow(2, 0, filled + t);
+                v = vb.narrow(2, 0, filled + t);
             }
-            *slot = Some((k.shallow_clone(), v.shallow_clone()));
+            Some((slot, _, _)) => {
+                if let Some((past_k, past_v)) = slot.as_ref() {
+                    k = Tensor::cat(&[past_k, &k], 2);
+                    v = Tensor::cat(&[past_v, &v], 2);
+                }
+                *slot = Some((k.shallow_clone(), v.shallow_clone()));
+            }
+            None => {}
         }
         let out = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, None, true);
         out.transpose(1, 2).reshape([b, t, heads * hd]).linear(&l.wo, None::<Tensor>)
