@@ -65,6 +65,9 @@ pub struct GrpoConfig {
     pub epsilon_high: f64,
     /// KL coefficient β (0: no reference model).
     pub beta: f64,
+    /// The rollouts' sampling temperature: log-probs are taken of logits / temperature, the
+    /// distribution the completions were drawn from (as TRL does).
+    pub temperature: f64,
 }
 
 /// What a rollout batch adds to a [`Batch`]: per token `[b, t]`, the advantage of its
@@ -100,6 +103,14 @@ impl GrpoObjective {
 impl Objective for GrpoObjective {
     fn name(&self) -> &'static str {
         "grpo"
+    }
+
+    fn logit_scale(&self) -> f64 {
+        if self.config.temperature > 0.0 {
+            1.0 / self.config.temperature
+        } else {
+            1.0
+        }
     }
 
     fn take_policy_sums(&self) -> Option<[f64; 3]> {
@@ -189,7 +200,7 @@ mod tests {
     /// gradient is −Â·w.
     #[test]
     fn the_ratio_is_one_at_the_first_update() {
-        let obj = GrpoObjective::new(GrpoConfig { epsilon: 0.2, epsilon_high: 0.28, beta: 0.0 });
+        let obj = GrpoObjective::new(GrpoConfig { epsilon: 0.2, epsilon_high: 0.28, beta: 0.0, temperature: 1.0 });
         let logp = t(&[-1.3, -0.2, -2.0]).view([-1]);
         let b = batch(&[1.5, -0.5, 2.0], &[0.5, 0.5, 0.0], None, None);
         let (loss, grad) = obj.token_terms(&logp, &b, 0..3);
@@ -203,7 +214,7 @@ mod tests {
     /// gradient equal to autograd's.
     #[test]
     fn clipped_objective_and_k3_kl_by_hand() {
-        let c = GrpoConfig { epsilon: 0.2, epsilon_high: 0.28, beta: 0.1 };
+        let c = GrpoConfig { epsilon: 0.2, epsilon_high: 0.28, beta: 0.1, temperature: 1.0 };
         let obj = GrpoObjective::new(c);
         // Token 0: ρ = e^0.5 = 1.6487 > 1.28, Â = +1 → clipped (surrogate 1.28, no gradient).
         // Token 1: ρ = e^0.5, Â = −1 → min(−1.6487, −1.28) = −1.6487, unclipped.

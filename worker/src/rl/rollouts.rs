@@ -298,7 +298,9 @@ impl BatchSource for Rollouts {
             let targets = Tensor::from_slice(&targets).view(shape).to_device(device);
             let ref_logp = self.reference.as_ref().map(|reference| {
                 tch::no_grad(|| {
-                    let hidden = reference.hidden(&inputs, None);
+                    // At the sampling temperature, as the policy's log-probs are taken.
+                    let scale = if self.spec.temperature > 0.0 { 1.0 / self.spec.temperature } else { 1.0 };
+                    let hidden = reference.hidden(&inputs, None) * scale;
                     let d = hidden.size()[2];
                     target_log_probs(&hidden.reshape([-1, d]), reference.lm_head(), &targets.reshape([-1])).view(shape)
                 })

@@ -207,6 +207,7 @@ impl Trainer {
                 epsilon: g.epsilon,
                 epsilon_high: g.epsilon_high,
                 beta: g.beta,
+                temperature: g.temperature,
             })),
             None => Box::new(CrossEntropy::mean_over(batches.loss_tokens(0))),
         };

@@ -32,6 +32,11 @@ pub trait Objective {
     /// Called before each step with the number of loss tokens of the whole step (all
     /// ranks, all micro-batches), which a per-token mean divides by.
     fn normalise(&mut self, loss_tokens: f64);
+    /// The factor the logits are multiplied by before the softmax (GRPO: 1 / the
+    /// sampling temperature, so log-probs are those of the policy that sampled).
+    fn logit_scale(&self) -> f64 {
+        1.0
+    }
     /// Policy statistics summed since the last call, `[tokens, clipped tokens, Σ KL]`,
     /// for objectives that have them (GRPO).
     fn take_policy_sums(&self) -> Option<[f64; 3]> {

@@ -110,19 +110,18 @@ pub fn forward_backward(
     // Head: hand-written gradients, chunk by chunk.
     sink.params_ready(stages.blocks.len() + 1)?;
     let mut head_grad = sink.region(stages.head);
-    let head = head_forward_backward(
-        &hidden.detach(),
-        model.lm_head(),
-        batch,
-        objective,
-        &mut head_grad,
-        opts.kernels.as_deref(),
-    )?;
+    // Logits at the objective's scale (GRPO: 1 / sampling temperature), through the hidden
+    // states: logits = (s·h)·Wᵀ, so d/dW comes out right and d/dh is s times the head's.
+    let scale = objective.logit_scale();
+    let head_input = if scale == 1.0 { hidden.detach() } else { tch::no_grad(|| hidden.detach() * scale) };
+    let head =
+        head_forward_backward(&head_input, model.lm_head(), batch, objective, &mut head_grad, opts.kernels.as_deref())?;
     sink.done(stages.head)?;
+    let d_hidden = if scale == 1.0 { head.d_hidden } else { tch::no_grad(|| head.d_hidden * scale) };
 
     // Final norm.
     let norm_leaf = params.leaf_at(stages.final_norm);
-    let mut grads = backward(&hidden, &head.d_hidden, &[last, norm_leaf])?;
+    let mut grads = backward(&hidden, &d_hidden, &[last, norm_leaf])?;
     sink.add(stages.final_norm, &grads[1])?;
     sink.done(stages.final_norm)?;
     let mut d_x = grads.swap_remove(0);
