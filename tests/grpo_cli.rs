@@ -112,6 +112,16 @@ fn grpo_raises_the_reward_over_two_workers() {
     );
     assert!(m[29]["kl"].as_f64().unwrap() > 0.0, "the policy moved away from the reference");
 
+    // Two updates per rollout batch: the second reuses the rollouts (no generation) and
+    // the prompts advance only after it.
+    let twice = t.join("twice");
+    ok(t, &["train", s(&grpo), "--out", s(&twice), "--set", "train.steps=4", "--set", "grpo.updates_per_batch=2"]);
+    let m = metrics(&twice);
+    let cursors: Vec<u64> = m.iter().map(|m| m["data_cursor"].as_u64().unwrap()).collect();
+    assert_eq!(cursors, [0, 8, 8, 16]);
+    let generated: Vec<bool> = m.iter().map(|m| m["rollout_s"].as_f64().unwrap() > 0.0).collect();
+    assert_eq!(generated, [true, false, true, false]);
+
     // Bad input: named field, named line.
     std::fs::write(t.join("bad.jsonl"), "{\"prompt\": \"hi\"}\n").unwrap();
     let e = fails(t, &["train", s(&grpo), "--out", s(&t.join("x")), "--set", "grpo.prompts=bad.jsonl"]);

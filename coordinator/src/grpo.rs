@@ -41,6 +41,8 @@ pub struct GrpoSection {
     pub math_weight: f64,
     /// Weight of the format reward (1 when a final answer is stated).
     pub format_weight: f64,
+    /// Optimizer steps on each rollout batch (the prompts advance once they are done).
+    pub updates_per_batch: u32,
 }
 
 impl Default for GrpoSection {
@@ -60,6 +62,7 @@ impl Default for GrpoSection {
             mask_truncated: false,
             math_weight: 1.0,
             format_weight: 0.0,
+            updates_per_batch: 1,
         }
     }
 }
@@ -79,6 +82,9 @@ impl GrpoSection {
         }
         if self.group_size < 2 {
             return Err(bad("group_size", &self.group_size, "must be at least 2 (advantages compare a group)"));
+        }
+        if self.updates_per_batch == 0 {
+            return Err(bad("updates_per_batch", &0, "must be at least 1"));
         }
         if self.max_new_tokens == 0 {
             return Err(bad("max_new_tokens", &0, "must be at least 1"));
@@ -183,6 +189,7 @@ pub fn resolve(section: &GrpoSection, init_dir: Option<&Path>) -> Result<(GrpoSp
         math_weight: section.math_weight,
         format_weight: section.format_weight,
         tokenizer: tokenizer.display().to_string(),
+        updates_per_batch: section.updates_per_batch,
     };
     Ok((spec, count))
 }

@@ -61,10 +61,15 @@ pub struct Rollouts {
     reference: Option<Transformer>,
     seed: u64,
     rank: u64,
-    /// This step's micro-batches, handed out once each.
-    ready: Vec<Option<Batch>>,
+    /// The rollout batch's micro-batches, served to each of its updates.
+    ready: Vec<Batch>,
     /// Tokens (prompt + completion) of the step over all ranks.
     step_tokens: u64,
+    /// The cursor the rollouts in `ready` were made at, the updates made on them, and
+    /// their statistics.
+    made_at: Option<u64>,
+    updates_done: u32,
+    stats: RolloutStats,
 }
 
 impl Rollouts {
@@ -156,6 +161,9 @@ impl Rollouts {
             rank: rank as u64,
             ready: Vec::new(),
             step_tokens: 0,
+            made_at: None,
+            updates_done: 0,
+            stats: RolloutStats::default(),
             spec: grpo,
         })
     }
@@ -182,13 +190,32 @@ impl BatchSource for Rollouts {
     }
 
     fn micro_batch(&mut self, _cursor: u64, index: usize, _device: Device) -> Result<Batch, WorkerError> {
-        self.ready.get_mut(index).and_then(Option::take).ok_or_else(|| {
-            WorkerError::Spec(format!("rollout micro-batch {index} requested twice or before the rollouts"))
+        let b = self
+            .ready
+            .get(index)
+            .ok_or_else(|| WorkerError::Spec(format!("rollout micro-batch {index} requested before the rollouts")))?;
+        let rl = b.rl.as_ref().map(|rl| RlTerms {
+            advantages: rl.advantages.shallow_clone(),
+            // The first update is made by the policy that generated: ratio 1 exactly.
+            old_logp: rl.old_logp.as_ref().filter(|_| self.updates_done > 1).map(Tensor::shallow_clone),
+            ref_logp: rl.ref_logp.as_ref().map(Tensor::shallow_clone),
+        });
+        Ok(Batch {
+            inputs: b.inputs.shallow_clone(),
+            targets: b.targets.shallow_clone(),
+            weights: b.weights.as_ref().map(Tensor::shallow_clone),
+            packing: None,
+            rl,
         })
     }
 
     fn samples_per_step(&self) -> u64 {
-        self.global_batch as u64
+        // The prompts advance once their rollouts had all their updates.
+        if self.updates_done >= self.spec.updates_per_batch.max(1) {
+            self.global_batch as u64
+        } else {
+            0
+        }
     }
 
     fn tokens_per_step(&self) -> u64 {
@@ -214,6 +241,12 @@ impl BatchSource for Rollouts {
         model: &Transformer,
         collective: &mut dyn Collective,
     ) -> Result<Option<RolloutStats>, WorkerError> {
+        let updates = self.spec.updates_per_batch.max(1);
+        if self.made_at == Some(cursor) && self.updates_done < updates {
+            // Another update on the same rollouts: no generation.
+            self.updates_done += 1;
+            return Ok(Some(RolloutStats { seconds: 0.0, ..self.stats }));
+        }
         let started = Instant::now();
         let device = model.device();
         let group = self.spec.group_size as usize;
@@ -296,30 +329,36 @@ impl BatchSource for Rollouts {
             let shape = [range.len() as i64, width as i64];
             let inputs = Tensor::from_slice(&inputs).view(shape).to_device(device);
             let targets = Tensor::from_slice(&targets).view(shape).to_device(device);
-            let ref_logp = self.reference.as_ref().map(|reference| {
+            // With several updates per batch, later ones compare with the policy that
+            // generated the rollouts; the reference too is taken at the sampling
+            // temperature, as the loss takes the policy's log-probs.
+            let scale = if self.spec.temperature > 0.0 { 1.0 / self.spec.temperature } else { 1.0 };
+            let log_probs = |m: &Transformer| {
                 tch::no_grad(|| {
-                    // At the sampling temperature, as the policy's log-probs are taken.
-                    let scale = if self.spec.temperature > 0.0 { 1.0 / self.spec.temperature } else { 1.0 };
-                    let hidden = reference.hidden(&inputs, None) * scale;
+                    let hidden = m.hidden(&inputs, None) * scale;
                     let d = hidden.size()[2];
-                    target_log_probs(&hidden.reshape([-1, d]), reference.lm_head(), &targets.reshape([-1])).view(shape)
+                    target_log_probs(&hidden.reshape([-1, d]), m.lm_head(), &targets.reshape([-1])).view(shape)
                 })
-            });
-            self.ready.push(Some(Batch {
+            };
+            let old_logp = (updates > 1).then(|| log_probs(model));
+            let ref_logp = self.reference.as_ref().map(log_probs);
+            self.ready.push(Batch {
                 inputs,
                 targets,
                 weights: Some(Tensor::from_slice(&w).view(shape).to_device(device)),
                 packing: None,
                 rl: Some(RlTerms {
                     advantages: Tensor::from_slice(&a).view(shape).to_device(device),
-                    old_logp: None,
+                    old_logp,
                     ref_logp,
                 }),
-            }));
+            });
         }
         self.step_tokens = (g[5] + g[8]) as u64;
         let mean = g[1] / n;
-        Ok(Some(RolloutStats {
+        self.made_at = Some(cursor);
+        self.updates_done = 1;
+        self.stats = RolloutStats {
             reward_mean: mean,
             reward_std: (g[2] / n - mean * mean).max(0.0).sqrt(),
             zero_std_fraction: g[3] / g[4].max(1.0),
@@ -327,6 +366,7 @@ impl BatchSource for Rollouts {
             len_max: len_max as u32,
             truncation_ratio: g[6] / n,
             seconds: started.elapsed().as_secs_f64(),
-        }))
+        };
+        Ok(Some(self.stats))
     }
 }
