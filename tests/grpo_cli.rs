@@ -99,6 +99,7 @@ fn grpo_raises_the_reward_over_two_workers() {
         "truncation_ratio",
         "kl",
         "clip_fraction",
+        "entropy",
         "rollout_s",
         "update_s",
     ] {

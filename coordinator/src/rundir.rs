@@ -202,6 +202,7 @@ impl MetricsLog {
                 "truncation_ratio": m.truncation_ratio,
                 "kl": m.kl,
                 "clip_fraction": m.clip_fraction,
+                "entropy": m.entropy,
                 "rollout_s": m.rollout_s,
                 "update_s": m.update_s,
             });

@@ -33,6 +33,7 @@ pub fn record_step(m: &v1::StepMetrics) {
         metrics::gauge!("moxin_grpo_truncation_ratio").set(m.truncation_ratio);
         metrics::gauge!("moxin_grpo_kl").set(m.kl);
         metrics::gauge!("moxin_grpo_clip_fraction").set(m.clip_fraction);
+        metrics::gauge!("moxin_grpo_entropy").set(m.entropy);
         metrics::gauge!("moxin_grpo_rollout_seconds").set(m.rollout_s);
         metrics::gauge!("moxin_grpo_update_seconds").set(m.update_s);
     }

@@ -31,7 +31,34 @@ impl Default for SamplingOptions {
 /// (left-padded; each row has its own positions and never attends to padding). Prompt plus
 /// continuation must fit in the model's `max_seq_len`.
 pub fn generate(model: &Transformer, prompts: &[Vec<i64>], opts: &SamplingOptions) -> Result<Vec<Vec<i64>>, String> {
-    let Some(len) = prompts.iter().map(Vec::len).max() else { return Ok(Vec::new()) };
+    Ok(sample_rows(model, prompts, opts, false)?.0)
+}
+
+/// As [`generate`], and for each row the sum over its new tokens of the sampling
+/// distribution's entropy (nats; at the sampling temperature, at 1 when greedy).
+pub fn generate_with_entropy(
+    model: &Transformer,
+    prompts: &[Vec<i64>],
+    opts: &SamplingOptions,
+) -> Result<(Vec<Vec<i64>>, Vec<f64>), String> {
+    sample_rows(model, prompts, opts, true)
+}
+
+/// Entropy of each row of `softmax(logits / temperature)` `[batch]`, nats.
+fn entropy(logits: &Tensor, temperature: f64) -> Vec<f64> {
+    let t = if temperature > 0.0 { temperature } else { 1.0 };
+    let logp = (logits / t).log_softmax(-1, Kind::Float);
+    let h = -(logp.exp() * &logp).sum_dim_intlist(-1, false, Kind::Double);
+    Vec::<f64>::try_from(h.to_device(tch::Device::Cpu)).unwrap_or_default()
+}
+
+fn sample_rows(
+    model: &Transformer,
+    prompts: &[Vec<i64>],
+    opts: &SamplingOptions,
+    with_entropy: bool,
+) -> Result<(Vec<Vec<i64>>, Vec<f64>), String> {
+    let Some(len) = prompts.iter().map(Vec::len).max() else { return Ok((Vec::new(), Vec::new())) };
     if prompts.iter().any(Vec::is_empty) {
         return Err("prompts must be non-empty".into());
     }
@@ -49,7 +76,7 @@ pub fn generate(model: &Transformer, prompts: &[Vec<i64>], opts: &SamplingOption
         return Err(format!("--temperature {}: must be a finite number >= 0 (0 = greedy)", opts.temperature));
     }
     if prompts.iter().any(|p| p.len() != len) {
-        return Ok(generate_ragged(model, prompts, opts));
+        return Ok(generate_ragged(model, prompts, opts, with_entropy));
     }
     let device = model.device();
     let batch = prompts.len();
@@ -59,9 +86,13 @@ pub fn generate(model: &Transformer, prompts: &[Vec<i64>], opts: &SamplingOption
     let mut rng = SplitMix64::new(opts.seed);
     let mut out = vec![Vec::new(); batch];
     let mut done = vec![false; batch];
+    let mut entropies = vec![0.0; batch];
     tch::no_grad(|| {
         for _ in 0..opts.max_new_tokens {
             let logits = model.forward_last(&input, Some(&mut cache)).to_kind(Kind::Float);
+            if with_entropy {
+                add_entropy(&logits, opts.temperature, &done, &mut entropies);
+            }
             let next = sample(&logits, opts, &mut rng);
             if record(&next, &mut out, &mut done, opts.stop_token) {
                 break;
@@ -69,13 +100,27 @@ pub fn generate(model: &Transformer, prompts: &[Vec<i64>], opts: &SamplingOption
             input = next.view([batch as i64, 1]);
         }
     });
-    Ok(out)
+    Ok((out, entropies))
+}
+
+/// Adds each unfinished row's entropy at this step.
+fn add_entropy(logits: &Tensor, temperature: f64, done: &[bool], sums: &mut [f64]) {
+    for ((sum, h), &d) in sums.iter_mut().zip(entropy(logits, temperature)).zip(done) {
+        if !d {
+            *sum += h;
+        }
+    }
 }
 
 /// Batched decoding of prompts of different lengths: left-padded to the longest, each row
 /// at its own positions; a key is visible when it is real (not padding), not after the
 /// query, and inside the sliding window. Every key is kept (the lengths fit max_seq_len).
-fn generate_ragged(model: &Transformer, prompts: &[Vec<i64>], opts: &SamplingOptions) -> Vec<Vec<i64>> {
+fn generate_ragged(
+    model: &Transformer,
+    prompts: &[Vec<i64>],
+    opts: &SamplingOptions,
+    with_entropy: bool,
+) -> (Vec<Vec<i64>>, Vec<f64>) {
     let device = model.device();
     let (batch, width) = (prompts.len() as i64, prompts.iter().map(Vec::len).max().unwrap_or(0) as i64);
     let window = model.shape.sliding_window as i64;
@@ -104,6 +149,7 @@ fn generate_ragged(model: &Transformer, prompts: &[Vec<i64>], opts: &SamplingOpt
     let mut rng = SplitMix64::new(opts.seed);
     let mut out = vec![Vec::new(); batch as usize];
     let mut done = vec![false; batch as usize];
+    let mut entropies = vec![0.0; batch as usize];
     tch::no_grad(|| {
         let input = Tensor::from_slice(&tokens).view(shape).to_device(device);
         let mask = visible(&key_pos, &key_pos, &key_valid, &own).logical_and(&causal.unsqueeze(0).unsqueeze(0));
@@ -111,6 +157,9 @@ fn generate_ragged(model: &Transformer, prompts: &[Vec<i64>], opts: &SamplingOpt
         for _ in 0..opts.max_new_tokens {
             let last = hidden.select(1, hidden.size()[1] - 1);
             let logits = last.linear(model.lm_head(), None::<Tensor>).to_kind(Kind::Float);
+            if with_entropy {
+                add_entropy(&logits, opts.temperature, &done, &mut entropies);
+            }
             let next = sample(&logits, opts, &mut rng);
             if record(&next, &mut out, &mut done, opts.stop_token) {
                 break;
@@ -125,7 +174,7 @@ fn generate_ragged(model: &Transformer, prompts: &[Vec<i64>], opts: &SamplingOpt
             next_pos += 1;
         }
     });
-    out
+    (out, entropies)
 }
 
 /// Appends each unfinished row's new token; true once every row has stopped.

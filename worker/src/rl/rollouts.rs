@@ -16,7 +16,7 @@ use tch::{Device, Kind, Tensor};
 use super::grpo::{advantages, token_weight, Aggregation, RlTerms};
 use super::reward::{Format, MathAnswer, Reward, Weighted};
 use crate::collective::{all_sum, Collective};
-use crate::generate::{generate, SamplingOptions};
+use crate::generate::{generate_with_entropy, SamplingOptions};
 use crate::model::Transformer;
 use crate::trainer::batch::{Batch, BatchSource};
 use crate::trainer::objective::target_log_probs;
@@ -37,6 +37,8 @@ pub struct RolloutStats {
     pub len_max: u32,
     /// Completions cut at `max_new_tokens`.
     pub truncation_ratio: f64,
+    /// Mean entropy of the sampling distribution per completion token (nats).
+    pub entropy: f64,
     /// Seconds spent generating and scoring.
     pub seconds: f64,
 }
@@ -265,9 +267,12 @@ impl BatchSource for Rollouts {
         };
         // One micro-batch of prompts at a time: the KV cache of a batch grows with its rows.
         let mut completions = Vec::with_capacity(rows.len());
+        let mut entropy_sum = 0.0;
         for (i, chunk) in rows.chunks(self.micro * group).enumerate() {
             let opts = SamplingOptions { seed: opts.seed.wrapping_add(i as u64).rotate_left(7), ..opts.clone() };
-            completions.extend(generate(model, chunk, &opts).map_err(WorkerError::Spec)?);
+            let (made, entropies) = generate_with_entropy(model, chunk, &opts).map_err(WorkerError::Spec)?;
+            completions.extend(made);
+            entropy_sum += entropies.iter().sum::<f64>();
         }
         let mut rewards = Vec::with_capacity(completions.len());
         for (i, c) in completions.iter().enumerate() {
@@ -292,6 +297,7 @@ impl BatchSource for Rollouts {
             truncated.iter().filter(|&&t| t).count() as f64,
             loss_tokens as f64,
             prompt_tokens as f64,
+            entropy_sum,
         ];
         let g = all_sum(collective, &local, device).map_err(|e| WorkerError::Collective(e.to_string()))?;
         let len_max = Self::all_max(collective, lens.iter().copied().max().unwrap_or(0) as f64, device)?;
@@ -365,6 +371,7 @@ impl BatchSource for Rollouts {
             len_mean: g[5] / n,
             len_max: len_max as u32,
             truncation_ratio: g[6] / n,
+            entropy: g[9] / g[5].max(1.0),
             seconds: started.elapsed().as_secs_f64(),
         };
         Ok(Some(self.stats))

@@ -550,6 +550,7 @@ impl Trainer {
             truncation_ratio: r.truncation_ratio,
             kl: per_token(policy[2]),
             clip_fraction: per_token(policy[1]),
+            entropy: r.entropy,
             rollout_s,
             update_s: if rollout.is_some() { step_time_s - rollout_s } else { 0.0 },
             step: self.progress.step,
