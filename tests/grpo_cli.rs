@@ -123,6 +123,27 @@ fn grpo_raises_the_reward_over_two_workers() {
     let generated: Vec<bool> = m.iter().map(|m| m["rollout_s"].as_f64().unwrap() > 0.0).collect();
     assert_eq!(generated, [true, false, true, false]);
 
+    // Dynamic sampling replaces prompts whose completions all scored alike: no more of them
+    // than without it (the same first rollouts, then refills).
+    let zero_std = |m: &[serde_json::Value]| m.iter().map(|m| m["zero_std_fraction"].as_f64().unwrap()).sum::<f64>();
+    let refilled = t.join("refilled");
+    ok(
+        t,
+        &[
+            "train",
+            s(&grpo),
+            "--out",
+            s(&refilled),
+            "--set",
+            "train.steps=3",
+            "--set",
+            "grpo.dynamic_sampling_rounds=3",
+        ],
+    );
+    let plain = t.join("plain");
+    ok(t, &["train", s(&grpo), "--out", s(&plain), "--set", "train.steps=3"]);
+    assert!(zero_std(&metrics(&refilled)) <= zero_std(&metrics(&plain)));
+
     // Bad input: named field, named line.
     std::fs::write(t.join("bad.jsonl"), "{\"prompt\": \"hi\"}\n").unwrap();
     let e = fails(t, &["train", s(&grpo), "--out", s(&t.join("x")), "--set", "grpo.prompts=bad.jsonl"]);

@@ -43,6 +43,9 @@ pub struct GrpoSection {
     pub format_weight: f64,
     /// Optimizer steps on each rollout batch (the prompts advance once they are done).
     pub updates_per_batch: u32,
+    /// Dynamic sampling (DAPO): rounds of replacing prompts whose completions all scored
+    /// the same with fresh ones (0 = off).
+    pub dynamic_sampling_rounds: u32,
 }
 
 impl Default for GrpoSection {
@@ -63,6 +66,7 @@ impl Default for GrpoSection {
             math_weight: 1.0,
             format_weight: 0.0,
             updates_per_batch: 1,
+            dynamic_sampling_rounds: 0,
         }
     }
 }
@@ -190,6 +194,7 @@ pub fn resolve(section: &GrpoSection, init_dir: Option<&Path>) -> Result<(GrpoSp
         format_weight: section.format_weight,
         tokenizer: tokenizer.display().to_string(),
         updates_per_batch: section.updates_per_batch,
+        dynamic_sampling_rounds: section.dynamic_sampling_rounds,
     };
     Ok((spec, count))
 }

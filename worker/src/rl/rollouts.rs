@@ -53,6 +53,8 @@ pub struct Rollouts {
     spec: GrpoSpec,
     prompts: Vec<Prompt>,
     order: SampleOrder,
+    /// Where dynamic sampling draws replacement prompts from (its own seeded order).
+    refill: SampleOrder,
     slice: Range<u32>,
     micro: usize,
     global_batch: u32,
@@ -150,6 +152,7 @@ impl Rollouts {
         };
         Ok(Rollouts {
             order: SampleOrder::new(prompts.len().max(1) as u64, spec.seed),
+            refill: SampleOrder::new(prompts.len().max(1) as u64, spec.seed ^ 0x5eed_f00d),
             prompts,
             slice,
             micro: micro as usize,
@@ -183,6 +186,41 @@ impl Rollouts {
             .map_err(|e| WorkerError::Collective(e.to_string()))?;
         let all = Vec::<f32>::try_from(t.to_device(Device::Cpu)).map_err(WorkerError::Torch)?;
         Ok(all.into_iter().fold(0f32, f32::max) as f64)
+    }
+}
+
+/// Completions, their rewards, and each one's summed sampling entropy.
+type Sampled = (Vec<Vec<i64>>, Vec<f64>, Vec<f64>);
+
+impl Rollouts {
+    /// `group_size` completions of each of `prompts` (indices), sampled one micro-batch of
+    /// prompts at a time (a batch's KV cache grows with its rows), with their rewards and
+    /// each completion's summed sampling entropy.
+    fn sample_groups(&self, model: &Transformer, prompts: &[usize], seed: u64) -> Result<Sampled, WorkerError> {
+        let group = self.spec.group_size as usize;
+        let eos = self.tokenizer.eos_id as i64;
+        let rows: Vec<Vec<i64>> =
+            prompts.iter().flat_map(|&p| std::iter::repeat_n(self.prompts[p].tokens.clone(), group)).collect();
+        let (mut completions, mut entropies) = (Vec::with_capacity(rows.len()), Vec::with_capacity(rows.len()));
+        for (i, chunk) in rows.chunks(self.micro * group).enumerate() {
+            let opts = SamplingOptions {
+                temperature: self.spec.temperature,
+                top_p: self.spec.top_p,
+                max_new_tokens: self.spec.max_new_tokens as usize,
+                stop_token: Some(eos),
+                seed: seed.wrapping_add(i as u64).rotate_left(7),
+            };
+            let (made, e) = generate_with_entropy(model, chunk, &opts).map_err(WorkerError::Spec)?;
+            completions.extend(made);
+            entropies.extend(e);
+        }
+        let mut rewards = Vec::with_capacity(completions.len());
+        for (i, c) in completions.iter().enumerate() {
+            let kept: Vec<u32> = c.iter().filter(|&&t| t != eos).map(|&t| t as u32).collect();
+            let text = self.tokenizer.decode(&kept)?;
+            rewards.push(self.reward.score(&text, &self.prompts[prompts[i / group]].answer));
+        }
+        Ok((completions, rewards, entropies))
     }
 }
 
@@ -253,33 +291,42 @@ impl BatchSource for Rollouts {
         let device = model.device();
         let group = self.spec.group_size as usize;
         let eos = self.tokenizer.eos_id as i64;
-        let mine: Vec<usize> = self.slice.clone().map(|j| self.order.sample_at(cursor + j as u64) as usize).collect();
+        let mut mine: Vec<usize> =
+            self.slice.clone().map(|j| self.order.sample_at(cursor + j as u64) as usize).collect();
+        // Each (step, rank) samples from its own stream, so resumed runs draw the same.
+        let seed =
+            moxin_data::SplitMix64::new(self.seed ^ cursor.rotate_left(17) ^ self.rank.rotate_left(40)).next_u64();
+        let (mut completions, mut rewards, mut entropies) = self.sample_groups(model, &mine, seed)?;
+        // Dynamic sampling (DAPO): a prompt whose completions all scored the same teaches
+        // nothing; draw another in its place, for up to `dynamic_sampling_rounds` rounds.
+        let rounds = self.spec.dynamic_sampling_rounds as u64;
+        for round in 1..=rounds {
+            let flat: Vec<usize> = (0..mine.len())
+                .filter(|&j| rewards[j * group..(j + 1) * group].iter().all(|r| *r == rewards[j * group]))
+                .collect();
+            if flat.is_empty() {
+                break;
+            }
+            let refill: Vec<usize> = flat
+                .iter()
+                .map(|&j| {
+                    let position = (cursor + self.slice.start as u64 + j as u64) * (rounds + 1) + round;
+                    self.refill.sample_at(position) as usize
+                })
+                .collect();
+            let (c, r, e) = self.sample_groups(model, &refill, seed ^ round.rotate_left(50))?;
+            for (k, &j) in flat.iter().enumerate() {
+                mine[j] = refill[k];
+                for g in 0..group {
+                    completions[j * group + g] = c[k * group + g].clone();
+                    rewards[j * group + g] = r[k * group + g];
+                    entropies[j * group + g] = e[k * group + g];
+                }
+            }
+        }
+        let entropy_sum: f64 = entropies.iter().sum();
         let rows: Vec<Vec<i64>> =
             mine.iter().flat_map(|&p| std::iter::repeat_n(self.prompts[p].tokens.clone(), group)).collect();
-        // Each (step, rank) samples from its own stream, so resumed runs draw the same.
-        let opts = SamplingOptions {
-            temperature: self.spec.temperature,
-            top_p: self.spec.top_p,
-            max_new_tokens: self.spec.max_new_tokens as usize,
-            stop_token: Some(eos),
-            seed: moxin_data::SplitMix64::new(self.seed ^ cursor.rotate_left(17) ^ self.rank.rotate_left(40))
-                .next_u64(),
-        };
-        // One micro-batch of prompts at a time: the KV cache of a batch grows with its rows.
-        let mut completions = Vec::with_capacity(rows.len());
-        let mut entropy_sum = 0.0;
-        for (i, chunk) in rows.chunks(self.micro * group).enumerate() {
-            let opts = SamplingOptions { seed: opts.seed.wrapping_add(i as u64).rotate_left(7), ..opts.clone() };
-            let (made, entropies) = generate_with_entropy(model, chunk, &opts).map_err(WorkerError::Spec)?;
-            completions.extend(made);
-            entropy_sum += entropies.iter().sum::<f64>();
-        }
-        let mut rewards = Vec::with_capacity(completions.len());
-        for (i, c) in completions.iter().enumerate() {
-            let kept: Vec<u32> = c.iter().filter(|&&t| t != eos).map(|&t| t as u32).collect();
-            let text = self.tokenizer.decode(&kept)?;
-            rewards.push(self.reward.score(&text, &self.prompts[mine[i / group]].answer));
-        }
         let adv = advantages(&rewards, group, self.spec.std_normalization);
         let truncated: Vec<bool> = completions.iter().map(|c| c.last() != Some(&eos)).collect();
         let masked = |i: usize| self.spec.mask_truncated && truncated[i];
