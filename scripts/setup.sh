@@ -39,6 +39,14 @@ if [ "$have" != "$TRANSFORMERS_VERSION" ]; then
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "transformers==$TRANSFORMERS_VERSION"
 fi
 
+# promtool (Debian's prometheus package): tests/deploy_cli.rs checks deploy/prometheus with
+# it. Installed only where this can (root with apt-get); elsewhere that test says it skipped.
+if ! command -v promtool >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "setup: installing prometheus (promtool) from Debian (once)" >&2
+  apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 \
+    || echo "setup: could not install prometheus; the promtool checks will be skipped" >&2
+fi
+
 torch_dir=$("$VENV/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file__))')
 if [ "$(readlink .libtorch 2>/dev/null || true)" != "$torch_dir" ]; then
   ln -sfn "$torch_dir" .libtorch

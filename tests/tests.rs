@@ -3,6 +3,7 @@
 mod cluster_cli;
 mod common;
 mod data_cli;
+mod deploy_cli;
 mod device_cli;
 mod faults_cli;
 mod grpo_cli;
