@@ -126,28 +126,6 @@ impl GrpoSection {
     }
 }
 
-/// Prompts in the file (non-empty lines), checked to be `{"prompt", "answer"}` objects.
-pub fn count_prompts(path: &Path) -> Result<u64, ConfigError> {
-    let bad = |message: String| ConfigError::Invalid {
-        field: "grpo.prompts".into(),
-        value: path.display().to_string(),
-        message,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
-    let mut count = 0;
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(format!("line {}: {e}", i + 1)))?;
-        if !v["prompt"].is_string() || !(v["answer"].is_string() || v["answer"].is_number()) {
-            return Err(bad(format!("line {}: expected {{\"prompt\": \"...\", \"answer\": \"...\"}}", i + 1)));
-        }
-        count += 1;
-    }
-    if count == 0 {
-        return Err(bad("no prompts in the file".into()));
-    }
-    Ok(count)
-}
-
 /// The spec of `section` for a job starting from the checkpoint `init_dir`; the prompts'
 /// path made absolute.
 pub fn resolve(section: &GrpoSection, init_dir: Option<&Path>) -> Result<(GrpoSpec, u64), ConfigError> {
@@ -170,7 +148,13 @@ pub fn resolve(section: &GrpoSection, init_dir: Option<&Path>) -> Result<(GrpoSp
         value: section.prompts.clone(),
         message: e.to_string(),
     })?;
-    let count = count_prompts(&prompts)?;
+    let count = moxin_data::sft::read_prompts(&prompts)
+        .map_err(|e| ConfigError::Invalid {
+            field: "grpo.prompts".into(),
+            value: section.prompts.clone(),
+            message: e.to_string(),
+        })?
+        .len() as u64;
     let template = moxin_data::sft::ChatTemplate::load(&section.template)?;
     let spec = GrpoSpec {
         prompts: prompts.display().to_string(),

@@ -154,6 +154,60 @@ pub fn render_prompt(
     Ok(r.tokens)
 }
 
+/// Reads prompts with reference answers, one `{"prompt": "...", "answer": ...}` per line
+/// (GRPO prompts, held-out sets; a numeric answer is taken as written). Errors name the
+/// line; an empty file is refused.
+pub fn read_prompts(path: &Path) -> Result<Vec<(String, String)>, DataError> {
+    let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let bad =
+            |reason: String| DataError::Input { path: path.to_path_buf(), reason: format!("line {}: {reason}", i + 1) };
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
+        let answer = match &v["answer"] {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Number(n) => n.to_string(),
+            _ => return Err(bad("expected {\"prompt\": \"...\", \"answer\": \"...\"}".into())),
+        };
+        let prompt =
+            v["prompt"].as_str().ok_or_else(|| bad("expected {\"prompt\": \"...\", \"answer\": \"...\"}".into()))?;
+        out.push((prompt.to_string(), answer));
+    }
+    if out.is_empty() {
+        return Err(DataError::Input { path: path.to_path_buf(), reason: "no prompts in the file".into() });
+    }
+    Ok(out)
+}
+
+/// The prompts of `path` ([`read_prompts`]) as generation prompts — each one user turn of
+/// `template`, encoded by [`render_prompt`] — with their answers. A prompt that leaves no
+/// room for `max_new_tokens` within `max_seq_len` is refused, naming its line.
+pub fn encode_prompts(
+    path: &Path,
+    template: &ChatTemplate,
+    tokenizer: &TextTokenizer,
+    (max_seq_len, max_new_tokens): (usize, usize),
+) -> Result<Vec<(Vec<i64>, String)>, DataError> {
+    let room = max_seq_len.saturating_sub(max_new_tokens);
+    let mut out = Vec::new();
+    for (i, (prompt, answer)) in read_prompts(path)?.into_iter().enumerate() {
+        let bad = |reason: String| DataError::Input {
+            path: path.to_path_buf(),
+            reason: format!("prompt {}: {reason}", i + 1),
+        };
+        let user = [Message { role: "user".into(), content: prompt }];
+        let tokens = render_prompt(template, tokenizer, &user).map_err(bad)?;
+        if tokens.len() > room {
+            return Err(bad(format!(
+                "{} tokens; with {max_new_tokens} new tokens it exceeds the model's max_seq_len {max_seq_len}",
+                tokens.len()
+            )));
+        }
+        out.push((tokens.into_iter().map(i64::from).collect(), answer));
+    }
+    Ok(out)
+}
+
 /// What to do with a conversation longer than the limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -659,5 +713,23 @@ mod tests {
         std::fs::write(&input, "{\"messages\": [{\"role\": \"user\"}]}\n").unwrap();
         let e = prepare_sft(&SftPrepareOptions { out_dir: dir.path().join("b"), ..opts }).unwrap_err().to_string();
         assert!(e.contains("line 1") && e.contains("content"), "{e}");
+    }
+
+    #[test]
+    fn prompts_with_answers_are_read_and_bad_lines_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.jsonl");
+        std::fs::write(
+            &path,
+            "{\"prompt\": \"1+1?\", \"answer\": 2}\n\n{\"prompt\": \"x\", \"answer\": \"\\\\frac12\"}\n",
+        )
+        .unwrap();
+        let p = read_prompts(&path).unwrap();
+        assert_eq!(p, vec![("1+1?".to_string(), "2".to_string()), ("x".to_string(), "\\frac12".to_string())]);
+        std::fs::write(&path, "{\"prompt\": \"a\", \"answer\": 1}\n{\"prompt\": \"b\"}\n").unwrap();
+        let e = read_prompts(&path).unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("answer"), "{e}");
+        std::fs::write(&path, "\n").unwrap();
+        assert!(read_prompts(&path).unwrap_err().to_string().contains("no prompts"));
     }
 }

@@ -140,33 +140,8 @@ pub fn accuracy(checkpoint: &Path, prompts: &Path, max_new_tokens: usize) -> Res
     let tokenizer = moxin_data::load_tokenizer(&ckpt.dir.join(TOKENIZER_FILE))?;
     let model = crate::checkpoint::load_model(&ckpt, Kind::Float, Device::cuda_if_available())?;
     let template = moxin_data::sft::ChatTemplate::moxin();
-    let text = std::fs::read_to_string(prompts).map_err(|e| WorkerError::io(prompts, e))?;
-    let mut items = Vec::new();
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let bad = |reason: &str| WorkerError::Input {
-            path: prompts.to_path_buf(),
-            reason: format!("line {}: {reason}", i + 1),
-        };
-        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(&e.to_string()))?;
-        let prompt = v["prompt"].as_str().ok_or_else(|| bad("no \"prompt\" string"))?;
-        let answer = match &v["answer"] {
-            serde_json::Value::String(s) => s.clone(),
-            other => other.to_string(),
-        };
-        let user = [moxin_data::sft::Message { role: "user".into(), content: prompt.into() }];
-        let ids: Vec<i64> = moxin_data::sft::render_prompt(&template, &tokenizer, &user)
-            .map_err(|e| bad(&e))?
-            .into_iter()
-            .map(i64::from)
-            .collect();
-        if ids.len() + max_new_tokens > ckpt.manifest.model.max_seq_len as usize {
-            return Err(bad("the prompt and max_new_tokens exceed the model's max_seq_len"));
-        }
-        items.push((ids, answer));
-    }
-    if items.is_empty() {
-        return Err(WorkerError::Input { path: prompts.to_path_buf(), reason: "no prompts".into() });
-    }
+    let limits = (ckpt.manifest.model.max_seq_len as usize, max_new_tokens);
+    let items = moxin_data::sft::encode_prompts(prompts, &template, &tokenizer, limits)?;
     let opts = crate::generate::SamplingOptions {
         temperature: 0.0,
         max_new_tokens,

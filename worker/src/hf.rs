@@ -97,15 +97,20 @@ pub fn parse_dtype(s: &str) -> Result<Kind, String> {
     kind_of(s).ok_or_else(|| format!("dtype {s:?}: use float32, bfloat16 or float16"))
 }
 
-/// A new, empty output directory (an existing non-empty one is refused: nothing is
-/// overwritten).
-fn fresh_dir(dir: &Path) -> Result<(), WorkerError> {
+/// Refuses an output directory that exists and is not empty: nothing is overwritten.
+fn refuse_non_empty(dir: &Path) -> Result<(), WorkerError> {
     if dir.exists() && std::fs::read_dir(dir).map_err(|e| WorkerError::io(dir, e))?.next().is_some() {
         return Err(WorkerError::Input {
             path: dir.to_path_buf(),
             reason: "exists and is not empty; choose a new directory (nothing was overwritten)".into(),
         });
     }
+    Ok(())
+}
+
+/// A new, empty output directory.
+fn fresh_dir(dir: &Path) -> Result<(), WorkerError> {
+    refuse_non_empty(dir)?;
     std::fs::create_dir_all(dir).map_err(|e| WorkerError::io(dir, e))
 }
 
@@ -346,12 +351,7 @@ pub fn import(dir: &Path, out: &Path) -> Result<ImportReport, WorkerError> {
     let params: u64 = decls.iter().map(|d| d.numel() as u64).sum();
 
     // Written into a hidden staging directory, renamed into place when complete.
-    if out.exists() && std::fs::read_dir(out).map_err(|e| WorkerError::io(out, e))?.next().is_some() {
-        return Err(WorkerError::Input {
-            path: out.to_path_buf(),
-            reason: "exists and is not empty; choose a new directory (nothing was overwritten)".into(),
-        });
-    }
+    refuse_non_empty(out)?;
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "import".into());
     let staging = parent.join(format!(".{name}.tmp-{}", std::process::id()));

@@ -8,7 +8,7 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use moxin_data::sft::{ChatTemplate, Message};
+use moxin_data::sft::ChatTemplate;
 use moxin_data::{SampleOrder, TextTokenizer};
 use moxin_proto::v1::{GrpoSpec, JobSpec};
 use tch::{Device, Kind, Tensor};
@@ -90,47 +90,20 @@ impl Rollouts {
     ) -> Result<Self, WorkerError> {
         let grpo = spec.grpo.clone().ok_or_else(|| WorkerError::Spec("missing grpo".into()))?;
         let model = spec.model.as_ref().ok_or_else(|| WorkerError::Spec("missing model".into()))?;
-        if micro == 0 || slice.is_empty() || slice.end > global_batch || !(slice.len() as u32).is_multiple_of(micro) {
-            return Err(WorkerError::Spec(format!(
-                "prompts {slice:?} of a global batch of {global_batch} are not whole micro-batches of {micro}"
-            )));
-        }
+        crate::trainer::batch::check_slice(&slice, micro, global_batch)?;
         let tokenizer_path = PathBuf::from(&grpo.tokenizer);
         let tokenizer = moxin_data::load_tokenizer(&tokenizer_path)?;
         let template: ChatTemplate =
             serde_json::from_str(&grpo.template_json).map_err(|e| WorkerError::Spec(format!("grpo template: {e}")))?;
         let path = PathBuf::from(&grpo.prompts);
-        let text = std::fs::read_to_string(&path).map_err(|e| WorkerError::io(&path, e))?;
         if moxin_data::sha256_hex(&path).map_err(|e| WorkerError::io(&path, e))? != grpo.prompts_sha256 {
             return Err(WorkerError::Spec(format!("{}: changed since the coordinator validated it", path.display())));
         }
-        let room = model.max_seq_len as usize - (grpo.max_new_tokens as usize).min(model.max_seq_len as usize);
-        let mut prompts = Vec::new();
-        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-            let bad =
-                |reason: String| WorkerError::Input { path: path.clone(), reason: format!("line {}: {reason}", i + 1) };
-            let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
-            let prompt = v["prompt"].as_str().ok_or_else(|| bad("no \"prompt\" string".into()))?;
-            let answer = match &v["answer"] {
-                serde_json::Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            let user = [Message { role: "user".into(), content: prompt.into() }];
-            let tokens: Vec<i64> = moxin_data::sft::render_prompt(&template, &tokenizer, &user)
-                .map_err(&bad)?
-                .into_iter()
-                .map(i64::from)
-                .collect();
-            if tokens.len() > room {
-                return Err(bad(format!(
-                    "the prompt is {} tokens; with grpo.max_new_tokens = {} it exceeds the model's max_seq_len {}",
-                    tokens.len(),
-                    grpo.max_new_tokens,
-                    model.max_seq_len
-                )));
-            }
-            prompts.push(Prompt { tokens, answer });
-        }
+        let limits = (model.max_seq_len as usize, grpo.max_new_tokens as usize);
+        let prompts: Vec<Prompt> = moxin_data::sft::encode_prompts(&path, &template, &tokenizer, limits)?
+            .into_iter()
+            .map(|(tokens, answer)| Prompt { tokens, answer })
+            .collect();
         let mut rewards: Vec<(f64, Box<dyn Reward>)> = Vec::new();
         if grpo.math_weight > 0.0 {
             rewards.push((grpo.math_weight, Box::new(MathAnswer)));

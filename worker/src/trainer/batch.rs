@@ -15,6 +15,17 @@ use tch::{Device, Tensor};
 
 use crate::WorkerError;
 
+/// A rank's `slice` of a global batch of `global_batch` samples must be whole
+/// micro-batches of `micro` (the coordinator's plan guarantees it; a bad plan is refused).
+pub fn check_slice(slice: &Range<u32>, micro: u32, global_batch: u32) -> Result<(), WorkerError> {
+    if micro == 0 || slice.is_empty() || slice.end > global_batch || !(slice.len() as u32).is_multiple_of(micro) {
+        return Err(WorkerError::Spec(format!(
+            "samples {slice:?} of a global batch of {global_batch} are not whole micro-batches of {micro}"
+        )));
+    }
+    Ok(())
+}
+
 /// One micro-batch on the compute device.
 #[derive(Debug)]
 pub struct Batch {
@@ -87,11 +98,7 @@ impl PretrainWindows {
         global_batch: u32,
         vocab: u32,
     ) -> Result<Self, WorkerError> {
-        if micro == 0 || slice.is_empty() || slice.end > global_batch || !(slice.len() as u32).is_multiple_of(micro) {
-            return Err(WorkerError::Spec(format!(
-                "samples {slice:?} of a global batch of {global_batch} are not whole micro-batches of {micro}"
-            )));
-        }
+        check_slice(&slice, micro, global_batch)?;
         let order = SampleOrder::new(data.num_samples(), seed);
         Ok(PretrainWindows {
             data,
@@ -185,11 +192,7 @@ impl SftPacks {
         global_batch: u32,
         (vocab, window): (u32, u32),
     ) -> Result<Self, WorkerError> {
-        if micro == 0 || slice.is_empty() || slice.end > global_batch || !(slice.len() as u32).is_multiple_of(micro) {
-            return Err(WorkerError::Spec(format!(
-                "samples {slice:?} of a global batch of {global_batch} are not whole micro-batches of {micro}"
-            )));
-        }
+        check_slice(&slice, micro, global_batch)?;
         let order = SampleOrder::new(data.num_rows(), seed);
         let pad = data.manifest().tokenizer.eos_id as i64;
         Ok(SftPacks {
