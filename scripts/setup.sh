@@ -27,8 +27,19 @@ fi
 
 have=$("$VENV/bin/python" -c 'import numpy, torch; print(torch.__version__.split("+")[0])' 2>/dev/null || true)
 if [ "$have" != "$TORCH_VERSION" ]; then
+  # PyPI's Linux torch wheel brings its CUDA libraries: 4.7 GB installed. Say so up front
+  # rather than let pip fail half-way with ENOSPC; --no-cache-dir keeps pip from holding
+  # a second copy of the wheels.
+  free_kb=$(df -Pk . | awk 'NR==2 {print $4}')
+  if [ -n "$free_kb" ] && [ "$free_kb" -lt $((6 * 1024 * 1024)) ]; then
+    echo "setup: torch==$TORCH_VERSION needs about 6 GB free in $(pwd) (4.7 GB installed plus" \
+      "unpacking); only $((free_kb / 1024)) MB are free. Free some space (old target/ or" \
+      "temporary clones) and run scripts/setup.sh again." >&2
+    exit 1
+  fi
   echo "setup: installing torch==$TORCH_VERSION into $VENV (about 60 s, 4.7 GB, once)" >&2
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION" numpy
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir \
+    "torch==$TORCH_VERSION" numpy
 fi
 
 # transformers: the Hugging Face interop test (tests/hf_cli.rs) checks our exports and
@@ -36,7 +47,8 @@ fi
 have=$("$VENV/bin/python" -c 'import transformers; print(transformers.__version__)' 2>/dev/null || true)
 if [ "$have" != "$TRANSFORMERS_VERSION" ]; then
   echo "setup: installing transformers==$TRANSFORMERS_VERSION into $VENV (once)" >&2
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "transformers==$TRANSFORMERS_VERSION"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir \
+    "transformers==$TRANSFORMERS_VERSION"
 fi
 
 # promtool (Debian's prometheus package): tests/deploy_cli.rs checks deploy/prometheus with
