@@ -51,6 +51,18 @@ if [ "$have" != "$TRANSFORMERS_VERSION" ]; then
     "transformers==$TRANSFORMERS_VERSION"
 fi
 
+# grafana-foundation-sdk (Grafana's dashboard builders, no dependencies):
+# deploy/grafana/dashboard.py generates the dashboard with it and tests/deploy_cli.rs
+# checks the committed JSON is its output (the check says it skipped without it).
+GRAFANA_SDK_VERSION='1769699796!10.4.0'
+have=$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("grafana-foundation-sdk"))' 2>/dev/null || true)
+if [ "$have" != "$GRAFANA_SDK_VERSION" ]; then
+  echo "setup: installing grafana-foundation-sdk==$GRAFANA_SDK_VERSION into $VENV (once)" >&2
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir \
+    "grafana-foundation-sdk==$GRAFANA_SDK_VERSION" \
+    || echo "setup: could not install grafana-foundation-sdk; the dashboard generator check will be skipped" >&2
+fi
+
 # promtool (Debian's prometheus package): tests/deploy_cli.rs checks deploy/prometheus with
 # it. Installed only where this can (root with apt-get); elsewhere that test says it skipped.
 if ! command -v promtool >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then

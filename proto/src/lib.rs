@@ -24,6 +24,7 @@ pub fn record_step(m: &v1::StepMetrics) {
     metrics::histogram!("moxin_step_duration_seconds").record(m.step_time_s);
     metrics::histogram!("moxin_collective_busy_seconds").record(m.comm_s);
     metrics::histogram!("moxin_collective_exposed_seconds").record(m.comm_exposed_s);
+    metrics::histogram!("moxin_optimizer_seconds").record(m.optimizer_s);
     if m.rollout {
         metrics::gauge!("moxin_grpo_reward_mean").set(m.reward_mean);
         metrics::gauge!("moxin_grpo_reward_std").set(m.reward_std);

@@ -295,6 +295,11 @@ impl Trainer {
         };
 
         let cuda = placement.cuda_ordinal().and_then(|i| crate::cuda::context(i).ok());
+        // The device's total memory, beside moxin_peak_memory_bytes (MoxinGpuMemoryNearLimit);
+        // not exported on CPU.
+        if let Some((_, total)) = cuda.as_ref().and_then(|ctx| ctx.mem_get_info().ok()) {
+            metrics::gauge!("moxin_device_memory_total_bytes").set(total as f64);
+        }
         let peak_flops = match (runtime.peak_tflops, &cuda) {
             (p, _) if p > 0.0 => Some(p * 1e12),
             (_, Some(ctx)) => ctx.name().ok().and_then(|n| crate::cuda::peak_bf16_flops(&n)),
