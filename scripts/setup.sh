@@ -71,6 +71,32 @@ if ! command -v promtool >/dev/null && command -v apt-get >/dev/null && [ "$(id 
     || echo "setup: could not install prometheus; the promtool checks will be skipped" >&2
 fi
 
+# deploy/kubernetes: tests/kubernetes_cli.rs renders the kustomizations with pykustomize
+# (kustomize's Go library, bundled; its metadata asks for Python 3.14 but it is plain
+# Python over cffi and runs on 3.11, hence --ignore-requires-python) and validates them
+# with kubernetes-validate (the Kubernetes API schemas, bundled); PodMonitors against the
+# Prometheus Operator CRD schema from npm's @kubernetes-models/prometheus-operator, in
+# .venv/npm. Without them that test says it skipped.
+K8S_VALIDATE_VERSION=1.37.0
+PYKUSTOMIZE_VERSION=0.1.4
+have=$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("kubernetes-validate"), m.version("pykustomize"))' 2>/dev/null || true)
+if [ "$have" != "$K8S_VALIDATE_VERSION $PYKUSTOMIZE_VERSION" ]; then
+  echo "setup: installing kubernetes-validate==$K8S_VALIDATE_VERSION and pykustomize==$PYKUSTOMIZE_VERSION into $VENV (once)" >&2
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir --ignore-requires-python \
+    "kubernetes-validate==$K8S_VALIDATE_VERSION" "pykustomize==$PYKUSTOMIZE_VERSION" "cffi==2.1.1" \
+    || echo "setup: could not install kubernetes-validate/pykustomize; the Kubernetes manifest checks will be skipped" >&2
+fi
+PROM_OPERATOR_MODELS_VERSION=6.0.0
+have=$(cat "$VENV/npm/node_modules/@kubernetes-models/prometheus-operator/package.json" 2>/dev/null \
+  | "$VENV/bin/python" -c 'import json, sys; print(json.load(sys.stdin)["version"])' 2>/dev/null || true)
+if [ "$have" != "$PROM_OPERATOR_MODELS_VERSION" ] && command -v npm >/dev/null; then
+  echo "setup: installing @kubernetes-models/prometheus-operator@$PROM_OPERATOR_MODELS_VERSION into $VENV/npm (once)" >&2
+  mkdir -p "$VENV/npm"
+  npm install --prefix "$VENV/npm" --no-audit --no-fund --silent \
+    "@kubernetes-models/prometheus-operator@$PROM_OPERATOR_MODELS_VERSION" >/dev/null 2>&1 \
+    || echo "setup: could not install @kubernetes-models/prometheus-operator; PodMonitor validation will be skipped" >&2
+fi
+
 torch_dir=$("$VENV/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file__))')
 if [ "$(readlink .libtorch 2>/dev/null || true)" != "$torch_dir" ]; then
   ln -sfn "$torch_dir" .libtorch

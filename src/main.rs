@@ -15,6 +15,10 @@ use clap::{Args, Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Only check the command line (flags, values, required arguments), print `ok: <command>`
+    /// and exit 0; nothing is read, started or written (deploy/kubernetes is tested with it).
+    #[arg(long, global = true)]
+    check_args: bool,
 }
 
 #[derive(Subcommand)]
@@ -406,7 +410,12 @@ struct GenerateArgs {
 
 fn main() {
     init_logging();
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if cli.check_args {
+        println!("ok: {}", matches.subcommand_name().unwrap_or_default());
+        return;
+    }
     if uses_cuda(&cli.command) {
         restart_with_cuda_libraries();
     }

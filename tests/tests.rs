@@ -8,6 +8,7 @@ mod device_cli;
 mod faults_cli;
 mod grpo_cli;
 mod hf_cli;
+mod kubernetes_cli;
 mod pipeline_cli;
 mod sft_cli;
 mod train_cli;
