@@ -97,6 +97,17 @@ if [ "$have" != "$PROM_OPERATOR_MODELS_VERSION" ] && command -v npm >/dev/null; 
     || echo "setup: could not install @kubernetes-models/prometheus-operator; PodMonitor validation will be skipped" >&2
 fi
 
+# Slurm and munge (Debian's slurm-wlm): tests/slurm_cli.rs runs deploy/slurm's batch script on
+# a private slurmctld + slurmd + munged. Installed only where this can (root with apt-get);
+# elsewhere that test says it skipped. The test starts daemons of its own (own config, key,
+# socket and ports); the packages' system services are not used.
+if { [ ! -x /usr/sbin/slurmctld ] || [ ! -x /usr/sbin/slurmd ] || [ ! -x /usr/sbin/munged ] \
+  || ! command -v sbatch >/dev/null; } && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "setup: installing slurm-wlm and munge from Debian (once)" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null 2>&1 \
+    || echo "setup: could not install slurm-wlm/munge; the Slurm test will be skipped" >&2
+fi
+
 torch_dir=$("$VENV/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file__))')
 if [ "$(readlink .libtorch 2>/dev/null || true)" != "$torch_dir" ]; then
   ln -sfn "$torch_dir" .libtorch

@@ -11,4 +11,5 @@ mod hf_cli;
 mod kubernetes_cli;
 mod pipeline_cli;
 mod sft_cli;
+mod slurm_cli;
 mod train_cli;
