@@ -179,13 +179,53 @@ struct CoordinatorArgs {
     /// Override a config value (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    #[command(flatten)]
+    security: ServerSecurityArgs,
+}
+
+/// What the coordinator requires of whoever calls it.
+#[derive(Args)]
+struct ServerSecurityArgs {
+    /// Require this join token (a file holding it) on every RPC [default: the MOXIN_TOKEN
+    /// environment variable, if set].
+    #[arg(long, env = "MOXIN_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Serve TLS with this certificate (PEM; with --tls-key).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The TLS certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: require client certificates signed by this CA (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+}
+
+/// What a client presents to the coordinator.
+#[derive(Args)]
+pub(crate) struct ClientSecurityArgs {
+    /// The job's join token (a file holding it) [default: the MOXIN_TOKEN environment
+    /// variable; for a run directory target, the token `launch` keeps in it].
+    #[arg(long, env = "MOXIN_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Verify the coordinator's certificate with this CA (PEM); the URL is then https://.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// Mutual TLS: this client's certificate (PEM; with --tls-key).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// This client's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Args)]
 struct WorkerArgs {
-    /// Coordinator URL, e.g. http://10.0.0.1:50051.
+    /// Coordinator URL, e.g. http://10.0.0.1:50051 (https:// with TLS).
     #[arg(long)]
     coordinator: String,
+    #[command(flatten)]
+    security: ClientSecurityArgs,
     /// Address for collective connections from peers (host must be reachable by them).
     #[arg(long, default_value = "127.0.0.1:0")]
     collective_listen: String,
@@ -210,12 +250,16 @@ struct ScaleArgs {
     /// Workers to train with from now on.
     #[arg(long)]
     workers: u32,
+    #[command(flatten)]
+    security: ClientSecurityArgs,
 }
 
 #[derive(Args)]
 struct CheckpointArgs {
     /// The job's run directory or its coordinator's URL (as for `scale`).
     target: String,
+    #[command(flatten)]
+    security: ClientSecurityArgs,
 }
 
 #[derive(Args)]
@@ -449,19 +493,27 @@ fn run(cli: Cli) -> Result<i32> {
             return commands::cluster::launch(&a.config, a.workers, a.max_restarts, a.out.as_deref(), &a.set)
         }
         Command::Coordinator(a) => {
-            return commands::cluster::coordinator(&a.config, a.listen.as_deref(), a.out.as_deref(), &a.set)
+            let security = commands::cluster::server_security(
+                a.security.token_file.as_deref(),
+                a.security.tls_cert.as_deref(),
+                a.security.tls_key.as_deref(),
+                a.security.tls_client_ca.as_deref(),
+            )?;
+            return commands::cluster::coordinator(&a.config, a.listen.as_deref(), a.out.as_deref(), &a.set, &security);
         }
         Command::Worker(a) => {
+            let security = a.security.load(None)?;
             return commands::cluster::worker(
                 a.coordinator,
+                security,
                 a.collective_listen,
                 a.metrics_listen,
                 a.device.as_deref(),
                 std::time::Duration::from_secs(a.connect_timeout),
-            )
+            );
         }
-        Command::Scale(a) => commands::cluster::scale(&a.target, a.workers),
-        Command::Checkpoint(a) => commands::cluster::checkpoint(&a.target),
+        Command::Scale(a) => commands::cluster::scale(&a.target, a.workers, &a.security),
+        Command::Checkpoint(a) => commands::cluster::checkpoint(&a.target, &a.security),
         Command::Doctor(a) => commands::doctor(a.json),
         Command::Eval(a) => commands::eval(&a.checkpoint, &a.data, a.batches, a.batch_size),
         Command::Data(DataCommand::Prepare(a)) => commands::prepare(moxin_data::PrepareOptions {

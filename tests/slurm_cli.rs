@@ -348,6 +348,12 @@ fn sbatch_script_trains_stops_at_the_time_limit_signal_and_resumes_when_requeued
     assert!(verified[0].0 < STEPS && verified[1] == (STEPS, 2), "{verified:?}");
     let latest = moxin_layout::checkpoint::latest_valid(&run).unwrap().unwrap();
     assert_eq!(latest.manifest.step, STEPS);
+    // The coordinator listened on every interface, so the job had a join token: made in
+    // the run directory on first use, owner-only, and reused after the requeue.
+    let token = run.join("coordinator/token");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&token).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "{}", token.display());
+    assert_eq!(std::fs::read_to_string(&token).unwrap().len(), 64);
 
     // The requeue of a finished run (or a resubmission) does nothing, successfully.
     let again = cluster.submit(&run, true);

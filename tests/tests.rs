@@ -10,6 +10,7 @@ mod grpo_cli;
 mod hf_cli;
 mod kubernetes_cli;
 mod pipeline_cli;
+mod security_cli;
 mod sft_cli;
 mod slurm_cli;
 mod train_cli;

@@ -27,6 +27,8 @@ pub struct GroupPlan {
     pub collective_timeout_ms: u32,
     /// Backend the group uses.
     pub backend: CollectiveBackend,
+    /// The generation's secret (see `Assignment.group_key`); empty for a single process.
+    pub group_key: Vec<u8>,
 }
 
 /// Rank `rank`'s assignment in a group of `world` for `spec` (a validated job) whose data
@@ -55,12 +57,18 @@ pub fn assignment(spec: &JobSpec, samples_per_epoch: u64, group: &GroupPlan, wor
         peers: group.peers.clone(),
         collective_timeout_ms: group.collective_timeout_ms,
         backend: group.backend as i32,
+        group_key: group.group_key.clone(),
     }
 }
 
 /// The assignment of a single-process run (`moxin-train train`).
 pub fn solo_assignment(spec: &JobSpec, samples_per_epoch: u64) -> Assignment {
-    let group =
-        GroupPlan { generation: 0, peers: Vec::new(), collective_timeout_ms: 60_000, backend: CollectiveBackend::Solo };
+    let group = GroupPlan {
+        generation: 0,
+        peers: Vec::new(),
+        collective_timeout_ms: 60_000,
+        backend: CollectiveBackend::Solo,
+        group_key: Vec::new(),
+    };
     assignment(spec, samples_per_epoch, &group, 1, 0)
 }

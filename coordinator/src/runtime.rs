@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use moxin_proto::security::ServerSecurity;
 use tokio::net::TcpListener;
 
 use crate::job::ResolvedJob;
@@ -28,12 +29,20 @@ pub enum RuntimeError {
         /// What went wrong.
         message: String,
     },
+    /// The TLS configuration could not be used.
+    #[error("{0}")]
+    Security(#[from] moxin_proto::security::SecurityError),
 }
 
-/// Starts serving `job` on `listener`: the gRPC service, the Prometheus endpoint
-/// (`cluster.metrics_listen`) and the failure detector, on the current tokio runtime.
-/// `None` when an earlier coordinator already finished this job (nothing is started).
-pub async fn serve(job: ResolvedJob, listener: TcpListener) -> Result<Option<CoordinatorService>, RuntimeError> {
+/// Starts serving `job` on `listener`: the gRPC service (with `security`'s TLS and join
+/// token check on every RPC), the Prometheus endpoint (`cluster.metrics_listen`) and the
+/// failure detector, on the current tokio runtime. `None` when an earlier coordinator
+/// already finished this job (nothing is started).
+pub async fn serve(
+    job: ResolvedJob,
+    listener: TcpListener,
+    security: &ServerSecurity,
+) -> Result<Option<CoordinatorService>, RuntimeError> {
     let (min, max) = (job.config.cluster.min_workers, job.config.cluster.max());
     let timeout = Duration::from_millis(job.config.cluster.heartbeat_timeout_ms as u64);
     let (run_dir, name, metrics_listen) =
@@ -56,13 +65,18 @@ pub async fn serve(job: ResolvedJob, listener: TcpListener) -> Result<Option<Coo
             .map_err(|e| bad(e.to_string()))?;
     }
     if let Ok(addr) = listener.local_addr() {
-        service.set_url(&format!("http://{addr}"));
+        service.set_url(&format!("{}://{addr}", security.scheme()));
+        if let Some(warning) = security.exposure_warning(addr) {
+            tracing::warn!("{warning}");
+        }
     }
     tracing::info!(job = %name, run_dir = %run_dir.display(), min, max, "waiting for workers");
-    let server = service.clone().into_server();
+    let server =
+        tonic::service::interceptor::InterceptedService::new(service.clone().into_server(), security.token_check());
+    let mut builder = security.apply(tonic::transport::Server::builder())?;
     tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        if let Err(e) = tonic::transport::Server::builder().add_service(server).serve_with_incoming(incoming).await {
+        if let Err(e) = builder.add_service(server).serve_with_incoming(incoming).await {
             tracing::error!("gRPC server stopped: {e}");
         }
     });

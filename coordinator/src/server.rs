@@ -438,9 +438,17 @@ impl CoordinatorService {
                 return self.apply(s, change);
             }
         };
+        let group_key = match moxin_proto::security::random_key() {
+            Ok(key) => key.to_vec(),
+            Err(e) => {
+                let change = s.membership.stop(&format!("cannot make the group's key: {e}"), true);
+                return self.apply(s, change);
+            }
+        };
         s.collective_id = None;
         self.commits.lock().unwrap_or_else(|p| p.into_inner()).abandon_before(generation);
         let group = GroupPlan {
+            group_key,
             generation,
             peers: members.iter().filter_map(|id| s.workers.get(id)).map(|w| w.collective_address.clone()).collect(),
             collective_timeout_ms: self.job.config.cluster.collective_timeout_ms,

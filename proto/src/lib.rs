@@ -10,6 +10,8 @@ pub mod v1 {
     tonic::include_proto!("moxin.v1");
 }
 
+pub mod security;
+
 /// Version of this build, sent by workers at registration so the coordinator can refuse
 /// incompatible peers.
 pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");

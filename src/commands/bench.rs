@@ -39,12 +39,15 @@ pub fn all_reduce(ranks: usize, mib: usize, iters: usize, tcp_only: bool) -> Res
         .map(|_| TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.to_string()))
         .collect::<Result<_, _>>()?;
     let exe = std::env::current_exe()?;
+    // The ranks prove their membership to each other with a shared key, as a job's do.
+    let key: String = moxin_proto::security::random_key()?.iter().map(|b| format!("{b:02x}")).collect();
     let children: Vec<std::process::Child> = (0..ranks)
         .map(|rank| {
             std::process::Command::new(&exe)
                 .args(["bench", "all-reduce-rank", "--rank", &rank.to_string(), "--peers", &peers.join(",")])
                 .args(["--mib", &mib.to_string(), "--iters", &iters.to_string()])
                 .env("MOXIN_RING_SHM", if tcp_only { "0" } else { "1" })
+                .env(BENCH_KEY_ENV, &key)
                 .stdout(std::process::Stdio::piped())
                 .spawn()
                 .with_context(|| format!("starting rank {rank}"))
@@ -72,12 +75,19 @@ pub fn all_reduce(ranks: usize, mib: usize, iters: usize, tcp_only: bool) -> Res
     Ok(())
 }
 
+/// How `bench all-reduce` hands its ranks their group key (hex).
+const BENCH_KEY_ENV: &str = "MOXIN_BENCH_RING_KEY";
+
 /// One rank of [`all_reduce`]: prints its per-iteration seconds as a JSON array.
 pub fn all_reduce_rank(rank: usize, peers: &str, mib: usize, iters: usize) -> Result<()> {
     let peers: Vec<SocketAddr> =
         peers.split(',').map(|p| p.parse().with_context(|| format!("peer address {p}"))).collect::<Result<_>>()?;
     let listener = TcpListener::bind(peers.get(rank).context("rank outside --peers")?)?;
-    let mut ring = TcpRing::connect(rank, &peers, &listener, 1, Duration::from_secs(60))?;
+    let key = std::env::var(BENCH_KEY_ENV).context("started without its group key; run `bench all-reduce`")?;
+    let key: Vec<u8> =
+        (0..key.len() / 2).filter_map(|i| u8::from_str_radix(key.get(2 * i..2 * i + 2)?, 16).ok()).collect();
+    let group = moxin_worker::collective::GroupKey::new(1, &key).map_err(anyhow::Error::msg)?;
+    let mut ring = TcpRing::connect(rank, &peers, &listener, &group, Duration::from_secs(60))?;
     let mut buf = vec![1.0f32; mib * (1 << 20) / 4];
     ring.all_reduce(&mut buf, ReduceOp::Sum)?; // warm-up
     let mut times = Vec::with_capacity(iters);

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use moxin_coordinator::server::{CoordinatorService, Phase};
+use moxin_proto::security::{ClientSecurity, JoinToken, ServerSecurity};
 use moxin_worker::agent::AgentEnd;
 use moxin_worker::driver::{StopSignals, STOPPED_EXIT_CODE};
 use tokio::net::TcpListener;
@@ -28,13 +29,22 @@ pub fn launch(config: &Path, workers: u32, max_restarts: u32, out: Option<&Path>
     overrides.push(format!("cluster.min_workers={workers}"));
     overrides.push(format!("cluster.max_workers={workers}"));
     let job = resolve(config, out, &overrides)?;
+    // Even on loopback, other users of this machine could reach the port: the job gets a
+    // fresh token, its workers get it in their environment, and `scale` / `checkpoint` /
+    // `status` on the run directory read it from a file only this user can read.
+    let token = JoinToken::generate()?;
+    let token_file = job.run_dir.join("coordinator").join(TOKEN_FILE);
+    std::fs::create_dir_all(job.run_dir.join("coordinator"))
+        .and_then(|()| token.write_private(&token_file))
+        .with_context(|| format!("writing the job's token to {}", token_file.display()))?;
+    let security = ServerSecurity::load(Some(token.clone()), None, None, None)?;
     let runtime = runtime()?;
     runtime.block_on(async {
         let listener = TcpListener::bind("127.0.0.1:0").await.context("binding the coordinator")?;
         let url = format!("http://{}", listener.local_addr()?);
-        let Some(service) = start(job, listener).await? else { return Ok(0) };
+        let Some(service) = start(job, listener, &security).await? else { return Ok(0) };
         let exe = std::env::current_exe().context("locating the moxin-train binary")?;
-        let supervisor = Supervisor { exe, url, workers, max_restarts, service: service.clone() };
+        let supervisor = Supervisor { exe, url, token, workers, max_restarts, service: service.clone() };
         let supervising = tokio::spawn(supervisor.run());
         let end = follow(&service, &signals).await;
         // The workers' exits are their acknowledgements: each has heard the end (and, on a
@@ -53,6 +63,7 @@ pub fn launch(config: &Path, workers: u32, max_restarts: u32, out: Option<&Path>
 struct Supervisor {
     exe: std::path::PathBuf,
     url: String,
+    token: JoinToken,
     workers: u32,
     max_restarts: u32,
     service: CoordinatorService,
@@ -64,6 +75,8 @@ impl Supervisor {
         let own_gpus = (slot as usize) < gpus && gpus >= self.workers as usize;
         let mut cmd = tokio::process::Command::new(&self.exe);
         cmd.args(["worker", "--coordinator", &self.url]).kill_on_drop(true);
+        // The environment, not the command line, where `ps` would show it.
+        cmd.env(moxin_proto::security::TOKEN_ENV, self.token.reveal()).env_remove("MOXIN_TOKEN_FILE");
         // With a GPU per worker, worker i trains on GPU i (LOCAL_RANK, as torchrun sets it);
         // with fewer GPUs than workers they share, and the group uses the ring.
         if own_gpus {
@@ -142,7 +155,13 @@ impl Supervisor {
 }
 
 /// `coordinator`: serve a job until it finishes, fails or is stopped.
-pub fn coordinator(config: &Path, listen: Option<&str>, out: Option<&Path>, overrides: &[String]) -> Result<i32> {
+pub fn coordinator(
+    config: &Path,
+    listen: Option<&str>,
+    out: Option<&Path>,
+    overrides: &[String],
+    security: &ServerSecurity,
+) -> Result<i32> {
     let signals = StopSignals::install()?;
     let job = resolve(config, out, overrides)?;
     let runtime = runtime()?;
@@ -150,7 +169,7 @@ pub fn coordinator(config: &Path, listen: Option<&str>, out: Option<&Path>, over
         let addr = listen.map(str::to_string).unwrap_or(job.config.cluster.listen.clone());
         let listener = TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
         tracing::info!("coordinator listening on {}", listener.local_addr()?);
-        let Some(service) = start(job, listener).await? else { return Ok(0) };
+        let Some(service) = start(job, listener, security).await? else { return Ok(0) };
         let end = follow(&service, &signals).await;
         let grace = if matches!(end, Phase::Failed(_)) { FAILURE_GRACE } else { STOP_GRACE };
         let left = service.drain(grace).await;
@@ -180,6 +199,7 @@ fn outcome(end: Phase, launched: bool) -> Result<i32> {
 /// `worker`. Returns the exit code.
 pub fn worker(
     coordinator: String,
+    security: ClientSecurity,
     collective_listen: String,
     metrics_listen: Option<std::net::SocketAddr>,
     device: Option<&str>,
@@ -189,6 +209,7 @@ pub fn worker(
     let device = device.map(moxin_worker::device::parse_device).transpose().map_err(anyhow::Error::msg)?;
     let end = moxin_worker::agent::run(moxin_worker::agent::AgentOptions {
         coordinator,
+        security,
         collective_listen,
         metrics_listen,
         connect_timeout,
@@ -206,10 +227,11 @@ pub fn worker(
 }
 
 /// `scale`: asks the job's coordinator to train with `workers` workers.
-pub fn scale(target: &str, workers: u32) -> Result<()> {
+pub fn scale(target: &str, workers: u32, security: &crate::ClientSecurityArgs) -> Result<()> {
     let url = coordinator_of(target)?;
+    let security = security.load(run_dir_of(target))?;
     runtime()?.block_on(async {
-        let reply = connect_to(&url)
+        let reply = connect_to(&url, &security)
             .await?
             .scale(moxin_proto::v1::ScaleRequest { workers })
             .await
@@ -221,12 +243,13 @@ pub fn scale(target: &str, workers: u32) -> Result<()> {
 }
 
 /// `checkpoint`: asks the job's training group to checkpoint at its next step boundary.
-pub fn checkpoint(target: &str) -> Result<()> {
+pub fn checkpoint(target: &str, security: &crate::ClientSecurityArgs) -> Result<()> {
     let url = coordinator_of(target)?;
+    let security = security.load(run_dir_of(target))?;
     runtime()?.block_on(async {
         let reason =
             format!("`moxin-train checkpoint` from {}", std::env::var("USER").unwrap_or_else(|_| "a user".into()));
-        let reply = connect_to(&url)
+        let reply = connect_to(&url, &security)
             .await?
             .request_checkpoint(moxin_proto::v1::CheckpointRequest { reason })
             .await
@@ -265,12 +288,41 @@ fn coordinator_of(target: &str) -> Result<String> {
     Ok(url)
 }
 
-async fn connect_to(
-    url: &str,
-) -> Result<moxin_proto::v1::coordinator_client::CoordinatorClient<tonic::transport::Channel>> {
-    moxin_proto::v1::coordinator_client::CoordinatorClient::connect(url.to_string())
-        .await
-        .with_context(|| format!("cannot reach the coordinator at {url}; is the job running?"))
+/// `target` as a run directory (not a URL).
+fn run_dir_of(target: &str) -> Option<&Path> {
+    (!target.starts_with("http://") && !target.starts_with("https://")).then(|| Path::new(target))
+}
+
+async fn connect_to(url: &str, security: &ClientSecurity) -> Result<moxin_proto::security::Client> {
+    security.connect(url).await.context("is the job running?")
+}
+
+/// Where `launch` keeps its job's token: `<run dir>/coordinator/token`, owner-only.
+const TOKEN_FILE: &str = "token";
+
+/// The coordinator's requirements from its command-line options.
+pub fn server_security(
+    token_file: Option<&Path>,
+    cert: Option<&Path>,
+    key: Option<&Path>,
+    client_ca: Option<&Path>,
+) -> Result<ServerSecurity> {
+    let token = JoinToken::load(token_file)?;
+    Ok(ServerSecurity::load(token, cert, key, client_ca)?)
+}
+
+impl crate::ClientSecurityArgs {
+    /// What to present: the token from --token-file, else MOXIN_TOKEN, else (for a run
+    /// directory target) the token `launch` keeps in it; the TLS material as given.
+    pub(crate) fn load(&self, run_dir: Option<&Path>) -> Result<ClientSecurity> {
+        let mut token = JoinToken::load(self.token_file.as_deref())?;
+        if token.is_none() {
+            if let Some(file) = run_dir.map(|d| d.join("coordinator").join(TOKEN_FILE)).filter(|f| f.is_file()) {
+                token = Some(JoinToken::from_file(&file)?);
+            }
+        }
+        Ok(ClientSecurity::load(token, self.tls_ca.as_deref(), self.tls_cert.as_deref(), self.tls_key.as_deref())?)
+    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -291,8 +343,12 @@ fn resolve(config: &Path, out: Option<&Path>, overrides: &[String]) -> Result<mo
 }
 
 /// Starts the coordinator's runtime; `None` when the job already finished.
-async fn start(job: moxin_coordinator::ResolvedJob, listener: TcpListener) -> Result<Option<CoordinatorService>> {
-    Ok(moxin_coordinator::runtime::serve(job, listener).await?)
+async fn start(
+    job: moxin_coordinator::ResolvedJob,
+    listener: TcpListener,
+    security: &ServerSecurity,
+) -> Result<Option<CoordinatorService>> {
+    Ok(moxin_coordinator::runtime::serve(job, listener, security).await?)
 }
 
 /// Follows the job to its end; SIGINT or SIGTERM stops it cleanly.

@@ -13,7 +13,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{Committer, LocalCommits};
 use crate::collective::ring::TcpRing;
-use crate::collective::{RingCollective, Solo};
+use crate::collective::{GroupKey, RingCollective, Solo};
 use crate::device::Placement;
 use crate::trainer::{Handover, Start, Trainer};
 
@@ -83,6 +83,7 @@ fn ring_group(world: u32) -> (Vec<TcpListener>, Vec<SocketAddr>, GroupPlan) {
         peers: peers.iter().map(|p| p.to_string()).collect(),
         collective_timeout_ms: 30_000,
         backend: CollectiveBackend::Ring,
+        group_key: vec![7; 32],
     };
     (listeners, peers, plan)
 }
@@ -98,7 +99,14 @@ fn train_group(spec: &JobSpec, world: u32) -> Vec<Tensor> {
         .map(|(rank, listener)| {
             let (spec, peers, plan, commits) = (spec.clone(), peers.clone(), plan.clone(), commits.clone());
             std::thread::spawn(move || {
-                let ring = TcpRing::connect(rank, &peers, &listener, 1, Duration::from_secs(30)).unwrap();
+                let ring = TcpRing::connect(
+                    rank,
+                    &peers,
+                    &listener,
+                    &GroupKey::new(1, &plan.group_key).unwrap(),
+                    Duration::from_secs(30),
+                )
+                .unwrap();
                 let a = assignment(&spec, n, &plan, world, rank as u32);
                 let mut t =
                     Trainer::new(&spec, &a, Box::new(RingCollective::new(ring)), cpu(Kind::Float), commits, None)
@@ -211,7 +219,14 @@ fn a_rank_without_the_shared_run_directory_is_refused_at_formation() {
         .map(|(rank, (listener, spec))| {
             let (peers, plan) = (peers.clone(), plan.clone());
             std::thread::spawn(move || {
-                let ring = TcpRing::connect(rank, &peers, &listener, 1, Duration::from_secs(30)).unwrap();
+                let ring = TcpRing::connect(
+                    rank,
+                    &peers,
+                    &listener,
+                    &GroupKey::new(1, &plan.group_key).unwrap(),
+                    Duration::from_secs(30),
+                )
+                .unwrap();
                 let a = assignment(&spec, n, &plan, 2, rank as u32);
                 let commits = local_commits(&spec);
                 Trainer::new(&spec, &a, Box::new(RingCollective::new(ring)), cpu(Kind::Float), commits, None)
@@ -265,7 +280,14 @@ fn run_generation(
             let next_peers =
                 handover.as_ref().and_then(|h| h.next_size).filter(|&n| rank < n).map(|n| plan.peers[..n].to_vec());
             std::thread::spawn(move || {
-                let ring = TcpRing::connect(rank, &peers, &listener, generation, Duration::from_secs(30)).unwrap();
+                let ring = TcpRing::connect(
+                    rank,
+                    &peers,
+                    &listener,
+                    &GroupKey::new(generation, &plan.group_key).unwrap(),
+                    Duration::from_secs(30),
+                )
+                .unwrap();
                 let a = assignment(&spec, n, &plan, world, rank as u32);
                 let collective = Box::new(RingCollective::new(ring));
                 let mut t = Trainer::new(&spec, &a, collective, cpu(Kind::Float), commits, carried).unwrap();

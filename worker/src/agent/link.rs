@@ -7,9 +7,8 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use moxin_proto::v1::coordinator_client::CoordinatorClient;
+use moxin_proto::security::{Client, ClientSecurity, SecurityError};
 use moxin_proto::v1::HeartbeatRequest;
-use tonic::transport::Channel;
 
 use crate::WorkerError;
 
@@ -68,6 +67,25 @@ pub(super) async fn guarded<T>(
 
 pub(super) fn rpc_error(what: &str, status: tonic::Status) -> WorkerError {
     use tonic::Code;
+    // The coordinator's TLS refusing this worker's certificate (missing, expired, another
+    // CA) surfaces as a broken connection at the first call; its cause says so, and
+    // retrying cannot fix it.
+    let cause = match std::error::Error::source(&status) {
+        Some(source) => format!("{}: {}", status.message(), moxin_proto::security::chain(source)),
+        None => status.message().to_string(),
+    };
+    if moxin_proto::security::is_tls_verification(&cause) {
+        return WorkerError::Coordinator(format!(
+            "the coordinator's TLS refused this worker over {what} ({cause}); give --tls-cert and --tls-key \
+             signed by the CA the coordinator trusts (--tls-client-ca there), not expired"
+        ));
+    }
+    // HTTP/2 spoken to a TLS port: the server's TLS alert reads as a frame of invalid size.
+    if cause.contains("frame with invalid size") {
+        return WorkerError::Coordinator(format!(
+            "{what} failed ({cause}); if the coordinator serves TLS, use an https:// URL and --tls-ca"
+        ));
+    }
     match status.code() {
         Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded => WorkerError::CoordinatorLost(
             format!("lost the connection over {what} ({}); is the coordinator still running?", status.message()),
@@ -76,13 +94,20 @@ pub(super) fn rpc_error(what: &str, status: tonic::Status) -> WorkerError {
     }
 }
 
-pub(super) async fn connect(url: &str, timeout: Duration) -> Result<CoordinatorClient<Channel>, WorkerError> {
+pub(super) async fn connect(url: &str, security: &ClientSecurity, timeout: Duration) -> Result<Client, WorkerError> {
     let started = Instant::now();
     let mut last_said = Instant::now();
     loop {
         let left = timeout.saturating_sub(started.elapsed()).max(Duration::from_secs(1));
-        let attempt = match tokio::time::timeout(left, CoordinatorClient::connect(url.to_string())).await {
-            Ok(connected) => connected.map_err(|e| e.to_string()),
+        let attempt = match tokio::time::timeout(left, security.connect(url)).await {
+            Ok(Ok(client)) => Ok(client),
+            // A wrong CA, an expired or refused certificate, or TLS options that do not fit
+            // the URL: retrying cannot help.
+            Ok(Err(e @ (SecurityError::Invalid(_) | SecurityError::File { .. })))
+            | Ok(Err(e @ SecurityError::Connect { permanent: true, .. })) => {
+                return Err(WorkerError::Coordinator(e.to_string()))
+            }
+            Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err("it accepted the connection but did not answer".to_string()),
         };
         match attempt {
@@ -109,7 +134,7 @@ pub(super) async fn connect(url: &str, timeout: Duration) -> Result<CoordinatorC
 }
 
 pub(super) async fn heartbeats(
-    mut client: CoordinatorClient<Channel>,
+    mut client: Client,
     worker_id: String,
     step: Arc<Progress>,
     interval: Duration,

@@ -7,18 +7,17 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use moxin_proto::v1::coordinator_client::CoordinatorClient;
+use moxin_proto::security::{Client, ClientSecurity};
 use moxin_proto::v1::{
     event, Assignment, CheckpointPart, CollectiveBackend, CollectiveId, DeviceInfo, FailureReport, JobSpec,
     RegisterRequest, StepMetrics, StepReport, WatchRequest, WorkerIdentity,
 };
 use tokio::sync::mpsc;
-use tonic::transport::Channel;
 
 use crate::checkpoint::{Committed, Committer};
 use crate::collective::nccl::{self, NcclCollective};
 use crate::collective::ring::TcpRing;
-use crate::collective::{Collective, RingCollective, Solo};
+use crate::collective::{Collective, GroupKey, RingCollective, Solo};
 use crate::driver::StopSignals;
 use crate::trainer::{Handover, RunEnd, Trainer};
 use crate::WorkerError;
@@ -29,8 +28,10 @@ use link::{check_url, connect, guarded, heartbeats, rpc_error, stale_or, timed, 
 /// How a worker process connects.
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
-    /// Coordinator URL, e.g. `http://10.0.0.1:50051`.
+    /// Coordinator URL, e.g. `http://10.0.0.1:50051` (`https://` with TLS).
     pub coordinator: String,
+    /// The join token and TLS material presented to the coordinator.
+    pub security: ClientSecurity,
     /// Address to accept collective connections on (`host:port`; port 0 picks one). The
     /// host must be reachable by the other workers.
     pub collective_listen: String,
@@ -172,7 +173,7 @@ async fn run_async(opts: AgentOptions) -> Result<AgentEnd, WorkerError> {
         let budget = opts.connect_timeout.saturating_sub(carry.lost_since.map_or(Duration::ZERO, |t| t.elapsed()));
         let connecting = async {
             tokio::select! {
-                client = connect(&opts.coordinator, budget) => Some(client),
+                client = connect(&opts.coordinator, &opts.security, budget) => Some(client),
                 _ = signalled(&opts.signals) => None,
             }
         };
@@ -235,7 +236,7 @@ async fn signalled(signals: &StopSignals) {
 /// the coordinator is lost.
 async fn session(
     opts: &AgentOptions,
-    client: &mut CoordinatorClient<Channel>,
+    client: &mut Client,
     listener: Arc<TcpListener>,
     collective_address: SocketAddr,
     carry: &mut Carry,
@@ -359,7 +360,7 @@ struct Training {
 /// thread per generation it is assigned to, reports steps, and survives its group
 /// breaking (it waits for the next generation).
 struct Agent {
-    client: CoordinatorClient<Channel>,
+    client: Client,
     worker_id: String,
     job: JobSpec,
     /// Accepts ring connections for every generation (each handshake names its generation).
@@ -773,7 +774,8 @@ fn connect_collective(
     Ok(match a.backend() {
         CollectiveBackend::Solo => Box::new(Solo),
         CollectiveBackend::Ring => {
-            let ring = TcpRing::connect(rank, peers, listener, a.generation, timeout).map_err(comm)?;
+            let group = GroupKey::new(a.generation, &a.group_key).map_err(WorkerError::Collective)?;
+            let ring = TcpRing::connect(rank, peers, listener, &group, timeout).map_err(comm)?;
             Box::new(RingCollective::new(ring))
         }
         CollectiveBackend::Nccl => {

@@ -17,10 +17,12 @@
 //! [`CollectiveError`], never a hang.
 
 pub mod nccl;
+pub mod rendezvous;
 pub mod ring;
 mod ring_collective;
 mod shm;
 
+pub use rendezvous::GroupKey;
 pub use ring_collective::RingCollective;
 
 use std::ops::Range;

@@ -12,11 +12,10 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
-use super::{check_ranges, even_ranges, shm, CollectiveError, Element, ReduceOp};
+use super::{check_ranges, even_ranges, shm, CollectiveError, Element, GroupKey, ReduceOp};
 
 /// Bytes received and reduced at a time.
 const PIECE: usize = 1 << 20;
-const HELLO_MAGIC: u32 = 0x4D58_5247; // "MXRG"
 
 /// One rank's end of a TCP ring.
 pub struct TcpRing {
@@ -33,18 +32,19 @@ pub struct TcpRing {
 
 impl TcpRing {
     /// Joins the ring: `listener` is this rank's bound listener (its address is
-    /// `peers[rank]`), `peers` every rank's address, `generation` the membership generation
-    /// (connections from another generation are refused). Blocks until both neighbours are
-    /// connected or `timeout` passes.
+    /// `peers[rank]`), `peers` every rank's address, `group` the membership generation and
+    /// its key (a connection from anyone but the predecessor of this generation is refused,
+    /// see [`super::rendezvous`]). Blocks until both neighbours are connected or `timeout`
+    /// passes.
     pub fn connect(
         rank: usize,
         peers: &[SocketAddr],
         listener: &TcpListener,
-        generation: u64,
+        group: &GroupKey,
         timeout: Duration,
     ) -> Result<Self, CollectiveError> {
         let shared_memory = std::env::var("MOXIN_RING_SHM").map_or(true, |v| v != "0");
-        Self::connect_with(rank, peers, listener, generation, timeout, shared_memory)
+        Self::connect_with(rank, peers, listener, group, timeout, shared_memory)
     }
 
     /// As [`TcpRing::connect`], choosing whether same-host neighbours may use shared memory
@@ -53,7 +53,7 @@ impl TcpRing {
         rank: usize,
         peers: &[SocketAddr],
         listener: &TcpListener,
-        generation: u64,
+        group: &GroupKey,
         timeout: Duration,
         shared_memory: bool,
     ) -> Result<Self, CollectiveError> {
@@ -80,15 +80,13 @@ impl TcpRing {
         // Connect out (retrying while the successor starts listening) on a helper thread
         // while accepting the predecessor here, so a ring of any size forms without deadlock.
         let next_addr = peers[next_rank];
+        let key = group.clone();
         let connector = std::thread::spawn(move || -> Result<TcpStream, CollectiveError> {
             loop {
                 match TcpStream::connect_timeout(&next_addr, Duration::from_millis(500)) {
                     Ok(mut s) => {
-                        let mut hello = Vec::with_capacity(16);
-                        hello.extend_from_slice(&HELLO_MAGIC.to_le_bytes());
-                        hello.extend_from_slice(&(rank as u32).to_le_bytes());
-                        hello.extend_from_slice(&generation.to_le_bytes());
-                        s.write_all(&hello).map_err(|source| CollectiveError::Peer {
+                        s.set_read_timeout(Some(timeout)).map_err(|e| CollectiveError::Setup(e.to_string()))?;
+                        key.answer(&mut s, rank as u32).map_err(|source| CollectiveError::Peer {
                             op: "connect",
                             peer: next_rank,
                             source,
@@ -106,20 +104,15 @@ impl TcpRing {
         listener.set_nonblocking(true).map_err(|e| CollectiveError::Setup(e.to_string()))?;
         let prev = loop {
             match listener.accept() {
-                Ok((mut s, _)) => {
+                Ok((mut s, from)) => {
                     s.set_nonblocking(false).map_err(|e| CollectiveError::Setup(e.to_string()))?;
-                    s.set_read_timeout(Some(timeout)).map_err(|e| CollectiveError::Setup(e.to_string()))?;
-                    let mut hello = [0u8; 16];
-                    if s.read_exact(&mut hello).is_err() {
-                        continue;
+                    match group.challenge(&mut s, prev_rank as u32) {
+                        Ok(()) => break s,
+                        Err(why) => tracing::warn!(
+                            "refused a ring connection from {from}: {why} (generation {})",
+                            group.generation()
+                        ),
                     }
-                    let magic = u32::from_le_bytes(hello[0..4].try_into().unwrap());
-                    let from = u32::from_le_bytes(hello[4..8].try_into().unwrap()) as usize;
-                    let gen = u64::from_le_bytes(hello[8..16].try_into().unwrap());
-                    if magic == HELLO_MAGIC && from == prev_rank && gen == generation {
-                        break s;
-                    }
-                    tracing::warn!("refused a ring connection from rank {from} generation {gen}");
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(5));
@@ -138,7 +131,7 @@ impl TcpRing {
             s.set_write_timeout(Some(timeout)).map_err(|e| CollectiveError::Setup(e.to_string()))?;
         }
         let (mut next, mut prev) = (next, prev);
-        let (outbox, inbox) = shm::handshake(rank, generation, PIECE, shared_memory, &mut next, &mut prev)
+        let (outbox, inbox) = shm::handshake(rank, group.generation(), PIECE, shared_memory, &mut next, &mut prev)
             .map_err(|e| CollectiveError::Setup(format!("shared-memory handshake: {e}")))?;
         tracing::debug!(rank, shm_out = outbox.is_some(), shm_in = inbox.is_some(), "ring connected");
         ring.outbox = outbox;

@@ -71,7 +71,7 @@ pub(crate) fn handshake(
 ) -> std::io::Result<(Option<Outbox>, Option<Inbox>)> {
     let enabled = allowed && std::path::Path::new("/dev/shm").is_dir();
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-    let path = PathBuf::from(format!("/dev/shm/moxin-ring-{}-{rank}-{generation}-{nanos}", std::process::id()));
+    let path = PathBuf::from(format!("/dev/shm/{PREFIX}{}-{rank}-{generation}-{nanos}", std::process::id()));
     let outbox = if enabled { create(&path, slot_bytes).ok() } else { None };
     let offer = if outbox.is_some() { path.to_string_lossy().into_owned() } else { String::new() };
     next.write_all(&(offer.len() as u32).to_le_bytes())?;
@@ -79,9 +79,24 @@ pub(crate) fn handshake(
 
     let mut len = [0u8; 4];
     prev.read_exact(&mut len)?;
-    let mut name = vec![0u8; u32::from_le_bytes(len) as usize];
+    // The peer is authenticated, but what it sends is still checked, not trusted: a bounded
+    // name, in /dev/shm, of our own pattern, a regular file of exactly the expected size.
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_NAME {
+        return Err(std::io::Error::other(format!("the predecessor offered a {len}-byte outbox name")));
+    }
+    let mut name = vec![0u8; len];
     prev.read_exact(&mut name)?;
-    let inbox = if enabled && !name.is_empty() { open(&String::from_utf8_lossy(&name), slot_bytes).ok() } else { None };
+    let inbox = match (enabled, name.is_empty()) {
+        (true, false) => match std::str::from_utf8(&name).ok().filter(|n| is_outbox_name(n)) {
+            Some(name) => open(name, slot_bytes).ok(),
+            None => {
+                tracing::warn!("the ring predecessor offered an outbox outside /dev/shm/{PREFIX}*; using TCP");
+                None
+            }
+        },
+        _ => None,
+    };
     prev.write_all(&[u8::from(inbox.is_some())])?;
 
     let mut accepted = [0u8; 1];
@@ -91,6 +106,16 @@ pub(crate) fn handshake(
     }
     let outbox = outbox.filter(|_| accepted[0] == 1);
     Ok((outbox, inbox))
+}
+
+/// Outbox names: `/dev/shm/moxin-ring-<pid>-<rank>-<generation>-<nanos>`.
+const PREFIX: &str = "moxin-ring-";
+const MAX_NAME: usize = 128;
+
+fn is_outbox_name(name: &str) -> bool {
+    name.strip_prefix("/dev/shm/")
+        .and_then(|file| file.strip_prefix(PREFIX))
+        .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit() || b == b'-'))
 }
 
 fn create(path: &PathBuf, slot_bytes: usize) -> std::io::Result<Outbox> {
@@ -103,12 +128,32 @@ fn create(path: &PathBuf, slot_bytes: usize) -> std::io::Result<Outbox> {
 }
 
 fn open(path: &str, slot_bytes: usize) -> std::io::Result<Inbox> {
-    let file = std::fs::File::open(path)?;
-    if file.metadata()?.len() != (SLOTS * slot_bytes) as u64 {
-        return Err(std::io::Error::other("outbox of another size"));
+    use std::os::unix::fs::OpenOptionsExt;
+    // O_NOFOLLOW: a link planted under our name cannot redirect us to another file.
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() || meta.len() != (SLOTS * slot_bytes) as u64 {
+        return Err(std::io::Error::other("not an outbox of the expected size"));
     }
     // SAFETY: read-only view of the predecessor's outbox; accesses follow the slot protocol.
     #[allow(unsafe_code)]
     let map = unsafe { Mmap::map(&file) }?;
     Ok(Inbox { map, slot_bytes })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_our_outbox_names_are_opened() {
+        assert!(super::is_outbox_name("/dev/shm/moxin-ring-12-0-3-99"));
+        for bad in [
+            "/etc/passwd",
+            "/dev/shm/moxin-ring-",
+            "/dev/shm/moxin-ring-1/../../etc/passwd",
+            "/dev/shm/other-1",
+            "/dev/shm/moxin-ring-1 2",
+        ] {
+            assert!(!super::is_outbox_name(bad), "{bad}");
+        }
+    }
 }

@@ -4,7 +4,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
 use super::ring::TcpRing;
-use super::{even_ranges, CollectiveError, ReduceOp};
+use super::{even_ranges, CollectiveError, GroupKey, ReduceOp};
 
 fn listeners(world: usize) -> (Vec<TcpListener>, Vec<SocketAddr>) {
     let ls: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
@@ -29,13 +29,14 @@ fn with_ring_via<R: Send + 'static>(
     f: impl Fn(usize, TcpRing) -> R + Send + Sync + Clone + 'static,
 ) -> Vec<R> {
     let (ls, addrs) = listeners(world);
+    let key = GroupKey::random(1);
     let handles: Vec<_> = ls
         .into_iter()
         .enumerate()
         .map(|(rank, l)| {
-            let (addrs, f) = (addrs.clone(), f.clone());
+            let (addrs, f, key) = (addrs.clone(), f.clone(), key.clone());
             std::thread::spawn(move || {
-                f(rank, TcpRing::connect_with(rank, &addrs, &l, 1, timeout, shared_memory).unwrap())
+                f(rank, TcpRing::connect_with(rank, &addrs, &l, &key, timeout, shared_memory).unwrap())
             })
         })
         .collect();
@@ -237,4 +238,57 @@ fn solo_is_a_group_of_one() {
     let ints = Tensor::ones([5], (Kind::Int64, Device::Cpu));
     assert!(c.all_reduce(&ints, ReduceOp::Sum).unwrap_err().to_string().contains("not supported"));
     assert_eq!((c.rank(), c.world_size(), c.backend()), (0, 1, "solo"));
+}
+
+/// Strangers on a rank's collective port — silent, speaking garbage, claiming the right
+/// rank without the key, or a member of another generation — are refused, and the real
+/// ring still forms and computes.
+#[test]
+fn only_members_of_the_generation_join_the_ring() {
+    use std::io::{Read, Write};
+    let (ls, addrs) = listeners(2);
+    let key = GroupKey::random(5);
+    let other_generation = GroupKey::random(4);
+    let target = addrs[0]; // rank 0 accepts rank 1
+                           // All strangers connect before the ranks start, so rank 0 meets them first; they talk
+                           // from their own thread, as rank 0 challenges them only once it runs.
+    let connect = || std::net::TcpStream::connect(target).unwrap();
+    let (silent, mut garbage, mut forged, mut stale) = (connect(), connect(), connect(), connect());
+    let strangers = std::thread::spawn(move || -> Vec<std::net::TcpStream> {
+        garbage.write_all(&[0xAB; 48]).unwrap();
+        // The right rank and generation, a made-up MAC.
+        let mut challenge = [0u8; 16];
+        forged.read_exact(&mut challenge).unwrap();
+        let mut hello = 0x4D58_5247u32.to_le_bytes().to_vec();
+        hello.extend_from_slice(&1u32.to_le_bytes());
+        hello.extend_from_slice(&5u64.to_le_bytes());
+        hello.extend_from_slice(&[0; 32]);
+        forged.write_all(&hello).unwrap();
+        // A real peer of another generation (another key).
+        other_generation.answer(&mut stale, 1).unwrap();
+        vec![silent, garbage, forged, stale]
+    });
+    let handles: Vec<_> = ls
+        .into_iter()
+        .enumerate()
+        .map(|(rank, l)| {
+            let (addrs, key) = (addrs.clone(), key.clone());
+            std::thread::spawn(move || {
+                let mut ring = TcpRing::connect_with(rank, &addrs, &l, &key, Duration::from_secs(30), false).unwrap();
+                let mut buf = vec![rank as f32 + 1.0; 1000];
+                ring.all_reduce(&mut buf, ReduceOp::Sum).unwrap();
+                buf[0]
+            })
+        })
+        .collect();
+    let sums: Vec<f32> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(sums, vec![3.0, 3.0]);
+    // Every stranger's connection was closed on it: reading ends (EOF or reset) without a
+    // ring's data.
+    for mut s in strangers.join().unwrap() {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        assert!(rest.len() <= 16, "a stranger received {} bytes beyond the challenge", rest.len());
+    }
 }
