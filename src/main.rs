@@ -52,6 +52,8 @@ enum Command {
     Scale(ScaleArgs),
     /// Ask a running job to checkpoint at its next step boundary (e.g. before maintenance).
     Checkpoint(CheckpointArgs),
+    /// A job at a glance: phase, step, loss, throughput, ETA and every worker (live).
+    Status(StatusArgs),
     /// What this machine can run: libtorch, CUDA devices, NCCL, the backend a worker would use.
     Doctor(DoctorArgs),
     /// Measurements used by bench/*.sh.
@@ -250,6 +252,24 @@ struct ScaleArgs {
     /// Workers to train with from now on.
     #[arg(long)]
     workers: u32,
+    #[command(flatten)]
+    security: ClientSecurityArgs,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// The job's run directory or its coordinator's URL (as for `scale`); a run directory
+    /// of a job that is not running shows what it recorded last.
+    target: String,
+    /// Print one JSON object and exit.
+    #[arg(long)]
+    json: bool,
+    /// Print the table once instead of refreshing it in place.
+    #[arg(long)]
+    once: bool,
+    /// Seconds between refreshes.
+    #[arg(long, default_value_t = 2.0)]
+    interval: f64,
     #[command(flatten)]
     security: ClientSecurityArgs,
 }
@@ -514,6 +534,7 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Command::Scale(a) => commands::cluster::scale(&a.target, a.workers, &a.security),
         Command::Checkpoint(a) => commands::cluster::checkpoint(&a.target, &a.security),
+        Command::Status(a) => commands::status::status(&a.target, &a.security, a.json, a.once, a.interval),
         Command::Doctor(a) => commands::doctor(a.json),
         Command::Eval(a) => commands::eval(&a.checkpoint, &a.data, a.batches, a.batch_size),
         Command::Data(DataCommand::Prepare(a)) => commands::prepare(moxin_data::PrepareOptions {

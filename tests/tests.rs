@@ -13,4 +13,5 @@ mod pipeline_cli;
 mod security_cli;
 mod sft_cli;
 mod slurm_cli;
+mod status_cli;
 mod train_cli;

@@ -18,13 +18,15 @@ use moxin_layout::checkpoint::{CheckpointError, Commits};
 use moxin_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use moxin_proto::v1::{
     event, Ack, CheckpointNow, CheckpointPart, CheckpointRequest, CheckpointResponse, CollectiveId, DeviceInfo, Event,
-    FailureReport, HeartbeatRequest, HeartbeatResponse, RegisterRequest, RegisterResponse, Release, ScaleRequest,
-    ScaleResponse, StepMetrics, StepReport, Stop, WatchRequest, WorkerIdentity,
+    FailureReport, HeartbeatRequest, HeartbeatResponse, JobStatus, RegisterRequest, RegisterResponse, Release,
+    ScaleRequest, ScaleResponse, StatusRequest, StepMetrics, StepReport, Stop, WatchRequest, WorkerIdentity,
 };
-use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
+
+#[path = "server_views.rs"]
+mod views;
 
 pub use crate::backend::{choose_backend, MemberDevices};
 use crate::job::ResolvedJob;
@@ -476,51 +478,6 @@ impl CoordinatorService {
         metrics::gauge!("moxin_workers_connected").set(s.workers.len() as f64);
         metrics::gauge!("moxin_membership_generation").set(s.membership.generation() as f64);
     }
-
-    /// Writes the job's state atomically (a later coordinator continues from it).
-    fn persist(&self, s: &State) {
-        #[derive(Serialize)]
-        struct Member<'a> {
-            worker_id: &'a str,
-            host: &'a str,
-            pid: u32,
-            rank: Option<u32>,
-            collective_address: &'a str,
-        }
-        let members: Vec<Member> = s
-            .membership
-            .live()
-            .iter()
-            .filter_map(|id| s.workers.get(id).map(|w| (id, w)))
-            .map(|(id, w)| Member {
-                worker_id: id,
-                host: &w.identity.host,
-                pid: w.identity.pid,
-                rank: w.rank,
-                collective_address: &w.collective_address,
-            })
-            .collect();
-        let doc = serde_json::json!({
-            "job": self.job.spec.name,
-            "phase": s.membership.phase(),
-            "generation": s.membership.generation(),
-            "step": s.progress.last.as_ref().map_or(s.start_step, |m| m.step),
-            "members": members,
-            "failures": s.failures,
-            "recoveries": s.recoveries,
-            "coordinator_url": s.url,
-            "stragglers": s.workers.iter().filter(|(_, w)| w.straggler).map(|(id, _)| id.as_str()).collect::<Vec<_>>(),
-            "updated_unix_s": SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-        });
-        let tmp = self.state_file.with_extension("json.tmp");
-        let written = serde_json::to_vec_pretty(&doc)
-            .map_err(std::io::Error::other)
-            .and_then(|bytes| std::fs::write(&tmp, bytes))
-            .and_then(|_| std::fs::rename(&tmp, &self.state_file));
-        if let Err(e) = written {
-            tracing::warn!("cannot persist coordinator state to {}: {e}", self.state_file.display());
-        }
-    }
 }
 
 fn broadcast(s: &State, event: Event) {
@@ -776,6 +733,10 @@ impl Coordinator for CoordinatorService {
             send(w, Event { kind: Some(event::Kind::Checkpoint(CheckpointNow { reason: reason.clone() })) });
         }
         Ok(Response::new(CheckpointResponse { generation, step }))
+    }
+
+    async fn get_status(&self, _request: Request<StatusRequest>) -> Result<Response<JobStatus>, Status> {
+        Ok(Response::new(self.status_of(&self.lock())))
     }
 
     async fn scale(&self, request: Request<ScaleRequest>) -> Result<Response<ScaleResponse>, Status> {

@@ -265,7 +265,7 @@ pub fn checkpoint(target: &str, security: &crate::ClientSecurityArgs) -> Result<
 
 /// The coordinator URL of `target`: a coordinator URL, or a run directory whose
 /// `coordinator/state.json` names a running job's coordinator.
-fn coordinator_of(target: &str) -> Result<String> {
+pub(crate) fn coordinator_of(target: &str) -> Result<String> {
     let url = if target.starts_with("http://") || target.starts_with("https://") {
         target.to_string()
     } else {
@@ -289,7 +289,7 @@ fn coordinator_of(target: &str) -> Result<String> {
 }
 
 /// `target` as a run directory (not a URL).
-fn run_dir_of(target: &str) -> Option<&Path> {
+pub(crate) fn run_dir_of(target: &str) -> Option<&Path> {
     (!target.starts_with("http://") && !target.starts_with("https://")).then(|| Path::new(target))
 }
 

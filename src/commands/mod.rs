@@ -326,3 +326,4 @@ pub mod bench;
 pub mod cluster;
 pub mod hf;
 pub mod pipeline;
+pub mod status;
