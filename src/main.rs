@@ -160,6 +160,10 @@ struct LaunchArgs {
     /// re-forms and continues from the newest checkpoint); then the job fails.
     #[arg(long, default_value_t = 3)]
     max_restarts: u32,
+    /// Worker i serves Prometheus metrics on 127.0.0.1:(PORT + i) (the coordinator's
+    /// endpoint is cluster.metrics_listen).
+    #[arg(long, value_name = "PORT")]
+    worker_metrics_port: Option<u16>,
     /// Run directory [default: runs/<job name>].
     #[arg(long)]
     out: Option<PathBuf>,
@@ -506,11 +510,20 @@ fn run(cli: Cli) -> Result<i32> {
             )
         }
         Command::Launch(a) if moxin_coordinator::pipeline::is_pipeline(&a.config) => {
-            let mode = commands::pipeline::Mode::Launch { workers: a.workers, max_restarts: a.max_restarts };
+            let mode = commands::pipeline::Mode::Launch(commands::cluster::LaunchOptions {
+                workers: a.workers,
+                max_restarts: a.max_restarts,
+                worker_metrics_port: a.worker_metrics_port,
+            });
             return commands::pipeline::run(&a.config, a.out.as_deref(), &a.set, mode);
         }
         Command::Launch(a) => {
-            return commands::cluster::launch(&a.config, a.workers, a.max_restarts, a.out.as_deref(), &a.set)
+            let options = commands::cluster::LaunchOptions {
+                workers: a.workers,
+                max_restarts: a.max_restarts,
+                worker_metrics_port: a.worker_metrics_port,
+            };
+            return commands::cluster::launch(&a.config, options, a.out.as_deref(), &a.set);
         }
         Command::Coordinator(a) => {
             let security = commands::cluster::server_security(

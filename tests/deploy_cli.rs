@@ -224,7 +224,8 @@ fn dashboard_evaluates(port: u16, job: &str) -> Result<(), String> {
 }
 
 /// A real Prometheus (on loopback, generated config, the repository's rules) scrapes a
-/// running `launch --workers 2`: the target is up, `moxin_step` rises, every recording
+/// running `launch --workers 2`: the coordinator's and both workers' endpoints
+/// (`--worker-metrics-port`) are up, `moxin_step` rises, every recording
 /// and alerting rule evaluates without error against the live series, and so does every
 /// query of the Grafana dashboard.
 #[test]
@@ -238,10 +239,18 @@ fn a_real_prometheus_scrapes_a_running_job_and_evaluates_every_rule() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
     let (metrics_port, prom_port) = (free_port(), free_port());
+    // Two consecutive free ports for the workers' endpoints.
+    let worker_port = loop {
+        let p = free_port();
+        if p < 65535 && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            break p;
+        }
+    };
     let job = crate::common::tiny_job(t, 100_000, "");
     let mut launch = Command::new(crate::common::BIN)
         .args(["launch", crate::common::s(&job), "--workers", "2", "--out", crate::common::s(&t.join("run"))])
         .args(["--set", &format!("cluster.metrics_listen=127.0.0.1:{metrics_port}")])
+        .args(["--worker-metrics-port", &worker_port.to_string()])
         .env("MOXIN_LOG", "warn")
         .spawn()
         .unwrap();
@@ -251,8 +260,10 @@ fn a_real_prometheus_scrapes_a_running_job_and_evaluates_every_rule() {
         &config,
         format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {:?}\nscrape_configs:\n  \
-             - job_name: moxin-coordinator\n    static_configs:\n      - targets: [\"127.0.0.1:{metrics_port}\"]\n",
-            rules.display().to_string()
+             - job_name: moxin-coordinator\n    static_configs:\n      - targets: [\"127.0.0.1:{metrics_port}\"]\n  \
+             - job_name: moxin-workers\n    static_configs:\n      - targets: [\"127.0.0.1:{worker_port}\", \"127.0.0.1:{}\"]\n",
+            rules.display().to_string(),
+            worker_port + 1
         ),
     )
     .unwrap();
@@ -285,7 +296,10 @@ fn a_real_prometheus_scrapes_a_running_job_and_evaluates_every_rule() {
         let targets = get(prom_port, "/api/v1/targets");
         let up = targets["data"]["activeTargets"]
             .as_array()
-            .is_some_and(|a| !a.is_empty() && a.iter().all(|t| t["health"] == "up"));
+            .is_some_and(|a| a.len() == 3 && a.iter().all(|t| t["health"] == "up"));
+        // The workers' own series (heartbeat round trips) arrive from their endpoints.
+        let rtt = query(prom_port, "moxin_heartbeat_rtt_seconds_count{job=\"moxin-workers\"}");
+        let up = up && rtt["data"]["result"].as_array().is_some_and(|r| r.len() == 2);
         let groups = get(prom_port, "/api/v1/rules");
         let rules: Vec<&serde_json::Value> = groups["data"]["groups"]
             .as_array()

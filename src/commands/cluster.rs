@@ -16,11 +16,28 @@ const STOP_GRACE: Duration = Duration::from_secs(120);
 /// The same after a failure: nothing is left to save, only the reason to deliver.
 const FAILURE_GRACE: Duration = Duration::from_secs(5);
 
+/// How `launch` runs its workers.
+#[derive(Debug, Clone, Copy)]
+pub struct LaunchOptions {
+    /// Worker processes.
+    pub workers: u32,
+    /// Replacements of dead worker processes allowed in all.
+    pub max_restarts: u32,
+    /// Worker slot i serves Prometheus metrics on 127.0.0.1:(port + i).
+    pub worker_metrics_port: Option<u16>,
+}
+
 /// `launch`: a coordinator in this process and `workers` worker processes on this machine.
 /// A worker process that dies is replaced (at most `max_restarts` times in all); the
 /// group re-forms with the replacement and continues from the newest checkpoint. Returns
 /// the exit code (0, or the stopped code after a requested stop).
-pub fn launch(config: &Path, workers: u32, max_restarts: u32, out: Option<&Path>, overrides: &[String]) -> Result<i32> {
+pub fn launch(config: &Path, options: LaunchOptions, out: Option<&Path>, overrides: &[String]) -> Result<i32> {
+    let LaunchOptions { workers, max_restarts, worker_metrics_port } = options;
+    if let Some(port) = worker_metrics_port {
+        if u32::from(port) + workers > 65536 || port == 0 {
+            bail!("--worker-metrics-port {port}: ports {port}..{} do not all exist", u32::from(port) + workers);
+        }
+    }
     if workers == 0 {
         bail!("--workers must be at least 1");
     }
@@ -44,7 +61,8 @@ pub fn launch(config: &Path, workers: u32, max_restarts: u32, out: Option<&Path>
         let url = format!("http://{}", listener.local_addr()?);
         let Some(service) = start(job, listener, &security).await? else { return Ok(0) };
         let exe = std::env::current_exe().context("locating the moxin-train binary")?;
-        let supervisor = Supervisor { exe, url, token, workers, max_restarts, service: service.clone() };
+        let supervisor =
+            Supervisor { exe, url, token, workers, max_restarts, worker_metrics_port, service: service.clone() };
         let supervising = tokio::spawn(supervisor.run());
         let end = follow(&service, &signals).await;
         // The workers' exits are their acknowledgements: each has heard the end (and, on a
@@ -66,6 +84,7 @@ struct Supervisor {
     token: JoinToken,
     workers: u32,
     max_restarts: u32,
+    worker_metrics_port: Option<u16>,
     service: CoordinatorService,
 }
 
@@ -75,6 +94,10 @@ impl Supervisor {
         let own_gpus = (slot as usize) < gpus && gpus >= self.workers as usize;
         let mut cmd = tokio::process::Command::new(&self.exe);
         cmd.args(["worker", "--coordinator", &self.url]).kill_on_drop(true);
+        if let Some(port) = self.worker_metrics_port {
+            // A replacement takes its slot's port again, so the scrape target stays the same.
+            cmd.args(["--metrics-listen", &format!("127.0.0.1:{}", u32::from(port) + slot)]);
+        }
         // The environment, not the command line, where `ps` would show it.
         cmd.env(moxin_proto::security::TOKEN_ENV, self.token.reveal()).env_remove("MOXIN_TOKEN_FILE");
         // With a GPU per worker, worker i trains on GPU i (LOCAL_RANK, as torchrun sets it);

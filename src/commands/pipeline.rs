@@ -11,13 +11,8 @@ use moxin_coordinator::pipeline::{last_step, Pipeline, StageSummary};
 pub enum Mode {
     /// `train`.
     Train,
-    /// `launch --workers N --max-restarts R`.
-    Launch {
-        /// Worker processes.
-        workers: u32,
-        /// Replacements per worker.
-        max_restarts: u32,
-    },
+    /// `launch`, with its options.
+    Launch(super::cluster::LaunchOptions),
 }
 
 /// Marks a stage that ran to its end, so a restarted pipeline skips it.
@@ -46,9 +41,7 @@ pub fn run(file: &Path, out: Option<&Path>, overrides: &[String], mode: Mode) ->
         tracing::info!(stage = %stage.name, run_dir = %stage.run_dir.display(), "starting stage");
         let code = match mode {
             Mode::Train => super::train(&stage.config, Some(&stage.run_dir), overrides, None, None)?.exit_code(),
-            Mode::Launch { workers, max_restarts } => {
-                super::cluster::launch(&stage.config, workers, max_restarts, Some(&stage.run_dir), overrides)?
-            }
+            Mode::Launch(options) => super::cluster::launch(&stage.config, options, Some(&stage.run_dir), overrides)?,
         };
         if code != 0 {
             tracing::warn!(stage = %stage.name, code, "the stage did not finish; rerun the same command to continue");
