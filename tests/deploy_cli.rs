@@ -324,3 +324,76 @@ fn a_real_prometheus_scrapes_a_running_job_and_evaluates_every_rule() {
     let _ = launch.wait();
     outcome.unwrap();
 }
+
+/// deploy/prometheus/prometheus-kubernetes.yml finds exactly the metrics ports of
+/// deploy/kubernetes' pods, under the job names the rules and the dashboard use. Debian's
+/// promtool is built without Kubernetes discovery, so the relabelling is checked by
+/// applying it (keep / replace, as Prometheus does) to the discovery labels of the pods
+/// the manifests define.
+#[test]
+fn kubernetes_service_discovery_keeps_the_metrics_ports_of_our_pods() {
+    let python = repo(".venv/bin/python");
+    if Command::new(&python).args(["-c", "import yaml"]).output().map_or(true, |o| !o.status.success()) {
+        eprintln!("SKIPPED: {} cannot import yaml (scripts/setup.sh installs it with transformers)", python.display());
+        return;
+    }
+    const CHECK: &str = r#"
+import re, sys, yaml
+config = yaml.safe_load(open(sys.argv[1]))
+static = yaml.safe_load(open(sys.argv[2]))
+assert config["rule_files"] == static["rule_files"], "rule files differ from prometheus.yml"
+[scrape] = config["scrape_configs"]
+assert scrape["kubernetes_sd_configs"] == [{"role": "pod"}]
+def meta(pod_labels, namespace, pod, port):
+    m = {"__meta_kubernetes_namespace": namespace, "__meta_kubernetes_pod_name": pod,
+         "__meta_kubernetes_pod_container_port_name": port.get("name", ""),
+         "__address__": "10.0.0.1:%d" % port["containerPort"], "job": scrape["job_name"]}
+    for k, v in pod_labels.items():
+        m["__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", k)] = v
+    return m
+def relabel(labels):
+    for r in scrape["relabel_configs"]:
+        value = r.get("separator", ";").join(labels.get(s, "") for s in r["source_labels"])
+        match = re.fullmatch(r.get("regex", "(.*)"), value)
+        action = r.get("action", "replace")
+        if action == "keep":
+            if not match: return None
+        elif action == "replace":
+            if match:
+                labels[r["target_label"]] = match.expand(r.get("replacement", "$1").replace("$", "\\"))
+        else:
+            raise SystemExit("unexpected action " + action)
+    return labels
+found = []
+for path in sys.argv[3:]:
+    for doc in yaml.safe_load_all(open(path)):
+        if not doc or doc["kind"] != "Job": continue
+        template = doc["spec"]["template"]
+        labels = dict(template["metadata"]["labels"])
+        if "completionMode" in doc["spec"]:
+            labels["batch.kubernetes.io/job-completion-index"] = "1"
+        for c in template["spec"]["containers"]:
+            for port in c.get("ports", []):
+                t = relabel(meta(labels, "ml", doc["metadata"]["name"] + "-x", port))
+                if t: found.append((t["job"], t["__address__"], t.get("completion_index", "")))
+    # A pod of something else is never scraped.
+    assert relabel(meta({"app.kubernetes.io/name": "other"}, "ml", "p", {"name": "metrics", "containerPort": 1})) is None
+print(sorted(found))
+"#;
+    let dir = repo("deploy/prometheus");
+    let out = Command::new(&python)
+        .args(["-c", CHECK])
+        .arg(dir.join("prometheus-kubernetes.yml"))
+        .arg(dir.join("prometheus.yml"))
+        .arg(repo("deploy/kubernetes/base/coordinator.yaml"))
+        .arg(repo("deploy/kubernetes/base/workers.yaml"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        text.trim(),
+        "[('moxin-coordinator', '10.0.0.1:9100', ''), ('moxin-workers', '10.0.0.1:9100', '1')]",
+        "targets found"
+    );
+}
