@@ -26,4 +26,6 @@ pub use config::{ConfigError, JobConfig};
 pub use job::{resolve_job, ResolvedJob};
 
 #[cfg(test)]
+mod hostile_input_tests;
+#[cfg(test)]
 mod server_tests;

@@ -32,3 +32,6 @@ pub use order::SampleOrder;
 pub use prepare::{prepare, PrepareOptions, TokenizerSource};
 pub use rng::SplitMix64;
 pub use tokenizer::{load_tokenizer, train_bpe, TextTokenizer};
+
+#[cfg(test)]
+mod hostile_input_tests;

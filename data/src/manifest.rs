@@ -111,8 +111,9 @@ impl Manifest {
         if manifest.format != FORMAT {
             return Err(invalid(format!("format {:?}, expected {FORMAT:?}", manifest.format)));
         }
-        let sum: u64 = manifest.shards.iter().map(|s| s.tokens).sum();
-        if sum != manifest.total_tokens {
+        let sum = manifest.shards.iter().try_fold(0u64, |sum, s| sum.checked_add(s.tokens));
+        if sum != Some(manifest.total_tokens) {
+            let sum = sum.map_or("more than 2^64".into(), |s| s.to_string());
             return Err(invalid(format!("total_tokens {} but the shards add up to {sum}", manifest.total_tokens)));
         }
         if manifest.tokenizer.eos_id >= manifest.tokenizer.vocab_size {
@@ -160,7 +161,10 @@ impl Manifest {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(DataError::ShardMissing { path }),
                 Err(e) => return Err(DataError::io(path, e)),
             };
-            let expected = shard.tokens * self.dtype.bytes();
+            let expected = shard.tokens.checked_mul(self.dtype.bytes()).ok_or_else(|| DataError::ManifestInvalid {
+                path: dir.join(MANIFEST_FILE),
+                reason: format!("shard {}: {} tokens cannot be stored", shard.file, shard.tokens),
+            })?;
             if meta.len() != expected {
                 return Err(DataError::ShardSize { path, expected, actual: meta.len() });
             }
@@ -189,6 +193,12 @@ impl Manifest {
 
     /// Samples of `seq_len + 1` tokens (stride `seq_len`) in the token stream.
     pub fn num_samples(&self, dir: &Path, seq_len: u32) -> Result<u64, DataError> {
+        if seq_len == 0 {
+            return Err(DataError::Input {
+                path: dir.to_path_buf(),
+                reason: "seq_len 0: a sample needs a token".into(),
+            });
+        }
         let needed = seq_len as u64 + 1;
         if self.total_tokens < needed {
             return Err(DataError::TooFewTokens {

@@ -493,10 +493,10 @@ impl SftData {
         };
         let (tokens, mask, index) = (map(TOKENS_FILE)?, map(MASK_FILE)?, map(INDEX_FILE)?);
         let bad = |reason: String| DataError::Input { path: dir.to_path_buf(), reason };
-        if tokens.len() as u64 != manifest.tokens * 4 || mask.len() as u64 != manifest.tokens {
+        if Some(tokens.len() as u64) != manifest.tokens.checked_mul(4) || mask.len() as u64 != manifest.tokens {
             return Err(bad("tokens.bin or mask.bin do not match the manifest's token count".into()));
         }
-        if index.len() != manifest.conversations as usize * INDEX_RECORD {
+        if Some(index.len() as u64) != manifest.conversations.checked_mul(INDEX_RECORD as u64) {
             return Err(bad("conversations.bin does not match the manifest's conversation count".into()));
         }
         let conversations: Vec<Conversation> = index
@@ -506,7 +506,9 @@ impl SftData {
                 len: u32::from_le_bytes(r[8..12].try_into().expect("4 bytes")),
             })
             .collect();
-        if let Some(c) = conversations.iter().find(|c| c.start + c.len as u64 > manifest.tokens) {
+        if let Some(c) =
+            conversations.iter().find(|c| c.start.checked_add(c.len as u64).is_none_or(|end| end > manifest.tokens))
+        {
             return Err(bad(format!("a conversation at token {} runs past the end of tokens.bin", c.start)));
         }
         if seq_len == 0 {
@@ -537,11 +539,11 @@ impl SftData {
         for i in 0..n {
             let c = order.sample_at(i) as u32;
             let conv = self.conversations[c as usize];
-            let slots = (conv.len.min(self.seq_len + 1)).saturating_sub(1);
+            let slots = (conv.len.min(self.seq_len.saturating_add(1))).saturating_sub(1);
             if slots == 0 {
                 continue;
             }
-            if used + slots > self.seq_len {
+            if slots > self.seq_len - used {
                 self.row_start.push(self.members.len() as u32);
                 self.row_trained.push(trained);
                 (used, trained) = (0, 0);

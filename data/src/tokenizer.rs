@@ -58,8 +58,16 @@ pub fn load_tokenizer(path: &Path) -> Result<TextTokenizer, DataError> {
     if !path.exists() {
         return Err(DataError::Input { path: path.to_path_buf(), reason: "tokenizer file not found".into() });
     }
-    let inner = Tokenizer::from_file(path)
-        .map_err(|e| DataError::Tokenizer { path: path.to_path_buf(), reason: e.to_string() })?;
+    let bad = |reason: String| DataError::Tokenizer { path: path.to_path_buf(), reason };
+    // The tokenizers crate panics on some malformed files (e.g. `"decoder": 0`) instead of
+    // returning an error; a file is input, so that is an error here.
+    let inner = std::panic::catch_unwind(|| Tokenizer::from_file(path))
+        .map_err(|panic| {
+            let what =
+                panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned());
+            bad(format!("not a valid tokenizer.json (the tokenizers library gave up: {})", what.unwrap_or_default()))
+        })?
+        .map_err(|e| bad(e.to_string()))?;
     TextTokenizer::from_tokenizer(inner, path)
 }
 

@@ -22,3 +22,6 @@ mod shape;
 pub use flat::{zero1_partitions, FlatLayout, LeafSlot, ParamSlot, PARTITION_ALIGN};
 pub use params::{Init, ParamDecl, ParamGroup};
 pub use shape::{ModelShape, ParamClass};
+
+#[cfg(test)]
+mod hostile_input_tests;

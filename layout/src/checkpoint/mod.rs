@@ -207,7 +207,19 @@ impl Checkpoint {
         for (file, parts) in &manifest.file_parts {
             let path = dir.join(file);
             let size = std::fs::metadata(&path).map_err(|e| CheckpointError::io(&path, e))?.len();
-            let expected = parts.last().map_or(0, |p| p.offset + p.bytes);
+            // The parts tile the file, in order (a manifest from disk may say anything).
+            let mut expected = 0u64;
+            for p in parts {
+                let end = p.offset.checked_add(p.bytes).filter(|_| p.offset == expected);
+                expected = end.ok_or_else(|| CheckpointError::Invalid {
+                    path: path.clone(),
+                    reason: format!(
+                        "the manifest's part of bytes {}+{} does not continue at byte {expected}; the manifest is \
+                         corrupt",
+                        p.offset, p.bytes
+                    ),
+                })?;
+            }
             if size != expected {
                 return Err(CheckpointError::Invalid {
                     path,

@@ -67,11 +67,13 @@ impl TensorMeta<'_> {
     pub fn data_bytes(&self) -> Result<usize, String> {
         let size =
             dtype_size(self.dtype).ok_or_else(|| format!("tensor {}: unknown dtype {:?}", self.name, self.dtype))?;
-        let elements: i64 = self.shape.iter().product();
-        if elements < 0 || self.shape.iter().any(|&d| d < 0) {
-            return Err(format!("tensor {}: impossible shape {:?}", self.name, self.shape));
+        let impossible = || format!("tensor {}: impossible shape {:?}", self.name, self.shape);
+        if self.shape.iter().any(|&d| d < 0) {
+            return Err(impossible());
         }
-        Ok(elements as usize * size)
+        // A shape from elsewhere may claim more bytes than an address space holds.
+        let elements = self.shape.iter().try_fold(1usize, |n, &d| usize::try_from(d).ok()?.checked_mul(n));
+        elements.and_then(|n| n.checked_mul(size)).ok_or_else(impossible)
     }
 }
 
@@ -108,13 +110,13 @@ pub fn safetensors_header(tensors: &[TensorMeta<'_>]) -> Result<Vec<u8>, String>
         }
         let name = serde_json::to_string(t.name).map_err(|e| e.to_string())?;
         let shape: Vec<String> = t.shape.iter().map(|d| d.to_string()).collect();
+        let end = offset.checked_add(bytes).ok_or_else(|| format!("tensor {}: the data exceeds usize", t.name))?;
         json.push_str(&format!(
-            "{name}:{{\"dtype\":\"{}\",\"shape\":[{}],\"data_offsets\":[{offset},{}]}}",
+            "{name}:{{\"dtype\":\"{}\",\"shape\":[{}],\"data_offsets\":[{offset},{end}]}}",
             t.dtype,
-            shape.join(","),
-            offset + bytes
+            shape.join(",")
         ));
-        offset += bytes;
+        offset = end;
     }
     json.push('}');
     while json.len() % 8 != 0 {
@@ -142,7 +144,8 @@ pub fn write_safetensors(path: &Path, tensors: &[TensorBytes<'_>]) -> Result<Wri
 pub fn split_safetensors(tensors: &[TensorMeta<'_>], writers: usize) -> Result<Vec<std::ops::Range<usize>>, String> {
     let writers = writers.max(1);
     let sizes: Vec<usize> = tensors.iter().map(TensorMeta::data_bytes).collect::<Result<_, _>>()?;
-    let total: usize = sizes.iter().sum::<usize>().max(1);
+    let total =
+        sizes.iter().try_fold(0usize, |a, &b| a.checked_add(b)).ok_or("the tensors' data exceeds usize")?.max(1);
     let mut parts = vec![0..0; writers];
     let mut offset = 0usize;
     for (i, size) in sizes.iter().enumerate() {
@@ -187,7 +190,10 @@ pub fn write_safetensors_part(
             return Err(invalid(format!("tensor {}: needs {} bytes, got {}", all[i].name, sizes[i], d.len())));
         }
     }
-    let file_bytes = (prefix.len() + sizes.iter().sum::<usize>()) as u64;
+    let file_bytes = sizes
+        .iter()
+        .try_fold(prefix.len(), |a, &b| a.checked_add(b))
+        .ok_or_else(|| invalid("the tensors' data exceeds usize".into()))? as u64;
     let data_start = prefix.len() + sizes[..part.start].iter().sum::<usize>();
     let (offset, segments): (usize, Vec<&[u8]>) = if header {
         if part.start != 0 {

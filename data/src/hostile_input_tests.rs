@@ -1,0 +1,495 @@
+//! Property tests: hostile input to everything in this crate that reads files another
+//! process wrote (prepared-data manifests and shards, SFT manifests, indexes and token
+//! files, prompt files, chat templates, conversation inputs, tokenizers). Each call must
+//! return `Ok` or an error that names the file; none may panic.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use proptest::prelude::*;
+use serde_json::Value;
+
+use crate::sft::{
+    prepare_sft, read_prompts, ChatTemplate, Overlong, PackedRow, SftData, SftManifest, SftPrepareOptions,
+};
+use crate::{load_tokenizer, prepare, Manifest, PrepareOptions, TokenDataset, TokenizerSource, MANIFEST_FILE};
+
+/// Mutations of a JSON document: structural ones on its value, then byte-level ones on
+/// its text.
+mod mutate {
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    /// One mutation; `usize`s pick a node (or byte) modulo how many there are.
+    #[derive(Debug, Clone)]
+    pub enum Mutation {
+        /// Replace a node by an extreme or mistyped value.
+        Replace(usize, usize),
+        /// Delete an object member.
+        Delete(usize),
+        /// Wrap a node in an array (`true`) or an object.
+        Wrap(usize, bool),
+        /// Give an object a duplicate of one of its keys, with an extreme value.
+        Duplicate(usize, usize),
+        /// Flip bits of a byte of the text.
+        Flip(usize, u8),
+        /// Cut the text.
+        Truncate(usize),
+        /// Insert bytes into the text.
+        Insert(usize, Vec<u8>),
+    }
+
+    /// Extreme and mistyped JSON values, as text.
+    pub const EXTREMES: &[&str] = &[
+        "null",
+        "true",
+        "-1",
+        "0",
+        "1",
+        "4294967295",
+        "4294967296",
+        "18446744073709551615",
+        "18446744073709551616",
+        "-9223372036854775808",
+        "1e308",
+        "1e999",
+        "NaN",
+        "0.5",
+        "\"\"",
+        "\"../../../etc/passwd\"",
+        "\"/etc/passwd\"",
+        "\"manifest.json\"",
+        "\"\\u0000\"",
+        "\"u32\"",
+        "[]",
+        "{}",
+        "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]",
+    ];
+
+    pub fn mutation() -> impl Strategy<Value = Mutation> {
+        prop_oneof![
+            3 => (any::<usize>(), any::<usize>()).prop_map(|(p, v)| Mutation::Replace(p, v)),
+            2 => any::<usize>().prop_map(Mutation::Delete),
+            1 => (any::<usize>(), any::<bool>()).prop_map(|(p, a)| Mutation::Wrap(p, a)),
+            1 => (any::<usize>(), any::<usize>()).prop_map(|(p, v)| Mutation::Duplicate(p, v)),
+            1 => (any::<usize>(), 1..=255u8).prop_map(|(i, b)| Mutation::Flip(i, b)),
+            1 => any::<usize>().prop_map(Mutation::Truncate),
+            1 => (any::<usize>(), proptest::collection::vec(any::<u8>(), 1..8)).prop_map(|(i, b)| Mutation::Insert(i, b)),
+        ]
+    }
+
+    pub fn mutations() -> impl Strategy<Value = Vec<Mutation>> {
+        proptest::collection::vec(mutation(), 1..5)
+    }
+
+    /// JSON pointers of every node of `v`.
+    fn pointers(v: &Value, at: String, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m {
+                    pointers(x, format!("{at}/{}", k.replace('~', "~0").replace('/', "~1")), out);
+                }
+            }
+            Value::Array(a) => {
+                for (i, x) in a.iter().enumerate() {
+                    pointers(x, format!("{at}/{i}"), out);
+                }
+            }
+            _ => {}
+        }
+        out.push(at);
+    }
+
+    /// `doc` with `mutations` applied, as bytes.
+    pub fn apply(doc: &Value, mutations: &[Mutation]) -> Vec<u8> {
+        let mut v = doc.clone();
+        let mut splices: Vec<(String, String)> = Vec::new();
+        let mut bytes_ops = Vec::new();
+        for m in mutations {
+            let mut all = Vec::new();
+            pointers(&v, String::new(), &mut all);
+            let pick = |i: usize| all[i % all.len()].clone();
+            let mut marker = |text: String| {
+                let name = format!("@@splice{}@@", splices.len());
+                splices.push((format!("\"{name}\""), text));
+                Value::String(name)
+            };
+            match m {
+                Mutation::Replace(p, e) => {
+                    let new = marker(EXTREMES[e % EXTREMES.len()].to_string());
+                    if let Some(node) = v.pointer_mut(&pick(*p)) {
+                        *node = new;
+                    }
+                }
+                Mutation::Delete(p) => {
+                    let ptr = pick(*p);
+                    if let Some((parent, key)) = ptr.rsplit_once('/') {
+                        if let Some(Value::Object(o)) = v.pointer_mut(parent) {
+                            o.remove(&key.replace("~1", "/").replace("~0", "~"));
+                        }
+                    }
+                }
+                Mutation::Wrap(p, array) => {
+                    if let Some(node) = v.pointer_mut(&pick(*p)) {
+                        let inner = node.take();
+                        *node = if *array { Value::Array(vec![inner]) } else { serde_json::json!({ "x": inner }) };
+                    }
+                }
+                Mutation::Duplicate(p, e) => {
+                    let ptr = pick(*p);
+                    if let Some(Value::Object(o)) = v.pointer(&ptr) {
+                        if let Some(key) = o.keys().next() {
+                            let body = serde_json::to_string(o).unwrap_or_default();
+                            let text = format!(
+                                "{{{}:{},{}",
+                                serde_json::to_string(key).unwrap_or_default(),
+                                EXTREMES[e % EXTREMES.len()],
+                                &body[1..]
+                            );
+                            let new = marker(text);
+                            if let Some(node) = v.pointer_mut(&ptr) {
+                                *node = new;
+                            }
+                        }
+                    }
+                }
+                other => bytes_ops.push(other.clone()),
+            }
+        }
+        let mut text = serde_json::to_string(&v).unwrap_or_default();
+        for (name, with) in splices.iter().rev() {
+            text = text.replace(name, with);
+        }
+        let mut bytes = text.into_bytes();
+        for op in bytes_ops {
+            let n = bytes.len().max(1);
+            match op {
+                Mutation::Flip(i, b) => {
+                    if let Some(x) = bytes.get_mut(i % n) {
+                        *x ^= b;
+                    }
+                }
+                Mutation::Truncate(i) => bytes.truncate(i % n),
+                Mutation::Insert(i, b) => {
+                    let at = i % (bytes.len() + 1);
+                    bytes.splice(at..at, b);
+                }
+                _ => {}
+            }
+        }
+        bytes
+    }
+}
+
+/// Prepared directories made once: `(root, tokenizer, token data, SFT data)`.
+struct Fixture {
+    _root: tempfile::TempDir,
+    tokenizer: PathBuf,
+    tokens: PathBuf,
+    sft: PathBuf,
+}
+
+fn conversation(i: usize) -> String {
+    serde_json::json!({"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": format!("question {i}?")},
+        {"role": "assistant", "content": format!("the answer is {i}")},
+    ]})
+    .to_string()
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let root = tempfile::tempdir().unwrap();
+        let tok = crate::train_bpe(crate::builtin::corpus(1, 60).iter(), 320, false).unwrap();
+        let tokenizer = root.path().join("tokenizer.json");
+        tok.inner.save(&tokenizer, false).unwrap();
+        let input = root.path().join("in.jsonl");
+        let docs: Vec<String> =
+            crate::builtin::corpus(3, 20).into_iter().map(|t| serde_json::json!({ "text": t }).to_string()).collect();
+        std::fs::write(&input, docs.join("\n")).unwrap();
+        let tokens = root.path().join("tokens");
+        let mut opts = PrepareOptions::new(vec![input], tokens.clone(), TokenizerSource::File(tokenizer.clone()));
+        opts.shard_tokens = 300;
+        prepare(&opts).unwrap();
+        let chats = root.path().join("chats.jsonl");
+        std::fs::write(&chats, (0..12).map(conversation).collect::<Vec<_>>().join("\n")).unwrap();
+        let sft = root.path().join("sft");
+        prepare_sft(&sft_options(chats, sft.clone(), tokenizer.clone())).unwrap();
+        Fixture { _root: root, tokenizer, tokens, sft }
+    })
+}
+
+fn sft_options(input: PathBuf, out_dir: PathBuf, tokenizer: PathBuf) -> SftPrepareOptions {
+    SftPrepareOptions {
+        inputs: vec![input],
+        out_dir,
+        tokenizer,
+        template: ChatTemplate::moxin(),
+        max_tokens: 64,
+        overlong: Overlong::Truncate,
+        overwrite: true,
+    }
+}
+
+/// A private copy of the prepared directory `from`.
+fn copy_of(from: &Path) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+    }
+    (tmp, dir)
+}
+
+fn names(e: &crate::DataError, dir: &Path) -> bool {
+    e.to_string().contains(&dir.display().to_string())
+}
+
+const SEQ_LENS: &[u32] = &[0, 1, 16, 300, u32::MAX];
+
+/// Opens the token data in `dir` every way a reader does and reads every sample of what
+/// opens; errors must name the directory.
+fn open_tokens_every_way(dir: &Path, seq_len: u32, model_vocab: u32) {
+    match Manifest::load(dir) {
+        Ok(m) => {
+            for checksums in [false, true] {
+                if let Err(e) = m.verify(dir, checksums) {
+                    assert!(names(&e, dir), "{e}");
+                }
+            }
+            if let Err(e) = m.num_samples(dir, seq_len) {
+                assert!(names(&e, dir), "{e}");
+            }
+        }
+        Err(e) => assert!(e.to_string().contains(MANIFEST_FILE), "{e}"),
+    }
+    for checksums in [false, true] {
+        match TokenDataset::open(dir, seq_len, model_vocab, checksums) {
+            Ok(d) if seq_len <= 4096 => {
+                let mut out = vec![0i64; seq_len as usize + 1];
+                for i in [0, d.num_samples() / 2, d.num_samples() - 1] {
+                    d.read_sample(i, &mut out);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => assert!(names(&e, dir), "{e}"),
+        }
+    }
+}
+
+/// Opens the SFT data in `dir` every way a reader does and reads every row of what opens.
+fn open_sft_every_way(dir: &Path, seq_len: u32) {
+    if let Err(e) = SftManifest::load(dir) {
+        assert!(e.to_string().contains(MANIFEST_FILE), "{e}");
+    }
+    for checksums in [false, true] {
+        match SftData::open(dir, seq_len, 320, 7, checksums) {
+            Ok(d) => {
+                for r in 0..d.num_rows() {
+                    let mut row = PackedRow::default();
+                    d.read_row(r, 0, &mut row);
+                    assert_eq!(row.inputs.len(), seq_len as usize);
+                }
+            }
+            Err(e) => assert!(names(&e, dir), "{e}"),
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn manifests_of_random_bytes_are_errors(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join(MANIFEST_FILE), &bytes).unwrap();
+        let e = Manifest::load(tmp.path()).unwrap_err();
+        prop_assert!(e.to_string().contains(MANIFEST_FILE), "{}", e);
+        open_tokens_every_way(tmp.path(), 16, 320);
+        open_sft_every_way(tmp.path(), 16);
+    }
+
+    #[test]
+    fn mutated_token_manifests_are_errors_not_panics(m in mutate::mutations(), seq in 0..SEQ_LENS.len()) {
+        let (_tmp, dir) = copy_of(&fixture().tokens);
+        let valid: Value = serde_json::from_slice(&std::fs::read(dir.join(MANIFEST_FILE)).unwrap()).unwrap();
+        std::fs::write(dir.join(MANIFEST_FILE), mutate::apply(&valid, &m)).unwrap();
+        open_tokens_every_way(&dir, SEQ_LENS[seq].min(64), 320);
+        open_tokens_every_way(&dir, SEQ_LENS[seq], u32::MAX);
+    }
+
+    #[test]
+    fn corrupt_shards_are_named(shard in 0..8usize, at in any::<usize>(), op in 0..4u8, seq in 0..SEQ_LENS.len()) {
+        let (_tmp, dir) = copy_of(&fixture().tokens);
+        let manifest = Manifest::load(&dir).unwrap();
+        let file = dir.join(&manifest.shards[shard % manifest.shards.len()].file);
+        let mut bytes = std::fs::read(&file).unwrap();
+        let i = at % bytes.len().max(1);
+        match op {
+            0 => bytes.truncate(i),
+            1 => bytes.extend_from_slice(&[0xff; 3]),
+            2 => bytes[i] ^= 0x80,
+            _ => bytes = vec![0xff; bytes.len()],
+        }
+        std::fs::write(&file, &bytes).unwrap();
+        open_tokens_every_way(&dir, SEQ_LENS[seq].min(64), 320);
+        if op < 2 {
+            let e = TokenDataset::open(&dir, 16, 320, false).err().unwrap();
+            prop_assert!(e.to_string().contains(&file.display().to_string()), "{}", e);
+        }
+    }
+
+    #[test]
+    fn mutated_sft_manifests_are_errors_not_panics(m in mutate::mutations(), seq in 0..SEQ_LENS.len()) {
+        let (_tmp, dir) = copy_of(&fixture().sft);
+        let valid: Value = serde_json::from_slice(&std::fs::read(dir.join(MANIFEST_FILE)).unwrap()).unwrap();
+        std::fs::write(dir.join(MANIFEST_FILE), mutate::apply(&valid, &m)).unwrap();
+        open_sft_every_way(&dir, SEQ_LENS[seq].min(64));
+    }
+
+    #[test]
+    fn corrupt_sft_files_are_errors_not_panics(
+        file in 0..3usize,
+        edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
+        cut in proptest::option::of(any::<usize>()),
+        seq in 0..SEQ_LENS.len(),
+    ) {
+        let (_tmp, dir) = copy_of(&fixture().sft);
+        let path = dir.join(["conversations.bin", "tokens.bin", "mask.bin"][file]);
+        let mut bytes = std::fs::read(&path).unwrap();
+        for (at, b) in edits {
+            let n = bytes.len();
+            // Index records are 16 bytes: the start (u64) and length (u32) are the
+            // interesting ones, so extreme bytes land there often.
+            let i = if file == 0 { (at % (n / 16)) * 16 + at % 12 } else { at % n };
+            bytes[i] = if at % 3 == 0 { 0xff } else { b };
+        }
+        if let Some(c) = cut {
+            bytes.truncate(c % bytes.len());
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        open_sft_every_way(&dir, SEQ_LENS[seq].min(64));
+    }
+
+    #[test]
+    fn hostile_sft_index_records_are_errors(
+        record in any::<usize>(),
+        start in prop_oneof![Just(0u64), Just(u64::MAX), Just(u64::MAX - 1), Just(1 << 40), any::<u64>()],
+        len in prop_oneof![Just(0u32), Just(1), Just(u32::MAX), any::<u32>()],
+        verify in any::<bool>(),
+    ) {
+        let (_tmp, dir) = copy_of(&fixture().sft);
+        let path = dir.join("conversations.bin");
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = (record % (bytes.len() / 16)) * 16;
+        bytes[at..at + 8].copy_from_slice(&start.to_le_bytes());
+        bytes[at + 8..at + 12].copy_from_slice(&len.to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        if let Err(e) = SftData::open(&dir, 32, 320, 7, verify) {
+            prop_assert!(names(&e, &dir), "{}", e);
+        }
+        open_sft_every_way(&dir, 32);
+    }
+
+    #[test]
+    fn prompt_files_random_or_mutated_are_errors_naming_the_line(
+        random in proptest::collection::vec(any::<u8>(), 0..256),
+        m in mutate::mutations(),
+    ) {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("prompts.jsonl");
+        let valid = serde_json::json!({"prompt": "1+1?", "answer": "2"});
+        let mut text = random.clone();
+        text.push(b'\n');
+        text.extend(mutate::apply(&valid, &m));
+        for bytes in [random, text] {
+            std::fs::write(&path, &bytes).unwrap();
+            if let Err(e) = read_prompts(&path) {
+                prop_assert!(e.to_string().contains("prompts.jsonl"), "{}", e);
+            }
+        }
+    }
+
+    #[test]
+    fn chat_templates_random_or_mutated_are_errors(
+        random in proptest::collection::vec(any::<u8>(), 0..128),
+        m in mutate::mutations(),
+    ) {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("template.json");
+        let valid = serde_json::to_value(ChatTemplate::moxin()).unwrap();
+        for bytes in [random, mutate::apply(&valid, &m)] {
+            std::fs::write(&path, &bytes).unwrap();
+            if let Err(e) = ChatTemplate::load(path.to_str().unwrap()) {
+                prop_assert!(e.to_string().contains("template.json"), "{}", e);
+            }
+        }
+    }
+
+    #[test]
+    fn conversations_random_or_mutated_are_errors_naming_the_file(
+        random in proptest::collection::vec(any::<u8>(), 0..128),
+        m in mutate::mutations(),
+        max_tokens in prop_oneof![Just(0u32), Just(2), Just(64), Just(u32::MAX)],
+    ) {
+        let tmp = tempfile::tempdir().unwrap();
+        let input = tmp.path().join("chats.jsonl");
+        let valid: Value = serde_json::from_str(&conversation(1)).unwrap();
+        let mut text = conversation(0).into_bytes();
+        text.push(b'\n');
+        text.extend(mutate::apply(&valid, &m));
+        for bytes in [random, text] {
+            std::fs::write(&input, &bytes).unwrap();
+            let mut opts = sft_options(input.clone(), tmp.path().join("out"), fixture().tokenizer.clone());
+            opts.max_tokens = max_tokens;
+            match prepare_sft(&opts) {
+                Ok(_) => open_sft_every_way(&opts.out_dir, 32),
+                Err(e) => prop_assert!(
+                    e.to_string().contains("chats.jsonl") || e.to_string().contains(&opts.out_dir.display().to_string()),
+                    "{}",
+                    e
+                ),
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    #[test]
+    fn tokenizer_files_random_or_mutated_are_errors(
+        random in proptest::collection::vec(any::<u8>(), 0..256),
+        m in mutate::mutations(),
+    ) {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("tokenizer.json");
+        let valid: Value = serde_json::from_slice(&std::fs::read(&fixture().tokenizer).unwrap()).unwrap();
+        for bytes in [random, mutate::apply(&valid, &m)] {
+            std::fs::write(&path, &bytes).unwrap();
+            match load_tokenizer(&path) {
+                Ok(t) => {
+                    let _ = t.encode("hostile ünïcødé 1+1=2");
+                }
+                Err(e) => prop_assert!(e.to_string().contains("tokenizer.json"), "{}", e),
+            }
+        }
+    }
+}
+
+/// Found by the property above: tokenizers 0.22 panics (`expect("Helper")`) on a file
+/// cut inside its `decoder` (a truncated copy, a full disk).
+#[test]
+fn a_tokenizer_file_cut_short_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("tokenizer.json");
+    let v: Value = serde_json::from_slice(&std::fs::read(&fixture().tokenizer).unwrap()).unwrap();
+    let text = v.to_string();
+    let cut = text.find("\"decoder\":{\"").unwrap() + "\"decoder\":{\"".len();
+    std::fs::write(&path, &text[..cut]).unwrap();
+    let e = load_tokenizer(&path).err().unwrap().to_string();
+    assert!(e.contains("tokenizer.json") && e.contains("not a valid tokenizer.json"), "{e}");
+}

@@ -1,0 +1,565 @@
+//! Property tests: hostile input to everything in this crate that reads what another
+//! process or a disk wrote (checkpoint manifests, checkpoint reports from the network or
+//! recorded on disk, safetensors headers, Hugging Face `config.json`). Each call must
+//! return `Ok` or an error that says something; none may panic.
+
+use std::path::Path;
+
+use moxin_proto::v1::{CheckpointPart, WrittenFile};
+use proptest::prelude::*;
+use prost::Message;
+use serde_json::Value;
+
+use crate::checkpoint::write::{safetensors_header, split_safetensors, write_safetensors, TensorBytes, TensorMeta};
+use crate::checkpoint::{
+    latest_valid, partition_file, staging_dir, BuildInfo, Checkpoint, CheckpointManifest, Commits, FilePart,
+    PartitionFile, RngState, FORMAT, MANIFEST, MODEL_FILE,
+};
+use crate::hf::{mistral_config_json, parse_config, TokenIds};
+use crate::ModelShape;
+
+/// Mutations of a JSON document: structural ones on its value, then byte-level ones on
+/// its text.
+mod mutate {
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    /// One mutation; `usize`s pick a node (or byte) modulo how many there are.
+    #[derive(Debug, Clone)]
+    pub enum Mutation {
+        /// Replace a node by an extreme or mistyped value.
+        Replace(usize, usize),
+        /// Delete an object member.
+        Delete(usize),
+        /// Wrap a node in an array (`true`) or an object.
+        Wrap(usize, bool),
+        /// Give an object a duplicate of one of its keys, with an extreme value.
+        Duplicate(usize, usize),
+        /// Flip bits of a byte of the text.
+        Flip(usize, u8),
+        /// Cut the text.
+        Truncate(usize),
+        /// Insert bytes into the text.
+        Insert(usize, Vec<u8>),
+    }
+
+    /// Extreme and mistyped JSON values, as text.
+    pub const EXTREMES: &[&str] = &[
+        "null",
+        "true",
+        "-1",
+        "0",
+        "18446744073709551615",
+        "18446744073709551616",
+        "-9223372036854775808",
+        "1e308",
+        "-1e308",
+        "1e999",
+        "NaN",
+        "Infinity",
+        "0.5",
+        "\"\"",
+        "\"../../../etc/passwd\"",
+        "\"/etc/passwd\"",
+        "\"\\u0000\"",
+        "\"step-99999999\"",
+        "[]",
+        "{}",
+        "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]",
+        "[0, -1, 18446744073709551615]",
+        "{\"\": null}",
+    ];
+
+    pub fn mutation() -> impl Strategy<Value = Mutation> {
+        prop_oneof![
+            3 => (any::<usize>(), any::<usize>()).prop_map(|(p, v)| Mutation::Replace(p, v)),
+            2 => any::<usize>().prop_map(Mutation::Delete),
+            1 => (any::<usize>(), any::<bool>()).prop_map(|(p, a)| Mutation::Wrap(p, a)),
+            1 => (any::<usize>(), any::<usize>()).prop_map(|(p, v)| Mutation::Duplicate(p, v)),
+            1 => (any::<usize>(), 1..=255u8).prop_map(|(i, b)| Mutation::Flip(i, b)),
+            1 => any::<usize>().prop_map(Mutation::Truncate),
+            1 => (any::<usize>(), proptest::collection::vec(any::<u8>(), 1..8)).prop_map(|(i, b)| Mutation::Insert(i, b)),
+        ]
+    }
+
+    pub fn mutations() -> impl Strategy<Value = Vec<Mutation>> {
+        proptest::collection::vec(mutation(), 1..5)
+    }
+
+    /// JSON pointers of every node of `v`.
+    fn pointers(v: &Value, at: String, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m {
+                    pointers(x, format!("{at}/{}", k.replace('~', "~0").replace('/', "~1")), out);
+                }
+            }
+            Value::Array(a) => {
+                for (i, x) in a.iter().enumerate() {
+                    pointers(x, format!("{at}/{i}"), out);
+                }
+            }
+            _ => {}
+        }
+        out.push(at);
+    }
+
+    /// `doc` with `mutations` applied, as bytes.
+    pub fn apply(doc: &Value, mutations: &[Mutation]) -> Vec<u8> {
+        let mut v = doc.clone();
+        // Text spliced in for markers after serialising (values serde_json cannot hold).
+        let mut splices: Vec<(String, String)> = Vec::new();
+        let mut bytes_ops = Vec::new();
+        for m in mutations {
+            let mut all = Vec::new();
+            pointers(&v, String::new(), &mut all);
+            let pick = |i: usize| all[i % all.len()].clone();
+            let mut marker = |text: String| {
+                let name = format!("@@splice{}@@", splices.len());
+                splices.push((format!("\"{name}\""), text));
+                Value::String(name)
+            };
+            match m {
+                Mutation::Replace(p, e) => {
+                    let new = marker(EXTREMES[e % EXTREMES.len()].to_string());
+                    if let Some(node) = v.pointer_mut(&pick(*p)) {
+                        *node = new;
+                    }
+                }
+                Mutation::Delete(p) => {
+                    let ptr = pick(*p);
+                    if let Some((parent, key)) = ptr.rsplit_once('/') {
+                        if let Some(Value::Object(o)) = v.pointer_mut(parent) {
+                            o.remove(&key.replace("~1", "/").replace("~0", "~"));
+                        }
+                    }
+                }
+                Mutation::Wrap(p, array) => {
+                    if let Some(node) = v.pointer_mut(&pick(*p)) {
+                        let inner = node.take();
+                        *node = if *array { Value::Array(vec![inner]) } else { serde_json::json!({ "x": inner }) };
+                    }
+                }
+                Mutation::Duplicate(p, e) => {
+                    let ptr = pick(*p);
+                    if let Some(Value::Object(o)) = v.pointer(&ptr) {
+                        if let Some(key) = o.keys().next() {
+                            let body = serde_json::to_string(o).unwrap_or_default();
+                            let text = format!(
+                                "{{{}:{},{}",
+                                serde_json::to_string(key).unwrap_or_default(),
+                                EXTREMES[e % EXTREMES.len()],
+                                &body[1..]
+                            );
+                            let new = marker(text);
+                            if let Some(node) = v.pointer_mut(&ptr) {
+                                *node = new;
+                            }
+                        }
+                    }
+                }
+                other => bytes_ops.push(other.clone()),
+            }
+        }
+        let mut text = serde_json::to_string_pretty(&v).unwrap_or_default();
+        // Later markers may sit inside earlier splices: splice newest first.
+        for (name, with) in splices.iter().rev() {
+            text = text.replace(name, with);
+        }
+        let mut bytes = text.into_bytes();
+        for op in bytes_ops {
+            let n = bytes.len().max(1);
+            match op {
+                Mutation::Flip(i, b) => {
+                    if let Some(x) = bytes.get_mut(i % n) {
+                        *x ^= b;
+                    }
+                }
+                Mutation::Truncate(i) => bytes.truncate(i % n),
+                Mutation::Insert(i, b) => {
+                    let at = i % (bytes.len() + 1);
+                    bytes.splice(at..at, b);
+                }
+                _ => {}
+            }
+        }
+        bytes
+    }
+}
+
+fn tiny_shape() -> ModelShape {
+    ModelShape {
+        vocab_size: 32,
+        dim: 8,
+        n_layers: 1,
+        n_heads: 2,
+        n_kv_heads: 1,
+        ffn_dim: 16,
+        max_seq_len: 16,
+        sliding_window: 16,
+        rope_theta: 10_000.0,
+        norm_eps: 1e-5,
+        init_std: 0.02,
+    }
+}
+
+/// A valid published checkpoint of step 2 in `run`: a model written in two parts, one
+/// optimizer partition, a tokenizer; returns its manifest as JSON.
+fn valid_checkpoint(run: &Path) -> Value {
+    let dir = run.join("checkpoints/step-00000002");
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = [7u8; 64];
+    let model = write_safetensors(
+        &dir.join(MODEL_FILE),
+        &[TensorBytes { name: "w", dtype: "F32", shape: &[4, 4], data: &data }],
+    )
+    .unwrap();
+    let bytes = std::fs::read(dir.join(MODEL_FILE)).unwrap();
+    let half = bytes.len() as u64 / 2;
+    let sha = |b: &[u8]| crate::checkpoint::write::write_segments(&run.join("scratch"), &[b]).unwrap().sha256;
+    let opt = write_safetensors(
+        &dir.join(partition_file(0)),
+        &[TensorBytes { name: "m", dtype: "F32", shape: &[2], data: &[1u8; 8] }],
+    )
+    .unwrap();
+    let tok = crate::checkpoint::write::write_segments(&dir.join("tokenizer.json"), &[b"{}"]).unwrap();
+    let manifest = CheckpointManifest {
+        format: FORMAT.into(),
+        step: 2,
+        data_cursor: 8,
+        tokens: 128,
+        elapsed_s: 1.5,
+        rng: RngState { seed: 1, data_order: "x".into() },
+        world_size: 1,
+        seq_len: 8,
+        model: tiny_shape(),
+        data_manifest_sha256: "0".repeat(64),
+        resolved_config_toml: "[model]\npreset = \"tiny\"\n".into(),
+        optimizer: vec![PartitionFile { file: partition_file(0), start: 0, end: 2 }],
+        files: [(partition_file(0), opt.sha256), ("tokenizer.json".to_string(), tok.sha256)].into(),
+        file_parts: [(
+            MODEL_FILE.to_string(),
+            vec![
+                FilePart { offset: 0, bytes: half, sha256: sha(&bytes[..half as usize]) },
+                FilePart { offset: half, bytes: model.bytes - half, sha256: sha(&bytes[half as usize..]) },
+            ],
+        )]
+        .into(),
+        build: BuildInfo::default(),
+        token_ids: Some(TokenIds::default()),
+    };
+    let json = serde_json::to_value(&manifest).unwrap();
+    std::fs::write(dir.join(MANIFEST), serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    Checkpoint::open(&dir).expect("the unmutated checkpoint verifies");
+    json
+}
+
+/// Opens the checkpoint of `run` every way a reader does; none may panic, and errors
+/// say something.
+fn open_every_way(run: &Path) {
+    let dir = run.join("checkpoints/step-00000002");
+    if let Err(e) = CheckpointManifest::read(&dir) {
+        assert!(e.to_string().contains(MANIFEST), "{e}");
+    }
+    if let Err(e) = Checkpoint::open(&dir) {
+        assert!(!e.to_string().is_empty());
+    }
+    match latest_valid(run) {
+        Ok(c) => assert!(c.is_some()),
+        Err(e) => assert!(e.to_string().contains("step-00000002"), "{e}"),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    #[test]
+    fn checkpoint_manifest_of_random_bytes_is_an_error(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let run = tempfile::tempdir().unwrap();
+        let dir = run.path().join("checkpoints/step-00000002");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(MANIFEST), &bytes).unwrap();
+        let e = Checkpoint::open(&dir).unwrap_err().to_string();
+        prop_assert!(e.contains(MANIFEST), "{}", e);
+        open_every_way(run.path());
+    }
+
+    #[test]
+    fn mutated_checkpoint_manifests_are_errors_not_panics(m in mutate::mutations()) {
+        let run = tempfile::tempdir().unwrap();
+        let valid = valid_checkpoint(run.path());
+        let dir = run.path().join("checkpoints/step-00000002");
+        std::fs::write(dir.join(MANIFEST), mutate::apply(&valid, &m)).unwrap();
+        open_every_way(run.path());
+    }
+
+    #[test]
+    fn corrupt_checkpoint_files_are_named(file in 0..3usize, at in any::<usize>(), flip in 1..=255u8, cut in any::<bool>()) {
+        let run = tempfile::tempdir().unwrap();
+        valid_checkpoint(run.path());
+        let dir = run.path().join("checkpoints/step-00000002");
+        let name = [MODEL_FILE.to_string(), partition_file(0), "tokenizer.json".to_string()][file].clone();
+        let mut bytes = std::fs::read(dir.join(&name)).unwrap();
+        let i = at % bytes.len();
+        if cut { bytes.truncate(i) } else { bytes[i] ^= flip }
+        std::fs::write(dir.join(&name), &bytes).unwrap();
+        let e = Checkpoint::open(&dir).unwrap_err().to_string();
+        prop_assert!(e.contains(&name), "{}", e);
+        open_every_way(run.path());
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn hostile_file_part_ranges_in_a_manifest_are_errors(ranges in proptest::collection::vec((hostile_u64(), hostile_u64()), 0..3)) {
+        let run = tempfile::tempdir().unwrap();
+        let mut valid = valid_checkpoint(run.path());
+        let parts = valid["file_parts"][MODEL_FILE].as_array_mut().unwrap();
+        for (i, (offset, bytes)) in ranges.into_iter().enumerate() {
+            if let Some(p) = parts.get_mut(i) {
+                p["offset"] = offset.into();
+                p["bytes"] = bytes.into();
+            } else {
+                parts.push(serde_json::json!({ "offset": offset, "bytes": bytes, "sha256": "0".repeat(64) }));
+            }
+        }
+        let dir = run.path().join("checkpoints/step-00000002");
+        std::fs::write(dir.join(MANIFEST), serde_json::to_string(&valid).unwrap()).unwrap();
+        open_every_way(run.path());
+    }
+}
+
+/// Strings a hostile report might carry.
+fn hostile_string() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just(String::new()),
+        Just(".".to_string()),
+        Just("..".to_string()),
+        Just("../../etc/passwd".to_string()),
+        Just("/etc/passwd".to_string()),
+        Just(MANIFEST.to_string()),
+        Just(MODEL_FILE.to_string()),
+        Just(partition_file(0)),
+        Just("a\0b".to_string()),
+        Just("0".repeat(64)),
+        Just("f".repeat(64)),
+        Just("x".repeat(5000)),
+        "[a-z.\\-/]{0,12}",
+        any::<String>(),
+    ]
+}
+
+fn hostile_u64() -> impl Strategy<Value = u64> {
+    prop_oneof![Just(0u64), Just(1), Just(2), Just(u64::MAX), Just(u64::MAX - 1), Just(1 << 63), any::<u64>()]
+}
+
+fn hostile_u32() -> impl Strategy<Value = u32> {
+    prop_oneof![Just(0u32), Just(1), Just(2), Just(u32::MAX), Just(1 << 16), Just((1 << 16) + 1), any::<u32>()]
+}
+
+fn hostile_i64() -> impl Strategy<Value = i64> {
+    prop_oneof![Just(0i64), Just(-1), Just(10), Just(i64::MAX), Just(i64::MIN), any::<i64>()]
+}
+
+fn written_file() -> impl Strategy<Value = WrittenFile> {
+    (hostile_string(), hostile_string(), hostile_u64(), hostile_u64(), hostile_u64())
+        .prop_map(|(name, sha256, bytes, file_bytes, offset)| WrittenFile { name, sha256, bytes, file_bytes, offset })
+}
+
+fn checkpoint_part() -> impl Strategy<Value = CheckpointPart> {
+    (
+        (hostile_string(), prop_oneof![Just(1u64), hostile_u64()], prop_oneof![Just(2u64), hostile_u64()]),
+        (prop_oneof![Just(0u32), hostile_u32()], prop_oneof![Just(1u32), hostile_u32()]),
+        proptest::collection::vec(written_file(), 0..4),
+        (hostile_string(), hostile_i64(), hostile_i64()),
+        (prop_oneof![Just(String::new()), Just("{".to_string()), any::<String>()], hostile_u32()),
+    )
+        .prop_map(
+            |(
+                (worker_id, generation, step),
+                (rank, world_size),
+                files,
+                (partition_file, partition_start, partition_end),
+                (manifest_json, keep_last),
+            )| CheckpointPart {
+                worker_id,
+                generation,
+                step,
+                rank,
+                world_size,
+                files,
+                partition_file,
+                partition_start,
+                partition_end,
+                manifest_json,
+                keep_last,
+            },
+        )
+}
+
+/// A valid report of rank `rank` of `world` for step 2, generation 1, with its files written.
+fn valid_part(run: &Path, rank: u32, world: u32) -> CheckpointPart {
+    let staging = staging_dir(run, 2, 1);
+    std::fs::create_dir_all(&staging).unwrap();
+    let name = partition_file(rank as usize);
+    let files = vec![crate::checkpoint::write::write_segments(&staging.join(&name), &[&[rank as u8; 10]]).unwrap()];
+    let mut manifest = serde_json::from_value::<CheckpointManifest>(valid_checkpoint(&run.join("template"))).unwrap();
+    manifest.world_size = world;
+    CheckpointPart {
+        worker_id: "w1".into(),
+        generation: 1,
+        step: 2,
+        rank,
+        world_size: world,
+        files,
+        partition_file: name,
+        partition_start: rank as i64 * 10,
+        partition_end: rank as i64 * 10 + 10,
+        manifest_json: if rank == 0 { serde_json::to_string(&manifest).unwrap() } else { String::new() },
+        keep_last: 2,
+    }
+}
+
+/// Commits `part`: `Ok`, or an error that names the staging directory.
+fn commit(commits: &mut Commits, part: CheckpointPart) {
+    if let Err(e) = commits.add(part) {
+        assert!(e.to_string().contains(".tmp-step-") || e.to_string().contains("step-"), "{e}");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    #[test]
+    fn random_checkpoint_reports_are_refused_not_panics(parts in proptest::collection::vec(checkpoint_part(), 1..4)) {
+        let run = tempfile::tempdir().unwrap();
+        let mut commits = Commits::new(run.path());
+        for p in parts {
+            std::fs::create_dir_all(staging_dir(run.path(), p.step, p.generation)).unwrap();
+            commit(&mut commits, p);
+        }
+        commits.recover();
+        commits.abandon_before(2);
+    }
+
+    #[test]
+    fn mutated_valid_reports_are_refused_not_panics(
+        rank1_first in any::<bool>(),
+        field in 0..12usize,
+        which in 0..2usize,
+        value in hostile_u64(),
+        text in hostile_string(),
+    ) {
+        let run = tempfile::tempdir().unwrap();
+        let mut parts = [valid_part(run.path(), 0, 2), valid_part(run.path(), 1, 2)];
+        let p = &mut parts[which];
+        match field {
+            0 => p.generation = value,
+            1 => p.step = value,
+            2 => p.rank = value as u32,
+            3 => p.world_size = value as u32,
+            4 => p.files[0].bytes = value,
+            5 => p.files[0].file_bytes = value,
+            6 => p.files[0].offset = value,
+            7 => p.files[0].name = text,
+            8 => p.partition_start = value as i64,
+            9 => p.partition_end = value as i64,
+            10 => p.manifest_json = text,
+            _ => p.keep_last = value as u32,
+        }
+        let mut commits = Commits::new(run.path());
+        let order = if rank1_first { [1, 0] } else { [0, 1] };
+        for i in order {
+            commit(&mut commits, parts[i].clone());
+        }
+        match latest_valid(run.path()) {
+            Ok(_) => {}
+            Err(e) => prop_assert!(!e.to_string().is_empty()),
+        }
+    }
+
+    #[test]
+    fn recorded_reports_of_random_bytes_are_not_recovered(
+        records in proptest::collection::vec((0..3u32, proptest::collection::vec(any::<u8>(), 0..256)), 1..4),
+    ) {
+        let run = tempfile::tempdir().unwrap();
+        let staging = staging_dir(run.path(), 2, 1);
+        std::fs::create_dir_all(&staging).unwrap();
+        for (rank, bytes) in &records {
+            // Random bytes, and what they decode to re-encoded (so some records parse).
+            let bytes = match CheckpointPart::decode(bytes.as_slice()) {
+                Ok(p) => p.encode_to_vec(),
+                Err(e) => {
+                    prop_assert!(!e.to_string().is_empty());
+                    bytes.clone()
+                }
+            };
+            std::fs::write(staging.join(format!(".part-{rank:05}.pb")), bytes).unwrap();
+        }
+        let mut commits = Commits::new(run.path());
+        prop_assert!(commits.recover().is_empty());
+    }
+}
+
+const DTYPES: &[&str] = &["F32", "BF16", "F16", "I64", "U8", "BOOL", "F8_E4M3", "", "f32", "Q4", "F32\"", "\u{0}"];
+
+fn tensor_dims() -> impl Strategy<Value = Vec<i64>> {
+    proptest::collection::vec(
+        prop_oneof![
+            Just(0i64),
+            Just(1),
+            Just(-1),
+            Just(i64::MAX),
+            Just(i64::MIN),
+            Just(1 << 32),
+            0..100i64,
+            any::<i64>()
+        ],
+        0..5,
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn safetensors_headers_of_hostile_tensors_are_errors_not_panics(
+        tensors in proptest::collection::vec((hostile_string(), 0..DTYPES.len(), tensor_dims()), 0..5),
+        writers in 0..5usize,
+    ) {
+        let metas: Vec<TensorMeta<'_>> =
+            tensors.iter().map(|(name, d, shape)| TensorMeta { name, dtype: DTYPES[*d], shape }).collect();
+        match safetensors_header(&metas) {
+            Ok(header) => {
+                // What is written is a well-formed safetensors prefix: length, then JSON.
+                prop_assert!(header.len() >= 8 && header.len() % 8 == 0);
+                let len = u64::from_le_bytes(header[..8].try_into().unwrap()) as usize;
+                prop_assert_eq!(len, header.len() - 8);
+                let json: Value = serde_json::from_slice(&header[8..]).unwrap();
+                prop_assert!(json.is_object());
+            }
+            Err(e) => prop_assert!(!e.is_empty()),
+        }
+        if let Err(e) = split_safetensors(&metas, writers) {
+            prop_assert!(!e.is_empty());
+        }
+    }
+
+    #[test]
+    fn hf_configs_random_or_mutated_are_errors_not_panics(
+        random in proptest::collection::vec(any::<u8>(), 0..256),
+        m in mutate::mutations(),
+    ) {
+        if let Err(e) = parse_config(&String::from_utf8_lossy(&random)) {
+            prop_assert!(!e.is_empty());
+        }
+        let valid: Value =
+            serde_json::from_str(&mistral_config_json(&tiny_shape(), TokenIds::default(), "BF16").unwrap()).unwrap();
+        let text = mutate::apply(&valid, &m);
+        if let Err(e) = parse_config(&String::from_utf8_lossy(&text)) {
+            prop_assert!(!e.is_empty());
+        }
+    }
+}
