@@ -9,177 +9,11 @@ use std::sync::OnceLock;
 use proptest::prelude::*;
 use serde_json::Value;
 
+use crate::json_mutations;
 use crate::sft::{
     prepare_sft, read_prompts, ChatTemplate, Overlong, PackedRow, SftData, SftManifest, SftPrepareOptions,
 };
 use crate::{load_tokenizer, prepare, Manifest, PrepareOptions, TokenDataset, TokenizerSource, MANIFEST_FILE};
-
-/// Mutations of a JSON document: structural ones on its value, then byte-level ones on
-/// its text.
-mod mutate {
-    use proptest::prelude::*;
-    use serde_json::Value;
-
-    /// One mutation; `usize`s pick a node (or byte) modulo how many there are.
-    #[derive(Debug, Clone)]
-    pub enum Mutation {
-        /// Replace a node by an extreme or mistyped value.
-        Replace(usize, usize),
-        /// Delete an object member.
-        Delete(usize),
-        /// Wrap a node in an array (`true`) or an object.
-        Wrap(usize, bool),
-        /// Give an object a duplicate of one of its keys, with an extreme value.
-        Duplicate(usize, usize),
-        /// Flip bits of a byte of the text.
-        Flip(usize, u8),
-        /// Cut the text.
-        Truncate(usize),
-        /// Insert bytes into the text.
-        Insert(usize, Vec<u8>),
-    }
-
-    /// Extreme and mistyped JSON values, as text.
-    pub const EXTREMES: &[&str] = &[
-        "null",
-        "true",
-        "-1",
-        "0",
-        "1",
-        "4294967295",
-        "4294967296",
-        "18446744073709551615",
-        "18446744073709551616",
-        "-9223372036854775808",
-        "1e308",
-        "1e999",
-        "NaN",
-        "0.5",
-        "\"\"",
-        "\"../../../etc/passwd\"",
-        "\"/etc/passwd\"",
-        "\"manifest.json\"",
-        "\"\\u0000\"",
-        "\"u32\"",
-        "[]",
-        "{}",
-        "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]",
-    ];
-
-    pub fn mutation() -> impl Strategy<Value = Mutation> {
-        prop_oneof![
-            3 => (any::<usize>(), any::<usize>()).prop_map(|(p, v)| Mutation::Replace(p, v)),
-            2 => any::<usize>().prop_map(Mutation::Delete),
-            1 => (any::<usize>(), any::<bool>()).prop_map(|(p, a)| Mutation::Wrap(p, a)),
-            1 => (any::<usize>(), any::<usize>()).prop_map(|(p, v)| Mutation::Duplicate(p, v)),
-            1 => (any::<usize>(), 1..=255u8).prop_map(|(i, b)| Mutation::Flip(i, b)),
-            1 => any::<usize>().prop_map(Mutation::Truncate),
-            1 => (any::<usize>(), proptest::collection::vec(any::<u8>(), 1..8)).prop_map(|(i, b)| Mutation::Insert(i, b)),
-        ]
-    }
-
-    pub fn mutations() -> impl Strategy<Value = Vec<Mutation>> {
-        proptest::collection::vec(mutation(), 1..5)
-    }
-
-    /// JSON pointers of every node of `v`.
-    fn pointers(v: &Value, at: String, out: &mut Vec<String>) {
-        match v {
-            Value::Object(m) => {
-                for (k, x) in m {
-                    pointers(x, format!("{at}/{}", k.replace('~', "~0").replace('/', "~1")), out);
-                }
-            }
-            Value::Array(a) => {
-                for (i, x) in a.iter().enumerate() {
-                    pointers(x, format!("{at}/{i}"), out);
-                }
-            }
-            _ => {}
-        }
-        out.push(at);
-    }
-
-    /// `doc` with `mutations` applied, as bytes.
-    pub fn apply(doc: &Value, mutations: &[Mutation]) -> Vec<u8> {
-        let mut v = doc.clone();
-        let mut splices: Vec<(String, String)> = Vec::new();
-        let mut bytes_ops = Vec::new();
-        for m in mutations {
-            let mut all = Vec::new();
-            pointers(&v, String::new(), &mut all);
-            let pick = |i: usize| all[i % all.len()].clone();
-            let mut marker = |text: String| {
-                let name = format!("@@splice{}@@", splices.len());
-                splices.push((format!("\"{name}\""), text));
-                Value::String(name)
-            };
-            match m {
-                Mutation::Replace(p, e) => {
-                    let new = marker(EXTREMES[e % EXTREMES.len()].to_string());
-                    if let Some(node) = v.pointer_mut(&pick(*p)) {
-                        *node = new;
-                    }
-                }
-                Mutation::Delete(p) => {
-                    let ptr = pick(*p);
-                    if let Some((parent, key)) = ptr.rsplit_once('/') {
-                        if let Some(Value::Object(o)) = v.pointer_mut(parent) {
-                            o.remove(&key.replace("~1", "/").replace("~0", "~"));
-                        }
-                    }
-                }
-                Mutation::Wrap(p, array) => {
-                    if let Some(node) = v.pointer_mut(&pick(*p)) {
-                        let inner = node.take();
-                        *node = if *array { Value::Array(vec![inner]) } else { serde_json::json!({ "x": inner }) };
-                    }
-                }
-                Mutation::Duplicate(p, e) => {
-                    let ptr = pick(*p);
-                    if let Some(Value::Object(o)) = v.pointer(&ptr) {
-                        if let Some(key) = o.keys().next() {
-                            let body = serde_json::to_string(o).unwrap_or_default();
-                            let text = format!(
-                                "{{{}:{},{}",
-                                serde_json::to_string(key).unwrap_or_default(),
-                                EXTREMES[e % EXTREMES.len()],
-                                &body[1..]
-                            );
-                            let new = marker(text);
-                            if let Some(node) = v.pointer_mut(&ptr) {
-                                *node = new;
-                            }
-                        }
-                    }
-                }
-                other => bytes_ops.push(other.clone()),
-            }
-        }
-        let mut text = serde_json::to_string(&v).unwrap_or_default();
-        for (name, with) in splices.iter().rev() {
-            text = text.replace(name, with);
-        }
-        let mut bytes = text.into_bytes();
-        for op in bytes_ops {
-            let n = bytes.len().max(1);
-            match op {
-                Mutation::Flip(i, b) => {
-                    if let Some(x) = bytes.get_mut(i % n) {
-                        *x ^= b;
-                    }
-                }
-                Mutation::Truncate(i) => bytes.truncate(i % n),
-                Mutation::Insert(i, b) => {
-                    let at = i % (bytes.len() + 1);
-                    bytes.splice(at..at, b);
-                }
-                _ => {}
-            }
-        }
-        bytes
-    }
-}
 
 /// Prepared directories made once: `(root, tokenizer, token data, SFT data)`.
 struct Fixture {
@@ -313,10 +147,10 @@ proptest! {
     }
 
     #[test]
-    fn mutated_token_manifests_are_errors_not_panics(m in mutate::mutations(), seq in 0..SEQ_LENS.len()) {
+    fn mutated_token_manifests_are_errors_not_panics(m in json_mutations::mutations(), seq in 0..SEQ_LENS.len()) {
         let (_tmp, dir) = copy_of(&fixture().tokens);
         let valid: Value = serde_json::from_slice(&std::fs::read(dir.join(MANIFEST_FILE)).unwrap()).unwrap();
-        std::fs::write(dir.join(MANIFEST_FILE), mutate::apply(&valid, &m)).unwrap();
+        std::fs::write(dir.join(MANIFEST_FILE), json_mutations::apply(&valid, &m)).unwrap();
         open_tokens_every_way(&dir, SEQ_LENS[seq].min(64), 320);
         open_tokens_every_way(&dir, SEQ_LENS[seq], u32::MAX);
     }
@@ -343,10 +177,10 @@ proptest! {
     }
 
     #[test]
-    fn mutated_sft_manifests_are_errors_not_panics(m in mutate::mutations(), seq in 0..SEQ_LENS.len()) {
+    fn mutated_sft_manifests_are_errors_not_panics(m in json_mutations::mutations(), seq in 0..SEQ_LENS.len()) {
         let (_tmp, dir) = copy_of(&fixture().sft);
         let valid: Value = serde_json::from_slice(&std::fs::read(dir.join(MANIFEST_FILE)).unwrap()).unwrap();
-        std::fs::write(dir.join(MANIFEST_FILE), mutate::apply(&valid, &m)).unwrap();
+        std::fs::write(dir.join(MANIFEST_FILE), json_mutations::apply(&valid, &m)).unwrap();
         open_sft_every_way(&dir, SEQ_LENS[seq].min(64));
     }
 
@@ -397,14 +231,14 @@ proptest! {
     #[test]
     fn prompt_files_random_or_mutated_are_errors_naming_the_line(
         random in proptest::collection::vec(any::<u8>(), 0..256),
-        m in mutate::mutations(),
+        m in json_mutations::mutations(),
     ) {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("prompts.jsonl");
         let valid = serde_json::json!({"prompt": "1+1?", "answer": "2"});
         let mut text = random.clone();
         text.push(b'\n');
-        text.extend(mutate::apply(&valid, &m));
+        text.extend(json_mutations::apply(&valid, &m));
         for bytes in [random, text] {
             std::fs::write(&path, &bytes).unwrap();
             if let Err(e) = read_prompts(&path) {
@@ -416,12 +250,12 @@ proptest! {
     #[test]
     fn chat_templates_random_or_mutated_are_errors(
         random in proptest::collection::vec(any::<u8>(), 0..128),
-        m in mutate::mutations(),
+        m in json_mutations::mutations(),
     ) {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("template.json");
         let valid = serde_json::to_value(ChatTemplate::moxin()).unwrap();
-        for bytes in [random, mutate::apply(&valid, &m)] {
+        for bytes in [random, json_mutations::apply(&valid, &m)] {
             std::fs::write(&path, &bytes).unwrap();
             if let Err(e) = ChatTemplate::load(path.to_str().unwrap()) {
                 prop_assert!(e.to_string().contains("template.json"), "{}", e);
@@ -432,7 +266,7 @@ proptest! {
     #[test]
     fn conversations_random_or_mutated_are_errors_naming_the_file(
         random in proptest::collection::vec(any::<u8>(), 0..128),
-        m in mutate::mutations(),
+        m in json_mutations::mutations(),
         max_tokens in prop_oneof![Just(0u32), Just(2), Just(64), Just(u32::MAX)],
     ) {
         let tmp = tempfile::tempdir().unwrap();
@@ -440,7 +274,7 @@ proptest! {
         let valid: Value = serde_json::from_str(&conversation(1)).unwrap();
         let mut text = conversation(0).into_bytes();
         text.push(b'\n');
-        text.extend(mutate::apply(&valid, &m));
+        text.extend(json_mutations::apply(&valid, &m));
         for bytes in [random, text] {
             std::fs::write(&input, &bytes).unwrap();
             let mut opts = sft_options(input.clone(), tmp.path().join("out"), fixture().tokenizer.clone());
@@ -463,12 +297,12 @@ proptest! {
     #[test]
     fn tokenizer_files_random_or_mutated_are_errors(
         random in proptest::collection::vec(any::<u8>(), 0..256),
-        m in mutate::mutations(),
+        m in json_mutations::mutations(),
     ) {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("tokenizer.json");
         let valid: Value = serde_json::from_slice(&std::fs::read(&fixture().tokenizer).unwrap()).unwrap();
-        for bytes in [random, mutate::apply(&valid, &m)] {
+        for bytes in [random, json_mutations::apply(&valid, &m)] {
             std::fs::write(&path, &bytes).unwrap();
             match load_tokenizer(&path) {
                 Ok(t) => {

@@ -17,6 +17,8 @@
 
 pub mod builtin;
 mod error;
+#[cfg(any(test, feature = "hostile-input"))]
+pub mod json_mutations;
 mod loader;
 mod manifest;
 mod order;

@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use moxin_data::json_mutations;
 use moxin_proto::v1::{CheckpointPart, WrittenFile};
 use proptest::prelude::*;
 use prost::Message;
@@ -12,180 +13,11 @@ use serde_json::Value;
 
 use crate::checkpoint::write::{safetensors_header, split_safetensors, write_safetensors, TensorBytes, TensorMeta};
 use crate::checkpoint::{
-    latest_valid, partition_file, staging_dir, BuildInfo, Checkpoint, CheckpointManifest, Commits, FilePart,
+    latest_valid, partition_file, staging_dir, test_part, BuildInfo, Checkpoint, CheckpointManifest, Commits, FilePart,
     PartitionFile, RngState, FORMAT, MANIFEST, MODEL_FILE,
 };
 use crate::hf::{mistral_config_json, parse_config, TokenIds};
 use crate::ModelShape;
-
-/// Mutations of a JSON document: structural ones on its value, then byte-level ones on
-/// its text.
-mod mutate {
-    use proptest::prelude::*;
-    use serde_json::Value;
-
-    /// One mutation; `usize`s pick a node (or byte) modulo how many there are.
-    #[derive(Debug, Clone)]
-    pub enum Mutation {
-        /// Replace a node by an extreme or mistyped value.
-        Replace(usize, usize),
-        /// Delete an object member.
-        Delete(usize),
-        /// Wrap a node in an array (`true`) or an object.
-        Wrap(usize, bool),
-        /// Give an object a duplicate of one of its keys, with an extreme value.
-        Duplicate(usize, usize),
-        /// Flip bits of a byte of the text.
-        Flip(usize, u8),
-        /// Cut the text.
-        Truncate(usize),
-        /// Insert bytes into the text.
-        Insert(usize, Vec<u8>),
-    }
-
-    /// Extreme and mistyped JSON values, as text.
-    pub const EXTREMES: &[&str] = &[
-        "null",
-        "true",
-        "-1",
-        "0",
-        "18446744073709551615",
-        "18446744073709551616",
-        "-9223372036854775808",
-        "1e308",
-        "-1e308",
-        "1e999",
-        "NaN",
-        "Infinity",
-        "0.5",
-        "\"\"",
-        "\"../../../etc/passwd\"",
-        "\"/etc/passwd\"",
-        "\"\\u0000\"",
-        "\"step-99999999\"",
-        "[]",
-        "{}",
-        "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]",
-        "[0, -1, 18446744073709551615]",
-        "{\"\": null}",
-    ];
-
-    pub fn mutation() -> impl Strategy<Value = Mutation> {
-        prop_oneof![
-            3 => (any::<usize>(), any::<usize>()).prop_map(|(p, v)| Mutation::Replace(p, v)),
-            2 => any::<usize>().prop_map(Mutation::Delete),
-            1 => (any::<usize>(), any::<bool>()).prop_map(|(p, a)| Mutation::Wrap(p, a)),
-            1 => (any::<usize>(), any::<usize>()).prop_map(|(p, v)| Mutation::Duplicate(p, v)),
-            1 => (any::<usize>(), 1..=255u8).prop_map(|(i, b)| Mutation::Flip(i, b)),
-            1 => any::<usize>().prop_map(Mutation::Truncate),
-            1 => (any::<usize>(), proptest::collection::vec(any::<u8>(), 1..8)).prop_map(|(i, b)| Mutation::Insert(i, b)),
-        ]
-    }
-
-    pub fn mutations() -> impl Strategy<Value = Vec<Mutation>> {
-        proptest::collection::vec(mutation(), 1..5)
-    }
-
-    /// JSON pointers of every node of `v`.
-    fn pointers(v: &Value, at: String, out: &mut Vec<String>) {
-        match v {
-            Value::Object(m) => {
-                for (k, x) in m {
-                    pointers(x, format!("{at}/{}", k.replace('~', "~0").replace('/', "~1")), out);
-                }
-            }
-            Value::Array(a) => {
-                for (i, x) in a.iter().enumerate() {
-                    pointers(x, format!("{at}/{i}"), out);
-                }
-            }
-            _ => {}
-        }
-        out.push(at);
-    }
-
-    /// `doc` with `mutations` applied, as bytes.
-    pub fn apply(doc: &Value, mutations: &[Mutation]) -> Vec<u8> {
-        let mut v = doc.clone();
-        // Text spliced in for markers after serialising (values serde_json cannot hold).
-        let mut splices: Vec<(String, String)> = Vec::new();
-        let mut bytes_ops = Vec::new();
-        for m in mutations {
-            let mut all = Vec::new();
-            pointers(&v, String::new(), &mut all);
-            let pick = |i: usize| all[i % all.len()].clone();
-            let mut marker = |text: String| {
-                let name = format!("@@splice{}@@", splices.len());
-                splices.push((format!("\"{name}\""), text));
-                Value::String(name)
-            };
-            match m {
-                Mutation::Replace(p, e) => {
-                    let new = marker(EXTREMES[e % EXTREMES.len()].to_string());
-                    if let Some(node) = v.pointer_mut(&pick(*p)) {
-                        *node = new;
-                    }
-                }
-                Mutation::Delete(p) => {
-                    let ptr = pick(*p);
-                    if let Some((parent, key)) = ptr.rsplit_once('/') {
-                        if let Some(Value::Object(o)) = v.pointer_mut(parent) {
-                            o.remove(&key.replace("~1", "/").replace("~0", "~"));
-                        }
-                    }
-                }
-                Mutation::Wrap(p, array) => {
-                    if let Some(node) = v.pointer_mut(&pick(*p)) {
-                        let inner = node.take();
-                        *node = if *array { Value::Array(vec![inner]) } else { serde_json::json!({ "x": inner }) };
-                    }
-                }
-                Mutation::Duplicate(p, e) => {
-                    let ptr = pick(*p);
-                    if let Some(Value::Object(o)) = v.pointer(&ptr) {
-                        if let Some(key) = o.keys().next() {
-                            let body = serde_json::to_string(o).unwrap_or_default();
-                            let text = format!(
-                                "{{{}:{},{}",
-                                serde_json::to_string(key).unwrap_or_default(),
-                                EXTREMES[e % EXTREMES.len()],
-                                &body[1..]
-                            );
-                            let new = marker(text);
-                            if let Some(node) = v.pointer_mut(&ptr) {
-                                *node = new;
-                            }
-                        }
-                    }
-                }
-                other => bytes_ops.push(other.clone()),
-            }
-        }
-        let mut text = serde_json::to_string_pretty(&v).unwrap_or_default();
-        // Later markers may sit inside earlier splices: splice newest first.
-        for (name, with) in splices.iter().rev() {
-            text = text.replace(name, with);
-        }
-        let mut bytes = text.into_bytes();
-        for op in bytes_ops {
-            let n = bytes.len().max(1);
-            match op {
-                Mutation::Flip(i, b) => {
-                    if let Some(x) = bytes.get_mut(i % n) {
-                        *x ^= b;
-                    }
-                }
-                Mutation::Truncate(i) => bytes.truncate(i % n),
-                Mutation::Insert(i, b) => {
-                    let at = i % (bytes.len() + 1);
-                    bytes.splice(at..at, b);
-                }
-                _ => {}
-            }
-        }
-        bytes
-    }
-}
 
 fn tiny_shape() -> ModelShape {
     ModelShape {
@@ -285,11 +117,11 @@ proptest! {
     }
 
     #[test]
-    fn mutated_checkpoint_manifests_are_errors_not_panics(m in mutate::mutations()) {
+    fn mutated_checkpoint_manifests_are_errors_not_panics(m in json_mutations::mutations()) {
         let run = tempfile::tempdir().unwrap();
         let valid = valid_checkpoint(run.path());
         let dir = run.path().join("checkpoints/step-00000002");
-        std::fs::write(dir.join(MANIFEST), mutate::apply(&valid, &m)).unwrap();
+        std::fs::write(dir.join(MANIFEST), json_mutations::apply_pretty(&valid, &m)).unwrap();
         open_every_way(run.path());
     }
 
@@ -399,27 +231,17 @@ fn checkpoint_part() -> impl Strategy<Value = CheckpointPart> {
         )
 }
 
-/// A valid report of rank `rank` of `world` for step 2, generation 1, with its files written.
+/// A valid report of rank `rank` of `world` for step 2, generation 1, with its files
+/// written, rank 0's carrying a valid manifest.
 fn valid_part(run: &Path, rank: u32, world: u32) -> CheckpointPart {
-    let staging = staging_dir(run, 2, 1);
-    std::fs::create_dir_all(&staging).unwrap();
-    let name = partition_file(rank as usize);
-    let files = vec![crate::checkpoint::write::write_segments(&staging.join(&name), &[&[rank as u8; 10]]).unwrap()];
-    let mut manifest = serde_json::from_value::<CheckpointManifest>(valid_checkpoint(&run.join("template"))).unwrap();
-    manifest.world_size = world;
-    CheckpointPart {
-        worker_id: "w1".into(),
-        generation: 1,
-        step: 2,
-        rank,
-        world_size: world,
-        files,
-        partition_file: name,
-        partition_start: rank as i64 * 10,
-        partition_end: rank as i64 * 10 + 10,
-        manifest_json: if rank == 0 { serde_json::to_string(&manifest).unwrap() } else { String::new() },
-        keep_last: 2,
+    let mut part = test_part(run, 1, 2, rank, world);
+    if rank == 0 {
+        let mut manifest =
+            serde_json::from_value::<CheckpointManifest>(valid_checkpoint(&run.join("template"))).unwrap();
+        manifest.world_size = world;
+        part.manifest_json = serde_json::to_string(&manifest).unwrap();
     }
+    part
 }
 
 /// Commits `part`: `Ok`, or an error that names the staging directory.
@@ -550,14 +372,14 @@ proptest! {
     #[test]
     fn hf_configs_random_or_mutated_are_errors_not_panics(
         random in proptest::collection::vec(any::<u8>(), 0..256),
-        m in mutate::mutations(),
+        m in json_mutations::mutations(),
     ) {
         if let Err(e) = parse_config(&String::from_utf8_lossy(&random)) {
             prop_assert!(!e.is_empty());
         }
         let valid: Value =
             serde_json::from_str(&mistral_config_json(&tiny_shape(), TokenIds::default(), "BF16").unwrap()).unwrap();
-        let text = mutate::apply(&valid, &m);
+        let text = json_mutations::apply_pretty(&valid, &m);
         if let Err(e) = parse_config(&String::from_utf8_lossy(&text)) {
             prop_assert!(!e.is_empty());
         }

@@ -314,7 +314,7 @@ fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::checkpoint::{partition_file, write::write_segments, BuildInfo, Checkpoint, RngState};
 
@@ -341,7 +341,7 @@ mod tests {
     }
 
     /// Rank `rank` writes its partition (and rank 0 the model) and makes its report.
-    fn part(run: &Path, generation: u64, step: u64, rank: u32, world: u32) -> CheckpointPart {
+    pub(crate) fn part(run: &Path, generation: u64, step: u64, rank: u32, world: u32) -> CheckpointPart {
         let staging = staging_dir(run, step, generation);
         std::fs::create_dir_all(&staging).unwrap();
         let name = partition_file(rank as usize);

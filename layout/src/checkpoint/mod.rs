@@ -21,6 +21,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::ModelShape;
+#[cfg(test)]
+pub(crate) use commit::tests::part as test_part;
 pub use commit::{record_part, Commits};
 
 /// `format` of checkpoints this build writes and reads.
