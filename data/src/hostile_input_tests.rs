@@ -156,6 +156,33 @@ proptest! {
     }
 
     #[test]
+    fn manifests_naming_files_outside_the_directory_are_refused(
+        name in json_mutations::escaping_file_name(),
+        field in 0..4usize,
+    ) {
+        let (_tmp, dir) = copy_of(if field < 2 { &fixture().tokens } else { &fixture().sft });
+        let path = dir.join(MANIFEST_FILE);
+        let mut v: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        match field {
+            0 => v["tokenizer"]["file"] = name.clone().into(),
+            1 => v["shards"][0]["file"] = name.clone().into(),
+            2 => v["tokenizer"]["file"] = name.clone().into(),
+            _ => {
+                let files = v["files"].as_object_mut().unwrap();
+                let first = files.keys().next().unwrap().clone();
+                let sha = files.remove(&first).unwrap();
+                files.insert(name.clone(), sha);
+            }
+        }
+        std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+        let e = if field < 2 { Manifest::load(&dir).unwrap_err() } else { SftManifest::load(&dir).unwrap_err() };
+        let e = e.to_string();
+        prop_assert!(e.contains(&path.display().to_string()) && e.contains(&format!("{name:?}")), "{}", e);
+        open_tokens_every_way(&dir, 16, 320);
+        open_sft_every_way(&dir, 16);
+    }
+
+    #[test]
     fn corrupt_shards_are_named(shard in 0..8usize, at in any::<usize>(), op in 0..4u8, seq in 0..SEQ_LENS.len()) {
         let (_tmp, dir) = copy_of(&fixture().tokens);
         let manifest = Manifest::load(&dir).unwrap();

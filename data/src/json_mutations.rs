@@ -190,3 +190,24 @@ fn apply_as(doc: &Value, mutations: &[Mutation], pretty: bool) -> Vec<u8> {
     }
     bytes
 }
+
+/// File names a manifest must not name: absolute paths, paths with `..` or other
+/// separators, empty, hidden and NUL-bearing names, the manifest itself.
+pub fn escaping_file_name() -> impl Strategy<Value = String> {
+    let part = "[a-z0-9._-]{1,12}";
+    prop_oneof![
+        Just(String::new()),
+        Just(".".to_string()),
+        Just("..".to_string()),
+        Just("/etc/passwd".to_string()),
+        Just("../x".to_string()),
+        Just("manifest.json".to_string()),
+        Just("a\0b".to_string()),
+        Just("..\\x".to_string()),
+        part.prop_map(|p| format!("/{p}")),
+        part.prop_map(|p| format!("../{p}")),
+        part.prop_map(|p| format!(".{p}")),
+        (part, part).prop_map(|(a, b)| format!("{a}/{b}")),
+        (part, part).prop_map(|(a, b)| format!("{a}/../../{b}")),
+    ]
+}

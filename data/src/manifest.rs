@@ -128,10 +128,9 @@ impl Manifest {
                 manifest.dtype, manifest.tokenizer.vocab_size
             )));
         }
+        check_file_name("tokenizer.file", &manifest.tokenizer.file).map_err(invalid)?;
         for shard in &manifest.shards {
-            if shard.file.contains('/') || shard.file.contains("..") {
-                return Err(invalid(format!("shard file {:?} must be a plain file name", shard.file)));
-            }
+            check_file_name("shard file", &shard.file).map_err(invalid)?;
         }
         Ok(manifest)
     }
@@ -209,6 +208,19 @@ impl Manifest {
             });
         }
         Ok((self.total_tokens - 1) / seq_len as u64)
+    }
+}
+
+/// `Ok` when `name`, a file a manifest names (`what`), is a plain file name inside the
+/// prepared directory: one path component, not empty, not hidden (so neither `.` nor
+/// `..`), without a separator or NUL, and not the manifest itself. The error says why not.
+pub(crate) fn check_file_name(what: &str, name: &str) -> Result<(), String> {
+    let plain =
+        !name.is_empty() && !name.starts_with('.') && !name.contains(['/', '\\', '\0']) && name != MANIFEST_FILE;
+    if plain {
+        Ok(())
+    } else {
+        Err(format!("{what} {name:?} is not a plain file name inside the prepared directory"))
     }
 }
 

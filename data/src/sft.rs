@@ -281,7 +281,14 @@ impl SftManifest {
         if v["format"] != FORMAT {
             return Ok(None);
         }
-        serde_json::from_value(v).map(Some).map_err(|e| DataError::ManifestInvalid { path, reason: e.to_string() })
+        let manifest: Self = serde_json::from_value(v)
+            .map_err(|e| DataError::ManifestInvalid { path: path.clone(), reason: e.to_string() })?;
+        let names = std::iter::once(("tokenizer.file", &manifest.tokenizer.file));
+        for (what, name) in names.chain(manifest.files.keys().map(|n| ("files entry", n))) {
+            crate::manifest::check_file_name(what, name)
+                .map_err(|reason| DataError::ManifestInvalid { path: path.clone(), reason })?;
+        }
+        Ok(Some(manifest))
     }
 }
 

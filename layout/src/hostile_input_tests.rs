@@ -145,6 +145,54 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
     #[test]
+    fn manifests_naming_files_outside_the_checkpoint_are_refused(
+        name in json_mutations::escaping_file_name(),
+        field in 0..3usize,
+    ) {
+        let run = tempfile::tempdir().unwrap();
+        let mut valid = valid_checkpoint(run.path());
+        match field {
+            0 => {
+                let sha = valid["files"].as_object_mut().unwrap().remove("tokenizer.json").unwrap();
+                valid["files"][name.as_str()] = sha;
+            }
+            1 => {
+                let parts = valid["file_parts"].as_object_mut().unwrap().remove(MODEL_FILE).unwrap();
+                valid["file_parts"][name.as_str()] = parts;
+            }
+            _ => valid["optimizer"][0]["file"] = name.clone().into(),
+        }
+        let dir = run.path().join("checkpoints/step-00000002");
+        std::fs::write(dir.join(MANIFEST), serde_json::to_string(&valid).unwrap()).unwrap();
+        for e in [CheckpointManifest::read(&dir).unwrap_err(), Checkpoint::open(&dir).unwrap_err()] {
+            let e = e.to_string();
+            prop_assert!(e.contains(&dir.join(MANIFEST).display().to_string()) && e.contains(&format!("{name:?}")), "{}", e);
+        }
+        open_every_way(run.path());
+    }
+}
+
+#[test]
+fn a_checkpoint_of_many_files_verifies_with_bounded_threads() {
+    let run = tempfile::tempdir().unwrap();
+    let mut valid = valid_checkpoint(run.path());
+    let dir = run.path().join("checkpoints/step-00000002");
+    for i in 0..300 {
+        let name = format!("extra-{i:03}.bin");
+        let written = crate::checkpoint::write::write_segments(&dir.join(&name), &[name.as_bytes()]).unwrap();
+        valid["files"][name.as_str()] = written.sha256.into();
+    }
+    std::fs::write(dir.join(MANIFEST), serde_json::to_string(&valid).unwrap()).unwrap();
+    assert_eq!(Checkpoint::open(&dir).unwrap().manifest.files.len(), 302);
+    std::fs::write(dir.join("extra-299.bin"), b"changed").unwrap();
+    let e = Checkpoint::open(&dir).unwrap_err().to_string();
+    assert!(e.contains("extra-299.bin") && e.contains("sha256"), "{e}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
     fn hostile_file_part_ranges_in_a_manifest_are_errors(ranges in proptest::collection::vec((hostile_u64(), hostile_u64()), 0..3)) {
         let run = tempfile::tempdir().unwrap();
         let mut valid = valid_checkpoint(run.path());

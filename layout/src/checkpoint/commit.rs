@@ -15,8 +15,8 @@ use moxin_proto::v1::CheckpointPart;
 use prost::Message;
 
 use super::{
-    checkpoints_dir, list, staging_dir, step_dir_name, sweep, Checkpoint, CheckpointError, CheckpointManifest,
-    FilePart, PartitionFile, FORMAT, MANIFEST,
+    checkpoints_dir, is_plain_file_name, list, staging_dir, step_dir_name, sweep, Checkpoint, CheckpointError,
+    CheckpointManifest, FilePart, PartitionFile, FORMAT, MANIFEST,
 };
 
 /// Largest group a report may claim (far beyond any real job; bounds what a bad report
@@ -175,9 +175,7 @@ fn check_report(part: &CheckpointPart) -> Result<(), String> {
         return Err(format!("rank {} of a group of {} is impossible", part.rank, part.world_size));
     }
     for f in &part.files {
-        let plain =
-            !f.name.is_empty() && !f.name.starts_with('.') && !f.name.contains(['/', '\\', '\0']) && f.name != MANIFEST;
-        if !plain {
+        if !is_plain_file_name(&f.name) {
             return Err(format!("file name {:?} is not a plain file name of a checkpoint", f.name));
         }
         if f.sha256.len() != 64 || !f.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {

@@ -194,8 +194,29 @@ impl CheckpointManifest {
                 reason: format!("format {:?}, expected {FORMAT:?}", manifest.format),
             });
         }
+        // Every name is a file of this directory: never a path that leaves it.
+        let names = manifest.files.keys().map(|n| ("files", n));
+        let names = names.chain(manifest.file_parts.keys().map(|n| ("file_parts", n)));
+        if let Some((field, name)) =
+            names.chain(manifest.optimizer.iter().map(|p| ("optimizer", &p.file))).find(|(_, n)| !is_plain_file_name(n))
+        {
+            return Err(CheckpointError::Invalid {
+                path,
+                reason: format!(
+                    "invalid manifest: {field} names {name:?}, which is not a plain file name of the checkpoint \
+                     directory"
+                ),
+            });
+        }
         Ok(manifest)
     }
+}
+
+/// Whether `name` is a name a checkpoint's files may have: one path component inside the
+/// checkpoint directory (not empty, not hidden, so neither `.` nor `..`; no separator or
+/// NUL), and not the manifest itself.
+pub(crate) fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty() && !name.starts_with('.') && !name.contains(['/', '\\', '\0']) && name != MANIFEST
 }
 
 impl Checkpoint {
@@ -230,38 +251,47 @@ impl Checkpoint {
             }
             checks.extend(parts.iter().map(|p| (file, Some(p), &p.sha256)));
         }
+        // Hashed by a bounded pool of threads taking the next check in turn.
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let threads = std::thread::available_parallelism().map_or(4, |n| n.get()).clamp(1, 16).min(checks.len());
+        let verify = |(file, part, want): (&String, Option<&FilePart>, &String)| {
+            let file_path = dir.join(file);
+            let got = match part {
+                None => moxin_data::sha256_hex(&file_path),
+                Some(p) => sha256_range(&file_path, p.offset, p.bytes),
+            }
+            .map_err(|e| CheckpointError::io(&file_path, e))?;
+            if got != *want {
+                let which = part.map_or(String::new(), |p| format!(" of bytes {}..{}", p.offset, p.offset + p.bytes));
+                return Err(CheckpointError::Invalid {
+                    path: file_path,
+                    reason: format!("sha256{which} {got} does not match the manifest ({want}); the file is corrupt"),
+                });
+            }
+            Ok(())
+        };
         let results: Vec<Result<(), CheckpointError>> = std::thread::scope(|scope| {
-            let checks: Vec<_> = checks
-                .into_iter()
-                .map(|(file, part, want)| {
-                    scope.spawn(move || {
-                        let file_path = dir.join(file);
-                        let got = match part {
-                            None => moxin_data::sha256_hex(&file_path),
-                            Some(p) => sha256_range(&file_path, p.offset, p.bytes),
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut done = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(&check) = checks.get(i) else { break done };
+                            done.push(verify(check));
                         }
-                        .map_err(|e| CheckpointError::io(&file_path, e))?;
-                        if &got != want {
-                            let which = part
-                                .map_or(String::new(), |p| format!(" of bytes {}..{}", p.offset, p.offset + p.bytes));
-                            return Err(CheckpointError::Invalid {
-                                path: file_path,
-                                reason: format!(
-                                    "sha256{which} {got} does not match the manifest ({want}); the file is corrupt"
-                                ),
-                            });
-                        }
-                        Ok(())
                     })
                 })
                 .collect();
-            checks
+            workers
                 .into_iter()
-                .map(|c| {
-                    c.join().unwrap_or(Err(CheckpointError::Invalid {
-                        path: dir.to_path_buf(),
-                        reason: "a verifying thread panicked".into(),
-                    }))
+                .flat_map(|w| {
+                    w.join().unwrap_or_else(|_| {
+                        vec![Err(CheckpointError::Invalid {
+                            path: dir.to_path_buf(),
+                            reason: "a verifying thread panicked".into(),
+                        })]
+                    })
                 })
                 .collect()
         });
