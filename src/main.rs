@@ -232,6 +232,11 @@ struct WorkerArgs {
     coordinator: String,
     #[command(flatten)]
     security: ClientSecurityArgs,
+    /// Where this worker would like to rank: groups order hinted workers by it (then the
+    /// others by arrival), and scaling down releases the highest [default: MOXIN_RANK_HINT,
+    /// else a Kubernetes Indexed Job's JOB_COMPLETION_INDEX, else Slurm's SLURM_PROCID]
+    #[arg(long, env = "MOXIN_RANK_HINT")]
+    rank_hint: Option<u32>,
     /// Address for collective connections from peers (host must be reachable by them).
     #[arg(long, default_value = "127.0.0.1:0")]
     collective_listen: String,
@@ -539,6 +544,7 @@ fn run(cli: Cli) -> Result<i32> {
             return commands::cluster::worker(
                 a.coordinator,
                 security,
+                a.rank_hint,
                 a.collective_listen,
                 a.metrics_listen,
                 a.device.as_deref(),

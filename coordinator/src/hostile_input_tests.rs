@@ -488,6 +488,7 @@ fn call() -> impl Strategy<Value = Call> {
                 devices,
                 collective_address: if address.is_empty() { "127.0.0.1:9".into() } else { address },
                 nccl_version: nccl,
+                rank_hint: (pid % 3 == 0).then_some(pid),
             };
             Call::Register(merged(msg, &raw))
         });

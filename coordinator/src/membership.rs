@@ -98,8 +98,12 @@ pub struct Membership {
     max: usize,
     phase: Phase,
     generation: u64,
-    /// Live workers watching for events, in the order they joined.
+    /// Live workers watching for events: those with a rank hint by hint, then the others
+    /// in the order they joined. A group is the first `max` of them, so ranks follow the
+    /// hints, and scaling down releases the highest.
     live: Vec<WorkerId>,
+    /// Rank hints of live workers (a Kubernetes completion index, Slurm's SLURM_PROCID).
+    hints: std::collections::HashMap<WorkerId, u32>,
     /// The current generation's members by rank (empty while admitting).
     group: Vec<WorkerId>,
     /// Since when the job has had too few workers to train (only after it first trained).
@@ -118,6 +122,7 @@ impl Membership {
             phase: Phase::Admitting,
             generation,
             live: Vec::new(),
+            hints: Default::default(),
             group: Vec::new(),
             short_since: None,
             formations: 0,
@@ -165,11 +170,19 @@ impl Membership {
 
     /// Worker `id` is registered and listening: admitted at once if the job is short of
     /// workers, else at the next step boundary through a re-formation that includes it.
-    pub fn joined(&mut self, id: &str) -> Change {
+    /// With a `rank_hint` it takes its place among the hinted workers (ties: the earlier
+    /// one first); unhinted workers follow them in the order they joined.
+    pub fn joined(&mut self, id: &str, rank_hint: Option<u32>) -> Change {
         if self.phase.is_over() || self.live.iter().any(|w| w == id) {
             return Change::None;
         }
-        self.live.push(id.to_string());
+        let key = |hint: Option<&u32>| hint.map_or(u64::MAX, |&h| u64::from(h));
+        let mine = key(rank_hint.as_ref());
+        let at = self.live.iter().position(|w| key(self.hints.get(w)) > mine).unwrap_or(self.live.len());
+        self.live.insert(at, id.to_string());
+        if let Some(hint) = rank_hint {
+            self.hints.insert(id.to_string(), hint);
+        }
         self.form_if_possible()
     }
 
@@ -179,6 +192,7 @@ impl Membership {
     pub fn lost(&mut self, id: &str, now: Instant) -> Change {
         let before = self.live.len();
         self.live.retain(|w| w != id);
+        self.hints.remove(id);
         if self.live.len() == before || self.phase.is_over() {
             return Change::None;
         }
@@ -323,19 +337,19 @@ mod tests {
     #[test]
     fn forms_once_min_workers_join_and_generations_continue_after_a_restart() {
         let mut m = Membership::new(2, 3, 7);
-        assert_eq!(m.joined("w1"), Change::None);
+        assert_eq!(m.joined("w1", None), Change::None);
         assert_eq!(m.phase(), &Phase::Admitting);
-        assert_eq!(m.joined("w2"), form(8, &["w1", "w2"]));
+        assert_eq!(m.joined("w2", None), form(8, &["w1", "w2"]));
         assert_eq!(m.phase(), &Phase::Training);
-        assert_eq!(m.joined("w2"), Change::None, "joining twice changes nothing");
+        assert_eq!(m.joined("w2", None), Change::None, "joining twice changes nothing");
     }
 
     #[test]
     fn a_joiner_within_max_re_forms_the_group_and_beyond_max_is_refused() {
         let mut m = Membership::new(1, 2, 0);
-        assert_eq!(m.joined("w1"), form(1, &["w1"]));
+        assert_eq!(m.joined("w1", None), form(1, &["w1"]));
         assert!(m.admits(1).is_ok());
-        assert_eq!(m.joined("w2"), form(2, &["w1", "w2"]));
+        assert_eq!(m.joined("w2", None), form(2, &["w1", "w2"]));
         assert!(matches!(m.admits(2), Err(Refusal::Full(why)) if why.contains("max_workers")));
     }
 
@@ -343,15 +357,15 @@ mod tests {
     fn a_lost_member_re_forms_with_the_survivors_or_waits_for_replacements() {
         let t0 = Instant::now();
         let mut m = Membership::new(2, 3, 0);
-        m.joined("w1");
-        m.joined("w2");
-        assert_eq!(m.joined("w3"), form(2, &["w1", "w2", "w3"]));
+        m.joined("w1", None);
+        m.joined("w2", None);
+        assert_eq!(m.joined("w3", None), form(2, &["w1", "w2", "w3"]));
         assert_eq!(m.lost("w2", t0), form(3, &["w1", "w3"]));
         // Below min_workers: wait, then a replacement re-forms the group.
         assert_eq!(m.lost("w1", t0), Change::None);
         assert_eq!(m.phase(), &Phase::Admitting);
         assert_eq!(m.tick(t0 + Duration::from_secs(5), Duration::from_secs(60)), Change::None);
-        assert_eq!(m.joined("w4"), form(4, &["w3", "w4"]));
+        assert_eq!(m.joined("w4", None), form(4, &["w3", "w4"]));
         assert_eq!(m.formations(), 4);
         // Losing someone who is not a member (or is already gone) changes nothing.
         assert_eq!(m.lost("w9", t0), Change::None);
@@ -361,8 +375,8 @@ mod tests {
     fn too_long_without_enough_workers_fails_the_job() {
         let t0 = Instant::now();
         let mut m = Membership::new(2, 2, 0);
-        m.joined("w1");
-        m.joined("w2");
+        m.joined("w1", None);
+        m.joined("w2", None);
         m.lost("w1", t0);
         assert_eq!(m.tick(t0 + Duration::from_secs(30), Duration::from_secs(60)), Change::None);
         let Change::Stop { reason, failed: true } = m.tick(t0 + Duration::from_secs(61), Duration::from_secs(60))
@@ -378,8 +392,8 @@ mod tests {
     fn a_broken_group_re_forms_once_and_stale_reports_are_ignored() {
         let t0 = Instant::now();
         let mut m = Membership::new(2, 2, 0);
-        m.joined("w1");
-        m.joined("w2");
+        m.joined("w1", None);
+        m.joined("w2", None);
         assert_eq!(m.group_broke("w1", 1, t0), form(2, &["w1", "w2"]));
         assert_eq!(m.group_broke("w2", 1, t0), Change::None, "w2's report about generation 1 is stale");
         assert_eq!(m.generation(), 2);
@@ -389,10 +403,10 @@ mod tests {
     fn resizing_grows_with_joiners_and_shrinks_as_members_leave() {
         let t0 = Instant::now();
         let mut m = Membership::new(2, 2, 0);
-        m.joined("w1");
-        m.joined("w2");
+        m.joined("w1", None);
+        m.joined("w2", None);
         assert_eq!(m.resize(3, 3), Change::None, "the group keeps training until a third worker joins");
-        assert_eq!(m.joined("w3"), form(2, &["w1", "w2", "w3"]));
+        assert_eq!(m.joined("w3", None), form(2, &["w1", "w2", "w3"]));
         assert_eq!(m.resize(2, 2), Change::None);
         assert_eq!(m.lost("w3", t0), form(3, &["w1", "w2"]), "the leaver's group re-forms at the new size");
         assert_eq!(m.bounds(), (2, 2));
@@ -401,14 +415,33 @@ mod tests {
     #[test]
     fn the_end_is_final() {
         let mut m = Membership::new(1, 1, 0);
-        m.joined("w1");
+        m.joined("w1", None);
         assert_eq!(m.finished(), Change::Finish);
         assert_eq!(m.stop("late", true), Change::None);
         assert_eq!(m.lost("w1", Instant::now()), Change::None);
         assert_eq!(m.phase(), &Phase::Finished);
         let mut m = Membership::new(1, 1, 0);
         assert_eq!(m.stop("Ctrl-C", false), Change::Stop { reason: "Ctrl-C".into(), failed: false });
-        assert_eq!(m.joined("w1"), Change::None);
+        assert_eq!(m.joined("w1", None), Change::None);
         assert_eq!(m.phase(), &Phase::Stopped("Ctrl-C".into()));
+    }
+
+    #[test]
+    fn rank_hints_order_the_group_and_scaling_down_releases_the_highest() {
+        let now = Instant::now();
+        let mut m = Membership::new(3, 4, 0);
+        // Joined as 2, 0, (none), 1: ranks follow the hints, the unhinted worker last.
+        assert_eq!(m.joined("w1", Some(2)), Change::None);
+        assert_eq!(m.joined("w2", Some(0)), Change::None);
+        assert_eq!(m.joined("w3", None), form(1, &["w2", "w1", "w3"]));
+        assert_eq!(m.joined("w4", Some(1)), form(2, &["w2", "w4", "w1", "w3"]));
+        assert_eq!(m.live(), ["w2", "w4", "w1", "w3"]);
+        // A hinted replacement takes its predecessor's place.
+        assert_eq!(m.lost("w4", now), form(3, &["w2", "w1", "w3"]));
+        assert_eq!(m.joined("w5", Some(1)), form(4, &["w2", "w5", "w1", "w3"]));
+        // Equal hints keep the order they joined in.
+        let mut m = Membership::new(2, 2, 0);
+        m.joined("a", Some(7));
+        assert_eq!(m.joined("b", Some(7)), form(1, &["a", "b"]));
     }
 }

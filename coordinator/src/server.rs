@@ -62,6 +62,8 @@ struct Worker {
     compute_s: f64,
     /// Flagged as a straggler now.
     straggler: bool,
+    /// Where it would like to rank (see `RegisterRequest.rank_hint`).
+    rank_hint: Option<u32>,
 }
 
 impl Worker {
@@ -542,6 +544,7 @@ impl Coordinator for CoordinatorService {
                 rank: None,
                 compute_s: 0.0,
                 straggler: false,
+                rank_hint: req.rank_hint,
             },
         );
         self.publish(&s);
@@ -579,7 +582,8 @@ impl Coordinator for CoordinatorService {
         let w = s.workers.get_mut(&id).ok_or_else(|| unknown(&id))?;
         w.events = Some(tx);
         w.last_seen = Instant::now();
-        let change = s.membership.joined(&id);
+        let hint = w.rank_hint;
+        let change = s.membership.joined(&id, hint);
         self.apply(&mut s, change);
         Ok(Response::new(Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))))
     }

@@ -24,6 +24,7 @@ fn request(pid: u32, version: &str) -> RegisterRequest {
         devices: Vec::new(),
         collective_address: "127.0.0.1:1".into(),
         nccl_version: String::new(),
+        rank_hint: None,
     }
 }
 

@@ -123,6 +123,7 @@ pub fn heartbeats(url: &str, workers: u32, seconds: u64) -> Result<()> {
                     devices: Vec::new(),
                     collective_address: "127.0.0.1:1".into(),
                     nccl_version: String::new(),
+                    rank_hint: None,
                 })
                 .await?;
             ids.push(r.into_inner().worker_id);

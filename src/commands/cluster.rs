@@ -100,6 +100,10 @@ impl Supervisor {
         }
         // The environment, not the command line, where `ps` would show it.
         cmd.env(moxin_proto::security::TOKEN_ENV, self.token.reveal()).env_remove("MOXIN_TOKEN_FILE");
+        // Ranks follow arrival here: a scheduler's rank of `launch` itself is not theirs.
+        for var in ["MOXIN_RANK_HINT", "JOB_COMPLETION_INDEX", "SLURM_PROCID"] {
+            cmd.env_remove(var);
+        }
         // With a GPU per worker, worker i trains on GPU i (LOCAL_RANK, as torchrun sets it);
         // with fewer GPUs than workers they share, and the group uses the ring.
         if own_gpus {
@@ -223,6 +227,7 @@ fn outcome(end: Phase, launched: bool) -> Result<i32> {
 pub fn worker(
     coordinator: String,
     security: ClientSecurity,
+    rank_hint: Option<u32>,
     collective_listen: String,
     metrics_listen: Option<std::net::SocketAddr>,
     device: Option<&str>,
@@ -230,9 +235,14 @@ pub fn worker(
 ) -> Result<i32> {
     let signals = StopSignals::install()?;
     let device = device.map(moxin_worker::device::parse_device).transpose().map_err(anyhow::Error::msg)?;
+    let rank_hint = match rank_hint {
+        Some(hint) => Some(hint),
+        None => rank_hint_from_environment()?,
+    };
     let end = moxin_worker::agent::run(moxin_worker::agent::AgentOptions {
         coordinator,
         security,
+        rank_hint,
         collective_listen,
         metrics_listen,
         connect_timeout,
@@ -247,6 +257,21 @@ pub fn worker(
         }
         AgentEnd::JobFailed(reason) => Err(anyhow!("the job failed: {reason}")),
     }
+}
+
+/// The rank a scheduler gave this process: a Kubernetes Indexed Job's completion index,
+/// else Slurm's task rank.
+fn rank_hint_from_environment() -> Result<Option<u32>> {
+    for var in ["JOB_COMPLETION_INDEX", "SLURM_PROCID"] {
+        if let Ok(value) = std::env::var(var) {
+            let hint = value
+                .trim()
+                .parse()
+                .with_context(|| format!("{var}={value:?} is not a rank; unset it or give --rank-hint"))?;
+            return Ok(Some(hint));
+        }
+    }
+    Ok(None)
 }
 
 /// `scale`: asks the job's coordinator to train with `workers` workers.

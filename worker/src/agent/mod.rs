@@ -32,6 +32,8 @@ pub struct AgentOptions {
     pub coordinator: String,
     /// The join token and TLS material presented to the coordinator.
     pub security: ClientSecurity,
+    /// Where this worker would like to rank (groups order hinted workers by it).
+    pub rank_hint: Option<u32>,
     /// Address to accept collective connections on (`host:port`; port 0 picks one). The
     /// host must be reachable by the other workers.
     pub collective_listen: String,
@@ -261,6 +263,7 @@ async fn session(
             devices,
             collective_address: collective_address.to_string(),
             nccl_version,
+            rank_hint: opts.rank_hint,
         }),
     )
     .await
