@@ -607,6 +607,9 @@ impl JobConfig {
                 format!("gives an odd head dim {} (dim {}); RoPE needs an even head dim", m.dim / m.n_heads, m.dim),
             ));
         }
+        if let Err(e) = m.check_size() {
+            return Err(bad(&format!("model.{}", e.field), &e.value, e.reason()));
+        }
         for (field, v) in
             [("model.rope_theta", m.rope_theta), ("model.norm_eps", m.norm_eps), ("model.init_std", m.init_std)]
         {

@@ -71,6 +71,15 @@ fn invalid_values_name_field_value_and_fix() {
     check(&["train.epochs=2"], 1, &["train.epochs", "give one"]);
     check(&["schedule.warmup_ratio=1.5"], 1, &["schedule.warmup_ratio = 1.5"]);
     check(&["schedule.warmup_ratio=0.1", "schedule.warmup_steps=5"], 1, &["give one"]);
+    // Shapes whose parameter count is absurd or does not fit in 64 bits.
+    check(&["model.n_layers=4294967295"], 1, &["model.n_layers = 4294967295", "at most 10000000000000"]);
+    check(
+        &["model.vocab_size=4294967295", "model.dim=4294967040", "model.n_heads=4", "model.n_kv_heads=2"],
+        1,
+        &["model.dim = 4294967040", "more than 2^64 parameters"],
+    );
+    check(&["model.ffn_dim=4294967295", "model.n_layers=100"], 1, &["model.ffn_dim = 4294967295"]);
+    check(&["model.vocab_size=4294967295", "model.dim=4096"], 1, &["model.vocab_size = 4294967295"]);
 }
 
 /// Every shipped job config parses; those that do not start from a checkpoint validate.

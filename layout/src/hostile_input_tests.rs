@@ -173,6 +173,18 @@ proptest! {
 }
 
 #[test]
+fn a_manifest_of_an_oversized_model_is_refused_naming_the_field() {
+    let run = tempfile::tempdir().unwrap();
+    let mut valid = valid_checkpoint(run.path());
+    valid["model"]["n_layers"] = u32::MAX.into();
+    valid["model"]["ffn_dim"] = u32::MAX.into();
+    let dir = run.path().join("checkpoints/step-00000002");
+    std::fs::write(dir.join(MANIFEST), serde_json::to_string(&valid).unwrap()).unwrap();
+    let e = Checkpoint::open(&dir).unwrap_err().to_string();
+    assert!(e.contains(MANIFEST) && e.contains("model.n_layers = 4294967295") && e.contains("2^64"), "{e}");
+}
+
+#[test]
 fn a_checkpoint_of_many_files_verifies_with_bounded_threads() {
     let run = tempfile::tempdir().unwrap();
     let mut valid = valid_checkpoint(run.path());

@@ -26,9 +26,10 @@ pub struct ParamDecl {
 }
 
 impl ParamDecl {
-    /// Elements.
+    /// Elements (saturating at `i64::MAX`: a shape that large is refused by
+    /// [`ModelShape::check_size`](crate::ModelShape::check_size) before anything is built).
     pub fn numel(&self) -> i64 {
-        self.shape.iter().product()
+        self.shape.iter().fold(1i64, |n, &d| n.saturating_mul(d))
     }
 
     /// Matrices get weight decay; vectors (norm gains) do not.
@@ -61,9 +62,9 @@ impl ParamGroup {
         ParamGroup { name, members }
     }
 
-    /// Elements of all members.
+    /// Elements of all members (saturating, like [`ParamDecl::numel`]).
     pub fn numel(&self) -> i64 {
-        self.members.iter().map(ParamDecl::numel).sum()
+        self.members.iter().fold(0i64, |n, m| n.saturating_add(m.numel()))
     }
 
     /// Whether the group is weight-decayed (all members are of one kind).

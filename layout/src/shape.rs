@@ -34,6 +34,39 @@ pub struct ModelShape {
     pub init_std: f64,
 }
 
+/// Most parameters a model shape may have: ten trillion, far beyond any model trained
+/// today, and small enough that every count derived from it (bytes, flat offsets as `i64`)
+/// is exact.
+pub const MAX_PARAMS: u64 = 10_000_000_000_000;
+
+/// A shape with more than [`MAX_PARAMS`] parameters, and the field that makes it so (its
+/// largest factor).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShapeTooLarge {
+    /// The field of [`ModelShape`] to blame (`n_layers`, `dim`, `ffn_dim`, `vocab_size`).
+    pub field: &'static str,
+    /// Its value.
+    pub value: u32,
+    /// The parameter count, `None` when it does not fit in 64 bits.
+    pub params: Option<u64>,
+}
+
+impl ShapeTooLarge {
+    /// What is wrong, without the field (for errors that name it their own way).
+    pub fn reason(&self) -> String {
+        let params = self.params.map_or("more than 2^64".to_string(), |n| n.to_string());
+        format!("gives a model of {params} parameters; at most {MAX_PARAMS} are supported")
+    }
+}
+
+impl std::fmt::Display for ShapeTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} = {}: {}", self.field, self.value, self.reason())
+    }
+}
+
+impl std::error::Error for ShapeTooLarge {}
+
 /// Parameters of one class (embedding, attention, MLP, norms, LM head).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ParamClass {
@@ -143,9 +176,48 @@ impl ModelShape {
         self.param_groups().into_iter().flat_map(|g| g.members).collect()
     }
 
-    /// Parameter elements in total (the flat buffer's length before padding).
+    /// Parameter elements in total (the flat buffer's length before padding), saturating
+    /// at `u64::MAX`; see [`checked_param_count`](Self::checked_param_count).
     pub fn param_count(&self) -> u64 {
-        self.param_decls().iter().map(|d| d.numel() as u64).sum()
+        self.checked_param_count().unwrap_or(u64::MAX)
+    }
+
+    /// Parameter elements in total, counted from the dimensions (nothing is built, so any
+    /// shape is cheap), or `None` when the count does not fit in 64 bits. Equal to the sum
+    /// of [`param_decls`](Self::param_decls)' elements.
+    pub fn checked_param_count(&self) -> Option<u64> {
+        let (d, hd) = (u64::from(self.dim), u64::from(self.head_dim()));
+        let (heads, kv, ffn, vocab) =
+            (u64::from(self.n_heads), u64::from(self.n_kv_heads), u64::from(self.ffn_dim), u64::from(self.vocab_size));
+        // Per layer: two norms, q and o, k and v, gate, up and down.
+        let q_o = heads.checked_mul(hd)?.checked_mul(d)?.checked_mul(2)?;
+        let k_v = kv.checked_mul(hd)?.checked_mul(d)?.checked_mul(2)?;
+        let mlp = ffn.checked_mul(d)?.checked_mul(3)?;
+        let layer = d.checked_mul(2)?.checked_add(q_o)?.checked_add(k_v)?.checked_add(mlp)?;
+        // Embedding and LM head, and the final norm.
+        let outer = vocab.checked_mul(d)?.checked_mul(2)?.checked_add(d)?;
+        u64::from(self.n_layers).checked_mul(layer)?.checked_add(outer)
+    }
+
+    /// The parameter count when it is at most [`MAX_PARAMS`]; otherwise which field makes
+    /// the model too large: the largest factor of the largest term (the layers' or the
+    /// embeddings').
+    pub fn check_size(&self) -> Result<u64, ShapeTooLarge> {
+        let params = self.checked_param_count();
+        if let Some(n) = params.filter(|&n| n <= MAX_PARAMS) {
+            return Ok(n);
+        }
+        let (d, ffn) = (self.dim as f64, self.ffn_dim as f64);
+        let layers = self.n_layers as f64 * d * (2.0 * d + 3.0 * ffn);
+        let embeddings = 2.0 * self.vocab_size as f64 * d;
+        let candidates: &[(&'static str, u32)] = if embeddings > layers {
+            &[("vocab_size", self.vocab_size), ("dim", self.dim)]
+        } else {
+            &[("n_layers", self.n_layers), ("dim", self.dim), ("ffn_dim", self.ffn_dim)]
+        };
+        // The largest, the first of equals.
+        let &(field, value) = candidates.iter().rev().max_by_key(|(_, v)| *v).unwrap_or(&("dim", self.dim));
+        Err(ShapeTooLarge { field, value, params })
     }
 
     /// Parameters per class, in the order embedding, attention, mlp, norm, lm_head.
@@ -211,6 +283,8 @@ pub(crate) mod tests {
         let want = 2 * 32000 * 4096 + 36 * per_layer + 4096;
         assert_eq!(s.param_count(), want);
         assert_eq!(s.param_count(), 8_114_180_096);
+        assert_eq!(s.param_decls().iter().map(|d| d.numel() as u64).sum::<u64>(), want);
+        assert_eq!(s.check_size(), Ok(want));
         assert_eq!(s.param_classes().iter().map(|c| c.params).sum::<u64>(), want);
         let spec = s.to_spec("moxin-7b");
         assert_eq!(ModelShape::from(&spec), s);
@@ -219,5 +293,56 @@ pub(crate) mod tests {
         assert_eq!(f, 6.0 * want as f64 + 6.0 * 36.0 * 4096.0 * 4096.0);
         // Beyond the window, attention cost stops growing.
         assert_eq!(s.train_flops_per_token(8192), f);
+    }
+
+    #[test]
+    fn the_count_from_dimensions_is_the_sum_of_the_declarations() {
+        for (n_layers, dim, n_heads, n_kv_heads, ffn_dim, vocab_size) in
+            [(1, 8, 2, 1, 16, 32), (3, 64, 8, 2, 100, 1000), (2, 12, 3, 3, 7, 5), (0, 6, 4, 1, 0, 0)]
+        {
+            let s = ModelShape { n_layers, dim, n_heads, n_kv_heads, ffn_dim, vocab_size, ..moxin_7b() };
+            let sum: u64 = s.param_decls().iter().map(|d| d.numel() as u64).sum();
+            assert_eq!(s.checked_param_count(), Some(sum), "{s:?}");
+            assert_eq!(s.param_count(), sum);
+        }
+    }
+
+    #[test]
+    fn shapes_too_large_are_refused_naming_the_field_and_nothing_overflows() {
+        let max = u32::MAX;
+        for (shape, field, value) in [
+            (ModelShape { n_layers: max, ..moxin_7b() }, "n_layers", max),
+            (ModelShape { n_layers: 1_000_000, ..moxin_7b() }, "n_layers", 1_000_000),
+            (ModelShape { dim: 1 << 30, n_heads: 1 << 10, ..moxin_7b() }, "dim", 1 << 30),
+            (ModelShape { ffn_dim: max, ..moxin_7b() }, "ffn_dim", max),
+            (ModelShape { vocab_size: max, ..moxin_7b() }, "vocab_size", max),
+            (
+                ModelShape {
+                    vocab_size: max,
+                    dim: max,
+                    n_layers: max,
+                    n_heads: 1,
+                    n_kv_heads: 1,
+                    ffn_dim: max,
+                    ..moxin_7b()
+                },
+                "n_layers",
+                max,
+            ),
+        ] {
+            let e = shape.check_size().unwrap_err();
+            assert_eq!((e.field, e.value), (field, value), "{shape:?}");
+            let text = e.to_string();
+            assert!(text.starts_with(&format!("{field} = {value}: ")) && text.contains("10000000000000"), "{text}");
+            // Counting never overflows or builds anything.
+            assert!(shape.param_count() > MAX_PARAMS);
+            assert_eq!(shape.param_count(), shape.checked_param_count().unwrap_or(u64::MAX));
+        }
+        let e = ModelShape { n_layers: max, ffn_dim: max, ..moxin_7b() }.check_size().unwrap_err();
+        assert_eq!(e.params, None);
+        assert!(e.reason().contains("more than 2^64"), "{}", e.reason());
+        // Just under the cap is fine.
+        let big = ModelShape { n_layers: 1200, ..moxin_7b() };
+        assert!(big.check_size().unwrap() <= MAX_PARAMS);
     }
 }

@@ -194,6 +194,9 @@ impl CheckpointManifest {
                 reason: format!("format {:?}, expected {FORMAT:?}", manifest.format),
             });
         }
+        if let Err(e) = manifest.model.check_size() {
+            return Err(CheckpointError::Invalid { path, reason: format!("invalid manifest: model.{e}") });
+        }
         // Every name is a file of this directory: never a path that leaves it.
         let names = manifest.files.keys().map(|n| ("files", n));
         let names = names.chain(manifest.file_parts.keys().map(|n| ("file_parts", n)));
