@@ -182,8 +182,11 @@ pub fn parse_config(text: &str) -> Result<ImportedConfig, String> {
         match &v[key] {
             Value::Null => Ok(None),
             // Some configs list several end tokens; the first is the one generation stops at.
-            Value::Array(a) => Ok(a.first().and_then(Value::as_u64).map(|n| n as u32)),
-            x => x.as_u64().map(|n| Some(n as u32)).ok_or_else(|| format!("{key}: {x} is not a token id")),
+            Value::Array(a) => match a.first() {
+                None => Ok(None),
+                Some(x) => token_id(key, x).map(Some),
+            },
+            x => token_id(key, x).map(Some),
         }
     };
     let ids = TokenIds { bos: id("bos_token_id")?, eos: id("eos_token_id")?.unwrap_or(TokenIds::default().eos) };
@@ -200,7 +203,23 @@ pub fn parse_config(text: &str) -> Result<ImportedConfig, String> {
         norm_eps: float("rms_norm_eps", 1e-6)?,
         init_std: float("initializer_range", 0.02)?,
     };
+    if let Err(e) = shape.check_size() {
+        let key = match e.field {
+            "n_layers" => "num_hidden_layers",
+            "dim" => "hidden_size",
+            "ffn_dim" => "intermediate_size",
+            other => other,
+        };
+        return Err(format!("{key} {}: {}", e.value, e.reason()));
+    }
     Ok(ImportedConfig { shape, ids, tied_embeddings: v["tie_word_embeddings"].as_bool().unwrap_or(false) })
+}
+
+/// `x`, the value of `key`, as a token id (a count below 2^32).
+fn token_id(key: &str, x: &Value) -> Result<u32, String> {
+    x.as_u64()
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or_else(|| format!("{key}: {x} is not a token id (0 to 4294967295)"))
 }
 
 #[cfg(test)]
@@ -245,5 +264,27 @@ mod tests {
         }
         let e = parse_config(r#"{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}"#).unwrap_err();
         assert!(e.contains("\"gpt2\"") && e.contains("GPT2LMHeadModel"), "{e}");
+    }
+
+    #[test]
+    fn token_ids_beyond_32_bits_and_oversized_shapes_are_refused_by_name() {
+        let base = r#"{"model_type": "mistral", "hidden_size": 64, "num_attention_heads": 4,
+            "num_hidden_layers": 2, "max_position_embeddings": 128, "vocab_size": 300, "intermediate_size": 160"#;
+        for (extra, expected) in [
+            (r#", "eos_token_id": 4294967296"#, "eos_token_id: 4294967296 is not a token id"),
+            (r#", "bos_token_id": 18446744073709551615"#, "bos_token_id: 18446744073709551615 is not a token id"),
+            (r#", "eos_token_id": [4294967298, 2]"#, "eos_token_id: 4294967298 is not a token id"),
+            (r#", "eos_token_id": -1"#, "eos_token_id: -1 is not a token id"),
+            (r#", "eos_token_id": ["x"]"#, "eos_token_id: \"x\" is not a token id"),
+        ] {
+            let e = parse_config(&format!("{base}{extra}}}")).unwrap_err();
+            assert!(e.contains(expected), "{extra}: {e}");
+        }
+        let c = parse_config(&format!("{base}, \"bos_token_id\": 4294967295, \"eos_token_id\": []}}")).unwrap();
+        assert_eq!(c.ids, TokenIds { bos: Some(4294967295), eos: TokenIds::default().eos });
+        let huge = r#"{"model_type": "mistral", "hidden_size": 64, "num_attention_heads": 4,
+            "num_hidden_layers": 4294967295, "max_position_embeddings": 128, "vocab_size": 300, "intermediate_size": 160}"#;
+        let e = parse_config(huge).unwrap_err();
+        assert!(e.contains("num_hidden_layers 4294967295") && e.contains("10000000000000"), "{e}");
     }
 }
