@@ -23,26 +23,10 @@ use crate::JobConfig;
 
 /// Mutations of a TOML document: structural ones on its table, then textual ones.
 mod mutate {
-    use proptest::prelude::*;
     use toml::{Table, Value};
 
-    #[derive(Debug, Clone)]
-    pub enum Mutation {
-        /// Replace a value by an extreme or mistyped one.
-        Replace(usize, usize),
-        /// Delete a key.
-        Delete(usize),
-        /// Wrap a value in an array (`true`) or a table.
-        Wrap(usize, bool),
-        /// Repeat a key of a table (a duplicate key), with an extreme value.
-        Duplicate(usize, usize),
-        /// Flip bits of a byte.
-        Flip(usize, u8),
-        /// Cut the text.
-        Truncate(usize),
-        /// Insert bytes.
-        Insert(usize, Vec<u8>),
-    }
+    use moxin_data::json_mutations::apply_bytes;
+    pub use moxin_data::json_mutations::{mutations, Mutation};
 
     /// Extreme and mistyped TOML values, as text.
     pub const EXTREMES: &[&str] = &[
@@ -77,22 +61,6 @@ mod mutate {
     pub fn value(i: usize) -> Value {
         let t: Table = toml::from_str(&format!("x = {}", EXTREMES[i % EXTREMES.len()])).unwrap();
         t["x"].clone()
-    }
-
-    pub fn mutations() -> impl Strategy<Value = Vec<Mutation>> {
-        proptest::collection::vec(
-            prop_oneof![
-                4 => (any::<usize>(), any::<usize>()).prop_map(|(p, v)| Mutation::Replace(p, v)),
-                2 => any::<usize>().prop_map(Mutation::Delete),
-                1 => (any::<usize>(), any::<bool>()).prop_map(|(p, a)| Mutation::Wrap(p, a)),
-                1 => (any::<usize>(), any::<usize>()).prop_map(|(p, v)| Mutation::Duplicate(p, v)),
-                1 => (any::<usize>(), 1..=255u8).prop_map(|(i, b)| Mutation::Flip(i, b)),
-                1 => any::<usize>().prop_map(Mutation::Truncate),
-                1 => (any::<usize>(), proptest::collection::vec(any::<u8>(), 1..8))
-                    .prop_map(|(i, b)| Mutation::Insert(i, b)),
-            ],
-            1..5,
-        )
     }
 
     /// Paths (keys from the root) of every value of `t`.
@@ -169,22 +137,7 @@ mod mutate {
             }
         }
         let mut bytes = text.into_bytes();
-        for op in bytes_ops {
-            let n = bytes.len().max(1);
-            match op {
-                Mutation::Flip(i, b) => {
-                    if let Some(x) = bytes.get_mut(i % n) {
-                        *x ^= b;
-                    }
-                }
-                Mutation::Truncate(i) => bytes.truncate(i % n),
-                Mutation::Insert(i, b) => {
-                    let at = i % (bytes.len() + 1);
-                    bytes.splice(at..at, b);
-                }
-                _ => {}
-            }
-        }
+        apply_bytes(&mut bytes, &bytes_ops);
         bytes
     }
 }

@@ -3,6 +3,9 @@
 //! wrapped and duplicated members), then byte-level ones on its text (flipped bits, cuts,
 //! inserted bytes).
 //!
+//! [`Mutation`], [`mutations`] and [`apply_bytes`] are format-neutral (the coordinator's
+//! TOML mutator uses them too).
+//!
 //! Compiled only for this crate's tests and with the `hostile-input` feature, which other
 //! crates of the workspace enable in their `[dev-dependencies]`; release builds never
 //! carry it (nor proptest).
@@ -172,7 +175,15 @@ fn apply_as(doc: &Value, mutations: &[Mutation], pretty: bool) -> Vec<u8> {
         text = text.replace(name, with);
     }
     let mut bytes = text.into_bytes();
-    for op in bytes_ops {
+    apply_bytes(&mut bytes, &bytes_ops);
+    bytes
+}
+
+/// The byte-level mutations among `mutations` (flips, cuts, insertions) applied to
+/// `bytes`, in order; structural ones are passed over. Format-neutral: mutators of other
+/// formats (TOML) use it after their own structural mutations.
+pub fn apply_bytes(bytes: &mut Vec<u8>, mutations: &[Mutation]) {
+    for op in mutations {
         let n = bytes.len().max(1);
         match op {
             Mutation::Flip(i, b) => {
@@ -183,12 +194,11 @@ fn apply_as(doc: &Value, mutations: &[Mutation], pretty: bool) -> Vec<u8> {
             Mutation::Truncate(i) => bytes.truncate(i % n),
             Mutation::Insert(i, b) => {
                 let at = i % (bytes.len() + 1);
-                bytes.splice(at..at, b);
+                bytes.splice(at..at, b.iter().copied());
             }
             _ => {}
         }
     }
-    bytes
 }
 
 /// File names a manifest must not name: absolute paths, paths with `..` or other
