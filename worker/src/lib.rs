@@ -121,3 +121,6 @@ mod trainer_tests;
 
 #[cfg(test)]
 mod step_tests;
+
+#[cfg(test)]
+mod hostile_input_tests;
