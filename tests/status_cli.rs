@@ -75,6 +75,8 @@ fn status_shows_a_running_job_and_then_what_its_run_directory_recorded() {
     assert!(after["not_live_because"].as_str().unwrap().contains("not running"), "{after}");
     assert!(after["step"].as_u64().unwrap() >= 3 && after["loss"].is_number(), "{after}");
     assert_eq!(after["workers"].as_array().unwrap().len(), 2, "{after}");
+    assert_eq!((after["min_workers"].as_u64(), after["max_workers"].as_u64()), (Some(2), Some(2)), "{after}");
+    assert_eq!(after["total_steps"], 100_000);
 
     let missing = fails(tmp.path(), &["status", s(&tmp.path().join("absent"))]);
     assert!(missing.contains("no coordinator state"), "{missing}");

@@ -125,27 +125,34 @@ fn from_files(run_dir: &Path) -> Result<JobStatus> {
         .collect();
     let phase = state.pointer("/phase/phase").and_then(Value::as_str).unwrap_or("unknown").to_string();
     let reason = state.pointer("/phase/detail").and_then(Value::as_str).unwrap_or("").to_string();
+    let (total_steps, min_workers, max_workers) = recorded_config(run_dir);
     Ok(JobStatus {
         job: str_at(&state, "job"),
         phase,
         reason,
         generation: u64_at(&state, "generation"),
         step: u64_at(&state, "step"),
-        total_steps: total_steps(run_dir),
+        total_steps,
         last: last_metrics(run_dir),
         workers,
-        min_workers: 0,
-        max_workers: 0,
+        min_workers,
+        max_workers,
         failures: u64_at(&state, "failures"),
         recoveries: u64_at(&state, "recoveries"),
     })
 }
 
-/// `train.steps` of the run's resolved `config.toml` (0 if unreadable).
-fn total_steps(run_dir: &Path) -> u64 {
+/// `train.steps`, `cluster.min_workers` and `cluster.max_workers` (= min when absent) of
+/// the run's resolved `config.toml` (zeros where unreadable).
+fn recorded_config(run_dir: &Path) -> (u64, u32, u32) {
     let text = std::fs::read_to_string(run_dir.join("config.toml")).unwrap_or_default();
     let doc: toml::Table = toml::from_str(&text).unwrap_or_default();
-    doc.get("train").and_then(|t| t.get("steps")).and_then(toml::Value::as_integer).map_or(0, |s| s.max(0) as u64)
+    let int = |section: &str, key: &str| {
+        doc.get(section).and_then(|t| t.get(key)).and_then(toml::Value::as_integer).map(|v| v.max(0) as u64)
+    };
+    let min = int("cluster", "min_workers").unwrap_or(0).min(u64::from(u32::MAX)) as u32;
+    let max = int("cluster", "max_workers").map_or(min, |m| m.min(u64::from(u32::MAX)) as u32);
+    (int("train", "steps").unwrap_or(0), min, max)
 }
 
 /// The last line of `metrics.jsonl`.
