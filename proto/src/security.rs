@@ -130,9 +130,13 @@ impl JoinToken {
 
     /// Equal in time independent of where the first difference is.
     fn matches(&self, presented: &[u8]) -> bool {
-        let mine = self.0.as_bytes();
-        mine.len() == presented.len() && mine.iter().zip(presented).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        constant_time_eq(self.0.as_bytes(), presented)
     }
+}
+
+/// Whether `a == b`, in time independent of where they first differ (secrets, MACs).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// 32 bytes from the OS's cryptographic random source (tokens, a generation's group key).
@@ -149,6 +153,17 @@ fn read(path: &Path, what: &str) -> Result<Vec<u8>, SecurityError> {
         return Err(SecurityError::File { path: path.into(), message: format!("the {what} is not in PEM format") });
     }
     Ok(bytes)
+}
+
+/// The certificate and key (PEM) a side presents, when given; both or neither.
+fn identity(cert: Option<&Path>, key: Option<&Path>) -> Result<Option<Identity>, SecurityError> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => {
+            Ok(Some(Identity::from_pem(read(cert, "TLS certificate")?, read(key, "TLS private key")?)))
+        }
+        (None, None) => Ok(None),
+        _ => Err(SecurityError::Invalid("--tls-cert and --tls-key go together; give both".into())),
+    }
 }
 
 /// What the coordinator requires of its peers.
@@ -169,22 +184,20 @@ impl ServerSecurity {
         key: Option<&Path>,
         client_ca: Option<&Path>,
     ) -> Result<Self, SecurityError> {
-        let tls = match (cert, key) {
-            (Some(cert), Some(key)) => {
-                let identity = Identity::from_pem(read(cert, "TLS certificate")?, read(key, "TLS private key")?);
+        let tls = match identity(cert, key)? {
+            Some(identity) => {
                 let mut tls = ServerTlsConfig::new().identity(identity);
                 if let Some(ca) = client_ca {
                     tls = tls.client_ca_root(Certificate::from_pem(read(ca, "client CA certificate")?));
                 }
                 Some(tls)
             }
-            (None, None) if client_ca.is_some() => {
+            None if client_ca.is_some() => {
                 return Err(SecurityError::Invalid(
                     "--tls-client-ca (mutual TLS) needs the coordinator's own --tls-cert and --tls-key".into(),
                 ))
             }
-            (None, None) => None,
-            _ => return Err(SecurityError::Invalid("--tls-cert and --tls-key go together; give both".into())),
+            None => None,
         };
         Ok(ServerSecurity { token, tls, mutual: client_ca.is_some() })
     }
@@ -314,13 +327,7 @@ impl ClientSecurity {
         cert: Option<&Path>,
         key: Option<&Path>,
     ) -> Result<Self, SecurityError> {
-        let identity = match (cert, key) {
-            (Some(cert), Some(key)) => {
-                Some(Identity::from_pem(read(cert, "TLS certificate")?, read(key, "TLS private key")?))
-            }
-            (None, None) => None,
-            _ => return Err(SecurityError::Invalid("--tls-cert and --tls-key go together; give both".into())),
-        };
+        let identity = identity(cert, key)?;
         let tls = if ca.is_some() || identity.is_some() {
             let mut tls = ClientTlsConfig::new();
             match ca {
@@ -395,9 +402,8 @@ impl ClientSecurity {
 /// True when an error message is a TLS verification failure (bad/expired certificate,
 /// unknown CA, or the server refusing ours), which retrying cannot fix.
 pub fn is_tls_verification(message: &str) -> bool {
-    ["invalid peer certificate", "certificate", "received fatal alert", "UnknownIssuer", "Expired"]
-        .iter()
-        .any(|m| message.contains(m))
+    // rustls' wording: our check of the peer's certificate failed, or the peer's of ours.
+    ["invalid peer certificate", "received fatal alert"].iter().any(|m| message.contains(m))
 }
 
 /// An error and its causes, outermost first ("transport error: …: invalid peer certificate").

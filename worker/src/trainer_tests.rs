@@ -74,6 +74,12 @@ fn train_solo(spec: &JobSpec, kind: Kind) -> (Tensor, Vec<f64>) {
     (t.model.params.flat().narrow(0, 0, t.model.params.numel()).to_kind(Kind::Float), losses)
 }
 
+/// Rank `rank`'s end of the ring `plan` describes, as generation `generation`.
+fn join_ring(rank: usize, peers: &[SocketAddr], listener: &TcpListener, plan: &GroupPlan, generation: u64) -> TcpRing {
+    let key = GroupKey::new(generation, &plan.group_key).unwrap();
+    TcpRing::connect(rank, peers, listener, &key, Duration::from_secs(30)).unwrap()
+}
+
 /// Listeners, addresses and the generation-1 ring plan of a group of `world` local ranks.
 fn ring_group(world: u32) -> (Vec<TcpListener>, Vec<SocketAddr>, GroupPlan) {
     let listeners: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
@@ -99,14 +105,7 @@ fn train_group(spec: &JobSpec, world: u32) -> Vec<Tensor> {
         .map(|(rank, listener)| {
             let (spec, peers, plan, commits) = (spec.clone(), peers.clone(), plan.clone(), commits.clone());
             std::thread::spawn(move || {
-                let ring = TcpRing::connect(
-                    rank,
-                    &peers,
-                    &listener,
-                    &GroupKey::new(1, &plan.group_key).unwrap(),
-                    Duration::from_secs(30),
-                )
-                .unwrap();
+                let ring = join_ring(rank, &peers, &listener, &plan, 1);
                 let a = assignment(&spec, n, &plan, world, rank as u32);
                 let mut t =
                     Trainer::new(&spec, &a, Box::new(RingCollective::new(ring)), cpu(Kind::Float), commits, None)
@@ -219,14 +218,7 @@ fn a_rank_without_the_shared_run_directory_is_refused_at_formation() {
         .map(|(rank, (listener, spec))| {
             let (peers, plan) = (peers.clone(), plan.clone());
             std::thread::spawn(move || {
-                let ring = TcpRing::connect(
-                    rank,
-                    &peers,
-                    &listener,
-                    &GroupKey::new(1, &plan.group_key).unwrap(),
-                    Duration::from_secs(30),
-                )
-                .unwrap();
+                let ring = join_ring(rank, &peers, &listener, &plan, 1);
                 let a = assignment(&spec, n, &plan, 2, rank as u32);
                 let commits = local_commits(&spec);
                 Trainer::new(&spec, &a, Box::new(RingCollective::new(ring)), cpu(Kind::Float), commits, None)
@@ -280,14 +272,7 @@ fn run_generation(
             let next_peers =
                 handover.as_ref().and_then(|h| h.next_size).filter(|&n| rank < n).map(|n| plan.peers[..n].to_vec());
             std::thread::spawn(move || {
-                let ring = TcpRing::connect(
-                    rank,
-                    &peers,
-                    &listener,
-                    &GroupKey::new(generation, &plan.group_key).unwrap(),
-                    Duration::from_secs(30),
-                )
-                .unwrap();
+                let ring = join_ring(rank, &peers, &listener, &plan, generation);
                 let a = assignment(&spec, n, &plan, world, rank as u32);
                 let collective = Box::new(RingCollective::new(ring));
                 let mut t = Trainer::new(&spec, &a, collective, cpu(Kind::Float), commits, carried).unwrap();

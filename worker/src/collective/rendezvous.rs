@@ -42,12 +42,10 @@ impl GroupKey {
         Ok(GroupKey { generation, key })
     }
 
-    /// A fresh random key for `generation` (rings formed without a coordinator: benchmarks,
-    /// tests).
-    pub fn random(generation: u64) -> Self {
-        let mut key = [0u8; 32];
-        getrandom::fill(&mut key).expect("the OS random source failed");
-        GroupKey { generation, key }
+    /// A fresh random key for `generation` (rings formed without a coordinator: tests).
+    pub fn random(generation: u64) -> Result<Self, String> {
+        let key = moxin_proto::security::random_key().map_err(|e| e.to_string())?;
+        Ok(GroupKey { generation, key })
     }
 
     /// The membership generation.
@@ -79,7 +77,8 @@ impl GroupKey {
     /// this generation. `Err` says why it was refused (for a log line; nothing secret).
     pub(crate) fn challenge(&self, stream: &mut TcpStream, expected: u32) -> Result<(), String> {
         let mut challenge = [0u8; CHALLENGE];
-        getrandom::fill(&mut challenge).map_err(|e| format!("the OS random source failed: {e}"))?;
+        let random = moxin_proto::security::random_key().map_err(|e| e.to_string())?;
+        challenge.copy_from_slice(&random[..CHALLENGE]);
         let io = |e: std::io::Error| format!("no answer to the challenge ({e})");
         stream.set_read_timeout(Some(ANSWER_WITHIN)).map_err(io)?;
         stream.write_all(&challenge).map_err(io)?;
@@ -98,8 +97,7 @@ impl GroupKey {
             return Err(format!("rank {from} where rank {expected} was expected"));
         }
         let mac = self.mac(&challenge, from);
-        // Compared in time independent of where the first difference is.
-        if mac.iter().zip(&hello[16..]).fold(0u8, |acc, (a, b)| acc | (a ^ b)) != 0 {
+        if !moxin_proto::security::constant_time_eq(&mac, &hello[16..]) {
             return Err(format!("a peer claiming rank {from} without the generation's key"));
         }
         Ok(())

@@ -29,7 +29,7 @@ fn with_ring_via<R: Send + 'static>(
     f: impl Fn(usize, TcpRing) -> R + Send + Sync + Clone + 'static,
 ) -> Vec<R> {
     let (ls, addrs) = listeners(world);
-    let key = GroupKey::random(1);
+    let key = GroupKey::random(1).unwrap();
     let handles: Vec<_> = ls
         .into_iter()
         .enumerate()
@@ -247,8 +247,8 @@ fn solo_is_a_group_of_one() {
 fn only_members_of_the_generation_join_the_ring() {
     use std::io::{Read, Write};
     let (ls, addrs) = listeners(2);
-    let key = GroupKey::random(5);
-    let other_generation = GroupKey::random(4);
+    let key = GroupKey::random(5).unwrap();
+    let other_generation = GroupKey::random(4).unwrap();
     let target = addrs[0]; // rank 0 accepts rank 1
                            // All strangers connect before the ranks start, so rank 0 meets them first; they talk
                            // from their own thread, as rank 0 challenges them only once it runs.
