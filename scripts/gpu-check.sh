@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
-# GPU check: runs on a one-GPU machine from a binary built elsewhere, in under ~6 minutes.
-# The machine needs python3 with torch 2.11 (CUDA), no Rust. Steps, most important first,
-# each bounded by a timeout; every result lands in $OUT (JSON, logs, summary.md):
-#   1. doctor                      what the machine has (torch, GPU, NCCL)
-#   2. bench nccl / kernels        every NCCL collective on a world of one; fused kernels vs ATen
-#   3. tiny preset on CUDA         loss falls as on the CPU (ATen and fused kernels)
-#   4. NCCL world of one           `launch --workers 1` over NCCL = `train` without it
-#   5. two workers on one GPU      `launch --workers 2` over the ring = single-GPU `train`
-#      and a worker SIGKILLed mid-run is replaced; the job finishes, every step logged once
-#      and checkpoint blocking on gpu-1b, synchronous vs asynchronous
-#   6. gpu-1b, moxin-7b 4 layers   moxin-train vs PyTorch eager vs torch.compile, same run
-#                                  (GPU_CHECK_BENCH=0 skips this step)
+# GPU check: runs on a one-GPU machine from a binary built elsewhere (about 10 minutes for
+# everything; pick parts for a short lease). The machine needs python3 with torch 2.11
+# (CUDA) and transformers, no Rust. Parts, each bounded by a timeout; every result lands in
+# $OUT (JSON, logs, summary.md):
+#   1.  doctor                     what the machine has (torch, GPU, NCCL)
+#   2.  nccl, kernels              every NCCL collective on a world of one; fused kernels vs ATen
+#   3.  tiny                       tiny preset on CUDA: loss falls as on the CPU (ATen, fused)
+#   4.  nccl1                      `launch --workers 1` over NCCL = `train` without it
+#   5.  ring                       `launch --workers 2` on one GPU over the ring = single-GPU `train`
+#   5b. chaos                      a worker SIGKILLed mid-run is replaced; every step logged once
+#   5c. ckpt                       gpu-1b checkpoints: blocking and background write seconds,
+#                                  synchronous vs asynchronous (GPU_CHECK_CKPT_SYNC=0: async only)
+#   6.  ckpt-write                 `bench checkpoint-write` to the machine's local disk
+#   7.  rollout                    `bench rollout` vs transformers `generate`, gpu-1b, bf16
+#   8.  bench                      gpu-1b and moxin-7b 4 layers: moxin-train vs PyTorch eager vs
+#                                  torch.compile, same run (GPU_CHECK_BENCH=0 skips it)
+#
+# GPU_CHECK_ONLY="ckpt rollout ..." runs only the named parts (doctor always runs).
+# GPU_CHECK_DEADLINE_S=N skips parts that would start after N seconds.
 #
 # usage: bash scripts/gpu-check.sh [path/to/moxin-train]   (default dist/moxin-train)
 # Build the binary here first:  bash scripts/build-dist.sh
@@ -28,6 +35,12 @@ export PYTHONUNBUFFERED=1
 work=$(mktemp -d)
 started=$(date +%s)
 say() { echo "== [$(( $(date +%s) - started ))s] $*"; }
+want() { # want PART: whether to run PART (GPU_CHECK_ONLY, GPU_CHECK_DEADLINE_S)
+  if [ -n "${GPU_CHECK_ONLY:-}" ] && [[ " $GPU_CHECK_ONLY " != *" $1 "* ]]; then return 1; fi
+  if [ -n "${GPU_CHECK_DEADLINE_S:-}" ] && [ $(( $(date +%s) - started )) -ge "$GPU_CHECK_DEADLINE_S" ]; then
+    say "$1 skipped: past the deadline of ${GPU_CHECK_DEADLINE_S}s"; return 1
+  fi
+}
 run() { # run NAME TIMEOUT CMD...: stdout to $OUT/NAME.json, stderr to $OUT/NAME.log
   local name=$1 limit=$2; shift 2
   timeout "$limit" "$@" >"$OUT/$name.json" 2>"$OUT/$name.log"
@@ -49,32 +62,42 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 "$BIN" doctor | tee "$OUT/doctor.txt"
 "$BIN" doctor --json >"$OUT/doctor.json" 2>/dev/null
 
-say "2. NCCL collectives on a world of one; fused kernels vs ATen"
-run nccl 120 "$BIN" bench nccl && cat "$OUT/nccl.json" | $PY -c 'import json,sys; d=json.load(sys.stdin); print("   NCCL", d["nccl_version"], "all ok:", d["all_ok"])'
-run kernels 180 "$BIN" bench kernels && $PY - "$OUT/kernels.json" <<'PY'
+if want nccl; then
+  say "2. NCCL collectives on a world of one"
+  run nccl 120 "$BIN" bench nccl && cat "$OUT/nccl.json" | $PY -c 'import json,sys; d=json.load(sys.stdin); print("   NCCL", d["nccl_version"], "all ok:", d["all_ok"])'
+fi
+if want kernels; then
+  say "2b. fused kernels vs ATen"
+  run kernels 180 "$BIN" bench kernels && $PY - "$OUT/kernels.json" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
 for k in ("adamw", "cross_entropy_head"):
     print(f"   {k}: aten {d[k]['aten_ms']:.2f} ms, fused {d[k]['fused_ms']:.2f} ms ({d[k]['speedup']:.2f}x); relative error {d[k]['relative_error']}")
 PY
+fi
 
 TINY=(--set runtime.device=cuda --set train.steps=100 --set checkpoint.enabled=false)
-say "3. tiny preset on CUDA (ATen kernels, fused kernels)"
-train tiny-aten 120 configs/tiny-pretrain.toml "${TINY[@]}" --set runtime.kernels=aten
-train tiny-fused 120 configs/tiny-pretrain.toml "${TINY[@]}" --set runtime.kernels=fused
+if want tiny; then
+  say "3. tiny preset on CUDA (ATen kernels, fused kernels)"
+  train tiny-aten 120 configs/tiny-pretrain.toml "${TINY[@]}" --set runtime.kernels=aten
+  train tiny-fused 120 configs/tiny-pretrain.toml "${TINY[@]}" --set runtime.kernels=fused
+fi
 
-say "4. NCCL world of one vs no NCCL"
-timeout 180 "$BIN" launch configs/tiny-pretrain.toml --workers 1 --out "$work/nccl1" "${TINY[@]}" \
-  --set cluster.collective=nccl >"$OUT/nccl1.log" 2>&1 || { echo "   nccl1 failed:"; tail -5 "$OUT/nccl1.log"; }
-cp "$work/nccl1/metrics.jsonl" "$OUT/nccl1.metrics.jsonl" 2>/dev/null
+if want nccl1; then
+  say "4. NCCL world of one vs no NCCL"
+  timeout 180 "$BIN" launch configs/tiny-pretrain.toml --workers 1 --out "$work/nccl1" "${TINY[@]}" \
+    --set cluster.collective=nccl >"$OUT/nccl1.log" 2>&1 || { echo "   nccl1 failed:"; tail -5 "$OUT/nccl1.log"; }
+  cp "$work/nccl1/metrics.jsonl" "$OUT/nccl1.metrics.jsonl" 2>/dev/null
+fi
 
-say "5. launch --workers 2 on one GPU (ring) vs single-GPU train"
-RING=(--set runtime.device=cuda --set train.steps=20 --set checkpoint.every_steps=0)
-train ring-single 120 configs/tiny-pretrain.toml "${RING[@]}"
-timeout 180 "$BIN" launch configs/tiny-pretrain.toml --workers 2 --out "$work/ring2" "${RING[@]}" \
-  --set cluster.collective=ring >"$OUT/ring2.log" 2>&1 || { echo "   ring2 failed:"; tail -5 "$OUT/ring2.log"; }
-cp "$work/ring2/metrics.jsonl" "$OUT/ring2.metrics.jsonl" 2>/dev/null
-$PY - "$work/ring-single" "$work/ring2" >"$OUT/ring-equivalence.json" <<'PY'
+if want ring; then
+  say "5. launch --workers 2 on one GPU (ring) vs single-GPU train"
+  RING=(--set runtime.device=cuda --set train.steps=20 --set checkpoint.every_steps=0)
+  train ring-single 120 configs/tiny-pretrain.toml "${RING[@]}"
+  timeout 180 "$BIN" launch configs/tiny-pretrain.toml --workers 2 --out "$work/ring2" "${RING[@]}" \
+    --set cluster.collective=ring >"$OUT/ring2.log" 2>&1 || { echo "   ring2 failed:"; tail -5 "$OUT/ring2.log"; }
+  cp "$work/ring2/metrics.jsonl" "$OUT/ring2.metrics.jsonl" 2>/dev/null
+  $PY - "$work/ring-single" "$work/ring2" >"$OUT/ring-equivalence.json" <<'PY'
 import glob, json, sys
 from safetensors.torch import load_file
 def last(run):
@@ -84,15 +107,17 @@ num = sum(float((a[k].float() - b[k].float()).pow(2).sum()) for k in a)
 den = sum(float(a[k].float().pow(2).sum()) for k in a)
 print(json.dumps({"params_relative_l2": (num / den) ** 0.5, "tensors": len(a)}))
 PY
-cat "$OUT/ring-equivalence.json" 2>/dev/null
+  cat "$OUT/ring-equivalence.json" 2>/dev/null
+fi
 
-say "5b. a worker SIGKILLed mid-run on the GPU: replaced, the group re-forms, the job finishes"
-CHAOS=(--set runtime.device=cuda --set train.steps=150 --set checkpoint.every_steps=10 \
-  --set cluster.collective=ring --set cluster.heartbeat_timeout_ms=2000 --set cluster.collective_timeout_ms=10000)
-timeout 240 "$BIN" launch configs/tiny-pretrain.toml --workers 2 --max-restarts 2 --out "$work/chaos" "${CHAOS[@]}" \
-  >"$OUT/chaos.log" 2>&1 &
-launched=$!
-$PY - "$work/chaos" >"$OUT/recovery-kill.json" <<'PY'
+if want chaos; then
+  say "5b. a worker SIGKILLed mid-run on the GPU: replaced, the group re-forms, the job finishes"
+  CHAOS=(--set runtime.device=cuda --set train.steps=150 --set checkpoint.every_steps=10 \
+    --set cluster.collective=ring --set cluster.heartbeat_timeout_ms=2000 --set cluster.collective_timeout_ms=10000)
+  timeout 240 "$BIN" launch configs/tiny-pretrain.toml --workers 2 --max-restarts 2 --out "$work/chaos" "${CHAOS[@]}" \
+    >"$OUT/chaos.log" 2>&1 &
+  launched=$!
+  $PY - "$work/chaos" >"$OUT/recovery-kill.json" <<'PY'
 import json, os, signal, sys, time
 run = sys.argv[1]
 deadline, killed = time.time() + 120, None
@@ -108,8 +133,8 @@ while time.time() < deadline and killed is None:
     time.sleep(0.05)
 print(json.dumps({"killed_pid": killed, "killed_unix_s": time.time()}))
 PY
-wait "$launched"; launch_exit=$?
-$PY - "$work/chaos" "$launch_exit" "$OUT/recovery-kill.json" >"$OUT/recovery.json" <<'PY'
+  wait "$launched"; launch_exit=$?
+  $PY - "$work/chaos" "$launch_exit" "$OUT/recovery-kill.json" >"$OUT/recovery.json" <<'PY'
 import json, sys, time
 run, code, kill = sys.argv[1], int(sys.argv[2]), json.load(open(sys.argv[3]))
 s = json.load(open(f"{run}/coordinator/state.json"))
@@ -118,29 +143,73 @@ print(json.dumps({**kill, "launch_exit": code, "phase": s["phase"]["phase"], "fa
                   "recoveries": s["recoveries"], "generation": s["generation"],
                   "steps_once_in_order": steps == list(range(1, 151))}))
 PY
-cat "$OUT/recovery.json"
+  cat "$OUT/recovery.json"
+fi
 
-say "5c. checkpoint blocking on gpu-1b (12.4 GB of state): synchronous vs asynchronous"
-CKPT=(--set train.steps=8 --set checkpoint.every_steps=4 --set checkpoint.keep_last=1)
-train ckpt-sync 300 configs/gpu-1b-bench.toml "${CKPT[@]}" --set checkpoint.enabled=true --set checkpoint.synchronous=true
-train ckpt-async 300 configs/gpu-1b-bench.toml "${CKPT[@]}" --set checkpoint.enabled=true
-du -sh "$work"/ckpt-async/checkpoints/step-* 2>/dev/null | tail -1
-for mode in sync async; do
-  $PY -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; print('   $mode: blocking s per step', [round(x['checkpoint_blocking_s'],2) for x in r], 'write s', [round(x['checkpoint_write_s'],2) for x in r], 'median step s', sorted(x['step_time_s'] for x in r)[len(r)//2])" "$OUT/ckpt-$mode.metrics.jsonl"
-done
+# Checkpoints go to local disk (the repository's file system), not to a tmpfs /tmp.
+DISK=${GPU_CHECK_DISK_DIR:-$PWD/.gpu-check-disk}
+mkdir -p "$DISK"
+df -hT "$DISK" /tmp >"$OUT/disk.txt" 2>&1
 
-[ "${GPU_CHECK_BENCH:-1}" = 0 ] && { say "summary"; $PY scripts/gpu_summary.py "$OUT" | tee "$OUT/summary.md"; say "done (benchmarks skipped); results in $OUT"; exit 0; }
+if want ckpt; then
+  say "5c. checkpoints of gpu-1b (12.4 GB of state): blocking and background write"
+  # 100 steps, every 40: a background write (~6 s at 2 GB/s) outlasts 30 steps of ~0.2 s.
+  CKPT=(--set train.steps=100 --set checkpoint.every_steps=40 --set checkpoint.keep_last=1 --set checkpoint.enabled=true)
+  modes="async"; [ "${GPU_CHECK_CKPT_SYNC:-1}" = 1 ] && modes="sync async"
+  for mode in $modes; do
+    extra=(); [ "$mode" = sync ] && extra=(--set checkpoint.synchronous=true)
+    timeout 300 "$BIN" train configs/gpu-1b-bench.toml --out "$DISK/ckpt-$mode" "${CKPT[@]}" "${extra[@]}" \
+      >"$OUT/ckpt-$mode.log" 2>&1 || { echo "   ckpt-$mode failed:"; tail -5 "$OUT/ckpt-$mode.log"; }
+    cp "$DISK/ckpt-$mode/metrics.jsonl" "$OUT/ckpt-$mode.metrics.jsonl" 2>/dev/null
+    du -sb "$DISK/ckpt-$mode"/checkpoints/step-* 2>/dev/null | tail -1 | cut -f1 >"$OUT/ckpt-$mode.bytes"
+    $PY -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; print('   $mode: blocking s per step', [round(x['checkpoint_blocking_s'],2) for x in r], 'write s', [round(x['checkpoint_write_s'],2) for x in r], 'median step s', sorted(x['step_time_s'] for x in r)[len(r)//2], 'bytes', open(sys.argv[2]).read().strip())" "$OUT/ckpt-$mode.metrics.jsonl" "$OUT/ckpt-$mode.bytes"
+    [ "$mode" = sync ] && rm -rf "$DISK/ckpt-sync"
+  done
+fi
 
-for shape in gpu-1b moxin-7b-4l; do
-  config=configs/$shape-bench.toml
-  say "6. $shape: moxin-train (aten, fused), PyTorch eager, torch.compile"
-  BENCH=(--set train.steps=$STEPS)
-  train "$shape-moxin-aten" 240 "$config" "${BENCH[@]}" --set runtime.kernels=aten
-  train "$shape-moxin-fused" 240 "$config" "${BENCH[@]}" --set runtime.kernels=fused
-  train "$shape-moxin-profile" 240 "$config" --set train.steps=8 --set runtime.kernels=fused --set runtime.profile=true
-  run "$shape-torch-eager" 300 $PY bench/pytorch_gpu_reference.py --shape "$shape" --mode eager --steps "$STEPS"
-  run "$shape-torch-compile" 400 $PY bench/pytorch_gpu_reference.py --shape "$shape" --mode compile --steps "$STEPS"
-done
+if want ckpt-write; then
+  say "6. checkpoint writer on local disk: hashed while written vs serialise, fsync, read back, hash"
+  run ckpt-write 240 "$BIN" bench checkpoint-write --dir "$DISK/bench" --mib "${GPU_CHECK_CKPT_MIB:-4096}" --repeats 2 && cat "$OUT/ckpt-write.json"
+  rm -rf "$DISK/bench"
+fi
+
+if want rollout; then
+  say "7. rollouts: bench rollout vs transformers generate (gpu-1b, bf16, 64 prompts of 24-64 tokens, 256 new)"
+  model=$DISK/ckpt-async
+  if [ ! -d "$model/checkpoints" ]; then
+    model=$DISK/rollout-model
+    timeout 300 "$BIN" train configs/gpu-1b-bench.toml --out "$model" --set train.steps=1 \
+      --set checkpoint.enabled=true --set checkpoint.every_steps=1 >"$OUT/rollout-model.log" 2>&1
+  fi
+  "$BIN" export-hf "$model" "$DISK/hf" >"$OUT/rollout-export.log" 2>&1 || tail -5 "$OUT/rollout-export.log"
+  $PY - "$DISK/prompts.json" <<'PY'
+import json, random, sys
+rng = random.Random(0)
+json.dump([[rng.randrange(3, 32000) for _ in range(rng.randint(24, 64))] for _ in range(64)], open(sys.argv[1], "w"))
+PY
+  for round in 1 2; do
+    run "rollout-moxin-$round" 240 "$BIN" bench rollout --checkpoint "$model" --prompts "$DISK/prompts.json" \
+      --max-new-tokens 256 --device cuda --dtype bf16
+    HF_HUB_OFFLINE=1 run "rollout-hf-$round" 240 $PY bench/hf_generate.py --model "$DISK/hf" --prompts "$DISK/prompts.json" \
+      --max-new-tokens 256 --device cuda --dtype bf16
+  done
+  cat "$OUT"/rollout-*.json
+fi
+rm -rf "$DISK"
+
+if want bench && [ "${GPU_CHECK_BENCH:-1}" != 0 ]; then
+  for shape in gpu-1b moxin-7b-4l; do
+    want bench || break
+    config=configs/$shape-bench.toml
+    say "8. $shape: moxin-train (aten, fused), PyTorch eager, torch.compile"
+    BENCH=(--set train.steps=$STEPS)
+    [ "${GPU_CHECK_ATEN:-1}" = 1 ] && train "$shape-moxin-aten" 240 "$config" "${BENCH[@]}" --set runtime.kernels=aten
+    train "$shape-moxin-fused" 240 "$config" "${BENCH[@]}" --set runtime.kernels=fused
+    [ "${GPU_CHECK_PROFILE:-1}" = 1 ] && train "$shape-moxin-profile" 240 "$config" --set train.steps=8 --set runtime.kernels=fused --set runtime.profile=true
+    run "$shape-torch-eager" 300 $PY bench/pytorch_gpu_reference.py --shape "$shape" --mode eager --steps "$STEPS"
+    run "$shape-torch-compile" 400 $PY bench/pytorch_gpu_reference.py --shape "$shape" --mode compile --steps "$STEPS"
+  done
+fi
 
 say "summary"
 $PY scripts/gpu_summary.py "$OUT" | tee "$OUT/summary.md"

@@ -111,3 +111,33 @@ if r:
         f"failures {r['failures']}, recoveries {r['recoveries']}, generation {r['generation']}, "
         f"every step logged once in order: {r['steps_once_in_order']}"
     )
+
+print("\n## Checkpoints (gpu-1b, local disk)\n")
+for mode in ("sync", "async"):
+    rows = metrics(f"ckpt-{mode}")
+    try:
+        size = int(open(os.path.join(out, f"ckpt-{mode}.bytes")).read().split()[0])
+    except (OSError, ValueError, IndexError):
+        size = None
+    if rows:
+        blocking = [round(r["checkpoint_blocking_s"], 2) for r in rows if r["checkpoint_blocking_s"] > 0]
+        writes = [r["checkpoint_write_s"] for r in rows if r["checkpoint_write_s"] > 0]
+        rate = ", ".join(f"{size / w / 1e9:.2f} GB/s" for w in writes) if size else "-"
+        print(f"- {mode}: blocking s {blocking}; background write s {[round(w, 2) for w in writes]} ({rate}) for {size} bytes")
+w = load_json("ckpt-write.json")
+if w:
+    print(
+        f"- bench checkpoint-write, {w['bytes'] / 1e9:.2f} GB: hashed while written {w['ours_s']:.2f} s "
+        f"({w['ours_gb_per_s']:.2f} GB/s) vs serialise+fsync+read back+hash {w['reference_s']:.2f} s "
+        f"({w['reference_gb_per_s']:.2f} GB/s): {w['speedup']:.2f}x"
+    )
+
+print("\n## Rollouts (gpu-1b, bf16, 64 ragged prompts x 256 new tokens)\n")
+ours = [d["tokens_per_s"] for d in (load_json(f"rollout-moxin-{i}.json") for i in (1, 2)) if d]
+theirs = [d["tokens_per_s"] for d in (load_json(f"rollout-hf-{i}.json") for i in (1, 2)) if d]
+if ours:
+    print(f"- moxin-train bench rollout tokens/s: {', '.join(f'{x:.0f}' for x in ours)}")
+if theirs:
+    print(f"- transformers generate tokens/s: {', '.join(f'{x:.0f}' for x in theirs)}")
+if ours and theirs:
+    print(f"- ratio of the bests: {max(ours) / max(theirs):.2f}x")

@@ -132,6 +132,12 @@ enum BenchCommand {
         /// CPU threads (0 = libtorch's default).
         #[arg(long, default_value_t = 0)]
         threads: i32,
+        /// Where the model runs: cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Weights' dtype: fp32 or bf16.
+        #[arg(long, default_value = "fp32")]
+        dtype: String,
     },
     /// Every NCCL collective on a world of one (needs a GPU and NCCL).
     Nccl {
@@ -610,9 +616,15 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Bench(BenchCommand::CheckpointWrite { dir, mib, repeats }) => {
             commands::bench::print(moxin_worker::selftest::checkpoint_write(&dir, mib, repeats))
         }
-        Command::Bench(BenchCommand::Rollout { checkpoint, prompts, max_new_tokens, repeats, threads }) => {
-            commands::bench::rollout(&checkpoint, &prompts, max_new_tokens, repeats, threads)
-        }
+        Command::Bench(BenchCommand::Rollout {
+            checkpoint,
+            prompts,
+            max_new_tokens,
+            repeats,
+            threads,
+            device,
+            dtype,
+        }) => commands::bench::rollout(&checkpoint, &prompts, max_new_tokens, repeats, threads, &device, &dtype),
         Command::Bench(BenchCommand::Nccl { device }) => {
             commands::bench::print(moxin_worker::selftest::nccl_world_of_one(device))
         }

@@ -45,16 +45,18 @@ fn valid_checkpoint(run: &Path) -> Value {
         &dir.join(MODEL_FILE),
         &[TensorBytes { name: "w", dtype: "F32", shape: &[4, 4], data: &data }],
     )
-    .unwrap();
+    .unwrap()
+    .remove(0);
     let bytes = std::fs::read(dir.join(MODEL_FILE)).unwrap();
     let half = bytes.len() as u64 / 2;
-    let sha = |b: &[u8]| crate::checkpoint::write::write_segments(&run.join("scratch"), &[b]).unwrap().sha256;
+    let sha = |b: &[u8]| crate::checkpoint::write::write_segments(&run.join("scratch"), &[b]).unwrap().remove(0).sha256;
     let opt = write_safetensors(
         &dir.join(partition_file(0)),
         &[TensorBytes { name: "m", dtype: "F32", shape: &[2], data: &[1u8; 8] }],
     )
-    .unwrap();
-    let tok = crate::checkpoint::write::write_segments(&dir.join("tokenizer.json"), &[b"{}"]).unwrap();
+    .unwrap()
+    .remove(0);
+    let tok = crate::checkpoint::write::write_segments(&dir.join("tokenizer.json"), &[b"{}"]).unwrap().remove(0);
     let manifest = CheckpointManifest {
         format: FORMAT.into(),
         step: 2,
@@ -191,7 +193,7 @@ fn a_checkpoint_of_many_files_verifies_with_bounded_threads() {
     let dir = run.path().join("checkpoints/step-00000002");
     for i in 0..300 {
         let name = format!("extra-{i:03}.bin");
-        let written = crate::checkpoint::write::write_segments(&dir.join(&name), &[name.as_bytes()]).unwrap();
+        let written = crate::checkpoint::write::write_segments(&dir.join(&name), &[name.as_bytes()]).unwrap().remove(0);
         valid["files"][name.as_str()] = written.sha256.into();
     }
     std::fs::write(dir.join(MANIFEST), serde_json::to_string(&valid).unwrap()).unwrap();

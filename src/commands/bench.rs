@@ -171,9 +171,11 @@ pub fn rollout(
     max_new_tokens: usize,
     repeats: usize,
     threads: i32,
+    device: &str,
+    dtype: &str,
 ) -> Result<()> {
     let text = std::fs::read_to_string(prompts).with_context(|| format!("reading {}", prompts.display()))?;
     let rows: Vec<Vec<i64>> = serde_json::from_str(&text)
         .with_context(|| format!("{}: expected a JSON list of token-id lists", prompts.display()))?;
-    print(moxin_worker::selftest::rollout(checkpoint, &rows, max_new_tokens, repeats, threads))
+    print(moxin_worker::selftest::rollout(checkpoint, &rows, max_new_tokens, repeats, threads, device, dtype))
 }

@@ -89,7 +89,7 @@ fn safetensors_dtype(kind: Kind) -> Result<&'static str, WorkerError> {
 
 /// Writes host tensors as a safetensors file, hashing while writing (see
 /// [`write::write_safetensors`]); tensors not contiguous on the CPU are copied first.
-pub fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<WrittenFile, WorkerError> {
+pub fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<Vec<WrittenFile>, WorkerError> {
     let host: Vec<Tensor> = tensors.iter().map(|(_, t)| on_host(t)).collect();
     let shapes: Vec<Vec<i64>> = host.iter().map(|t| t.size()).collect();
     let dtypes: Vec<&str> = host.iter().map(|t| safetensors_dtype(t.kind())).collect::<Result<_, _>>()?;
@@ -131,7 +131,7 @@ impl ModelPart {
     }
 
     /// Writes `tensors` (host copies of the tensors `self.part`) into the model file in `dir`.
-    fn write(&self, dir: &Path, tensors: &[(String, Tensor)]) -> Result<WrittenFile, WorkerError> {
+    fn write(&self, dir: &Path, tensors: &[(String, Tensor)]) -> Result<Vec<WrittenFile>, WorkerError> {
         let host: Vec<Tensor> = tensors.iter().map(|(_, t)| on_host(t)).collect();
         let bytes: Vec<&[u8]> = host.iter().map(host_bytes).collect();
         let views = Self::views(&self.metas);
@@ -165,12 +165,12 @@ pub fn write_rank_files(
 ) -> Result<Vec<moxin_proto::v1::WrittenFile>, WorkerError> {
     std::thread::scope(|scope| {
         let model = (!model_part.is_empty()).then(|| scope.spawn(move || model_part.write(staging, &model)));
-        let mut files = vec![write_tensors(&staging.join(partition_file), state)?];
+        let mut files = write_tensors(&staging.join(partition_file), state)?;
         for (name, source) in extra_files {
-            files.push(write::copy_file(source, &staging.join(name))?);
+            files.extend(write::copy_file(source, &staging.join(name))?);
         }
         if let Some(model) = model {
-            files.push(model.join().map_err(|_| WorkerError::Panic("the model writer panicked".into()))??);
+            files.extend(model.join().map_err(|_| WorkerError::Panic("the model writer panicked".into()))??);
         }
         Ok(files)
     })

@@ -360,7 +360,6 @@ pub fn import(dir: &Path, out: &Path) -> Result<ImportReport, WorkerError> {
     let result = (|| -> Result<bool, WorkerError> {
         let mut files = BTreeMap::new();
         let written = checkpoint::write_tensors(&staging.join(MODEL_FILE), &tensors)?;
-        files.insert(written.name, written.sha256);
         let tokenizer = dir.join(TOKENIZER_FILE);
         let with_tokenizer = match tokenizer.exists().then(|| moxin_data::load_tokenizer(&tokenizer)) {
             Some(Ok(t)) => {
@@ -382,7 +381,7 @@ pub fn import(dir: &Path, out: &Path) -> Result<ImportReport, WorkerError> {
             }
             None => false,
         };
-        let manifest = CheckpointManifest {
+        let mut manifest = CheckpointManifest {
             format: checkpoint::FORMAT.into(),
             step: 0,
             data_cursor: 0,
@@ -400,6 +399,9 @@ pub fn import(dir: &Path, out: &Path) -> Result<ImportReport, WorkerError> {
             build: checkpoint::build_info(),
             token_ids: Some(config.ids),
         };
+        for w in &written {
+            manifest.record_written(w);
+        }
         write_json(&staging.join(MANIFEST), &manifest)?;
         Ok(with_tokenizer)
     })();

@@ -16,7 +16,7 @@ use prost::Message;
 
 use super::{
     checkpoints_dir, is_plain_file_name, list, staging_dir, step_dir_name, sweep, Checkpoint, CheckpointError,
-    CheckpointManifest, FilePart, PartitionFile, FORMAT, MANIFEST,
+    CheckpointManifest, PartitionFile, FORMAT, MANIFEST,
 };
 
 /// Largest group a report may claim (far beyond any real job; bounds what a bad report
@@ -234,18 +234,7 @@ fn publish(run_dir: &Path, staging: &Path, mut parts: Vec<CheckpointPart>) -> Re
                     part.rank, f.name
                 )));
             }
-            let duplicate = if whole {
-                manifest.files.insert(f.name.clone(), f.sha256.clone()).is_some()
-                    || manifest.file_parts.contains_key(&f.name)
-            } else {
-                manifest.file_parts.entry(f.name.clone()).or_default().push(FilePart {
-                    offset: f.offset,
-                    bytes: f.bytes,
-                    sha256: f.sha256.clone(),
-                });
-                manifest.files.contains_key(&f.name)
-            };
-            if duplicate {
+            if !manifest.record_written(f) {
                 return Err(invalid(format!("{} was reported whole by one rank and again by another", f.name)));
             }
         }
@@ -343,9 +332,9 @@ pub(crate) mod tests {
         let staging = staging_dir(run, step, generation);
         std::fs::create_dir_all(&staging).unwrap();
         let name = partition_file(rank as usize);
-        let mut files = vec![write_segments(&staging.join(&name), &[&[rank as u8; 10]]).unwrap()];
+        let mut files = write_segments(&staging.join(&name), &[&[rank as u8; 10]]).unwrap();
         if rank == 0 {
-            files.push(write_segments(&staging.join("model.safetensors"), &[b"model"]).unwrap());
+            files.extend(write_segments(&staging.join("model.safetensors"), &[b"model"]).unwrap());
         }
         CheckpointPart {
             worker_id: String::new(),
@@ -377,6 +366,28 @@ pub(crate) mod tests {
         assert_eq!(ckpt.manifest.optimizer[1], PartitionFile { file: partition_file(1), start: 10, end: 20 });
         let kept: Vec<u64> = list(run.path()).unwrap().into_iter().map(|(s, _)| s).collect();
         assert_eq!(kept, [6, 4]);
+    }
+
+    #[test]
+    fn a_file_hashed_in_ranges_is_published_and_verified_range_by_range() {
+        let run = tempfile::tempdir().unwrap();
+        let mut p = part(run.path(), 1, 2, 0, 1);
+        let staging = staging_dir(run.path(), 2, 1);
+        p.files.retain(|f| f.name != p.partition_file);
+        let ranges =
+            crate::checkpoint::write::write_segments_in_ranges(&staging.join(&p.partition_file), &[b"0123456789"], 4)
+                .unwrap();
+        assert_eq!(ranges.len(), 3);
+        p.files.extend(ranges);
+        let dir = Commits::new(run.path()).add(p).unwrap().expect("published");
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let parts = &ckpt.manifest.file_parts[&partition_file(0)];
+        assert_eq!(parts.iter().map(|p| (p.offset, p.bytes)).collect::<Vec<_>>(), [(0, 4), (4, 4), (8, 2)]);
+        assert!(!ckpt.manifest.files.contains_key(&partition_file(0)));
+        let path = dir.join(partition_file(0));
+        std::fs::write(&path, b"0123X56789").unwrap();
+        let e = Checkpoint::open(&dir).unwrap_err().to_string();
+        assert!(e.contains("of bytes 4..8") && e.contains("corrupt"), "{e}");
     }
 
     #[test]
@@ -487,8 +498,8 @@ pub(crate) mod tests {
                             let bytes: Vec<&[u8]> = data[range.clone()].iter().map(Vec::as_slice).collect();
                             let path = staging.join("model.safetensors");
                             let f = write_safetensors_part(&path, metas, range, &bytes, rank == 0).unwrap();
-                            assert!(f.file_bytes > f.bytes, "a share, not the whole file");
-                            p.files.push(f);
+                            assert!(f.iter().all(|f| f.file_bytes > f.bytes), "a share, not the whole file");
+                            p.files.extend(f);
                         })
                     })
                     .collect();

@@ -176,6 +176,19 @@ pub struct Checkpoint {
 }
 
 impl CheckpointManifest {
+    /// Records a writer's report of one file (see [`write::WrittenRanges`]): its digest in
+    /// `files`, or one byte range's in `file_parts`. False when the file is already
+    /// recorded whole (a second report of it) or now comes whole after parts.
+    pub fn record_written(&mut self, f: &moxin_proto::v1::WrittenFile) -> bool {
+        if f.file_bytes == 0 {
+            !self.file_parts.contains_key(&f.name) && self.files.insert(f.name.clone(), f.sha256.clone()).is_none()
+        } else {
+            let part = FilePart { offset: f.offset, bytes: f.bytes, sha256: f.sha256.clone() };
+            self.file_parts.entry(f.name.clone()).or_default().push(part);
+            !self.files.contains_key(&f.name)
+        }
+    }
+
     /// Reads the manifest of the checkpoint in `dir` without verifying its files (see
     /// [`Checkpoint::open`] for that).
     pub fn read(dir: &Path) -> Result<Self, CheckpointError> {
