@@ -14,8 +14,12 @@ use std::time::{Duration, Instant};
 
 use super::{check_ranges, even_ranges, shm, CollectiveError, Element, GroupKey, ReduceOp};
 
-/// Bytes received and reduced at a time.
+/// Bytes per shared-memory slot (and per piece the same-host path hands over).
 const PIECE: usize = 1 << 20;
+
+/// Bytes received from a socket (and reduced) at a time: fewer, larger reads measured a
+/// few percent faster than 1 MiB and 256 KiB on loopback (bench all-reduce --tcp).
+const TCP_PIECE: usize = 4 << 20;
 
 /// One rank's end of a TCP ring.
 pub struct TcpRing {
@@ -69,7 +73,7 @@ impl TcpRing {
             outbox: None,
             inbox: None,
             timeout,
-            scratch: vec![0; PIECE],
+            scratch: vec![0; TCP_PIECE],
         };
         if world == 1 {
             return Ok(ring);
@@ -194,10 +198,12 @@ impl TcpRing {
                 }
             });
             let received = (|| {
-                let elems_per_piece = PIECE / T::BYTES;
-                for (k, chunk) in recv_part.chunks_mut(elems_per_piece).enumerate() {
+                let piece = if inbox.is_some() { PIECE } else { TCP_PIECE };
+                for (k, chunk) in recv_part.chunks_mut(piece / T::BYTES).enumerate() {
                     let len = chunk.len() * T::BYTES;
                     match inbox {
+                        // Gathering: the bytes go straight into place, no second copy.
+                        None if !reduce => read_exact(prev, as_bytes_mut(chunk))?,
                         None => {
                             let bytes = &mut scratch[..len];
                             read_exact(prev, bytes)?;
@@ -339,6 +345,16 @@ fn disjoint_mut<T>(buf: &mut [T], a: Range<usize>, b: Range<usize>) -> (&mut [T]
         let (lo, hi) = buf.split_at_mut(a.start);
         let b_len = b.end - b.start;
         (&mut hi[..a.end - a.start], &mut lo[b.start..b.start + b_len])
+    }
+}
+
+/// The bytes of a mutable slice of plain numbers, to receive into (see [`as_bytes`]).
+fn as_bytes_mut<T: Element>(s: &mut [T]) -> &mut [u8] {
+    // SAFETY: as in `as_bytes`; in addition every bit pattern is a valid T, so any bytes
+    // written through the view leave valid values; the lifetime is tied to `s`.
+    #[allow(unsafe_code)]
+    unsafe {
+        std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(s))
     }
 }
 

@@ -50,11 +50,12 @@ fn data(rank: usize, len: usize) -> Vec<f32> {
 #[test]
 fn reduce_scatter_all_gather_all_reduce_match_naive_for_odd_sizes() {
     // Both data paths: shared memory between same-host neighbours, and plain TCP; the
-    // largest size spans several 1 MiB pieces, so the two-slot outbox wraps around.
+    // largest sizes span several 1 MiB pieces, so the two-slot outbox wraps around, and
+    // several 4 MiB socket reads.
     for (shared_memory, world, len) in [true, false].into_iter().flat_map(|shm| {
         [1usize, 2, 3, 4]
             .into_iter()
-            .flat_map(move |w| [0usize, 1, 2, 3, 5, 7, 1000, 100_003, 700_001].map(move |n| (shm, w, n)))
+            .flat_map(move |w| [0usize, 1, 2, 3, 5, 7, 1000, 100_003, 700_001, 2_500_003].map(move |n| (shm, w, n)))
     }) {
         {
             let inputs: Vec<Vec<f32>> = (0..world).map(|r| data(r, len)).collect();
