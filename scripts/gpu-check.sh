@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU check: runs on a one-GPU machine from a binary built elsewhere (the parts named in
-# GPU_CHECK_ONLY took 7 minutes on an H200 on 2026-11-27; pick parts for a short lease). The machine needs python3 with torch 2.11
+# GPU check: runs on a one-GPU machine from a binary built elsewhere (tiny, ckpt,
+# ckpt-write, rollout and the gpu-1b bench took 7 minutes on an H200 on 2026-11-27;
+# pick parts for a short lease). The machine needs python3 with torch 2.11
 # (CUDA) and transformers, no Rust. Parts, each bounded by a timeout; every result lands in
 # $OUT (JSON, logs, summary.md):
 #   1.  doctor                     what the machine has (torch, GPU, NCCL)
