@@ -319,18 +319,41 @@ struct TrainArgs {
 }
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["data", "prompts"])))]
 struct EvalArgs {
-    /// Checkpoint directory (runs/<job>/checkpoints/step-NNNNNNNN).
+    /// Checkpoint directory (runs/<job>/checkpoints/step-NNNNNNNN) or a run directory (its newest).
     checkpoint: PathBuf,
-    /// Prepared data directory.
+    /// Prepared data directory: report the mean next-token loss on it.
     #[arg(long)]
-    data: PathBuf,
+    data: Option<PathBuf>,
     /// Batches to score (samples in order from the start of the data).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, requires = "data")]
     batches: u64,
     /// Samples per batch.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, requires = "data")]
     batch_size: u32,
+    /// Prompts with reference answers (`{"prompt", "answer"}` JSONL): report the fraction the
+    /// math-answer verifier accepts, as the pipeline scores held-out sets.
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// Completions per prompt (above 1 needs --temperature > 0; the report adds pass@samples).
+    #[arg(long, default_value_t = 1, requires = "prompts")]
+    samples: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0, requires = "prompts")]
+    temperature: f64,
+    /// Nucleus sampling threshold.
+    #[arg(long, default_value_t = 1.0, requires = "prompts")]
+    top_p: f64,
+    /// Tokens generated at most per completion.
+    #[arg(long, default_value_t = 64, requires = "prompts")]
+    max_new_tokens: usize,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0, requires = "prompts")]
+    seed: u64,
+    /// Completions to print with the report, to read what the model answers.
+    #[arg(long, default_value_t = 0, requires = "prompts")]
+    show: usize,
 }
 
 #[derive(Subcommand)]
@@ -561,7 +584,22 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Checkpoint(a) => commands::cluster::checkpoint(&a.target, &a.security),
         Command::Status(a) => commands::status::status(&a.target, &a.security, a.json, a.once, a.interval),
         Command::Doctor(a) => commands::doctor(a.json),
-        Command::Eval(a) => commands::eval(&a.checkpoint, &a.data, a.batches, a.batch_size),
+        Command::Eval(a) => match (&a.data, &a.prompts) {
+            (Some(data), _) => commands::eval(&a.checkpoint, data, a.batches, a.batch_size),
+            (None, Some(prompts)) => commands::eval_prompts(
+                &a.checkpoint,
+                prompts,
+                &moxin_worker::eval::AccuracyOptions {
+                    max_new_tokens: a.max_new_tokens,
+                    samples: a.samples,
+                    temperature: a.temperature,
+                    top_p: a.top_p,
+                    seed: a.seed,
+                    examples: a.show,
+                },
+            ),
+            (None, None) => unreachable!("clap requires --data or --prompts"),
+        },
         Command::Data(DataCommand::Prepare(a)) => commands::prepare(moxin_data::PrepareOptions {
             tokenizer: match (a.tokenizer, a.train_tokenizer) {
                 (Some(path), _) => moxin_data::TokenizerSource::File(path),

@@ -54,6 +54,25 @@ fn a_pipeline_runs_its_stages_in_order_and_skips_finished_ones() {
     );
     assert!(metrics(&out.join("grpo"))[0]["reward_mean"].is_number());
 
+    // `eval --prompts` scores a stage as the summary does (greedy), and samples on request.
+    let (test, sft_run) = (task.join("test.jsonl"), out.join("sft"));
+    let greedy: serde_json::Value =
+        serde_json::from_str(&ok(t, &["eval", s(&sft_run), "--prompts", s(&test), "--max-new-tokens", "16"])).unwrap();
+    let sft = stages.iter().find(|s| s["stage"] == "sft").unwrap();
+    assert_eq!(greedy["accuracy"], sft["eval_accuracy"], "{greedy}");
+    assert_eq!((greedy["prompts"].as_u64(), greedy["samples"].as_u64()), (Some(100), Some(1)));
+    let sampled_args =
+        ["eval", s(&sft_run), "--prompts", s(&test), "--samples", "3", "--temperature", "1.0", "--show", "2"];
+    let sampled: serde_json::Value = serde_json::from_str(&ok(t, &sampled_args)).unwrap();
+    assert_eq!(sampled["samples"], 3);
+    assert_eq!(sampled["examples"].as_array().unwrap().len(), 2, "{sampled}");
+    assert!(sampled["examples"][0]["completion"].is_string() && sampled["examples"][0]["correct"].is_boolean());
+    // Fraction of prompts with an accepted completion ≥ fraction of completions accepted.
+    assert!(sampled["pass_at_samples"].as_f64() >= sampled["accuracy"].as_f64(), "{sampled}");
+    assert_eq!(ok(t, &sampled_args), ok(t, &sampled_args), "the seed fixes the samples");
+    let err = crate::common::fails(t, &["eval", s(&sft_run), "--prompts", s(&test), "--samples", "2"]);
+    assert!(err.contains("--samples 2") && err.contains("temperature"), "{err}");
+
     // A rerun skips the finished stages (their metrics are untouched) and repeats the summary.
     let before = std::fs::read_to_string(out.join("pretrain/metrics.jsonl")).unwrap();
     let again = ok(t, &["train", s(&file), "--out", s(&out)]);

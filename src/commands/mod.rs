@@ -98,6 +98,14 @@ pub fn eval(checkpoint: &Path, data: &Path, batches: u64, batch_size: u32) -> Re
     Ok(())
 }
 
+/// `eval --prompts`: accuracy on prompts with reference answers, as JSON.
+pub fn eval_prompts(checkpoint: &Path, prompts: &Path, opts: &moxin_worker::eval::AccuracyOptions) -> Result<()> {
+    let report = moxin_worker::eval::accuracy(checkpoint, prompts, opts)
+        .with_context(|| format!("scoring {} on {}", checkpoint.display(), prompts.display()))?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
 /// `data prepare-sft`: the template named `template`, the options built around it.
 pub fn prepare_sft(
     template: &str,

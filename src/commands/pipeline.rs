@@ -51,12 +51,10 @@ pub fn run(file: &Path, out: Option<&Path>, overrides: &[String], mode: Mode) ->
         let (step, elapsed_s) = last_step(&stage.run_dir).unwrap_or((0, 0.0));
         let (eval_accuracy, eval_prompts) = match &pipeline.section.eval_prompts {
             Some(prompts) => {
-                let (accuracy, n) = moxin_worker::eval::accuracy(
-                    &stage.run_dir,
-                    Path::new(prompts),
-                    pipeline.section.eval_max_new_tokens as usize,
-                )
-                .with_context(|| format!("scoring stage {} on {prompts}", stage.name))?;
+                let greedy = moxin_worker::eval::AccuracyOptions::greedy(pipeline.section.eval_max_new_tokens as usize);
+                let report = moxin_worker::eval::accuracy(&stage.run_dir, Path::new(prompts), &greedy)
+                    .with_context(|| format!("scoring stage {} on {prompts}", stage.name))?;
+                let (accuracy, n) = (report.accuracy, report.prompts);
                 tracing::info!(stage = %stage.name, accuracy, prompts = n, "held-out accuracy");
                 (Some(accuracy), n)
             }

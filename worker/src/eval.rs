@@ -6,7 +6,7 @@ use moxin_data::TokenDataset;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use crate::checkpoint::{Checkpoint, TOKENIZER_FILE};
+use crate::checkpoint::TOKENIZER_FILE;
 use crate::trainer::objective::{head_loss, CrossEntropy};
 use crate::trainer::Batch;
 use crate::WorkerError;
@@ -29,7 +29,8 @@ pub struct EvalReport {
 }
 
 /// Scores up to `batches` batches of `batch_size` samples, taken in order from the start of
-/// `data_dir`, at the checkpoint's sequence length.
+/// `data_dir`, at the checkpoint's sequence length (`checkpoint_dir`: a checkpoint, or a run
+/// directory's newest).
 pub fn evaluate(
     checkpoint_dir: &Path,
     data_dir: &Path,
@@ -41,7 +42,7 @@ pub fn evaluate(
             "--batches {batches} --batch-size {batch_size}: both must be at least 1 (a loss over no tokens means nothing)"
         )));
     }
-    let ckpt = Checkpoint::open(checkpoint_dir)?;
+    let ckpt = crate::hf::open_checkpoint(checkpoint_dir)?;
     let shape = ckpt.manifest.model.clone();
     // Token ids only mean the same thing under the same tokenizer.
     let data_manifest = moxin_data::Manifest::load(data_dir)?;
@@ -130,33 +131,122 @@ pub fn logits(checkpoint: &Path, tokens: &[Vec<i64>]) -> Result<Tensor, WorkerEr
     Ok(tch::no_grad(|| model.forward(&input, None)))
 }
 
-/// Held-out accuracy of the model at `checkpoint` (or a run directory's newest) on
-/// `prompts` (`{"prompt": ..., "answer": ...}` lines): each prompt rendered as a user turn
-/// of the Moxin chat template, continued greedily (in batches) for at most
-/// `max_new_tokens`, and scored by the math-answer verifier. Returns (accuracy, prompts).
-pub fn accuracy(checkpoint: &Path, prompts: &Path, max_new_tokens: usize) -> Result<(f64, u64), WorkerError> {
+/// How [`accuracy`] continues each prompt.
+#[derive(Debug, Clone)]
+pub struct AccuracyOptions {
+    /// Tokens generated at most per completion.
+    pub max_new_tokens: usize,
+    /// Completions per prompt (1 with temperature 0: the greedy answer).
+    pub samples: usize,
+    /// Sampling temperature; 0 = greedy.
+    pub temperature: f64,
+    /// Nucleus threshold when sampling.
+    pub top_p: f64,
+    /// Seed of the sampler.
+    pub seed: u64,
+    /// How many (prompt, completion) pairs to keep in the report, first prompts first.
+    pub examples: usize,
+}
+
+impl AccuracyOptions {
+    /// One greedy completion per prompt: the pipeline's held-out score.
+    pub fn greedy(max_new_tokens: usize) -> Self {
+        AccuracyOptions { max_new_tokens, samples: 1, temperature: 0.0, top_p: 1.0, seed: 0, examples: 0 }
+    }
+}
+
+/// One scored completion kept in an [`AccuracyReport`].
+#[derive(Debug, Clone, Serialize)]
+pub struct ScoredCompletion {
+    /// The prompt as written in the file.
+    pub prompt: String,
+    /// Its reference answer.
+    pub answer: String,
+    /// The model's completion (decoded, without the end-of-sequence token).
+    pub completion: String,
+    /// Whether the verifier accepted it.
+    pub correct: bool,
+}
+
+/// Result of [`accuracy`].
+#[derive(Debug, Clone, Serialize)]
+pub struct AccuracyReport {
+    /// The checkpoint scored.
+    pub checkpoint: String,
+    /// Its training step.
+    pub step: u64,
+    /// Prompts scored.
+    pub prompts: u64,
+    /// Completions per prompt.
+    pub samples: u64,
+    /// Fraction of all completions the verifier accepts (= greedy accuracy when samples is 1
+    /// and temperature 0).
+    pub accuracy: f64,
+    /// Fraction of prompts with at least one accepted completion.
+    pub pass_at_samples: f64,
+    /// The first completions, for reading.
+    pub examples: Vec<ScoredCompletion>,
+}
+
+/// Accuracy of the model at `checkpoint` (or a run directory's newest) on `prompts`
+/// (`{"prompt": ..., "answer": ...}` lines): each prompt rendered as a user turn of the Moxin
+/// chat template, continued (in batches; greedily or sampled, see [`AccuracyOptions`]) and
+/// scored by the math-answer verifier. The pipeline's held-out score is
+/// `AccuracyOptions::greedy`.
+pub fn accuracy(checkpoint: &Path, prompts: &Path, opts: &AccuracyOptions) -> Result<AccuracyReport, WorkerError> {
     use crate::rl::reward::{MathAnswer, Reward};
+    if opts.samples == 0 || (opts.samples > 1 && opts.temperature <= 0.0) {
+        return Err(WorkerError::Spec(format!(
+            "--samples {} --temperature {}: take at least one sample, and more than one only when sampling \
+             (temperature > 0; greedy completions are all the same)",
+            opts.samples, opts.temperature
+        )));
+    }
     let ckpt = crate::hf::open_checkpoint(checkpoint)?;
     let tokenizer = moxin_data::load_tokenizer(&ckpt.dir.join(TOKENIZER_FILE))?;
     let model = crate::checkpoint::load_model(&ckpt, Kind::Float, Device::cuda_if_available())?;
     let template = moxin_data::sft::ChatTemplate::moxin();
-    let limits = (ckpt.manifest.model.max_seq_len as usize, max_new_tokens);
+    let limits = (ckpt.manifest.model.max_seq_len as usize, opts.max_new_tokens);
     let items = moxin_data::sft::encode_prompts(prompts, &template, &tokenizer, limits)?;
-    let opts = crate::generate::SamplingOptions {
-        temperature: 0.0,
-        max_new_tokens,
+    let texts: Vec<String> = moxin_data::sft::read_prompts(prompts)?.into_iter().map(|(p, _)| p).collect();
+    let mut sampling = crate::generate::SamplingOptions {
+        temperature: opts.temperature,
+        top_p: opts.top_p,
+        max_new_tokens: opts.max_new_tokens,
         stop_token: Some(tokenizer.eos_id as i64),
-        ..Default::default()
+        seed: opts.seed,
     };
-    let mut correct = 0usize;
-    for chunk in items.chunks(64) {
-        let rows: Vec<Vec<i64>> = chunk.iter().map(|(ids, _)| ids.clone()).collect();
-        let out = crate::generate::generate(&model, &rows, &opts).map_err(WorkerError::Spec)?;
-        for ((_, answer), completion) in chunk.iter().zip(out) {
+    // Row i of the flattened work is sample i % samples of prompt i / samples.
+    let rows: Vec<usize> = (0..items.len() * opts.samples).collect();
+    let (mut correct, mut solved) = (0usize, vec![false; items.len()]);
+    let mut examples = Vec::new();
+    for (batch, chunk) in rows.chunks(64).enumerate() {
+        let ids: Vec<Vec<i64>> = chunk.iter().map(|&r| items[r / opts.samples].0.clone()).collect();
+        sampling.seed = opts.seed.wrapping_add(batch as u64);
+        let out = crate::generate::generate(&model, &ids, &sampling).map_err(WorkerError::Spec)?;
+        for (&r, completion) in chunk.iter().zip(out) {
+            let prompt = r / opts.samples;
             let kept: Vec<u32> =
                 completion.iter().filter(|&&t| t != tokenizer.eos_id as i64).map(|&t| t as u32).collect();
-            correct += (MathAnswer.score(&tokenizer.decode(&kept)?, answer) > 0.0) as usize;
+            let text = tokenizer.decode(&kept)?;
+            let answer = &items[prompt].1;
+            let ok = MathAnswer.score(&text, answer) > 0.0;
+            correct += ok as usize;
+            solved[prompt] |= ok;
+            if examples.len() < opts.examples {
+                let prompt = texts.get(prompt).cloned().unwrap_or_default();
+                examples.push(ScoredCompletion { prompt, answer: answer.clone(), completion: text, correct: ok });
+            }
         }
     }
-    Ok((correct as f64 / items.len() as f64, items.len() as u64))
+    let n = items.len().max(1) as f64;
+    Ok(AccuracyReport {
+        checkpoint: ckpt.dir.display().to_string(),
+        step: ckpt.manifest.step,
+        prompts: items.len() as u64,
+        samples: opts.samples as u64,
+        accuracy: correct as f64 / (n * opts.samples as f64),
+        pass_at_samples: solved.iter().filter(|&&s| s).count() as f64 / n,
+        examples,
+    })
 }
