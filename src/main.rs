@@ -521,6 +521,7 @@ fn main() {
     if uses_cuda(&cli.command) {
         restart_with_cuda_libraries();
     }
+    moxin_worker::device::keep_freed_host_memory();
     match run(cli) {
         Ok(0) => {}
         Ok(code) => std::process::exit(code),

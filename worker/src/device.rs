@@ -141,6 +141,32 @@ fn peak_rss_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// Makes glibc keep large freed host blocks for reuse instead of unmapping them; returns
+/// whether it took effect. Each training step frees and re-makes the same large host
+/// buffers (activations, logits chunks, gradients on the CPU), and libtorch's CPU allocator
+/// caches nothing: with glibc's defaults every block above its adaptive mmap threshold
+/// (128 KiB to 32 MiB) is a fresh `mmap`, so every step pays page faults and page zeroing
+/// for memory it has just given back (bench-small on the CPU: +13% tokens/s in bf16 with
+/// this, see BENCHMARKS.md). The cost: freed memory stays with the process, whose resident
+/// size stays at its peak until it exits. `MOXIN_MALLOC_TUNING=0` keeps glibc's defaults.
+#[allow(unsafe_code)]
+pub fn keep_freed_host_memory() -> bool {
+    if std::env::var("MOXIN_MALLOC_TUNING").is_ok_and(|v| v == "0") {
+        return false;
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only sets glibc's allocation thresholds; it touches no memory of ours.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30) == 1 && libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) == 1
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

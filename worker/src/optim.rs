@@ -8,6 +8,8 @@
 use moxin_proto::v1::{schedule_spec::Decay, OptimizerSpec, ScheduleSpec};
 use tch::{Device, Kind, Tensor};
 
+use crate::cuda::kernels::AdamWStep;
+
 /// Elements updated per kernel sweep: bounds the scratch buffer on huge partitions.
 const CHUNK: i64 = 1 << 24;
 
@@ -96,6 +98,9 @@ impl AdamW {
         flat_params: &Tensor,
     ) -> Result<(), crate::WorkerError> {
         let Some(kernels) = self.fused.clone() else {
+            if self.update_on_host(grad, grad_scale, lr, flat_params) {
+                return Ok(());
+            }
             if grad_scale != 1.0 {
                 let mut g = grad.shallow_clone();
                 let _ = tch::no_grad(|| g.g_mul_scalar_(grad_scale));
@@ -104,12 +109,19 @@ impl AdamW {
             self.write_params(flat_params);
             return Ok(());
         };
+        let out = (!self.aliases_params).then(|| flat_params.narrow(0, self.start, self.len()));
+        let hyper = self.next_step(lr, grad_scale);
+        let decay_end = self.decay_end - self.start;
+        kernels.adamw(&self.master, &self.exp_avg, &self.exp_avg_sq, grad, out.as_ref(), decay_end, hyper)
+    }
+
+    /// Counts a step and returns its scalars (bias corrections at the new step count).
+    fn next_step(&mut self, lr: f64, grad_scale: f64) -> AdamWStep {
         let c = self.config;
         self.step += 1;
         let bias1 = 1.0 - c.beta1.powi(self.step as i32);
         let bias2_sqrt = (1.0 - c.beta2.powi(self.step as i32)).sqrt();
-        let out = (!self.aliases_params).then(|| flat_params.narrow(0, self.start, self.len()));
-        let hyper = crate::cuda::kernels::AdamWStep {
+        AdamWStep {
             decay: (1.0 - lr * c.weight_decay) as f32,
             beta1: c.beta1 as f32,
             beta2: c.beta2 as f32,
@@ -117,9 +129,51 @@ impl AdamW {
             step_size: (lr / bias1) as f32,
             inv_bias2_sqrt: (1.0 / bias2_sqrt) as f32,
             grad_scale: grad_scale as f32,
+        }
+    }
+
+    /// The fused update on the CPU: the same arithmetic as the CUDA kernel, in one pass over
+    /// memory split across libtorch's intra-op threads, writing the bf16 model copy in the
+    /// same pass (the unfused update makes about nine passes, plus the copy). Returns false,
+    /// having done nothing, unless every tensor is a contiguous CPU buffer of the partition's
+    /// length (fp32 state, fp32 or bf16 gradient, bf16 model copy when it is not the master).
+    #[allow(unsafe_code)]
+    fn update_on_host(&mut self, grad: &Tensor, grad_scale: f64, lr: f64, flat_params: &Tensor) -> bool {
+        let len = self.len();
+        let host = |t: &Tensor, kinds: &[Kind]| {
+            t.device() == Device::Cpu && kinds.contains(&t.kind()) && t.is_contiguous() && t.numel() as i64 == len
         };
-        let decay_end = self.decay_end - self.start;
-        kernels.adamw(&self.master, &self.exp_avg, &self.exp_avg_sq, grad, out.as_ref(), decay_end, hyper)
+        let out = (!self.aliases_params).then(|| flat_params.narrow(0, self.start, len));
+        let state = [&self.master, &self.exp_avg, &self.exp_avg_sq];
+        if len == 0
+            || !state.iter().all(|t| host(t, &[Kind::Float]))
+            || !host(grad, &[Kind::Float, Kind::BFloat16])
+            || !out.as_ref().is_none_or(|o| host(o, &[Kind::BFloat16]))
+        {
+            return false;
+        }
+        let hyper = self.next_step(lr, grad_scale);
+        let decay_end = (self.decay_end - self.start) as usize;
+        let n = len as usize;
+        // SAFETY: each slice covers a tensor checked above to be a contiguous CPU buffer of
+        // `n` elements of the slice's type (bf16 as its bit pattern, u16). They are
+        // distinct memory: the master weights, the two moments and the gradient are separate
+        // allocations, and the bf16 model copy exists only when the master is not the model's
+        // own fp32 buffer. Nothing else touches them while the step runs (`&mut self`; the
+        // caller starts the parameter all-gather after this returns).
+        unsafe {
+            let f32s = |t: &Tensor| std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, n);
+            let (p, m, v) = (f32s(&self.master), f32s(&self.exp_avg), f32s(&self.exp_avg_sq));
+            let out = out.as_ref().map(|o| std::slice::from_raw_parts_mut(o.data_ptr() as *mut u16, n));
+            if grad.kind() == Kind::Float {
+                let g = std::slice::from_raw_parts(grad.data_ptr() as *const f32, n);
+                host_adamw(p, m, v, g, out, decay_end, hyper);
+            } else {
+                let g = std::slice::from_raw_parts(grad.data_ptr() as *const u16, n);
+                host_adamw(p, m, v, g, out, decay_end, hyper);
+            }
+        }
+        true
     }
 
     /// Partition length.
@@ -250,6 +304,115 @@ impl AdamW {
     }
 }
 
+/// A gradient element as the host update reads it: fp32, or bf16 as its bit pattern.
+trait HostGrad: Copy + Send + Sync {
+    fn value(self) -> f32;
+}
+
+impl HostGrad for f32 {
+    fn value(self) -> f32 {
+        self
+    }
+}
+
+impl HostGrad for u16 {
+    fn value(self) -> f32 {
+        f32::from_bits((self as u32) << 16)
+    }
+}
+
+/// fp32 → bf16 bit pattern, rounding to nearest even (as torch does; NaN stays NaN).
+fn bf16_bits(x: f32) -> u16 {
+    let u = x.to_bits();
+    if x.is_nan() {
+        return ((u >> 16) | 0x40) as u16;
+    }
+    ((u + 0x7fff + ((u >> 16) & 1)) >> 16) as u16
+}
+
+/// The CUDA kernel's AdamW body (`cuda/kernels.cu`, `ADAMW_BODY`) over host slices, in
+/// contiguous pieces on libtorch's intra-op thread count; `decay_end` elements are decayed.
+fn host_adamw<G: HostGrad>(
+    p: &mut [f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    g: &[G],
+    out: Option<&mut [u16]>,
+    decay_end: usize,
+    h: AdamWStep,
+) {
+    // Below this many elements a thread costs more than it saves.
+    const PIECE_MIN: usize = 1 << 16;
+    let threads = (tch::get_num_threads().max(1) as usize).min(p.len().div_ceil(PIECE_MIN)).max(1);
+    let piece = p.len().div_ceil(threads);
+    let mut outs: Vec<Option<&mut [u16]>> = match out {
+        Some(o) => o.chunks_mut(piece).map(Some).collect(),
+        None => (0..threads).map(|_| None).collect(),
+    };
+    let pieces = p.chunks_mut(piece).zip(m.chunks_mut(piece)).zip(v.chunks_mut(piece)).zip(g.chunks(piece));
+    std::thread::scope(|scope| {
+        for (k, (((p, m), v), g)) in pieces.enumerate() {
+            let out = outs[k].take();
+            let decayed = decay_end.saturating_sub(k * piece).min(p.len());
+            let work = move || {
+                let (pd, pn) = p.split_at_mut(decayed);
+                let (md, mn) = m.split_at_mut(decayed);
+                let (vd, vn) = v.split_at_mut(decayed);
+                let (gd, gn) = g.split_at(decayed);
+                let (od, on) = match out {
+                    Some(o) => {
+                        let (a, b) = o.split_at_mut(decayed);
+                        (Some(a), Some(b))
+                    }
+                    None => (None, None),
+                };
+                adamw_run(pd, md, vd, gd, od, h.decay, h);
+                adamw_run(pn, mn, vn, gn, on, 1.0, h);
+            };
+            if k + 1 == threads {
+                work();
+            } else {
+                scope.spawn(work);
+            }
+        }
+    });
+}
+
+/// One run of elements with one decay factor (kept out of the loop so it vectorises).
+#[inline(always)]
+fn adamw_run<G: HostGrad>(
+    p: &mut [f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    g: &[G],
+    out: Option<&mut [u16]>,
+    decay: f32,
+    h: AdamWStep,
+) {
+    let element = |p: &mut f32, m: &mut f32, v: &mut f32, g: G| {
+        let gi = g.value() * h.grad_scale;
+        let mi = h.beta1 * *m + (1.0 - h.beta1) * gi;
+        let vi = h.beta2 * *v + (1.0 - h.beta2) * gi * gi;
+        *m = mi;
+        *v = vi;
+        *p = *p * decay - h.step_size * mi / (vi.sqrt() * h.inv_bias2_sqrt + h.eps);
+        *p
+    };
+    let rows = p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g.iter().copied());
+    match out {
+        Some(out) => {
+            for ((((p, m), v), g), o) in rows.zip(out.iter_mut()) {
+                *o = bf16_bits(element(p, m, v, g));
+            }
+        }
+        None => {
+            for (((p, m), v), g) in rows {
+                element(p, m, v, g);
+            }
+        }
+    }
+}
+
 /// Learning rate at optimizer step `step` (0-based) of `total`: linear warmup to `lr`
 /// over `warmup_steps`, then cosine / linear decay to `min_lr_ratio * lr`, or constant.
 pub fn learning_rate(spec: &ScheduleSpec, lr: f64, step: u64, total: u64) -> f64 {
@@ -295,6 +458,46 @@ mod tests {
         let l = spec(0, Decay::Linear);
         assert!((learning_rate(&l, 2.0, 50, 100) - 1.1).abs() < 1e-12);
         assert_eq!(learning_rate(&spec(0, Decay::Constant), 2.0, 70, 100), 2.0);
+    }
+
+    /// The fused host update (what `update` runs on the CPU) against the unfused one, over a
+    /// partition large enough to be split across threads, with the decayed prefix ending
+    /// inside a piece: fp32 parameters (the master is the model's buffer) and bf16
+    /// parameters with an fp32 or bf16 gradient (the model's copy written in the same pass,
+    /// bit for bit the master rounded to bf16).
+    #[test]
+    fn fused_host_update_matches_the_unfused_one() {
+        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+        let n = 300_001;
+        tch::manual_seed(3);
+        let init = Tensor::randn([n], (Kind::Float, Device::Cpu));
+        for (param_kind, grad_kind) in
+            [(Kind::Float, Kind::Float), (Kind::BFloat16, Kind::Float), (Kind::BFloat16, Kind::BFloat16)]
+        {
+            let fused_params = init.to_kind(param_kind);
+            let plain_params = init.to_kind(param_kind);
+            let mut fused = AdamW::new(cfg, &fused_params, 1, n, 123_457);
+            let mut plain = AdamW::new(cfg, &plain_params, 1, n, 123_457);
+            for step in 1..=3 {
+                let grad = Tensor::randn([n - 1], (Kind::Float, Device::Cpu)).to_kind(grad_kind);
+                let (scale, lr) = (0.5, 1e-2 * step as f64);
+                fused.update(&grad, scale, lr, &fused_params).unwrap();
+                plain.step(&(grad.to_kind(Kind::Float) * scale), lr);
+                plain.write_params(&plain_params);
+            }
+            let label = format!("{param_kind:?} parameters, {grad_kind:?} gradient");
+            for (a, b) in [
+                (&fused.master, &plain.master),
+                (&fused.exp_avg, &plain.exp_avg),
+                (&fused.exp_avg_sq, &plain.exp_avg_sq),
+            ] {
+                let diff = (a - b).abs().max().double_value(&[]);
+                assert!(diff < 1e-5, "{label}: state differs by {diff}");
+            }
+            let copy = fused_params.narrow(0, 1, n - 1);
+            assert!(copy.equal(&fused.master.to_kind(param_kind)), "{label}: the model's copy is the master");
+            assert!(fused_params.get(0).equal(&init.to_kind(param_kind).get(0)), "{label}: outside the partition");
+        }
     }
 
     /// Our flat AdamW against the textbook formulas, element by element, including the
