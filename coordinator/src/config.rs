@@ -751,8 +751,8 @@ impl JobConfig {
         }
         if self.runtime.device == Device::Cpu && self.runtime.precision == Precision::Bf16 {
             tracing::warn!(
-                "runtime.precision = bf16 on CPU: fast only on CPUs with bf16 instructions (AVX512_BF16, AMX; \
-                 2.5x fp32 on bench-small on such a machine); elsewhere fp32 is faster"
+                "runtime.precision = bf16 on CPU: fast on CPUs with bf16 instructions (AVX512_BF16, AMX; \
+                 2.7x fp32 on bench-small on one); without them, compare with fp32 first"
             );
         }
         Ok((m, seq_len))
