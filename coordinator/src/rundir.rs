@@ -74,7 +74,7 @@ impl RunLock {
         let holder = format!(
             "pid {} on {} (`{}`, locked at unix time {since})\n",
             std::process::id(),
-            hostname(),
+            moxin_proto::hostname(),
             command.join(" ")
         );
         file.set_len(0).and_then(|_| file.rewind()).and_then(|_| file.write_all(holder.as_bytes())).map_err(io)?;
@@ -85,14 +85,6 @@ impl RunLock {
     pub fn path(&self) -> &Path {
         &self.path
     }
-}
-
-/// This machine's host name.
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .or_else(|_| std::env::var("HOSTNAME"))
-        .unwrap_or_else(|_| "unknown host".into())
 }
 
 /// Writes `config.toml` (the resolved configuration) atomically.

@@ -16,6 +16,15 @@ pub mod security;
 /// incompatible peers.
 pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// This machine's host name, as a worker reports it at registration and a run's lock file
+/// records its holder.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "unknown host".into())
+}
+
 /// The Prometheus view of a step, the same on a worker's exporter and the coordinator's.
 pub fn record_step(m: &v1::StepMetrics) {
     metrics::gauge!("moxin_step").set(m.step as f64);

@@ -216,7 +216,7 @@ async fn session(
 ) -> Result<AgentEnd, WorkerError> {
     let (devices, nccl_version) = local_devices(opts.device);
     let identity = WorkerIdentity {
-        host: hostname(),
+        host: moxin_proto::hostname(),
         pid: std::process::id(),
         instance: format!(
             "{:016x}",
@@ -730,11 +730,4 @@ impl Agent {
             Some(Training { assignment: a, messages, ids: ids_tx, stop, checkpoint, handover, leaving, next_peers });
         Ok(())
     }
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .or_else(|_| std::env::var("HOSTNAME"))
-        .unwrap_or_else(|_| "unknown".into())
 }
