@@ -167,10 +167,10 @@ impl AdamW {
             let out = out.as_ref().map(|o| std::slice::from_raw_parts_mut(o.data_ptr() as *mut u16, n));
             if grad.kind() == Kind::Float {
                 let g = std::slice::from_raw_parts(grad.data_ptr() as *const f32, n);
-                host_adamw(p, m, v, g, out, decay_end, hyper);
+                host_adamw(HostState { p, m, v, g, out }, decay_end, hyper);
             } else {
                 let g = std::slice::from_raw_parts(grad.data_ptr() as *const u16, n);
-                host_adamw(p, m, v, g, out, decay_end, hyper);
+                host_adamw(HostState { p, m, v, g, out }, decay_end, hyper);
             }
         }
         true
@@ -330,87 +330,88 @@ fn bf16_bits(x: f32) -> u16 {
     ((u + 0x7fff + ((u >> 16) & 1)) >> 16) as u16
 }
 
-/// The CUDA kernel's AdamW body (`cuda/kernels.cu`, `ADAMW_BODY`) over host slices, in
-/// contiguous pieces on libtorch's intra-op thread count; `decay_end` elements are decayed.
-fn host_adamw<G: HostGrad>(
-    p: &mut [f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    g: &[G],
-    out: Option<&mut [u16]>,
-    decay_end: usize,
-    h: AdamWStep,
-) {
+/// The slices one host AdamW sweep reads and writes, element `i` of each belonging together.
+struct HostState<'a, G> {
+    p: &'a mut [f32],
+    m: &'a mut [f32],
+    v: &'a mut [f32],
+    g: &'a [G],
+    /// The bf16 model copy, when it is not the master itself.
+    out: Option<&'a mut [u16]>,
+}
+
+impl<'a, G: HostGrad> HostState<'a, G> {
+    /// Elements `[0, n)` and `[n, len)`.
+    fn split_at(self, n: usize) -> (Self, Self) {
+        let (p0, p1) = self.p.split_at_mut(n);
+        let (m0, m1) = self.m.split_at_mut(n);
+        let (v0, v1) = self.v.split_at_mut(n);
+        let (g0, g1) = self.g.split_at(n);
+        let (out0, out1) = match self.out {
+            Some(o) => {
+                let (a, b) = o.split_at_mut(n);
+                (Some(a), Some(b))
+            }
+            None => (None, None),
+        };
+        (HostState { p: p0, m: m0, v: v0, g: g0, out: out0 }, HostState { p: p1, m: m1, v: v1, g: g1, out: out1 })
+    }
+
+    /// The CUDA kernel's AdamW body (`cuda/kernels.cu`, `ADAMW_BODY`) over every element,
+    /// the master weights multiplied by `decay` (one factor per call, so the loop vectorises).
+    fn sweep(self, decay: f32, h: AdamWStep) {
+        let element = |p: &mut f32, m: &mut f32, v: &mut f32, g: G| {
+            let gi = g.value() * h.grad_scale;
+            let mi = h.beta1 * *m + (1.0 - h.beta1) * gi;
+            let vi = h.beta2 * *v + (1.0 - h.beta2) * gi * gi;
+            *m = mi;
+            *v = vi;
+            *p = *p * decay - h.step_size * mi / (vi.sqrt() * h.inv_bias2_sqrt + h.eps);
+            *p
+        };
+        let rows = self.p.iter_mut().zip(self.m.iter_mut()).zip(self.v.iter_mut()).zip(self.g.iter().copied());
+        match self.out {
+            Some(out) => {
+                for ((((p, m), v), g), o) in rows.zip(out.iter_mut()) {
+                    *o = bf16_bits(element(p, m, v, g));
+                }
+            }
+            None => {
+                for (((p, m), v), g) in rows {
+                    element(p, m, v, g);
+                }
+            }
+        }
+    }
+}
+
+/// One AdamW step over `state`, its first `decay_end` elements weight-decayed, in
+/// contiguous pieces on libtorch's intra-op thread count.
+fn host_adamw<G: HostGrad>(mut state: HostState<'_, G>, decay_end: usize, h: AdamWStep) {
     // Below this many elements a thread costs more than it saves.
     const PIECE_MIN: usize = 1 << 16;
-    let threads = (tch::get_num_threads().max(1) as usize).min(p.len().div_ceil(PIECE_MIN)).max(1);
-    let piece = p.len().div_ceil(threads);
-    let mut outs: Vec<Option<&mut [u16]>> = match out {
-        Some(o) => o.chunks_mut(piece).map(Some).collect(),
-        None => (0..threads).map(|_| None).collect(),
-    };
-    let pieces = p.chunks_mut(piece).zip(m.chunks_mut(piece)).zip(v.chunks_mut(piece)).zip(g.chunks(piece));
+    let len = state.p.len();
+    let threads = (tch::get_num_threads().max(1) as usize).min(len.div_ceil(PIECE_MIN)).max(1);
+    let piece = len.div_ceil(threads);
     std::thread::scope(|scope| {
-        for (k, (((p, m), v), g)) in pieces.enumerate() {
-            let out = outs[k].take();
-            let decayed = decay_end.saturating_sub(k * piece).min(p.len());
+        let mut start = 0;
+        while start < len {
+            let (mine, rest) = state.split_at(piece.min(len - start));
+            state = rest;
+            let decayed = decay_end.saturating_sub(start).min(mine.p.len());
             let work = move || {
-                let (pd, pn) = p.split_at_mut(decayed);
-                let (md, mn) = m.split_at_mut(decayed);
-                let (vd, vn) = v.split_at_mut(decayed);
-                let (gd, gn) = g.split_at(decayed);
-                let (od, on) = match out {
-                    Some(o) => {
-                        let (a, b) = o.split_at_mut(decayed);
-                        (Some(a), Some(b))
-                    }
-                    None => (None, None),
-                };
-                adamw_run(pd, md, vd, gd, od, h.decay, h);
-                adamw_run(pn, mn, vn, gn, on, 1.0, h);
+                let (decayed_part, plain_part) = mine.split_at(decayed);
+                decayed_part.sweep(h.decay, h);
+                plain_part.sweep(1.0, h);
             };
-            if k + 1 == threads {
+            start += piece;
+            if start >= len {
                 work();
             } else {
                 scope.spawn(work);
             }
         }
     });
-}
-
-/// One run of elements with one decay factor (kept out of the loop so it vectorises).
-#[inline(always)]
-fn adamw_run<G: HostGrad>(
-    p: &mut [f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    g: &[G],
-    out: Option<&mut [u16]>,
-    decay: f32,
-    h: AdamWStep,
-) {
-    let element = |p: &mut f32, m: &mut f32, v: &mut f32, g: G| {
-        let gi = g.value() * h.grad_scale;
-        let mi = h.beta1 * *m + (1.0 - h.beta1) * gi;
-        let vi = h.beta2 * *v + (1.0 - h.beta2) * gi * gi;
-        *m = mi;
-        *v = vi;
-        *p = *p * decay - h.step_size * mi / (vi.sqrt() * h.inv_bias2_sqrt + h.eps);
-        *p
-    };
-    let rows = p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g.iter().copied());
-    match out {
-        Some(out) => {
-            for ((((p, m), v), g), o) in rows.zip(out.iter_mut()) {
-                *o = bf16_bits(element(p, m, v, g));
-            }
-        }
-        None => {
-            for (((p, m), v), g) in rows {
-                element(p, m, v, g);
-            }
-        }
-    }
 }
 
 /// Learning rate at optimizer step `step` (0-based) of `total`: linear warmup to `lr`
