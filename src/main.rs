@@ -135,7 +135,7 @@ enum BenchCommand {
         /// Where the model runs: cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
-        /// Weights' dtype: fp32 or bf16.
+        /// Weights' dtype: fp32, bf16 or fp16.
         #[arg(long, default_value = "fp32")]
         dtype: String,
     },

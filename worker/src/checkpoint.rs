@@ -11,7 +11,7 @@ pub use moxin_layout::checkpoint::{
     CheckpointError, CheckpointManifest, Commits, PartitionFile, RngState, FORMAT, MANIFEST, MODEL_FILE,
     TOKENIZER_FILE,
 };
-use moxin_proto::v1::{CheckpointPart, WrittenFile};
+use moxin_proto::v1::CheckpointPart;
 use tch::{Kind, Tensor};
 
 use crate::WorkerError;
@@ -89,7 +89,7 @@ fn safetensors_dtype(kind: Kind) -> Result<&'static str, WorkerError> {
 
 /// Writes host tensors as a safetensors file, hashing while writing (see
 /// [`write::write_safetensors`]); tensors not contiguous on the CPU are copied first.
-pub fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<Vec<WrittenFile>, WorkerError> {
+pub fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<write::WrittenRanges, WorkerError> {
     let host: Vec<Tensor> = tensors.iter().map(|(_, t)| on_host(t)).collect();
     let shapes: Vec<Vec<i64>> = host.iter().map(|t| t.size()).collect();
     let dtypes: Vec<&str> = host.iter().map(|t| safetensors_dtype(t.kind())).collect::<Result<_, _>>()?;
@@ -131,7 +131,7 @@ impl ModelPart {
     }
 
     /// Writes `tensors` (host copies of the tensors `self.part`) into the model file in `dir`.
-    fn write(&self, dir: &Path, tensors: &[(String, Tensor)]) -> Result<Vec<WrittenFile>, WorkerError> {
+    fn write(&self, dir: &Path, tensors: &[(String, Tensor)]) -> Result<write::WrittenRanges, WorkerError> {
         let host: Vec<Tensor> = tensors.iter().map(|(_, t)| on_host(t)).collect();
         let bytes: Vec<&[u8]> = host.iter().map(host_bytes).collect();
         let views = Self::views(&self.metas);

@@ -232,11 +232,7 @@ pub fn rollout(
     dtype: &str,
 ) -> Result<Value, WorkerError> {
     let device = crate::device::parse_device(device).map_err(WorkerError::Device)?;
-    let kind = match dtype {
-        "fp32" => Kind::Float,
-        "bf16" => Kind::BFloat16,
-        other => return Err(WorkerError::Setup(format!("--dtype {other:?}: expected fp32 or bf16"))),
-    };
+    let kind = crate::hf::parse_dtype(dtype).map_err(|e| WorkerError::Setup(format!("--{e}")))?;
     if threads > 0 {
         tch::set_num_threads(threads);
     }
