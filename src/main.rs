@@ -115,6 +115,9 @@ enum BenchCommand {
         mib: usize,
         #[arg(long, default_value_t = 3)]
         repeats: usize,
+        /// Optimizer partition files of at least this many MiB (as `checkpoint.optimizer_file_mib`).
+        #[arg(long, default_value_t = 1024)]
+        optimizer_file_mib: u64,
     },
     /// Batched KV-cached sampling (what GRPO rollouts run) on a checkpoint: tokens/s.
     Rollout {
@@ -652,8 +655,8 @@ fn run(cli: Cli) -> Result<i32> {
             commands::bench::print(moxin_worker::selftest::fused_kernels(device))
         }
         Command::Bench(BenchCommand::CompileKernels { arch }) => commands::bench::compile_kernels(arch),
-        Command::Bench(BenchCommand::CheckpointWrite { dir, mib, repeats }) => {
-            commands::bench::print(moxin_worker::selftest::checkpoint_write(&dir, mib, repeats))
+        Command::Bench(BenchCommand::CheckpointWrite { dir, mib, repeats, optimizer_file_mib }) => {
+            commands::bench::print(moxin_worker::selftest::checkpoint_write(&dir, mib, repeats, optimizer_file_mib))
         }
         Command::Bench(BenchCommand::Rollout {
             checkpoint,

@@ -82,11 +82,22 @@ fn resharded_resume_3_to_2_and_2_to_3_continues_the_curve() {
     let reference = params(&single.join("checkpoints/step-00000010"));
     for (before, after) in [("3", "2"), ("2", "3")] {
         let run = tmp.path().join(format!("reshard-{before}-{after}"));
-        for (workers, steps) in [(before, "train.steps=5"), (after, "train.steps=10")] {
+        // The first run splits each partition into several files (files of at least
+        // 1 MiB of the tiny model's 7.2 MB of state), the second writes one per rank: the
+        // loader takes whatever files overlap its own partition.
+        let split = ["--set", "checkpoint.optimizer_file_mib=1"];
+        for (workers, steps, files) in [(before, "train.steps=5", &split[..]), (after, "train.steps=10", &[][..])] {
             let mut args = vec!["launch", s(&job), "--workers", workers, "--out", s(&run), "--set", steps];
             args.extend(geometry);
+            args.extend(files);
             ok(tmp.path(), &args);
         }
+        let manifest: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(run.join("checkpoints/step-00000005/manifest.json")).unwrap(),
+        )
+        .unwrap();
+        // 3 ranks × 2 files of 2.3 MiB of state, or 2 ranks × 3 of 3.45 MiB.
+        assert_eq!(manifest["optimizer"].as_array().unwrap().len(), 6, "{before} ranks' partitions split into files");
         let m = metrics(&run);
         let steps: Vec<(u64, u64, u64)> = m
             .iter()

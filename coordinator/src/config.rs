@@ -423,11 +423,22 @@ pub struct CheckpointSection {
     pub synchronous: bool,
     /// Also save when this many seconds passed since the last checkpoint; 0 = off.
     pub every_seconds: f64,
+    /// A rank's optimizer partition is written as files of at least this many MiB: one
+    /// file below twice this, else up to 4 written at once (one buffered write stream per
+    /// file; disks and parallel file systems take several streams faster than one).
+    pub optimizer_file_mib: u64,
 }
 
 impl Default for CheckpointSection {
     fn default() -> Self {
-        CheckpointSection { every_steps: 1000, keep_last: 3, enabled: true, synchronous: false, every_seconds: 0.0 }
+        CheckpointSection {
+            every_steps: 1000,
+            keep_last: 3,
+            enabled: true,
+            synchronous: false,
+            every_seconds: 0.0,
+            optimizer_file_mib: moxin_layout::checkpoint::DEFAULT_PARTITION_FILE_BYTES >> 20,
+        }
     }
 }
 
@@ -748,6 +759,13 @@ impl JobConfig {
         }
         if self.checkpoint.keep_last == 0 {
             return Err(bad("checkpoint.keep_last", &0, "must be at least 1".into()));
+        }
+        if !(1..=1 << 30).contains(&self.checkpoint.optimizer_file_mib) {
+            return Err(bad(
+                "checkpoint.optimizer_file_mib",
+                &self.checkpoint.optimizer_file_mib,
+                "must be between 1 and 2^30 MiB (default 1024)".into(),
+            ));
         }
         if self.runtime.device == Device::Cpu && self.runtime.precision == Precision::Bf16 {
             tracing::warn!(

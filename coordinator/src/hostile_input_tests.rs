@@ -9,8 +9,8 @@ use std::sync::OnceLock;
 
 use moxin_proto::v1::coordinator_server::Coordinator;
 use moxin_proto::v1::{
-    CheckpointPart, CheckpointRequest, CollectiveId, DeviceInfo, FailureReport, HeartbeatRequest, RegisterRequest,
-    ScaleRequest, StatusRequest, StepMetrics, StepReport, WatchRequest, WorkerIdentity, WrittenFile,
+    CheckpointPart, CheckpointRequest, CollectiveId, DeviceInfo, FailureReport, HeartbeatRequest, OptimizerFile,
+    RegisterRequest, ScaleRequest, StatusRequest, StepMetrics, StepReport, WatchRequest, WorkerIdentity, WrittenFile,
 };
 use proptest::prelude::*;
 use prost::Message;
@@ -456,34 +456,34 @@ fn call() -> impl Strategy<Value = Call> {
     let part = (
         (worker_id(), big_u64(), big_u64(), big_u32(), big_u32()),
         proptest::collection::vec((text(), text(), big_u64(), big_u64(), big_u64()), 0..3),
-        (text(), any::<i64>(), any::<i64>(), text(), big_u32()),
+        proptest::collection::vec((text(), any::<i64>(), any::<i64>()), 0..3),
+        (text(), big_u32()),
     )
         .prop_map(
-            |(
-                (worker_id, generation, step, rank, world_size),
-                files,
-                (partition_file, partition_start, partition_end, manifest_json, keep_last),
-            )| CheckpointPart {
-                worker_id,
-                generation,
-                step,
-                rank,
-                world_size,
-                files: files
-                    .into_iter()
-                    .map(|(name, sha256, bytes, file_bytes, offset)| WrittenFile {
-                        name,
-                        sha256,
-                        bytes,
-                        file_bytes,
-                        offset,
-                    })
-                    .collect(),
-                partition_file,
-                partition_start,
-                partition_end,
-                manifest_json,
-                keep_last,
+            |((worker_id, generation, step, rank, world_size), files, optimizer_files, (manifest_json, keep_last))| {
+                CheckpointPart {
+                    worker_id,
+                    generation,
+                    step,
+                    rank,
+                    world_size,
+                    files: files
+                        .into_iter()
+                        .map(|(name, sha256, bytes, file_bytes, offset)| WrittenFile {
+                            name,
+                            sha256,
+                            bytes,
+                            file_bytes,
+                            offset,
+                        })
+                        .collect(),
+                    optimizer_files: optimizer_files
+                        .into_iter()
+                        .map(|(file, start, end)| OptimizerFile { file, start, end })
+                        .collect(),
+                    manifest_json,
+                    keep_last,
+                }
             },
         );
     prop_oneof![

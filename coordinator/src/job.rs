@@ -175,6 +175,7 @@ pub fn resolve_config(
             disabled: !config.checkpoint.enabled,
             synchronous: config.checkpoint.synchronous,
             every_seconds: config.checkpoint.every_seconds,
+            optimizer_file_bytes: config.checkpoint.optimizer_file_mib << 20,
         }),
         runtime: Some(RuntimeSpec {
             device: match config.runtime.device {

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use moxin_data::json_mutations;
-use moxin_proto::v1::{CheckpointPart, WrittenFile};
+use moxin_proto::v1::{CheckpointPart, OptimizerFile, WrittenFile};
 use proptest::prelude::*;
 use prost::Message;
 use serde_json::Value;
@@ -261,7 +261,14 @@ fn checkpoint_part() -> impl Strategy<Value = CheckpointPart> {
         (hostile_string(), prop_oneof![Just(1u64), hostile_u64()], prop_oneof![Just(2u64), hostile_u64()]),
         (prop_oneof![Just(0u32), hostile_u32()], prop_oneof![Just(1u32), hostile_u32()]),
         proptest::collection::vec(written_file(), 0..4),
-        (hostile_string(), hostile_i64(), hostile_i64()),
+        proptest::collection::vec(
+            (hostile_string(), hostile_i64(), hostile_i64()).prop_map(|(file, start, end)| OptimizerFile {
+                file,
+                start,
+                end,
+            }),
+            0..3,
+        ),
         (prop_oneof![Just(String::new()), Just("{".to_string()), any::<String>()], hostile_u32()),
     )
         .prop_map(
@@ -269,7 +276,7 @@ fn checkpoint_part() -> impl Strategy<Value = CheckpointPart> {
                 (worker_id, generation, step),
                 (rank, world_size),
                 files,
-                (partition_file, partition_start, partition_end),
+                optimizer_files,
                 (manifest_json, keep_last),
             )| CheckpointPart {
                 worker_id,
@@ -278,9 +285,7 @@ fn checkpoint_part() -> impl Strategy<Value = CheckpointPart> {
                 rank,
                 world_size,
                 files,
-                partition_file,
-                partition_start,
-                partition_end,
+                optimizer_files,
                 manifest_json,
                 keep_last,
             },
@@ -342,8 +347,8 @@ proptest! {
             5 => p.files[0].file_bytes = value,
             6 => p.files[0].offset = value,
             7 => p.files[0].name = text,
-            8 => p.partition_start = value as i64,
-            9 => p.partition_end = value as i64,
+            8 => p.optimizer_files[0].start = value as i64,
+            9 => p.optimizer_files[0].end = value as i64,
             10 => p.manifest_json = text,
             _ => p.keep_last = value as u32,
         }

@@ -91,7 +91,7 @@ pub fn plan(shape: &ModelShape, input: &PlanInput) -> MemoryPlan {
         + CONTEXT_BYTES;
     let params = 2 * padded;
     let grads = if input.bf16_grads { 2 } else { 4 } * padded;
-    let optimizer = 12 * partition;
+    let optimizer = crate::checkpoint::OPTIMIZER_BYTES_PER_ELEMENT * partition;
     MemoryPlan {
         params,
         grads,

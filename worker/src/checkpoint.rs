@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 pub use moxin_layout::checkpoint::{
-    checkpoints_dir, latest_valid, list, partition_file, record_part, staging_dir, write, BuildInfo, Checkpoint,
-    CheckpointError, CheckpointManifest, Commits, PartitionFile, RngState, FORMAT, MANIFEST, MODEL_FILE,
-    TOKENIZER_FILE,
+    checkpoints_dir, latest_valid, list, partition_file, partition_files, record_part, staging_dir, write, BuildInfo,
+    Checkpoint, CheckpointError, CheckpointManifest, Commits, PartitionFile, RngState, FORMAT, MANIFEST, MODEL_FILE,
+    OPTIMIZER_BYTES_PER_ELEMENT, TOKENIZER_FILE,
 };
 use moxin_proto::v1::CheckpointPart;
 use tch::{Kind, Tensor};
@@ -153,21 +153,55 @@ fn on_host(t: &Tensor) -> Tensor {
     }
 }
 
-/// Writes this rank's files of a checkpoint into `staging` at the same time: its optimizer
-/// partition as `partition_file`, its part of the model (`model`: host copies of the
-/// tensors `model_part.part`), and the files copied in.
+/// Writes this rank's files of a checkpoint into `staging`, all at the same time: its
+/// optimizer partition as the files `partition` (from [`partition_files`], in flat order),
+/// its part of the model (`model`: host copies of the tensors `model_part.part`), and the
+/// files copied in.
+///
+/// `state` is the whole partition's state: the tensors of one element per flat parameter
+/// element (master weights, moments) are narrowed to each file's range; the others (the
+/// step counter) go whole into every file. With one file nothing is narrowed.
 pub fn write_rank_files(
     staging: &Path,
-    partition_file: &str,
+    partition: &[PartitionFile],
     state: &[(String, Tensor)],
     (model_part, model): (&ModelPart, Vec<(String, Tensor)>),
     extra_files: &[(String, PathBuf)],
 ) -> Result<Vec<moxin_proto::v1::WrittenFile>, WorkerError> {
+    let (first, elements) = match (partition.first(), partition.last()) {
+        (Some(first), Some(last)) => (first.start, last.end - first.start),
+        _ => return Err(WorkerError::Spec("a checkpoint needs at least one optimizer partition file".into())),
+    };
+    let pieces: Vec<Vec<(String, Tensor)>> = partition
+        .iter()
+        .map(|file| {
+            state
+                .iter()
+                .map(|(name, t)| {
+                    let per_element = partition.len() > 1 && t.size() == [elements];
+                    let t = if per_element {
+                        t.narrow(0, file.start - first, file.end - file.start)
+                    } else {
+                        t.shallow_clone()
+                    };
+                    (name.clone(), t)
+                })
+                .collect()
+        })
+        .collect();
     std::thread::scope(|scope| {
         let model = (!model_part.is_empty()).then(|| scope.spawn(move || model_part.write(staging, &model)));
-        let mut files = write_tensors(&staging.join(partition_file), state)?;
+        let writers: Vec<_> = partition
+            .iter()
+            .zip(pieces)
+            .map(|(file, tensors)| scope.spawn(move || write_tensors(&staging.join(&file.file), &tensors)))
+            .collect();
+        let mut files = Vec::new();
         for (name, source) in extra_files {
             files.extend(write::copy_file(source, &staging.join(name))?);
+        }
+        for writer in writers {
+            files.extend(writer.join().map_err(|_| WorkerError::Panic("an optimizer file writer panicked".into()))??);
         }
         if let Some(model) = model {
             files.extend(model.join().map_err(|_| WorkerError::Panic("the model writer panicked".into()))??);

@@ -151,55 +151,71 @@ pub fn nccl_world_of_one(ordinal: usize) -> Result<Value, WorkerError> {
     Ok(json!({"nccl_version": version, "world_size": 1, "all_ok": all_ok, "results": results}))
 }
 
-/// Rank 0's share of a checkpoint of `mib` MiB (one third bf16 model, two thirds fp32
-/// optimizer partition, in 64 MiB tensors of random values) written into `dir` the way
-/// checkpoints are written ([`crate::checkpoint::write_rank_files`]: files in parallel,
-/// hashed while written) against the way they were written before, which is the usual
-/// way (tch's `write_safetensors` — the safetensors crate's serialiser — fsync, then sha256
-/// read back from the file).
-/// Alternates the two `repeats` times; reports the best of each, GB/s and the ratio.
-pub fn checkpoint_write(dir: &std::path::Path, mib: usize, repeats: usize) -> Result<Value, WorkerError> {
-    use crate::checkpoint::{sha256_file_for_bench as sha256, write_rank_files, ModelPart, MODEL_FILE};
-    if mib == 0 || repeats == 0 {
-        return Err(WorkerError::Spec("--mib and --repeats must be at least 1".into()));
+/// `bench checkpoint-write`: rank 0's share of a checkpoint (`mib` MiB: one third bf16
+/// model, in 64 MiB tensors of random values, two thirds fp32 optimizer partition — master
+/// weights and both moments — as AdamW holds it) written into `dir` the way checkpoints are
+/// written ([`crate::checkpoint::write_rank_files`]: files in parallel, hashed while
+/// written; the partition split into files of at least `optimizer_file_mib` MiB), the same
+/// with the partition as one file, and the usual way (tch's `write_safetensors` — the
+/// safetensors crate's serialiser — fsync, then sha256 read back from the file).
+/// Alternates the three `repeats` times; reports the best of each, GB/s and the ratios.
+pub fn checkpoint_write(
+    dir: &std::path::Path,
+    mib: usize,
+    repeats: usize,
+    optimizer_file_mib: u64,
+) -> Result<Value, WorkerError> {
+    use crate::checkpoint::{self, sha256_file_for_bench as sha256, write_rank_files, ModelPart, MODEL_FILE};
+    if mib == 0 || repeats == 0 || optimizer_file_mib == 0 {
+        return Err(WorkerError::Spec("--mib, --repeats and --optimizer-file-mib must be at least 1".into()));
     }
     std::fs::create_dir_all(dir).map_err(|e| WorkerError::io(dir, e))?;
-    let tensors = |kind: Kind, bytes: usize, prefix: &str| -> Vec<(String, Tensor)> {
-        let per = (64usize << 20) / kind.elt_size_in_bytes();
-        let mut left = bytes / kind.elt_size_in_bytes();
+    let bytes = mib << 20;
+    let model: Vec<(String, Tensor)> = {
+        let per = 32usize << 20;
+        let mut left = bytes / 3 / 2;
         let mut out = Vec::new();
         while left > 0 {
             let n = left.min(per);
-            out.push((format!("{prefix}.{}", out.len()), Tensor::randn([n as i64], (kind, Device::Cpu))));
+            out.push((format!("model.{}", out.len()), Tensor::randn([n as i64], (Kind::BFloat16, Device::Cpu))));
             left -= n;
         }
         out
     };
-    let bytes = mib << 20;
-    let model = tensors(Kind::BFloat16, bytes / 3, "model");
-    let state = tensors(Kind::Float, bytes - bytes / 3, "state");
+    let elements = ((bytes - bytes / 3) as u64 / checkpoint::OPTIMIZER_BYTES_PER_ELEMENT) as i64;
+    let mut state: Vec<(String, Tensor)> = ["master", "exp_avg", "exp_avg_sq"]
+        .iter()
+        .map(|name| (name.to_string(), Tensor::randn([elements], (Kind::Float, Device::Cpu))))
+        .collect();
+    state.push(("step".into(), Tensor::from_slice(&[1i64])));
+    let split = checkpoint::partition_files(0, 0, elements, optimizer_file_mib.saturating_mul(1 << 20));
+    let one_file = checkpoint::partition_files(0, 0, elements, u64::MAX);
     let total: usize = model.iter().chain(&state).map(|(_, t)| t.numel() * t.kind().elt_size_in_bytes()).sum();
     let model_part = ModelPart::of(&model, 0, 1)?;
-    let (mut ours, mut reference) = (f64::INFINITY, f64::INFINITY);
-    for i in 0..repeats {
-        let staging = dir.join(format!("bench-ours-{i}"));
-        std::fs::create_dir_all(&staging).map_err(|e| WorkerError::io(&staging, e))?;
+    let ours = |partition: &[checkpoint::PartitionFile], staging: &std::path::Path| -> Result<f64, WorkerError> {
+        std::fs::create_dir_all(staging).map_err(|e| WorkerError::io(staging, e))?;
         let t = Instant::now();
         let model_copy: Vec<(String, Tensor)> = model.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
-        write_rank_files(&staging, "optimizer.part-00000.safetensors", &state, (&model_part, model_copy), &[])?;
-        ours = ours.min(t.elapsed().as_secs_f64());
-        let _ = std::fs::remove_dir_all(&staging);
+        write_rank_files(staging, partition, &state, (&model_part, model_copy), &[])?;
+        let secs = t.elapsed().as_secs_f64();
+        let _ = std::fs::remove_dir_all(staging);
+        Ok(secs)
+    };
+    let (mut best_split, mut best_one_file, mut reference) = (f64::INFINITY, f64::INFINITY, f64::INFINITY);
+    for i in 0..repeats {
+        best_split = best_split.min(ours(&split, &dir.join(format!("bench-ours-{i}")))?);
+        best_one_file = best_one_file.min(ours(&one_file, &dir.join(format!("bench-one-file-{i}")))?);
 
         let staging = dir.join(format!("bench-reference-{i}"));
         std::fs::create_dir_all(&staging).map_err(|e| WorkerError::io(&staging, e))?;
         let t = Instant::now();
-        for (file, tensors) in [("optimizer.part-00000.safetensors", &state), (MODEL_FILE, &model)] {
+        for (file, tensors) in [(checkpoint::partition_file(0), &state), (MODEL_FILE.to_string(), &model)] {
             let path = staging.join(file);
             let named: Vec<(&str, Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t.shallow_clone())).collect();
             Tensor::write_safetensors(&named, &path)?;
             std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(|e| WorkerError::io(&path, e))?;
         }
-        for file in ["optimizer.part-00000.safetensors", MODEL_FILE] {
+        for file in [checkpoint::partition_file(0), MODEL_FILE.to_string()] {
             sha256(&staging.join(file))?;
         }
         reference = reference.min(t.elapsed().as_secs_f64());
@@ -210,11 +226,15 @@ pub fn checkpoint_write(dir: &std::path::Path, mib: usize, repeats: usize) -> Re
         "dir": dir.display().to_string(),
         "bytes": total,
         "repeats": repeats,
-        "ours_s": ours,
-        "ours_gb_per_s": gbps(ours),
+        "optimizer_files": split.len(),
+        "ours_s": best_split,
+        "ours_gb_per_s": gbps(best_split),
+        "ours_one_file_s": best_one_file,
+        "ours_one_file_gb_per_s": gbps(best_one_file),
         "reference_s": reference,
         "reference_gb_per_s": gbps(reference),
-        "speedup": reference / ours,
+        "speedup": reference / best_split,
+        "speedup_over_one_file": best_one_file / best_split,
     }))
 }
 

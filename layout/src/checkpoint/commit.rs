@@ -188,11 +188,21 @@ fn check_report(part: &CheckpointPart) -> Result<(), String> {
             ));
         }
     }
-    if !part.files.iter().any(|f| f.name == part.partition_file) {
-        return Err(format!("its optimizer partition {:?} is not among its files", part.partition_file));
+    if part.optimizer_files.is_empty() {
+        return Err("it names no optimizer partition file".into());
     }
-    if part.partition_start < 0 || part.partition_end < part.partition_start {
-        return Err(format!("partition range [{}, {}) is impossible", part.partition_start, part.partition_end));
+    let mut previous_end = None;
+    for o in &part.optimizer_files {
+        if !part.files.iter().any(|f| f.name == o.file) {
+            return Err(format!("its optimizer partition file {:?} is not among its files", o.file));
+        }
+        if o.start < 0 || o.end < o.start || previous_end.is_some_and(|end| o.start != end) {
+            return Err(format!(
+                "optimizer file {:?}: range [{}, {}) is impossible or does not continue its partition",
+                o.file, o.start, o.end
+            ));
+        }
+        previous_end = Some(o.end);
     }
     if part.rank == 0 {
         let manifest: CheckpointManifest =
@@ -238,11 +248,11 @@ fn publish(run_dir: &Path, staging: &Path, mut parts: Vec<CheckpointPart>) -> Re
                 return Err(invalid(format!("{} was reported whole by one rank and again by another", f.name)));
             }
         }
-        manifest.optimizer.push(PartitionFile {
-            file: part.partition_file.clone(),
-            start: part.partition_start,
-            end: part.partition_end,
-        });
+        manifest.optimizer.extend(part.optimizer_files.iter().map(|o| PartitionFile {
+            file: o.file.clone(),
+            start: o.start,
+            end: o.end,
+        }));
     }
     for (name, file_parts) in &mut manifest.file_parts {
         file_parts.sort_by_key(|p| p.offset);
@@ -304,6 +314,7 @@ fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
 pub(crate) mod tests {
     use super::*;
     use crate::checkpoint::{partition_file, write::write_segments, BuildInfo, Checkpoint, RngState};
+    use moxin_proto::v1::OptimizerFile;
 
     fn manifest(step: u64, world: u32) -> String {
         let m = CheckpointManifest {
@@ -333,6 +344,7 @@ pub(crate) mod tests {
         std::fs::create_dir_all(&staging).unwrap();
         let name = partition_file(rank as usize);
         let mut files = write_segments(&staging.join(&name), &[&[rank as u8; 10]]).unwrap();
+        let start = rank as i64 * 10;
         if rank == 0 {
             files.extend(write_segments(&staging.join("model.safetensors"), &[b"model"]).unwrap());
         }
@@ -343,9 +355,7 @@ pub(crate) mod tests {
             rank,
             world_size: world,
             files,
-            partition_file: name,
-            partition_start: rank as i64 * 10,
-            partition_end: rank as i64 * 10 + 10,
+            optimizer_files: vec![OptimizerFile { file: name, start, end: start + 10 }],
             manifest_json: if rank == 0 { manifest(step, world) } else { String::new() },
             keep_last: 2,
         }
@@ -369,14 +379,41 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_partition_split_into_files_is_published_file_by_file_and_gaps_are_refused() {
+        let run = tempfile::tempdir().unwrap();
+        let mut p = part(run.path(), 1, 2, 0, 1);
+        let staging = staging_dir(run.path(), 2, 1);
+        p.files.retain(|f| !f.name.starts_with("optimizer."));
+        p.optimizer_files.clear();
+        for (k, (start, end)) in [(0, 4), (4, 7), (7, 10)].into_iter().enumerate() {
+            let file = format!("optimizer.part-00000-{k}.safetensors");
+            p.files.extend(write_segments(&staging.join(&file), &[&[k as u8; 3]]).unwrap());
+            p.optimizer_files.push(OptimizerFile { file, start, end });
+        }
+        let mut gap = p.clone();
+        gap.optimizer_files[1].start = 5;
+        let e = Commits::new(run.path()).add(gap).unwrap_err().to_string();
+        assert!(e.contains("does not continue its partition"), "{e}");
+        let mut missing = p.clone();
+        missing.files.pop();
+        let e = Commits::new(run.path()).add(missing).unwrap_err().to_string();
+        assert!(e.contains("optimizer.part-00000-2.safetensors") && e.contains("not among its files"), "{e}");
+        let dir = Commits::new(run.path()).add(p).unwrap().expect("published");
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let ranges: Vec<(i64, i64)> = ckpt.manifest.optimizer.iter().map(|o| (o.start, o.end)).collect();
+        assert_eq!(ranges, [(0, 4), (4, 7), (7, 10)]);
+        assert_eq!(ckpt.manifest.optimizer[2].file, "optimizer.part-00000-2.safetensors");
+    }
+
+    #[test]
     fn a_file_hashed_in_ranges_is_published_and_verified_range_by_range() {
         let run = tempfile::tempdir().unwrap();
         let mut p = part(run.path(), 1, 2, 0, 1);
         let staging = staging_dir(run.path(), 2, 1);
-        p.files.retain(|f| f.name != p.partition_file);
+        let name = p.optimizer_files[0].file.clone();
+        p.files.retain(|f| f.name != name);
         let ranges =
-            crate::checkpoint::write::write_segments_in_ranges(&staging.join(&p.partition_file), &[b"0123456789"], 4)
-                .unwrap();
+            crate::checkpoint::write::write_segments_in_ranges(&staging.join(&name), &[b"0123456789"], 4).unwrap();
         assert_eq!(ranges.len(), 3);
         p.files.extend(ranges);
         let dir = Commits::new(run.path()).add(p).unwrap().expect("published");

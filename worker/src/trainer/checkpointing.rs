@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use moxin_proto::v1::{CheckpointPart, JobSpec};
+use moxin_proto::v1::{CheckpointPart, JobSpec, OptimizerFile};
 use tch::Tensor;
 
 use crate::checkpoint::{self, CheckpointManifest, Committed, Committer, RngState};
@@ -206,7 +206,13 @@ impl Checkpointer {
             .load_named(&tensors)
             .map_err(|reason| WorkerError::Checkpoint { path: ckpt.dir.join(checkpoint::MODEL_FILE), reason })?;
         let mut restored = 0;
+        let (own_start, own_end) = (opt.start, opt.end);
         for i in 0..m.optimizer.len() {
+            // Only files overlapping this rank's partition are read (at another world size,
+            // or when a partition was split into several files, that is not all of them).
+            if m.optimizer[i].end <= own_start || m.optimizer[i].start >= own_end {
+                continue;
+            }
             let (part, tensors) = checkpoint::optimizer_part(&ckpt, i)?;
             restored += opt
                 .load_overlap(part.start, part.end, &tensors)
@@ -277,6 +283,8 @@ impl Checkpointer {
             token_ids: None,
         };
         let (start, end) = partitions[rank];
+        let file_bytes = self.spec.checkpoint.as_ref().map_or(0, |c| c.optimizer_file_bytes);
+        let partition = checkpoint::partition_files(rank, start, end, file_bytes);
         let mut part = CheckpointPart {
             worker_id: String::new(),
             generation: self.generation,
@@ -284,9 +292,10 @@ impl Checkpointer {
             rank: rank as u32,
             world_size: world as u32,
             files: Vec::new(),
-            partition_file: checkpoint::partition_file(rank),
-            partition_start: start,
-            partition_end: end,
+            optimizer_files: partition
+                .iter()
+                .map(|p| OptimizerFile { file: p.file.clone(), start: p.start, end: p.end })
+                .collect(),
             manifest_json: if rank == 0 {
                 serde_json::to_string(&manifest).map_err(|e| WorkerError::Spec(format!("checkpoint manifest: {e}")))?
             } else {
@@ -302,13 +311,8 @@ impl Checkpointer {
         let write = move || -> Result<f64, WorkerError> {
             let began = Instant::now();
             std::fs::create_dir_all(&staging).map_err(|e| WorkerError::io(&staging, e))?;
-            part.files = checkpoint::write_rank_files(
-                &staging,
-                &part.partition_file,
-                &state,
-                (&model_part, model_state),
-                &extra_files,
-            )?;
+            part.files =
+                checkpoint::write_rank_files(&staging, &partition, &state, (&model_part, model_state), &extra_files)?;
             checkpoint::record_part(&staging, &part)?;
             match committer.commit(part)? {
                 Committed::Accepted => {}
