@@ -305,14 +305,14 @@ impl Transformer {
 
     /// Logits `[batch, seq, vocab]` for `tokens` `[batch, seq]`.
     pub fn forward(&self, tokens: &Tensor, cache: Option<&mut KvCache>) -> Tensor {
-        self.hidden(tokens, cache).linear(&self.lm_head, None::<Tensor>)
+        linear(&self.hidden(tokens, cache), &self.lm_head)
     }
 
     /// Logits `[batch, vocab]` of the last position only (what decoding needs).
     pub fn forward_last(&self, tokens: &Tensor, cache: Option<&mut KvCache>) -> Tensor {
         let h = self.hidden(tokens, cache);
         let seq = h.size()[1];
-        h.select(1, seq - 1).linear(&self.lm_head, None::<Tensor>)
+        linear(&h.select(1, seq - 1), &self.lm_head)
     }
 
     fn attention(
@@ -327,7 +327,7 @@ impl Transformer {
         let (heads, kv_heads, hd) = (s.n_heads as i64, s.n_kv_heads as i64, s.head_dim() as i64);
         let window = s.sliding_window as i64;
         // split (not narrow): its backward assembles the fused gradient with one cat.
-        let qkv = x.linear(&l.w_qkv, None::<Tensor>).split_with_sizes([heads * hd, kv_heads * hd, kv_heads * hd], 2);
+        let qkv = linear(x, &l.w_qkv).split_with_sizes([heads * hd, kv_heads * hd, kv_heads * hd], 2);
         let split_heads = |t_: &Tensor, n: i64| t_.view([b, t, n, hd]).transpose(1, 2);
         let q = self.rope.apply(&split_heads(&qkv[0], heads), start);
         let mut k = self.rope.apply(&split_heads(&qkv[1], kv_heads), start);
@@ -356,7 +356,7 @@ impl Transformer {
             let mask = window_mask(start, t, key_start, keys, window, x.device());
             Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, None, true)
         };
-        out.transpose(1, 2).reshape([b, t, heads * hd]).linear(&l.wo, None::<Tensor>)
+        linear(&out.transpose(1, 2).reshape([b, t, heads * hd]), &l.wo)
     }
 
     /// Attention with per-token positions and an explicit mask over (cached and new) keys.
@@ -372,7 +372,7 @@ impl Transformer {
         let s = &self.shape;
         let (b, t) = (x.size()[0], x.size()[1]);
         let (heads, kv_heads, hd) = (s.n_heads as i64, s.n_kv_heads as i64, s.head_dim() as i64);
-        let qkv = x.linear(&l.w_qkv, None::<Tensor>).split_with_sizes([heads * hd, kv_heads * hd, kv_heads * hd], 2);
+        let qkv = linear(x, &l.w_qkv).split_with_sizes([heads * hd, kv_heads * hd, kv_heads * hd], 2);
         let split_heads = |t_: &Tensor, n: i64| t_.view([b, t, n, hd]).transpose(1, 2);
         let q = self.rope.apply_at(&split_heads(&qkv[0], heads), positions);
         let mut k = self.rope.apply_at(&split_heads(&qkv[1], kv_heads), positions);
@@ -399,13 +399,50 @@ impl Transformer {
             None => {}
         }
         let out = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, None, true);
-        out.transpose(1, 2).reshape([b, t, heads * hd]).linear(&l.wo, None::<Tensor>)
+        linear(&out.transpose(1, 2).reshape([b, t, heads * hd]), &l.wo)
     }
 
     fn mlp(&self, l: &Layer, x: &Tensor) -> Tensor {
-        let gate_up = x.linear(&l.w_gate_up, None::<Tensor>).split(self.shape.ffn_dim as i64, 2);
-        (gate_up[0].silu() * &gate_up[1]).linear(&l.w_down, None::<Tensor>)
+        let gate_up = linear(x, &l.w_gate_up).split(self.shape.ffn_dim as i64, 2);
+        linear(&(gate_up[0].silu() * &gate_up[1]), &l.w_down)
     }
+}
+
+/// `x · wᵀ` (`x` `[.., in]`, `w` `[out, in]`), differentiable.
+///
+/// fp32 on the CPU, from [`ONEDNN_MIN_ROWS`] rows, goes through oneDNN (`mkldnn_linear`,
+/// whose backward autograd runs in oneDNN too) instead of ATen's `linear`, which calls MKL's
+/// sgemm: on AMD CPUs MKL takes its AVX2 path, and on the CI machine's Zen 5 oneDNN's
+/// AVX-512 kernels do bench-small's projections forward and backward 1.3–2.0× faster,
+/// conversions to and from oneDNN's tensors included (BENCHMARKS.md). Its results differ
+/// from MKL's by summation order only (relative 1e-6). `MOXIN_CPU_LINEAR=aten` keeps ATen's.
+pub fn linear(x: &Tensor, w: &Tensor) -> Tensor {
+    let size = x.size();
+    let in_features = *size.last().expect("linear of a scalar");
+    let rows = x.numel() as i64 / in_features.max(1);
+    if x.device() == Device::Cpu
+        && x.kind() == Kind::Float
+        && w.kind() == Kind::Float
+        && rows >= ONEDNN_MIN_ROWS
+        && cpu_linear_uses_onednn()
+    {
+        if let Ok(onednn) = x.reshape([rows, in_features]).f_to_mkldnn(None::<Kind>) {
+            let mut out_size = size.clone();
+            *out_size.last_mut().expect("non-empty") = w.size()[0];
+            return onednn.mkldnn_linear(w, None::<Tensor>).to_dense(None::<Kind>, false).reshape(out_size);
+        }
+    }
+    x.linear(w, None::<Tensor>)
+}
+
+/// Below this many rows (decoding a few sequences) MKL's small-row GEMMs were as fast or
+/// faster than oneDNN with its conversions (measured at 16, 64 and 256 rows).
+pub const ONEDNN_MIN_ROWS: i64 = 64;
+
+/// Whether [`linear`] may use oneDNN (unless `MOXIN_CPU_LINEAR=aten`), read once.
+fn cpu_linear_uses_onednn() -> bool {
+    static CHOICE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CHOICE.get_or_init(|| std::env::var("MOXIN_CPU_LINEAR").map_or(true, |v| v != "aten"))
 }
 
 /// Whether causal attention over `q` `[b, heads, t, hd]` is faster as two bf16 matrix

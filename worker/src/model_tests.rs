@@ -5,7 +5,7 @@ use tch::{Device, Kind, Tensor};
 use moxin_layout::ModelShape;
 
 use crate::generate::{generate, SamplingOptions};
-use crate::model::{rms_norm, KvCache, Rope, Transformer};
+use crate::model::{linear, rms_norm, KvCache, Rope, Transformer, ONEDNN_MIN_ROWS};
 
 pub(crate) fn config(window: u32) -> ModelShape {
     ModelShape {
@@ -314,6 +314,42 @@ fn grouped_causal_attention_matches_sdpa() {
         for (name, (a, r)) in ["q", "k", "v"].iter().zip(grads(&ours).iter().zip(grads(&reference).iter())) {
             let scale = as_f64(r).abs().max().double_value(&[]).max(1.0);
             assert!(max_diff(&as_f64(a), &as_f64(r)) < tolerance * scale, "{kind:?} d{name}");
+        }
+    }
+}
+
+/// The CPU fp32 projection through oneDNN equals ATen's `linear` (an fp64 reference) in its
+/// output and in the gradients autograd gives the input and the weight (also when the
+/// weight is a view of a larger buffer, as parameters are), above and below the row
+/// threshold, for 2-D and 3-D inputs.
+#[test]
+fn linear_equals_aten_linear_with_gradients() {
+    for rows in [ONEDNN_MIN_ROWS - 1, ONEDNN_MIN_ROWS, 3 * ONEDNN_MIN_ROWS] {
+        for three_d in [false, true] {
+            let (k, n) = (48i64, 80i64);
+            let x_shape: Vec<i64> = if three_d { vec![1, rows, k] } else { vec![rows, k] };
+            let x = Tensor::randn(x_shape.as_slice(), (Kind::Float, Device::Cpu)).set_requires_grad(true);
+            let flat = Tensor::randn([n * k + 7], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+            let w = flat.narrow(0, 7, n * k).view([n, k]);
+            let y = linear(&x, &w);
+            assert_eq!(y.size()[..y.dim() - 1], x.size()[..x.dim() - 1]);
+            assert_eq!(*y.size().last().unwrap(), n);
+            let g = Tensor::randn(y.size().as_slice(), (Kind::Float, Device::Cpu));
+            let grads = Tensor::run_backward(&[(&y * &g).sum(Kind::Float)], &[&x, &flat], false, false);
+            let (xd, wd, gd) =
+                (x.detach().to_kind(Kind::Double), w.detach().to_kind(Kind::Double), g.to_kind(Kind::Double));
+            let want_y = xd.matmul(&wd.tr());
+            let want_dx = gd.matmul(&wd);
+            let want_dw = gd.reshape([-1, n]).tr().matmul(&xd.reshape([-1, k]));
+            let rel = |a: &Tensor, b: &Tensor| {
+                (a.to_kind(Kind::Double) - b).abs().max().double_value(&[]) / b.abs().max().double_value(&[])
+            };
+            let dw = grads[1].narrow(0, 7, n * k).view([n, k]);
+            for (what, got, want) in [("y", &y, &want_y), ("dx", &grads[0], &want_dx), ("dw", &dw, &want_dw)] {
+                let e = rel(got, want);
+                assert!(e < 1e-5, "rows {rows}, 3-D {three_d}: {what} relative error {e}");
+            }
+            assert_eq!(grads[1].narrow(0, 0, 7).abs().sum(Kind::Float).double_value(&[]), 0.0);
         }
     }
 }

@@ -103,7 +103,7 @@ fn softmax_kind(kind: Kind) -> Kind {
 
 /// Target log-probs of one chunk: `(fp32 logits, their logsumexp [n, 1], logp of targets [n])`.
 fn chunk_log_probs(h: &Tensor, weight: &Tensor, targets: &Tensor) -> (Tensor, Tensor, Tensor) {
-    let logits = h.mm(&weight.tr()).to_kind(softmax_kind(h.kind()));
+    let logits = crate::model::linear(h, weight).to_kind(softmax_kind(h.kind()));
     let lse = logits.logsumexp([-1], true);
     let logp = logits.gather(1, &targets.unsqueeze(1), false).squeeze_dim(1) - lse.squeeze_dim(1);
     (logits, lse, logp)
