@@ -770,7 +770,7 @@ impl JobConfig {
         if self.runtime.device == Device::Cpu && self.runtime.precision == Precision::Bf16 {
             tracing::warn!(
                 "runtime.precision = bf16 on CPU: fast on CPUs with bf16 instructions (AVX512_BF16, AMX; \
-                 2.7x fp32 on bench-small on one); without them, compare with fp32 first"
+                 1.8x fp32 on bench-small on one); without them, compare with fp32 first"
             );
         }
         Ok((m, seq_len))
