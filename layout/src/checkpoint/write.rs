@@ -19,6 +19,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
 
 use moxin_proto::v1::WrittenFile;
 use sha2::{Digest, Sha256};
@@ -34,6 +35,53 @@ pub const HASH_RANGE: usize = 1 << 30;
 /// Threads writing one file besides those hashing it (more do not help a buffered write
 /// into one file: the kernel serialises them on the inode).
 const WRITERS: usize = 2;
+
+/// Threads hashing checkpoint bytes at once in this process. A rank writes its share of
+/// the model and up to four optimizer files at the same time, each file with hashing
+/// threads of its own; the budget keeps them together to a quarter of the cores (beside
+/// training), at least two, which still hash faster than disks write (one sha256 stream
+/// ≈ 1 GB/s; with one on the 2-core CI machine, hashing bounded the writer at 1.7 GB/s).
+static HASH_PERMITS: Permits = Permits::new(None);
+
+/// A counting semaphore: at most `capacity` holders at once (`None`: a quarter of the
+/// cores, at least two, fixed on first use).
+struct Permits {
+    available: Mutex<Option<usize>>,
+    freed: Condvar,
+}
+
+impl Permits {
+    const fn new(capacity: Option<usize>) -> Self {
+        Permits { available: Mutex::new(capacity), freed: Condvar::new() }
+    }
+
+    /// Waits for a permit; it is returned when the guard drops.
+    fn acquire(&self) -> Permit<'_> {
+        let mut available = self.available.lock().unwrap_or_else(|e| e.into_inner());
+        if available.is_none() {
+            *available = Some((std::thread::available_parallelism().map_or(4, |n| n.get()) / 4).max(2));
+        }
+        while *available == Some(0) {
+            available = self.freed.wait(available).unwrap_or_else(|e| e.into_inner());
+        }
+        if let Some(count) = available.as_mut() {
+            *count -= 1;
+        }
+        Permit(self)
+    }
+}
+
+struct Permit<'a>(&'a Permits);
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        let mut available = self.0.available.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = available.as_mut() {
+            *count += 1;
+        }
+        self.0.freed.notify_one();
+    }
+}
 
 /// A tensor as safetensors stores it: its name, dtype tag (`"BF16"`, `"F32"`, ...), shape
 /// and row-major bytes.
@@ -289,8 +337,9 @@ fn write_into(
     let ranges: Vec<(usize, usize)> = (0..total.div_ceil(hash_range.max(1)).max(1))
         .map(|i| (i * hash_range, ((i + 1) * hash_range).min(total)))
         .collect();
-    // A quarter of the cores per file: the model and partition files are written at once
-    // while training goes on (at 1 GB/s per stream, 4 of a 16-core machine's hash 4 GB/s).
+    // Up to a quarter of the cores per file, each range hashed under a permit of the
+    // process-wide budget (the model and partition files are written at once while
+    // training goes on; at 1 GB/s per stream, 4 of a 16-core machine's hash 4 GB/s).
     let hashers = (std::thread::available_parallelism().map_or(4, |n| n.get()) / 4).clamp(1, ranges.len());
     let next = AtomicUsize::new(0);
     let next_range = AtomicUsize::new(0);
@@ -300,6 +349,7 @@ fn write_into(
             loop {
                 let i = next_range.fetch_add(1, Ordering::Relaxed);
                 let Some(&(start, end)) = ranges.get(i) else { return done };
+                let _permit = HASH_PERMITS.acquire();
                 let mut sha = Sha256::new();
                 for piece in byte_window(segments, start, end) {
                     sha.update(piece);
@@ -417,6 +467,27 @@ mod tests {
         let tiles: Vec<(u64, u64)> = part.iter().map(|r| (r.offset, r.bytes)).collect();
         assert_eq!(tiles, [(1000, 400), (1400, 155)]);
         assert_eq!(part[1].sha256, hex::encode(Sha256::digest(&b[400..])));
+    }
+
+    #[test]
+    fn permits_bound_how_many_hold_one_at_once() {
+        let permits = Permits::new(Some(2));
+        let (inside, most) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        std::thread::scope(|scope| {
+            for _ in 0..8 {
+                scope.spawn(|| {
+                    for _ in 0..5 {
+                        let _permit = permits.acquire();
+                        let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                        inside.fetch_sub(1, Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+        assert_eq!(most.load(Ordering::SeqCst), 2, "never more than the capacity, and it is used");
+        assert_eq!(*permits.available.lock().unwrap(), Some(2), "every permit came back");
     }
 
     #[test]
