@@ -131,6 +131,11 @@ if w:
         f"({w['ours_gb_per_s']:.2f} GB/s) vs serialise+fsync+read back+hash {w['reference_s']:.2f} s "
         f"({w['reference_gb_per_s']:.2f} GB/s): {w['speedup']:.2f}x"
     )
+    if "ours_one_file_s" in w:
+        print(
+            f"  - optimizer partition as {w['optimizer_files']} files vs one: {w['ours_gb_per_s']:.2f} vs "
+            f"{w['ours_one_file_gb_per_s']:.2f} GB/s ({w['speedup_over_one_file']:.2f}x)"
+        )
 
 print("\n## Rollouts (gpu-1b, bf16, 64 ragged prompts x 256 new tokens)\n")
 ours = [d["tokens_per_s"] for d in (load_json(f"rollout-moxin-{i}.json") for i in (1, 2)) if d]
