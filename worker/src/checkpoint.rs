@@ -159,8 +159,8 @@ fn on_host(t: &Tensor) -> Tensor {
 /// files copied in.
 ///
 /// `state` is the whole partition's state: the tensors of one element per flat parameter
-/// element (master weights, moments) are narrowed to each file's range; the others (the
-/// step counter) go whole into every file. With one file nothing is narrowed.
+/// element ([`crate::optim::PER_ELEMENT_STATE`]: master weights, moments) are narrowed to
+/// each file's range; the others (the step counter) go whole into every file.
 pub fn write_rank_files(
     staging: &Path,
     partition: &[PartitionFile],
@@ -172,14 +172,21 @@ pub fn write_rank_files(
         (Some(first), Some(last)) => (first.start, last.end - first.start),
         _ => return Err(WorkerError::Spec("a checkpoint needs at least one optimizer partition file".into())),
     };
+    for (name, t) in state {
+        if crate::optim::PER_ELEMENT_STATE.contains(&name.as_str()) && t.size() != [elements] {
+            return Err(WorkerError::Spec(format!(
+                "optimizer state {name} has shape {:?}, the partition {elements} elements",
+                t.size()
+            )));
+        }
+    }
     let pieces: Vec<Vec<(String, Tensor)>> = partition
         .iter()
         .map(|file| {
             state
                 .iter()
                 .map(|(name, t)| {
-                    let per_element = partition.len() > 1 && t.size() == [elements];
-                    let t = if per_element {
+                    let t = if crate::optim::PER_ELEMENT_STATE.contains(&name.as_str()) {
                         t.narrow(0, file.start - first, file.end - file.start)
                     } else {
                         t.shallow_clone()
@@ -189,6 +196,7 @@ pub fn write_rank_files(
                 .collect()
         })
         .collect();
+    let panicked = |what: &str| WorkerError::Panic(format!("the {what} writer panicked"));
     std::thread::scope(|scope| {
         let model = (!model_part.is_empty()).then(|| scope.spawn(move || model_part.write(staging, &model)));
         let writers: Vec<_> = partition
@@ -196,15 +204,17 @@ pub fn write_rank_files(
             .zip(pieces)
             .map(|(file, tensors)| scope.spawn(move || write_tensors(&staging.join(&file.file), &tensors)))
             .collect();
+        let copied: Vec<_> =
+            extra_files.iter().map(|(name, source)| write::copy_file(source, &staging.join(name))).collect();
+        // Every writer is joined before any error is returned, so a failure in one never
+        // leaves another to panic the scope.
+        let mut results: Vec<Result<write::WrittenRanges, WorkerError>> =
+            copied.into_iter().map(|r| r.map_err(WorkerError::from)).collect();
+        results.extend(writers.into_iter().map(|w| w.join().unwrap_or_else(|_| Err(panicked("optimizer file")))));
+        results.extend(model.map(|m| m.join().unwrap_or_else(|_| Err(panicked("model")))));
         let mut files = Vec::new();
-        for (name, source) in extra_files {
-            files.extend(write::copy_file(source, &staging.join(name))?);
-        }
-        for writer in writers {
-            files.extend(writer.join().map_err(|_| WorkerError::Panic("an optimizer file writer panicked".into()))??);
-        }
-        if let Some(model) = model {
-            files.extend(model.join().map_err(|_| WorkerError::Panic("the model writer panicked".into()))??);
+        for result in results {
+            files.extend(result?);
         }
         Ok(files)
     })

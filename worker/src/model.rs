@@ -426,10 +426,21 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Tensor {
         && rows >= ONEDNN_MIN_ROWS
         && cpu_linear_uses_onednn()
     {
-        if let Ok(onednn) = x.reshape([rows, in_features]).f_to_mkldnn(None::<Kind>) {
-            let mut out_size = size.clone();
-            *out_size.last_mut().expect("non-empty") = w.size()[0];
-            return onednn.mkldnn_linear(w, None::<Tensor>).to_dense(None::<Kind>, false).reshape(out_size);
+        let through_onednn = x
+            .reshape([rows, in_features])
+            .f_to_mkldnn(None::<Kind>)
+            .and_then(|onednn| onednn.f_mkldnn_linear(w, None::<Tensor>))
+            .and_then(|y| y.f_to_dense(None::<Kind>, false));
+        match through_onednn {
+            Ok(y) => {
+                let mut out_size = size.clone();
+                *out_size.last_mut().expect("non-empty") = w.size()[0];
+                return y.reshape(out_size);
+            }
+            Err(e) => {
+                tracing::warn!("oneDNN's linear failed ({e}); using ATen's from now on");
+                ONEDNN_FAILED.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
         }
     }
     x.linear(w, None::<Tensor>)
@@ -439,10 +450,14 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Tensor {
 /// faster than oneDNN with its conversions (measured at 16, 64 and 256 rows).
 pub const ONEDNN_MIN_ROWS: i64 = 64;
 
-/// Whether [`linear`] may use oneDNN (unless `MOXIN_CPU_LINEAR=aten`), read once.
+/// Set when oneDNN's linear failed once (a libtorch built without it): ATen's from then on.
+static ONEDNN_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether [`linear`] may use oneDNN: unless `MOXIN_CPU_LINEAR=aten` (read once) or it failed.
 fn cpu_linear_uses_onednn() -> bool {
     static CHOICE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *CHOICE.get_or_init(|| std::env::var("MOXIN_CPU_LINEAR").map_or(true, |v| v != "aten"))
+        && !ONEDNN_FAILED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Whether causal attention over `q` `[b, heads, t, hd]` is faster as two bf16 matrix

@@ -32,6 +32,10 @@ impl From<&OptimizerSpec> for AdamWConfig {
     }
 }
 
+/// Names of the saved optimizer state with one element per flat parameter element (a
+/// checkpoint file holds any range of them); the step counter is saved beside them.
+pub const PER_ELEMENT_STATE: [&str; 3] = ["master", "exp_avg", "exp_avg_sq"];
+
 /// AdamW state for the partition `[start, end)` of the flat parameter buffer.
 pub struct AdamW {
     /// Hyper-parameters.
@@ -259,10 +263,11 @@ impl AdamW {
 
     /// State tensors for a checkpoint: `master`, `exp_avg`, `exp_avg_sq`, and `step`.
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let [master, exp_avg, exp_avg_sq] = PER_ELEMENT_STATE;
         vec![
-            ("master".into(), self.master.detach()),
-            ("exp_avg".into(), self.exp_avg.shallow_clone()),
-            ("exp_avg_sq".into(), self.exp_avg_sq.shallow_clone()),
+            (master.into(), self.master.detach()),
+            (exp_avg.into(), self.exp_avg.shallow_clone()),
+            (exp_avg_sq.into(), self.exp_avg_sq.shallow_clone()),
             ("step".into(), Tensor::from_slice(&[self.step as i64])),
         ]
     }
@@ -287,8 +292,9 @@ impl AdamW {
         }
         let device = self.device();
         tch::no_grad(|| -> Result<(), String> {
+            let [master, exp_avg, exp_avg_sq] = PER_ELEMENT_STATE;
             for (name, dst) in
-                [("master", &mut self.master), ("exp_avg", &mut self.exp_avg), ("exp_avg_sq", &mut self.exp_avg_sq)]
+                [(master, &mut self.master), (exp_avg, &mut self.exp_avg), (exp_avg_sq, &mut self.exp_avg_sq)]
             {
                 let src = get(name)?;
                 if src.size() != [saved_end - saved_start] {

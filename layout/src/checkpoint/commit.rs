@@ -169,6 +169,10 @@ fn recorded_parts(dir: &Path) -> Option<Vec<CheckpointPart>> {
     (whole && dir == staging_dir(dir.parent()?.parent()?, parts[0].step, parts[0].generation)).then_some(parts)
 }
 
+/// The most optimizer files one report may name (a rank writes at most
+/// [`super::PARTITION_FILES_MAX`]; the margin leaves room for that to grow).
+const MAX_OPTIMIZER_FILES: usize = 64;
+
 /// Checks what can be checked of one report on its own.
 fn check_report(part: &CheckpointPart) -> Result<(), String> {
     if part.world_size == 0 || part.world_size > MAX_WORLD || part.rank >= part.world_size {
@@ -189,11 +193,18 @@ fn check_report(part: &CheckpointPart) -> Result<(), String> {
         }
     }
     if part.optimizer_files.is_empty() {
-        return Err("it names no optimizer partition file".into());
+        return Err("it names no optimizer partition file (a report from an older moxin-train build?)".into());
     }
+    if part.optimizer_files.len() > MAX_OPTIMIZER_FILES {
+        return Err(format!(
+            "it names {} optimizer partition files, more than {MAX_OPTIMIZER_FILES}",
+            part.optimizer_files.len()
+        ));
+    }
+    let written: std::collections::HashSet<&str> = part.files.iter().map(|f| f.name.as_str()).collect();
     let mut previous_end = None;
     for o in &part.optimizer_files {
-        if !part.files.iter().any(|f| f.name == o.file) {
+        if !written.contains(o.file.as_str()) {
             return Err(format!("its optimizer partition file {:?} is not among its files", o.file));
         }
         if o.start < 0 || o.end < o.start || previous_end.is_some_and(|end| o.start != end) {
@@ -248,11 +259,25 @@ fn publish(run_dir: &Path, staging: &Path, mut parts: Vec<CheckpointPart>) -> Re
                 return Err(invalid(format!("{} was reported whole by one rank and again by another", f.name)));
             }
         }
-        manifest.optimizer.extend(part.optimizer_files.iter().map(|o| PartitionFile {
-            file: o.file.clone(),
-            start: o.start,
-            end: o.end,
-        }));
+        manifest.optimizer.extend(part.optimizer_files.iter().map(PartitionFile::from));
+    }
+    // The ranks' optimizer files tile the flat buffer from its start, in rank order, each
+    // file once: a loader trusts the ranges to restore every element exactly once.
+    let mut next = 0;
+    let mut names = std::collections::HashSet::new();
+    for o in &manifest.optimizer {
+        if o.start != next {
+            return Err(invalid(format!(
+                "the ranks' optimizer files leave elements {next}..{} unsaved or overlap ({} starts at {})",
+                o.start.max(next),
+                o.file,
+                o.start
+            )));
+        }
+        if !names.insert(o.file.as_str()) {
+            return Err(invalid(format!("optimizer file {} is named by two ranks", o.file)));
+        }
+        next = o.end;
     }
     for (name, file_parts) in &mut manifest.file_parts {
         file_parts.sort_by_key(|p| p.offset);
@@ -403,6 +428,24 @@ pub(crate) mod tests {
         let ranges: Vec<(i64, i64)> = ckpt.manifest.optimizer.iter().map(|o| (o.start, o.end)).collect();
         assert_eq!(ranges, [(0, 4), (4, 7), (7, 10)]);
         assert_eq!(ckpt.manifest.optimizer[2].file, "optimizer.part-00000-2.safetensors");
+    }
+
+    #[test]
+    fn ranks_whose_optimizer_files_do_not_tile_the_flat_buffer_are_not_published() {
+        let run = tempfile::tempdir().unwrap();
+        let mut commits = Commits::new(run.path());
+        let mut gap = part(run.path(), 1, 2, 1, 2);
+        gap.optimizer_files[0].start = 12;
+        gap.optimizer_files[0].end = 22;
+        assert!(commits.add(gap).unwrap().is_none(), "each report is fine on its own");
+        let e = commits.add(part(run.path(), 1, 2, 0, 2)).unwrap_err().to_string();
+        assert!(e.contains("leave elements 10..12 unsaved or overlap"), "{e}");
+        let mut late = part(run.path(), 1, 4, 0, 1);
+        late.optimizer_files[0].start = 3;
+        late.optimizer_files[0].end = 13;
+        let e = commits.add(late).unwrap_err().to_string();
+        assert!(e.contains("elements 0..3"), "{e}");
+        assert!(list(run.path()).unwrap().is_empty());
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! The checkpoint format, without libtorch: `<run dir>/checkpoints/step-<8 digits>/` holds
 //! `model.safetensors` (Hugging Face names, readable on its own; written by all ranks of
-//! the group, each its own byte range, with a digest per range), one
-//! `optimizer.part-<rank>.safetensors` per ZeRO-1 partition (in global flat coordinates,
-//! so any world size can load them), files copied in (the tokenizer), and `manifest.json`
+//! the group, each its own byte range, with a digest per range), each ZeRO-1 partition as
+//! `optimizer.part-<rank>.safetensors` or, when large, up to four
+//! `optimizer.part-<rank>-<k>.safetensors` of consecutive ranges (in global flat
+//! coordinates, so any world size can load them), files copied in (the tokenizer), and
+//! `manifest.json`
 //! (step, data cursor, RNG state, resolved config, build, sha256 of every file), written
 //! last.
 //!
@@ -89,6 +91,19 @@ pub struct PartitionFile {
     pub start: i64,
     /// One past the last flat element.
     pub end: i64,
+}
+
+/// A rank's report of an optimizer file (the wire form) as the manifest lists it.
+impl From<&moxin_proto::v1::OptimizerFile> for PartitionFile {
+    fn from(o: &moxin_proto::v1::OptimizerFile) -> Self {
+        PartitionFile { file: o.file.clone(), start: o.start, end: o.end }
+    }
+}
+
+impl From<&PartitionFile> for moxin_proto::v1::OptimizerFile {
+    fn from(p: &PartitionFile) -> Self {
+        moxin_proto::v1::OptimizerFile { file: p.file.clone(), start: p.start, end: p.end }
+    }
 }
 
 /// A byte range of a file written by several ranks, with its digest.
@@ -377,15 +392,16 @@ pub fn partition_files(index: usize, start: i64, end: i64, min_file_bytes: u64) 
     let min_file_bytes = if min_file_bytes == 0 { DEFAULT_PARTITION_FILE_BYTES } else { min_file_bytes };
     let elements = (end - start).max(0) as u64;
     let bytes = elements.saturating_mul(OPTIMIZER_BYTES_PER_ELEMENT);
-    let files = (bytes / min_file_bytes).clamp(1, PARTITION_FILES_MAX);
+    // Never more files than elements, so no file is empty.
+    let files = (bytes / min_file_bytes).clamp(1, PARTITION_FILES_MAX).min(elements.max(1));
     if files == 1 {
         return vec![PartitionFile { file: partition_file(index), start, end }];
     }
     (0..files)
         .map(|k| PartitionFile {
             file: format!("optimizer.part-{index:05}-{k}.safetensors"),
-            start: start + (elements * k / files) as i64,
-            end: start + (elements * (k + 1) / files) as i64,
+            start: start + (elements as u128 * k as u128 / files as u128) as i64,
+            end: start + (elements as u128 * (k + 1) as u128 / files as u128) as i64,
         })
         .collect()
 }
@@ -495,6 +511,9 @@ mod tests {
         // A job's own minimum (checkpoint.optimizer_file_mib): 3,000 bytes of state, 750 per file.
         let small: Vec<(i64, i64)> = partition_files(2, 0, 250, 750).iter().map(|f| (f.start, f.end)).collect();
         assert_eq!(small, [(0, 62), (62, 125), (125, 187), (187, 250)]);
+        // Never an empty file: 2 elements in files of at least 1 byte are 2 files.
+        let tiny: Vec<(i64, i64)> = partition_files(0, 5, 7, 1).iter().map(|f| (f.start, f.end)).collect();
+        assert_eq!(tiny, [(5, 6), (6, 7)]);
         let sizes: Vec<i64> = many.iter().map(|f| f.end - f.start).collect();
         assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1, "{sizes:?}");
     }

@@ -59,7 +59,7 @@ impl Permits {
     fn acquire(&self) -> Permit<'_> {
         let mut available = self.available.lock().unwrap_or_else(|e| e.into_inner());
         if available.is_none() {
-            *available = Some((std::thread::available_parallelism().map_or(4, |n| n.get()) / 4).max(2));
+            *available = Some(quarter_of_the_cores().max(2));
         }
         while *available == Some(0) {
             available = self.freed.wait(available).unwrap_or_else(|e| e.into_inner());
@@ -69,6 +69,11 @@ impl Permits {
         }
         Permit(self)
     }
+}
+
+/// A quarter of the cores this process may use (0 on fewer than four).
+fn quarter_of_the_cores() -> usize {
+    std::thread::available_parallelism().map_or(4, |n| n.get()) / 4
 }
 
 struct Permit<'a>(&'a Permits);
@@ -340,7 +345,7 @@ fn write_into(
     // Up to a quarter of the cores per file, each range hashed under a permit of the
     // process-wide budget (the model and partition files are written at once while
     // training goes on; at 1 GB/s per stream, 4 of a 16-core machine's hash 4 GB/s).
-    let hashers = (std::thread::available_parallelism().map_or(4, |n| n.get()) / 4).clamp(1, ranges.len());
+    let hashers = quarter_of_the_cores().clamp(1, ranges.len());
     let next = AtomicUsize::new(0);
     let next_range = AtomicUsize::new(0);
     let (digests, written) = std::thread::scope(|scope| {

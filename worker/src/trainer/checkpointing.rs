@@ -292,10 +292,7 @@ impl Checkpointer {
             rank: rank as u32,
             world_size: world as u32,
             files: Vec::new(),
-            optimizer_files: partition
-                .iter()
-                .map(|p| OptimizerFile { file: p.file.clone(), start: p.start, end: p.end })
-                .collect(),
+            optimizer_files: partition.iter().map(OptimizerFile::from).collect(),
             manifest_json: if rank == 0 {
                 serde_json::to_string(&manifest).map_err(|e| WorkerError::Spec(format!("checkpoint manifest: {e}")))?
             } else {
