@@ -225,6 +225,30 @@ proptest! {
     }
 }
 
+/// A manifest whose optimizer files do not tile the parameters from 0 in order is refused
+/// by name, before any file is read.
+#[test]
+fn optimizer_ranges_that_do_not_tile_the_parameters_are_refused() {
+    for (start, end) in [(1, 2), (0, 1), (-3, 2)] {
+        let run = tempfile::tempdir().unwrap();
+        let mut valid = valid_checkpoint(run.path());
+        let dir = run.path().join("checkpoints/step-00000002");
+        assert!(Checkpoint::open(&dir).is_ok());
+        let mut second = valid["optimizer"][0].clone();
+        second["file"] = "optimizer.part-00001.safetensors".into();
+        second["start"] = start.into();
+        second["end"] = end.into();
+        if (start, end) == (0, 1) {
+            valid["optimizer"].as_array_mut().unwrap().insert(0, second);
+        } else {
+            valid["optimizer"][0] = second;
+        }
+        std::fs::write(dir.join(MANIFEST), serde_json::to_string(&valid).unwrap()).unwrap();
+        let e = CheckpointManifest::read(&dir).unwrap_err().to_string();
+        assert!(e.contains("must tile the parameters"), "[{start}, {end}): {e}");
+    }
+}
+
 /// Strings a hostile report might carry.
 fn hostile_string() -> impl Strategy<Value = String> {
     prop_oneof![

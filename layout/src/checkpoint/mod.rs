@@ -239,6 +239,22 @@ impl CheckpointManifest {
                 ),
             });
         }
+        // The optimizer files tile the flat buffer from its start (the committer checked it
+        // when it published; a manifest edited since may say anything).
+        let mut next = 0;
+        for o in &manifest.optimizer {
+            if o.start != next || o.end < o.start {
+                return Err(CheckpointError::Invalid {
+                    path,
+                    reason: format!(
+                        "invalid manifest: optimizer file {} covers [{}, {}), expected a range from {next}; the \
+                         optimizer files must tile the parameters in order",
+                        o.file, o.start, o.end
+                    ),
+                });
+            }
+            next = o.end;
+        }
         Ok(manifest)
     }
 }
