@@ -14,6 +14,18 @@ fn doctor_on_a_cpu_machine_says_so_and_exits_0() {
     assert_eq!(json["cuda_available"], false);
     assert_eq!(json["devices"].as_array().unwrap().len(), 0);
     assert!(json["backend"].as_str().unwrap().starts_with("ring"));
+    assert!(json["cpu"]["cores"].as_u64().unwrap() >= 1);
+    assert!(json["cpu"]["fp32_linear"].as_str().unwrap().starts_with("oneDNN"), "{json}");
+    assert!(text.contains("CPU          ") && text.contains("fp32 linear  oneDNN"), "{text}");
+    let aten = std::process::Command::new(BIN)
+        .arg("doctor")
+        .env("MOXIN_CPU_LINEAR", "aten")
+        .env("MOXIN_LOG", "warn")
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .unwrap();
+    let aten = String::from_utf8_lossy(&aten.stdout);
+    assert!(aten.contains("fp32 linear  ATen/MKL"), "{aten}");
 }
 
 #[test]

@@ -286,6 +286,19 @@ pub fn doctor(json: bool) -> Result<()> {
         ),
         None => println!("NCCL         not found"),
     }
+    let c = &r.cpu;
+    let yes = |b: bool| if b { "yes" } else { "no" };
+    println!(
+        "CPU          {} ({}{}), {} cores; AVX-512 {}, AVX512_BF16 {}, AMX {}",
+        c.model,
+        c.vendor,
+        c.family.map_or(String::new(), |f| format!(" family {f}")),
+        c.cores,
+        yes(c.avx512),
+        yes(c.avx512_bf16),
+        yes(c.amx)
+    );
+    println!("fp32 linear  {}", c.fp32_linear);
     println!("worker       would train on {}", r.worker_device);
     println!("collective   cluster.collective = \"auto\" picks {}", r.backend);
     for note in &r.notes {

@@ -17,6 +17,27 @@ pub struct NcclReport {
     pub version: Option<String>,
 }
 
+/// The CPU, as far as it decides CPU training speed.
+#[derive(Debug, Clone, Serialize)]
+pub struct CpuReport {
+    /// `model name` from /proc/cpuinfo ("unknown" elsewhere).
+    pub model: String,
+    /// `vendor_id` (`AuthenticAMD`, `GenuineIntel`, ...).
+    pub vendor: String,
+    /// `cpu family` (AMD: 23 Zen 1/2, 25 Zen 3/4, 26 Zen 5).
+    pub family: Option<u32>,
+    /// Cores this process may use.
+    pub cores: usize,
+    /// Instruction sets the GEMM libraries pick kernels by.
+    pub avx512: bool,
+    /// bf16 dot products (fast bf16 training on the CPU).
+    pub avx512_bf16: bool,
+    /// Intel AMX tiles.
+    pub amx: bool,
+    /// What fp32 projections run on (see `model::linear`).
+    pub fp32_linear: String,
+}
+
 /// What `doctor` found.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -34,6 +55,8 @@ pub struct Report {
     pub worker_device: String,
     /// The collective backend `cluster.collective = "auto"` gives a group of such workers.
     pub backend: String,
+    /// The CPU.
+    pub cpu: CpuReport,
     /// Problems and hints.
     pub notes: Vec<String>,
 }
@@ -107,7 +130,9 @@ pub fn report() -> Report {
     } else {
         "ring (CPU; CUDA tensors staged through host memory)".to_string()
     };
+    let cpu = cpu_report(&std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default());
     Report {
+        cpu,
         torch_version: torch_lib.as_deref().and_then(libraries::torch_version),
         torch_lib_dir: torch_lib.map(|d| d.display().to_string()),
         cuda_available,
@@ -116,5 +141,43 @@ pub fn report() -> Report {
         worker_device,
         backend,
         notes,
+    }
+}
+
+/// The CPU from the text of /proc/cpuinfo (its first processor).
+fn cpu_report(cpuinfo: &str) -> CpuReport {
+    let field = |key: &str| {
+        cpuinfo.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            (k.trim() == key).then(|| v.trim().to_string())
+        })
+    };
+    let flags = field("flags").unwrap_or_default();
+    let has = |flag: &str| flags.split_whitespace().any(|f| f == flag);
+    CpuReport {
+        model: field("model name").unwrap_or_else(|| "unknown".into()),
+        vendor: field("vendor_id").unwrap_or_else(|| "unknown".into()),
+        family: field("cpu family").and_then(|f| f.parse().ok()),
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        avx512: has("avx512f"),
+        avx512_bf16: has("avx512_bf16"),
+        amx: has("amx_tile"),
+        fp32_linear: crate::model::cpu_linear_route().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_report_reads_the_first_processor() {
+        let text = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel name\t: AMD EPYC\n\
+                    flags\t\t: fpu avx2 avx512f avx512_bf16\n\nprocessor\t: 1\nvendor_id\t: Other\n";
+        let r = cpu_report(text);
+        assert_eq!((r.vendor.as_str(), r.family, r.model.as_str()), ("AuthenticAMD", Some(26), "AMD EPYC"));
+        assert!(r.avx512 && r.avx512_bf16 && !r.amx);
+        let none = cpu_report("");
+        assert_eq!((none.model.as_str(), none.family, none.avx512), ("unknown", None, false));
     }
 }

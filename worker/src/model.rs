@@ -450,6 +450,15 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Tensor {
 /// faster than oneDNN with its conversions (measured at 16, 64 and 256 rows).
 pub const ONEDNN_MIN_ROWS: i64 = 64;
 
+/// What [`linear`] runs fp32 CPU projections on, in words (for `doctor`).
+pub fn cpu_linear_route() -> &'static str {
+    if cpu_linear_uses_onednn() {
+        "oneDNN from 64 rows (MKL below); MOXIN_CPU_LINEAR=aten for ATen/MKL only"
+    } else {
+        "ATen/MKL (MOXIN_CPU_LINEAR=aten, or oneDNN failed)"
+    }
+}
+
 /// Set when oneDNN's linear failed once (a libtorch built without it): ATen's from then on.
 static ONEDNN_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
