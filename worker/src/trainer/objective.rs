@@ -132,6 +132,8 @@ pub fn head_forward_backward(
         let d_hidden = Tensor::empty([n, d], (hidden.kind(), hidden.device()));
         let mut loss = Tensor::zeros([], (softmax_kind(hidden.kind()), hidden.device()));
         let step = chunk_rows(weight.size()[0]);
+        let weight_t =
+            (weight.device() == Device::Cpu && weight.kind() == Kind::Float).then(|| weight.tr().contiguous());
         let mut start = 0;
         while start < n {
             let rows = step.min(n - start);
@@ -155,7 +157,12 @@ pub fn head_forward_backward(
                 let _ = logits.g_mul_(&(-d_logp).unsqueeze(1));
                 logits.to_kind(h.kind())
             };
-            let _ = g.mm_out(&d_hidden.narrow(0, start, rows), &weight);
+            if let Some(weight_t) = &weight_t {
+                // d_hidden = g · W as oneDNN's linear with Wᵀ (see `model::linear`).
+                let _ = d_hidden.narrow(0, start, rows).copy_(&crate::model::linear(&g, weight_t));
+            } else {
+                let _ = g.mm_out(&d_hidden.narrow(0, start, rows), &weight);
+            }
             accumulate_gemm(grad_weight, &g.tr(), &h);
             start += rows;
         }
