@@ -159,7 +159,7 @@ pub fn head_forward_backward(
             };
             if let Some(weight_t) = &weight_t {
                 // d_hidden = g · W as oneDNN's linear with Wᵀ (see `model::linear`).
-                let _ = d_hidden.narrow(0, start, rows).copy_(&crate::model::linear(&g, weight_t));
+                d_hidden.narrow(0, start, rows).copy_(&crate::model::linear(&g, weight_t));
             } else {
                 let _ = g.mm_out(&d_hidden.narrow(0, start, rows), &weight);
             }
