@@ -162,7 +162,7 @@ fn cpu_report(cpuinfo: &str) -> CpuReport {
         avx512: has("avx512f"),
         avx512_bf16: has("avx512_bf16"),
         amx: has("amx_tile"),
-        fp32_linear: crate::model::cpu_linear_route().to_string(),
+        fp32_linear: crate::model::cpu_linear_route(),
     }
 }
 

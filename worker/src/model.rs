@@ -451,11 +451,11 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Tensor {
 pub const ONEDNN_MIN_ROWS: i64 = 64;
 
 /// What [`linear`] runs fp32 CPU projections on, in words (for `doctor`).
-pub fn cpu_linear_route() -> &'static str {
+pub fn cpu_linear_route() -> String {
     if cpu_linear_uses_onednn() {
-        "oneDNN from 64 rows (MKL below); MOXIN_CPU_LINEAR=aten for ATen/MKL only"
+        format!("oneDNN from {ONEDNN_MIN_ROWS} rows (MKL below); MOXIN_CPU_LINEAR=aten for ATen/MKL only")
     } else {
-        "ATen/MKL (MOXIN_CPU_LINEAR=aten, or oneDNN failed)"
+        "ATen/MKL (MOXIN_CPU_LINEAR=aten, or oneDNN failed)".into()
     }
 }
 
