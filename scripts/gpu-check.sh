@@ -6,7 +6,8 @@
 # $OUT (JSON, logs, summary.md):
 #   1.  doctor                     what the machine has (torch, GPU, NCCL)
 #   2.  nccl, kernels              every NCCL collective on a world of one; fused kernels vs ATen
-#   3.  tiny                       tiny preset on CUDA: loss falls as on the CPU (ATen, fused)
+#   3.  tiny                       tiny preset on CUDA: loss falls as on the CPU (ATen, fused,
+#                                  fused with the hand-written block backward)
 #   4.  nccl1                      `launch --workers 1` over NCCL = `train` without it
 #   5.  ring                       `launch --workers 2` on one GPU over the ring = single-GPU `train`
 #   5b. chaos                      a worker SIGKILLed mid-run is replaced; every step logged once
@@ -14,8 +15,11 @@
 #                                  synchronous vs asynchronous (GPU_CHECK_CKPT_SYNC=0: async only)
 #   6.  ckpt-write                 `bench checkpoint-write` to the machine's local disk
 #   7.  rollout                    `bench rollout` vs transformers `generate`, gpu-1b, bf16
-#   8.  bench                      gpu-1b and moxin-7b 4 layers: moxin-train vs PyTorch eager vs
-#                                  torch.compile, same run (GPU_CHECK_BENCH=0 skips it)
+#   8.  bench                      gpu-1b and moxin-7b 4 layers: moxin-train (ATen, fused, fused
+#                                  with the hand-written block backward) vs PyTorch eager vs
+#                                  torch.compile, same run (GPU_CHECK_BENCH=0 skips it;
+#                                  GPU_CHECK_ATEN=0, GPU_CHECK_EAGER=0, GPU_CHECK_PROFILE=0,
+#                                  GPU_CHECK_COMPILE=0 skip those runs; GPU_CHECK_SHAPES picks shapes)
 #
 # GPU_CHECK_ONLY="ckpt rollout ..." runs only the named parts (doctor always runs).
 # GPU_CHECK_DEADLINE_S=N skips parts that would start after N seconds.
@@ -74,6 +78,10 @@ import json, sys
 d = json.load(open(sys.argv[1]))
 for k in ("adamw", "cross_entropy_head"):
     print(f"   {k}: aten {d[k]['aten_ms']:.2f} ms, fused {d[k]['fused_ms']:.2f} ms ({d[k]['speedup']:.2f}x); relative error {d[k]['relative_error']}")
+b = d["block"]
+for k, p in b["pieces"].items():
+    print(f"   {k}: aten {p['aten_ms']:.2f} ms, fused {p['fused_ms']:.2f} ms ({p['speedup']:.2f}x); relative L2 {p['relative_l2']}")
+print("   block forward+backward ms", b["forward_backward_ms"], "errors", b["relative_l2_vs_fp32_autograd"])
 PY
 fi
 
@@ -82,6 +90,8 @@ if want tiny; then
   say "3. tiny preset on CUDA (ATen kernels, fused kernels)"
   train tiny-aten 120 configs/tiny-pretrain.toml "${TINY[@]}" --set runtime.kernels=aten
   train tiny-fused 120 configs/tiny-pretrain.toml "${TINY[@]}" --set runtime.kernels=fused
+  train tiny-explicit 120 configs/tiny-pretrain.toml "${TINY[@]}" --set runtime.kernels=fused \
+    --set runtime.block_backward=explicit
 fi
 
 if want nccl1; then
@@ -199,16 +209,17 @@ fi
 rm -rf "$DISK"
 
 if want bench && [ "${GPU_CHECK_BENCH:-1}" != 0 ]; then
-  for shape in gpu-1b moxin-7b-4l; do
+  for shape in ${GPU_CHECK_SHAPES:-gpu-1b moxin-7b-4l}; do
     want bench || break
     config=configs/$shape-bench.toml
     say "8. $shape: moxin-train (aten, fused), PyTorch eager, torch.compile"
     BENCH=(--set train.steps=$STEPS)
     [ "${GPU_CHECK_ATEN:-1}" = 1 ] && train "$shape-moxin-aten" 240 "$config" "${BENCH[@]}" --set runtime.kernels=aten
     train "$shape-moxin-fused" 240 "$config" "${BENCH[@]}" --set runtime.kernels=fused
+    train "$shape-moxin-explicit" 240 "$config" "${BENCH[@]}" --set runtime.kernels=fused --set runtime.block_backward=explicit
     [ "${GPU_CHECK_PROFILE:-1}" = 1 ] && train "$shape-moxin-profile" 240 "$config" --set train.steps=8 --set runtime.kernels=fused --set runtime.profile=true
-    run "$shape-torch-eager" 300 $PY bench/pytorch_gpu_reference.py --shape "$shape" --mode eager --steps "$STEPS"
-    run "$shape-torch-compile" 400 $PY bench/pytorch_gpu_reference.py --shape "$shape" --mode compile --steps "$STEPS"
+    [ "${GPU_CHECK_EAGER:-1}" = 1 ] && run "$shape-torch-eager" 300 $PY bench/pytorch_gpu_reference.py --shape "$shape" --mode eager --steps "$STEPS"
+    [ "${GPU_CHECK_COMPILE:-1}" = 1 ] && run "$shape-torch-compile" 400 $PY bench/pytorch_gpu_reference.py --shape "$shape" --mode compile --steps "$STEPS"
   done
 fi
 

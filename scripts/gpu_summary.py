@@ -56,10 +56,11 @@ for shape in ("gpu-1b", "moxin-7b-4l"):
     e = eager["tokens_per_s_median"] if eager else None
     c = compiled["tokens_per_s_median"] if compiled else None
     systems = []
-    for variant in ("aten", "fused"):
+    for variant, label in (("aten", "ATen kernels"), ("fused", "fused kernels"),
+                           ("explicit", "fused kernels, hand-written block backward")):
         m = moxin(f"{shape}-moxin-{variant}")
         if m:
-            systems.append((f"moxin-train ({variant} kernels)", m["tokens_per_s"], m["mfu"], m["memory"]))
+            systems.append((f"moxin-train ({label})", m["tokens_per_s"], m["mfu"], m["memory"]))
     for label, d in (("PyTorch eager (autocast bf16, fused AdamW)", eager), ("torch.compile", compiled)):
         if d:
             systems.append((label, d["tokens_per_s_median"], d.get("mfu") or 0, d["device_in_use_bytes"]))
@@ -82,7 +83,7 @@ for shape in ("gpu-1b", "moxin-7b-4l"):
         print(f"| {shape} | {med('step_time_s'):.3f} | {med('compute_s'):.3f} | {med('optimizer_s'):.3f} | {med('comm_exposed_s'):.4f} |")
 
 print("\n## Correctness\n")
-for name in ("tiny-aten", "tiny-fused", "nccl1"):
+for name in ("tiny-aten", "tiny-fused", "tiny-explicit", "nccl1"):
     rows = metrics(name)
     if rows:
         print(f"- {name}: loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f} over {len(rows)} steps")
@@ -94,6 +95,10 @@ a, b = metrics("tiny-aten"), metrics("tiny-fused")
 if a and b:
     diff = max(abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(a, b))
     print(f"- fused vs ATen kernels (tiny, bf16): max relative loss difference = {diff:.2e}")
+a, b = metrics("tiny-fused"), metrics("tiny-explicit")
+if a and b:
+    diff = max(abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(a, b))
+    print(f"- hand-written vs autograd block backward (tiny, bf16, fused kernels): max relative loss difference = {diff:.2e}")
 eq = load_json("ring-equivalence.json")
 if eq:
     print(f"- 2 workers on one GPU over the ring vs single-GPU train, 20 steps: parameters differ by {eq['params_relative_l2']:.2e} (relative L2)")
@@ -104,6 +109,17 @@ k = load_json("kernels.json")
 if k:
     for name in ("adamw", "cross_entropy_head"):
         print(f"- fused {name}: {k[name]['speedup']:.2f}x ATen ({k[name]['aten_ms']:.2f} -> {k[name]['fused_ms']:.2f} ms); relative errors {k[name]['relative_error']}")
+    blk = k.get("block")
+    if blk:
+        for name, p in blk["pieces"].items():
+            print(f"- fused {name} (forward + backward, gpu-1b block, 16k tokens): {p['speedup']:.2f}x ATen "
+                  f"({p['aten_ms']:.2f} -> {p['fused_ms']:.2f} ms); relative L2 to fp32: {p['relative_l2']}")
+        ms = blk["forward_backward_ms"]
+        print(f"- one gpu-1b block forward + backward: autograd {ms['autograd']:.2f} ms, hand-written with ATen pieces "
+              f"{ms['explicit_aten']:.2f} ms, with fused pieces {ms['explicit_fused']:.2f} ms "
+              f"({blk['speedup_explicit_fused_vs_autograd']:.2f}x autograd)")
+        for system, errs in blk["relative_l2_vs_fp32_autograd"].items():
+            print(f"  - {system}: relative L2 to fp32 autograd: " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()))
 r = load_json("recovery.json")
 if r:
     print(

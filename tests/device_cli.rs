@@ -65,7 +65,21 @@ fn fused_kernels_compile_with_the_nvrtc_beside_torch() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let kernels: Vec<&str> = json["kernels"].as_array().unwrap().iter().map(|k| k.as_str().unwrap()).collect();
-    assert_eq!(kernels, ["adamw_g32", "adamw_g16", "ce_row_stats", "ce_grad"]);
+    assert_eq!(
+        kernels,
+        [
+            "adamw_g32",
+            "adamw_g16",
+            "ce_row_stats",
+            "ce_grad",
+            "rmsnorm_fwd",
+            "rmsnorm_bwd",
+            "rope_fwd",
+            "rope_bwd_pack",
+            "swiglu_fwd",
+            "swiglu_bwd"
+        ]
+    );
     // Without NVRTC on the library path: a clear error, not a panic.
     let out = run(tmp.path(), &["bench", "compile-kernels"]);
     let err = String::from_utf8_lossy(&out.stderr);

@@ -505,6 +505,19 @@ pub struct RuntimeSection {
     /// `auto` (the fused kernels on CUDA, ATen elsewhere), `aten` (libtorch operations
     /// only) or `fused` (moxin-train's own CUDA kernels where they apply; CUDA only).
     pub kernels: KernelChoice,
+    /// How decoder blocks are differentiated: `autograd` or `explicit` (hand-written).
+    pub block_backward: BlockBackward,
+}
+
+/// `runtime.block_backward`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlockBackward {
+    /// Autograd records each block's forward and replays it backward.
+    Autograd,
+    /// Each block's forward and backward written out, with fused elementwise kernels where
+    /// the fused kernels are in use (`trainer::block`).
+    Explicit,
 }
 
 /// `runtime.kernels`.
@@ -530,6 +543,7 @@ impl Default for RuntimeSection {
             profile: false,
             peak_tflops: 0.0,
             kernels: KernelChoice::Auto,
+            block_backward: BlockBackward::Autograd,
         }
     }
 }

@@ -8,7 +8,7 @@ use moxin_proto::v1::{
     ScheduleSpec, TrainSpec,
 };
 
-use crate::config::{Decay, Device, GradReduce, JobConfig, KernelChoice, Precision, Recompute};
+use crate::config::{BlockBackward, Decay, Device, GradReduce, JobConfig, KernelChoice, Precision, Recompute};
 use crate::presets::ModelShape;
 use crate::ConfigError;
 
@@ -203,6 +203,10 @@ pub fn resolve_config(
                 KernelChoice::Auto => runtime_spec::Kernels::Auto,
                 KernelChoice::Aten => runtime_spec::Kernels::Aten,
                 KernelChoice::Fused => runtime_spec::Kernels::Fused,
+            } as i32,
+            block_backward: match config.runtime.block_backward {
+                BlockBackward::Autograd => runtime_spec::BlockBackward::Autograd,
+                BlockBackward::Explicit => runtime_spec::BlockBackward::Explicit,
             } as i32,
         }),
         resolved_config_toml,

@@ -55,11 +55,30 @@ impl Rope {
     /// Rotates `x` `[batch, heads, seq, head_dim]` whose tokens sit at `positions`
     /// `[batch, seq]` (packed sequences: positions restart with each conversation).
     pub fn apply_at(&self, x: &Tensor, positions: &Tensor) -> Tensor {
+        let (cos, signed_sin) = self.tables_at(x, positions);
+        x * cos + x.roll([x.size()[3] / 2], [-1]) * signed_sin
+    }
+
+    /// The transpose of the rotation (its backward): `dy · cos + swap_halves(dy · signed_sin)`
+    /// for `dy` `[batch, heads, seq, head_dim]` at `positions` `[batch, seq]`, or `0..seq`.
+    pub fn apply_transpose(&self, dy: &Tensor, positions: Option<&Tensor>) -> Tensor {
+        let (cos, signed_sin) = match positions {
+            Some(p) => self.tables_at(dy, p),
+            None => (self.cos.narrow(0, 0, dy.size()[2]), self.signed_sin.narrow(0, 0, dy.size()[2])),
+        };
+        dy * cos + (dy * signed_sin).roll([dy.size()[3] / 2], [-1])
+    }
+
+    /// The `cos` and `signed_sin` tables `[positions, head_dim]` (for fused kernels).
+    pub fn tables(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.signed_sin)
+    }
+
+    fn tables_at(&self, x: &Tensor, positions: &Tensor) -> (Tensor, Tensor) {
         let (b, t, hd) = (x.size()[0], x.size()[2], x.size()[3]);
         let flat = positions.reshape([-1]);
-        let cos = self.cos.index_select(0, &flat).view([b, 1, t, hd]);
-        let signed_sin = self.signed_sin.index_select(0, &flat).view([b, 1, t, hd]);
-        x * cos + x.roll([hd / 2], [-1]) * signed_sin
+        let at = |table: &Tensor| table.index_select(0, &flat).view([b, 1, t, hd]);
+        (at(&self.cos), at(&self.signed_sin))
     }
 }
 
@@ -133,15 +152,20 @@ impl KvCache {
 /// preallocated capacity (0: grow by concatenation).
 type LayerCache<'a> = (&'a mut Option<(Tensor, Tensor)>, i64, i64);
 
-struct Layer {
-    input_norm: Tensor,
+/// One decoder block's weights (views of the flat parameters).
+pub struct Layer {
+    /// RMSNorm gain before attention `[dim]`.
+    pub input_norm: Tensor,
     /// `[q_proj; k_proj; v_proj]` as one matrix.
-    w_qkv: Tensor,
-    wo: Tensor,
-    post_norm: Tensor,
+    pub w_qkv: Tensor,
+    /// `o_proj` `[dim, heads · head_dim]`.
+    pub wo: Tensor,
+    /// RMSNorm gain before the MLP `[dim]`.
+    pub post_norm: Tensor,
     /// `[gate_proj; up_proj]` as one matrix.
-    w_gate_up: Tensor,
-    w_down: Tensor,
+    pub w_gate_up: Tensor,
+    /// `down_proj` `[dim, ffn_dim]`.
+    pub w_down: Tensor,
 }
 
 /// The decoder. Parameters live in a [`ParamStore`]; this struct holds views of them.
@@ -196,6 +220,16 @@ impl Transformer {
     /// Device of the parameters.
     pub fn device(&self) -> Device {
         self.embed.device()
+    }
+
+    /// Block `i`'s weights.
+    pub fn layer(&self, i: usize) -> &Layer {
+        &self.layers[i]
+    }
+
+    /// The RoPE tables.
+    pub fn rope(&self) -> &Rope {
+        &self.rope
     }
 
     /// Token embeddings `[batch, seq, dim]`.
@@ -342,16 +376,11 @@ impl Transformer {
             *slot = Some((k.shallow_clone(), v.shallow_clone()));
         }
         let keys = k.size()[2];
-        let out = if key_start == start && t <= window && prefers_grouped_products(&q) {
-            grouped_causal_attention(&q, &k, &v)
-        } else if key_start == start && t <= window {
-            // Plain causal attention: every earlier token is inside the window.
-            Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, true)
+        let out = if key_start == start {
+            self.self_attention(&q, &k, &v, None)
         } else if t == 1 && keys <= window {
             // One new token that may see every cached one.
             Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, true)
-        } else if key_start == start {
-            windowed_attention(&q, &k, &v, window)
         } else {
             let mask = window_mask(start, t, key_start, keys, window, x.device());
             Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, None, true)
@@ -400,6 +429,23 @@ impl Transformer {
         }
         let out = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, None, true);
         linear(&out.transpose(1, 2).reshape([b, t, heads * hd]), &l.wo)
+    }
+
+    /// Attention of a sequence's queries `q` `[b, heads, t, hd]` to its own keys and values
+    /// `[b, kv_heads, t, hd]` (no cache): causal inside the sliding window, and, with
+    /// `packing`, only within each packed sequence.
+    pub fn self_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, packing: Option<&Packing>) -> Tensor {
+        let (t, window) = (q.size()[2], self.shape.sliding_window as i64);
+        if let Some(p) = packing {
+            Tensor::scaled_dot_product_attention(q, k, v, Some(&p.mask), 0.0, false, None, true)
+        } else if t <= window && prefers_grouped_products(q) {
+            grouped_causal_attention(q, k, v)
+        } else if t <= window {
+            // Plain causal attention: every earlier token is inside the window.
+            Tensor::scaled_dot_product_attention(q, k, v, None::<Tensor>, 0.0, true, None, true)
+        } else {
+            windowed_attention(q, k, v, window)
+        }
     }
 
     fn mlp(&self, l: &Layer, x: &Tensor) -> Tensor {

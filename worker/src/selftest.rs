@@ -11,8 +11,11 @@ use tch::{Device, Kind, Tensor};
 use crate::collective::nccl::{self, NcclCollective};
 use crate::collective::{Collective, ReduceOp};
 use crate::cuda::kernels::Kernels;
+use crate::model::Transformer;
 use crate::optim::{AdamW, AdamWConfig};
+use crate::trainer::block::{self, Pieces};
 use crate::trainer::objective::{head_forward_backward, CrossEntropy};
+use crate::trainer::step::Stages;
 use crate::trainer::Batch;
 use crate::WorkerError;
 
@@ -95,8 +98,10 @@ pub fn fused_kernels(ordinal: usize) -> Result<Value, WorkerError> {
     let ce_fused_ms = time_ms(ordinal, 10, || {
         head_forward_backward(&hidden, &weight, &batch, &objective, &mut gw_fused, Some(&k)).map(|_| ())
     })?;
+    let block = explicit_block(ordinal, &k)?;
     Ok(json!({
         "device": crate::cuda::gpu_info(ordinal).map(|g| g.name).unwrap_or_default(),
+        "block": block,
         "adamw": {"elements": n, "relative_error": adamw_err, "aten_ms": aten_ms, "fused_ms": fused_ms, "speedup": aten_ms / fused_ms},
         "cross_entropy_head": {"tokens": rows, "dim": dim, "vocab": vocab, "relative_error": ce_err,
             "aten_ms": ce_aten_ms, "fused_ms": ce_fused_ms, "speedup": ce_aten_ms / ce_fused_ms},
@@ -285,5 +290,172 @@ pub fn rollout(
         "dtype": format!("{kind:?}"),
         "seconds": best,
         "tokens_per_s": tokens as f64 / best,
+    }))
+}
+
+/// `‖a − b‖ / ‖b‖`, in fp64.
+fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
+    (&a - &b).norm().double_value(&[]) / b.norm().double_value(&[]).max(1e-30)
+}
+
+/// The hand-written block (`trainer::block`) on one of gpu-1b's blocks (dim 2048, 16/8
+/// heads, FFN 5632) at 8 × 2048 tokens in bf16: each fused piece against the same piece
+/// composed from ATen ops, and the whole block's forward + backward against autograd's.
+/// Errors are relative L2 distances to an fp32 computation on the same bf16 values, so the
+/// fused and ATen versions, both bf16, are judged by the same reference.
+fn explicit_block(ordinal: usize, k: &Kernels) -> Result<Value, WorkerError> {
+    let device = Device::Cuda(ordinal);
+    let shape = moxin_layout::ModelShape {
+        vocab_size: 32000,
+        dim: 2048,
+        n_layers: 1,
+        n_heads: 16,
+        n_kv_heads: 8,
+        ffn_dim: 5632,
+        max_seq_len: 4096,
+        sliding_window: 4096,
+        rope_theta: 10000.0,
+        norm_eps: 1e-5,
+        init_std: 0.02,
+    };
+    let (b, t, dim, ffn) = (8i64, 2048i64, shape.dim as i64, shape.ffn_dim as i64);
+    let (heads, kv, hd) = (shape.n_heads as i64, shape.n_kv_heads as i64, shape.head_dim() as i64);
+    let mut model = Transformer::new(shape.clone(), Kind::BFloat16, device);
+    model.params.initialise(7);
+    let mut model32 = Transformer::new(shape, Kind::Float, device);
+    tch::no_grad(|| model32.params.flat().shallow_clone().copy_(&model.params.flat().to_kind(Kind::Float)));
+    // Norm gains away from 1 so a misplaced gain would show.
+    tch::no_grad(|| {
+        for m in [&mut model, &mut model32] {
+            for p in m.params.params() {
+                if p.decl.name.contains("norm") {
+                    let mut t = p.tensor.shallow_clone();
+                    let wiggle = (Tensor::arange(t.numel() as i64, (Kind::Float, device)) * 0.7).sin() * 0.1 + 1.0;
+                    t.copy_(&wiggle.to_kind(t.kind()));
+                }
+            }
+        }
+    });
+    let (fused, aten) = (Pieces::Fused(k), Pieces::Aten);
+    let _guard = tch::no_grad_guard();
+    tch::manual_seed(2);
+    let bf = |t: Tensor| t.to_kind(Kind::BFloat16);
+    let x = bf(Tensor::randn([b, t, dim], (Kind::Float, device)));
+    let dy = bf(Tensor::randn([b, t, dim], (Kind::Float, device)) * 0.01);
+    let mut pieces = serde_json::Map::new();
+    let mut record = |name: &str, errs: Value, aten_ms: f64, fused_ms: f64| {
+        pieces.insert(
+            name.into(),
+            json!({"relative_l2": errs, "aten_ms": aten_ms, "fused_ms": fused_ms, "speedup": aten_ms / fused_ms}),
+        );
+    };
+    let f32_ = |t: &Tensor| t.to_kind(Kind::Float);
+
+    // RMSNorm forward and backward (with the residual gradient).
+    let l = model.layer(0);
+    let w = &l.input_norm;
+    let (y_f, r_f) = fused.rms_norm(&x, w, 1e-5)?;
+    let (y_a, _) = aten.rms_norm(&x, w, 1e-5)?;
+    let (y_ref, r_ref) = aten.rms_norm(&f32_(&x), &f32_(w), 1e-5)?;
+    let res = bf(Tensor::randn([b, t, dim], (Kind::Float, device)) * 0.01);
+    let (dx_f, dw_f) = fused.rms_norm_backward(&x, w, &r_f, &dy, Some(&res))?;
+    let (dx_a, dw_a) = aten.rms_norm_backward(&x, w, &r_f, &dy, Some(&res))?;
+    let (dx_ref, dw_ref) = aten.rms_norm_backward(&f32_(&x), &f32_(w), &r_ref, &f32_(&dy), Some(&f32_(&res)))?;
+    record(
+        "rmsnorm",
+        json!({"fused": {"y": rel_l2(&y_f, &y_ref), "rstd": rel_l2(&r_f, &r_ref), "dx": rel_l2(&dx_f, &dx_ref),
+                         "dweight": rel_l2(&dw_f, &dw_ref)},
+               "aten": {"y": rel_l2(&y_a, &y_ref), "dx": rel_l2(&dx_a, &dx_ref), "dweight": rel_l2(&dw_a, &dw_ref)}}),
+        time_ms(ordinal, 10, || {
+            let (_, r) = aten.rms_norm(&x, w, 1e-5)?;
+            aten.rms_norm_backward(&x, w, &r, &dy, Some(&res)).map(|_| ())
+        })?,
+        time_ms(ordinal, 10, || {
+            let (_, r) = fused.rms_norm(&x, w, 1e-5)?;
+            fused.rms_norm_backward(&x, w, &r, &dy, Some(&res)).map(|_| ())
+        })?,
+    );
+
+    // RoPE in place on q and k of a qkv projection, and its backward packing dq, dk, dv.
+    let qkv = bf(Tensor::randn([b, t, (heads + 2 * kv) * hd], (Kind::Float, device)));
+    let (qkv_f, qkv_a, qkv_ref) = (qkv.copy(), qkv.copy(), f32_(&qkv));
+    fused.rope(&model, &qkv_f, None, heads, kv)?;
+    aten.rope(&model, &qkv_a, None, heads, kv)?;
+    aten.rope(&model, &qkv_ref, None, heads, kv)?;
+    let grad = |n: i64| bf(Tensor::randn([b, t, n, hd], (Kind::Float, device))).transpose(1, 2);
+    let (dq, dk, dv) = (grad(heads), grad(kv), grad(kv));
+    let back_f = fused.rope_backward_pack(&model, [&dq, &dk, &dv], None)?;
+    let back_a = aten.rope_backward_pack(&model, [&dq, &dk, &dv], None)?;
+    let back_ref = aten.rope_backward_pack(&model, [&f32_(&dq), &f32_(&dk), &f32_(&dv)], None)?;
+    record(
+        "rope",
+        json!({"fused": {"forward": rel_l2(&qkv_f, &qkv_ref), "backward": rel_l2(&back_f, &back_ref)},
+               "aten": {"forward": rel_l2(&qkv_a, &qkv_ref), "backward": rel_l2(&back_a, &back_ref)}}),
+        time_ms(ordinal, 10, || {
+            aten.rope(&model, &qkv_a, None, heads, kv)?;
+            aten.rope_backward_pack(&model, [&dq, &dk, &dv], None).map(|_| ())
+        })?,
+        time_ms(ordinal, 10, || {
+            fused.rope(&model, &qkv_f, None, heads, kv)?;
+            fused.rope_backward_pack(&model, [&dq, &dk, &dv], None).map(|_| ())
+        })?,
+    );
+
+    // SwiGLU forward and backward.
+    let gu = bf(Tensor::randn([b, t, 2 * ffn], (Kind::Float, device)) * 2.0);
+    let da = bf(Tensor::randn([b, t, ffn], (Kind::Float, device)));
+    let (a_f, a_a, a_ref) = (fused.swiglu(&gu)?, aten.swiglu(&gu)?, aten.swiglu(&f32_(&gu))?);
+    let (g_f, g_a) = (fused.swiglu_backward(&gu, &da)?, aten.swiglu_backward(&gu, &da)?);
+    let g_ref = aten.swiglu_backward(&f32_(&gu), &f32_(&da))?;
+    record(
+        "swiglu",
+        json!({"fused": {"forward": rel_l2(&a_f, &a_ref), "backward": rel_l2(&g_f, &g_ref)},
+               "aten": {"forward": rel_l2(&a_a, &a_ref), "backward": rel_l2(&g_a, &g_ref)}}),
+        time_ms(ordinal, 10, || {
+            let _ = aten.swiglu(&gu)?;
+            aten.swiglu_backward(&gu, &da).map(|_| ())
+        })?,
+        time_ms(ordinal, 10, || {
+            let _ = fused.swiglu(&gu)?;
+            fused.swiglu_backward(&gu, &da).map(|_| ())
+        })?,
+    );
+
+    // The whole block, forward and backward: autograd (bf16, the default engine), hand-written
+    // with ATen pieces and with fused pieces, against autograd in fp32 on the same weights.
+    let leaves = Stages::of(model.params.layout()).block_leaves(0);
+    let autograd = |m: &Transformer, x: &Tensor, dy: &Tensor| -> Result<Vec<Tensor>, WorkerError> {
+        let x = x.detach().set_requires_grad(true);
+        let y = tch::with_grad(|| m.block(0, &x));
+        let mut wrt = vec![&x];
+        wrt.extend(leaves.iter().map(|&i| m.params.leaf_at(i)));
+        let surrogate = tch::with_grad(|| y.reshape([-1]).dot(&dy.reshape([-1])));
+        Ok(Tensor::f_run_backward(&[surrogate], &wrt, false, false)?)
+    };
+    let explicit = |pieces: Pieces<'_>| -> Result<Vec<Tensor>, WorkerError> {
+        let (_, tape) = block::forward(&model, 0, &x, None, pieces)?;
+        let (dx, g) = block::backward(&model, 0, tape, &dy, None, pieces)?;
+        Ok(vec![dx, g.input_norm, g.qkv, g.o, g.post_norm, g.gate_up, g.down])
+    };
+    let want = autograd(&model32, &f32_(&x), &f32_(&dy))?;
+    let names = ["dx", "input_norm", "qkv", "o", "post_norm", "gate_up", "down"];
+    let errs = |got: &[Tensor]| -> Value {
+        names.iter().zip(got.iter().zip(&want)).map(|(n, (g, w))| ((*n).to_string(), json!(rel_l2(g, w)))).collect()
+    };
+    let block_errs = json!({
+        "autograd_bf16": errs(&autograd(&model, &x, &dy)?),
+        "explicit_aten": errs(&explicit(aten)?),
+        "explicit_fused": errs(&explicit(fused)?),
+    });
+    let autograd_ms = time_ms(ordinal, 10, || autograd(&model, &x, &dy).map(|_| ()))?;
+    let aten_ms = time_ms(ordinal, 10, || explicit(aten).map(|_| ()))?;
+    let fused_ms = time_ms(ordinal, 10, || explicit(fused).map(|_| ()))?;
+    Ok(json!({
+        "shape": {"batch": b, "seq": t, "dim": dim, "heads": heads, "kv_heads": kv, "ffn": ffn},
+        "pieces": pieces,
+        "relative_l2_vs_fp32_autograd": block_errs,
+        "forward_backward_ms": {"autograd": autograd_ms, "explicit_aten": aten_ms, "explicit_fused": fused_ms},
+        "speedup_explicit_fused_vs_autograd": autograd_ms / fused_ms,
     }))
 }

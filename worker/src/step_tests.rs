@@ -3,6 +3,7 @@
 
 use tch::{Device, Kind, Tensor};
 
+use crate::model::Packing;
 use crate::model_tests::{max_diff, model, tokens};
 use crate::trainer::objective::{head_forward_backward, head_loss, CrossEntropy, Objective};
 use crate::trainer::step::{forward_backward, EngineOptions, GradSink, Stages};
@@ -43,9 +44,21 @@ fn batch(len: i64, weights: bool) -> Batch {
     Batch { inputs: rows.narrow(1, 0, len), targets: rows.narrow(1, 1, len), weights, packing: None, rl: None }
 }
 
+/// `batch` with each row holding two packed sequences (8 and `len − 8` tokens).
+fn packed_batch(len: i64, window: i64) -> Batch {
+    let segments = Tensor::arange(len, (Kind::Int64, Device::Cpu)).ge(8).to_kind(Kind::Int64).repeat([2, 1]);
+    let positions = Tensor::arange(len, (Kind::Int64, Device::Cpu)) - segments.get(0) * 8;
+    let packing = Packing::new(positions.repeat([2, 1]), &segments, window);
+    Batch { packing: Some(packing), ..batch(len, false) }
+}
+
 /// Whole-graph autograd: logits for the whole batch, log-softmax, weighted mean.
 fn reference(m: &crate::model::Transformer, b: &Batch, scale: f64) -> (f64, Tensor) {
-    let logits = m.forward(&b.inputs, None);
+    let hidden = match &b.packing {
+        Some(p) => m.hidden_packed(&b.inputs, p),
+        None => m.hidden(&b.inputs, None),
+    };
+    let logits = crate::model::linear(&hidden, m.lm_head());
     let logp = logits.log_softmax(-1, Kind::Double).gather(2, &b.targets.unsqueeze(2), false).squeeze_dim(2);
     let w = b.weights.as_ref().map_or_else(|| logp.ones_like(), |w| w.shallow_clone());
     let loss = -(logp * w).sum(Kind::Double) * scale;
@@ -61,10 +74,21 @@ fn reference(m: &crate::model::Transformer, b: &Batch, scale: f64) -> (f64, Tens
 
 #[test]
 fn block_by_block_gradients_equal_whole_graph_autograd() {
-    // Window 7 < 20 tokens also sends attention through the windowed blocks.
-    for (window, recompute, weights) in [(64, false, false), (7, false, true), (7, true, false)] {
+    // Window 7 < 20 tokens also sends attention through the windowed blocks. Explicit
+    // blocks (hand-written backward, ATen pieces) alone, with recomputation, and packed.
+    let cases = [
+        (64, false, false, false, false),
+        (7, false, true, false, false),
+        (7, true, false, false, false),
+        (64, false, true, true, false),
+        (7, false, false, true, false),
+        (7, true, true, true, false),
+        (64, false, false, true, true),
+        (7, false, false, false, true),
+    ];
+    for (window, recompute, weights, explicit_blocks, packed) in cases {
         let m = model(window, 21);
-        let b = batch(20, weights);
+        let b = if packed { packed_batch(20, window as i64) } else { batch(20, weights) };
         let scale = 1.0 / 40.0;
         let (want_loss, want) = reference(&m, &b, scale);
         let layout = m.params.layout();
@@ -75,12 +99,16 @@ fn block_by_block_gradients_equal_whole_graph_autograd() {
             done: Vec::new(),
         };
         let objective = CrossEntropy { scale };
-        let opts = EngineOptions { recompute, kernels: None };
+        let opts = EngineOptions { recompute, kernels: None, explicit_blocks };
         let loss = forward_backward(&m, &Stages::of(layout), &b, &objective, &opts, &mut sink).unwrap();
         assert!((loss.double_value(&[]) - want_loss).abs() < 1e-12, "loss {} vs {want_loss}", loss.double_value(&[]));
         assert_eq!(sink.done.len(), layout.leaves.len(), "every leaf reported once");
         let err = max_diff(&sink.grad, &want) / want.abs().max().double_value(&[]);
-        assert!(err < 1e-10, "window {window} recompute {recompute} weights {weights}: relative error {err}");
+        assert!(
+            err < 1e-10,
+            "window {window} recompute {recompute} weights {weights} explicit {explicit_blocks} packed {packed}: \
+             relative error {err}"
+        );
     }
 }
 

@@ -7,7 +7,11 @@
 //! * AdamW over the flat partition in one pass (gradient clip factor, weight decay, bias
 //!   correction, and the bf16 copy of the updated weights folded in);
 //! * cross-entropy in two passes over bf16 logits (row log-sum-exp and target log-prob;
-//!   then the gradient in place), so the head never materialises fp32 logits.
+//!   then the gradient in place), so the head never materialises fp32 logits;
+//! * the elementwise pieces of a decoder block and their backward — RMSNorm (the residual
+//!   gradient folded into its backward), RoPE (its backward packs the attention gradients
+//!   into the qkv projection's layout) and SwiGLU — for the hand-written block backward
+//!   (`runtime.block_backward = "explicit"`, `trainer::block`).
 
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -26,6 +30,12 @@ pub struct Kernels {
     adamw_g16: CudaFunction,
     ce_row_stats: CudaFunction,
     ce_grad: CudaFunction,
+    rmsnorm_fwd: CudaFunction,
+    rmsnorm_bwd: CudaFunction,
+    rope_fwd: CudaFunction,
+    rope_bwd_pack: CudaFunction,
+    swiglu_fwd: CudaFunction,
+    swiglu_bwd: CudaFunction,
     sm_count: u32,
 }
 
@@ -63,6 +73,12 @@ impl Kernels {
             adamw_g16: f("adamw_g16")?,
             ce_row_stats: f("ce_row_stats")?,
             ce_grad: f("ce_grad")?,
+            rmsnorm_fwd: f("rmsnorm_fwd")?,
+            rmsnorm_bwd: f("rmsnorm_bwd")?,
+            rope_fwd: f("rope_fwd")?,
+            rope_bwd_pack: f("rope_bwd_pack")?,
+            swiglu_fwd: f("swiglu_fwd")?,
+            swiglu_bwd: f("swiglu_bwd")?,
             sm_count,
         })
     }
@@ -163,6 +179,214 @@ impl Kernels {
         unsafe { b.launch(cfg) }.map_err(|e| err("ce_grad launch", e))?;
         Ok(())
     }
+
+    /// RMSNorm of bf16 `x` `[rows, D]` with gain `weight` `[D]`: returns `(y, rstd)`, `y`
+    /// bf16 like `x` and `rstd` fp32 `[rows]` (1 / RMS, what backward needs).
+    pub fn rmsnorm_forward(&self, x: &Tensor, weight: &Tensor, eps: f64) -> Result<(Tensor, Tensor), WorkerError> {
+        let (rows, dim) = rows_dim(x)?;
+        check("x", x, Kind::BFloat16, rows * dim)?;
+        check("weight", weight, Kind::BFloat16, dim)?;
+        let y = x.empty_like();
+        let rstd = Tensor::empty([rows], (Kind::Float, x.device()));
+        if rows == 0 {
+            return Ok((y, rstd));
+        }
+        let (xp, wp, yp, rp, d, e) = (ptr(x), ptr(weight), ptr(&y), ptr(&rstd), dim as i32, eps as f32);
+        let mut b = self.stream.launch_builder(&self.rmsnorm_fwd);
+        b.arg(&xp).arg(&wp).arg(&yp).arg(&rp).arg(&d).arg(&e);
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: shapes, dtypes and contiguity checked; outputs freshly allocated.
+        #[allow(unsafe_code)]
+        unsafe { b.launch(cfg) }.map_err(|e| err("rmsnorm_fwd launch", e))?;
+        Ok((y, rstd))
+    }
+
+    /// RMSNorm backward: `(dx, dweight)` for `dy` given forward's `x`, `weight` and `rstd`;
+    /// `dx` (bf16) includes `residual` when given (the gradient through the skip connection),
+    /// `dweight` is fp32 `[D]`.
+    pub fn rmsnorm_backward(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        rstd: &Tensor,
+        dy: &Tensor,
+        residual: Option<&Tensor>,
+    ) -> Result<(Tensor, Tensor), WorkerError> {
+        let (rows, dim) = rows_dim(x)?;
+        if dim > RMSNORM_MAX_DIM {
+            return Err(err("rmsnorm_bwd", format!("rows of {dim} exceed {RMSNORM_MAX_DIM}")));
+        }
+        check("x", x, Kind::BFloat16, rows * dim)?;
+        check("weight", weight, Kind::BFloat16, dim)?;
+        check("rstd", rstd, Kind::Float, rows)?;
+        check("dy", dy, Kind::BFloat16, rows * dim)?;
+        if let Some(r) = residual {
+            check("residual", r, Kind::BFloat16, rows * dim)?;
+        }
+        let blocks = (rows.max(1) as u32).min(self.sm_count * 4);
+        let dx = x.empty_like();
+        let part = Tensor::empty([blocks as i64, dim], (Kind::Float, x.device()));
+        if rows == 0 {
+            return Ok((dx, part.sum_dim_intlist([0i64].as_slice(), false, Kind::Float)));
+        }
+        let (xp, wp, rp, dp, sp, op, pp) =
+            (ptr(x), ptr(weight), ptr(rstd), ptr(dy), residual.map_or(0u64, ptr), ptr(&dx), ptr(&part));
+        let d = dim as i32;
+        let mut b = self.stream.launch_builder(&self.rmsnorm_bwd);
+        b.arg(&xp).arg(&wp).arg(&rp).arg(&dp).arg(&sp).arg(&op).arg(&pp).arg(&rows).arg(&d);
+        let cfg =
+            LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: (dim * 4) as u32 };
+        // SAFETY: shapes, dtypes and contiguity checked; `dim` floats of shared memory fit
+        // (RMSNORM_MAX_DIM); outputs freshly allocated.
+        #[allow(unsafe_code)]
+        unsafe { b.launch(cfg) }.map_err(|e| err("rmsnorm_bwd launch", e))?;
+        Ok((dx, part.sum_dim_intlist([0i64].as_slice(), false, Kind::Float)))
+    }
+
+    /// RoPE in place on the query and key heads (the first `rot_heads`) of `qkv`
+    /// `[batch, T, W]` (bf16, contiguous), with the model's `cos` / `signed_sin` tables
+    /// `[positions, hd]`, at `positions` `[batch, T]` (i64) or `0..T`.
+    pub fn rope_forward(
+        &self,
+        qkv: &Tensor,
+        tables: (&Tensor, &Tensor),
+        positions: Option<&Tensor>,
+        rot_heads: i64,
+        hd: i64,
+    ) -> Result<(), WorkerError> {
+        let size = qkv.size();
+        let (batch, t, w) = (size[0], size[1], size[2]);
+        let rows = batch * t;
+        check("qkv", qkv, Kind::BFloat16, rows * w)?;
+        check_tables(tables, hd, t, positions.is_some())?;
+        let positions = positions.map(Tensor::contiguous);
+        if let Some(p) = &positions {
+            check("positions", p, Kind::Int64, rows)?;
+        }
+        let n = rows * rot_heads * (hd / 2);
+        if n == 0 {
+            return Ok(());
+        }
+        let (q, c, s, p) = (ptr(qkv), ptr(tables.0), ptr(tables.1), positions.as_ref().map_or(0u64, ptr));
+        let (t32, w32, rh, hd32, max_pos) =
+            (t as i32, w as i32, rot_heads as i32, hd as i32, tables.0.size()[0] as i32);
+        let mut b = self.stream.launch_builder(&self.rope_fwd);
+        b.arg(&q).arg(&c).arg(&s).arg(&p).arg(&rows).arg(&t32).arg(&w32).arg(&rh).arg(&hd32).arg(&max_pos);
+        // SAFETY: shapes and dtypes checked; in place on the caller's qkv.
+        #[allow(unsafe_code)]
+        unsafe { b.launch(self.grid_for(n)) }.map_err(|e| err("rope_fwd launch", e))?;
+        Ok(())
+    }
+
+    /// RoPE backward: the gradients `dq` `[B, H, T, hd]`, `dk` and `dv` `[B, K, T, hd]` (any
+    /// strides with a contiguous last dimension) as one `[B, T, (H + 2K)·hd]` bf16 tensor, the
+    /// layout of the qkv projection's output, with q and k rotated back.
+    pub fn rope_backward_pack(
+        &self,
+        grads: [&Tensor; 3],
+        tables: (&Tensor, &Tensor),
+        positions: Option<&Tensor>,
+    ) -> Result<Tensor, WorkerError> {
+        let [dq, dk, dv] = grads;
+        let (batch, heads, t, hd) = (dq.size()[0], dq.size()[1], dq.size()[2], dq.size()[3]);
+        let kv_heads = dk.size()[1];
+        for (name, g, h) in [("dq", dq, heads), ("dk", dk, kv_heads), ("dv", dv, kv_heads)] {
+            if g.size() != [batch, h, t, hd] || g.kind() != Kind::BFloat16 || g.stride()[3] != 1 {
+                return Err(err(name, (g.size(), g.kind(), g.stride())));
+            }
+        }
+        check_tables(tables, hd, t, positions.is_some())?;
+        let rows = batch * t;
+        let positions = positions.map(Tensor::contiguous);
+        if let Some(p) = &positions {
+            check("positions", p, Kind::Int64, rows)?;
+        }
+        let out = Tensor::empty([batch, t, (heads + 2 * kv_heads) * hd], (Kind::BFloat16, dq.device()));
+        let n = rows * (heads + 2 * kv_heads) * (hd / 2);
+        if n == 0 {
+            return Ok(out);
+        }
+        let [qs, ks, vs] = [dq.stride(), dk.stride(), dv.stride()];
+        let (q, k, v, c, s, p, o) =
+            (ptr(dq), ptr(dk), ptr(dv), ptr(tables.0), ptr(tables.1), positions.as_ref().map_or(0u64, ptr), ptr(&out));
+        let (t32, h32, k32, hd32) = (t as i32, heads as i32, kv_heads as i32, hd as i32);
+        let max_pos = tables.0.size()[0] as i32;
+        let mut b = self.stream.launch_builder(&self.rope_bwd_pack);
+        b.arg(&q).arg(&k).arg(&v);
+        b.arg(&qs[0]).arg(&qs[1]).arg(&qs[2]).arg(&ks[0]).arg(&ks[1]).arg(&ks[2]).arg(&vs[0]).arg(&vs[1]).arg(&vs[2]);
+        b.arg(&c).arg(&s).arg(&p).arg(&o).arg(&rows).arg(&t32).arg(&h32).arg(&k32).arg(&hd32).arg(&max_pos);
+        // SAFETY: shapes, dtypes and strides checked (every index the kernel forms lies in its
+        // tensor); the output is freshly allocated.
+        #[allow(unsafe_code)]
+        unsafe { b.launch(self.grid_for(n)) }.map_err(|e| err("rope_bwd_pack launch", e))?;
+        Ok(out)
+    }
+
+    /// SwiGLU of `gate_up` `[.., 2F]` (bf16, gate then up): `silu(gate) · up` `[.., F]`.
+    pub fn swiglu_forward(&self, gate_up: &Tensor) -> Result<Tensor, WorkerError> {
+        let (rows, two_f) = rows_dim(gate_up)?;
+        check("gate_up", gate_up, Kind::BFloat16, rows * two_f)?;
+        let f = two_f / 2;
+        let mut size = gate_up.size();
+        *size.last_mut().expect("rows_dim checked") = f;
+        let out = Tensor::empty(size.as_slice(), (Kind::BFloat16, gate_up.device()));
+        let pairs = rows * (f / 2);
+        if pairs == 0 {
+            return Ok(out);
+        }
+        let (g, o, f32_) = (ptr(gate_up), ptr(&out), f as i32);
+        let mut b = self.stream.launch_builder(&self.swiglu_fwd);
+        b.arg(&g).arg(&o).arg(&rows).arg(&f32_);
+        // SAFETY: shape, dtype and contiguity checked; output freshly allocated.
+        #[allow(unsafe_code)]
+        unsafe { b.launch(self.grid_for(pairs)) }.map_err(|e| err("swiglu_fwd launch", e))?;
+        Ok(out)
+    }
+
+    /// SwiGLU backward: `d gate_up` `[.., 2F]` for `d_out` `[.., F]`.
+    pub fn swiglu_backward(&self, gate_up: &Tensor, d_out: &Tensor) -> Result<Tensor, WorkerError> {
+        let (rows, two_f) = rows_dim(gate_up)?;
+        check("gate_up", gate_up, Kind::BFloat16, rows * two_f)?;
+        check("d_out", d_out, Kind::BFloat16, rows * two_f / 2)?;
+        let f = two_f / 2;
+        let out = gate_up.empty_like();
+        let pairs = rows * (f / 2);
+        if pairs == 0 {
+            return Ok(out);
+        }
+        let (g, d, o, f32_) = (ptr(gate_up), ptr(d_out), ptr(&out), f as i32);
+        let mut b = self.stream.launch_builder(&self.swiglu_bwd);
+        b.arg(&g).arg(&d).arg(&o).arg(&rows).arg(&f32_);
+        // SAFETY: shapes, dtypes and contiguity checked; output freshly allocated.
+        #[allow(unsafe_code)]
+        unsafe { b.launch(self.grid_for(pairs)) }.map_err(|e| err("swiglu_bwd launch", e))?;
+        Ok(out)
+    }
+}
+
+/// `(rows, last dimension)` of `t`; the last dimension must be even (pairs of bf16 are
+/// loaded as one word).
+fn rows_dim(t: &Tensor) -> Result<(i64, i64), WorkerError> {
+    let size = t.size();
+    let last = *size.last().ok_or_else(|| err("a block kernel's input", "a scalar"))?;
+    if last % 2 != 0 {
+        return Err(err("a block kernel's input", format!("odd row length {last}")));
+    }
+    Ok((t.numel() as i64 / last.max(1), last))
+}
+
+/// RoPE tables: contiguous bf16 `[positions, hd]` covering `t` positions (or any, with
+/// explicit positions, which the model bounds by its tables).
+fn check_tables(tables: (&Tensor, &Tensor), hd: i64, t: i64, explicit_positions: bool) -> Result<(), WorkerError> {
+    for (name, table) in [("cos", tables.0), ("signed_sin", tables.1)] {
+        let size = table.size();
+        let positions = size.first().copied().unwrap_or(0);
+        check(name, table, Kind::BFloat16, positions * hd)?;
+        if size.len() != 2 || (!explicit_positions && positions < t) || hd % 2 != 0 {
+            return Err(err(name, (size, hd, t)));
+        }
+    }
+    Ok(())
 }
 
 /// Whether the NVRTC library can be opened.
@@ -190,7 +414,22 @@ pub fn compile_ptx(major: i32, minor: i32) -> Result<cudarc::nvrtc::Ptx, WorkerE
 }
 
 /// Names of the kernels in the source.
-pub const KERNEL_NAMES: [&str; 4] = ["adamw_g32", "adamw_g16", "ce_row_stats", "ce_grad"];
+pub const KERNEL_NAMES: [&str; 10] = [
+    "adamw_g32",
+    "adamw_g16",
+    "ce_row_stats",
+    "ce_grad",
+    "rmsnorm_fwd",
+    "rmsnorm_bwd",
+    "rope_fwd",
+    "rope_bwd_pack",
+    "swiglu_fwd",
+    "swiglu_bwd",
+];
+
+/// The widest row [`Kernels::rmsnorm_backward`] takes: its weight-gradient accumulators
+/// (one fp32 per column) live in a block's shared memory, 48 KiB without opting in to more.
+pub const RMSNORM_MAX_DIM: i64 = 12 * 1024;
 
 /// Scalars of one AdamW step (see [`Kernels::adamw`]).
 #[derive(Debug, Clone, Copy)]

@@ -14,6 +14,7 @@
 //! checkpoint holds bit for bit, so a resumed run continues exactly as if never stopped.
 
 pub mod batch;
+pub mod block;
 pub mod checkpointing;
 mod group_checks;
 pub mod handover;
@@ -326,7 +327,11 @@ impl Trainer {
             handover: None,
             checkpoint_requested: Default::default(),
             group_stop: false,
-            engine: step::EngineOptions { recompute: runtime.recompute() == runtime_spec::Recompute::Blocks, kernels },
+            engine: step::EngineOptions {
+                recompute: runtime.recompute() == runtime_spec::Recompute::Blocks,
+                kernels,
+                explicit_blocks: runtime.block_backward() == runtime_spec::BlockBackward::Explicit,
+            },
             profile: runtime.profile,
             peak_flops,
             cuda,

@@ -8,12 +8,15 @@
 //! backward, lets a block be recomputed instead of stored (`recompute`), and lets the head
 //! and the embedding use hand-written gradients (the chunked head in
 //! [`super::objective`], an `index_add` for the embedding) instead of materialising logits
-//! or a dense embedding gradient. Gradients equal whole-graph autograd's (tested).
+//! or a dense embedding gradient. Gradients equal whole-graph autograd's (tested). With
+//! `explicit_blocks` the blocks run their hand-written forward and backward
+//! ([`super::block`]) instead of autograd's.
 
 use moxin_layout::FlatLayout;
 use tch::Tensor;
 
 use super::batch::Batch;
+use super::block::{self, BlockGrads, Pieces};
 use super::objective::{head_forward_backward, Objective};
 use crate::model::Transformer;
 use crate::WorkerError;
@@ -41,11 +44,19 @@ pub trait GradSink {
 pub struct Stages {
     embed: usize,
     blocks: Vec<Vec<usize>>,
+    /// Each block's leaves as [`BlockGrads`] orders them.
+    named: Vec<[usize; 6]>,
     final_norm: usize,
     head: usize,
 }
 
 impl Stages {
+    /// Block `i`'s leaves in [`BlockGrads`]'s order: input norm, qkv, o, post norm,
+    /// gate/up, down.
+    pub fn block_leaves(&self, i: usize) -> [usize; 6] {
+        self.named[i]
+    }
+
     /// The stages of `layout` (a Mistral-style model's).
     pub fn of(layout: &FlatLayout) -> Self {
         let index = |name: &str| layout.leaves.iter().position(|l| l.name == name).expect("model leaf");
@@ -56,9 +67,23 @@ impl Stages {
                 blocks[layer as usize].push(i);
             }
         }
+        let named = (0..layers)
+            .map(|i| {
+                [
+                    "input_layernorm.weight",
+                    "self_attn.qkv",
+                    "self_attn.o_proj.weight",
+                    "post_attention_layernorm.weight",
+                    "mlp.gate_up",
+                    "mlp.down_proj.weight",
+                ]
+                .map(|leaf| index(&format!("model.layers.{i}.{leaf}")))
+            })
+            .collect();
         Stages {
             embed: index("model.embed_tokens.weight"),
             blocks,
+            named,
             final_norm: index("model.norm.weight"),
             head: index("lm_head.weight"),
         }
@@ -72,6 +97,9 @@ pub struct EngineOptions {
     pub recompute: bool,
     /// Fused CUDA kernels to use where they apply (`runtime.kernels = "fused"`).
     pub kernels: Option<std::sync::Arc<crate::cuda::kernels::Kernels>>,
+    /// Run the blocks' hand-written forward and backward instead of autograd
+    /// (`runtime.block_backward = "explicit"`).
+    pub explicit_blocks: bool,
 }
 
 /// Runs `batch` forward and backward through `model` for `objective`, handing gradients to
@@ -86,21 +114,29 @@ pub fn forward_backward(
 ) -> Result<Tensor, WorkerError> {
     let recompute = opts.recompute;
     let params = &model.params;
+    let packing = batch.packing.as_ref();
+    let pieces = Pieces::for_model(model, opts.kernels.as_deref());
     // Forward: each block's input is a fresh leaf, so each block's graph stands alone.
     sink.params_ready(0)?;
     let mut inputs = vec![tch::no_grad(|| model.embed(&batch.inputs)).set_requires_grad(true)];
     let mut outputs = Vec::with_capacity(stages.blocks.len());
+    let mut tapes = Vec::with_capacity(stages.blocks.len());
     for i in 0..stages.blocks.len() {
         sink.params_ready(1 + i)?;
         let x = inputs.last().expect("input");
-        let packing = batch.packing.as_ref();
-        let y = if recompute {
+        let y = if opts.explicit_blocks {
+            let (y, tape) = block::forward(model, i, x, packing, pieces)?;
+            if !recompute {
+                tapes.push(tape);
+            }
+            y
+        } else if recompute {
             tch::no_grad(|| model.block_packed(i, x, packing))
         } else {
             model.block_packed(i, x, packing)
         };
         inputs.push(y.detach().set_requires_grad(true));
-        if !recompute {
+        if !recompute && !opts.explicit_blocks {
             outputs.push(y);
         }
     }
@@ -130,6 +166,22 @@ pub fn forward_backward(
     for i in (0..stages.blocks.len()).rev() {
         inputs.pop();
         let x = inputs.last().expect("block input");
+        if opts.explicit_blocks {
+            let tape = match tapes.pop() {
+                Some(tape) => tape,
+                None => block::forward(model, i, x, packing, pieces)?.1,
+            };
+            let (dx, grads) = block::backward(model, i, tape, &d_x, packing, pieces)?;
+            let BlockGrads { input_norm, qkv, o, post_norm, gate_up, down } = grads;
+            for (&leaf, g) in stages.named[i].iter().zip([input_norm, qkv, o, post_norm, gate_up, down]) {
+                sink.add(leaf, &g)?;
+            }
+            for &leaf in &stages.blocks[i] {
+                sink.done(leaf)?;
+            }
+            d_x = dx;
+            continue;
+        }
         let y = if recompute {
             model.block_packed(i, x, batch.packing.as_ref())
         } else {
@@ -161,6 +213,8 @@ pub fn forward_backward(
 /// Gradients of `output` (given `d_output`, the gradient flowing into it) with respect to
 /// `wrt`. Backward of `sum(output · d_output)` hands `d_output` to `output`'s graph exactly.
 fn backward(output: &Tensor, d_output: &Tensor, wrt: &[&Tensor]) -> Result<Vec<Tensor>, WorkerError> {
-    let surrogate = (output * d_output).sum(output.kind());
+    // A dot product reads both once and writes nothing; `(output · d_output).sum()` would
+    // write the product and read it again.
+    let surrogate = output.reshape([-1]).dot(&d_output.to_kind(output.kind()).reshape([-1]));
     Ok(Tensor::f_run_backward(&[surrogate], wrt, false, false)?)
 }

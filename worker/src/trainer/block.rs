@@ -1,0 +1,291 @@
+//! A decoder block's forward and backward written out by hand (`runtime.block_backward =
+//! "explicit"`), as llm.c does, instead of recorded and replayed by autograd.
+//!
+//! Why: with autograd, each elementwise piece of the block (RoPE's four ops, SwiGLU's two,
+//! the residual adds, the gradient concatenations of the fused projections) is a separate
+//! kernel forward and several backward, and every intermediate it saves is another tensor.
+//! Written out, each piece is one pass, and with [`Pieces::Fused`] one CUDA kernel
+//! (`cuda/kernels.cu`): RMSNorm with the residual gradient folded into its backward, RoPE
+//! in place on the projection's output, its backward packing the attention gradients
+//! straight into the projection's layout, SwiGLU. The products are the same GEMMs autograd
+//! runs. Attention alone keeps a small autograd graph (q, k, v → SDPA), so it runs the same
+//! attention kernels as the rest of the engine and as PyTorch.
+//!
+//! Per block, with `x` the input, `R` rows (tokens), `n = RMSNorm`:
+//!
+//! | forward                                  | backward                                             |
+//! |------------------------------------------|------------------------------------------------------|
+//! | `n1 = n(x)`, `qkv = n1·Wqkvᵀ`, RoPE(q, k) | `dqkv = RoPEᵀ(SDPA′(d_attn))`, `dWqkv = dqkvᵀ·n1`     |
+//! | `attn = SDPA(q, k, v)`                   | `d_attn = dh·Wo`, `dWo = dhᵀ·attn`                    |
+//! | `h = x + attn·Woᵀ`                       | `dx = dh + n′(dqkv·Wqkv)`                             |
+//! | `n2 = n(h)`, `gu = n2·Wguᵀ`              | `dgu = SwiGLU′(dy·Wd)`, `dWgu = dguᵀ·n2`, `dWd = dyᵀ·a` |
+//! | `a = SwiGLU(gu)`, `y = h + a·Wdᵀ`        | `dh = dy + n′(dgu·Wgu)`                               |
+//!
+//! Tested against autograd in fp64 on the CPU (ATen pieces, `step_tests`); the fused
+//! pieces against the ATen ones on the GPU (`moxin-train bench kernels`).
+
+use tch::{Kind, Tensor};
+
+use crate::cuda::kernels::{Kernels, RMSNORM_MAX_DIM};
+use crate::model::{Packing, Transformer};
+use crate::WorkerError;
+
+/// How the elementwise pieces run.
+#[derive(Clone, Copy)]
+pub enum Pieces<'a> {
+    /// Composed from ATen operations (any device and dtype).
+    Aten,
+    /// moxin-train's CUDA kernels (bf16 on CUDA).
+    Fused(&'a Kernels),
+}
+
+impl<'a> Pieces<'a> {
+    /// The fused kernels where they apply to `model` (bf16 on CUDA, row lengths the
+    /// kernels take), ATen otherwise.
+    pub fn for_model(model: &Transformer, kernels: Option<&'a Kernels>) -> Self {
+        let s = &model.shape;
+        let fits = model.params.flat().kind() == Kind::BFloat16
+            && matches!(model.device(), tch::Device::Cuda(_))
+            && (s.dim as i64) <= RMSNORM_MAX_DIM
+            && s.dim % 2 == 0
+            && s.ffn_dim % 2 == 0
+            && s.head_dim() % 2 == 0;
+        match kernels {
+            Some(k) if fits => Pieces::Fused(k),
+            _ => Pieces::Aten,
+        }
+    }
+}
+
+/// What backward needs of a block's forward.
+pub struct Tape {
+    x: Tensor,
+    n1: Tensor,
+    rstd1: Tensor,
+    /// Attention's inputs (leaves cut from the roped projection) and output, with the graph
+    /// between them.
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn: Tensor,
+    h: Tensor,
+    n2: Tensor,
+    rstd2: Tensor,
+    gate_up: Tensor,
+    act: Tensor,
+}
+
+/// Block `i`'s parameter gradients, in the model's dtype (norm gains in fp32 with fused
+/// pieces).
+pub struct BlockGrads {
+    /// `input_layernorm.weight`.
+    pub input_norm: Tensor,
+    /// `self_attn.qkv`.
+    pub qkv: Tensor,
+    /// `self_attn.o_proj.weight`.
+    pub o: Tensor,
+    /// `post_attention_layernorm.weight`.
+    pub post_norm: Tensor,
+    /// `mlp.gate_up`.
+    pub gate_up: Tensor,
+    /// `mlp.down_proj.weight`.
+    pub down: Tensor,
+}
+
+/// Block `i` on `x` `[b, t, dim]` (no graph): the output and the tape for [`backward`].
+pub fn forward(
+    model: &Transformer,
+    i: usize,
+    x: &Tensor,
+    packing: Option<&Packing>,
+    pieces: Pieces<'_>,
+) -> Result<(Tensor, Tape), WorkerError> {
+    let s = &model.shape;
+    let l = model.layer(i);
+    let (b, t, dim) = (x.size()[0], x.size()[1], x.size()[2]);
+    let (heads, kv_heads, hd) = (s.n_heads as i64, s.n_kv_heads as i64, s.head_dim() as i64);
+    let positions = packing.map(|p| &p.positions);
+    let _no_grad = tch::no_grad_guard();
+
+    let (n1, rstd1) = pieces.rms_norm(x, &l.input_norm, s.norm_eps)?;
+    let qkv = crate::model::linear(&n1, &l.w_qkv);
+    pieces.rope(model, &qkv, positions, heads, kv_heads)?;
+    let split = |offset: i64, n: i64| {
+        qkv.narrow(2, offset * hd, n * hd).view([b, t, n, hd]).transpose(1, 2).detach().set_requires_grad(true)
+    };
+    let (q, k, v) = (split(0, heads), split(heads, kv_heads), split(heads + kv_heads, kv_heads));
+    let attn = tch::with_grad(|| model.self_attention(&q, &k, &v, packing).transpose(1, 2).reshape([b, t, heads * hd]));
+    let h = x + crate::model::linear(&attn, &l.wo);
+    let (n2, rstd2) = pieces.rms_norm(&h, &l.post_norm, s.norm_eps)?;
+    let gate_up = crate::model::linear(&n2, &l.w_gate_up);
+    let act = pieces.swiglu(&gate_up)?;
+    let y = &h + crate::model::linear(&act, &l.w_down);
+    debug_assert_eq!(y.size(), [b, t, dim]);
+    Ok((y, Tape { x: x.shallow_clone(), n1, rstd1, q, k, v, attn, h, n2, rstd2, gate_up, act }))
+}
+
+/// Backward of block `i` for `dy` (the gradient of its output): the gradient of its input
+/// and of its parameters.
+pub fn backward(
+    model: &Transformer,
+    i: usize,
+    tape: Tape,
+    dy: &Tensor,
+    packing: Option<&Packing>,
+    pieces: Pieces<'_>,
+) -> Result<(Tensor, BlockGrads), WorkerError> {
+    let l = model.layer(i);
+    let positions = packing.map(|p| &p.positions);
+    let Tape { x, n1, rstd1, q, k, v, attn, h, n2, rstd2, gate_up, act } = tape;
+    let rows2 = |t: &Tensor| t.reshape([-1, *t.size().last().expect("a matrix")]);
+    let (dy2, act2, n2_2, n1_2) = (rows2(dy), rows2(&act), rows2(&n2), rows2(&n1));
+
+    let _no_grad = tch::no_grad_guard();
+
+    // MLP: y = h + SwiGLU(gu)·Wdᵀ, gu = n2·Wguᵀ.
+    let down = dy2.tr().mm(&act2);
+    let d_act = dy2.mm(&l.w_down).view(act.size().as_slice());
+    let d_gate_up = pieces.swiglu_backward(&gate_up, &d_act)?;
+    let d_gate_up2 = rows2(&d_gate_up);
+    let gate_up_grad = d_gate_up2.tr().mm(&n2_2);
+    let d_n2 = d_gate_up2.mm(&l.w_gate_up).view(h.size().as_slice());
+    let (dh, post_norm) = pieces.rms_norm_backward(&h, &l.post_norm, &rstd2, &d_n2, Some(dy))?;
+
+    // Attention: h = x + attn·Woᵀ.
+    let dh2 = rows2(&dh);
+    let o = dh2.tr().mm(&rows2(&attn.detach()));
+    let d_attn = dh2.mm(&l.wo);
+    let grads = tch::with_grad(|| {
+        let surrogate = attn.reshape([-1]).dot(&d_attn.reshape([-1]));
+        Tensor::f_run_backward(&[surrogate], &[&q, &k, &v], false, false)
+    })?;
+    let d_qkv = pieces.rope_backward_pack(model, [&grads[0], &grads[1], &grads[2]], positions)?;
+    let d_qkv2 = rows2(&d_qkv);
+    let qkv = d_qkv2.tr().mm(&n1_2);
+    let d_n1 = d_qkv2.mm(&l.w_qkv).view(x.size().as_slice());
+    let (dx, input_norm) = pieces.rms_norm_backward(&x, &l.input_norm, &rstd1, &d_n1, Some(&dh))?;
+    Ok((dx, BlockGrads { input_norm, qkv, o, post_norm, gate_up: gate_up_grad, down }))
+}
+
+/// The precision the ATen pieces compute in: fp64 for an fp64 model (tests), else fp32.
+fn compute_kind(kind: Kind) -> Kind {
+    if kind == Kind::Double {
+        Kind::Double
+    } else {
+        Kind::Float
+    }
+}
+
+impl Pieces<'_> {
+    /// RMSNorm of `x` `[.., D]`: `(y, rstd)`, `rstd` `[rows]` in the compute precision.
+    pub fn rms_norm(self, x: &Tensor, weight: &Tensor, eps: f64) -> Result<(Tensor, Tensor), WorkerError> {
+        if let Pieces::Fused(k) = self {
+            return k.rmsnorm_forward(&x.contiguous(), weight, eps);
+        }
+        let ck = compute_kind(x.kind());
+        let xf = x.to_kind(ck);
+        let rstd = (xf.square().mean_dim([-1i64].as_slice(), true, ck) + eps).rsqrt();
+        let y = (&xf * &rstd * weight.to_kind(ck)).to_kind(x.kind());
+        Ok((y, rstd.reshape([-1])))
+    }
+
+    /// RMSNorm backward: `(dx + residual, d weight)`.
+    pub fn rms_norm_backward(
+        self,
+        x: &Tensor,
+        weight: &Tensor,
+        rstd: &Tensor,
+        dy: &Tensor,
+        residual: Option<&Tensor>,
+    ) -> Result<(Tensor, Tensor), WorkerError> {
+        if let Pieces::Fused(k) = self {
+            let residual = residual.map(Tensor::contiguous);
+            return k.rmsnorm_backward(&x.contiguous(), weight, rstd, &dy.contiguous(), residual.as_ref());
+        }
+        let dim = *x.size().last().expect("a row");
+        let ck = compute_kind(x.kind());
+        let (xf, dyf) = (x.to_kind(ck).reshape([-1, dim]), dy.to_kind(ck).reshape([-1, dim]));
+        let r = rstd.reshape([-1, 1]);
+        let g = &dyf * weight.to_kind(ck);
+        let dot = (&g * &xf).sum_dim_intlist([-1i64].as_slice(), true, ck);
+        let dx = &g * &r - &xf * r.pow_tensor_scalar(3) * dot / dim as f64;
+        let d_weight = (&dyf * &xf * &r).sum_dim_intlist([0i64].as_slice(), false, ck).to_kind(weight.kind());
+        let mut dx = dx.to_kind(x.kind()).view(x.size().as_slice());
+        if let Some(res) = residual {
+            dx += res;
+        }
+        Ok((dx, d_weight))
+    }
+
+    /// RoPE in place on the query and key heads of `qkv` `[b, t, (H + 2K)·hd]`.
+    pub fn rope(
+        self,
+        model: &Transformer,
+        qkv: &Tensor,
+        positions: Option<&Tensor>,
+        heads: i64,
+        kv_heads: i64,
+    ) -> Result<(), WorkerError> {
+        let hd = model.shape.head_dim() as i64;
+        if let Pieces::Fused(k) = self {
+            return k.rope_forward(qkv, model.rope().tables(), positions, heads + kv_heads, hd);
+        }
+        let (b, t) = (qkv.size()[0], qkv.size()[1]);
+        for (offset, n) in [(0, heads), (heads, kv_heads)] {
+            let mut part = qkv.narrow(2, offset * hd, n * hd).view([b, t, n, hd]).transpose(1, 2);
+            let rotated = match positions {
+                Some(p) => model.rope().apply_at(&part, p),
+                None => model.rope().apply(&part, 0),
+            };
+            part.copy_(&rotated);
+        }
+        Ok(())
+    }
+
+    /// RoPE backward of the attention's input gradients, packed as `[b, t, (H + 2K)·hd]`.
+    pub fn rope_backward_pack(
+        self,
+        model: &Transformer,
+        grads: [&Tensor; 3],
+        positions: Option<&Tensor>,
+    ) -> Result<Tensor, WorkerError> {
+        if let Pieces::Fused(k) = self {
+            // The kernel takes any strides but needs each head's values side by side.
+            let [dq, dk, dv] = grads.map(|g| if g.stride()[3] == 1 { g.shallow_clone() } else { g.contiguous() });
+            return k.rope_backward_pack([&dq, &dk, &dv], model.rope().tables(), positions);
+        }
+        let [dq, dk, dv] = grads;
+        let rope = model.rope();
+        let rows = |g: Tensor| {
+            let (b, n, t, hd) = (g.size()[0], g.size()[1], g.size()[2], g.size()[3]);
+            g.transpose(1, 2).reshape([b, t, n * hd])
+        };
+        let q = rows(rope.apply_transpose(dq, positions));
+        let k = rows(rope.apply_transpose(dk, positions));
+        Ok(Tensor::cat(&[q, k, rows(dv.shallow_clone())], 2))
+    }
+
+    /// SwiGLU of `gate_up` `[.., 2F]`.
+    pub fn swiglu(self, gate_up: &Tensor) -> Result<Tensor, WorkerError> {
+        if let Pieces::Fused(k) = self {
+            return k.swiglu_forward(&gate_up.contiguous());
+        }
+        let f = *gate_up.size().last().expect("a row") / 2;
+        let parts = gate_up.split(f, -1);
+        Ok(parts[0].silu() * &parts[1])
+    }
+
+    /// SwiGLU backward: `d gate_up` for `d_act`.
+    pub fn swiglu_backward(self, gate_up: &Tensor, d_act: &Tensor) -> Result<Tensor, WorkerError> {
+        if let Pieces::Fused(k) = self {
+            return k.swiglu_backward(&gate_up.contiguous(), &d_act.contiguous());
+        }
+        let f = *gate_up.size().last().expect("a row") / 2;
+        let parts = gate_up.split(f, -1);
+        let (g, u) = (&parts[0], &parts[1]);
+        let s = g.sigmoid();
+        let d_gate = d_act * u * &s * (g * (1.0 - &s) + 1.0);
+        let d_up = d_act * g * s;
+        Ok(Tensor::cat(&[d_gate, d_up], -1))
+    }
+}
