@@ -89,7 +89,8 @@ TINY=(--set runtime.device=cuda --set train.steps=100 --set checkpoint.enabled=f
 if want tiny; then
   say "3. tiny preset on CUDA (ATen kernels, fused kernels)"
   train tiny-aten 120 configs/tiny-pretrain.toml "${TINY[@]}" --set runtime.kernels=aten
-  train tiny-fused 120 configs/tiny-pretrain.toml "${TINY[@]}" --set runtime.kernels=fused
+  train tiny-fused 120 configs/tiny-pretrain.toml "${TINY[@]}" --set runtime.kernels=fused \
+    --set runtime.block_backward=autograd
   train tiny-explicit 120 configs/tiny-pretrain.toml "${TINY[@]}" --set runtime.kernels=fused \
     --set runtime.block_backward=explicit
 fi
@@ -215,9 +216,9 @@ if want bench && [ "${GPU_CHECK_BENCH:-1}" != 0 ]; then
     say "8. $shape: moxin-train (aten, fused), PyTorch eager, torch.compile"
     BENCH=(--set train.steps=$STEPS)
     [ "${GPU_CHECK_ATEN:-1}" = 1 ] && train "$shape-moxin-aten" 240 "$config" "${BENCH[@]}" --set runtime.kernels=aten
-    train "$shape-moxin-fused" 240 "$config" "${BENCH[@]}" --set runtime.kernels=fused
+    train "$shape-moxin-fused" 240 "$config" "${BENCH[@]}" --set runtime.kernels=fused --set runtime.block_backward=autograd
     train "$shape-moxin-explicit" 240 "$config" "${BENCH[@]}" --set runtime.kernels=fused --set runtime.block_backward=explicit
-    [ "${GPU_CHECK_PROFILE:-1}" = 1 ] && train "$shape-moxin-profile" 240 "$config" --set train.steps=8 --set runtime.kernels=fused --set runtime.profile=true
+    [ "${GPU_CHECK_PROFILE:-1}" = 1 ] && train "$shape-moxin-profile" 240 "$config" --set train.steps=8 --set runtime.profile=true
     [ "${GPU_CHECK_EAGER:-1}" = 1 ] && run "$shape-torch-eager" 300 $PY bench/pytorch_gpu_reference.py --shape "$shape" --mode eager --steps "$STEPS"
     [ "${GPU_CHECK_COMPILE:-1}" = 1 ] && run "$shape-torch-compile" 400 $PY bench/pytorch_gpu_reference.py --shape "$shape" --mode compile --steps "$STEPS"
   done

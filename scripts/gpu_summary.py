@@ -56,8 +56,8 @@ for shape in ("gpu-1b", "moxin-7b-4l"):
     e = eager["tokens_per_s_median"] if eager else None
     c = compiled["tokens_per_s_median"] if compiled else None
     systems = []
-    for variant, label in (("aten", "ATen kernels"), ("fused", "fused kernels"),
-                           ("explicit", "fused kernels, hand-written block backward")):
+    for variant, label in (("aten", "ATen kernels, autograd blocks"), ("fused", "fused kernels, autograd blocks"),
+                           ("explicit", "fused kernels, hand-written blocks: the default")):
         m = moxin(f"{shape}-moxin-{variant}")
         if m:
             systems.append((f"moxin-train ({label})", m["tokens_per_s"], m["mfu"], m["memory"]))
@@ -72,7 +72,7 @@ for shape in ("gpu-1b", "moxin-7b-4l"):
         if d:
             print(f"| {shape} | (torch {label} allocator peak) | | | | | {gib(d['peak_allocated_bytes'])} allocated, {gib(d['peak_reserved_bytes'])} reserved |")
 
-print("\n## Step breakdown (profile mode, fused kernels, CUDA-synchronised)\n")
+print("\n## Step breakdown (profile mode, the defaults, CUDA-synchronised)\n")
 print("| shape | step s | compute s | optimizer s | comm exposed s |")
 print("|---|---|---|---|---|")
 for shape in ("gpu-1b", "moxin-7b-4l"):
@@ -87,10 +87,10 @@ for name in ("tiny-aten", "tiny-fused", "tiny-explicit", "nccl1"):
     rows = metrics(name)
     if rows:
         print(f"- {name}: loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f} over {len(rows)} steps")
-a, b = metrics("tiny-aten"), metrics("nccl1")
+a, b = metrics("tiny-explicit"), metrics("nccl1")
 if a and b:
     diff = max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b))
-    print(f"- NCCL world of one vs no NCCL: max |loss difference| over {min(len(a), len(b))} steps = {diff:.2e}")
+    print(f"- NCCL world of one vs no NCCL (the defaults): max |loss difference| over {min(len(a), len(b))} steps = {diff:.2e}")
 a, b = metrics("tiny-aten"), metrics("tiny-fused")
 if a and b:
     diff = max(abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(a, b))

@@ -505,7 +505,8 @@ pub struct RuntimeSection {
     /// `auto` (the fused kernels on CUDA, ATen elsewhere), `aten` (libtorch operations
     /// only) or `fused` (moxin-train's own CUDA kernels where they apply; CUDA only).
     pub kernels: KernelChoice,
-    /// How decoder blocks are differentiated: `autograd` or `explicit` (hand-written).
+    /// How decoder blocks are differentiated: `auto` (explicit where the fused kernels
+    /// run), `autograd` or `explicit` (hand-written).
     pub block_backward: BlockBackward,
 }
 
@@ -513,6 +514,9 @@ pub struct RuntimeSection {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BlockBackward {
+    /// Explicit where the fused kernels are in use (CUDA), autograd elsewhere: with ATen's
+    /// elementwise ops the hand-written block is slower than autograd's.
+    Auto,
     /// Autograd records each block's forward and replays it backward.
     Autograd,
     /// Each block's forward and backward written out, with fused elementwise kernels where
@@ -543,7 +547,7 @@ impl Default for RuntimeSection {
             profile: false,
             peak_tflops: 0.0,
             kernels: KernelChoice::Auto,
-            block_backward: BlockBackward::Autograd,
+            block_backward: BlockBackward::Auto,
         }
     }
 }

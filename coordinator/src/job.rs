@@ -205,6 +205,7 @@ pub fn resolve_config(
                 KernelChoice::Fused => runtime_spec::Kernels::Fused,
             } as i32,
             block_backward: match config.runtime.block_backward {
+                BlockBackward::Auto => runtime_spec::BlockBackward::Auto,
                 BlockBackward::Autograd => runtime_spec::BlockBackward::Autograd,
                 BlockBackward::Explicit => runtime_spec::BlockBackward::Explicit,
             } as i32,

@@ -115,16 +115,34 @@ extern "C" __global__ void ce_grad(bf16* __restrict__ logits, const long long* _
 // ---------------------------------------------------------------------------------------
 // The elementwise pieces of a decoder block and their backward (see trainer/block.rs):
 // RMSNorm, RoPE, SwiGLU. Each replaces several ATen kernels (and autograd's bookkeeping)
-// with one pass over memory, computing in fp32 and rounding once to bf16. Pairs of bf16
-// travel as one 32-bit word (every row length here is even; the Rust side checks).
+// with one pass over memory, computing in fp32 and rounding once to bf16. Values travel
+// two or four bf16 to a 32- or 64-bit word, and every kernel that walks rows runs one
+// block per row, so no thread divides 64-bit indices (the Rust side checks the row lengths
+// and alignments this needs).
+
+__device__ __forceinline__ float lo_f(unsigned int w) { return bf16_to_f((bf16)(w & 0xffffu)); }
+__device__ __forceinline__ float hi_f(unsigned int w) { return bf16_to_f((bf16)(w >> 16)); }
+__device__ __forceinline__ unsigned int pack2(float a, float b) {
+    return (unsigned int)f_to_bf16(a) | ((unsigned int)f_to_bf16(b) << 16);
+}
 
 __device__ __forceinline__ float2 load2(const bf16* p) {
     unsigned int w = *(const unsigned int*)p;
-    return make_float2(bf16_to_f((bf16)(w & 0xffffu)), bf16_to_f((bf16)(w >> 16)));
+    return make_float2(lo_f(w), hi_f(w));
 }
 
-__device__ __forceinline__ void store2(bf16* p, float a, float b) {
-    *(unsigned int*)p = (unsigned int)f_to_bf16(a) | ((unsigned int)f_to_bf16(b) << 16);
+__device__ __forceinline__ void store2(bf16* p, float a, float b) { *(unsigned int*)p = pack2(a, b); }
+
+__device__ __forceinline__ float4 load4(const bf16* p) {
+    uint2 w = *(const uint2*)p;
+    return make_float4(lo_f(w.x), hi_f(w.x), lo_f(w.y), hi_f(w.y));
+}
+
+__device__ __forceinline__ void store4(bf16* p, float a, float b, float c, float d) {
+    uint2 w;
+    w.x = pack2(a, b);
+    w.y = pack2(c, d);
+    *(uint2*)p = w;
 }
 
 // Sum of one float per thread over the block (blockDim.x a multiple of 32); every thread
@@ -141,22 +159,32 @@ __device__ float block_sum(float v) {
     return v;
 }
 
-// RMSNorm forward, one block per row of x [rows, D]: y = x * rstd * w, rstd = 1/sqrt(mean(x²)
+// RMSNorm rows are held in registers: each thread takes up to NORM_QUADS groups of four
+// columns, j = 4·(threadIdx.x + k·blockDim.x), so blockDim.x ≥ D / (4·NORM_QUADS).
+#define NORM_QUADS 4
+
+// RMSNorm forward, one block per row of x [rows, D]: y = x · rstd · w, rstd = 1/sqrt(mean(x²)
 // + eps) (kept for backward), as ATen's fused rms_norm computes it.
 extern "C" __global__ void rmsnorm_fwd(const bf16* __restrict__ x, const bf16* __restrict__ w, bf16* __restrict__ y,
                                        float* __restrict__ rstd, int D, float eps) {
     long long r = blockIdx.x;
     const bf16* xr = x + r * D;
-    bf16* yr = y + r * D;
+    float4 v[NORM_QUADS];
     float ss = 0.f;
-    for (int j = 2 * threadIdx.x; j < D; j += 2 * blockDim.x) {
-        float2 v = load2(xr + j);
-        ss += v.x * v.x + v.y * v.y;
+#pragma unroll
+    for (int k = 0; k < NORM_QUADS; k++) {
+        int j = 4 * (threadIdx.x + k * blockDim.x);
+        v[k] = j < D ? load4(xr + j) : make_float4(0.f, 0.f, 0.f, 0.f);
+        ss += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z + v[k].w * v[k].w;
     }
     float rs = rsqrtf(block_sum(ss) / D + eps);
-    for (int j = 2 * threadIdx.x; j < D; j += 2 * blockDim.x) {
-        float2 v = load2(xr + j), g = load2(w + j);
-        store2(yr + j, v.x * rs * g.x, v.y * rs * g.y);
+#pragma unroll
+    for (int k = 0; k < NORM_QUADS; k++) {
+        int j = 4 * (threadIdx.x + k * blockDim.x);
+        if (j < D) {
+            float4 g = load4(w + j);
+            store4(y + r * D + j, v[k].x * rs * g.x, v[k].y * rs * g.y, v[k].z * rs * g.z, v[k].w * rs * g.w);
+        }
     }
     if (threadIdx.x == 0) rstd[r] = rs;
 }
@@ -164,135 +192,147 @@ extern "C" __global__ void rmsnorm_fwd(const bf16* __restrict__ x, const bf16* _
 // RMSNorm backward over rows r = blockIdx.x, blockIdx.x + gridDim.x, ...:
 // dx = rstd·(dy·w) − x·rstd³·mean(dy·w·x) (+ residual, the gradient arriving through the
 // skip connection), and this block's share of dw = Σ_rows dy·x·rstd into dw_part[blockIdx.x]
-// (fp32 [gridDim.x, D], summed by the caller). Shared memory: D floats. Each thread owns the
-// same columns in every loop, so the accumulators need no atomics or barriers.
+// (fp32 [gridDim.x, D], summed by the caller). A thread owns the same columns in every row,
+// so its share of dw stays in registers.
 extern "C" __global__ void rmsnorm_bwd(const bf16* __restrict__ x, const bf16* __restrict__ w,
                                        const float* __restrict__ rstd, const bf16* __restrict__ dy,
                                        const bf16* __restrict__ residual, bf16* __restrict__ dx,
                                        float* __restrict__ dw_part, long long rows, int D) {
-    extern __shared__ float dw_acc[];
-    for (int j = 2 * threadIdx.x; j < D; j += 2 * blockDim.x) dw_acc[j] = dw_acc[j + 1] = 0.f;
+    float4 g[NORM_QUADS], acc[NORM_QUADS];
+#pragma unroll
+    for (int k = 0; k < NORM_QUADS; k++) {
+        int j = 4 * (threadIdx.x + k * blockDim.x);
+        g[k] = j < D ? load4(w + j) : make_float4(0.f, 0.f, 0.f, 0.f);
+        acc[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
     for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
         const bf16* xr = x + r * D;
         const bf16* dyr = dy + r * D;
         float rs = rstd[r], dot = 0.f;
-        for (int j = 2 * threadIdx.x; j < D; j += 2 * blockDim.x) {
-            float2 v = load2(xr + j), d = load2(dyr + j), g = load2(w + j);
-            dot += d.x * g.x * v.x + d.y * g.y * v.y;
-            dw_acc[j] += d.x * v.x * rs;
-            dw_acc[j + 1] += d.y * v.y * rs;
+        float4 v[NORM_QUADS], d[NORM_QUADS];
+#pragma unroll
+        for (int k = 0; k < NORM_QUADS; k++) {
+            int j = 4 * (threadIdx.x + k * blockDim.x);
+            v[k] = j < D ? load4(xr + j) : make_float4(0.f, 0.f, 0.f, 0.f);
+            d[k] = j < D ? load4(dyr + j) : make_float4(0.f, 0.f, 0.f, 0.f);
+            dot += d[k].x * g[k].x * v[k].x + d[k].y * g[k].y * v[k].y + d[k].z * g[k].z * v[k].z +
+                   d[k].w * g[k].w * v[k].w;
+            acc[k].x += d[k].x * v[k].x * rs;
+            acc[k].y += d[k].y * v[k].y * rs;
+            acc[k].z += d[k].z * v[k].z * rs;
+            acc[k].w += d[k].w * v[k].w * rs;
         }
         float c = rs * rs * rs * block_sum(dot) / D;
-        for (int j = 2 * threadIdx.x; j < D; j += 2 * blockDim.x) {
-            float2 v = load2(xr + j), d = load2(dyr + j), g = load2(w + j);
-            float a = rs * d.x * g.x - v.x * c, b = rs * d.y * g.y - v.y * c;
-            if (residual) {
-                float2 s = load2(residual + r * D + j);
-                a += s.x;
-                b += s.y;
+#pragma unroll
+        for (int k = 0; k < NORM_QUADS; k++) {
+            int j = 4 * (threadIdx.x + k * blockDim.x);
+            if (j < D) {
+                float a0 = rs * d[k].x * g[k].x - v[k].x * c, a1 = rs * d[k].y * g[k].y - v[k].y * c;
+                float a2 = rs * d[k].z * g[k].z - v[k].z * c, a3 = rs * d[k].w * g[k].w - v[k].w * c;
+                if (residual) {
+                    float4 s = load4(residual + r * D + j);
+                    a0 += s.x;
+                    a1 += s.y;
+                    a2 += s.z;
+                    a3 += s.w;
+                }
+                store4(dx + r * D + j, a0, a1, a2, a3);
             }
-            store2(dx + r * D + j, a, b);
         }
     }
-    for (int j = 2 * threadIdx.x; j < D; j += 2 * blockDim.x) {
-        dw_part[(long long)blockIdx.x * D + j] = dw_acc[j];
-        dw_part[(long long)blockIdx.x * D + j + 1] = dw_acc[j + 1];
+#pragma unroll
+    for (int k = 0; k < NORM_QUADS; k++) {
+        int j = 4 * (threadIdx.x + k * blockDim.x);
+        if (j < D) *(float4*)(dw_part + (long long)blockIdx.x * D + j) = acc[k];
     }
 }
 
-// RoPE (rotate-half) in place on the first rot_heads heads of each row of qkv [rows, W]
-// (row r = b·T + t; its position is positions[r], or t without positions). cos and ssin are
-// the model's tables [max_pos, hd]: cos repeated over both halves, ssin = [−sin, sin].
+// RoPE (rotate-half) in place on the first rot_heads heads of row blockIdx.x of qkv
+// [rows, W] (row r = b·T + t; its position is positions[r], or t without positions). cos
+// and ssin are the model's tables [max_pos, hd]: cos repeated over both halves, ssin =
+// [−sin, sin]. (x1, x2) → (x1·cos − x2·sin, x2·cos + x1·sin), two columns per thread.
 // Positions are clamped to the tables (the batch builder never exceeds them; a bad one must
 // not read out of bounds).
-// (x1, x2) → (x1·cos − x2·sin, x2·cos + x1·sin).
 extern "C" __global__ void rope_fwd(bf16* __restrict__ qkv, const bf16* __restrict__ cos,
-                                    const bf16* __restrict__ ssin, const long long* __restrict__ positions,
-                                    long long rows, int T, int W, int rot_heads, int hd, int max_pos) {
-    int half = hd / 2;
-    long long n = rows * rot_heads * half;
-    long long stride = (long long)blockDim.x * gridDim.x;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += stride) {
-        int c = (int)(i % half);
-        long long rest = i / half;
-        int head = (int)(rest % rot_heads);
-        long long r = rest / rot_heads;
-        long long pos = positions ? min(max(positions[r], 0LL), (long long)max_pos - 1) : r % T;
-        float co = bf16_to_f(cos[pos * hd + c]), si = bf16_to_f(ssin[pos * hd + half + c]);
-        bf16* p = qkv + r * W + (long long)head * hd;
-        float x1 = bf16_to_f(p[c]), x2 = bf16_to_f(p[c + half]);
-        p[c] = f_to_bf16(x1 * co - x2 * si);
-        p[c + half] = f_to_bf16(x2 * co + x1 * si);
+                                    const bf16* __restrict__ ssin, const long long* __restrict__ positions, int T,
+                                    int W, int rot_heads, int hd, int max_pos) {
+    long long r = blockIdx.x;
+    long long pos = positions ? min(max(positions[r], 0LL), (long long)max_pos - 1) : r % T;
+    int half = hd / 2, pairs = half / 2;
+    const bf16* cr = cos + pos * hd;
+    const bf16* sr = ssin + pos * hd + half;
+    bf16* row = qkv + r * W;
+    for (int i = threadIdx.x; i < rot_heads * pairs; i += blockDim.x) {
+        int head = i / pairs, c = 2 * (i - head * pairs);
+        bf16* p = row + head * hd;
+        float2 co = load2(cr + c), si = load2(sr + c), x1 = load2(p + c), x2 = load2(p + c + half);
+        store2(p + c, x1.x * co.x - x2.x * si.x, x1.y * co.y - x2.y * si.y);
+        store2(p + c + half, x2.x * co.x + x1.x * si.x, x2.y * co.y + x1.y * si.y);
     }
 }
 
 // RoPE backward fused with packing the attention's input gradients into the layout of the
-// qkv projection's output: dq [B, H, T, hd], dk and dv [B, K, T, hd] (any strides; the last
-// dimension contiguous) → out [B·T, (H + 2K)·hd], q and k heads rotated back:
-// (d1, d2) → (d1·cos + d2·sin, d2·cos − d1·sin); v heads copied.
+// qkv projection's output, one block per row r = b·T + t: dq [B, H, T, hd], dk and dv
+// [B, K, T, hd] (any strides; the last dimension contiguous) → out [B·T, (H + 2K)·hd], q
+// and k heads rotated back: (d1, d2) → (d1·cos + d2·sin, d2·cos − d1·sin); v heads copied.
 extern "C" __global__ void rope_bwd_pack(const bf16* __restrict__ dq, const bf16* __restrict__ dk,
                                          const bf16* __restrict__ dv, long long qb, long long qh, long long qt,
                                          long long kb, long long kh, long long kt, long long vb, long long vh,
                                          long long vt, const bf16* __restrict__ cos, const bf16* __restrict__ ssin,
-                                         const long long* __restrict__ positions, bf16* __restrict__ out,
-                                         long long rows, int T, int H, int K, int hd, int max_pos) {
-    int half = hd / 2, heads = H + 2 * K;
-    long long W = (long long)heads * hd;
-    long long n = rows * heads * half;
-    long long stride = (long long)blockDim.x * gridDim.x;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += stride) {
-        int c = (int)(i % half);
-        long long rest = i / half;
-        int head = (int)(rest % heads);
-        long long r = rest / heads;
-        long long b = r / T, t = r % T;
-        const bf16* src;
-        if (head < H) src = dq + b * qb + head * qh + t * qt;
-        else if (head < H + K) src = dk + b * kb + (head - H) * kh + t * kt;
-        else src = dv + b * vb + (head - H - K) * vh + t * vt;
-        bf16* dst = out + r * W + (long long)head * hd;
+                                         const long long* __restrict__ positions, bf16* __restrict__ out, int T, int H,
+                                         int K, int hd, int max_pos) {
+    long long r = blockIdx.x, b = r / T, t = r % T;
+    long long pos = positions ? min(max(positions[r], 0LL), (long long)max_pos - 1) : t;
+    int half = hd / 2, pairs = half / 2, heads = H + 2 * K;
+    const bf16* cr = cos + pos * hd;
+    const bf16* sr = ssin + pos * hd + half;
+    const bf16* q_row = dq + b * qb + t * qt;
+    const bf16* k_row = dk + b * kb + t * kt;
+    const bf16* v_row = dv + b * vb + t * vt;
+    bf16* row = out + r * (long long)heads * hd;
+    for (int i = threadIdx.x; i < heads * pairs; i += blockDim.x) {
+        int head = i / pairs, c = 2 * (i - head * pairs);
+        const bf16* src = head < H ? q_row + head * qh : head < H + K ? k_row + (head - H) * kh : v_row + (head - H - K) * vh;
+        bf16* dst = row + head * hd;
         if (head < H + K) {
-            long long pos = positions ? min(max(positions[r], 0LL), (long long)max_pos - 1) : t;
-            float co = bf16_to_f(cos[pos * hd + c]), si = bf16_to_f(ssin[pos * hd + half + c]);
-            float d1 = bf16_to_f(src[c]), d2 = bf16_to_f(src[c + half]);
-            dst[c] = f_to_bf16(d1 * co + d2 * si);
-            dst[c + half] = f_to_bf16(d2 * co - d1 * si);
+            float2 co = load2(cr + c), si = load2(sr + c), d1 = load2(src + c), d2 = load2(src + c + half);
+            store2(dst + c, d1.x * co.x + d2.x * si.x, d1.y * co.y + d2.y * si.y);
+            store2(dst + c + half, d2.x * co.x - d1.x * si.x, d2.y * co.y - d1.y * si.y);
         } else {
-            dst[c] = src[c];
-            dst[c + half] = src[c + half];
+            *(unsigned int*)(dst + c) = *(const unsigned int*)(src + c);
+            *(unsigned int*)(dst + c + half) = *(const unsigned int*)(src + c + half);
         }
     }
 }
 
 __device__ __forceinline__ float sigmoid_f(float g) { return 1.f / (1.f + expf(-g)); }
 
-// SwiGLU forward: gu [rows, 2F] holds gate then up; a [rows, F] = silu(gate) · up.
-extern "C" __global__ void swiglu_fwd(const bf16* __restrict__ gu, bf16* __restrict__ a, long long rows, int F) {
-    long long pairs = rows * (F / 2);
-    long long stride = (long long)blockDim.x * gridDim.x;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < pairs; i += stride) {
-        long long r = i / (F / 2);
-        int j = (int)(i % (F / 2)) * 2;
-        const bf16* row = gu + r * 2 * F;
-        float2 g = load2(row + j), u = load2(row + F + j);
-        store2(a + r * F + j, g.x * sigmoid_f(g.x) * u.x, g.y * sigmoid_f(g.y) * u.y);
+// SwiGLU forward, one block per row: gu [rows, 2F] holds gate then up; a [rows, F] =
+// silu(gate) · up. Four columns per thread (F % 4 == 0).
+extern "C" __global__ void swiglu_fwd(const bf16* __restrict__ gu, bf16* __restrict__ a, int F) {
+    long long r = blockIdx.x;
+    const bf16* row = gu + r * 2 * F;
+    for (int j = 4 * threadIdx.x; j < F; j += 4 * blockDim.x) {
+        float4 g = load4(row + j), u = load4(row + F + j);
+        store4(a + r * F + j, g.x * sigmoid_f(g.x) * u.x, g.y * sigmoid_f(g.y) * u.y, g.z * sigmoid_f(g.z) * u.z,
+               g.w * sigmoid_f(g.w) * u.w);
     }
 }
 
-// SwiGLU backward: given da [rows, F], dgu [rows, 2F] = (da · up · silu'(gate), da · silu(gate))
-// with silu'(g) = s·(1 + g·(1 − s)), s = sigmoid(g).
+__device__ __forceinline__ float dsilu_times(float d, float g, float u, float s) { return d * u * s * (1.f + g * (1.f - s)); }
+
+// SwiGLU backward, one block per row: given da [rows, F], dgu [rows, 2F] = (da · up ·
+// silu'(gate), da · silu(gate)) with silu'(g) = s·(1 + g·(1 − s)), s = sigmoid(g).
 extern "C" __global__ void swiglu_bwd(const bf16* __restrict__ gu, const bf16* __restrict__ da,
-                                      bf16* __restrict__ dgu, long long rows, int F) {
-    long long pairs = rows * (F / 2);
-    long long stride = (long long)blockDim.x * gridDim.x;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < pairs; i += stride) {
-        long long r = i / (F / 2);
-        int j = (int)(i % (F / 2)) * 2;
-        const bf16* row = gu + r * 2 * F;
-        float2 g = load2(row + j), u = load2(row + F + j), d = load2(da + r * F + j);
-        float sx = sigmoid_f(g.x), sy = sigmoid_f(g.y);
-        bf16* out = dgu + r * 2 * F;
-        store2(out + j, d.x * u.x * sx * (1.f + g.x * (1.f - sx)), d.y * u.y * sy * (1.f + g.y * (1.f - sy)));
-        store2(out + F + j, d.x * g.x * sx, d.y * g.y * sy);
+                                      bf16* __restrict__ dgu, int F) {
+    long long r = blockIdx.x;
+    const bf16* row = gu + r * 2 * F;
+    bf16* out = dgu + r * 2 * F;
+    for (int j = 4 * threadIdx.x; j < F; j += 4 * blockDim.x) {
+        float4 g = load4(row + j), u = load4(row + F + j), d = load4(da + r * F + j);
+        float sx = sigmoid_f(g.x), sy = sigmoid_f(g.y), sz = sigmoid_f(g.z), sw = sigmoid_f(g.w);
+        store4(out + j, dsilu_times(d.x, g.x, u.x, sx), dsilu_times(d.y, g.y, u.y, sy), dsilu_times(d.z, g.z, u.z, sz),
+               dsilu_times(d.w, g.w, u.w, sw));
+        store4(out + F + j, d.x * g.x * sx, d.y * g.y * sy, d.z * g.z * sz, d.w * g.w * sw);
     }
 }

@@ -183,9 +183,9 @@ impl Kernels {
     /// RMSNorm of bf16 `x` `[rows, D]` with gain `weight` `[D]`: returns `(y, rstd)`, `y`
     /// bf16 like `x` and `rstd` fp32 `[rows]` (1 / RMS, what backward needs).
     pub fn rmsnorm_forward(&self, x: &Tensor, weight: &Tensor, eps: f64) -> Result<(Tensor, Tensor), WorkerError> {
-        let (rows, dim) = rows_dim(x)?;
-        check("x", x, Kind::BFloat16, rows * dim)?;
-        check("weight", weight, Kind::BFloat16, dim)?;
+        let (rows, dim) = rows_dim(x, 4)?;
+        check_rows("x", x, rows, dim, 8)?;
+        check_rows("weight", weight, 1, dim, 8)?;
         let y = x.empty_like();
         let rstd = Tensor::empty([rows], (Kind::Float, x.device()));
         if rows == 0 {
@@ -194,10 +194,10 @@ impl Kernels {
         let (xp, wp, yp, rp, d, e) = (ptr(x), ptr(weight), ptr(&y), ptr(&rstd), dim as i32, eps as f32);
         let mut b = self.stream.launch_builder(&self.rmsnorm_fwd);
         b.arg(&xp).arg(&wp).arg(&yp).arg(&rp).arg(&d).arg(&e);
-        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: shapes, dtypes and contiguity checked; outputs freshly allocated.
+        // SAFETY: shapes, dtypes, contiguity and alignment checked; one block per row, each
+        // of `norm_threads(dim)` threads covering its columns; outputs freshly allocated.
         #[allow(unsafe_code)]
-        unsafe { b.launch(cfg) }.map_err(|e| err("rmsnorm_fwd launch", e))?;
+        unsafe { b.launch(per_row(rows, norm_threads(dim)?)) }.map_err(|e| err("rmsnorm_fwd launch", e))?;
         Ok((y, rstd))
     }
 
@@ -212,18 +212,18 @@ impl Kernels {
         dy: &Tensor,
         residual: Option<&Tensor>,
     ) -> Result<(Tensor, Tensor), WorkerError> {
-        let (rows, dim) = rows_dim(x)?;
-        if dim > RMSNORM_MAX_DIM {
-            return Err(err("rmsnorm_bwd", format!("rows of {dim} exceed {RMSNORM_MAX_DIM}")));
-        }
-        check("x", x, Kind::BFloat16, rows * dim)?;
-        check("weight", weight, Kind::BFloat16, dim)?;
+        let (rows, dim) = rows_dim(x, 4)?;
+        let threads = norm_threads(dim)?;
+        check_rows("x", x, rows, dim, 8)?;
+        check_rows("weight", weight, 1, dim, 8)?;
         check("rstd", rstd, Kind::Float, rows)?;
-        check("dy", dy, Kind::BFloat16, rows * dim)?;
+        check_rows("dy", dy, rows, dim, 8)?;
         if let Some(r) = residual {
-            check("residual", r, Kind::BFloat16, rows * dim)?;
+            check_rows("residual", r, rows, dim, 8)?;
         }
-        let blocks = (rows.max(1) as u32).min(self.sm_count * 4);
+        // Enough blocks to fill the device several times over; each sums its rows' share of
+        // the weight gradient, and the shares are added up once here.
+        let blocks = (rows.max(1) as u32).min(self.sm_count * 16);
         let dx = x.empty_like();
         let part = Tensor::empty([blocks as i64, dim], (Kind::Float, x.device()));
         if rows == 0 {
@@ -234,10 +234,9 @@ impl Kernels {
         let d = dim as i32;
         let mut b = self.stream.launch_builder(&self.rmsnorm_bwd);
         b.arg(&xp).arg(&wp).arg(&rp).arg(&dp).arg(&sp).arg(&op).arg(&pp).arg(&rows).arg(&d);
-        let cfg =
-            LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: (dim * 4) as u32 };
-        // SAFETY: shapes, dtypes and contiguity checked; `dim` floats of shared memory fit
-        // (RMSNORM_MAX_DIM); outputs freshly allocated.
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: shapes, dtypes, contiguity and alignment checked; `threads` covers a row
+        // (norm_threads); outputs freshly allocated.
         #[allow(unsafe_code)]
         unsafe { b.launch(cfg) }.map_err(|e| err("rmsnorm_bwd launch", e))?;
         Ok((dx, part.sum_dim_intlist([0i64].as_slice(), false, Kind::Float)))
@@ -257,30 +256,33 @@ impl Kernels {
         let size = qkv.size();
         let (batch, t, w) = (size[0], size[1], size[2]);
         let rows = batch * t;
-        check("qkv", qkv, Kind::BFloat16, rows * w)?;
+        check_rows("qkv", qkv, rows, w, 4)?;
         check_tables(tables, hd, t, positions.is_some())?;
+        if w % 2 != 0 || rot_heads * hd > w {
+            return Err(err("qkv", (size, rot_heads, hd)));
+        }
         let positions = positions.map(Tensor::contiguous);
         if let Some(p) = &positions {
             check("positions", p, Kind::Int64, rows)?;
         }
-        let n = rows * rot_heads * (hd / 2);
-        if n == 0 {
+        if rows == 0 || rot_heads == 0 {
             return Ok(());
         }
         let (q, c, s, p) = (ptr(qkv), ptr(tables.0), ptr(tables.1), positions.as_ref().map_or(0u64, ptr));
         let (t32, w32, rh, hd32, max_pos) =
             (t as i32, w as i32, rot_heads as i32, hd as i32, tables.0.size()[0] as i32);
         let mut b = self.stream.launch_builder(&self.rope_fwd);
-        b.arg(&q).arg(&c).arg(&s).arg(&p).arg(&rows).arg(&t32).arg(&w32).arg(&rh).arg(&hd32).arg(&max_pos);
-        // SAFETY: shapes and dtypes checked; in place on the caller's qkv.
+        b.arg(&q).arg(&c).arg(&s).arg(&p).arg(&t32).arg(&w32).arg(&rh).arg(&hd32).arg(&max_pos);
+        // SAFETY: shapes, dtypes and alignment checked; one block per row, in place on the
+        // caller's qkv.
         #[allow(unsafe_code)]
-        unsafe { b.launch(self.grid_for(n)) }.map_err(|e| err("rope_fwd launch", e))?;
+        unsafe { b.launch(per_row(rows, item_threads(rot_heads * hd / 4))) }.map_err(|e| err("rope_fwd launch", e))?;
         Ok(())
     }
 
     /// RoPE backward: the gradients `dq` `[B, H, T, hd]`, `dk` and `dv` `[B, K, T, hd]` (any
-    /// strides with a contiguous last dimension) as one `[B, T, (H + 2K)·hd]` bf16 tensor, the
-    /// layout of the qkv projection's output, with q and k rotated back.
+    /// even strides with a contiguous last dimension) as one `[B, T, (H + 2K)·hd]` bf16
+    /// tensor, the layout of the qkv projection's output, with q and k rotated back.
     pub fn rope_backward_pack(
         &self,
         grads: [&Tensor; 3],
@@ -291,8 +293,15 @@ impl Kernels {
         let (batch, heads, t, hd) = (dq.size()[0], dq.size()[1], dq.size()[2], dq.size()[3]);
         let kv_heads = dk.size()[1];
         for (name, g, h) in [("dq", dq, heads), ("dk", dk, kv_heads), ("dv", dv, kv_heads)] {
-            if g.size() != [batch, h, t, hd] || g.kind() != Kind::BFloat16 || g.stride()[3] != 1 {
-                return Err(err(name, (g.size(), g.kind(), g.stride())));
+            let stride = g.stride();
+            if g.size() != [batch, h, t, hd]
+                || g.kind() != Kind::BFloat16
+                || !matches!(g.device(), Device::Cuda(_))
+                || stride[3] != 1
+                || stride[..3].iter().any(|s| s % 2 != 0)
+                || ptr(g) % 4 != 0
+            {
+                return Err(err(name, (g.size(), g.kind(), stride)));
             }
         }
         check_tables(tables, hd, t, positions.is_some())?;
@@ -302,8 +311,7 @@ impl Kernels {
             check("positions", p, Kind::Int64, rows)?;
         }
         let out = Tensor::empty([batch, t, (heads + 2 * kv_heads) * hd], (Kind::BFloat16, dq.device()));
-        let n = rows * (heads + 2 * kv_heads) * (hd / 2);
-        if n == 0 {
+        if rows == 0 {
             return Ok(out);
         }
         let [qs, ks, vs] = [dq.stride(), dk.stride(), dv.stride()];
@@ -314,75 +322,114 @@ impl Kernels {
         let mut b = self.stream.launch_builder(&self.rope_bwd_pack);
         b.arg(&q).arg(&k).arg(&v);
         b.arg(&qs[0]).arg(&qs[1]).arg(&qs[2]).arg(&ks[0]).arg(&ks[1]).arg(&ks[2]).arg(&vs[0]).arg(&vs[1]).arg(&vs[2]);
-        b.arg(&c).arg(&s).arg(&p).arg(&o).arg(&rows).arg(&t32).arg(&h32).arg(&k32).arg(&hd32).arg(&max_pos);
-        // SAFETY: shapes, dtypes and strides checked (every index the kernel forms lies in its
-        // tensor); the output is freshly allocated.
+        b.arg(&c).arg(&s).arg(&p).arg(&o).arg(&t32).arg(&h32).arg(&k32).arg(&hd32).arg(&max_pos);
+        let threads = item_threads((heads + 2 * kv_heads) * hd / 4);
+        // SAFETY: shapes, dtypes, strides and alignment checked (every index the kernel forms
+        // lies in its tensor); one block per row; the output is freshly allocated.
         #[allow(unsafe_code)]
-        unsafe { b.launch(self.grid_for(n)) }.map_err(|e| err("rope_bwd_pack launch", e))?;
+        unsafe { b.launch(per_row(rows, threads)) }.map_err(|e| err("rope_bwd_pack launch", e))?;
         Ok(out)
     }
 
-    /// SwiGLU of `gate_up` `[.., 2F]` (bf16, gate then up): `silu(gate) · up` `[.., F]`.
+    /// SwiGLU of `gate_up` `[.., 2F]` (bf16, gate then up; `F` a multiple of 4):
+    /// `silu(gate) · up` `[.., F]`.
     pub fn swiglu_forward(&self, gate_up: &Tensor) -> Result<Tensor, WorkerError> {
-        let (rows, two_f) = rows_dim(gate_up)?;
-        check("gate_up", gate_up, Kind::BFloat16, rows * two_f)?;
+        let (rows, two_f) = rows_dim(gate_up, 8)?;
+        check_rows("gate_up", gate_up, rows, two_f, 8)?;
         let f = two_f / 2;
         let mut size = gate_up.size();
         *size.last_mut().expect("rows_dim checked") = f;
         let out = Tensor::empty(size.as_slice(), (Kind::BFloat16, gate_up.device()));
-        let pairs = rows * (f / 2);
-        if pairs == 0 {
+        if rows == 0 {
             return Ok(out);
         }
         let (g, o, f32_) = (ptr(gate_up), ptr(&out), f as i32);
         let mut b = self.stream.launch_builder(&self.swiglu_fwd);
-        b.arg(&g).arg(&o).arg(&rows).arg(&f32_);
-        // SAFETY: shape, dtype and contiguity checked; output freshly allocated.
+        b.arg(&g).arg(&o).arg(&f32_);
+        // SAFETY: shape, dtype, contiguity and alignment checked; one block per row; output
+        // freshly allocated.
         #[allow(unsafe_code)]
-        unsafe { b.launch(self.grid_for(pairs)) }.map_err(|e| err("swiglu_fwd launch", e))?;
+        unsafe { b.launch(per_row(rows, item_threads(f / 4))) }.map_err(|e| err("swiglu_fwd launch", e))?;
         Ok(out)
     }
 
     /// SwiGLU backward: `d gate_up` `[.., 2F]` for `d_out` `[.., F]`.
     pub fn swiglu_backward(&self, gate_up: &Tensor, d_out: &Tensor) -> Result<Tensor, WorkerError> {
-        let (rows, two_f) = rows_dim(gate_up)?;
-        check("gate_up", gate_up, Kind::BFloat16, rows * two_f)?;
-        check("d_out", d_out, Kind::BFloat16, rows * two_f / 2)?;
+        let (rows, two_f) = rows_dim(gate_up, 8)?;
+        check_rows("gate_up", gate_up, rows, two_f, 8)?;
+        check_rows("d_out", d_out, rows, two_f / 2, 8)?;
         let f = two_f / 2;
         let out = gate_up.empty_like();
-        let pairs = rows * (f / 2);
-        if pairs == 0 {
+        if rows == 0 {
             return Ok(out);
         }
         let (g, d, o, f32_) = (ptr(gate_up), ptr(d_out), ptr(&out), f as i32);
         let mut b = self.stream.launch_builder(&self.swiglu_bwd);
-        b.arg(&g).arg(&d).arg(&o).arg(&rows).arg(&f32_);
-        // SAFETY: shapes, dtypes and contiguity checked; output freshly allocated.
+        b.arg(&g).arg(&d).arg(&o).arg(&f32_);
+        // SAFETY: shapes, dtypes, contiguity and alignment checked; one block per row; output
+        // freshly allocated.
         #[allow(unsafe_code)]
-        unsafe { b.launch(self.grid_for(pairs)) }.map_err(|e| err("swiglu_bwd launch", e))?;
+        unsafe { b.launch(per_row(rows, item_threads(f / 4))) }.map_err(|e| err("swiglu_bwd launch", e))?;
         Ok(out)
     }
 }
 
-/// `(rows, last dimension)` of `t`; the last dimension must be even (pairs of bf16 are
-/// loaded as one word).
-fn rows_dim(t: &Tensor) -> Result<(i64, i64), WorkerError> {
+/// Columns each thread of the RMSNorm kernels holds (`NORM_QUADS` quads in kernels.cu).
+const NORM_COLUMNS_PER_THREAD: i64 = 16;
+
+/// Threads per block of the RMSNorm kernels for rows of `dim`: whole warps, each thread
+/// holding at most [`NORM_COLUMNS_PER_THREAD`] columns.
+fn norm_threads(dim: i64) -> Result<u32, WorkerError> {
+    if dim > RMSNORM_MAX_DIM {
+        return Err(err("rmsnorm", format!("rows of {dim} exceed {RMSNORM_MAX_DIM}")));
+    }
+    let columns_per_warp = 32 * NORM_COLUMNS_PER_THREAD;
+    Ok(((dim.max(1) + columns_per_warp - 1) / columns_per_warp) as u32 * 32)
+}
+
+/// Threads per block for `items` per row: whole warps, at most [`THREADS`].
+fn item_threads(items: i64) -> u32 {
+    (items.max(1) as u32).div_ceil(32).min(THREADS / 32) * 32
+}
+
+/// One block of `threads` per row.
+fn per_row(rows: i64, threads: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// `(rows, last dimension)` of `t`; the last dimension must be a multiple of `multiple`
+/// (bf16 values are loaded several to a word), and rows fit a grid of one block per row.
+fn rows_dim(t: &Tensor, multiple: i64) -> Result<(i64, i64), WorkerError> {
     let size = t.size();
     let last = *size.last().ok_or_else(|| err("a block kernel's input", "a scalar"))?;
-    if last % 2 != 0 {
-        return Err(err("a block kernel's input", format!("odd row length {last}")));
+    if last % multiple != 0 {
+        return Err(err("a block kernel's input", format!("row length {last} is not a multiple of {multiple}")));
     }
-    Ok((t.numel() as i64 / last.max(1), last))
+    let rows = t.numel() as i64 / last.max(1);
+    if rows > i32::MAX as i64 {
+        return Err(err("a block kernel's input", format!("{rows} rows")));
+    }
+    Ok((rows, last))
+}
+
+/// A contiguous CUDA bf16 tensor of `rows × cols` elements whose data is aligned to
+/// `align` bytes (the widest load the kernels make from it).
+fn check_rows(name: &str, t: &Tensor, rows: i64, cols: i64, align: u64) -> Result<(), WorkerError> {
+    check(name, t, Kind::BFloat16, rows * cols)?;
+    if ptr(t) % align != 0 {
+        return Err(err(name, format!("data not aligned to {align} bytes")));
+    }
+    Ok(())
 }
 
 /// RoPE tables: contiguous bf16 `[positions, hd]` covering `t` positions (or any, with
-/// explicit positions, which the model bounds by its tables).
+/// explicit positions, which the kernels clamp to the tables), `hd` a multiple of 4.
 fn check_tables(tables: (&Tensor, &Tensor), hd: i64, t: i64, explicit_positions: bool) -> Result<(), WorkerError> {
     for (name, table) in [("cos", tables.0), ("signed_sin", tables.1)] {
         let size = table.size();
         let positions = size.first().copied().unwrap_or(0);
-        check(name, table, Kind::BFloat16, positions * hd)?;
-        if size.len() != 2 || (!explicit_positions && positions < t) || hd % 2 != 0 {
+        check_rows(name, table, positions, hd, 4)?;
+        if size.len() != 2 || (!explicit_positions && positions < t) || hd % 4 != 0 || positions > i32::MAX as i64 {
             return Err(err(name, (size, hd, t)));
         }
     }
@@ -427,9 +474,9 @@ pub const KERNEL_NAMES: [&str; 10] = [
     "swiglu_bwd",
 ];
 
-/// The widest row [`Kernels::rmsnorm_backward`] takes: its weight-gradient accumulators
-/// (one fp32 per column) live in a block's shared memory, 48 KiB without opting in to more.
-pub const RMSNORM_MAX_DIM: i64 = 12 * 1024;
+/// The widest row the RMSNorm kernels take: a block of at most 1024 threads holds a row in
+/// registers, [`NORM_COLUMNS_PER_THREAD`] columns each.
+pub const RMSNORM_MAX_DIM: i64 = 1024 * NORM_COLUMNS_PER_THREAD;
 
 /// Scalars of one AdamW step (see [`Kernels::adamw`]).
 #[derive(Debug, Clone, Copy)]

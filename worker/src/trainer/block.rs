@@ -40,16 +40,22 @@ pub enum Pieces<'a> {
 }
 
 impl<'a> Pieces<'a> {
-    /// The fused kernels where they apply to `model` (bf16 on CUDA, row lengths the
-    /// kernels take), ATen otherwise.
+    /// The fused kernels where they apply to `model` (bf16 on CUDA, row lengths and
+    /// alignments the kernels take: multiples of 4 and 8-byte aligned norm gains), ATen
+    /// otherwise.
     pub fn for_model(model: &Transformer, kernels: Option<&'a Kernels>) -> Self {
         let s = &model.shape;
+        let gains_aligned = (0..s.n_layers as usize).all(|i| {
+            let l = model.layer(i);
+            [&l.input_norm, &l.post_norm].iter().all(|g| g.data_ptr() as usize % 8 == 0)
+        });
         let fits = model.params.flat().kind() == Kind::BFloat16
             && matches!(model.device(), tch::Device::Cuda(_))
             && (s.dim as i64) <= RMSNORM_MAX_DIM
-            && s.dim % 2 == 0
-            && s.ffn_dim % 2 == 0
-            && s.head_dim() % 2 == 0;
+            && s.dim % 4 == 0
+            && s.ffn_dim % 4 == 0
+            && s.head_dim() % 4 == 0
+            && gains_aligned;
         match kernels {
             Some(k) if fits => Pieces::Fused(k),
             _ => Pieces::Aten,
@@ -115,11 +121,11 @@ pub fn forward(
     };
     let (q, k, v) = (split(0, heads), split(heads, kv_heads), split(heads + kv_heads, kv_heads));
     let attn = tch::with_grad(|| model.self_attention(&q, &k, &v, packing).transpose(1, 2).reshape([b, t, heads * hd]));
-    let h = x + crate::model::linear(&attn, &l.wo);
+    let h = plus_linear(x, &attn.detach(), &l.wo);
     let (n2, rstd2) = pieces.rms_norm(&h, &l.post_norm, s.norm_eps)?;
     let gate_up = crate::model::linear(&n2, &l.w_gate_up);
     let act = pieces.swiglu(&gate_up)?;
-    let y = &h + crate::model::linear(&act, &l.w_down);
+    let y = plus_linear(&h, &act, &l.w_down);
     debug_assert_eq!(y.size(), [b, t, dim]);
     Ok((y, Tape { x: x.shallow_clone(), n1, rstd1, q, k, v, attn, h, n2, rstd2, gate_up, act }))
 }
@@ -165,6 +171,13 @@ pub fn backward(
     let d_n1 = d_qkv2.mm(&l.w_qkv).view(x.size().as_slice());
     let (dx, input_norm) = pieces.rms_norm_backward(&x, &l.input_norm, &rstd1, &d_n1, Some(&dh))?;
     Ok((dx, BlockGrads { input_norm, qkv, o, post_norm, gate_up: gate_up_grad, down }))
+}
+
+/// `x + a·wᵀ` as one GEMM that adds into a copy of `x` (`addmm`, β = 1) instead of a GEMM
+/// and a separate add over its output. `x` `[.., out]`, `a` `[.., in]`, `w` `[out, in]`.
+fn plus_linear(x: &Tensor, a: &Tensor, w: &Tensor) -> Tensor {
+    let rows = |t: &Tensor| t.reshape([-1, *t.size().last().expect("a matrix")]);
+    rows(x).addmm(&rows(a), &w.tr()).view(x.size().as_slice())
 }
 
 /// The precision the ATen pieces compute in: fp64 for an fp64 model (tests), else fp32.

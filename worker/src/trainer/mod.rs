@@ -237,6 +237,14 @@ impl Trainer {
         if let Some(k) = &kernels {
             sync.opt.use_fused_kernel(k.clone());
         }
+        // `auto`: hand-written blocks where their fused pieces run (scripts/gpu-check.sh
+        // showed them equal to autograd within bf16 rounding and faster, BENCHMARKS.md);
+        // with ATen's elementwise ops the hand-written block is slower than autograd's.
+        let explicit_blocks = match runtime.block_backward() {
+            runtime_spec::BlockBackward::Explicit => true,
+            runtime_spec::BlockBackward::Autograd => false,
+            runtime_spec::BlockBackward::Auto => kernels.is_some(),
+        };
         let checkpoints = Checkpointer::new(spec, assignment.generation, committer);
         group_checks::check_shared_run_dir(
             sync.collective(),
@@ -330,7 +338,7 @@ impl Trainer {
             engine: step::EngineOptions {
                 recompute: runtime.recompute() == runtime_spec::Recompute::Blocks,
                 kernels,
-                explicit_blocks: runtime.block_backward() == runtime_spec::BlockBackward::Explicit,
+                explicit_blocks,
             },
             profile: runtime.profile,
             peak_flops,
