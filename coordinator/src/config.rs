@@ -473,6 +473,9 @@ pub enum Recompute {
     None,
     /// Keep each decoder block's input only and recompute the block in backward.
     Blocks,
+    /// Hand-written blocks: recompute the RMSNorm and SwiGLU outputs in backward instead of
+    /// keeping them (GEMM outputs are kept).
+    Elementwise,
 }
 
 /// Number format gradients accumulate and reduce in.
@@ -494,7 +497,7 @@ pub struct RuntimeSection {
     pub precision: Precision,
     /// libtorch intra-op threads; 0 = one per available core.
     pub threads: u32,
-    /// Activation recomputation (`none` or `blocks`).
+    /// Activation recomputation (`none`, `elementwise` or `blocks`).
     pub recompute: Recompute,
     /// Gradient accumulation and reduction format (`fp32` or `bf16`).
     pub grad_reduce: GradReduce,

@@ -192,6 +192,7 @@ pub fn resolve_config(
             recompute: match config.runtime.recompute {
                 Recompute::None => runtime_spec::Recompute::None,
                 Recompute::Blocks => runtime_spec::Recompute::Blocks,
+                Recompute::Elementwise => runtime_spec::Recompute::Elementwise,
             } as i32,
             grad_reduce: match config.runtime.grad_reduce {
                 GradReduce::Fp32 => runtime_spec::GradReduce::Fp32,

@@ -434,7 +434,7 @@ fn explicit_block(ordinal: usize, k: &Kernels) -> Result<Value, WorkerError> {
         Ok(Tensor::f_run_backward(&[surrogate], &wrt, false, false)?)
     };
     let explicit = |pieces: Pieces<'_>| -> Result<Vec<Tensor>, WorkerError> {
-        let (_, tape) = block::forward(&model, 0, &x, None, pieces)?;
+        let (_, tape) = block::forward(&model, 0, &x, None, pieces, true)?;
         let (dx, g) = block::backward(&model, 0, tape, &dy, None, pieces)?;
         Ok(vec![dx, g.input_norm, g.qkv, g.o, g.post_norm, g.gate_up, g.down])
     };

@@ -99,7 +99,14 @@ fn block_by_block_gradients_equal_whole_graph_autograd() {
             done: Vec::new(),
         };
         let objective = CrossEntropy { scale };
-        let opts = EngineOptions { recompute, kernels: None, explicit_blocks };
+        // Recomputing elementwise outputs rides along with the explicit cases that keep
+        // whole blocks: it must not change a bit either.
+        let opts = EngineOptions {
+            recompute,
+            kernels: None,
+            explicit_blocks,
+            recompute_elementwise: explicit_blocks && !weights,
+        };
         let loss = forward_backward(&m, &Stages::of(layout), &b, &objective, &opts, &mut sink).unwrap();
         assert!((loss.double_value(&[]) - want_loss).abs() < 1e-12, "loss {} vs {want_loss}", loss.double_value(&[]));
         assert_eq!(sink.done.len(), layout.leaves.len(), "every leaf reported once");

@@ -196,6 +196,10 @@ fn hand_written_block_backward_trains_like_autograd() {
     let (recomputed, re_losses) = train_solo(&spec, Kind::Float);
     assert_eq!(losses, re_losses);
     assert_eq!(rel_l2(&recomputed, &explicit), 0.0, "recomputation is the same arithmetic");
+    let spec = job(tmp.path(), "explicit-ew", 1, "block_backward = \"explicit\"\nrecompute = \"elementwise\"\n");
+    let (recomputed, ew_losses) = train_solo(&spec, Kind::Float);
+    assert_eq!(losses, ew_losses);
+    assert_eq!(rel_l2(&recomputed, &explicit), 0.0, "recomputing norms and SwiGLU is the same arithmetic");
 }
 
 /// Why parameters may only be written by raw pointers while a forward graph exists: every

@@ -16,37 +16,101 @@ __device__ __forceinline__ bf16 f_to_bf16(float f) {
     return (bf16)(u >> 16);
 }
 
+// bf16 values two or four to a 32- or 64-bit word.
+__device__ __forceinline__ float lo_f(unsigned int w) { return bf16_to_f((bf16)(w & 0xffffu)); }
+__device__ __forceinline__ float hi_f(unsigned int w) { return bf16_to_f((bf16)(w >> 16)); }
+__device__ __forceinline__ unsigned int pack2(float a, float b) {
+    return (unsigned int)f_to_bf16(a) | ((unsigned int)f_to_bf16(b) << 16);
+}
+
+__device__ __forceinline__ float2 load2(const bf16* p) {
+    unsigned int w = *(const unsigned int*)p;
+    return make_float2(lo_f(w), hi_f(w));
+}
+
+__device__ __forceinline__ void store2(bf16* p, float a, float b) { *(unsigned int*)p = pack2(a, b); }
+
+__device__ __forceinline__ float4 load4(const bf16* p) {
+    uint2 w = *(const uint2*)p;
+    return make_float4(lo_f(w.x), hi_f(w.x), lo_f(w.y), hi_f(w.y));
+}
+
+__device__ __forceinline__ void store4(bf16* p, float a, float b, float c, float d) {
+    uint2 w;
+    w.x = pack2(a, b);
+    w.y = pack2(c, d);
+    *(uint2*)p = w;
+}
+
 // AdamW over a flat fp32 partition (master weights p, moments m and v) with gradient g
 // scaled by gscale (the clipping factor), decoupled weight decay on [0, decay_end), and,
 // if out is not null, the updated weights rounded to bf16 into out (the model's copy).
-// One pass over memory instead of the nine of the unfused update plus copy.
-#define ADAMW_BODY(LOAD_G)                                                                  \
-    long long stride = (long long)blockDim.x * gridDim.x;                                   \
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += stride) { \
-        float gi = (LOAD_G) * gscale;                                                       \
-        float mi = b1 * m[i] + (1.f - b1) * gi;                                             \
-        float vi = b2 * v[i] + (1.f - b2) * gi * gi;                                        \
-        float pi = p[i];                                                                    \
-        if (i < decay_end) pi *= decay;                                                     \
-        pi -= step_size * mi / (sqrtf(vi) * inv_bias2_sqrt + eps);                          \
-        m[i] = mi;                                                                          \
-        v[i] = vi;                                                                          \
-        p[i] = pi;                                                                          \
-        if (out) out[i] = f_to_bf16(pi);                                                    \
+// One pass over memory instead of the nine of the unfused update plus copy, four elements
+// per thread and load where every pointer is aligned for it.
+struct AdamWScalars {
+    float decay, b1, b2, eps, step_size, inv_bias2_sqrt, gscale;
+};
+
+__device__ __forceinline__ void adamw_one(float& p, float& m, float& v, float g_raw, bool decayed, const AdamWScalars& a) {
+    float g = g_raw * a.gscale;
+    m = a.b1 * m + (1.f - a.b1) * g;
+    v = a.b2 * v + (1.f - a.b2) * g * g;
+    if (decayed) p *= a.decay;
+    p -= a.step_size * m / (sqrtf(v) * a.inv_bias2_sqrt + a.eps);
+}
+
+template <bool G16>
+__device__ void adamw_impl(float* __restrict__ p, float* __restrict__ m, float* __restrict__ v, const void* g_ptr,
+                           bf16* __restrict__ out, long long n, long long decay_end, const AdamWScalars& a) {
+    long long stride = (long long)blockDim.x * gridDim.x;
+    long long first = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    const float* g32 = (const float*)g_ptr;
+    const bf16* g16 = (const bf16*)g_ptr;
+    unsigned long long fp32_bits = (unsigned long long)p | (unsigned long long)m | (unsigned long long)v |
+                                   (G16 ? 0ull : (unsigned long long)g_ptr);
+    unsigned long long bf16_bits = (G16 ? (unsigned long long)g_ptr : 0ull) | (unsigned long long)out;
+    long long done = 0;
+    if ((fp32_bits & 15) == 0 && (bf16_bits & 7) == 0) {
+        long long quads = n / 4;
+        for (long long q = first; q < quads; q += stride) {
+            long long i = 4 * q;
+            float4 P = ((float4*)p)[q], M = ((float4*)m)[q], V = ((float4*)v)[q];
+            float4 G = G16 ? load4(g16 + i) : ((const float4*)g32)[q];
+            adamw_one(P.x, M.x, V.x, G.x, i < decay_end, a);
+            adamw_one(P.y, M.y, V.y, G.y, i + 1 < decay_end, a);
+            adamw_one(P.z, M.z, V.z, G.z, i + 2 < decay_end, a);
+            adamw_one(P.w, M.w, V.w, G.w, i + 3 < decay_end, a);
+            ((float4*)p)[q] = P;
+            ((float4*)m)[q] = M;
+            ((float4*)v)[q] = V;
+            if (out) store4(out + i, P.x, P.y, P.z, P.w);
+        }
+        done = quads * 4;
     }
+    for (long long i = done + first; i < n; i += stride) {
+        float pi = p[i], mi = m[i], vi = v[i];
+        adamw_one(pi, mi, vi, G16 ? bf16_to_f(g16[i]) : g32[i], i < decay_end, a);
+        p[i] = pi;
+        m[i] = mi;
+        v[i] = vi;
+        if (out) out[i] = f_to_bf16(pi);
+    }
+}
 
 extern "C" __global__ void adamw_g32(float* __restrict__ p, float* __restrict__ m, float* __restrict__ v,
                                      const float* __restrict__ g, bf16* __restrict__ out, long long n,
                                      long long decay_end, float decay, float b1, float b2, float eps,
                                      float step_size, float inv_bias2_sqrt, float gscale) {
-    ADAMW_BODY(g[i])
+    AdamWScalars a = {decay, b1, b2, eps, step_size, inv_bias2_sqrt, gscale};
+    adamw_impl<false>(p, m, v, g, out, n, decay_end, a);
 }
 
 extern "C" __global__ void adamw_g16(float* __restrict__ p, float* __restrict__ m, float* __restrict__ v,
                                      const bf16* __restrict__ g, bf16* __restrict__ out, long long n,
                                      long long decay_end, float decay, float b1, float b2, float eps,
                                      float step_size, float inv_bias2_sqrt, float gscale) {
-    ADAMW_BODY(bf16_to_f(g[i]))
+    AdamWScalars a = {decay, b1, b2, eps, step_size, inv_bias2_sqrt, gscale};
+    adamw_impl<true>(p, m, v, g, out, n, decay_end, a);
 }
 
 // Online (max, sum of exp) pairs, combined.
@@ -119,31 +183,6 @@ extern "C" __global__ void ce_grad(bf16* __restrict__ logits, const long long* _
 // two or four bf16 to a 32- or 64-bit word, and every kernel that walks rows runs one
 // block per row, so no thread divides 64-bit indices (the Rust side checks the row lengths
 // and alignments this needs).
-
-__device__ __forceinline__ float lo_f(unsigned int w) { return bf16_to_f((bf16)(w & 0xffffu)); }
-__device__ __forceinline__ float hi_f(unsigned int w) { return bf16_to_f((bf16)(w >> 16)); }
-__device__ __forceinline__ unsigned int pack2(float a, float b) {
-    return (unsigned int)f_to_bf16(a) | ((unsigned int)f_to_bf16(b) << 16);
-}
-
-__device__ __forceinline__ float2 load2(const bf16* p) {
-    unsigned int w = *(const unsigned int*)p;
-    return make_float2(lo_f(w), hi_f(w));
-}
-
-__device__ __forceinline__ void store2(bf16* p, float a, float b) { *(unsigned int*)p = pack2(a, b); }
-
-__device__ __forceinline__ float4 load4(const bf16* p) {
-    uint2 w = *(const uint2*)p;
-    return make_float4(lo_f(w.x), hi_f(w.x), lo_f(w.y), hi_f(w.y));
-}
-
-__device__ __forceinline__ void store4(bf16* p, float a, float b, float c, float d) {
-    uint2 w;
-    w.x = pack2(a, b);
-    w.y = pack2(c, d);
-    *(uint2*)p = w;
-}
 
 // Sum of one float per thread over the block (blockDim.x a multiple of 32); every thread
 // gets the total.

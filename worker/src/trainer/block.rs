@@ -66,7 +66,8 @@ impl<'a> Pieces<'a> {
 /// What backward needs of a block's forward.
 pub struct Tape {
     x: Tensor,
-    n1: Tensor,
+    /// The RMSNorm and SwiGLU outputs, unless backward recomputes them.
+    n1: Option<Tensor>,
     rstd1: Tensor,
     /// Attention's inputs (leaves cut from the roped projection) and output, with the graph
     /// between them.
@@ -75,10 +76,10 @@ pub struct Tape {
     v: Tensor,
     attn: Tensor,
     h: Tensor,
-    n2: Tensor,
+    n2: Option<Tensor>,
     rstd2: Tensor,
     gate_up: Tensor,
-    act: Tensor,
+    act: Option<Tensor>,
 }
 
 /// Block `i`'s parameter gradients, in the model's dtype (norm gains in fp32 with fused
@@ -99,12 +100,16 @@ pub struct BlockGrads {
 }
 
 /// Block `i` on `x` `[b, t, dim]` (no graph): the output and the tape for [`backward`].
+/// With `keep_elementwise` false the tape leaves out the RMSNorm and SwiGLU outputs, which
+/// backward recomputes from what it keeps (one fused pass each on the GPU) — the cheap
+/// recomputation torch.compile's partitioner does too.
 pub fn forward(
     model: &Transformer,
     i: usize,
     x: &Tensor,
     packing: Option<&Packing>,
     pieces: Pieces<'_>,
+    keep_elementwise: bool,
 ) -> Result<(Tensor, Tape), WorkerError> {
     let s = &model.shape;
     let l = model.layer(i);
@@ -127,11 +132,27 @@ pub fn forward(
     let act = pieces.swiglu(&gate_up)?;
     let y = plus_linear(&h, &act, &l.w_down);
     debug_assert_eq!(y.size(), [b, t, dim]);
-    Ok((y, Tape { x: x.shallow_clone(), n1, rstd1, q, k, v, attn, h, n2, rstd2, gate_up, act }))
+    let keep = |t: Tensor| keep_elementwise.then_some(t);
+    let tape = Tape {
+        x: x.shallow_clone(),
+        n1: keep(n1),
+        rstd1,
+        q,
+        k,
+        v,
+        attn,
+        h,
+        n2: keep(n2),
+        rstd2,
+        gate_up,
+        act: keep(act),
+    };
+    Ok((y, tape))
 }
 
 /// Backward of block `i` for `dy` (the gradient of its output): the gradient of its input
-/// and of its parameters.
+/// and of its parameters. Each saved tensor is released as soon as its last use is done,
+/// so the transients of one block's backward mostly reuse its own tape's memory.
 pub fn backward(
     model: &Transformer,
     i: usize,
@@ -140,22 +161,34 @@ pub fn backward(
     packing: Option<&Packing>,
     pieces: Pieces<'_>,
 ) -> Result<(Tensor, BlockGrads), WorkerError> {
-    let l = model.layer(i);
+    let (l, eps) = (model.layer(i), model.shape.norm_eps);
     let positions = packing.map(|p| &p.positions);
     let Tape { x, n1, rstd1, q, k, v, attn, h, n2, rstd2, gate_up, act } = tape;
     let rows2 = |t: &Tensor| t.reshape([-1, *t.size().last().expect("a matrix")]);
-    let (dy2, act2, n2_2, n1_2) = (rows2(dy), rows2(&act), rows2(&n2), rows2(&n1));
-
     let _no_grad = tch::no_grad_guard();
+    let dy2 = rows2(dy);
 
     // MLP: y = h + SwiGLU(gu)·Wdᵀ, gu = n2·Wguᵀ.
-    let down = dy2.tr().mm(&act2);
+    let act = match act {
+        Some(a) => a,
+        None => pieces.swiglu(&gate_up)?,
+    };
+    let down = dy2.tr().mm(&rows2(&act));
     let d_act = dy2.mm(&l.w_down).view(act.size().as_slice());
+    drop(act);
     let d_gate_up = pieces.swiglu_backward(&gate_up, &d_act)?;
+    drop((gate_up, d_act));
+    let n2 = match n2 {
+        Some(n) => n,
+        None => pieces.rms_norm(&h, &l.post_norm, eps)?.0,
+    };
     let d_gate_up2 = rows2(&d_gate_up);
-    let gate_up_grad = d_gate_up2.tr().mm(&n2_2);
+    let gate_up_grad = d_gate_up2.tr().mm(&rows2(&n2));
+    drop(n2);
     let d_n2 = d_gate_up2.mm(&l.w_gate_up).view(h.size().as_slice());
+    drop((d_gate_up, d_gate_up2));
     let (dh, post_norm) = pieces.rms_norm_backward(&h, &l.post_norm, &rstd2, &d_n2, Some(dy))?;
+    drop((h, d_n2));
 
     // Attention: h = x + attn·Woᵀ.
     let dh2 = rows2(&dh);
@@ -165,10 +198,18 @@ pub fn backward(
         let surrogate = attn.reshape([-1]).dot(&d_attn.reshape([-1]));
         Tensor::f_run_backward(&[surrogate], &[&q, &k, &v], false, false)
     })?;
+    drop((attn, d_attn, q, k, v));
     let d_qkv = pieces.rope_backward_pack(model, [&grads[0], &grads[1], &grads[2]], positions)?;
+    drop(grads);
+    let n1 = match n1 {
+        Some(n) => n,
+        None => pieces.rms_norm(&x, &l.input_norm, eps)?.0,
+    };
     let d_qkv2 = rows2(&d_qkv);
-    let qkv = d_qkv2.tr().mm(&n1_2);
+    let qkv = d_qkv2.tr().mm(&rows2(&n1));
+    drop(n1);
     let d_n1 = d_qkv2.mm(&l.w_qkv).view(x.size().as_slice());
+    drop((d_qkv, d_qkv2));
     let (dx, input_norm) = pieces.rms_norm_backward(&x, &l.input_norm, &rstd1, &d_n1, Some(&dh))?;
     Ok((dx, BlockGrads { input_norm, qkv, o, post_norm, gate_up: gate_up_grad, down }))
 }

@@ -245,6 +245,13 @@ impl Trainer {
             runtime_spec::BlockBackward::Autograd => false,
             runtime_spec::BlockBackward::Auto => kernels.is_some(),
         };
+        let recompute_elementwise = runtime.recompute() == runtime_spec::Recompute::Elementwise;
+        if recompute_elementwise && !explicit_blocks {
+            tracing::warn!(
+                "runtime.recompute = \"elementwise\" applies to hand-written blocks (runtime.block_backward = \
+                 \"explicit\", or \"auto\" with the fused kernels); these blocks use autograd and keep everything"
+            );
+        }
         let checkpoints = Checkpointer::new(spec, assignment.generation, committer);
         group_checks::check_shared_run_dir(
             sync.collective(),
@@ -339,6 +346,7 @@ impl Trainer {
                 recompute: runtime.recompute() == runtime_spec::Recompute::Blocks,
                 kernels,
                 explicit_blocks,
+                recompute_elementwise,
             },
             profile: runtime.profile,
             peak_flops,

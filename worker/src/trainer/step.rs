@@ -100,6 +100,9 @@ pub struct EngineOptions {
     /// Run the blocks' hand-written forward and backward instead of autograd
     /// (`runtime.block_backward = "explicit"`).
     pub explicit_blocks: bool,
+    /// With hand-written blocks, recompute the RMSNorm and SwiGLU outputs in backward
+    /// instead of keeping them (`runtime.recompute = "elementwise"`).
+    pub recompute_elementwise: bool,
 }
 
 /// Runs `batch` forward and backward through `model` for `objective`, handing gradients to
@@ -125,7 +128,7 @@ pub fn forward_backward(
         sink.params_ready(1 + i)?;
         let x = inputs.last().expect("input");
         let y = if opts.explicit_blocks {
-            let (y, tape) = block::forward(model, i, x, packing, pieces)?;
+            let (y, tape) = block::forward(model, i, x, packing, pieces, !opts.recompute_elementwise)?;
             if !recompute {
                 tapes.push(tape);
             }
@@ -169,7 +172,7 @@ pub fn forward_backward(
         if opts.explicit_blocks {
             let tape = match tapes.pop() {
                 Some(tape) => tape,
-                None => block::forward(model, i, x, packing, pieces)?.1,
+                None => block::forward(model, i, x, packing, pieces, true)?.1,
             };
             let (dx, grads) = block::backward(model, i, tape, &d_x, packing, pieces)?;
             let BlockGrads { input_norm, qkv, o, post_norm, gate_up, down } = grads;
