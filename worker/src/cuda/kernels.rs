@@ -299,7 +299,7 @@ impl Kernels {
                 || !matches!(g.device(), Device::Cuda(_))
                 || stride[3] != 1
                 || stride[..3].iter().any(|s| s % 2 != 0)
-                || ptr(g) % 4 != 0
+                || !ptr(g).is_multiple_of(4)
             {
                 return Err(err(name, (g.size(), g.kind(), stride)));
             }
@@ -416,7 +416,7 @@ fn rows_dim(t: &Tensor, multiple: i64) -> Result<(i64, i64), WorkerError> {
 /// `align` bytes (the widest load the kernels make from it).
 fn check_rows(name: &str, t: &Tensor, rows: i64, cols: i64, align: u64) -> Result<(), WorkerError> {
     check(name, t, Kind::BFloat16, rows * cols)?;
-    if ptr(t) % align != 0 {
+    if !ptr(t).is_multiple_of(align) {
         return Err(err(name, format!("data not aligned to {align} bytes")));
     }
     Ok(())

@@ -47,14 +47,14 @@ impl<'a> Pieces<'a> {
         let s = &model.shape;
         let gains_aligned = (0..s.n_layers as usize).all(|i| {
             let l = model.layer(i);
-            [&l.input_norm, &l.post_norm].iter().all(|g| g.data_ptr() as usize % 8 == 0)
+            [&l.input_norm, &l.post_norm].iter().all(|g| (g.data_ptr() as usize).is_multiple_of(8))
         });
         let fits = model.params.flat().kind() == Kind::BFloat16
             && matches!(model.device(), tch::Device::Cuda(_))
             && (s.dim as i64) <= RMSNORM_MAX_DIM
-            && s.dim % 4 == 0
-            && s.ffn_dim % 4 == 0
-            && s.head_dim() % 4 == 0
+            && s.dim.is_multiple_of(4)
+            && s.ffn_dim.is_multiple_of(4)
+            && s.head_dim().is_multiple_of(4)
             && gains_aligned;
         match kernels {
             Some(k) if fits => Pieces::Fused(k),
