@@ -19,7 +19,7 @@
 #                                  with the hand-written block backward) vs PyTorch eager vs
 #                                  torch.compile, same run (GPU_CHECK_BENCH=0 skips it;
 #                                  GPU_CHECK_ATEN=0, GPU_CHECK_EAGER=0, GPU_CHECK_PROFILE=0,
-#                                  GPU_CHECK_COMPILE=0, GPU_CHECK_ELEMENTWISE=0 skip those runs;
+#                                  GPU_CHECK_COMPILE=0, GPU_CHECK_KEEPALL=0 skip those runs;
 #                                  GPU_CHECK_SHAPES picks shapes)
 #
 # GPU_CHECK_ONLY="ckpt rollout ..." runs only the named parts (doctor always runs).
@@ -219,7 +219,7 @@ if want bench && [ "${GPU_CHECK_BENCH:-1}" != 0 ]; then
     [ "${GPU_CHECK_ATEN:-1}" = 1 ] && train "$shape-moxin-aten" 240 "$config" "${BENCH[@]}" --set runtime.kernels=aten
     train "$shape-moxin-fused" 240 "$config" "${BENCH[@]}" --set runtime.kernels=fused --set runtime.block_backward=autograd
     train "$shape-moxin-explicit" 240 "$config" "${BENCH[@]}" --set runtime.kernels=fused --set runtime.block_backward=explicit
-    [ "${GPU_CHECK_ELEMENTWISE:-1}" = 1 ] && train "$shape-moxin-elementwise" 240 "$config" "${BENCH[@]}" --set runtime.recompute=elementwise
+    [ "${GPU_CHECK_KEEPALL:-1}" = 1 ] && train "$shape-moxin-keepall" 240 "$config" "${BENCH[@]}" --set runtime.recompute=none
     [ "${GPU_CHECK_PROFILE:-1}" = 1 ] && train "$shape-moxin-profile" 240 "$config" --set train.steps=8 --set runtime.profile=true
     [ "${GPU_CHECK_EAGER:-1}" = 1 ] && run "$shape-torch-eager" 300 $PY bench/pytorch_gpu_reference.py --shape "$shape" --mode eager --steps "$STEPS"
     [ "${GPU_CHECK_COMPILE:-1}" = 1 ] && run "$shape-torch-compile" 400 $PY bench/pytorch_gpu_reference.py --shape "$shape" --mode compile --steps "$STEPS"

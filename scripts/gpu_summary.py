@@ -58,7 +58,7 @@ for shape in ("gpu-1b", "moxin-7b-4l"):
     systems = []
     for variant, label in (("aten", "ATen kernels, autograd blocks"), ("fused", "fused kernels, autograd blocks"),
                            ("explicit", "fused kernels, hand-written blocks: the default"),
-                           ("elementwise", "the default + recompute = elementwise")):
+                           ("keepall", "the default with recompute = none")):
         m = moxin(f"{shape}-moxin-{variant}")
         if m:
             systems.append((f"moxin-train ({label})", m["tokens_per_s"], m["mfu"], m["memory"]))

@@ -61,6 +61,14 @@ enum Command {
     Bench(BenchCommand),
 }
 
+/// `plan --recompute`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RecomputeArg {
+    None,
+    Elementwise,
+    Blocks,
+}
+
 #[derive(Args)]
 struct DoctorArgs {
     /// Print JSON instead of text.
@@ -443,9 +451,10 @@ struct PlanArgs {
     /// Samples per forward/backward on one GPU.
     #[arg(long)]
     micro_batch: u32,
-    /// Recompute each block in backward instead of keeping its activations.
-    #[arg(long)]
-    recompute: bool,
+    /// What backward recomputes instead of keeping: `elementwise` (norm and SwiGLU
+    /// outputs; the GPU default), `blocks` (whole blocks; a bare `--recompute`) or `none`.
+    #[arg(long, value_enum, num_args = 0..=1, default_value = "elementwise", default_missing_value = "blocks")]
+    recompute: RecomputeArg,
     /// Accumulate and reduce gradients in bf16 instead of fp32.
     #[arg(long)]
     bf16_grads: bool,
@@ -639,7 +648,11 @@ fn run(cli: Cli) -> Result<i32> {
                 gpus: a.gpus,
                 seq_len: a.seq,
                 micro_batch: a.micro_batch,
-                recompute: a.recompute,
+                recompute: match a.recompute {
+                    RecomputeArg::None => moxin_layout::memory::Recompute::None,
+                    RecomputeArg::Elementwise => moxin_layout::memory::Recompute::Elementwise,
+                    RecomputeArg::Blocks => moxin_layout::memory::Recompute::Blocks,
+                },
                 bf16_grads: a.bf16_grads,
             },
             a.gpu_memory_gib,

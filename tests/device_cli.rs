@@ -100,9 +100,16 @@ fn plan_sizes_a_moxin_7b_job() {
     assert_eq!(with["bytes"]["params"], 2 * 8_114_180_096u64);
     assert_eq!(with["bytes"]["optimizer"], 12 * 1_014_272_512u64);
     assert_eq!(with["fits"], true);
-    assert_eq!(plan(&[])["fits"], false);
-    let text = ok(tmp.path(), &["plan", "--model", "moxin-7b", "--gpus", "8", "--seq", "4096", "--micro-batch", "1"]);
+    // The default recomputes norms and SwiGLU (the GPU default, 71.3 GiB): fits.
+    assert_eq!(plan(&[])["fits"], true);
+    assert_eq!(plan(&[])["recompute"], "elementwise");
+    assert_eq!(plan(&["--recompute", "none"])["recompute"], "none");
+    let text = ok(tmp.path(), &["plan", "--model", "moxin-7b", "--gpus", "8", "--seq", "4096", "--micro-batch", "2"]);
     assert!(text.contains("does NOT fit") && text.contains("--recompute"), "{text}");
+    let out = run(tmp.path(), &["plan", "--model", "moxin-7b", "--seq", "8", "--micro-batch", "1", "--recompute", "x"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "a usage error: {err}");
+    assert!(err.contains("'x'") && err.contains("elementwise"), "{err}");
     let err = fails(tmp.path(), &["plan", "--model", "moxin-7b", "--seq", "65536", "--micro-batch", "1"]);
     assert!(err.contains("max_seq_len 32768"), "{err}");
     let err = fails(tmp.path(), &["plan", "--model", "moxin-7b", "--gpus", "0", "--seq", "8", "--micro-batch", "1"]);

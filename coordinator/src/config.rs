@@ -469,6 +469,9 @@ pub enum Precision {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Recompute {
+    /// `elementwise` where the blocks are hand-written (CUDA with the fused kernels), `none`
+    /// elsewhere.
+    Auto,
     /// Keep every activation backward needs.
     None,
     /// Keep each decoder block's input only and recompute the block in backward.
@@ -497,7 +500,7 @@ pub struct RuntimeSection {
     pub precision: Precision,
     /// libtorch intra-op threads; 0 = one per available core.
     pub threads: u32,
-    /// Activation recomputation (`none`, `elementwise` or `blocks`).
+    /// Activation recomputation (`auto`, `none`, `elementwise` or `blocks`).
     pub recompute: Recompute,
     /// Gradient accumulation and reduction format (`fp32` or `bf16`).
     pub grad_reduce: GradReduce,
@@ -545,7 +548,7 @@ impl Default for RuntimeSection {
             device: Device::Auto,
             precision: Precision::Auto,
             threads: 0,
-            recompute: Recompute::None,
+            recompute: Recompute::Auto,
             grad_reduce: GradReduce::Fp32,
             profile: false,
             peak_tflops: 0.0,

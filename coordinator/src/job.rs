@@ -190,6 +190,7 @@ pub fn resolve_config(
             } as i32,
             threads: config.runtime.threads,
             recompute: match config.runtime.recompute {
+                Recompute::Auto => runtime_spec::Recompute::Auto,
                 Recompute::None => runtime_spec::Recompute::None,
                 Recompute::Blocks => runtime_spec::Recompute::Blocks,
                 Recompute::Elementwise => runtime_spec::Recompute::Elementwise,

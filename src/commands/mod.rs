@@ -152,8 +152,13 @@ pub fn model_info(preset: &str, json: bool) -> Result<()> {
     let total = shape.param_count();
     // Training state before activations, from the same memory plan as `moxin-train plan`.
     let state = |gpus| {
-        let input =
-            moxin_layout::memory::PlanInput { gpus, seq_len: 1, micro_batch: 1, recompute: false, bf16_grads: false };
+        let input = moxin_layout::memory::PlanInput {
+            gpus,
+            seq_len: 1,
+            micro_batch: 1,
+            recompute: moxin_layout::memory::Recompute::None,
+            bf16_grads: false,
+        };
         let m = moxin_layout::memory::plan(&shape, &input);
         m.params + m.grads + m.optimizer
     };
@@ -222,7 +227,11 @@ pub fn plan(model: &str, input: moxin_layout::memory::PlanInput, gpu_gib: f64, j
         input.gpus,
         input.seq_len,
         input.micro_batch,
-        if input.recompute { ", recomputing blocks" } else { "" },
+        match input.recompute {
+            moxin_layout::memory::Recompute::None => ", keeping every activation",
+            moxin_layout::memory::Recompute::Elementwise => ", recomputing norms and SwiGLU",
+            moxin_layout::memory::Recompute::Blocks => ", recomputing blocks",
+        },
         if input.bf16_grads { ", bf16 gradients" } else { "" }
     );
     for (what, bytes) in [
@@ -238,10 +247,10 @@ pub fn plan(model: &str, input: moxin_layout::memory::PlanInput, gpu_gib: f64, j
     if fits {
         println!("fits a {gpu_gib} GiB GPU ({} to spare)", gib((gpu_gib * (1u64 << 30) as f64) as u64 - m.total));
     } else {
-        let hint = if input.recompute {
+        let hint = if input.recompute == moxin_layout::memory::Recompute::Blocks {
             "more GPUs or a smaller micro-batch"
         } else {
-            "--recompute, more GPUs or a smaller micro-batch"
+            "--recompute (whole blocks), more GPUs or a smaller micro-batch"
         };
         println!("does NOT fit a {gpu_gib} GiB GPU; try {hint}");
     }

@@ -245,7 +245,13 @@ impl Trainer {
             runtime_spec::BlockBackward::Autograd => false,
             runtime_spec::BlockBackward::Auto => kernels.is_some(),
         };
-        let recompute_elementwise = runtime.recompute() == runtime_spec::Recompute::Elementwise;
+        // `auto`: hand-written blocks recompute their norm and SwiGLU outputs (about 1% of the
+        // throughput for 1.5-3.8 GiB on the GPU check's shapes, BENCHMARKS.md).
+        let recompute_elementwise = match runtime.recompute() {
+            runtime_spec::Recompute::Elementwise => true,
+            runtime_spec::Recompute::Auto => explicit_blocks,
+            runtime_spec::Recompute::None | runtime_spec::Recompute::Blocks => false,
+        };
         if recompute_elementwise && !explicit_blocks {
             tracing::warn!(
                 "runtime.recompute = \"elementwise\" applies to hand-written blocks (runtime.block_backward = \
