@@ -115,6 +115,8 @@ if k:
         for name, p in blk["pieces"].items():
             print(f"- fused {name} (forward + backward, gpu-1b block, 16k tokens): {p['speedup']:.2f}x ATen "
                   f"({p['aten_ms']:.2f} -> {p['fused_ms']:.2f} ms); relative L2 to fp32: {p['relative_l2']}")
+        if "rope_packed_relative_l2" in blk:
+            print(f"- fused RoPE on packed rows (positions restarting every 300 tokens): relative L2 to fp32 {blk['rope_packed_relative_l2']}")
         ms = blk["forward_backward_ms"]
         print(f"- one gpu-1b block forward + backward: autograd {ms['autograd']:.2f} ms, hand-written with ATen pieces "
               f"{ms['explicit_aten']:.2f} ms, with fused pieces {ms['explicit_fused']:.2f} ms "

@@ -402,6 +402,16 @@ fn explicit_block(ordinal: usize, k: &Kernels) -> Result<Value, WorkerError> {
         })?,
     );
 
+    // The same with packed rows (positions restarting every 300 tokens), straight through the
+    // kernels: `Pieces` sends packed rows to the ATen piece until this shows them equal.
+    let positions = (Tensor::arange(t, (Kind::Int64, device)).remainder(300)).repeat([b, 1]);
+    let (qkv_f, qkv_ref) = (qkv.copy(), f32_(&qkv));
+    k.rope_forward(&qkv_f, model.rope().tables(), Some(&positions), heads + kv, hd)?;
+    aten.rope(&model, &qkv_ref, Some(&positions), heads, kv)?;
+    let back_f = k.rope_backward_pack([&dq, &dk, &dv], model.rope().tables(), Some(&positions))?;
+    let back_ref = aten.rope_backward_pack(&model, [&f32_(&dq), &f32_(&dk), &f32_(&dv)], Some(&positions))?;
+    let rope_packed = json!({"forward": rel_l2(&qkv_f, &qkv_ref), "backward": rel_l2(&back_f, &back_ref)});
+
     // SwiGLU forward and backward.
     let gu = bf(Tensor::randn([b, t, 2 * ffn], (Kind::Float, device)) * 2.0);
     let da = bf(Tensor::randn([b, t, ffn], (Kind::Float, device)));
@@ -454,6 +464,7 @@ fn explicit_block(ordinal: usize, k: &Kernels) -> Result<Value, WorkerError> {
     Ok(json!({
         "shape": {"batch": b, "seq": t, "dim": dim, "heads": heads, "kv_heads": kv, "ffn": ffn},
         "pieces": pieces,
+        "rope_packed_relative_l2": rope_packed,
         "relative_l2_vs_fp32_autograd": block_errs,
         "forward_backward_ms": {"autograd": autograd_ms, "explicit_aten": aten_ms, "explicit_fused": fused_ms},
         "speedup_explicit_fused_vs_autograd": autograd_ms / fused_ms,

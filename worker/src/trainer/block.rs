@@ -271,7 +271,9 @@ impl Pieces<'_> {
         Ok((dx, d_weight))
     }
 
-    /// RoPE in place on the query and key heads of `qkv` `[b, t, (H + 2K)·hd]`.
+    /// RoPE in place on the query and key heads of `qkv` `[b, t, (H + 2K)·hd]`. Packed rows
+    /// (explicit `positions`) take the ATen piece: the kernels' positions path has not run on
+    /// a GPU yet (`moxin-train bench kernels` checks it: `rope_packed`).
     pub fn rope(
         self,
         model: &Transformer,
@@ -281,8 +283,8 @@ impl Pieces<'_> {
         kv_heads: i64,
     ) -> Result<(), WorkerError> {
         let hd = model.shape.head_dim() as i64;
-        if let Pieces::Fused(k) = self {
-            return k.rope_forward(qkv, model.rope().tables(), positions, heads + kv_heads, hd);
+        if let (Pieces::Fused(k), None) = (self, positions) {
+            return k.rope_forward(qkv, model.rope().tables(), None, heads + kv_heads, hd);
         }
         let (b, t) = (qkv.size()[0], qkv.size()[1]);
         for (offset, n) in [(0, heads), (heads, kv_heads)] {
@@ -303,10 +305,10 @@ impl Pieces<'_> {
         grads: [&Tensor; 3],
         positions: Option<&Tensor>,
     ) -> Result<Tensor, WorkerError> {
-        if let Pieces::Fused(k) = self {
+        if let (Pieces::Fused(k), None) = (self, positions) {
             // The kernel takes any strides but needs each head's values side by side.
             let [dq, dk, dv] = grads.map(|g| if g.stride()[3] == 1 { g.shallow_clone() } else { g.contiguous() });
-            return k.rope_backward_pack([&dq, &dk, &dv], model.rope().tables(), positions);
+            return k.rope_backward_pack([&dq, &dk, &dv], model.rope().tables(), None);
         }
         let [dq, dk, dv] = grads;
         let rope = model.rope();
