@@ -7,7 +7,8 @@
 #   1.  doctor                     what the machine has (torch, GPU, NCCL)
 #   2.  nccl, kernels              every NCCL collective on a world of one; fused kernels vs ATen
 #   3.  tiny                       tiny preset on CUDA: loss falls as on the CPU (ATen, fused,
-#                                  fused with the hand-written block backward)
+#                                  fused with the hand-written block backward, and AdamW on its
+#                                  own stream: the same losses as the defaults)
 #   4.  nccl1                      `launch --workers 1` over NCCL = `train` without it
 #   5.  ring                       `launch --workers 2` on one GPU over the ring = single-GPU `train`
 #   5b. chaos                      a worker SIGKILLed mid-run is replaced; every step logged once
@@ -94,6 +95,7 @@ if want tiny; then
     --set runtime.block_backward=autograd
   train tiny-explicit 120 configs/tiny-pretrain.toml "${TINY[@]}" --set runtime.kernels=fused \
     --set runtime.block_backward=explicit
+  train tiny-optstream 120 configs/tiny-pretrain.toml "${TINY[@]}" --set runtime.optimizer_stream=true
 fi
 
 if want nccl1; then
@@ -220,6 +222,7 @@ if want bench && [ "${GPU_CHECK_BENCH:-1}" != 0 ]; then
     train "$shape-moxin-fused" 240 "$config" "${BENCH[@]}" --set runtime.kernels=fused --set runtime.block_backward=autograd
     train "$shape-moxin-explicit" 240 "$config" "${BENCH[@]}" --set runtime.kernels=fused --set runtime.block_backward=explicit
     [ "${GPU_CHECK_KEEPALL:-1}" = 1 ] && train "$shape-moxin-keepall" 240 "$config" "${BENCH[@]}" --set runtime.recompute=none
+    train "$shape-moxin-optstream" 240 "$config" "${BENCH[@]}" --set runtime.optimizer_stream=true
     [ "${GPU_CHECK_PROFILE:-1}" = 1 ] && train "$shape-moxin-profile" 240 "$config" --set train.steps=8 --set runtime.profile=true
     [ "${GPU_CHECK_EAGER:-1}" = 1 ] && run "$shape-torch-eager" 300 $PY bench/pytorch_gpu_reference.py --shape "$shape" --mode eager --steps "$STEPS"
     [ "${GPU_CHECK_COMPILE:-1}" = 1 ] && run "$shape-torch-compile" 400 $PY bench/pytorch_gpu_reference.py --shape "$shape" --mode compile --steps "$STEPS"

@@ -58,7 +58,8 @@ for shape in ("gpu-1b", "moxin-7b-4l"):
     systems = []
     for variant, label in (("aten", "ATen kernels, autograd blocks"), ("fused", "fused kernels, autograd blocks"),
                            ("explicit", "fused kernels, hand-written blocks: the default"),
-                           ("keepall", "the default with recompute = none")):
+                           ("keepall", "the default with recompute = none"),
+                           ("optstream", "the default + optimizer_stream = true")):
         m = moxin(f"{shape}-moxin-{variant}")
         if m:
             systems.append((f"moxin-train ({label})", m["tokens_per_s"], m["mfu"], m["memory"]))
@@ -84,7 +85,7 @@ for shape in ("gpu-1b", "moxin-7b-4l"):
         print(f"| {shape} | {med('step_time_s'):.3f} | {med('compute_s'):.3f} | {med('optimizer_s'):.3f} | {med('comm_exposed_s'):.4f} |")
 
 print("\n## Correctness\n")
-for name in ("tiny-aten", "tiny-fused", "tiny-explicit", "nccl1"):
+for name in ("tiny-aten", "tiny-fused", "tiny-explicit", "tiny-optstream", "nccl1"):
     rows = metrics(name)
     if rows:
         print(f"- {name}: loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f} over {len(rows)} steps")
@@ -96,6 +97,10 @@ a, b = metrics("tiny-aten"), metrics("tiny-fused")
 if a and b:
     diff = max(abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(a, b))
     print(f"- fused vs ATen kernels (tiny, bf16): max relative loss difference = {diff:.2e}")
+a, b = metrics("tiny-explicit"), metrics("tiny-optstream")
+if a and b:
+    diff = max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b))
+    print(f"- AdamW on its own stream vs on torch's (tiny, the defaults): max |loss difference| over {min(len(a), len(b))} steps = {diff:.2e}")
 a, b = metrics("tiny-fused"), metrics("tiny-explicit")
 if a and b:
     diff = max(abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(a, b))

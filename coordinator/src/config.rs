@@ -514,6 +514,9 @@ pub struct RuntimeSection {
     /// How decoder blocks are differentiated: `auto` (explicit where the fused kernels
     /// run), `autograd` or `explicit` (hand-written).
     pub block_backward: BlockBackward,
+    /// One GPU with the fused AdamW: the update runs stage by stage on a CUDA stream of its
+    /// own, beside the next forward (off until a GPU check has measured it).
+    pub optimizer_stream: bool,
 }
 
 /// `runtime.block_backward`.
@@ -554,6 +557,7 @@ impl Default for RuntimeSection {
             peak_tflops: 0.0,
             kernels: KernelChoice::Auto,
             block_backward: BlockBackward::Auto,
+            optimizer_stream: false,
         }
     }
 }

@@ -211,6 +211,7 @@ pub fn resolve_config(
                 BlockBackward::Autograd => runtime_spec::BlockBackward::Autograd,
                 BlockBackward::Explicit => runtime_spec::BlockBackward::Explicit,
             } as i32,
+            optimizer_stream: config.runtime.optimizer_stream,
         }),
         resolved_config_toml,
         run_dir: run_dir.display().to_string(),

@@ -86,6 +86,11 @@ impl AdamW {
         }
     }
 
+    /// Whether the update runs as the fused CUDA kernel.
+    pub fn is_fused(&self) -> bool {
+        self.fused.is_some()
+    }
+
     /// Runs the update as one fused CUDA kernel (see [`crate::cuda::kernels`]).
     pub fn use_fused_kernel(&mut self, kernels: std::sync::Arc<crate::cuda::kernels::Kernels>) {
         self.fused = Some(kernels);
@@ -117,6 +122,42 @@ impl AdamW {
         let hyper = self.next_step(lr, grad_scale);
         let decay_end = self.decay_end - self.start;
         kernels.adamw(&self.master, &self.exp_avg, &self.exp_avg_sq, grad, out.as_ref(), decay_end, hyper)
+    }
+
+    /// As [`AdamW::update`] with the fused kernel, launched range by range on `stream`;
+    /// `ranges` (offsets within the partition, in order) tile it, and `launched(i)` is
+    /// called once range `i` is queued (to record an event the next forward can wait for).
+    /// Returns false, having done nothing, without the fused kernel.
+    pub fn update_ranges_on(
+        &mut self,
+        stream: &std::sync::Arc<crate::cuda::CudaStream>,
+        update: (&Tensor, f64, f64, &Tensor),
+        ranges: &[std::ops::Range<i64>],
+        mut launched: impl FnMut(usize) -> Result<(), crate::WorkerError>,
+    ) -> Result<bool, crate::WorkerError> {
+        let (grad, grad_scale, lr, flat_params) = update;
+        let Some(kernels) = self.fused.clone() else { return Ok(false) };
+        let tiles = ranges.first().is_none_or(|r| r.start == 0)
+            && ranges.windows(2).all(|w| w[0].end == w[1].start)
+            && ranges.last().map_or(0, |r| r.end) == self.len();
+        if !tiles {
+            return Err(crate::WorkerError::Spec(format!(
+                "optimizer ranges {ranges:?} do not tile the {}-element partition",
+                self.len()
+            )));
+        }
+        let out = (!self.aliases_params).then(|| flat_params.narrow(0, self.start, self.len()));
+        let hyper = self.next_step(lr, grad_scale);
+        let decay_end = self.decay_end - self.start;
+        for (i, r) in ranges.iter().enumerate() {
+            let part = |t: &Tensor| t.narrow(0, r.start, r.end - r.start);
+            let state = [&part(&self.master), &part(&self.exp_avg), &part(&self.exp_avg_sq), &part(grad)];
+            let out = out.as_ref().map(part);
+            let decay = (decay_end - r.start).clamp(0, r.end - r.start);
+            kernels.adamw_on(stream, state, out.as_ref(), decay, hyper)?;
+            launched(i)?;
+        }
+        Ok(true)
     }
 
     /// Counts a step and returns its scalars (bias corrections at the new step count).

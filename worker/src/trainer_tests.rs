@@ -178,6 +178,16 @@ fn recomputing_blocks_changes_nothing() {
 }
 
 #[test]
+fn optimizer_stream_is_refused_quietly_where_it_does_not_apply() {
+    // On the CPU (no fused AdamW, no CUDA stream) the switch leaves the update where it is.
+    let tmp = tempfile::tempdir().unwrap();
+    let (plain, plain_losses) = train_solo(&job(tmp.path(), "plain", 1, ""), Kind::Float);
+    let (streamed, losses) = train_solo(&job(tmp.path(), "stream", 1, "optimizer_stream = true\n"), Kind::Float);
+    assert_eq!(plain_losses, losses);
+    assert_eq!(rel_l2(&streamed, &plain), 0.0);
+}
+
+#[test]
 fn hand_written_block_backward_trains_like_autograd() {
     // The same arithmetic in a different order (and the residual adds folded differently),
     // so equal to fp32 rounding, then Adam's amplification over 4 steps; config plumbing

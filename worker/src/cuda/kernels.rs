@@ -83,6 +83,17 @@ impl Kernels {
         })
     }
 
+    /// torch's stream (the legacy default stream), which every kernel here runs on unless
+    /// told otherwise.
+    pub fn compute_stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// A new non-blocking stream on this device (ordered with torch's by events only).
+    pub fn new_side_stream(&self) -> Result<Arc<CudaStream>, WorkerError> {
+        self.stream.context().new_stream().map_err(|e| err("creating a stream", e))
+    }
+
     fn grid_for(&self, n: i64) -> LaunchConfig {
         let blocks = (n as u64).div_ceil(THREADS as u64).min(self.sm_count as u64 * 8).max(1) as u32;
         LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
@@ -103,6 +114,20 @@ impl Kernels {
         decay_end: i64,
         hyper: AdamWStep,
     ) -> Result<(), WorkerError> {
+        self.adamw_on(&self.stream, [master, exp_avg, exp_avg_sq, grad], out, decay_end, hyper)
+    }
+
+    /// [`Kernels::adamw`] on `stream` (torch's stream, or a side stream the caller orders
+    /// with events); `state` is `[master, exp_avg, exp_avg_sq, grad]`.
+    pub fn adamw_on(
+        &self,
+        stream: &Arc<CudaStream>,
+        state: [&Tensor; 4],
+        out: Option<&Tensor>,
+        decay_end: i64,
+        hyper: AdamWStep,
+    ) -> Result<(), WorkerError> {
+        let [master, exp_avg, exp_avg_sq, grad] = state;
         let n = master.numel() as i64;
         for (name, t, kind) in [
             ("master", master, Kind::Float),
@@ -125,7 +150,7 @@ impl Kernels {
         }
         let (p, m, v, g) = (ptr(master), ptr(exp_avg), ptr(exp_avg_sq), ptr(grad));
         let o = out.map_or(0u64, ptr);
-        let mut b = self.stream.launch_builder(func);
+        let mut b = stream.launch_builder(func);
         b.arg(&p).arg(&m).arg(&v).arg(&g).arg(&o).arg(&n).arg(&decay_end);
         b.arg(&hyper.decay).arg(&hyper.beta1).arg(&hyper.beta2).arg(&hyper.eps);
         b.arg(&hyper.step_size).arg(&hyper.inv_bias2_sqrt).arg(&hyper.grad_scale);

@@ -237,6 +237,18 @@ impl Trainer {
         if let Some(k) = &kernels {
             sync.opt.use_fused_kernel(k.clone());
         }
+        if runtime.optimizer_stream {
+            let on = match &kernels {
+                Some(k) => sync.use_optimizer_stream(k.clone())?,
+                None => false,
+            };
+            if !on {
+                tracing::warn!(
+                    "runtime.optimizer_stream applies to one GPU with the fused kernels (a group of one, \
+                     runtime.kernels = auto or fused on CUDA); the update runs on torch's stream"
+                );
+            }
+        }
         // `auto`: hand-written blocks where their fused pieces run (scripts/gpu-check.sh
         // showed them equal to autograd within bf16 rounding and faster, BENCHMARKS.md);
         // with ATen's elementwise ops the hand-written block is slower than autograd's.

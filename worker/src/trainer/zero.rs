@@ -103,6 +103,29 @@ pub struct Zero1 {
     comm: CommTimes,
     /// AdamW over the partition.
     pub opt: AdamW,
+    /// With `runtime.optimizer_stream`: AdamW runs stage by stage on a side stream.
+    opt_stream: Option<OptimizerStream>,
+}
+
+/// AdamW on a CUDA stream of its own (`runtime.optimizer_stream`, one GPU): the update runs
+/// stage by stage in forward order, each stage recording an event, and the next forward
+/// makes torch's stream wait only for its own stage's event, so the rest of the update runs
+/// beside the next forward instead of before it.
+struct OptimizerStream {
+    kernels: std::sync::Arc<crate::cuda::kernels::Kernels>,
+    side: std::sync::Arc<crate::cuda::CudaStream>,
+    /// Stage updates queued on `side` that torch's stream has not been told to wait for.
+    pending: std::collections::VecDeque<(usize, crate::cuda::CudaEvent)>,
+}
+
+impl Drop for OptimizerStream {
+    fn drop(&mut self) {
+        // The update writes tensors whose memory torch may hand out again once they are
+        // dropped; let it finish first (an error here has nowhere to go but the log).
+        if let Err(e) = self.side.synchronize() {
+            tracing::warn!("waiting for the optimizer stream: {e:?}");
+        }
+    }
 }
 
 impl Zero1 {
@@ -149,7 +172,67 @@ impl Zero1 {
             in_flight: Vec::new(),
             comm: CommTimes::default(),
             opt,
+            opt_stream: None,
         })
+    }
+
+    /// Runs AdamW on a side stream of `kernels`' device, stage by stage (see
+    /// [`OptimizerStream`]). Only for a group of one with the fused AdamW: with more ranks the
+    /// all-gathers would have to wait for the side stream too. Returns whether it is on.
+    pub fn use_optimizer_stream(
+        &mut self,
+        kernels: std::sync::Arc<crate::cuda::kernels::Kernels>,
+    ) -> Result<bool, WorkerError> {
+        if self.collective.world_size() != 1 || !self.opt.is_fused() {
+            return Ok(false);
+        }
+        let side = kernels.new_side_stream()?;
+        self.opt_stream = Some(OptimizerStream { kernels, side, pending: Default::default() });
+        Ok(true)
+    }
+
+    /// Makes torch's stream wait for the side stream's updates of every stage up to `stage`
+    /// (a wait queued on the GPU; the CPU goes on).
+    fn wait_updates(&mut self, stage: usize) -> Result<(), WorkerError> {
+        let Some(os) = &mut self.opt_stream else { return Ok(()) };
+        while os.pending.front().is_some_and(|(s, _)| *s <= stage) {
+            let (_, event) = os.pending.pop_front().expect("front exists");
+            os.kernels.compute_stream().wait(&event).map_err(|e| WorkerError::Device(format!("{e:?}")))?;
+        }
+        Ok(())
+    }
+
+    /// AdamW stage by stage on the side stream, after everything queued on torch's stream
+    /// (the gradients). Returns false when there is no side stream.
+    fn update_on_side_stream(
+        &mut self,
+        own: &Tensor,
+        scale: f64,
+        lr: f64,
+        params: &Tensor,
+    ) -> Result<bool, WorkerError> {
+        let Some(os) = &mut self.opt_stream else { return Ok(false) };
+        let device = |e: cudarc::driver::DriverError| WorkerError::Device(format!("optimizer stream: {e:?}"));
+        let ready = os.kernels.compute_stream().record_event(None).map_err(device)?;
+        os.side.wait(&ready).map_err(device)?;
+        // The stages' ranges within the partition, in forward order (they tile it).
+        let mut stages = Vec::new();
+        let mut ranges = Vec::new();
+        for (stage, r) in &self.gather_plan {
+            let (start, end) = (r.start.max(self.own.start), r.end.min(self.own.end));
+            if start < end {
+                stages.push(*stage);
+                ranges.push(start - self.own.start..end - self.own.start);
+            }
+        }
+        let side = os.side.clone();
+        let mut events = Vec::with_capacity(ranges.len());
+        let on = self.opt.update_ranges_on(&side, (own, scale, lr, params), &ranges, |i| {
+            events.push((stages[i], side.record_event(None).map_err(device)?));
+            Ok(())
+        })?;
+        os.pending.extend(events);
+        Ok(on)
     }
 
     /// The collective (for broadcasts and barriers outside the step).
@@ -250,7 +333,12 @@ impl Zero1 {
             if !loss.is_finite() {
                 return Ok(synced(self.comm));
             }
-            self.opt.update(&own, clip_factor(grad_norm, grad_clip), lr, params)?;
+            let scale = clip_factor(grad_norm, grad_clip);
+            if self.update_on_side_stream(&own, scale, lr, params)? {
+                // A group of one: nothing to gather.
+                return Ok(synced(self.comm));
+            }
+            self.opt.update(&own, scale, lr, params)?;
             for (stage, r) in self.gather_plan.clone() {
                 let window = r.start as usize..r.end as usize;
                 let ranges = clip_ranges(&self.partitions, window);
@@ -269,6 +357,7 @@ impl Zero1 {
     /// Waits for every parameter all-gather in flight (before parameters are read as a
     /// whole: checkpoints, the end of a run).
     pub fn wait_params(&mut self) -> Result<(), WorkerError> {
+        self.wait_updates(usize::MAX)?;
         self.wait_gathers(usize::MAX)
     }
 
@@ -284,6 +373,7 @@ impl Zero1 {
 
 impl GradSink for Zero1 {
     fn params_ready(&mut self, stage: usize) -> Result<(), WorkerError> {
+        self.wait_updates(stage)?;
         self.wait_gathers(stage)
     }
 
