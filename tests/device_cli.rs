@@ -65,21 +65,9 @@ fn fused_kernels_compile_with_the_nvrtc_beside_torch() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let kernels: Vec<&str> = json["kernels"].as_array().unwrap().iter().map(|k| k.as_str().unwrap()).collect();
-    assert_eq!(
-        kernels,
-        [
-            "adamw_g32",
-            "adamw_g16",
-            "ce_row_stats",
-            "ce_grad",
-            "rmsnorm_fwd",
-            "rmsnorm_bwd",
-            "rope_fwd",
-            "rope_bwd_pack",
-            "swiglu_fwd",
-            "swiglu_bwd"
-        ]
-    );
+    // Every kernel the source declares was compiled (the command lists those whose entry
+    // point is in the PTX).
+    assert_eq!(kernels, moxin_worker::cuda::kernels::KERNEL_NAMES);
     // Without NVRTC on the library path: a clear error, not a panic.
     let out = run(tmp.path(), &["bench", "compile-kernels"]);
     let err = String::from_utf8_lossy(&out.stderr);

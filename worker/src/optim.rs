@@ -121,7 +121,8 @@ impl AdamW {
         let out = (!self.aliases_params).then(|| flat_params.narrow(0, self.start, self.len()));
         let hyper = self.next_step(lr, grad_scale);
         let decay_end = self.decay_end - self.start;
-        kernels.adamw(&self.master, &self.exp_avg, &self.exp_avg_sq, grad, out.as_ref(), decay_end, hyper)
+        let state = [&self.master, &self.exp_avg, &self.exp_avg_sq, grad];
+        kernels.adamw_on(kernels.compute_stream(), state, out.as_ref(), decay_end, hyper)
     }
 
     /// As [`AdamW::update`] with the fused kernel, launched range by range on `stream`;

@@ -99,26 +99,11 @@ impl Kernels {
         LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
     }
 
-    /// One AdamW step on the partition: `master`, `exp_avg`, `exp_avg_sq` (fp32, `n`
-    /// elements) and `grad` (fp32 or bf16, `n` elements) times `grad_scale`; elements
-    /// `[0, decay_end)` are decayed by `decay` (= 1 − lr·wd); writes the updated weights as
-    /// bf16 into `out` when given.
-    #[allow(clippy::too_many_arguments)]
-    pub fn adamw(
-        &self,
-        master: &Tensor,
-        exp_avg: &Tensor,
-        exp_avg_sq: &Tensor,
-        grad: &Tensor,
-        out: Option<&Tensor>,
-        decay_end: i64,
-        hyper: AdamWStep,
-    ) -> Result<(), WorkerError> {
-        self.adamw_on(&self.stream, [master, exp_avg, exp_avg_sq, grad], out, decay_end, hyper)
-    }
-
-    /// [`Kernels::adamw`] on `stream` (torch's stream, or a side stream the caller orders
-    /// with events); `state` is `[master, exp_avg, exp_avg_sq, grad]`.
+    /// One AdamW step on the partition, on `stream` (torch's, [`Kernels::compute_stream`],
+    /// or a side stream the caller orders with events): `state` is `[master, exp_avg,
+    /// exp_avg_sq, grad]` — fp32 state of `n` elements and an fp32 or bf16 gradient — with the
+    /// gradient times `grad_scale`; elements `[0, decay_end)` are decayed by `decay`
+    /// (= 1 − lr·wd); writes the updated weights as bf16 into `out` when given.
     pub fn adamw_on(
         &self,
         stream: &Arc<CudaStream>,
@@ -503,7 +488,7 @@ pub const KERNEL_NAMES: [&str; 10] = [
 /// registers, [`NORM_COLUMNS_PER_THREAD`] columns each.
 pub const RMSNORM_MAX_DIM: i64 = 1024 * NORM_COLUMNS_PER_THREAD;
 
-/// Scalars of one AdamW step (see [`Kernels::adamw`]).
+/// Scalars of one AdamW step (see [`Kernels::adamw_on`]).
 #[derive(Debug, Clone, Copy)]
 pub struct AdamWStep {
     /// 1 − lr · weight_decay.
