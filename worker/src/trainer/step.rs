@@ -43,9 +43,8 @@ pub trait GradSink {
 #[derive(Debug, Clone)]
 pub struct Stages {
     embed: usize,
-    blocks: Vec<Vec<usize>>,
-    /// Each block's leaves as [`BlockGrads`] orders them.
-    named: Vec<[usize; 6]>,
+    /// Each block's leaves, in [`BlockGrads`]'s order.
+    blocks: Vec<[usize; 6]>,
     final_norm: usize,
     head: usize,
 }
@@ -54,20 +53,14 @@ impl Stages {
     /// Block `i`'s leaves in [`BlockGrads`]'s order: input norm, qkv, o, post norm,
     /// gate/up, down.
     pub fn block_leaves(&self, i: usize) -> [usize; 6] {
-        self.named[i]
+        self.blocks[i]
     }
 
     /// The stages of `layout` (a Mistral-style model's).
     pub fn of(layout: &FlatLayout) -> Self {
         let index = |name: &str| layout.leaves.iter().position(|l| l.name == name).expect("model leaf");
         let layers = layout.leaves.iter().filter_map(|l| l.layer).max().map_or(0, |m| m as usize + 1);
-        let mut blocks = vec![Vec::new(); layers];
-        for (i, l) in layout.leaves.iter().enumerate() {
-            if let Some(layer) = l.layer {
-                blocks[layer as usize].push(i);
-            }
-        }
-        let named = (0..layers)
+        let blocks = (0..layers)
             .map(|i| {
                 [
                     "input_layernorm.weight",
@@ -83,7 +76,6 @@ impl Stages {
         Stages {
             embed: index("model.embed_tokens.weight"),
             blocks,
-            named,
             final_norm: index("model.norm.weight"),
             head: index("lm_head.weight"),
         }
@@ -176,7 +168,7 @@ pub fn forward_backward(
             };
             let (dx, grads) = block::backward(model, i, tape, &d_x, packing, pieces)?;
             let BlockGrads { input_norm, qkv, o, post_norm, gate_up, down } = grads;
-            for (&leaf, g) in stages.named[i].iter().zip([input_norm, qkv, o, post_norm, gate_up, down]) {
+            for (&leaf, g) in stages.blocks[i].iter().zip([input_norm, qkv, o, post_norm, gate_up, down]) {
                 sink.add(leaf, &g)?;
             }
             for &leaf in &stages.blocks[i] {
