@@ -14,6 +14,7 @@ use crate::cuda::kernels::Kernels;
 use crate::model::Transformer;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::trainer::block::{self, Pieces};
+use crate::trainer::grads::{gemm_into, FlatGrads};
 use crate::trainer::objective::{head_forward_backward, CrossEntropy};
 use crate::trainer::step::Stages;
 use crate::trainer::Batch;
@@ -27,6 +28,14 @@ fn gpu(ordinal: usize) -> Result<Device, WorkerError> {
 }
 
 /// Median milliseconds of `iters` runs of `f` (after one warm-up), device-synchronised.
+/// A head weight-gradient receiver that adds the products into `acc`.
+fn adds_to(acc: &Tensor) -> impl FnMut(&Tensor, &Tensor) -> Result<(), WorkerError> + '_ {
+    move |a, b| {
+        gemm_into(acc, a, b, false);
+        Ok(())
+    }
+}
+
 fn time_ms(ordinal: usize, iters: usize, mut f: impl FnMut() -> Result<(), WorkerError>) -> Result<f64, WorkerError> {
     f()?;
     let mut times = Vec::with_capacity(iters);
@@ -83,20 +92,20 @@ pub fn fused_kernels(ordinal: usize) -> Result<Value, WorkerError> {
     let targets = Tensor::randint(vocab, [1, rows], (Kind::Int64, device));
     let batch = Batch { inputs: targets.zeros_like(), targets, weights: None, packing: None, rl: None };
     let objective = CrossEntropy::mean_over(rows as f64);
-    let mut gw_aten = Tensor::zeros([vocab, dim], (Kind::Float, device));
-    let mut gw_fused = Tensor::zeros([vocab, dim], (Kind::Float, device));
-    let a = head_forward_backward(&hidden, &weight, &batch, &objective, &mut gw_aten, None)?;
-    let f = head_forward_backward(&hidden, &weight, &batch, &objective, &mut gw_fused, Some(&k))?;
+    let gw_aten = Tensor::zeros([vocab, dim], (Kind::Float, device));
+    let gw_fused = Tensor::zeros([vocab, dim], (Kind::Float, device));
+    let a = head_forward_backward(&hidden, &weight, &batch, &objective, &mut adds_to(&gw_aten), None)?;
+    let f = head_forward_backward(&hidden, &weight, &batch, &objective, &mut adds_to(&gw_fused), Some(&k))?;
     let ce_err = json!({
         "loss": (f.loss.double_value(&[]) - a.loss.double_value(&[])).abs() / a.loss.double_value(&[]).abs(),
         "d_hidden": rel_err(&f.d_hidden, &a.d_hidden),
         "d_weight": rel_err(&gw_fused, &gw_aten),
     });
     let ce_aten_ms = time_ms(ordinal, 10, || {
-        head_forward_backward(&hidden, &weight, &batch, &objective, &mut gw_aten, None).map(|_| ())
+        head_forward_backward(&hidden, &weight, &batch, &objective, &mut adds_to(&gw_aten), None).map(|_| ())
     })?;
     let ce_fused_ms = time_ms(ordinal, 10, || {
-        head_forward_backward(&hidden, &weight, &batch, &objective, &mut gw_fused, Some(&k)).map(|_| ())
+        head_forward_backward(&hidden, &weight, &batch, &objective, &mut adds_to(&gw_fused), Some(&k)).map(|_| ())
     })?;
     let block = explicit_block(ordinal, &k)?;
     Ok(json!({
@@ -443,10 +452,14 @@ fn explicit_block(ordinal: usize, k: &Kernels) -> Result<Value, WorkerError> {
         let surrogate = tch::with_grad(|| y.reshape([-1]).dot(&dy.reshape([-1])));
         Ok(Tensor::f_run_backward(&[surrogate], &wrt, false, false)?)
     };
-    let explicit = |pieces: Pieces<'_>| -> Result<Vec<Tensor>, WorkerError> {
+    // Into an fp32 gradient buffer, as training does.
+    let layout = model.params.layout();
+    let mut grads = FlatGrads::new(layout, layout.numel, Kind::Float, device);
+    let mut explicit = |pieces: Pieces<'_>| -> Result<Vec<Tensor>, WorkerError> {
+        grads.begin_step();
         let (_, tape) = block::forward(&model, 0, &x, None, pieces, true)?;
-        let (dx, g) = block::backward(&model, 0, tape, &dy, None, pieces)?;
-        Ok(vec![dx, g.input_norm, g.qkv, g.o, g.post_norm, g.gate_up, g.down])
+        let dx = block::backward(&model, 0, tape, &dy, None, pieces, &mut grads, leaves)?;
+        Ok(std::iter::once(dx).chain(leaves.iter().map(|&l| grads.leaf(l))).collect())
     };
     let want = autograd(&model32, &f32_(&x), &f32_(&dy))?;
     let names = ["dx", "input_norm", "qkv", "o", "post_norm", "gate_up", "down"];

@@ -5,28 +5,31 @@ use tch::{Device, Kind, Tensor};
 
 use crate::model::Packing;
 use crate::model_tests::{max_diff, model, tokens};
+use crate::trainer::grads::{gemm_into, FlatGrads};
 use crate::trainer::objective::{head_forward_backward, head_loss, CrossEntropy, Objective};
 use crate::trainer::step::{forward_backward, EngineOptions, GradSink, Stages};
 use crate::trainer::Batch;
 use crate::WorkerError;
 
-/// Collects gradients into one flat buffer, like the real sink, and checks the protocol.
+/// The real gradient buffer, checking the protocol: every leaf finished once.
 struct Collect {
-    grad: Tensor,
-    ranges: Vec<(i64, i64)>,
-    shapes: Vec<Vec<i64>>,
+    grads: FlatGrads,
     done: Vec<usize>,
 }
 
 impl GradSink for Collect {
     fn add(&mut self, leaf: usize, grad: &Tensor) -> Result<(), WorkerError> {
-        let (o, n) = self.ranges[leaf];
-        let _ = self.grad.narrow(0, o, n).g_add_(&grad.reshape([-1]));
+        assert!(!self.done.contains(&leaf), "leaf {leaf} written after it was finished");
+        self.grads.add(leaf, grad);
+        Ok(())
+    }
+    fn add_product(&mut self, leaf: usize, a: &Tensor, b: &Tensor) -> Result<(), WorkerError> {
+        assert!(!self.done.contains(&leaf), "leaf {leaf} written after it was finished");
+        self.grads.add_product(leaf, a, b);
         Ok(())
     }
     fn region(&mut self, leaf: usize) -> Tensor {
-        let (o, n) = self.ranges[leaf];
-        self.grad.narrow(0, o, n).view(self.shapes[leaf].as_slice())
+        self.grads.region(leaf)
     }
     fn done(&mut self, leaf: usize) -> Result<(), WorkerError> {
         assert!(!self.done.contains(&leaf), "leaf {leaf} finished twice");
@@ -92,12 +95,8 @@ fn block_by_block_gradients_equal_whole_graph_autograd() {
         let scale = 1.0 / 40.0;
         let (want_loss, want) = reference(&m, &b, scale);
         let layout = m.params.layout();
-        let mut sink = Collect {
-            grad: Tensor::zeros([layout.numel], (Kind::Double, Device::Cpu)),
-            ranges: layout.leaves.iter().map(|l| (l.offset, l.numel)).collect(),
-            shapes: layout.leaves.iter().map(|l| l.shape.clone()).collect(),
-            done: Vec::new(),
-        };
+        let mut sink =
+            Collect { grads: FlatGrads::new(layout, layout.numel, Kind::Double, Device::Cpu), done: Vec::new() };
         let objective = CrossEntropy { scale };
         // Recomputing elementwise outputs rides along with the explicit cases that keep
         // whole blocks: it must not change a bit either.
@@ -110,7 +109,8 @@ fn block_by_block_gradients_equal_whole_graph_autograd() {
         let loss = forward_backward(&m, &Stages::of(layout), &b, &objective, &opts, &mut sink).unwrap();
         assert!((loss.double_value(&[]) - want_loss).abs() < 1e-12, "loss {} vs {want_loss}", loss.double_value(&[]));
         assert_eq!(sink.done.len(), layout.leaves.len(), "every leaf reported once");
-        let err = max_diff(&sink.grad, &want) / want.abs().max().double_value(&[]);
+        sink.grads.zero_unwritten();
+        let err = max_diff(sink.grads.buffer(), &want) / want.abs().max().double_value(&[]);
         assert!(
             err < 1e-10,
             "window {window} recompute {recompute} weights {weights} explicit {explicit_blocks} packed {packed}: \
@@ -148,8 +148,12 @@ fn chunked_head_case(n: i64, vocab: i64) {
     let loss = h.matmul(&w.tr()).view([n, vocab]).cross_entropy_for_logits(&targets.view([-1]));
     let grads = Tensor::run_backward(&[&loss], &[&h, &w], false, false);
 
-    let mut gw = Tensor::zeros([vocab, d], (Kind::Float, Device::Cpu));
-    let out = head_forward_backward(&hidden, &weight, &b, &objective, &mut gw, None).unwrap();
+    let gw = Tensor::zeros([vocab, d], (Kind::Float, Device::Cpu));
+    let mut add = |a: &Tensor, b: &Tensor| {
+        gemm_into(&gw, a, b, false);
+        Ok(())
+    };
+    let out = head_forward_backward(&hidden, &weight, &b, &objective, &mut add, None).unwrap();
     assert!((out.loss.double_value(&[]) - loss.double_value(&[])).abs() < 1e-5);
     assert!(max_diff(&out.d_hidden, &grads[0]) < 1e-6, "{n} rows: {}", max_diff(&out.d_hidden, &grads[0]));
     assert!(max_diff(&gw, &grads[1]) < 1e-7, "{n} rows: {}", max_diff(&gw, &grads[1]));

@@ -26,6 +26,7 @@
 
 use tch::{Kind, Tensor};
 
+use super::step::GradSink;
 use crate::cuda::kernels::{Kernels, RMSNORM_MAX_DIM};
 use crate::model::{Packing, Transformer};
 use crate::WorkerError;
@@ -82,22 +83,22 @@ pub struct Tape {
     act: Option<Tensor>,
 }
 
-/// Block `i`'s parameter gradients, in the model's dtype (norm gains in fp32 with fused
-/// pieces).
-pub struct BlockGrads {
-    /// `input_layernorm.weight`.
-    pub input_norm: Tensor,
-    /// `self_attn.qkv`.
-    pub qkv: Tensor,
-    /// `self_attn.o_proj.weight`.
-    pub o: Tensor,
-    /// `post_attention_layernorm.weight`.
-    pub post_norm: Tensor,
-    /// `mlp.gate_up`.
-    pub gate_up: Tensor,
-    /// `mlp.down_proj.weight`.
-    pub down: Tensor,
-}
+/// A block's parameters (leaf names after `model.layers.{i}.`), in the order
+/// [`backward`] takes their leaf indices.
+pub const BLOCK_PARAMS: [&str; 6] = [
+    "input_layernorm.weight",
+    "self_attn.qkv",
+    "self_attn.o_proj.weight",
+    "post_attention_layernorm.weight",
+    "mlp.gate_up",
+    "mlp.down_proj.weight",
+];
+const INPUT_NORM: usize = 0;
+const QKV: usize = 1;
+const O: usize = 2;
+const POST_NORM: usize = 3;
+const GATE_UP: usize = 4;
+const DOWN: usize = 5;
 
 /// Block `i` on `x` `[b, t, dim]` (no graph): the output and the tape for [`backward`].
 /// With `keep_elementwise` false the tape leaves out the RMSNorm and SwiGLU outputs, which
@@ -150,9 +151,12 @@ pub fn forward(
     Ok((y, tape))
 }
 
-/// Backward of block `i` for `dy` (the gradient of its output): the gradient of its input
-/// and of its parameters. Each saved tensor is released as soon as its last use is done,
-/// so the transients of one block's backward mostly reuse its own tape's memory.
+/// Backward of block `i` for `dy` (the gradient of its output): returns the gradient of its
+/// input and adds its parameters' gradients to `sink` (leaves `leaves`, in
+/// [`BLOCK_PARAMS`]' order) as they are computed — the weight gradients as products the
+/// sink's GEMM writes in place. Each saved tensor is released as soon as its last use is
+/// done, so the transients of one block's backward mostly reuse its own tape's memory.
+#[allow(clippy::too_many_arguments)]
 pub fn backward(
     model: &Transformer,
     i: usize,
@@ -160,7 +164,9 @@ pub fn backward(
     dy: &Tensor,
     packing: Option<&Packing>,
     pieces: Pieces<'_>,
-) -> Result<(Tensor, BlockGrads), WorkerError> {
+    sink: &mut dyn GradSink,
+    leaves: [usize; 6],
+) -> Result<Tensor, WorkerError> {
     let (l, eps) = (model.layer(i), model.shape.norm_eps);
     let positions = packing.map(|p| &p.positions);
     let Tape { x, n1, rstd1, q, k, v, attn, h, n2, rstd2, gate_up, act } = tape;
@@ -173,7 +179,7 @@ pub fn backward(
         Some(a) => a,
         None => pieces.swiglu(&gate_up)?,
     };
-    let down = dy2.tr().mm(&rows2(&act));
+    sink.add_product(leaves[DOWN], &dy2.tr(), &rows2(&act))?;
     let d_act = dy2.mm(&l.w_down).view(act.size().as_slice());
     drop(act);
     let d_gate_up = pieces.swiglu_backward(&gate_up, &d_act)?;
@@ -183,16 +189,17 @@ pub fn backward(
         None => pieces.rms_norm(&h, &l.post_norm, eps)?.0,
     };
     let d_gate_up2 = rows2(&d_gate_up);
-    let gate_up_grad = d_gate_up2.tr().mm(&rows2(&n2));
+    sink.add_product(leaves[GATE_UP], &d_gate_up2.tr(), &rows2(&n2))?;
     drop(n2);
     let d_n2 = d_gate_up2.mm(&l.w_gate_up).view(h.size().as_slice());
     drop((d_gate_up, d_gate_up2));
     let (dh, post_norm) = pieces.rms_norm_backward(&h, &l.post_norm, &rstd2, &d_n2, Some(dy))?;
+    sink.add(leaves[POST_NORM], &post_norm)?;
     drop((h, d_n2));
 
     // Attention: h = x + attn·Woᵀ.
     let dh2 = rows2(&dh);
-    let o = dh2.tr().mm(&rows2(&attn.detach()));
+    sink.add_product(leaves[O], &dh2.tr(), &rows2(&attn.detach()))?;
     let d_attn = dh2.mm(&l.wo);
     let grads = tch::with_grad(|| {
         let surrogate = attn.reshape([-1]).dot(&d_attn.reshape([-1]));
@@ -206,12 +213,13 @@ pub fn backward(
         None => pieces.rms_norm(&x, &l.input_norm, eps)?.0,
     };
     let d_qkv2 = rows2(&d_qkv);
-    let qkv = d_qkv2.tr().mm(&rows2(&n1));
+    sink.add_product(leaves[QKV], &d_qkv2.tr(), &rows2(&n1))?;
     drop(n1);
     let d_n1 = d_qkv2.mm(&l.w_qkv).view(x.size().as_slice());
     drop((d_qkv, d_qkv2));
     let (dx, input_norm) = pieces.rms_norm_backward(&x, &l.input_norm, &rstd1, &d_n1, Some(&dh))?;
-    Ok((dx, BlockGrads { input_norm, qkv, o, post_norm, gate_up: gate_up_grad, down }))
+    sink.add(leaves[INPUT_NORM], &input_norm)?;
+    Ok(dx)
 }
 
 /// `x + a·wᵀ` as one GEMM that adds into a copy of `x` (`addmm`, β = 1) instead of a GEMM

@@ -16,6 +16,7 @@
 pub mod batch;
 pub mod block;
 pub mod checkpointing;
+pub mod grads;
 mod group_checks;
 pub mod handover;
 pub mod objective;

@@ -18,8 +18,7 @@ use super::batch::Batch;
 use crate::cuda::kernels::Kernels;
 use crate::WorkerError;
 
-/// fp32 logits elements per chunk (256 MiB).
-const CHUNK_ELEMENTS: i64 = 1 << 26;
+use moxin_layout::memory::HEAD_CHUNK_BYTES;
 
 /// A training objective over target log-probabilities.
 pub trait Objective {
@@ -87,9 +86,10 @@ pub struct HeadOutput {
     pub d_hidden: Tensor,
 }
 
-/// Rows per chunk for a vocabulary of `vocab`.
-fn chunk_rows(vocab: i64) -> i64 {
-    (CHUNK_ELEMENTS / vocab.max(1)).max(1)
+/// Rows per chunk for a vocabulary of `vocab` with logits of `element_bytes` each (fp32
+/// through ATen, bf16 with the fused kernels): one chunk of logits is `HEAD_CHUNK_BYTES`.
+fn chunk_rows(vocab: i64, element_bytes: i64) -> i64 {
+    (HEAD_CHUNK_BYTES as i64 / element_bytes / vocab.max(1)).max(1)
 }
 
 /// The precision of the softmax: fp32, or fp64 for an fp64 model (tests).
@@ -110,16 +110,17 @@ fn chunk_log_probs(h: &Tensor, weight: &Tensor, targets: &Tensor) -> (Tensor, Te
 }
 
 /// The LM head and `objective` on `hidden` `[b, t, dim]` (a tensor without graph) with head
-/// weight `weight` `[vocab, dim]`: returns the loss and `d loss / d hidden`, and adds
-/// `d loss / d weight` into `grad_weight` (`[vocab, dim]`, fp32 or the model's dtype).
-/// With `kernels` (bf16 on CUDA) the softmax and its gradient run as two fused passes over
-/// the bf16 logits instead of materialising them in fp32.
+/// weight `weight` `[vocab, dim]`: returns the loss and `d loss / d hidden`, and hands
+/// `d loss / d weight` chunk by chunk to `add_weight_grad(a, b)` as products `a · b`
+/// (`[vocab, rows] · [rows, dim]`) to add to the weight's gradient. With `kernels` (bf16 on
+/// CUDA) the softmax and its gradient run as two fused passes over the bf16 logits instead
+/// of materialising them in fp32.
 pub fn head_forward_backward(
     hidden: &Tensor,
     weight: &Tensor,
     batch: &Batch,
     objective: &dyn Objective,
-    grad_weight: &mut Tensor,
+    add_weight_grad: &mut dyn FnMut(&Tensor, &Tensor) -> Result<(), WorkerError>,
     kernels: Option<&Kernels>,
 ) -> Result<HeadOutput, WorkerError> {
     let kernels = kernels.filter(|_| hidden.kind() == Kind::BFloat16 && hidden.device() != Device::Cpu);
@@ -131,7 +132,7 @@ pub fn head_forward_backward(
         let weight = weight.detach();
         let d_hidden = Tensor::empty([n, d], (hidden.kind(), hidden.device()));
         let mut loss = Tensor::zeros([], (softmax_kind(hidden.kind()), hidden.device()));
-        let step = chunk_rows(weight.size()[0]);
+        let step = chunk_rows(weight.size()[0], if kernels.is_some() { 2 } else { 4 });
         let weight_t =
             (weight.device() == Device::Cpu && weight.kind() == Kind::Float).then(|| weight.tr().contiguous());
         let mut start = 0;
@@ -163,27 +164,11 @@ pub fn head_forward_backward(
             } else {
                 let _ = g.mm_out(&d_hidden.narrow(0, start, rows), &weight);
             }
-            accumulate_gemm(grad_weight, &g.tr(), &h);
+            add_weight_grad(&g.tr(), &h)?;
             start += rows;
         }
         Ok(HeadOutput { loss, d_hidden: d_hidden.view([b, t, d]) })
     })
-}
-
-/// `acc += a @ b`, with `acc` in fp32 even when `a` and `b` are bf16 (cuBLAS accumulates in
-/// fp32 and writes fp32 directly on CUDA; elsewhere through a temporary).
-fn accumulate_gemm(acc: &mut Tensor, a: &Tensor, b: &Tensor) {
-    if acc.kind() == a.kind() {
-        let _ = acc.addmm_(a, b);
-        return;
-    }
-    if acc.device() != Device::Cpu {
-        let out = acc.shallow_clone();
-        if acc.f_addmm_dtype_out(&out, a, b, acc.kind()).is_ok() {
-            return;
-        }
-    }
-    let _ = acc.g_add_(&a.mm(b).to_kind(acc.kind()));
 }
 
 /// Log-probabilities `[n]` (fp32) of `targets` `[n]` under the head `weight` applied to
@@ -191,7 +176,7 @@ fn accumulate_gemm(acc: &mut Tensor, a: &Tensor, b: &Tensor) {
 pub fn target_log_probs(hidden: &Tensor, weight: &Tensor, targets: &Tensor) -> Tensor {
     tch::no_grad(|| {
         let n = hidden.size()[0];
-        let step = chunk_rows(weight.size()[0]);
+        let step = chunk_rows(weight.size()[0], 4);
         let mut parts = Vec::new();
         let mut start = 0;
         while start < n {
@@ -212,7 +197,7 @@ pub fn head_loss(hidden: &Tensor, weight: &Tensor, batch: &Batch, objective: &dy
         let h_all = hidden.reshape([n, d]);
         let targets = batch.targets.reshape([-1]);
         let mut loss = Tensor::zeros([], (softmax_kind(hidden.kind()), hidden.device()));
-        let step = chunk_rows(weight.size()[0]);
+        let step = chunk_rows(weight.size()[0], 4);
         let mut start = 0;
         while start < n {
             let rows = step.min(n - start);

@@ -16,7 +16,7 @@ use moxin_layout::FlatLayout;
 use tch::Tensor;
 
 use super::batch::Batch;
-use super::block::{self, BlockGrads, Pieces};
+use super::block::{self, Pieces, BLOCK_PARAMS};
 use super::objective::{head_forward_backward, Objective};
 use crate::model::Transformer;
 use crate::WorkerError;
@@ -32,6 +32,11 @@ pub trait GradSink {
     }
     /// Adds `grad` (shaped like the leaf, any float dtype) to leaf `leaf`'s gradient.
     fn add(&mut self, leaf: usize, grad: &Tensor) -> Result<(), WorkerError>;
+    /// Adds the product `a · b` (the leaf's 2-D shape) to leaf `leaf`'s gradient; a sink
+    /// that owns the storage lets the GEMM write it there (see [`super::grads`]).
+    fn add_product(&mut self, leaf: usize, a: &Tensor, b: &Tensor) -> Result<(), WorkerError> {
+        self.add(leaf, &a.mm(b))
+    }
     /// Leaf `leaf`'s gradient storage, shaped like the leaf, for code that accumulates into
     /// it in place.
     fn region(&mut self, leaf: usize) -> Tensor;
@@ -43,14 +48,14 @@ pub trait GradSink {
 #[derive(Debug, Clone)]
 pub struct Stages {
     embed: usize,
-    /// Each block's leaves, in [`BlockGrads`]'s order.
+    /// Each block's leaves, in [`BLOCK_PARAMS`]' order.
     blocks: Vec<[usize; 6]>,
     final_norm: usize,
     head: usize,
 }
 
 impl Stages {
-    /// Block `i`'s leaves in [`BlockGrads`]'s order: input norm, qkv, o, post norm,
+    /// Block `i`'s leaves in [`BLOCK_PARAMS`]' order: input norm, qkv, o, post norm,
     /// gate/up, down.
     pub fn block_leaves(&self, i: usize) -> [usize; 6] {
         self.blocks[i]
@@ -60,19 +65,7 @@ impl Stages {
     pub fn of(layout: &FlatLayout) -> Self {
         let index = |name: &str| layout.leaves.iter().position(|l| l.name == name).expect("model leaf");
         let layers = layout.leaves.iter().filter_map(|l| l.layer).max().map_or(0, |m| m as usize + 1);
-        let blocks = (0..layers)
-            .map(|i| {
-                [
-                    "input_layernorm.weight",
-                    "self_attn.qkv",
-                    "self_attn.o_proj.weight",
-                    "post_attention_layernorm.weight",
-                    "mlp.gate_up",
-                    "mlp.down_proj.weight",
-                ]
-                .map(|leaf| index(&format!("model.layers.{i}.{leaf}")))
-            })
-            .collect();
+        let blocks = (0..layers).map(|i| BLOCK_PARAMS.map(|leaf| index(&format!("model.layers.{i}.{leaf}")))).collect();
         Stages {
             embed: index("model.embed_tokens.weight"),
             blocks,
@@ -140,13 +133,20 @@ pub fn forward_backward(
 
     // Head: hand-written gradients, chunk by chunk.
     sink.params_ready(stages.blocks.len() + 1)?;
-    let mut head_grad = sink.region(stages.head);
     // Logits at the objective's scale (GRPO: 1 / sampling temperature), through the hidden
     // states: logits = (s·h)·Wᵀ, so d/dW comes out right and d/dh is s times the head's.
     let scale = objective.logit_scale();
     let head_input = if scale == 1.0 { hidden.detach() } else { tch::no_grad(|| hidden.detach() * scale) };
-    let head =
-        head_forward_backward(&head_input, model.lm_head(), batch, objective, &mut head_grad, opts.kernels.as_deref())?;
+    let head_leaf = stages.head;
+    let mut add_head_grad = |a: &Tensor, b: &Tensor| sink.add_product(head_leaf, a, b);
+    let head = head_forward_backward(
+        &head_input,
+        model.lm_head(),
+        batch,
+        objective,
+        &mut add_head_grad,
+        opts.kernels.as_deref(),
+    )?;
     sink.done(stages.head)?;
     let d_hidden = if scale == 1.0 { head.d_hidden } else { tch::no_grad(|| head.d_hidden * scale) };
 
@@ -166,11 +166,7 @@ pub fn forward_backward(
                 Some(tape) => tape,
                 None => block::forward(model, i, x, packing, pieces, true)?.1,
             };
-            let (dx, grads) = block::backward(model, i, tape, &d_x, packing, pieces)?;
-            let BlockGrads { input_norm, qkv, o, post_norm, gate_up, down } = grads;
-            for (&leaf, g) in stages.blocks[i].iter().zip([input_norm, qkv, o, post_norm, gate_up, down]) {
-                sink.add(leaf, &g)?;
-            }
+            let dx = block::backward(model, i, tape, &d_x, packing, pieces, sink, stages.blocks[i])?;
             for &leaf in &stages.blocks[i] {
                 sink.done(leaf)?;
             }

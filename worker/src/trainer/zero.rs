@@ -21,6 +21,7 @@ use std::ops::Range;
 use moxin_layout::FlatLayout;
 use tch::{Kind, Tensor};
 
+use super::grads::FlatGrads;
 use super::step::GradSink;
 use crate::collective::{clip_ranges, Collective, CollectiveError, OpTime, ReduceOp, Work};
 use crate::optim::{clip_factor, AdamW};
@@ -88,12 +89,9 @@ pub struct Zero1 {
     partitions: Vec<Range<usize>>,
     /// This rank's partition clamped to the real parameters.
     own: Range<i64>,
-    grad: Tensor,
-    leaf_ranges: Vec<Range<i64>>,
-    leaf_shapes: Vec<Vec<i64>>,
+    grads: FlatGrads,
     buckets: Vec<Bucket>,
     leaf_bucket: Vec<usize>,
-    written: Vec<bool>,
     last_micro: bool,
     in_flight: Vec<Work>,
     /// Parameter all-gathers in flight, in forward order: (stage, work).
@@ -151,21 +149,16 @@ impl Zero1 {
         let mine = &partitions[collective.rank()];
         let own = (mine.start as i64).min(layout.numel)..(mine.end as i64).min(layout.numel);
         let opt = AdamW::new(opt_config, params, own.start, own.end, layout.decay_numel);
-        let grad = Tensor::zeros([padded], (grad_kind, params.device()));
-        let leaf_ranges: Vec<Range<i64>> = layout.leaves.iter().map(|l| l.offset..l.offset + l.numel).collect();
+        let grads = FlatGrads::new(layout, padded, grad_kind, params.device());
         let (buckets, leaf_bucket) = plan_buckets(layout, padded);
-        let leaf_shapes = layout.leaves.iter().map(|l| l.shape.clone()).collect();
         let gather_plan = plan_gathers(layout, padded);
         Ok(Zero1 {
-            leaf_shapes,
             gathers: Default::default(),
             gather_plan,
             collective,
-            written: vec![false; leaf_ranges.len()],
             partitions,
             own,
-            grad,
-            leaf_ranges,
+            grads,
             buckets,
             leaf_bucket,
             last_micro: false,
@@ -253,7 +246,7 @@ impl Zero1 {
     /// Starts micro-batch `index` of `count` in this step.
     pub fn begin_micro_batch(&mut self, index: usize, count: usize) {
         if index == 0 {
-            self.written.iter_mut().for_each(|w| *w = false);
+            self.grads.begin_step();
             self.comm = CommTimes::default();
         }
         self.last_micro = index + 1 == count;
@@ -262,16 +255,11 @@ impl Zero1 {
         }
     }
 
-    fn view(&self, leaf: usize) -> Tensor {
-        let r = &self.leaf_ranges[leaf];
-        self.grad.narrow(0, r.start, r.end - r.start)
-    }
-
     fn launch(&mut self, bucket: usize) -> Result<(), WorkerError> {
         let r = self.buckets[bucket].range.clone();
         let window = r.start as usize..r.end as usize;
         let ranges = clip_ranges(&self.partitions, window);
-        let buf = self.grad.narrow(0, r.start, r.end - r.start);
+        let buf = self.grads.buffer().narrow(0, r.start, r.end - r.start);
         let work = self.collective.reduce_scatter(&buf, &ranges, ReduceOp::Sum).map_err(comm_error)?;
         self.in_flight.push(work);
         Ok(())
@@ -298,14 +286,9 @@ impl Zero1 {
         grad_clip: f64,
     ) -> Result<StepSync, WorkerError> {
         tch::no_grad(|| -> Result<StepSync, WorkerError> {
-            for leaf in 0..self.written.len() {
-                if !self.written[leaf] {
-                    let _ = self.view(leaf).zero_();
-                    self.written[leaf] = true;
-                }
-            }
+            self.grads.zero_unwritten();
             self.wait_in_flight()?;
-            let own = self.grad.narrow(0, self.own.start, self.own.end - self.own.start);
+            let own = self.grads.buffer().narrow(0, self.own.start, self.own.end - self.own.start);
             let sq_norm = if own.numel() == 0 {
                 Tensor::zeros([], (Kind::Float, own.device()))
             } else {
@@ -378,28 +361,17 @@ impl GradSink for Zero1 {
     }
 
     fn add(&mut self, leaf: usize, grad: &Tensor) -> Result<(), WorkerError> {
-        let mut dst = self.view(leaf);
-        tch::no_grad(|| match (grad.defined(), self.written[leaf]) {
-            (true, false) => dst.copy_(&grad.reshape([-1])),
-            (true, true) => {
-                let _ = dst.g_add_(&grad.reshape([-1]).to_kind(dst.kind()));
-            }
-            (false, false) => {
-                let _ = dst.zero_();
-            }
-            (false, true) => {}
-        });
-        self.written[leaf] = true;
+        self.grads.add(leaf, grad);
+        Ok(())
+    }
+
+    fn add_product(&mut self, leaf: usize, a: &Tensor, b: &Tensor) -> Result<(), WorkerError> {
+        self.grads.add_product(leaf, a, b);
         Ok(())
     }
 
     fn region(&mut self, leaf: usize) -> Tensor {
-        let mut v = self.view(leaf);
-        if !self.written[leaf] {
-            let _ = tch::no_grad(|| v.zero_());
-            self.written[leaf] = true;
-        }
-        v.view(self.leaf_shapes[leaf].as_slice())
+        self.grads.region(leaf)
     }
 
     fn done(&mut self, leaf: usize) -> Result<(), WorkerError> {
