@@ -84,6 +84,19 @@ for shape in ("gpu-1b", "moxin-7b-4l"):
         med = lambda k: statistics.median(r[k] for r in steady)
         print(f"| {shape} | {med('step_time_s'):.3f} | {med('compute_s'):.3f} | {med('optimizer_s'):.3f} | {med('comm_exposed_s'):.4f} |")
 
+PHASES = ("data", "forward", "head", "backward", "embedding_backward", "grad_norm", "optimizer")
+LAYERS = {"gpu-1b": 16, "moxin-7b-4l": 4}
+print("\n## Phases of the step (profile mode: each phase ends with a device synchronisation), milliseconds\n")
+print("| shape | " + " | ".join(PHASES) + " | sum | per block forward | per block backward |")
+print("|---|" + "---|" * (len(PHASES) + 3))
+for shape in ("gpu-1b", "moxin-7b-4l"):
+    rows = [r for r in (metrics(f"{shape}-moxin-profile") or [])[3:] if r.get("phase_s")]
+    if rows:
+        med = {p: 1e3 * statistics.median(r["phase_s"].get(p, 0.0) for r in rows) for p in PHASES}
+        layers = LAYERS[shape]
+        cells = " | ".join(f"{med[p]:.1f}" for p in PHASES)
+        print(f"| {shape} | {cells} | {sum(med.values()):.1f} | {med['forward'] / layers:.2f} | {med['backward'] / layers:.2f} |")
+
 print("\n## Correctness\n")
 for name in ("tiny-aten", "tiny-fused", "tiny-explicit", "tiny-optstream", "nccl1"):
     rows = metrics(name)

@@ -57,6 +57,29 @@ fn tiny_preset_loss_falls_and_the_run_dir_is_complete() {
     assert_eq!(format!("Once{}", lines[0]["completion"].as_str().unwrap()), alone.trim_end_matches('\n'));
 }
 
+#[test]
+fn profile_mode_reports_the_phases_of_each_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tiny_job(tmp.path(), 3, "profile = true");
+    let run = tmp.path().join("run");
+    ok(tmp.path(), &["train", s(&job), "--out", s(&run)]);
+    for m in metrics(&run) {
+        let phases = m["phase_s"].as_object().unwrap_or_else(|| panic!("no phase_s: {m}"));
+        let mut names: Vec<&str> = phases.keys().map(String::as_str).collect();
+        names.sort();
+        let want = ["backward", "data", "embedding_backward", "forward", "grad_norm", "head", "optimizer"];
+        assert_eq!(names, want, "{m}");
+        // Phases are consecutive pieces of the step (two micro-batches add into theirs).
+        let total: f64 = phases.values().map(|v| v.as_f64().unwrap()).sum();
+        assert!(phases.values().all(|v| v.as_f64().unwrap() >= 0.0), "{m}");
+        assert!(total <= m["step_time_s"].as_f64().unwrap() + 1e-6, "{m}");
+    }
+    // Without profile mode the lines carry no phases.
+    let plain = tmp.path().join("plain");
+    ok(tmp.path(), &["train", s(&tiny_job(tmp.path(), 1, "")), "--out", s(&plain)]);
+    assert!(metrics(&plain)[0].get("phase_s").is_none());
+}
+
 /// 2N steps in one run give the same bytes as N steps, stop, and resume to 2N; with the
 /// optimizer partition split into several files (as large partitions are).
 #[test]

@@ -184,6 +184,12 @@ impl MetricsLog {
             "checkpoint_write_s": m.checkpoint_write_s,
         });
         let mut line = line;
+        if !m.phase_s.is_empty() {
+            // Sorted, so the file reads the same from run to run.
+            let phases: std::collections::BTreeMap<&str, f64> =
+                m.phase_s.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+            line["phase_s"] = serde_json::json!(phases);
+        }
         if m.rollout {
             let rl = serde_json::json!({
                 "reward_mean": m.reward_mean,

@@ -731,7 +731,7 @@ impl Coordinator for CoordinatorService {
                 s.membership.phase()
             )));
         }
-        let (generation, step) = (s.membership.generation(), s.progress.last.map_or(s.start_step, |m| m.step));
+        let (generation, step) = (s.membership.generation(), s.progress.last.as_ref().map_or(s.start_step, |m| m.step));
         tracing::info!(generation, step, %reason, "checkpoint requested: the group saves at its next step boundary");
         for w in s.workers.values().filter(|w| w.rank.is_some()) {
             send(w, Event { kind: Some(event::Kind::Checkpoint(CheckpointNow { reason: reason.clone() })) });

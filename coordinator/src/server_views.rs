@@ -77,7 +77,7 @@ impl CoordinatorService {
             generation: s.membership.generation(),
             step: s.progress.last.as_ref().map_or(s.start_step, |m| m.step),
             total_steps: train.steps,
-            last: s.progress.last,
+            last: s.progress.last.clone(),
             workers,
             min_workers: self.job.config.cluster.min_workers,
             max_workers: self.job.config.cluster.max(),

@@ -7,6 +7,7 @@ use crate::model::Packing;
 use crate::model_tests::{max_diff, model, tokens};
 use crate::trainer::grads::{gemm_into, FlatGrads};
 use crate::trainer::objective::{head_forward_backward, head_loss, CrossEntropy, Objective};
+use crate::trainer::profile::PhaseClock;
 use crate::trainer::step::{forward_backward, EngineOptions, GradSink, Stages};
 use crate::trainer::Batch;
 use crate::WorkerError;
@@ -106,7 +107,11 @@ fn block_by_block_gradients_equal_whole_graph_autograd() {
             explicit_blocks,
             recompute_elementwise: explicit_blocks && !weights,
         };
-        let loss = forward_backward(&m, &Stages::of(layout), &b, &objective, &opts, &mut sink).unwrap();
+        let mut clock = PhaseClock::new(true, None);
+        clock.start();
+        let loss = forward_backward(&m, &Stages::of(layout), &b, &objective, &opts, &mut sink, &mut clock).unwrap();
+        let phases: Vec<_> = clock.take().into_iter().map(|(name, _)| name).collect();
+        assert_eq!(phases, ["forward", "head", "backward", "embedding_backward"]);
         assert!((loss.double_value(&[]) - want_loss).abs() < 1e-12, "loss {} vs {want_loss}", loss.double_value(&[]));
         assert_eq!(sink.done.len(), layout.leaves.len(), "every leaf reported once");
         sink.grads.zero_unwritten();

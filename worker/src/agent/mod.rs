@@ -514,7 +514,7 @@ impl Agent {
                 self.step.step.store(m.step, Ordering::Relaxed);
                 self.step.compute_s_bits.store(m.compute_s.to_bits(), Ordering::Relaxed);
                 if rank == 0 {
-                    self.report(generation, Some(m), false).await?;
+                    self.report(generation, Some(m.clone()), false).await?;
                 }
                 self.last = Some(m);
             }
@@ -544,7 +544,7 @@ impl Agent {
                             return Ok(None);
                         }
                         // With nothing left to train, no step was reported: say so without metrics.
-                        let last = self.last.filter(|m| m.step == step);
+                        let last = self.last.clone().filter(|m| m.step == step);
                         self.report(generation, last, true).await?;
                         return Ok(Some(AgentEnd::Done));
                     }
@@ -647,7 +647,13 @@ impl Agent {
         metrics: Option<StepMetrics>,
         finished: bool,
     ) -> Result<(), WorkerError> {
-        let request = StepReport { worker_id: self.worker_id.clone(), generation, metrics, finished, backfill: false };
+        let request = StepReport {
+            worker_id: self.worker_id.clone(),
+            generation,
+            metrics: metrics.clone(),
+            finished,
+            backfill: false,
+        };
         match guarded(&self.forgotten, RPC_TIMEOUT, self.client.report_step(request)).await {
             Ok(_) => Ok(()),
             Err(status) => {
@@ -716,7 +722,7 @@ impl Agent {
                     let step_tx = tx.clone();
                     let end = trainer.run(None, &mut |m| {
                         crate::driver::record_step_metrics(m);
-                        step_tx.send(TrainMsg::Step(*m)).map_err(|_| "the agent is gone".to_string())
+                        step_tx.send(TrainMsg::Step(m.clone())).map_err(|_| "the agent is gone".to_string())
                     })?;
                     Ok((end, trainer.step(), trainer.take_handover()))
                 });

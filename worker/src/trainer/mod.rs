@@ -20,6 +20,7 @@ pub mod grads;
 mod group_checks;
 pub mod handover;
 pub mod objective;
+pub mod profile;
 pub mod step;
 pub mod zero;
 
@@ -37,6 +38,7 @@ pub use self::batch::{Batch, BatchSource, PretrainWindows, SftPacks};
 pub use self::checkpointing::{Checkpointer, Progress};
 pub use self::handover::Handover;
 pub use self::objective::{CrossEntropy, Objective};
+use self::profile::PhaseClock;
 pub use self::zero::{Votes, Zero1};
 use crate::checkpoint::Committer;
 use crate::collective::Collective;
@@ -110,7 +112,8 @@ pub struct Trainer {
     pub checkpoint_requested: Arc<AtomicBool>,
     group_stop: bool,
     engine: step::EngineOptions,
-    profile: bool,
+    /// Phase timers (`runtime.profile`).
+    clock: PhaseClock,
     flops_per_token: f64,
     peak_flops: Option<f64>,
     cuda: Option<Arc<crate::cuda::CudaContext>>,
@@ -367,7 +370,7 @@ impl Trainer {
                 explicit_blocks,
                 recompute_elementwise,
             },
-            profile: runtime.profile,
+            clock: PhaseClock::new(runtime.profile, placement.cuda_ordinal()),
             peak_flops,
             cuda,
             peak_memory: 0,
@@ -496,12 +499,6 @@ impl Trainer {
         Ok(if self.progress.step >= train.steps { RunEnd::Finished } else { RunEnd::Stopped })
     }
 
-    fn synchronize(&self) {
-        if let Some(i) = self.placement.cuda_ordinal() {
-            tch::Cuda::synchronize(i as i64);
-        }
-    }
-
     /// One optimizer step over the next global batch: this rank's micro-batches forward and
     /// backward (gradients reduce-scatter bucket by bucket as backward produces them), then
     /// the group agrees on the norm and loss, clips, updates its partition and starts the
@@ -516,6 +513,7 @@ impl Trainer {
         let device = self.placement.device;
         let micro = self.batches.micro_batches();
         let mut loss = Tensor::zeros([], (Kind::Float, device));
+        self.clock.start();
         // Sources that generate their data (GRPO) need the parameters whole first.
         let rollout = if self.spec.grpo.is_some() {
             self.sync.wait_params()?;
@@ -524,10 +522,14 @@ impl Trainer {
             None
         };
         let rollout_s = rollout.map_or(0.0, |r| r.seconds);
+        if rollout.is_some() {
+            self.clock.lap("rollout");
+        }
         self.objective.normalise(self.batches.loss_tokens(self.progress.cursor));
         for m in 0..micro {
             self.sync.begin_micro_batch(m, micro);
             let batch = self.batches.micro_batch(self.progress.cursor, m, device)?;
+            self.clock.lap("data");
             let l = step::forward_backward(
                 &self.model,
                 &self.stages,
@@ -535,12 +537,11 @@ impl Trainer {
                 self.objective.as_ref(),
                 &self.engine,
                 &mut self.sync,
+                &mut self.clock,
             )?;
             loss += l.to_kind(Kind::Float);
         }
-        if self.profile {
-            self.synchronize();
-        }
+        // (In profile mode the clock's last lap waited for the device.)
         let compute_s = started.elapsed().as_secs_f64();
         let params = self.model.params.flat().shallow_clone();
         let every_seconds = section!(self.spec, checkpoint).every_seconds;
@@ -550,7 +551,7 @@ impl Trainer {
                 || self.checkpoint_requested.swap(false, Ordering::Relaxed),
             handover: self.handover_requested.load(Ordering::Relaxed),
         };
-        let synced = self.sync.finish(&params, &loss, votes, lr, opt_spec.grad_clip)?;
+        let synced = self.sync.finish(&params, &loss, votes, lr, opt_spec.grad_clip, &mut self.clock)?;
         self.group_checkpoint = synced.checkpoint;
         self.group_handover = synced.handover;
         if !synced.loss.is_finite() {
@@ -561,9 +562,6 @@ impl Trainer {
             )));
         }
         self.group_stop = synced.stop;
-        if self.profile {
-            self.synchronize();
-        }
         let step_time_s = started.elapsed().as_secs_f64();
         let world = self.sync.partitions().len();
         let step_tokens = self.batches.tokens_per_step();
@@ -617,6 +615,7 @@ impl Trainer {
             peak_memory_bytes: self.peak_memory,
             checkpoint_blocking_s: std::mem::take(&mut self.checkpoint_blocking_s),
             checkpoint_write_s: self.checkpoints.take_write_seconds()?,
+            phase_s: self.clock.take().into_iter().map(|(name, s)| (name.to_string(), s)).collect(),
         })
     }
 

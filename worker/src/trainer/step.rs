@@ -18,6 +18,7 @@ use tch::Tensor;
 use super::batch::Batch;
 use super::block::{self, Pieces, BLOCK_PARAMS};
 use super::objective::{head_forward_backward, Objective};
+use super::profile::PhaseClock;
 use crate::model::Transformer;
 use crate::WorkerError;
 
@@ -91,7 +92,9 @@ pub struct EngineOptions {
 }
 
 /// Runs `batch` forward and backward through `model` for `objective`, handing gradients to
-/// `sink`; returns the micro-batch's loss (a 0-d tensor on the device).
+/// `sink`; returns the micro-batch's loss (a 0-d tensor on the device). `clock` times the
+/// phases: `forward` (embedding and blocks), `head` (final norm, LM head and objective,
+/// both ways), `backward` (blocks) and `embedding_backward`.
 pub fn forward_backward(
     model: &Transformer,
     stages: &Stages,
@@ -99,6 +102,7 @@ pub fn forward_backward(
     objective: &dyn Objective,
     opts: &EngineOptions,
     sink: &mut dyn GradSink,
+    clock: &mut PhaseClock,
 ) -> Result<Tensor, WorkerError> {
     let recompute = opts.recompute;
     let params = &model.params;
@@ -128,6 +132,7 @@ pub fn forward_backward(
             outputs.push(y);
         }
     }
+    clock.lap("forward");
     let last = inputs.last().expect("input");
     let hidden = model.final_norm(last);
 
@@ -156,6 +161,7 @@ pub fn forward_backward(
     sink.add(stages.final_norm, &grads[1])?;
     sink.done(stages.final_norm)?;
     let mut d_x = grads.swap_remove(0);
+    clock.lap("head");
 
     // Blocks, last to first.
     for i in (0..stages.blocks.len()).rev() {
@@ -190,6 +196,7 @@ pub fn forward_backward(
         d_x = grads.into_iter().next().expect("input gradient");
     }
 
+    clock.lap("backward");
     // Embedding: scatter-add the input gradient into the touched rows.
     let mut embed_grad = sink.region(stages.embed);
     tch::no_grad(|| {
@@ -198,6 +205,7 @@ pub fn forward_backward(
         let _ = embed_grad.index_add_(0, &batch.inputs.reshape([-1]), &rows);
     });
     sink.done(stages.embed)?;
+    clock.lap("embedding_backward");
     Ok(head.loss)
 }
 

@@ -22,6 +22,7 @@ use moxin_layout::FlatLayout;
 use tch::{Kind, Tensor};
 
 use super::grads::FlatGrads;
+use super::profile::PhaseClock;
 use super::step::GradSink;
 use crate::collective::{clip_ranges, Collective, CollectiveError, OpTime, ReduceOp, Work};
 use crate::optim::{clip_factor, AdamW};
@@ -276,7 +277,8 @@ impl Zero1 {
     /// Ends the step: waits for the buckets, agrees on the global gradient norm, the loss
     /// (`local_loss`, this rank's share) and the `votes` (any rank's vote carries, so all
     /// ranks act at the same step), clips, runs AdamW with `lr` on this rank's partition
-    /// and all-gathers the parameters `params`.
+    /// and all-gathers the parameters `params`. `clock` times the phases `grad_norm` (the
+    /// buckets, the norm and the agreement) and `optimizer` (AdamW, the all-gathers started).
     pub fn finish(
         &mut self,
         params: &Tensor,
@@ -284,6 +286,7 @@ impl Zero1 {
         votes: Votes,
         lr: f64,
         grad_clip: f64,
+        clock: &mut PhaseClock,
     ) -> Result<StepSync, WorkerError> {
         tch::no_grad(|| -> Result<StepSync, WorkerError> {
             self.grads.zero_unwritten();
@@ -313,12 +316,14 @@ impl Zero1 {
             let (grad_norm, loss, stop, checkpoint, handover) =
                 (stats[0].max(0.0).sqrt(), stats[1], stats[2] > 0.0, stats[3] > 0.0, stats[4] > 0.0);
             let synced = |comm| StepSync { grad_norm, loss, stop, checkpoint, handover, comm };
+            clock.lap("grad_norm");
             if !loss.is_finite() {
                 return Ok(synced(self.comm));
             }
             let scale = clip_factor(grad_norm, grad_clip);
             if self.update_on_side_stream(&own, scale, lr, params)? {
                 // A group of one: nothing to gather.
+                clock.lap("optimizer");
                 return Ok(synced(self.comm));
             }
             self.opt.update(&own, scale, lr, params)?;
@@ -333,6 +338,7 @@ impl Zero1 {
                 // Completing them during the next forward would invalidate its graph.
                 self.wait_params()?;
             }
+            clock.lap("optimizer");
             Ok(synced(self.comm))
         })
     }
