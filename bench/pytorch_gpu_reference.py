@@ -8,6 +8,10 @@ throughput does not depend on them). Prints one JSON line.
 Memory is reported two ways: torch's own allocator peak, and device memory in use
 (total - free, as nvidia-smi counts it), which is what moxin-train reports.
 
+With --trace-kernels N --trace-out FILE, N more steps run under torch.profiler afterwards
+and FILE gets the same per-step summary `moxin-train train --trace-kernels` writes (device
+span, busy and idle time; per kernel name the calls and milliseconds).
+
 usage: python bench/pytorch_gpu_reference.py --shape gpu-1b --mode compile --steps 20
 """
 import argparse
@@ -41,6 +45,8 @@ def main():
     ap.add_argument("--mode", choices=["eager", "compile"], default="eager")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--trace-kernels", type=int, default=0)
+    ap.add_argument("--trace-out")
     args = ap.parse_args()
     s = SHAPES[args.shape]
     device = torch.device("cuda")
@@ -55,11 +61,11 @@ def main():
     )
     forward = torch.compile(model) if args.mode == "compile" else model
     tokens = s["batch"] * s["seq"]
-    times, in_use = [], 0
-    for step in range(args.steps):
-        batch = torch.randint(0, s["vocab"], (s["batch"], s["seq"] + 1), device=device)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
+
+    def new_batch():
+        return torch.randint(0, s["vocab"], (s["batch"], s["seq"] + 1), device=device)
+
+    def train_step(batch):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits = forward(batch[:, :-1])
         loss = F.cross_entropy(logits.float().view(-1, s["vocab"]), batch[:, 1:].reshape(-1))
@@ -68,10 +74,20 @@ def main():
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss.item()
+        return loss
+
+    times, in_use = [], 0
+    for step in range(args.steps):
+        batch = new_batch()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = train_step(batch)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         free, total = torch.cuda.mem_get_info()
         in_use = max(in_use, total - free)
+    if args.trace_kernels > 0 and args.trace_out:
+        trace(lambda: train_step(new_batch()), args.trace_kernels, args.trace_out)
     measured = times[args.warmup:]
     tps = tokens / statistics.median(measured)
     flops_per_token = 6 * n_params + 6 * s["layers"] * s["dim"] * s["seq"]
@@ -90,6 +106,49 @@ def main():
         "steps_measured": len(measured),
         "final_loss": loss.item(),
     }))
+
+
+def trace(train_step, steps, path):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            train_step()
+        torch.cuda.synchronize()
+    events = [(e.name, e.time_range.start, e.time_range.end)
+              for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    summary = summarise(events, steps)
+    summary["device"] = torch.cuda.get_device_name()
+    json.dump(summary, open(path, "w"), indent=1)
+
+
+def summarise(events, steps):
+    """The per-step summary of `events`, (name, start µs, end µs) each, over `steps` steps."""
+    spans = sorted((start, end) for _, start, end in events)
+    busy, current = 0.0, None
+    for start, end in spans:
+        if current and start <= current[1]:
+            current = (current[0], max(current[1], end))
+        else:
+            busy += current[1] - current[0] if current else 0.0
+            current = (start, end)
+    busy += current[1] - current[0] if current else 0.0
+    span = max(e for _, e in spans) - spans[0][0] if spans else 0.0
+    per_name = {}
+    for name, start, end in events:
+        calls, us = per_name.get(name, (0, 0.0))
+        per_name[name] = (calls + 1, us + end - start)
+    ms = lambda us: us / 1e3 / steps
+    return {
+        "steps": steps,
+        "records": len(events),
+        "span_ms_per_step": ms(span),
+        "busy_ms_per_step": ms(busy),
+        "idle_ms_per_step": ms(span - busy),
+        "kernel_ms_per_step": ms(sum(us for _, us in per_name.values())),
+        "kernels": [{"name": n, "calls_per_step": c / steps, "ms_per_step": ms(us)}
+                    for n, (c, us) in sorted(per_name.items(), key=lambda kv: -kv[1][1])],
+    }
 
 
 if __name__ == "__main__":

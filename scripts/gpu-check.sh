@@ -18,8 +18,10 @@
 #   7.  rollout                    `bench rollout` vs transformers `generate`, gpu-1b, bf16
 #   8.  bench                      gpu-1b and moxin-7b 4 layers: moxin-train (ATen, fused, fused
 #                                  with the hand-written block backward) vs PyTorch eager vs
-#                                  torch.compile, same run (GPU_CHECK_BENCH=0 skips it;
-#                                  GPU_CHECK_ATEN=0, GPU_CHECK_EAGER=0, GPU_CHECK_PROFILE=0,
+#                                  torch.compile, same run; a profile-mode run (phases) and a
+#                                  kernel trace of 3 steps (CUPTI) of the defaults and of
+#                                  compile (GPU_CHECK_BENCH=0 skips it; GPU_CHECK_ATEN=0,
+#                                  GPU_CHECK_EAGER=0, GPU_CHECK_PROFILE=0, GPU_CHECK_TRACE=0,
 #                                  GPU_CHECK_COMPILE=0, GPU_CHECK_KEEPALL=0 skip those runs;
 #                                  GPU_CHECK_SHAPES picks shapes)
 #
@@ -224,8 +226,15 @@ if want bench && [ "${GPU_CHECK_BENCH:-1}" != 0 ]; then
     [ "${GPU_CHECK_KEEPALL:-1}" = 1 ] && train "$shape-moxin-keepall" 240 "$config" "${BENCH[@]}" --set runtime.recompute=none
     train "$shape-moxin-optstream" 240 "$config" "${BENCH[@]}" --set runtime.optimizer_stream=true
     [ "${GPU_CHECK_PROFILE:-1}" = 1 ] && train "$shape-moxin-profile" 240 "$config" --set train.steps=8 --set runtime.profile=true
+    # Every kernel of 3 steps after 5 of warm-up (CUPTI), the defaults; compile's the same way.
+    TRACE=()
+    if [ "${GPU_CHECK_TRACE:-1}" = 1 ]; then
+      train "$shape-moxin-trace" 240 "$config" --set train.steps=8 --trace-kernels 3 &&
+        cp "$work/$shape-moxin-trace/kernel_trace.json" "$OUT/$shape-moxin-kernels.json"
+      TRACE=(--trace-kernels 3 --trace-out "$OUT/$shape-torch-compile-kernels.json")
+    fi
     [ "${GPU_CHECK_EAGER:-1}" = 1 ] && run "$shape-torch-eager" 300 $PY bench/pytorch_gpu_reference.py --shape "$shape" --mode eager --steps "$STEPS"
-    [ "${GPU_CHECK_COMPILE:-1}" = 1 ] && run "$shape-torch-compile" 400 $PY bench/pytorch_gpu_reference.py --shape "$shape" --mode compile --steps "$STEPS"
+    [ "${GPU_CHECK_COMPILE:-1}" = 1 ] && run "$shape-torch-compile" 400 $PY bench/pytorch_gpu_reference.py --shape "$shape" --mode compile --steps "$STEPS" "${TRACE[@]}"
   done
 fi
 

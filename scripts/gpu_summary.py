@@ -97,6 +97,54 @@ for shape in ("gpu-1b", "moxin-7b-4l"):
         cells = " | ".join(f"{med[p]:.1f}" for p in PHASES)
         print(f"| {shape} | {cells} | {sum(med.values()):.1f} | {med['forward'] / layers:.2f} | {med['backward'] / layers:.2f} |")
 
+# Kernel categories, first match wins (lower-cased names; CUPTI's are mangled, the
+# profiler's demangled: both contain these words).
+CATEGORIES = (
+    ("attention", ("flash", "fmha", "attn", "sdpa", "cudnn")),
+    ("optimizer", ("adamw", "adam", "multi_tensor")),
+    ("cross-entropy", ("ce_row_stats", "ce_grad", "log_softmax", "cross_entropy", "nll_loss")),
+    ("GEMM", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitk")),
+    ("norm / RoPE / SwiGLU kernels (moxin)", ("rmsnorm_", "rope_", "swiglu_")),
+    ("fused elementwise (Triton)", ("triton",)),
+    ("copies, casts, fills", ("memcpy", "memset", "copy", "cast", "fill")),
+    ("reductions", ("reduce",)),
+    ("elementwise (ATen)", ("elementwise", "vectorized", "unrolled", "index")),
+)
+
+
+def category(name):
+    low = name.lower()
+    return next((c for c, words in CATEGORIES if any(w in low for w in words)), "other")
+
+
+print("\n## Where the device time goes (kernel traces of 3 steps), milliseconds per step\n")
+for shape in ("gpu-1b", "moxin-7b-4l"):
+    traces = [(label, load_json(f"{shape}-{name}-kernels.json"))
+              for label, name in (("moxin-train (defaults)", "moxin"), ("torch.compile", "torch-compile"))]
+    traces = [(label, t) for label, t in traces if t]
+    if not traces:
+        continue
+    sums = []
+    for label, t in traces:
+        per = {}
+        for k in t["kernels"]:
+            per[category(k["name"])] = per.get(category(k["name"]), 0.0) + k["ms_per_step"]
+        sums.append(per)
+    cats = [c for c, _ in CATEGORIES] + ["other"]
+    print(f"| {shape} | " + " | ".join(label for label, _ in traces) + " |")
+    print("|---|" + "---|" * len(traces))
+    for c in cats:
+        if any(per.get(c) for per in sums):
+            print(f"| {c} | " + " | ".join(f"{per.get(c, 0.0):.1f}" for per in sums) + " |")
+    for key, label in (("kernel_ms_per_step", "all kernels (sum)"), ("busy_ms_per_step", "device busy"),
+                       ("idle_ms_per_step", "device idle between kernels"), ("span_ms_per_step", "span")):
+        print(f"| **{label}** | " + " | ".join(f"{t[key]:.1f}" for _, t in traces) + " |")
+    for label, t in traces:
+        print(f"\n{label}, the 12 longest kernels:\n")
+        for k in t["kernels"][:12]:
+            print(f"- {k['ms_per_step']:.2f} ms, {k['calls_per_step']:.0f} calls: `{k['name'][:110]}` ({category(k['name'])})")
+    print()
+
 print("\n## Correctness\n")
 for name in ("tiny-aten", "tiny-fused", "tiny-explicit", "tiny-optstream", "nccl1"):
     rows = metrics(name)

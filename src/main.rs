@@ -327,6 +327,11 @@ struct TrainArgs {
     /// LOCAL_RANK or SLURM_LOCALID]
     #[arg(long)]
     device: Option<String>,
+    /// Record every GPU kernel, copy and fill of the run's last N steps (through CUPTI) and
+    /// write per-kernel times and the device's idle time per step to
+    /// <run dir>/kernel_trace.json
+    #[arg(long, value_name = "N")]
+    trace_kernels: Option<u64>,
 }
 
 #[derive(Args)]
@@ -552,9 +557,17 @@ fn run(cli: Cli) -> Result<i32> {
             return commands::pipeline::run(&a.config, a.out.as_deref(), &a.set, commands::pipeline::Mode::Train)
         }
         Command::Train(a) => {
-            return Ok(
-                commands::train(&a.config, a.out.as_deref(), &a.set, a.stop_after, a.device.as_deref())?.exit_code()
-            )
+            return Ok(commands::train(
+                &a.config,
+                commands::TrainOptions {
+                    out: a.out.as_deref(),
+                    overrides: &a.set,
+                    stop_after: a.stop_after,
+                    device: a.device.as_deref(),
+                    trace_kernels: a.trace_kernels,
+                },
+            )?
+            .exit_code())
         }
         Command::Launch(a) if moxin_coordinator::pipeline::is_pipeline(&a.config) => {
             let mode = commands::pipeline::Mode::Launch(commands::cluster::LaunchOptions {

@@ -176,6 +176,9 @@ fn bad_configs_are_clear_errors() {
     }
     let err = fails(tmp.path(), &["train", "missing.toml"]);
     assert!(err.contains("missing.toml") && err.contains("cannot read"), "{err}");
+    // A kernel trace needs a GPU, and warm-up steps before the traced ones.
+    let err = fails(tmp.path(), &["train", job, "--trace-kernels", "2"]);
+    assert!(err.contains("--trace-kernels records GPU kernels") && err.contains("Cpu"), "{err}");
 }
 
 #[test]

@@ -8,16 +8,29 @@ use moxin_worker::collective::Solo;
 use moxin_worker::driver::{guard, JobEnd, StopSignals};
 use moxin_worker::trainer::{RunEnd, Trainer};
 
+mod kernel_trace;
+
+/// How `train` runs, besides its config.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TrainOptions<'a> {
+    /// Run directory (default: from the job's name).
+    pub out: Option<&'a Path>,
+    /// `--set KEY=VALUE` overrides.
+    pub overrides: &'a [String],
+    /// Stop (with a checkpoint) after this many steps in total.
+    pub stop_after: Option<u64>,
+    /// `cpu`, `cuda`, `cuda:N`.
+    pub device: Option<&'a str>,
+    /// Record the GPU kernels of the run's last this-many steps into
+    /// `<run dir>/kernel_trace.json`.
+    pub trace_kernels: Option<u64>,
+}
+
 /// `train`: config → coordinator (validate, resolve, JobSpec, a group of one) → worker
 /// (train), with the coordinator's run-directory writer receiving every step's metrics.
 /// SIGINT and SIGTERM stop at the next step with a checkpoint.
-pub fn train(
-    config: &Path,
-    out: Option<&Path>,
-    overrides: &[String],
-    stop_after: Option<u64>,
-    device: Option<&str>,
-) -> Result<JobEnd> {
+pub fn train(config: &Path, opts: TrainOptions<'_>) -> Result<JobEnd> {
+    let TrainOptions { out, overrides, stop_after, device, trace_kernels } = opts;
     let signals = StopSignals::install()?;
     let device = device.map(moxin_worker::device::parse_device).transpose().map_err(anyhow::Error::msg)?;
     let job = moxin_coordinator::resolve_job(config, overrides, out, 1)
@@ -60,8 +73,11 @@ pub fn train(
     );
     let mut log = MetricsLog::open(&job.run_dir)
         .with_context(|| format!("opening metrics.jsonl in {}", job.run_dir.display()))?;
+    let last_step = stop_after.map_or(steps, |s| s.min(steps));
+    let mut trace = kernel_trace::Window::new(trace_kernels, &placement, trainer.step(), last_step, &job.run_dir)?;
     let end = guard("training", || {
         trainer.run(stop_after, &mut |m| {
+            trace.after_step(m.step).map_err(|e| format!("tracing kernels: {e:#}"))?;
             tracing::info!(
                 "step {:>6}/{steps}  loss {:.4}  lr {:.2e}  grad_norm {:.3}  {:.0} tok/s",
                 m.step,

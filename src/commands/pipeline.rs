@@ -40,7 +40,11 @@ pub fn run(file: &Path, out: Option<&Path>, overrides: &[String], mode: Mode) ->
         }
         tracing::info!(stage = %stage.name, run_dir = %stage.run_dir.display(), "starting stage");
         let code = match mode {
-            Mode::Train => super::train(&stage.config, Some(&stage.run_dir), overrides, None, None)?.exit_code(),
+            Mode::Train => super::train(
+                &stage.config,
+                super::TrainOptions { out: Some(&stage.run_dir), overrides, ..Default::default() },
+            )?
+            .exit_code(),
             Mode::Launch(options) => super::cluster::launch(&stage.config, options, Some(&stage.run_dir), overrides)?,
         };
         if code != 0 {

@@ -8,6 +8,7 @@
 
 pub mod kernels;
 pub mod libraries;
+pub mod trace;
 
 use std::sync::Arc;
 
