@@ -474,8 +474,22 @@ fn explicit_block(ordinal: usize, k: &Kernels) -> Result<Value, WorkerError> {
     let autograd_ms = time_ms(ordinal, 10, || autograd(&model, &x, &dy).map(|_| ()))?;
     let aten_ms = time_ms(ordinal, 10, || explicit(aten).map(|_| ()))?;
     let fused_ms = time_ms(ordinal, 10, || explicit(fused).map(|_| ()))?;
+    // The attention kernels SDPA picks for these shapes (causal, grouped KV heads), as the
+    // blocks call it: torch's SDPBackend numbering.
+    let q = bf(Tensor::randn([b, t, heads, hd], (Kind::Float, device))).transpose(1, 2);
+    let kv_part = bf(Tensor::randn([b, t, kv, hd], (Kind::Float, device))).transpose(1, 2);
+    let backend = Tensor::f_internal_fused_sdp_choice(&q, &kv_part, &kv_part, None::<Tensor>, 0.0, true, None, true)
+        .map(|c| match c {
+            0 => "math".to_string(),
+            1 => "flash".to_string(),
+            2 => "efficient".to_string(),
+            3 => "cudnn".to_string(),
+            other => format!("backend {other}"),
+        })
+        .unwrap_or_else(|e| format!("unknown ({e})"));
     Ok(json!({
         "shape": {"batch": b, "seq": t, "dim": dim, "heads": heads, "kv_heads": kv, "ffn": ffn},
+        "attention_backend": backend,
         "pieces": pieces,
         "rope_packed_relative_l2": rope_packed,
         "relative_l2_vs_fp32_autograd": block_errs,
