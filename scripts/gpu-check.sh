@@ -24,6 +24,8 @@
 #                                  GPU_CHECK_EAGER=0, GPU_CHECK_PROFILE=0, GPU_CHECK_TRACE=0,
 #                                  GPU_CHECK_COMPILE=0, GPU_CHECK_KEEPALL=0 skip those runs;
 #                                  GPU_CHECK_SHAPES picks shapes)
+#   9.  switches (only when named) gpu-1b: the defaults vs model.sliding_window = 1024,
+#                                  runtime.recompute = "blocks", runtime.grad_reduce = "bf16"
 #
 # GPU_CHECK_ONLY="ckpt rollout ..." runs only the named parts (doctor always runs).
 # GPU_CHECK_DEADLINE_S=N skips parts that would start after N seconds.
@@ -237,6 +239,16 @@ if want bench && [ "${GPU_CHECK_BENCH:-1}" != 0 ]; then
     [ "${GPU_CHECK_EAGER:-1}" = 1 ] && run "$shape-torch-eager" 300 $PY bench/pytorch_gpu_reference.py --shape "$shape" --mode eager --steps "$STEPS"
     [ "${GPU_CHECK_COMPILE:-1}" = 1 ] && run "$shape-torch-compile" 400 $PY bench/pytorch_gpu_reference.py --shape "$shape" --mode compile --steps "$STEPS" "${TRACE[@]}"
   done
+fi
+
+# Only when named (GPU_CHECK_ONLY="... switches"): the defaults against one switch at a time.
+if [[ " ${GPU_CHECK_ONLY:-} " == *" switches "* ]] && want switches; then
+  say "9. gpu-1b switches: sliding window at seq = 2 x window, whole-block recomputation, bf16 gradients"
+  config=configs/gpu-1b-bench.toml
+  train switch-default 240 "$config" --set train.steps=$STEPS
+  train switch-window 240 "$config" --set train.steps=$STEPS --set model.sliding_window=1024
+  train switch-recompute-blocks 240 "$config" --set train.steps=$STEPS --set runtime.recompute=blocks
+  train switch-grad-bf16 240 "$config" --set train.steps=$STEPS --set runtime.grad_reduce=bf16
 fi
 
 say "summary"

@@ -145,6 +145,18 @@ for shape in ("gpu-1b", "moxin-7b-4l"):
             print(f"- {k['ms_per_step']:.2f} ms, {k['calls_per_step']:.0f} calls: `{k['name'][:110]}` ({category(k['name'])})")
     print()
 
+base = moxin("switch-default")
+if base:
+    print("\n## Switches (gpu-1b, same run)\n")
+    print("| run | tokens/s | vs the defaults | peak device memory in use | loss at the end |")
+    print("|---|---|---|---|---|")
+    for name, label in (("switch-default", "the defaults"), ("switch-window", "model.sliding_window = 1024 (seq = 2 x window)"),
+                        ("switch-recompute-blocks", "runtime.recompute = blocks"),
+                        ("switch-grad-bf16", "runtime.grad_reduce = bf16")):
+        m = moxin(name)
+        if m:
+            print(f"| {label} | {m['tokens_per_s']:,.0f} | {m['tokens_per_s'] / base['tokens_per_s']:.2f} | {gib(m['memory'])} | {m['loss'][1]:.3f} |")
+
 print("\n## Correctness\n")
 for name in ("tiny-aten", "tiny-fused", "tiny-explicit", "tiny-optstream", "nccl1"):
     rows = metrics(name)

@@ -297,7 +297,9 @@ impl Zero1 {
             } else {
                 own.norm_scalaropt_dtype(2, Kind::Float).square()
             };
-            let flag = |b: bool| Tensor::from(f32::from(u8::from(b))).to_device(own.device());
+            // A fill on the device, not a copy from the host: a host-to-device copy of
+            // pageable memory waits for the device to finish everything queued.
+            let flag = |b: bool| Tensor::full([], f64::from(u8::from(b)), (Kind::Float, own.device()));
             let stats = Tensor::stack(
                 &[
                     sq_norm,
