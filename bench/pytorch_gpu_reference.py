@@ -116,7 +116,8 @@ def trace(train_step, steps, path):
             train_step()
         torch.cuda.synchronize()
     events = [(e.name, e.time_range.start, e.time_range.end)
-              for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+              for e in prof.events()
+              if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
     summary = summarise(events, steps)
     summary["device"] = torch.cuda.get_device_name()
     json.dump(summary, open(path, "w"), indent=1)

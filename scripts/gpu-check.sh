@@ -89,6 +89,7 @@ for k, p in b["pieces"].items():
     print(f"   {k}: aten {p['aten_ms']:.2f} ms, fused {p['fused_ms']:.2f} ms ({p['speedup']:.2f}x); relative L2 {p['relative_l2']}")
 print("   block forward+backward ms", b["forward_backward_ms"], "errors", b["relative_l2_vs_fp32_autograd"])
 print("   attention backend SDPA picks:", b.get("attention_backend"), "; packed RoPE:", b.get("rope_packed_relative_l2"))
+print("   bf16 products written as fp32 (weight gradients):", b.get("gemm_fp32_out"))
 PY
 fi
 

@@ -142,7 +142,7 @@ for shape in ("gpu-1b", "moxin-7b-4l"):
     for label, t in traces:
         print(f"\n{label}, the 12 longest kernels:\n")
         for k in t["kernels"][:12]:
-            print(f"- {k['ms_per_step']:.2f} ms, {k['calls_per_step']:.0f} calls: `{k['name'][:110]}` ({category(k['name'])})")
+            print(f"- {k['ms_per_step']:.2f} ms, {k['calls_per_step']:.1f} calls: `{k['name'][:110]}` ({category(k['name'])})")
     print()
 
 base = moxin("switch-default")

@@ -179,6 +179,12 @@ fn bad_configs_are_clear_errors() {
     // A kernel trace needs a GPU, and warm-up steps before the traced ones.
     let err = fails(tmp.path(), &["train", job, "--trace-kernels", "2"]);
     assert!(err.contains("--trace-kernels records GPU kernels") && err.contains("Cpu"), "{err}");
+    let err = fails(tmp.path(), &["train", job, "--trace-kernels", "0"]);
+    assert!(err.contains("traces nothing"), "{err}");
+    let err = fails(tmp.path(), &["train", job, "--trace-kernels", "5"]);
+    assert!(err.contains("steps 1 to 5") && err.contains("raise train.steps to at least 6"), "{err}");
+    let err = fails(tmp.path(), &["train", job, "--trace-kernels", "3", "--stop-after", "3"]);
+    assert!(err.contains("raise --stop-after to at least 4"), "{err}");
 }
 
 #[test]

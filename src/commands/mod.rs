@@ -73,11 +73,14 @@ pub fn train(config: &Path, opts: TrainOptions<'_>) -> Result<JobEnd> {
     );
     let mut log = MetricsLog::open(&job.run_dir)
         .with_context(|| format!("opening metrics.jsonl in {}", job.run_dir.display()))?;
-    let last_step = stop_after.map_or(steps, |s| s.min(steps));
+    let last_step = match stop_after {
+        Some(s) if s < steps => kernel_trace::LastStep::StopAfter(s),
+        _ => kernel_trace::LastStep::Steps(steps),
+    };
     let mut trace = kernel_trace::Window::new(trace_kernels, &placement, trainer.step(), last_step, &job.run_dir)?;
     let end = guard("training", || {
         trainer.run(stop_after, &mut |m| {
-            trace.after_step(m.step).map_err(|e| format!("tracing kernels: {e:#}"))?;
+            trace.after_step(m.step);
             tracing::info!(
                 "step {:>6}/{steps}  loss {:.4}  lr {:.2e}  grad_norm {:.3}  {:.0} tok/s",
                 m.step,

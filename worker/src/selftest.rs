@@ -27,7 +27,6 @@ fn gpu(ordinal: usize) -> Result<Device, WorkerError> {
     Ok(Device::Cuda(ordinal))
 }
 
-/// Median milliseconds of `iters` runs of `f` (after one warm-up), device-synchronised.
 /// A head weight-gradient receiver that adds the products into `acc`.
 fn adds_to(acc: &Tensor) -> impl FnMut(&Tensor, &Tensor) -> Result<(), WorkerError> + '_ {
     move |a, b| {
@@ -36,6 +35,7 @@ fn adds_to(acc: &Tensor) -> impl FnMut(&Tensor, &Tensor) -> Result<(), WorkerErr
     }
 }
 
+/// Median milliseconds of `iters` runs of `f` (after one warm-up), device-synchronised.
 fn time_ms(ordinal: usize, iters: usize, mut f: impl FnMut() -> Result<(), WorkerError>) -> Result<f64, WorkerError> {
     f()?;
     let mut times = Vec::with_capacity(iters);
@@ -452,7 +452,8 @@ fn explicit_block(ordinal: usize, k: &Kernels) -> Result<Value, WorkerError> {
         let surrogate = tch::with_grad(|| y.reshape([-1]).dot(&dy.reshape([-1])));
         Ok(Tensor::f_run_backward(&[surrogate], &wrt, false, false)?)
     };
-    // Into an fp32 gradient buffer, as training does.
+    // Into an fp32 gradient buffer, as training does. The gradients returned are views of
+    // that one buffer: each call's errors are taken before the next call overwrites them.
     let layout = model.params.layout();
     let mut grads = FlatGrads::new(layout, layout.numel, Kind::Float, device);
     let mut explicit = |pieces: Pieces<'_>| -> Result<Vec<Tensor>, WorkerError> {
@@ -487,9 +488,22 @@ fn explicit_block(ordinal: usize, k: &Kernels) -> Result<Value, WorkerError> {
             other => format!("backend {other}"),
         })
         .unwrap_or_else(|e| format!("unknown ({e})"));
+    // Whether this libtorch writes bf16 products as fp32 (the weight gradients' path).
+    let (pa, pb) =
+        (bf(Tensor::randn([64, 32], (Kind::Float, device))), bf(Tensor::randn([32, 48], (Kind::Float, device))));
+    let out = Tensor::zeros([64, 48], (Kind::Float, device));
+    let fp32_out = |r: Result<Tensor, tch::TchError>| match r {
+        Ok(_) => "ok".to_string(),
+        Err(e) => e.to_string().lines().next().unwrap_or_default().to_string(),
+    };
+    let gemm_fp32_out = json!({
+        "mm": fp32_out(pa.f_mm_dtype_out(&out, &pb, Kind::Float)),
+        "addmm": fp32_out(out.f_addmm_dtype_out(&out, &pa, &pb, Kind::Float)),
+    });
     Ok(json!({
         "shape": {"batch": b, "seq": t, "dim": dim, "heads": heads, "kv_heads": kv, "ffn": ffn},
         "attention_backend": backend,
+        "gemm_fp32_out": gemm_fp32_out,
         "pieces": pieces,
         "rope_packed_relative_l2": rope_packed,
         "relative_l2_vs_fp32_autograd": block_errs,

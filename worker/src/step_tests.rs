@@ -26,8 +26,7 @@ impl GradSink for Collect {
     }
     fn add_product(&mut self, leaf: usize, a: &Tensor, b: &Tensor) -> Result<(), WorkerError> {
         assert!(!self.done.contains(&leaf), "leaf {leaf} written after it was finished");
-        self.grads.add_product(leaf, a, b);
-        Ok(())
+        self.grads.add_product(leaf, a, b)
     }
     fn region(&mut self, leaf: usize) -> Tensor {
         self.grads.region(leaf)

@@ -8,7 +8,8 @@
 //! give the buffer back. Offsets are those of the record layouts of CUPTI 12 and 13
 //! (`CUpti_ActivityKernel9/10`, `CUpti_ActivityMemcpy6`, `CUpti_ActivityMemset4`, which
 //! keep their first fields where earlier versions had them); records that fail a sanity
-//! check (an end before the start, a missing name) are counted and left out.
+//! check (an end before the start, a missing name), and buffers we could not lend, are
+//! counted and left out.
 
 #![allow(unsafe_code)]
 
@@ -56,9 +57,25 @@ pub struct Activity {
 
 #[derive(Default)]
 struct Collected {
-    records: Vec<Activity>,
+    /// Each record with the device it ran on.
+    records: Vec<(u32, Activity)>,
     names: HashMap<usize, Arc<str>>,
     malformed: u64,
+}
+
+/// Buffers CUPTI asked for that could not be allocated (their records are lost). Not in
+/// `Collected`: CUPTI may ask for a buffer while a completed one is being read.
+static LOST_BUFFERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// What a trace recorded.
+#[derive(Debug, Default)]
+pub struct Recorded {
+    /// This device's records, in no particular order.
+    pub records: Vec<Activity>,
+    /// Records left out for failing a sanity check.
+    pub malformed: u64,
+    /// Buffers that could not be lent to CUPTI (their records are lost).
+    pub lost_buffers: u64,
 }
 
 static COLLECTED: OnceLock<Mutex<Collected>> = OnceLock::new();
@@ -76,6 +93,9 @@ unsafe extern "C" fn buffer_requested(buffer: *mut *mut u8, size: *mut usize, ma
     // SAFETY: CUPTI passes valid out-pointers; a null buffer (allocation failed) with size 0
     // tells it to drop records rather than crash.
     let p = std::alloc::alloc(buffer_layout());
+    if p.is_null() {
+        LOST_BUFFERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     *buffer = p;
     *size = if p.is_null() { 0 } else { BUFFER_BYTES };
     *max_records = 0;
@@ -105,9 +125,14 @@ unsafe fn field<T: Copy>(record: *const u8, offset: usize) -> T {
     std::ptr::read_unaligned(record.add(offset) as *const T)
 }
 
-unsafe fn parse(record: *const u8, names: &mut HashMap<usize, Arc<str>>) -> Option<Activity> {
+/// The record's device and what it ran.
+unsafe fn parse(record: *const u8, names: &mut HashMap<usize, Arc<str>>) -> Option<(u32, Activity)> {
     let kind: u32 = field(record, 0);
     let (start_ns, end_ns): (u64, u64) = (field(record, 16), field(record, 24));
+    let device: u32 = match kind {
+        KIND_KERNEL | KIND_CONCURRENT_KERNEL => field(record, 40),
+        _ => field(record, 32),
+    };
     let (name, stream) = match kind {
         KIND_KERNEL | KIND_CONCURRENT_KERNEL => {
             let ptr: *const c_char = field(record, 104);
@@ -124,7 +149,7 @@ unsafe fn parse(record: *const u8, names: &mut HashMap<usize, Arc<str>>) -> Opti
         KIND_MEMSET => (Arc::from("memset"), field::<u32>(record, 40)),
         _ => return None,
     };
-    (end_ns >= start_ns && start_ns > 0).then_some(Activity { name, start_ns, end_ns, stream })
+    (end_ns >= start_ns && start_ns > 0).then_some((device, Activity { name, start_ns, end_ns, stream }))
 }
 
 fn load() -> Result<Api, String> {
@@ -226,6 +251,7 @@ impl KernelTrace {
     pub fn start(cuda: usize) -> Result<KernelTrace, WorkerError> {
         let api = api()?;
         *collected() = Collected::default();
+        LOST_BUFFERS.store(0, std::sync::atomic::Ordering::Relaxed);
         for kind in KINDS {
             // SAFETY: plain CUPTI calls.
             let rc = unsafe { (api.enable)(kind) };
@@ -253,18 +279,21 @@ impl KernelTrace {
         }
     }
 
-    /// Waits for the device, stops recording and returns the records (in no particular
-    /// order) and how many were malformed.
-    pub fn stop(mut self) -> Result<(Vec<Activity>, u64), WorkerError> {
+    /// Waits for the device, stops recording and returns what was recorded.
+    pub fn stop(mut self) -> Result<Recorded, WorkerError> {
         tch::Cuda::synchronize(self.cuda as i64);
+        // Stop first, so nothing recorded after the flush is left for the next trace.
+        self.disable();
         // SAFETY: plain CUPTI call; completes every buffer through our callback.
         let rc = unsafe { (self.api.flush_all)(FLUSH_FORCED) };
-        self.disable();
         if rc != 0 {
             return Err(WorkerError::Device(format!("cuptiActivityFlushAll failed: {}", describe(rc))));
         }
         let c = std::mem::take(&mut *collected());
-        Ok((c.records, c.malformed))
+        let cuda = self.cuda as u32;
+        let records = c.records.into_iter().filter(|(d, _)| *d == cuda).map(|(_, a)| a).collect();
+        let lost_buffers = LOST_BUFFERS.swap(0, std::sync::atomic::Ordering::Relaxed);
+        Ok(Recorded { records, malformed: c.malformed, lost_buffers })
     }
 }
 
@@ -277,7 +306,7 @@ impl Drop for KernelTrace {
 /// Per-step figures of `records` covering `steps` steps: the device's span (first start to
 /// last end), busy time (the union of everything it ran), idle time (span − busy), and per
 /// kernel name the calls and milliseconds, longest first.
-pub fn summarise(records: &[Activity], steps: u64, malformed: u64) -> serde_json::Value {
+pub fn summarise(records: &[Activity], steps: u64) -> serde_json::Value {
     let steps_f = steps.max(1) as f64;
     let ms = |ns: u64| ns as f64 / 1e6 / steps_f;
     let mut intervals: Vec<(u64, u64)> = records.iter().map(|a| (a.start_ns, a.end_ns)).collect();
@@ -313,7 +342,6 @@ pub fn summarise(records: &[Activity], steps: u64, malformed: u64) -> serde_json
     serde_json::json!({
         "steps": steps,
         "records": records.len(),
-        "malformed_records": malformed,
         "streams": streams,
         "span_ms_per_step": ms(span),
         "busy_ms_per_step": ms(busy),
@@ -341,19 +369,18 @@ mod tests {
         // gemm, [30,31) memset.
         let records =
             [a("gemm", 100, 110, 7), a("adamw", 105, 112, 9), a("gemm", 120, 130, 7), a("memset", 130, 131, 7)];
-        let s = summarise(&records, 2, 1);
+        let s = summarise(&records, 2);
         assert_eq!(s["span_ms_per_step"], 31.0 / 1e6 / 2.0);
         assert_eq!(s["busy_ms_per_step"], 23.0 / 1e6 / 2.0);
         assert_eq!(s["idle_ms_per_step"], 8.0 / 1e6 / 2.0);
         assert_eq!(s["kernel_ms_per_step"], 28.0 / 1e6 / 2.0);
-        assert_eq!(s["malformed_records"], 1);
         assert_eq!(s["streams"], serde_json::json!([7, 9]));
         let k = s["kernels"].as_array().unwrap();
         assert_eq!(k[0]["name"], "gemm");
         assert_eq!(k[0]["calls_per_step"], 1.0);
         assert_eq!(k[0]["ms_per_step"], 20.0 / 1e6 / 2.0);
         assert_eq!(k.len(), 3);
-        assert_eq!(summarise(&[], 3, 0)["busy_ms_per_step"], 0.0);
+        assert_eq!(summarise(&[], 3)["busy_ms_per_step"], 0.0);
     }
 
     #[test]
@@ -363,20 +390,22 @@ mod tests {
         kernel[0..4].copy_from_slice(&KIND_CONCURRENT_KERNEL.to_le_bytes());
         kernel[16..24].copy_from_slice(&1000u64.to_le_bytes());
         kernel[24..32].copy_from_slice(&1500u64.to_le_bytes());
+        kernel[40..44].copy_from_slice(&2u32.to_le_bytes());
         kernel[48..52].copy_from_slice(&7u32.to_le_bytes());
         kernel[104..112].copy_from_slice(&(name.as_ptr() as usize as u64).to_le_bytes());
         let mut memset = [0u8; 80];
         memset[0..4].copy_from_slice(&KIND_MEMSET.to_le_bytes());
         memset[16..24].copy_from_slice(&2000u64.to_le_bytes());
         memset[24..32].copy_from_slice(&2100u64.to_le_bytes());
+        memset[32..36].copy_from_slice(&1u32.to_le_bytes());
         memset[40..44].copy_from_slice(&3u32.to_le_bytes());
         let mut backwards = memset;
         backwards[24..32].copy_from_slice(&1u64.to_le_bytes());
         let mut names = HashMap::new();
         // SAFETY: each buffer is as long as the record layout read.
         unsafe {
-            assert_eq!(parse(kernel.as_ptr(), &mut names), Some(a("ampere_bf16_gemm", 1000, 1500, 7)));
-            assert_eq!(parse(memset.as_ptr(), &mut names), Some(a("memset", 2000, 2100, 3)));
+            assert_eq!(parse(kernel.as_ptr(), &mut names), Some((2, a("ampere_bf16_gemm", 1000, 1500, 7))));
+            assert_eq!(parse(memset.as_ptr(), &mut names), Some((1, a("memset", 2000, 2100, 3))));
             assert_eq!(parse(backwards.as_ptr(), &mut names), None, "an end before the start");
         }
     }

@@ -12,6 +12,8 @@
 use std::ops::Range;
 
 use moxin_layout::FlatLayout;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use tch::{Device, Kind, Tensor};
 
 use super::step::GradSink;
@@ -20,6 +22,7 @@ use crate::WorkerError;
 /// The gradient of every leaf, in one flat buffer.
 pub struct FlatGrads {
     buffer: Tensor,
+    names: Vec<String>,
     ranges: Vec<Range<i64>>,
     shapes: Vec<Vec<i64>>,
     written: Vec<bool>,
@@ -30,6 +33,7 @@ impl FlatGrads {
     pub fn new(layout: &FlatLayout, padded: i64, kind: Kind, device: Device) -> Self {
         FlatGrads {
             buffer: Tensor::zeros([padded], (kind, device)),
+            names: layout.leaves.iter().map(|l| l.name.clone()).collect(),
             ranges: layout.leaves.iter().map(|l| l.offset..l.offset + l.numel).collect(),
             shapes: layout.leaves.iter().map(|l| l.shape.clone()).collect(),
             written: vec![false; layout.leaves.len()],
@@ -89,11 +93,22 @@ impl FlatGrads {
 
     /// Adds the product `a · b` (`[rows, k] · [k, cols]`, the leaf's 2-D shape) to leaf
     /// `leaf`, written by the GEMM itself.
-    pub fn add_product(&mut self, leaf: usize, a: &Tensor, b: &Tensor) {
-        let dst = self.flat(leaf).view([a.size()[0], b.size()[1]]);
+    pub fn add_product(&mut self, leaf: usize, a: &Tensor, b: &Tensor) -> Result<(), WorkerError> {
+        let (rows, cols) = (a.size()[0], b.size()[1]);
+        if self.shapes[leaf] != [rows, cols] || a.size()[1] != b.size()[0] {
+            return Err(WorkerError::Spec(format!(
+                "the gradient of {} is {:?}, and a product of {:?} · {:?} was handed for it",
+                self.names[leaf],
+                self.shapes[leaf],
+                a.size(),
+                b.size()
+            )));
+        }
+        let dst = self.flat(leaf).view([rows, cols]);
         let overwrite = !self.written[leaf];
-        self.written[leaf] = true;
         tch::no_grad(|| gemm_into(&dst, a, b, overwrite));
+        self.written[leaf] = true;
+        Ok(())
     }
 
     /// Leaf `leaf`'s gradient storage for code that accumulates into it in place (zeroed
@@ -114,8 +129,7 @@ impl GradSink for FlatGrads {
         Ok(())
     }
     fn add_product(&mut self, leaf: usize, a: &Tensor, b: &Tensor) -> Result<(), WorkerError> {
-        FlatGrads::add_product(self, leaf, a, b);
-        Ok(())
+        FlatGrads::add_product(self, leaf, a, b)
     }
     fn region(&mut self, leaf: usize) -> Tensor {
         FlatGrads::region(self, leaf)
@@ -125,23 +139,46 @@ impl GradSink for FlatGrads {
     }
 }
 
+/// Set once ATen refused a bf16/fp16 → fp32 product on this libtorch (`mm.dtype_out`,
+/// `addmm.dtype_out`), so it is not asked again at every GEMM.
+static NO_FP32_OUT: [AtomicBool; 2] = [AtomicBool::new(false), AtomicBool::new(false)];
+
 /// `dst = a · b` (`overwrite`) or `dst += a · b`, with the GEMM writing `dst`'s dtype: on
-/// CUDA a bf16 product goes into fp32 directly (cuBLAS accumulates in fp32 either way);
-/// elsewhere through a temporary in the inputs' dtype.
+/// CUDA a bf16 (or fp16) product goes into an fp32 `dst` directly (cuBLAS accumulates in
+/// fp32 either way); elsewhere, and if ATen refuses that, through a temporary in the
+/// inputs' dtype (logged once).
 pub fn gemm_into(dst: &Tensor, a: &Tensor, b: &Tensor, overwrite: bool) {
     let mut dst = dst.shallow_clone();
     if dst.kind() == a.kind() {
         let _ = if overwrite { a.mm_out(&dst, b) } else { dst.addmm_(a, b) };
         return;
     }
-    if dst.device() != Device::Cpu {
+    let half = |k: Kind| matches!(k, Kind::BFloat16 | Kind::Half);
+    let flag = &NO_FP32_OUT[usize::from(!overwrite)];
+    if dst.device() != Device::Cpu
+        && dst.kind() == Kind::Float
+        && half(a.kind())
+        && a.kind() == b.kind()
+        && !flag.load(Ordering::Relaxed)
+    {
         let done = if overwrite {
-            a.f_mm_dtype_out(&dst, b, dst.kind()).is_ok()
+            a.f_mm_dtype_out(&dst, b, Kind::Float)
         } else {
-            dst.f_addmm_dtype_out(&dst, a, b, dst.kind()).is_ok()
+            dst.f_addmm_dtype_out(&dst, a, b, Kind::Float)
         };
-        if done {
-            return;
+        match done {
+            Ok(_) => return,
+            Err(e) => {
+                flag.store(true, Ordering::Relaxed);
+                let op = if overwrite { "mm" } else { "addmm" };
+                let first_line = e.to_string().lines().next().unwrap_or_default().to_string();
+                tracing::warn!(
+                    "this libtorch refuses a {:?} product written as fp32 ({op}.dtype_out: {first_line}); weight \
+                     gradients go through a {:?} temporary instead",
+                    a.kind(),
+                    a.kind()
+                );
+            }
         }
     }
     let product = a.mm(b);
@@ -182,10 +219,13 @@ mod tests {
             let b = Tensor::randn([5, cols], (Kind::Float, Device::Cpu)).to_kind(input_kind);
             let want = a.to_kind(Kind::Float).mm(&b.to_kind(Kind::Float));
             g.begin_step();
-            g.add_product(down, &a.tr().contiguous().tr(), &b);
+            g.add_product(down, &a.tr().contiguous().tr(), &b).unwrap();
             let tol = if input_kind == Kind::Float { 1e-6 } else { 0.05 };
             assert!(f64::try_from((g.leaf(down) - &want).abs().max()).unwrap() < tol);
-            g.add_product(down, &a, &b);
+            g.add_product(down, &a, &b).unwrap();
+            // A product of the wrong shape is an error naming the leaf, and changes nothing.
+            let err = g.add_product(down, &b.tr(), &a.tr()).unwrap_err().to_string();
+            assert!(err.contains("mlp.down_proj.weight"), "{err}");
             assert!(f64::try_from((g.leaf(down) - &want * 2.0).abs().max()).unwrap() < 2.0 * tol);
             // Untouched leaves are zeroed at the end of the step, touched ones kept.
             g.zero_unwritten();

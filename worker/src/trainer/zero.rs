@@ -374,8 +374,7 @@ impl GradSink for Zero1 {
     }
 
     fn add_product(&mut self, leaf: usize, a: &Tensor, b: &Tensor) -> Result<(), WorkerError> {
-        self.grads.add_product(leaf, a, b);
-        Ok(())
+        self.grads.add_product(leaf, a, b)
     }
 
     fn region(&mut self, leaf: usize) -> Tensor {
