@@ -122,22 +122,24 @@ impl AdamW {
         let hyper = self.next_step(lr, grad_scale);
         let decay_end = self.decay_end - self.start;
         let state = [&self.master, &self.exp_avg, &self.exp_avg_sq, grad];
-        kernels.adamw_on(kernels.compute_stream(), state, out.as_ref(), decay_end, hyper)
+        kernels.adamw_on(kernels.compute_stream(), state, out.as_ref(), decay_end, hyper, None)
     }
 
     /// As [`AdamW::update`] with the fused kernel, launched range by range on `stream`;
-    /// `ranges` (offsets within the partition, in order) tile it, and `launched(i)` is
-    /// called once range `i` is queued (to record an event the next forward can wait for).
-    /// Returns false, having done nothing, without the fused kernel.
+    /// `ranges` (offsets within the partition, in order, each with an optional cap on the
+    /// kernel's thread blocks) tile it, and `launched(i)` is called once range `i` is queued
+    /// (to record an event the next forward can wait for). Returns false, having done
+    /// nothing, without the fused kernel.
     pub fn update_ranges_on(
         &mut self,
         stream: &std::sync::Arc<crate::cuda::CudaStream>,
         update: (&Tensor, f64, f64, &Tensor),
-        ranges: &[std::ops::Range<i64>],
+        capped_ranges: &[(std::ops::Range<i64>, Option<u32>)],
         mut launched: impl FnMut(usize) -> Result<(), crate::WorkerError>,
     ) -> Result<bool, crate::WorkerError> {
         let (grad, grad_scale, lr, flat_params) = update;
         let Some(kernels) = self.fused.clone() else { return Ok(false) };
+        let ranges: Vec<_> = capped_ranges.iter().map(|(r, _)| r.clone()).collect();
         let tiles = ranges.first().is_none_or(|r| r.start == 0)
             && ranges.windows(2).all(|w| w[0].end == w[1].start)
             && ranges.last().map_or(0, |r| r.end) == self.len();
@@ -150,12 +152,12 @@ impl AdamW {
         let out = (!self.aliases_params).then(|| flat_params.narrow(0, self.start, self.len()));
         let hyper = self.next_step(lr, grad_scale);
         let decay_end = self.decay_end - self.start;
-        for (i, r) in ranges.iter().enumerate() {
+        for (i, (r, max_blocks)) in capped_ranges.iter().enumerate() {
             let part = |t: &Tensor| t.narrow(0, r.start, r.end - r.start);
             let state = [&part(&self.master), &part(&self.exp_avg), &part(&self.exp_avg_sq), &part(grad)];
             let out = out.as_ref().map(part);
             let decay = (decay_end - r.start).clamp(0, r.end - r.start);
-            kernels.adamw_on(stream, state, out.as_ref(), decay, hyper)?;
+            kernels.adamw_on(stream, state, out.as_ref(), decay, hyper, *max_blocks)?;
             launched(i)?;
         }
         Ok(true)

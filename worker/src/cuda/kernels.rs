@@ -94,6 +94,17 @@ impl Kernels {
         self.stream.context().new_stream().map_err(|e| err("creating a stream", e))
     }
 
+    /// Blocks for AdamW running beside other work on a side stream: one per SM on a
+    /// quarter of the SMs. A full grid (8 blocks of 256 threads on every SM) would take
+    /// every SM until a stage's update is done and keep the next forward's GEMMs off them,
+    /// serialising the two again. A Hopper GEMM's thread block needs a whole SM's registers,
+    /// so each SM running an AdamW block is lost to the GEMMs meanwhile: the cap trades the
+    /// forward's speed while the update runs against the update keeping ahead of the
+    /// forward stage by stage (the GPU check measures the result, `runtime.optimizer_stream`).
+    pub fn side_stream_blocks(&self) -> u32 {
+        (self.sm_count / 4).max(1)
+    }
+
     fn grid_for(&self, n: i64) -> LaunchConfig {
         let blocks = (n as u64).div_ceil(THREADS as u64).min(self.sm_count as u64 * 8).max(1) as u32;
         LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
@@ -103,7 +114,8 @@ impl Kernels {
     /// or a side stream the caller orders with events): `state` is `[master, exp_avg,
     /// exp_avg_sq, grad]` — fp32 state of `n` elements and an fp32 or bf16 gradient — with the
     /// gradient times `grad_scale`; elements `[0, decay_end)` are decayed by `decay`
-    /// (= 1 − lr·wd); writes the updated weights as bf16 into `out` when given.
+    /// (= 1 − lr·wd); writes the updated weights as bf16 into `out` when given. At most
+    /// `max_blocks` thread blocks when given (see [`Kernels::side_stream_blocks`]).
     pub fn adamw_on(
         &self,
         stream: &Arc<CudaStream>,
@@ -111,6 +123,7 @@ impl Kernels {
         out: Option<&Tensor>,
         decay_end: i64,
         hyper: AdamWStep,
+        max_blocks: Option<u32>,
     ) -> Result<(), WorkerError> {
         let [master, exp_avg, exp_avg_sq, grad] = state;
         let n = master.numel() as i64;
@@ -139,10 +152,12 @@ impl Kernels {
         b.arg(&p).arg(&m).arg(&v).arg(&g).arg(&o).arg(&n).arg(&decay_end);
         b.arg(&hyper.decay).arg(&hyper.beta1).arg(&hyper.beta2).arg(&hyper.eps);
         b.arg(&hyper.step_size).arg(&hyper.inv_bias2_sqrt).arg(&hyper.grad_scale);
+        let mut grid = self.grid_for(n);
+        grid.grid_dim.0 = grid.grid_dim.0.min(max_blocks.unwrap_or(u32::MAX).max(1));
         // SAFETY: every pointer addresses `n` live elements of the kernel's types on this
         // device (checked above); the tensors outlive the launch (stream-ordered use).
         #[allow(unsafe_code)]
-        unsafe { b.launch(self.grid_for(n)) }.map_err(|e| err("adamw launch", e))?;
+        unsafe { b.launch(grid) }.map_err(|e| err("adamw launch", e))?;
         Ok(())
     }
 

@@ -209,14 +209,17 @@ impl Zero1 {
         let device = |e: cudarc::driver::DriverError| WorkerError::Device(format!("optimizer stream: {e:?}"));
         let ready = os.kernels.compute_stream().record_event(None).map_err(device)?;
         os.side.wait(&ready).map_err(device)?;
-        // The stages' ranges within the partition, in forward order (they tile it).
+        // The stages' ranges within the partition, in forward order (they tile it). The
+        // first stage is needed as soon as the next forward starts: it takes every SM; the
+        // rest run on a quarter of the SMs beside the forward (`Kernels::side_stream_blocks`).
+        let beside = os.kernels.side_stream_blocks();
         let mut stages = Vec::new();
         let mut ranges = Vec::new();
         for (stage, r) in &self.gather_plan {
             let (start, end) = (r.start.max(self.own.start), r.end.min(self.own.end));
             if start < end {
                 stages.push(*stage);
-                ranges.push(start - self.own.start..end - self.own.start);
+                ranges.push((start - self.own.start..end - self.own.start, (*stage > 0).then_some(beside)));
             }
         }
         let side = os.side.clone();
