@@ -36,6 +36,9 @@ pub fn record_step(m: &v1::StepMetrics) {
     metrics::histogram!("moxin_collective_busy_seconds").record(m.comm_s);
     metrics::histogram!("moxin_collective_exposed_seconds").record(m.comm_exposed_s);
     metrics::histogram!("moxin_optimizer_seconds").record(m.optimizer_s);
+    for (phase, seconds) in &m.phase_s {
+        metrics::gauge!("moxin_step_phase_seconds", "phase" => phase.clone()).set(*seconds);
+    }
     if m.rollout {
         metrics::gauge!("moxin_grpo_reward_mean").set(m.reward_mean);
         metrics::gauge!("moxin_grpo_reward_std").set(m.reward_std);
@@ -48,5 +51,26 @@ pub fn record_step(m: &v1::StepMetrics) {
         metrics::gauge!("moxin_grpo_entropy").set(m.entropy);
         metrics::gauge!("moxin_grpo_rollout_seconds").set(m.rollout_s);
         metrics::gauge!("moxin_grpo_update_seconds").set(m.update_s);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_profiled_step_exports_its_phases() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let step = v1::StepMetrics {
+            step: 3,
+            phase_s: [("forward".to_string(), 0.25), ("optimizer".to_string(), 0.125)].into_iter().collect(),
+            ..Default::default()
+        };
+        metrics::with_local_recorder(&recorder, || record_step(&step));
+        let text = handle.render();
+        assert!(text.contains("moxin_step_phase_seconds{phase=\"forward\"} 0.25"), "{text}");
+        assert!(text.contains("moxin_step_phase_seconds{phase=\"optimizer\"} 0.125"), "{text}");
+        assert!(text.contains("moxin_step 3"), "{text}");
     }
 }
