@@ -162,22 +162,19 @@ for name in ("tiny-aten", "tiny-fused", "tiny-explicit", "tiny-optstream", "nccl
     rows = metrics(name)
     if rows:
         print(f"- {name}: loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f} over {len(rows)} steps")
-a, b = metrics("tiny-explicit"), metrics("nccl1")
-if a and b:
-    diff = max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b))
-    print(f"- NCCL world of one vs no NCCL (the defaults): max |loss difference| over {min(len(a), len(b))} steps = {diff:.2e}")
-a, b = metrics("tiny-aten"), metrics("tiny-fused")
-if a and b:
-    diff = max(abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(a, b))
-    print(f"- fused vs ATen kernels (tiny, bf16): max relative loss difference = {diff:.2e}")
-a, b = metrics("tiny-explicit"), metrics("tiny-optstream")
-if a and b:
-    diff = max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b))
-    print(f"- AdamW on its own stream vs on torch's (tiny, the defaults): max |loss difference| over {min(len(a), len(b))} steps = {diff:.2e}")
-a, b = metrics("tiny-fused"), metrics("tiny-explicit")
-if a and b:
-    diff = max(abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(a, b))
-    print(f"- hand-written vs autograd block backward (tiny, bf16, fused kernels): max relative loss difference = {diff:.2e}")
+def compare(first, second, label, relative):
+    """Prints the largest loss difference (absolute, or relative to `first`'s) between two runs' steps."""
+    a, b = metrics(first), metrics(second)
+    if a and b:
+        diffs = [abs(x["loss"] - y["loss"]) / (abs(x["loss"]) if relative else 1.0) for x, y in zip(a, b)]
+        kind = "relative" if relative else "|loss|"
+        print(f"- {label}: max {kind} difference over {len(diffs)} steps = {max(diffs):.2e}")
+
+
+compare("tiny-explicit", "nccl1", "NCCL world of one vs no NCCL (the defaults)", False)
+compare("tiny-aten", "tiny-fused", "fused vs ATen kernels (tiny, bf16)", True)
+compare("tiny-explicit", "tiny-optstream", "AdamW on its own stream vs on torch's (tiny, the defaults)", False)
+compare("tiny-fused", "tiny-explicit", "hand-written vs autograd block backward (tiny, bf16, fused kernels)", True)
 eq = load_json("ring-equivalence.json")
 if eq:
     print(f"- 2 workers on one GPU over the ring vs single-GPU train, 20 steps: parameters differ by {eq['params_relative_l2']:.2e} (relative L2)")

@@ -195,19 +195,7 @@ mod tests {
 
     #[test]
     fn products_overwrite_then_accumulate_in_the_buffers_dtype() {
-        let shape = moxin_layout::ModelShape {
-            vocab_size: 50,
-            dim: 8,
-            n_layers: 1,
-            n_heads: 2,
-            n_kv_heads: 1,
-            ffn_dim: 16,
-            max_seq_len: 16,
-            sliding_window: 16,
-            rope_theta: 1e4,
-            norm_eps: 1e-5,
-            init_std: 0.02,
-        };
+        let shape = crate::model_tests::config(64);
         let layout = FlatLayout::of(&shape);
         let down = layout.leaves.iter().position(|l| l.name == "model.layers.0.mlp.down_proj.weight").unwrap();
         let [rows, cols] = [layout.leaves[down].shape[0], layout.leaves[down].shape[1]];
