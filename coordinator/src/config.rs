@@ -552,7 +552,11 @@ impl JobConfig {
                 return Err(bad("train.epochs", &e, "must be a positive number of passes over the data".into()))
             }
             (s, Some(_)) if s > 0 => {
-                return Err(bad("train.epochs", &t.epochs.unwrap_or(0.0), "and train.steps both set; give one".into()))
+                return Err(bad(
+                    "train.epochs",
+                    &t.epochs.unwrap_or(0.0),
+                    format!("and train.steps = {s} both set; give one (--set train.steps=0 trains by epochs)"),
+                ))
             }
             _ => {}
         }
@@ -564,7 +568,10 @@ impl JobConfig {
             return Err(bad(
                 "schedule.warmup_ratio",
                 &sched.warmup_ratio,
-                "and schedule.warmup_steps both set; give one".into(),
+                format!(
+                    "and schedule.warmup_steps = {} both set; give one (--set schedule.warmup_steps=0 warms up by the ratio)",
+                    sched.warmup_steps
+                ),
             ));
         }
         if t.micro_batch_size == 0 {

@@ -63,6 +63,7 @@ pub async fn serve(
             .with_http_listener(socket)
             .install()
             .map_err(|e| bad(e.to_string()))?;
+        moxin_proto::register_counters(&["moxin_workers_lost_total", "moxin_recoveries_total"]);
     }
     if let Ok(addr) = listener.local_addr() {
         service.set_url(&format!("{}://{addr}", security.scheme()));

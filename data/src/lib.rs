@@ -22,6 +22,7 @@ pub mod json_mutations;
 mod loader;
 mod manifest;
 mod order;
+mod output_dir;
 mod prepare;
 mod rng;
 pub mod sft;

@@ -7,6 +7,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 
 use crate::manifest::{sha256_file, MANIFEST_FILE};
+use crate::output_dir::OutputDir;
 use crate::{train_bpe, DataError, Manifest, ShardInfo, TextTokenizer, TokenDtype, TokenizerInfo};
 
 /// Where the tokenizer of a prepared directory comes from.
@@ -95,7 +96,7 @@ where
     F: Fn() -> I,
     I: Iterator<Item = Result<String, DataError>> + Send,
 {
-    prepare_out_dir(&opts.out_dir, opts.overwrite)?;
+    let out = OutputDir::claim(&opts.out_dir, opts.overwrite, written_by_prepare)?;
     let tokenizer = match &opts.tokenizer {
         TokenizerSource::File(path) => crate::load_tokenizer(path)?,
         TokenizerSource::Train { vocab_size } => {
@@ -144,7 +145,15 @@ where
     };
     let manifest = Manifest::new(source, info, dtype, count, shards);
     manifest.write(&opts.out_dir)?;
+    out.publish();
     Ok(manifest)
+}
+
+/// The files a preparation writes (see [`OutputDir`]).
+fn written_by_prepare(name: &str) -> bool {
+    name == TOKENIZER_FILE
+        || name == format!(".{MANIFEST_FILE}.tmp")
+        || (name.starts_with("shard-") && name.ends_with(".bin"))
 }
 
 fn progress_bar(show: bool, total_bytes: u64) -> ProgressBar {
@@ -178,33 +187,6 @@ fn encode_batch(
         shards.push(&[tokenizer.eos_id])?;
     }
     Ok(n)
-}
-
-fn prepare_out_dir(dir: &Path, overwrite: bool) -> Result<(), DataError> {
-    if dir.exists() {
-        let mut entries = std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))?;
-        if entries.next().is_some() {
-            if !overwrite {
-                return Err(DataError::Input {
-                    path: dir.to_path_buf(),
-                    reason: "output directory is not empty; choose another --out or pass --overwrite".into(),
-                });
-            }
-            // Unpublish first: with the manifest gone, a crash below leaves nothing that looks valid.
-            let manifest = dir.join(MANIFEST_FILE);
-            if manifest.exists() {
-                std::fs::remove_file(&manifest).map_err(|e| DataError::io(&manifest, e))?;
-            }
-            for entry in std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))? {
-                let path = entry.map_err(|e| DataError::io(dir, e))?.path();
-                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-                if name.starts_with("shard-") && name.ends_with(".bin") {
-                    std::fs::remove_file(&path).map_err(|e| DataError::io(&path, e))?;
-                }
-            }
-        }
-    }
-    std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))
 }
 
 /// Expands files and directories into `(file, size)` of `.txt`/`.jsonl`, sorted for determinism.
@@ -428,9 +410,25 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let f = tmp.path().join("x.jsonl");
         std::fs::write(&f, "{\"text\": \"ok\"}\n{\"body\": \"no text\"}\n").unwrap();
-        let opts = PrepareOptions::new(vec![f], tmp.path().join("out"), TokenizerSource::Train { vocab_size: 300 });
+        let opts =
+            PrepareOptions::new(vec![f.clone()], tmp.path().join("out"), TokenizerSource::Train { vocab_size: 300 });
         let err = prepare(&opts).unwrap_err().to_string();
         assert!(err.contains("x.jsonl:2") && err.contains("--text-field"), "{err}");
-        assert!(!tmp.path().join("out").join(MANIFEST_FILE).exists());
+        // Nothing is left behind (the tokenizer was trained and saved before the bad line).
+        assert!(!tmp.path().join("out").exists());
+
+        // A killed run's unpublished files are no obstacle; files of others are.
+        let out = tmp.path().join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::write(out.join("tokenizer.json"), "partial").unwrap();
+        std::fs::write(out.join("shard-00000.bin"), "partial").unwrap();
+        std::fs::write(&f, "{\"text\": \"ok\"}\n").unwrap();
+        prepare(&opts).unwrap().verify(&out, true).unwrap();
+        std::fs::remove_dir_all(&out).unwrap();
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::write(out.join("notes.txt"), "mine").unwrap();
+        let err = prepare(&opts).unwrap_err().to_string();
+        assert!(err.contains("not empty"), "{err}");
+        assert_eq!(std::fs::read_to_string(out.join("notes.txt")).unwrap(), "mine");
     }
 }

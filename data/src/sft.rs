@@ -24,6 +24,7 @@ use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
 
 use crate::manifest::{sha256_file, MANIFEST_FILE};
+use crate::output_dir::OutputDir;
 use crate::{DataError, SampleOrder, TextTokenizer, TokenizerInfo};
 
 /// `format` of SFT manifests.
@@ -304,19 +305,7 @@ pub fn prepare_sft(opts: &SftPrepareOptions) -> Result<SftManifest, DataError> {
         });
     }
     let dir = &opts.out_dir;
-    if dir.exists() && std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))?.next().is_some() {
-        if !opts.overwrite {
-            return Err(DataError::Input {
-                path: dir.clone(),
-                reason: "output directory is not empty; choose another --out or pass --overwrite".into(),
-            });
-        }
-        let manifest = dir.join(MANIFEST_FILE);
-        if manifest.exists() {
-            std::fs::remove_file(&manifest).map_err(|e| DataError::io(&manifest, e))?;
-        }
-    }
-    std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
+    let out = OutputDir::claim(dir, opts.overwrite, written_by_prepare_sft)?;
     let tokenizer = crate::load_tokenizer(&opts.tokenizer)?;
     let tokenizer_path = dir.join(TOKENIZER_FILE);
     tokenizer
@@ -414,7 +403,13 @@ pub fn prepare_sft(opts: &SftPrepareOptions) -> Result<SftManifest, DataError> {
     let tmp = dir.join(format!(".{MANIFEST_FILE}.tmp"));
     std::fs::write(&tmp, text).map_err(|e| DataError::io(&tmp, e))?;
     std::fs::rename(&tmp, dir.join(MANIFEST_FILE)).map_err(|e| DataError::io(dir.join(MANIFEST_FILE), e))?;
+    out.publish();
     Ok(m)
+}
+
+/// The files an SFT preparation writes (see [`OutputDir`]).
+fn written_by_prepare_sft(name: &str) -> bool {
+    [TOKENIZER_FILE, TOKENS_FILE, MASK_FILE, INDEX_FILE].contains(&name) || name == format!(".{MANIFEST_FILE}.tmp")
 }
 
 /// One conversation in the store.
@@ -720,8 +715,17 @@ mod tests {
         assert_eq!(seen, 40);
         // Bad input: a clear error naming the line.
         std::fs::write(&input, "{\"messages\": [{\"role\": \"user\"}]}\n").unwrap();
-        let e = prepare_sft(&SftPrepareOptions { out_dir: dir.path().join("b"), ..opts }).unwrap_err().to_string();
+        let bad = SftPrepareOptions { out_dir: dir.path().join("b"), ..opts };
+        let e = prepare_sft(&bad).unwrap_err().to_string();
         assert!(e.contains("line 1") && e.contains("content"), "{e}");
+        // It leaves nothing behind, so the corrected rerun needs no --overwrite; a
+        // published directory is still refused and stays valid.
+        assert!(!bad.out_dir.exists());
+        std::fs::write(&input, &lines[0]).unwrap();
+        assert_eq!(prepare_sft(&bad).unwrap().conversations, 1);
+        let e = prepare_sft(&bad).unwrap_err().to_string();
+        assert!(e.contains("--overwrite"), "{e}");
+        SftData::open(&bad.out_dir, 256, 400, 7, true).unwrap();
     }
 
     #[test]

@@ -168,7 +168,7 @@ def build() -> dict:
         .with_panel(
             series(
                 "Tokens per second",
-                "Training throughput: the rate of moxin_tokens_total (tokens since the start of the run).",
+                "Training throughput: the rate of moxin_tokens_total (tokens each exporter saw trained since it started; the highest per job).",
                 "short",
                 [(f"max by (job) (rate(moxin_tokens_total{{{JOB}}}[$__rate_interval]))", "{{job}}")],
             )

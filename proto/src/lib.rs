@@ -25,13 +25,29 @@ pub fn hostname() -> String {
         .unwrap_or_else(|_| "unknown host".into())
 }
 
+/// Counters every exporter serves from its start, at 0 until they count something:
+/// `rate` and `increase` see no increase in the first sample of a series, so a counter
+/// that first appeared at its first increment would hide that increment from alerts.
+/// `extra` names the caller's own counters (the coordinator's losses and recoveries).
+pub fn register_counters(extra: &[&'static str]) {
+    for name in std::iter::once("moxin_tokens_total").chain(extra.iter().copied()) {
+        metrics::counter!(name).absolute(0);
+    }
+}
+
 /// The Prometheus view of a step, the same on a worker's exporter and the coordinator's.
 pub fn record_step(m: &v1::StepMetrics) {
     metrics::gauge!("moxin_step").set(m.step as f64);
     metrics::gauge!("moxin_loss").set(m.loss);
     metrics::gauge!("moxin_mfu").set(m.mfu);
     metrics::gauge!("moxin_peak_memory_bytes").set(m.peak_memory_bytes as f64);
-    metrics::counter!("moxin_tokens_total").absolute(m.tokens);
+    // Tokens trained by this process, not the run's total (`tokens`, in metrics.jsonl): a
+    // replaced worker restores an earlier checkpoint, and a counter that went down to the
+    // restored total would read to Prometheus as a reset followed by all of it at once.
+    let step_tokens = (m.tokens_per_s * m.step_time_s).round();
+    if step_tokens.is_finite() && step_tokens > 0.0 {
+        metrics::counter!("moxin_tokens_total").increment(step_tokens as u64);
+    }
     metrics::histogram!("moxin_step_duration_seconds").record(m.step_time_s);
     metrics::histogram!("moxin_collective_busy_seconds").record(m.comm_s);
     metrics::histogram!("moxin_collective_exposed_seconds").record(m.comm_exposed_s);
@@ -57,6 +73,26 @@ pub fn record_step(m: &v1::StepMetrics) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_token_counter_only_grows_when_a_worker_restores_an_earlier_step() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            register_counters(&["moxin_workers_lost_total"]);
+            let text = handle.render();
+            assert!(text.contains("moxin_tokens_total 0"), "{text}");
+            assert!(text.contains("moxin_workers_lost_total 0"), "{text}");
+            // 1,000 tokens a step: steps 10 and 11, then step 9 again from a checkpoint.
+            for (step, tokens) in [(10, 10_000), (11, 11_000), (9, 9_000)] {
+                let m =
+                    v1::StepMetrics { step, tokens, tokens_per_s: 4_000.0, step_time_s: 0.25, ..Default::default() };
+                record_step(&m);
+            }
+        });
+        let text = handle.render();
+        assert!(text.contains("moxin_tokens_total 3000"), "{text}");
+    }
 
     #[test]
     fn a_profiled_step_exports_its_phases() {

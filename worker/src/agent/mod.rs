@@ -116,6 +116,7 @@ pub fn run(opts: AgentOptions) -> Result<AgentEnd, WorkerError> {
             .with_http_listener(addr)
             .install()
             .map_err(|e| WorkerError::Setup(format!("--metrics-listen {addr}: {e}")))?;
+        moxin_proto::register_counters(&[]);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
