@@ -127,6 +127,9 @@ fn all_checkpoints_invalid_is_refused_and_nothing_is_overwritten() {
     }
     let err = fails(tmp.path(), &["train", s(&job), "--out", s(&run), "--set", "checkpoint.every_steps=2"]);
     assert!(err.contains("none of its 2 checkpoint(s) is valid") && err.contains("move"), "{err}");
+    // A command that only reads the run says what is wrong without the resume advice.
+    let err = fails(tmp.path(), &["export-hf", s(&run), s(&tmp.path().join("hf"))]);
+    assert!(err.contains("none of its 2 checkpoint(s) is valid") && !err.contains("--out"), "{err}");
     for (file, bytes) in damaged {
         assert_eq!(std::fs::read(&file).unwrap(), bytes, "{} was rewritten", file.display());
     }

@@ -150,6 +150,8 @@ fn grpo_raises_the_reward_over_two_workers() {
     assert!(e.contains("grpo.prompts") && e.contains("line 1"), "{e}");
     let e = fails(t, &["train", s(&grpo), "--out", s(&t.join("x")), "--set", "grpo.group_size=1"]);
     assert!(e.contains("grpo.group_size = 1"), "{e}");
+    let e = fails(t, &["train", s(&grpo), "--out", s(&t.join("x")), "--set", "grpo.temperature=0"]);
+    assert!(e.contains("grpo.temperature = 0") && e.contains("greedy"), "{e}");
     let e = fails(
         t,
         &["train", s(&grpo), "--out", s(&t.join("x")), "--set", "model.init_from=", "--set", "model.preset=tiny"],

@@ -187,7 +187,12 @@ fn mutual_tls_admits_only_workers_with_a_certificate_from_the_ca() {
     );
     run(&[], &["needs --tls-ca"]);
     // Trusting another CA: the coordinator's certificate does not verify.
-    run(&["--tls-ca", s(&pki.rogue_ca)], &["invalid peer certificate", "UnknownIssuer"]);
+    run(&["--tls-ca", s(&pki.rogue_ca)], &[&format!("not signed by the CA in --tls-ca {}", s(&pki.rogue_ca))]);
+    // A key that is not the certificate's is named before anything is tried.
+    run(
+        &["--tls-ca", s(&pki.ca), "--tls-cert", s(&pki.client.0), "--tls-key", s(&pki.rogue_client.1)],
+        &[&format!("--tls-key {}: the key does not belong to the certificate", s(&pki.rogue_client.1))],
+    );
     // No client certificate, one from another CA, an expired one: the coordinator refuses.
     run(&["--tls-ca", s(&pki.ca)], &tls_refusal);
     run(
@@ -200,6 +205,28 @@ fn mutual_tls_admits_only_workers_with_a_certificate_from_the_ca() {
     );
     // A bad file is named.
     run(&["--tls-ca", s(&dir.path().join("absent.pem"))], &["absent.pem"]);
+
+    // The coordinator's own pair is checked before its run directory is touched.
+    let job = tiny_job(dir.path(), 3, "");
+    let elsewhere = dir.path().join("mismatched-run");
+    let out = client(
+        &[
+            "coordinator",
+            s(&job),
+            "--out",
+            s(&elsewhere),
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            s(&pki.server.0),
+            "--tls-key",
+            s(&pki.client.1),
+        ],
+        None,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("the coordinator's --tls-cert"), "{stderr}");
+    assert!(stderr.contains("does not belong to the certificate") && !elsewhere.exists(), "{stderr}");
 
     let args = worker(&["--tls-ca", s(&pki.ca), "--tls-cert", s(&pki.client.0), "--tls-key", s(&pki.client.1)]);
     let out = client(&args.iter().map(String::as_str).collect::<Vec<_>>(), None);

@@ -93,8 +93,13 @@ impl GrpoSection {
         if self.max_new_tokens == 0 {
             return Err(bad("max_new_tokens", &0, "must be at least 1"));
         }
-        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return Err(bad("temperature", &self.temperature, "must be >= 0 (0 = greedy)"));
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            return Err(bad(
+                "temperature",
+                &self.temperature,
+                "must be a positive number: a group's completions are sampled and compared (greedy ones are all \
+                 the same, so every advantage would be 0)",
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(bad("top_p", &self.top_p, "must be in (0, 1]"));

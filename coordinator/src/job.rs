@@ -119,12 +119,14 @@ pub fn resolve_config(
         })?;
         if let Some(theirs) = init.files.get(moxin_layout::checkpoint::TOKENIZER_FILE) {
             if *theirs != tokenizer_sha256 {
+                let sft = moxin_data::sft::SftManifest::load(&data_dir).is_ok_and(|m| m.is_some());
+                let command = if sft { "data prepare-sft" } else { "data prepare" };
                 return Err(ConfigError::Invalid {
                     field: "data.source".into(),
                     value: data_dir.display().to_string(),
                     message: format!(
                         "prepared with another tokenizer than the model in model.init_from was trained with; \
-                         prepare the data with its tokenizer: `moxin-train data prepare --tokenizer {}`",
+                         prepare the data with its tokenizer: `moxin-train {command} --tokenizer {}`",
                         dir.join(moxin_layout::checkpoint::TOKENIZER_FILE).display()
                     ),
                 });

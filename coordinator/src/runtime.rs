@@ -30,7 +30,7 @@ pub enum RuntimeError {
         message: String,
     },
     /// The TLS configuration could not be used.
-    #[error("{0}")]
+    #[error(transparent)]
     Security(#[from] moxin_proto::security::SecurityError),
 }
 

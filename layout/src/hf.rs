@@ -203,6 +203,28 @@ pub fn parse_config(text: &str) -> Result<ImportedConfig, String> {
         norm_eps: float("rms_norm_eps", 1e-6)?,
         init_std: float("initializer_range", 0.02)?,
     };
+    // What the config loader checks of a preset, named by config.json's keys.
+    for (key, n) in [
+        ("hidden_size", shape.dim),
+        ("num_hidden_layers", shape.n_layers),
+        ("vocab_size", shape.vocab_size),
+        ("intermediate_size", shape.ffn_dim),
+        ("max_position_embeddings", shape.max_seq_len),
+    ] {
+        if n == 0 {
+            return Err(format!("{key} 0: must be at least 1"));
+        }
+    }
+    if (hidden / heads) % 2 != 0 {
+        return Err(format!("hidden_size / num_attention_heads = {}: RoPE needs an even head size", hidden / heads));
+    }
+    for (key, x) in
+        [("rope_theta", shape.rope_theta), ("rms_norm_eps", shape.norm_eps), ("initializer_range", shape.init_std)]
+    {
+        if !(x.is_finite() && x > 0.0) {
+            return Err(format!("{key} {x}: must be a positive number"));
+        }
+    }
     if let Err(e) = shape.check_size() {
         let key = match e.field {
             "n_layers" => "num_hidden_layers",
@@ -258,10 +280,19 @@ mod tests {
             (r#", "hidden_act": "gelu""#, "hidden_act \"gelu\""),
             (r#", "head_dim": 32"#, "head_dim 32"),
             (r#", "num_key_value_heads": 3"#, "key/value heads"),
+            (r#", "rope_theta": -1"#, "rope_theta -1: must be a positive number"),
+            (r#", "rope_parameters": {"rope_type": "default", "rope_theta": 0.0}"#, "rope_theta 0: must be"),
+            (r#", "rms_norm_eps": 0"#, "rms_norm_eps 0: must be a positive number"),
         ] {
             let e = parse_config(&format!("{base}{extra}}}")).unwrap_err();
             assert!(e.contains(expected), "{extra}: {e}");
         }
+        let zero_positions = base.replace(r#""max_position_embeddings": 128"#, r#""max_position_embeddings": 0"#);
+        let e = parse_config(&format!("{zero_positions}}}")).unwrap_err();
+        assert!(e.contains("max_position_embeddings 0: must be at least 1"), "{e}");
+        let odd_heads = base.replace(r#""num_attention_heads": 4"#, r#""num_attention_heads": 64"#);
+        let e = parse_config(&format!("{odd_heads}, \"num_key_value_heads\": 64}}")).unwrap_err();
+        assert!(e.contains("even head size"), "{e}");
         let e = parse_config(r#"{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}"#).unwrap_err();
         assert!(e.contains("\"gpt2\"") && e.contains("GPT2LMHeadModel"), "{e}");
     }

@@ -39,7 +39,7 @@ pub enum SecurityError {
     #[error("{0}")]
     Invalid(String),
     /// The connection could not be made (address, TLS handshake, refused).
-    #[error("cannot reach the coordinator at {url}: {message}")]
+    #[error("cannot connect to the coordinator at {url}: {message}")]
     Connect {
         /// The coordinator URL.
         url: String,
@@ -190,6 +190,11 @@ impl ServerSecurity {
                 if let Some(ca) = client_ca {
                     tls = tls.client_ca_root(Certificate::from_pem(read(ca, "client CA certificate")?));
                 }
+                // Built now, before the run directory is touched, so that a key that is not
+                // the certificate's is named as such.
+                Server::builder()
+                    .tls_config(tls.clone())
+                    .map_err(|e| unusable_pair("the coordinator's ", cert, key, &chain(&e)))?;
                 Some(tls)
             }
             None if client_ca.is_some() => {
@@ -316,6 +321,9 @@ pub type Client = CoordinatorClient<InterceptedService<Channel, AttachToken>>;
 pub struct ClientSecurity {
     token: Option<JoinToken>,
     tls: Option<ClientTlsConfig>,
+    /// The files behind `tls` (`--tls-ca`, `--tls-cert`), named in what a failure says.
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
 }
 
 impl ClientSecurity {
@@ -341,16 +349,21 @@ impl ClientSecurity {
             if let Some(identity) = identity {
                 tls = tls.identity(identity);
             }
+            // Built now (it is built again per connection) so that a key that is not the
+            // certificate's is named before the first try, not as an unreachable coordinator.
+            Channel::from_static("https://localhost")
+                .tls_config(tls.clone())
+                .map_err(|e| unusable_pair("", cert, key, &chain(&e)))?;
             Some(tls)
         } else {
             None
         };
-        Ok(ClientSecurity { token, tls })
+        Ok(ClientSecurity { token, tls, ca: ca.map(Path::to_path_buf), cert: cert.map(Path::to_path_buf) })
     }
 
     /// Only a token (e.g. the one `launch` made for its own workers).
     pub fn with_token(token: Option<JoinToken>) -> Self {
-        ClientSecurity { token, tls: None }
+        ClientSecurity { token, tls: None, ca: None, cert: None }
     }
 
     /// True when a token is presented.
@@ -384,8 +397,13 @@ impl ClientSecurity {
         }
         let channel = endpoint.connect().await.map_err(|e| {
             let message = chain(&e);
-            let permanent = is_tls_verification(&message);
-            connect_error(message, permanent)
+            match is_tls_verification(&message) {
+                true => {
+                    let hint = verification_hint(&message, self.ca.as_deref(), self.cert.as_deref());
+                    connect_error(format!("{message}; {hint}"), true)
+                }
+                false => connect_error(message, false),
+            }
         })?;
         let value = match &self.token {
             Some(t) => Some(
@@ -404,6 +422,51 @@ impl ClientSecurity {
 pub fn is_tls_verification(message: &str) -> bool {
     // rustls' wording: our check of the peer's certificate failed, or the peer's of ours.
     ["invalid peer certificate", "received fatal alert"].iter().any(|m| message.contains(m))
+}
+
+/// A certificate and key that TLS cannot use together (usually a key that is not the
+/// certificate's own), naming both files.
+fn unusable_pair(whose: &str, cert: Option<&Path>, key: Option<&Path>, cause: &str) -> SecurityError {
+    let name = |p: Option<&Path>| p.map_or_else(|| "(none)".to_string(), |p| p.display().to_string());
+    let why = if cause.contains("KeyMismatch") || cause.contains("keys may not be consistent") {
+        "the key does not belong to the certificate; give the key the certificate was issued for"
+    } else {
+        "TLS cannot use them"
+    };
+    SecurityError::Invalid(format!("{whose}--tls-cert {} and --tls-key {}: {why} ({cause})", name(cert), name(key)))
+}
+
+/// What to do about a failed certificate check (rustls' reason in `message`): `ca` is the
+/// CA the worker checks the coordinator against, `cert` the worker's own certificate.
+fn verification_hint(message: &str, ca: Option<&Path>, cert: Option<&Path>) -> String {
+    let ca = ca.map_or_else(|| "--tls-ca".to_string(), |p| format!("--tls-ca {}", p.display()));
+    let own = cert.map_or_else(|| "its certificate".to_string(), |p| format!("--tls-cert {}", p.display()));
+    if message.contains("received fatal alert") {
+        return format!(
+            "the coordinator refused this worker's certificate: {own} must be signed by the CA the coordinator \
+             trusts (--tls-client-ca there), be an X.509 v3 certificate and not be expired"
+        );
+    }
+    if message.contains("UnknownIssuer") || message.contains("BadSignature") {
+        return format!("the coordinator's certificate is not signed by the CA in {ca}; give the CA that signed it");
+    }
+    if message.contains("NotValidForName") {
+        return "the coordinator's certificate does not list the host in the URL (subjectAltName); connect by a \
+                name or address the certificate lists"
+            .into();
+    }
+    if message.contains("Expired") || message.contains("NotValidYet") {
+        return "a certificate is outside its validity period (expired, or not valid yet: check both machines' \
+                clocks)"
+            .into();
+    }
+    if message.contains("UnsupportedCertVersion") {
+        return format!(
+            "a certificate is X.509 v1; TLS needs v3 (with a subjectAltName extension): check {own} and the \
+             coordinator's, e.g. sign with `openssl x509 -req ... -extfile` naming subjectAltName"
+        );
+    }
+    format!("check that {ca} signed the coordinator's certificate and that {own} is signed by the CA it trusts")
 }
 
 /// An error and its causes, outermost first ("transport error: …: invalid peer certificate").

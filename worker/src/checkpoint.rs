@@ -21,7 +21,7 @@ impl From<CheckpointError> for WorkerError {
         match e {
             CheckpointError::Io { path, source } => WorkerError::Io { path, source },
             CheckpointError::Invalid { path, reason } => WorkerError::Checkpoint { path, reason },
-            CheckpointError::NoneValid { run_dir, reason } => WorkerError::Resume { run_dir, reason },
+            CheckpointError::NoneValid { run_dir, reason, .. } => WorkerError::Resume { run_dir, reason },
             superseded @ CheckpointError::Superseded { .. } => {
                 WorkerError::Checkpoint { path: PathBuf::new(), reason: superseded.to_string() }
             }

@@ -45,18 +45,25 @@ pub fn evaluate(
     let ckpt = crate::hf::open_checkpoint(checkpoint_dir)?;
     let shape = ckpt.manifest.model.clone();
     // Token ids only mean the same thing under the same tokenizer.
+    if moxin_data::sft::SftManifest::load(data_dir).is_ok_and(|m| m.is_some()) {
+        return Err(WorkerError::Spec(format!(
+            "--data {}: holds SFT conversations (`data prepare-sft`); `eval --data` scores pre-training token data \
+             (`data prepare`). Score a fine-tuned model on prompts with answers with `eval --prompts FILE.jsonl`",
+            data_dir.display()
+        )));
+    }
     let data_manifest = moxin_data::Manifest::load(data_dir)?;
     if let Some(trained) = ckpt.manifest.files.get(TOKENIZER_FILE) {
         if *trained != data_manifest.tokenizer.sha256 {
             return Err(WorkerError::Checkpoint {
-                path: checkpoint_dir.join(TOKENIZER_FILE),
+                path: ckpt.dir.join(TOKENIZER_FILE),
                 reason: format!(
                     "the checkpoint was trained with another tokenizer than {} was prepared with (sha256 {} vs {}); \
                      prepare the data with the checkpoint's tokenizer: `moxin-train data prepare --tokenizer {}`",
                     data_dir.display(),
                     trained,
                     data_manifest.tokenizer.sha256,
-                    checkpoint_dir.join(TOKENIZER_FILE).display()
+                    ckpt.dir.join(TOKENIZER_FILE).display()
                 ),
             });
         }

@@ -63,10 +63,19 @@ pub fn open_checkpoint(path: &Path) -> Result<Checkpoint, WorkerError> {
         return Ok(Checkpoint::open(path)?);
     }
     if checkpoint::checkpoints_dir(path).is_dir() {
-        return checkpoint::latest_valid(path)?.ok_or_else(|| WorkerError::Input {
-            path: path.to_path_buf(),
-            reason: "this run directory has no checkpoint yet".into(),
-        });
+        return match checkpoint::latest_valid(path) {
+            Ok(Some(ckpt)) => Ok(ckpt),
+            Ok(None) => Err(WorkerError::Input {
+                path: path.to_path_buf(),
+                reason: "this run directory has no checkpoint yet".into(),
+            }),
+            // Reading, not resuming: the resume advice (start over, --out) does not apply.
+            Err(checkpoint::CheckpointError::NoneValid { problems, .. }) => Err(WorkerError::Input {
+                path: path.to_path_buf(),
+                reason: format!("{problems}; name a checkpoint directory of the run that verifies"),
+            }),
+            Err(e) => Err(e.into()),
+        };
     }
     Err(WorkerError::Input {
         path: path.to_path_buf(),

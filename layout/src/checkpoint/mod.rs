@@ -73,6 +73,8 @@ pub enum CheckpointError {
         run_dir: PathBuf,
         /// Why, and what to do.
         reason: String,
+        /// What is wrong with each checkpoint, for readers that do not resume.
+        problems: String,
     },
 }
 
@@ -468,15 +470,15 @@ pub fn latest_valid(run_dir: &Path) -> Result<Option<Checkpoint>, CheckpointErro
     if found.is_empty() {
         return Ok(None);
     }
+    let problems = format!("none of its {} checkpoint(s) is valid ({})", found.len(), problems.join("; "));
     Err(CheckpointError::NoneValid {
         run_dir: run_dir.to_path_buf(),
         reason: format!(
-            "none of its {} checkpoint(s) is valid ({}); nothing was changed. To start over from step 0 \
-             deliberately, move {} away or pass a new --out",
-            found.len(),
-            problems.join("; "),
+            "{problems}; nothing was changed. To start over from step 0 deliberately, move {} away or pass a new \
+             --out",
             checkpoints_dir(run_dir).display()
         ),
+        problems,
     })
 }
 

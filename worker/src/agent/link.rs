@@ -76,8 +76,8 @@ pub(super) fn rpc_error(what: &str, status: tonic::Status) -> WorkerError {
     };
     if moxin_proto::security::is_tls_verification(&cause) {
         return WorkerError::Coordinator(format!(
-            "the coordinator's TLS refused this worker over {what} ({cause}); give --tls-cert and --tls-key \
-             signed by the CA the coordinator trusts (--tls-client-ca there), not expired"
+            "the coordinator's TLS refused this worker over {what} ({cause}); give --tls-cert and --tls-key: \
+             an X.509 v3 certificate signed by the CA the coordinator trusts (--tls-client-ca there), not expired"
         ));
     }
     // HTTP/2 spoken to a TLS port: the server's TLS alert reads as a frame of invalid size.
