@@ -483,6 +483,11 @@ struct ExportHfArgs {
     /// Largest weight file, in GB; bigger models are sharded with an index.
     #[arg(long, default_value_t = 5.0)]
     max_shard_gb: f64,
+    /// Chat template for transformers' `apply_chat_template` (tokenizer_config.json):
+    /// "moxin" (what SFT, distillation and GRPO use by default), a template JSON file as
+    /// `data prepare-sft --template` takes, or "none".
+    #[arg(long, default_value = "moxin")]
+    chat_template: String,
 }
 
 #[derive(Args)]
@@ -699,7 +704,9 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Bench(BenchCommand::Heartbeats { coordinator, workers, seconds }) => {
             commands::bench::heartbeats(&coordinator, workers, seconds)
         }
-        Command::ExportHf(a) => commands::hf::export(&a.checkpoint, &a.out, a.dtype.as_deref(), a.max_shard_gb),
+        Command::ExportHf(a) => {
+            commands::hf::export(&a.checkpoint, &a.out, a.dtype.as_deref(), a.max_shard_gb, &a.chat_template)
+        }
         Command::ImportHf(a) => commands::hf::import(&a.dir, &a.out),
         Command::Logits(a) => commands::hf::logits(&a.checkpoint, &a.tokens, &a.out),
         Command::Generate(a) => commands::generate(

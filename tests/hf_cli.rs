@@ -74,6 +74,24 @@ fn hugging_face_export_and_import_agree_with_transformers() {
     let diff = check(t, &["compare", "ours.safetensors", "theirs.safetensors", "1e-4"]);
     assert!(diff.contains("max_abs_diff"), "{diff}");
 
+    // The exported chat template renders conversations token for token as SFT and GRPO
+    // tokenize them (BOS, prefixes, EOS after the answer; the generation prompt).
+    let messages = serde_json::json!([
+        {"role": "system", "content": "Answer with a number."},
+        {"role": "user", "content": "What is 12 + 30?"},
+        {"role": "assistant", "content": "42"}
+    ]);
+    std::fs::write(t.join("messages.json"), messages.to_string()).unwrap();
+    let theirs: serde_json::Value = serde_json::from_str(&check(t, &["chat", &s(&exported), "messages.json"])).unwrap();
+    let tokenizer = moxin_data::load_tokenizer(&exported.join("tokenizer.json")).unwrap();
+    let template = moxin_data::sft::ChatTemplate::moxin();
+    let messages: Vec<moxin_data::sft::Message> = serde_json::from_value(messages).unwrap();
+    let conversation = moxin_data::sft::render(&template, &tokenizer, &messages).unwrap().tokens;
+    let prompt = moxin_data::sft::render_prompt(&template, &tokenizer, &messages[..2]).unwrap();
+    assert_eq!(theirs["conversation"], serde_json::json!(conversation));
+    assert_eq!(theirs["prompt"], serde_json::json!(prompt));
+    assert_eq!(Some(conversation[0]), tokenizer.bos_id, "conversations start with BOS");
+
     // A model transformers created (random, sharded by save_pretrained, sliding window 8)
     // imports with the same logits.
     let created = t.join("created");

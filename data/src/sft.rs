@@ -78,6 +78,32 @@ impl ChatTemplate {
         serde_json::from_str(&text).map_err(|e| DataError::Input { path: path.to_path_buf(), reason: e.to_string() })
     }
 
+    /// The template as a Jinja chat template (`tokenizer_config.json`'s `chat_template`),
+    /// rendering what [`render`] and [`render_prompt`] tokenize: the BOS token, each
+    /// message's prefix and content, EOS after assistant turns, separators between
+    /// messages, and with `add_generation_prompt` the separator and the assistant prefix.
+    /// Every piece of text is a string expression, not raw template text, because
+    /// transformers renders with `trim_blocks` (a newline after a tag would vanish).
+    pub fn jinja(&self) -> String {
+        // JSON's escapes (\n, \", \\, \uXXXX) are also Jinja string literal escapes.
+        let text = |s: &str| format!("{{{{ {} }}}}", serde_json::Value::from(s));
+        let (system, user, assistant, separator) =
+            (text(&self.system), text(&self.user), text(&self.assistant), text(&self.separator));
+        format!(
+            "{{% if bos_token %}}{{{{ bos_token }}}}{{% endif %}}\
+             {{% for message in messages %}}\
+             {{% if message['role'] == 'system' %}}{system}\
+             {{% elif message['role'] == 'user' %}}{user}\
+             {{% elif message['role'] == 'assistant' %}}{assistant}\
+             {{% else %}}{{{{ raise_exception('a message role must be system, user or assistant') }}}}{{% endif %}}\
+             {{{{ message['content'] }}}}\
+             {{% if message['role'] == 'assistant' %}}{{{{ eos_token }}}}{{% endif %}}\
+             {{% if not loop.last %}}{separator}{{% endif %}}\
+             {{% endfor %}}\
+             {{% if add_generation_prompt %}}{{% if messages %}}{separator}{{% endif %}}{assistant}{{% endif %}}"
+        )
+    }
+
     fn prefix(&self, role: &str) -> &str {
         match role {
             "system" => &self.system,
@@ -625,6 +651,16 @@ mod tests {
 
     fn msg(role: &str, content: &str) -> Message {
         Message { role: role.into(), content: content.into() }
+    }
+
+    #[test]
+    fn the_jinja_template_spells_out_the_pieces() {
+        let j = ChatTemplate::moxin().jinja();
+        assert!(j.starts_with("{% if bos_token %}{{ bos_token }}{% endif %}{% for message in messages %}"), "{j}");
+        assert!(j.contains(r#"{% if message['role'] == 'system' %}{{ "<|system|>\n" }}"#), "{j}");
+        assert!(j.ends_with(r#"{% if add_generation_prompt %}{% if messages %}{{ "\n" }}{% endif %}{{ "<|assistant|>\n" }}{% endif %}"#), "{j}");
+        let odd = ChatTemplate { user: "{{ \"user\" }}".into(), ..ChatTemplate::moxin() };
+        assert!(odd.jinja().contains(r#"{{ "{{ \"user\" }}" }}"#), "{}", odd.jinja());
     }
 
     #[test]

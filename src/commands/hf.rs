@@ -5,12 +5,25 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 /// `export-hf`.
-pub fn export(checkpoint: &Path, out: &Path, dtype: Option<&str>, max_shard_gb: f64) -> Result<()> {
+pub fn export(
+    checkpoint: &Path,
+    out: &Path,
+    dtype: Option<&str>,
+    max_shard_gb: f64,
+    chat_template: &str,
+) -> Result<()> {
     let dtype = dtype.map(moxin_worker::hf::parse_dtype).transpose().map_err(anyhow::Error::msg)?;
     if !(max_shard_gb > 0.0 && max_shard_gb.is_finite()) {
         anyhow::bail!("--max-shard-gb {max_shard_gb}: must be a positive number of gigabytes");
     }
-    let report = moxin_worker::hf::export(checkpoint, out, dtype, (max_shard_gb * 1e9) as u64)
+    let template = match chat_template {
+        "none" => None,
+        name => Some(
+            moxin_data::sft::ChatTemplate::load(name)
+                .with_context(|| format!("--chat-template {name}: \"moxin\", \"none\" or a template JSON file"))?,
+        ),
+    };
+    let report = moxin_worker::hf::export(checkpoint, out, dtype, (max_shard_gb * 1e9) as u64, template.as_ref())
         .with_context(|| format!("exporting {} to {}", checkpoint.display(), out.display()))?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())

@@ -4,6 +4,8 @@
   check.py create  <hf dir> <tokens.json> <out.safetensors>   a random tiny MistralForCausalLM, saved
                                                                sharded with save_pretrained, and its logits
   check.py compare <a.safetensors> <b.safetensors> <tolerance> max |a - b| of the `logits` tensors
+  check.py chat    <hf dir> <messages.json>                    token ids of apply_chat_template, as JSON:
+                                                               {"conversation": [...], "prompt": [...]}
 """
 import json
 import sys
@@ -50,6 +52,15 @@ def main():
         diff = (a - b).abs().max().item()
         print(json.dumps({"max_abs_diff": diff, "max_abs": a.abs().max().item()}))
         sys.exit(0 if diff <= float(sys.argv[4]) else 1)
+    elif cmd == "chat":
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(sys.argv[2])
+        messages = json.load(open(sys.argv[3]))
+        ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+        conversation = tokenizer.apply_chat_template(messages, tokenize=False)
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        print(json.dumps({"conversation": ids(conversation), "prompt": ids(prompt)}))
     else:
         sys.exit(f"unknown command {cmd}")
 

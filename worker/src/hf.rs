@@ -36,6 +36,8 @@ pub struct ExportReport {
     pub weight_bytes: u64,
     /// Whether tokenizer files were written.
     pub tokenizer: bool,
+    /// The chat template written into `tokenizer_config.json`, by name.
+    pub chat_template: Option<String>,
 }
 
 /// What [`import`] wrote.
@@ -150,6 +152,7 @@ pub fn export(
     out: &Path,
     dtype: Option<Kind>,
     max_shard_bytes: u64,
+    chat_template: Option<&moxin_data::sft::ChatTemplate>,
 ) -> Result<ExportReport, WorkerError> {
     let ckpt = open_checkpoint(source)?;
     let shape = ckpt.manifest.model.clone();
@@ -229,6 +232,8 @@ pub fn export(
             unk_token: Option<String>,
             model_max_length: u32,
             clean_up_tokenization_spaces: bool,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            chat_template: Option<String>,
         }
         let config = TokenizerConfig {
             tokenizer_class: "PreTrainedTokenizerFast",
@@ -237,6 +242,7 @@ pub fn export(
             unk_token: t.inner.token_to_id("<unk>").map(|_| "<unk>".to_string()),
             model_max_length: shape.max_seq_len,
             clean_up_tokenization_spaces: false,
+            chat_template: chat_template.map(|t| t.jinja()),
         };
         write_json(&out.join("tokenizer_config.json"), &config)?;
     }
@@ -248,6 +254,7 @@ pub fn export(
         dtype: hf::torch_dtype_name(tag).unwrap_or(tag).to_string(),
         weight_bytes: total,
         tokenizer: tokenizer.is_some(),
+        chat_template: chat_template.filter(|_| tokenizer.is_some()).map(|t| t.name.clone()),
     })
 }
 
