@@ -74,8 +74,9 @@ fn checkpoint_steps(run: &Path) -> Vec<u64> {
 }
 
 /// A second `train` on a run directory in use is refused with the holder named, touching
-/// nothing; SIGTERM (preemption) then stops the first run with a checkpoint at the step it
-/// reached and exit code 130, and the same command resumes from there.
+/// nothing; SIGTERM (preemption), even delivered twice, then stops the first run with a
+/// checkpoint at the step it reached and exit code 130, and the same command resumes from
+/// there.
 #[test]
 fn a_second_run_is_refused_and_sigterm_checkpoints_then_resumes() {
     let tmp = tempfile::tempdir().unwrap();
@@ -91,6 +92,9 @@ fn a_second_run_is_refused_and_sigterm_checkpoints_then_resumes() {
     assert!(err.contains("is in use by"), "{err}");
     assert_eq!(std::fs::metadata(run.join("data/manifest.json")).unwrap().modified().unwrap(), data_before);
 
+    // Twice, as `timeout` delivers it (to the child, then to its process group): the
+    // same request, not a second one that would exit without the checkpoint.
+    signal(&first, "TERM");
     signal(&first, "TERM");
     let out = finish(first, 60);
     assert_eq!(out.status.code(), Some(130), "{}", stderr_of(&out));

@@ -6,11 +6,15 @@
 //! Kubernetes send before preempting) set one flag that the trainer reads at each step
 //! boundary; a group agrees on it through the per-step all-reduce, so every rank stops at
 //! the same step and the checkpoint is whole. A second signal ends the process at once, the
-//! default way, for a user who really means it.
+//! default way, for a user who really means it — but only a second *request*: the same
+//! signal again within [`SAME_REQUEST`] is the first one delivered twice (`timeout` signals
+//! its child and then the child's process group; a terminal's Ctrl-C reaches every process
+//! of the group), and must not throw away the checkpoint the first one asked for.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use moxin_proto::v1::StepMetrics;
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -30,16 +34,38 @@ pub struct StopSignals {
 }
 
 impl StopSignals {
-    /// Catches SIGINT and SIGTERM from now on: the first sets [`StopSignals::flag`], a second
-    /// one terminates the process as if it were not caught.
+    /// Catches SIGINT and SIGTERM from now on: the first sets [`StopSignals::flag`]; one
+    /// arriving [`SAME_REQUEST`] or more later terminates the process as if it were not
+    /// caught (saying so on stderr); one arriving sooner is the first delivered twice.
+    #[allow(unsafe_code)]
     pub fn install() -> Result<StopSignals, WorkerError> {
         let asked = Arc::new(AtomicBool::new(false));
         let which = Arc::new(AtomicUsize::new(0));
+        // When the first signal came (monotonic nanoseconds; 0 = none yet).
+        let first = Arc::new(AtomicU64::new(0));
         for signal in [SIGINT, SIGTERM] {
-            let installed = signal_hook::flag::register_conditional_default(signal, asked.clone())
-                .and_then(|_| signal_hook::flag::register_usize(signal, which.clone(), signal as usize))
-                .and_then(|_| signal_hook::flag::register(signal, asked.clone()));
-            installed.map_err(|e| WorkerError::Spec(format!("cannot install a handler for signal {signal}: {e}")))?;
+            let (asked, which, first) = (asked.clone(), which.clone(), first.clone());
+            // Runs in the signal handler: atomics, clock_gettime and write(2) only, all
+            // async-signal-safe.
+            let action = move || {
+                let now = monotonic_ns().max(1);
+                match first.compare_exchange(0, now, Ordering::SeqCst, Ordering::SeqCst) {
+                    Ok(_) => {
+                        which.store(signal as usize, Ordering::SeqCst);
+                        asked.store(true, Ordering::SeqCst);
+                    }
+                    Err(at) if now.saturating_sub(at) >= SAME_REQUEST.as_nanos() as u64 => {
+                        let say = b"\nsecond stop signal: exiting now, without a checkpoint\n";
+                        // SAFETY: write(2) to stderr from a buffer that lives for the program.
+                        unsafe { libc::write(2, say.as_ptr().cast(), say.len()) };
+                        let _ = signal_hook::low_level::emulate_default_handler(signal);
+                    }
+                    Err(_) => {}
+                }
+            };
+            // SAFETY: `action` is async-signal-safe (see above).
+            unsafe { signal_hook::low_level::register(signal, action) }
+                .map_err(|e| WorkerError::Spec(format!("cannot install a handler for signal {signal}: {e}")))?;
         }
         Ok(StopSignals { asked, which })
     }
@@ -60,6 +86,18 @@ impl StopSignals {
             _ => "a stop request",
         })
     }
+}
+
+/// Signals closer than this to the first stop signal are that signal delivered again.
+pub const SAME_REQUEST: Duration = Duration::from_secs(1);
+
+/// `CLOCK_MONOTONIC` in nanoseconds (async-signal-safe, unlike most clocks' wrappers).
+#[allow(unsafe_code)]
+fn monotonic_ns() -> u64 {
+    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec it is given; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    (t.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(t.tv_nsec as u64)
 }
 
 /// How a run ended, when it did not fail.
