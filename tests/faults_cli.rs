@@ -325,8 +325,9 @@ fn nonsense_arguments_are_refused_clearly() {
     assert!(!err.contains("cannot reach"), "a malformed URL was tried as an address: {err}");
 }
 
-/// Pruning never removes the checkpoint just published in favour of a newer, broken one
-/// (which the resume skipped): with keep_last = 1 the run still resumes afterwards.
+/// Pruning counts only whole checkpoints: it never removes the checkpoint just published in
+/// favour of a newer, broken one (which the resume skipped), nor the last whole fallback in
+/// favour of an older, broken one.
 #[test]
 fn pruning_keeps_the_newest_valid_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
@@ -357,4 +358,34 @@ fn pruning_keeps_the_newest_valid_checkpoint() {
     again.extend(every);
     ok(tmp.path(), &again);
     assert_eq!(checkpoint_steps(&run), [6]);
+
+    // A broken *older* checkpoint does not count toward keep_last either: with keep_last
+    // = 2 the whole step 2 stays beside the broken step 4 when step 5 is published, so
+    // with step 5 broken as well the run still resumes (from step 2).
+    let run3 = tmp.path().join("run3");
+    // Checkpoints only where the runs stop (--stop-after), so none overwrites a broken one.
+    let keep_two = ["--set", "checkpoint.every_steps=100", "--set", "checkpoint.keep_last=2"];
+    let until = |step: &'static str| {
+        let mut args = vec!["train", s(&job), "--out", s(&run3), "--stop-after", step];
+        args.extend(keep_two);
+        ok(tmp.path(), &args);
+    };
+    let flip = |step: u64| {
+        let file = run3.join(format!("checkpoints/step-{step:08}/model.safetensors"));
+        let mut bytes = std::fs::read(&file).unwrap();
+        let n = bytes.len();
+        bytes[n - 3] ^= 0x55;
+        std::fs::write(&file, &bytes).unwrap();
+    };
+    until("2");
+    until("4");
+    assert_eq!(checkpoint_steps(&run3), [2, 4]);
+    flip(4);
+    until("5");
+    assert_eq!(checkpoint_steps(&run3), [2, 4, 5], "the whole step 2 kept, the broken step 4 not counted");
+    flip(5);
+    until("6");
+    assert_eq!(checkpoint_steps(&run3), [2, 4, 5, 6], "resumed from step 2");
+    until("7");
+    assert_eq!(checkpoint_steps(&run3), [6, 7], "broken ones go once enough whole ones are newer");
 }

@@ -6,7 +6,7 @@
 //! the files, ranks and world sizes agree, and a generation that was replaced can no
 //! longer publish.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -31,6 +31,9 @@ pub struct Commits {
     pending: BTreeMap<(u64, u64), Vec<CheckpointPart>>,
     /// Reports of generations before this one are refused.
     oldest_generation: u64,
+    /// Steps of checkpoints known to be whole: published here (their manifest was written
+    /// from the ranks' hashes) or verified once while pruning.
+    whole: BTreeSet<u64>,
 }
 
 impl Commits {
@@ -38,7 +41,12 @@ impl Commits {
     /// Staging directories are left alone: a restarted coordinator may still complete
     /// its generation's checkpoint; [`Commits::abandon_before`] removes the others.
     pub fn new(run_dir: &Path) -> Self {
-        Commits { run_dir: run_dir.to_path_buf(), pending: BTreeMap::new(), oldest_generation: 0 }
+        Commits {
+            run_dir: run_dir.to_path_buf(),
+            pending: BTreeMap::new(),
+            oldest_generation: 0,
+            whole: BTreeSet::new(),
+        }
     }
 
     /// Adds one rank's report. When it completes the checkpoint (every rank of its
@@ -85,7 +93,9 @@ impl Commits {
             return Ok(None);
         }
         let parts = self.pending.remove(&key).unwrap_or_default();
+        let keep_last = parts[0].keep_last;
         let dir = publish(&self.run_dir, &staging, parts)?;
+        self.prune(key.1, keep_last)?;
         metrics::gauge!("moxin_last_checkpoint_step").set(key.1 as f64);
         metrics::gauge!("moxin_last_checkpoint_timestamp_seconds")
             .set(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()));
@@ -113,7 +123,8 @@ impl Commits {
             if newest.is_some_and(|n| n >= parts[0].step) {
                 continue;
             }
-            match publish(&self.run_dir, &dir, parts) {
+            let (step, keep_last) = (parts[0].step, parts[0].keep_last);
+            match publish(&self.run_dir, &dir, parts).and_then(|dest| self.prune(step, keep_last).map(|_| dest)) {
                 Ok(dest) => {
                     tracing::info!(dir = %dest.display(), "recovered a checkpoint whose commit was interrupted");
                     published.push(dest);
@@ -122,6 +133,35 @@ impl Commits {
             }
         }
         published
+    }
+
+    /// After publishing step `newest`: keeps the newest `keep_last − 1` older checkpoints
+    /// that are whole and removes every older one beyond them. A broken checkpoint (which
+    /// resume skips) does not count, or it would push out the fallback a resume needs; it
+    /// is left until enough whole ones are newer than it. A checkpoint this committer did
+    /// not publish is verified (hashed) once, so after a resume the first pruning reads up
+    /// to `keep_last − 1` checkpoints.
+    fn prune(&mut self, newest: u64, keep_last: u32) -> Result<(), CheckpointError> {
+        self.whole.insert(newest);
+        let wanted = keep_last.max(1) as usize - 1;
+        let mut kept = 0;
+        // Only checkpoints older than this one: a newer, broken one (skipped at resume) must
+        // not push the one just published out.
+        for (step, dir) in list(&self.run_dir)?.into_iter().filter(|(step, _)| *step < newest) {
+            if kept < wanted {
+                if self.whole.contains(&step) || Checkpoint::open(&dir).is_ok() {
+                    self.whole.insert(step);
+                    kept += 1;
+                } else {
+                    tracing::warn!(dir = %dir.display(), "a broken checkpoint does not count toward keep_last");
+                }
+                continue;
+            }
+            tracing::debug!(dir = %dir.display(), "pruning old checkpoint");
+            std::fs::remove_dir_all(&dir).map_err(|e| CheckpointError::io(&dir, e))?;
+            self.whole.remove(&step);
+        }
+        Ok(())
     }
 
     /// Generation `generation` formed: checkpoints of older generations can no longer
@@ -232,7 +272,7 @@ fn check_report(part: &CheckpointPart) -> Result<(), String> {
 }
 
 /// Writes the manifest of a complete set of reports into `staging` (last), renames it into
-/// place and prunes checkpoints older than it beyond rank 0's `keep_last`.
+/// place (the committer prunes after it).
 fn publish(run_dir: &Path, staging: &Path, mut parts: Vec<CheckpointPart>) -> Result<PathBuf, CheckpointError> {
     parts.sort_by_key(|p| p.rank);
     let invalid = |reason: String| CheckpointError::Invalid { path: staging.to_path_buf(), reason };
@@ -315,14 +355,6 @@ fn publish(run_dir: &Path, staging: &Path, mut parts: Vec<CheckpointPart>) -> Re
         std::fs::rename(staging, &dest).map_err(|e| CheckpointError::io(&dest, e))?;
     }
     sync_dir(&root)?;
-
-    // Only checkpoints older than this one count: a newer, broken one (skipped at resume)
-    // must not push the one just published out.
-    let older = list(run_dir)?.into_iter().filter(|(step, _)| *step < manifest.step);
-    for (_, dir) in older.skip(rank0.keep_last.max(1) as usize - 1) {
-        tracing::debug!(dir = %dir.display(), "pruning old checkpoint");
-        std::fs::remove_dir_all(&dir).map_err(|e| CheckpointError::io(&dir, e))?;
-    }
     Ok(dest)
 }
 
