@@ -435,7 +435,8 @@ struct PrepareArgs {
 
 #[derive(Args)]
 struct ModelInfoArgs {
-    /// Preset name (tiny, bench-small, moxin-7b) or a model TOML file.
+    /// Preset name (tiny, bench-small, gpu-1b, moxin-7b), a model TOML file, or a
+    /// checkpoint or run directory.
     preset: String,
     /// Print JSON instead of a table.
     #[arg(long)]
@@ -444,7 +445,8 @@ struct ModelInfoArgs {
 
 #[derive(Args)]
 struct PlanArgs {
-    /// Preset name (tiny, bench-small, gpu-1b, moxin-7b) or a model TOML file.
+    /// Preset name (tiny, bench-small, gpu-1b, moxin-7b), a model TOML file, or a
+    /// checkpoint or run directory (e.g. a model imported with import-hf).
     #[arg(long)]
     model: String,
     /// GPUs the job trains on (ZeRO-1 splits the optimizer state over them).

@@ -188,6 +188,27 @@ pub struct ModelSection {
 }
 
 impl ModelSection {
+    /// What a command's `--model` names: a preset (name or model TOML), or a checkpoint or
+    /// run directory whose model it is (as `init_from`).
+    pub fn named(model: &str) -> ModelSection {
+        let dir = Path::new(model).is_dir();
+        ModelSection {
+            preset: if dir { String::new() } else { model.to_string() },
+            init_from: dir.then(|| model.to_string()),
+            vocab_size: None,
+            dim: None,
+            n_layers: None,
+            n_heads: None,
+            n_kv_heads: None,
+            ffn_dim: None,
+            max_seq_len: None,
+            sliding_window: None,
+            rope_theta: None,
+            norm_eps: None,
+            init_std: None,
+        }
+    }
+
     /// The checkpoint directory `init_from` names (a run directory's newest checkpoint),
     /// made absolute; `None` without `init_from`.
     pub fn init_checkpoint(&self) -> Result<Option<std::path::PathBuf>, ConfigError> {

@@ -131,9 +131,13 @@ fn layer_of(name: &str) -> Option<u32> {
 /// Equal, aligned, contiguous ranges tiling `0..padded` (`padded >= numel`), one per rank.
 /// Ranks past the end of the real parameters own only padding.
 pub fn zero1_partitions(numel: u64, world: u32) -> Vec<Range<u64>> {
-    let world = world.max(1) as u64;
-    let chunk = numel.div_ceil(world).div_ceil(PARTITION_ALIGN) * PARTITION_ALIGN;
-    (0..world).map(|r| r * chunk..(r + 1) * chunk).collect()
+    let chunk = zero1_partition_len(numel, world);
+    (0..world.max(1) as u64).map(|r| r * chunk..(r + 1) * chunk).collect()
+}
+
+/// The length of every rank's range in [`zero1_partitions`] (without listing them).
+pub fn zero1_partition_len(numel: u64, world: u32) -> u64 {
+    numel.div_ceil(world.max(1) as u64).div_ceil(PARTITION_ALIGN) * PARTITION_ALIGN
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ pub mod memory;
 mod params;
 mod shape;
 
-pub use flat::{zero1_partitions, FlatLayout, LeafSlot, ParamSlot, PARTITION_ALIGN};
+pub use flat::{zero1_partition_len, zero1_partitions, FlatLayout, LeafSlot, ParamSlot, PARTITION_ALIGN};
 pub use params::{Init, ParamDecl, ParamGroup};
 pub use shape::{ModelShape, ParamClass, ShapeTooLarge, MAX_PARAMS};
 

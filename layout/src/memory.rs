@@ -25,7 +25,7 @@
 
 use serde::Serialize;
 
-use crate::flat::zero1_partitions;
+use crate::flat::zero1_partition_len;
 use crate::shape::ModelShape;
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -89,8 +89,8 @@ impl MemoryPlan {
 /// The memory plan of training `shape` as `input` says, per GPU.
 pub fn plan(shape: &ModelShape, input: &PlanInput) -> MemoryPlan {
     let p = shape.param_count();
-    let padded = zero1_partitions(p, input.gpus).last().map_or(p, |r| r.end);
-    let partition = padded / input.gpus.max(1) as u64;
+    let partition = zero1_partition_len(p, input.gpus);
+    let padded = partition * input.gpus.max(1) as u64;
     let (d, kv, f, layers) =
         (shape.dim as u64, (shape.n_kv_heads * shape.head_dim()) as u64, shape.ffn_dim as u64, shape.n_layers as u64);
     let tokens = input.micro_batch as u64 * input.seq_len as u64;

@@ -166,7 +166,7 @@ pub fn prepare(opts: moxin_data::PrepareOptions) -> Result<()> {
 
 /// `model-info`.
 pub fn model_info(preset: &str, json: bool) -> Result<()> {
-    let shape = moxin_coordinator::presets::load(preset)?;
+    let shape = model_shape(preset)?;
     let classes = shape.param_classes();
     let total = shape.param_count();
     // Training state before activations, from the same memory plan as `moxin-train plan`.
@@ -195,7 +195,12 @@ pub fn model_info(preset: &str, json: bool) -> Result<()> {
         );
         return Ok(());
     }
-    println!("{preset}: {:.2} B parameters ({})", total as f64 / 1e9, thousands(total));
+    let size = if total >= 1_000_000_000 {
+        format!("{:.2} B", total as f64 / 1e9)
+    } else {
+        format!("{:.1} M", total as f64 / 1e6)
+    };
+    println!("{preset}: {size} parameters ({})", thousands(total));
     println!(
         "  layers {}  dim {}  heads {}/{} kv  ffn {}  vocab {}  window {}  rope θ {}",
         shape.n_layers,
@@ -220,11 +225,26 @@ pub fn model_info(preset: &str, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// The model `--model` (or `model-info`'s argument) names: a preset, a model TOML, or a
+/// checkpoint or run directory (an imported model, an earlier stage).
+fn model_shape(model: &str) -> Result<moxin_layout::ModelShape> {
+    Ok(moxin_coordinator::config::ModelSection::named(model).shape().with_context(|| format!("model {model}"))?)
+}
+
 /// `plan`: the per-GPU memory of a training job, and whether it fits.
 pub fn plan(model: &str, input: moxin_layout::memory::PlanInput, gpu_gib: f64, json: bool) -> Result<()> {
-    let shape = moxin_coordinator::presets::load(model)?;
+    let shape = model_shape(model)?;
     if input.gpus == 0 || input.seq_len == 0 || input.micro_batch == 0 {
         anyhow::bail!("--gpus, --seq and --micro-batch must be at least 1");
+    }
+    // Every GPU's ZeRO-1 partition holds at least one aligned run of real parameters.
+    let most = (shape.param_count() / moxin_layout::PARTITION_ALIGN).max(1);
+    if u64::from(input.gpus) > most {
+        anyhow::bail!(
+            "--gpus {}: more GPUs than {model} has partitions of {} parameters to give them; at most {most}",
+            input.gpus,
+            moxin_layout::PARTITION_ALIGN
+        );
     }
     if input.seq_len > shape.max_seq_len {
         anyhow::bail!("--seq {} exceeds {model}'s max_seq_len {}", input.seq_len, shape.max_seq_len);
