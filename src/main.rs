@@ -319,8 +319,9 @@ struct TrainArgs {
     /// and over MOXIN__SECTION__KEY environment variables).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
-    /// Stop after this many optimizer steps in total (writing a checkpoint), even if
-    /// train.steps is larger; running the command again resumes.
+    /// Stop after this many optimizer steps in total (writing a checkpoint unless
+    /// checkpoints are off), even if train.steps is larger; running the command again
+    /// resumes.
     #[arg(long, value_name = "STEPS")]
     stop_after: Option<u64>,
     /// Train on this device (cpu, cuda, cuda:N) [default: runtime.device; the GPU chosen by

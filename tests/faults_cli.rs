@@ -294,7 +294,15 @@ fn nonsense_arguments_are_refused_clearly() {
         assert!(err.contains("--temperature"), "{t}: {err}");
     }
     let err = fails(tmp.path(), &["eval", s(&ckpt), "--data", s(&run.join("data")), "--batches", "0"]);
-    assert!(err.contains("--batches 0"), "{err}");
+    assert!(err.contains("--batches 0") && !err.contains("job spec"), "{err}");
+    let prompts = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tasks/arithmetic/test.jsonl");
+    let err = fails(tmp.path(), &["eval", s(&ckpt), "--prompts", s(&prompts), "--max-new-tokens", "0"]);
+    assert!(err.contains("--max-new-tokens 0"), "{err}");
+    let long = "once upon a time ".repeat(400);
+    let err = fails(tmp.path(), &["generate", s(&ckpt), "--prompt", &long, "--max-new-tokens", "5"]);
+    assert!(err.contains("shorten the prompt") && !err.contains("+ 0 new tokens"), "{err}");
+    let err = fails(tmp.path(), &["train", s(&job), "--out", s(&tmp.path().join("x")), "--set", "job.name=../esc"]);
+    assert!(err.contains("job.name") && err.contains("plain directory name"), "{err}");
 
     // Data made with another tokenizer: token ids mean other things.
     let corpus = tmp.path().join("corpus.txt");

@@ -509,6 +509,18 @@ impl JobConfig {
             value: value.to_string(),
             message,
         };
+        // The default run directory is runs/<job.name>: one directory inside runs/.
+        if let Some(name) = &self.job.name {
+            if name.is_empty() || name.starts_with('.') || name.contains(['/', '\\', '\0']) {
+                return Err(bad(
+                    "job.name",
+                    &format!("{name:?}"),
+                    "must be a plain directory name (the default run directory is runs/<job.name>): not empty, \
+                     no '/', not starting with '.'"
+                        .into(),
+                ));
+            }
+        }
         for (field, v) in [
             ("model.vocab_size", m.vocab_size),
             ("model.dim", m.dim),

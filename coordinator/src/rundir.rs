@@ -110,9 +110,23 @@ fn line_step(line: &str) -> Option<u64> {
 }
 
 impl MetricsLog {
-    /// Opens (or creates) the log of a run directory.
+    /// Opens (or creates) the log of a run directory. A last line without its newline (the
+    /// process was killed while writing it) is dropped, so the next line does not run on
+    /// from it.
     pub fn open(run_dir: &Path) -> std::io::Result<Self> {
         let path = run_dir.join(METRICS_FILE);
+        if path.exists() {
+            let bytes = std::fs::read(&path)?;
+            if bytes.last().is_some_and(|&b| b != b'\n') {
+                let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+                tracing::warn!(
+                    "{}: dropping an unfinished last line ({} bytes; the writer was interrupted)",
+                    path.display(),
+                    bytes.len() - whole
+                );
+                OpenOptions::new().write(true).open(&path)?.set_len(whole as u64)?;
+            }
+        }
         let last_step = if path.exists() {
             BufReader::new(File::open(&path)?)
                 .lines()
@@ -244,5 +258,26 @@ mod tests {
             .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
             .collect();
         assert_eq!(steps, [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn an_unfinished_last_line_is_dropped_on_open() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut log = MetricsLog::open(tmp.path()).unwrap();
+        log.append(&StepMetrics { step: 1, loss: 1.0, ..Default::default() }).unwrap();
+        drop(log);
+        let path = tmp.path().join(METRICS_FILE);
+        let mut torn = std::fs::read_to_string(&path).unwrap();
+        torn.push_str("{\"step\": 2, \"lo");
+        std::fs::write(&path, torn).unwrap();
+        let mut log = MetricsLog::open(tmp.path()).unwrap();
+        assert_eq!(log.last_step(), 1);
+        log.append(&StepMetrics { step: 2, loss: 2.0, ..Default::default() }).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let steps: Vec<u64> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+            .collect();
+        assert_eq!(steps, [1, 2]);
     }
 }

@@ -58,6 +58,16 @@ pub fn train(config: &Path, opts: TrainOptions<'_>) -> Result<JobEnd> {
         );
         return Ok(JobEnd::AlreadyFinished { step: trainer.step() });
     }
+    if let Some(stop) = stop_after.filter(|&s| s <= trainer.step()) {
+        tracing::info!(
+            run_dir = %job.run_dir.display(),
+            "already at step {} (--stop-after {stop}): nothing to do; run without --stop-after, or with a later \
+             step, to train further",
+            trainer.step()
+        );
+        return Ok(JobEnd::StoppedAfter { step: trainer.step() });
+    }
+    let checkpoints = !job.spec.checkpoint.as_ref().is_some_and(|c| c.disabled);
     let placement = trainer.placement();
     let params = trainer.model.params.numel();
     let backend = trainer.backend();
@@ -99,11 +109,23 @@ pub fn train(config: &Path, opts: TrainOptions<'_>) -> Result<JobEnd> {
             JobEnd::Finished { step }
         }
         (RunEnd::Stopped, Some(signal)) => {
-            tracing::warn!(step, "stopped by {signal} with a checkpoint; run the same command again to resume");
+            if checkpoints {
+                tracing::warn!(step, "stopped by {signal} with a checkpoint; run the same command again to resume");
+            } else {
+                tracing::warn!(step, "stopped by {signal}, without a checkpoint (checkpoint.enabled = false)");
+            }
             JobEnd::Stopped { reason: format!("stopped by {signal}") }
         }
-        (RunEnd::Stopped, None) => {
+        (RunEnd::Stopped, None) if checkpoints => {
             tracing::info!(step, "stopped as asked (--stop-after); run the same command again to resume");
+            JobEnd::StoppedAfter { step }
+        }
+        (RunEnd::Stopped, None) => {
+            tracing::warn!(
+                step,
+                "stopped as asked (--stop-after) without a checkpoint (checkpoint.enabled = false): a rerun starts \
+                 from the newest checkpoint there is, if any"
+            );
             JobEnd::StoppedAfter { step }
         }
     })

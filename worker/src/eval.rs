@@ -38,7 +38,7 @@ pub fn evaluate(
     batch_size: u32,
 ) -> Result<EvalReport, WorkerError> {
     if batches == 0 || batch_size == 0 {
-        return Err(WorkerError::Spec(format!(
+        return Err(WorkerError::Usage(format!(
             "--batches {batches} --batch-size {batch_size}: both must be at least 1 (a loss over no tokens means nothing)"
         )));
     }
@@ -46,7 +46,7 @@ pub fn evaluate(
     let shape = ckpt.manifest.model.clone();
     // Token ids only mean the same thing under the same tokenizer.
     if moxin_data::sft::SftManifest::load(data_dir).is_ok_and(|m| m.is_some()) {
-        return Err(WorkerError::Spec(format!(
+        return Err(WorkerError::Usage(format!(
             "--data {}: holds SFT conversations (`data prepare-sft`); `eval --data` scores pre-training token data \
              (`data prepare`). Score a fine-tuned model on prompts with answers with `eval --prompts FILE.jsonl`",
             data_dir.display()
@@ -202,8 +202,13 @@ pub struct AccuracyReport {
 /// `AccuracyOptions::greedy`.
 pub fn accuracy(checkpoint: &Path, prompts: &Path, opts: &AccuracyOptions) -> Result<AccuracyReport, WorkerError> {
     use crate::rl::reward::{MathAnswer, Reward};
+    if opts.max_new_tokens == 0 {
+        return Err(WorkerError::Usage(
+            "--max-new-tokens 0: an answer needs at least one new token to be scored".into(),
+        ));
+    }
     if opts.samples == 0 || (opts.samples > 1 && opts.temperature <= 0.0) {
-        return Err(WorkerError::Spec(format!(
+        return Err(WorkerError::Usage(format!(
             "--samples {} --temperature {}: take at least one sample, and more than one only when sampling \
              (temperature > 0; greedy completions are all the same)",
             opts.samples, opts.temperature
@@ -230,7 +235,7 @@ pub fn accuracy(checkpoint: &Path, prompts: &Path, opts: &AccuracyOptions) -> Re
     for (batch, chunk) in rows.chunks(64).enumerate() {
         let ids: Vec<Vec<i64>> = chunk.iter().map(|&r| items[r / opts.samples].0.clone()).collect();
         sampling.seed = opts.seed.wrapping_add(batch as u64);
-        let out = crate::generate::generate(&model, &ids, &sampling).map_err(WorkerError::Spec)?;
+        let out = crate::generate::generate(&model, &ids, &sampling).map_err(WorkerError::Usage)?;
         for (&r, completion) in chunk.iter().zip(out) {
             let prompt = r / opts.samples;
             let kept: Vec<u32> =

@@ -240,9 +240,23 @@ pub fn generate_texts(
     }
     opts.stop_token = opts.stop_token.or(Some(tokenizer.eos_id as i64));
     let longest = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let room = (model.shape.max_seq_len as usize).saturating_sub(longest);
-    opts.max_new_tokens = opts.max_new_tokens.min(room);
-    let out = generate(&model, &rows, &opts).map_err(crate::WorkerError::Spec)?;
+    let context = model.shape.max_seq_len as usize;
+    if longest >= context {
+        return Err(crate::WorkerError::Usage(format!(
+            "the prompt is {longest} tokens; this model's context is {context} tokens (max_seq_len), which leaves \
+             no room for new ones: shorten the prompt"
+        )));
+    }
+    if opts.max_new_tokens > context - longest {
+        tracing::warn!(
+            "--max-new-tokens {} capped to {}: the prompt's {longest} tokens leave that much of the model's \
+             {context}-token context",
+            opts.max_new_tokens,
+            context - longest
+        );
+        opts.max_new_tokens = context - longest;
+    }
+    let out = generate(&model, &rows, &opts).map_err(crate::WorkerError::Usage)?;
     out.iter()
         .map(|new| {
             let kept: Vec<u32> = new.iter().filter(|&&t| t != tokenizer.eos_id as i64).map(|&t| t as u32).collect();

@@ -67,6 +67,10 @@ pub enum WorkerError {
         /// What is wrong.
         reason: String,
     },
+    /// A command's arguments do not fit what it was given (a sampling option, a prompt
+    /// longer than the model's context, a count of 0).
+    #[error("{0}")]
+    Usage(String),
     /// The job spec is incomplete or inconsistent (a coordinator bug or version skew).
     #[error("invalid job spec: {0}")]
     Spec(String),
