@@ -159,7 +159,6 @@ fn bad_configs_are_clear_errors() {
     let job = tiny_job(tmp.path(), 5, "");
     let job = s(&job);
     let cases: &[(&[&str], &[&str])] = &[
-        (&["--set", "train.lrr=1"], &["unknown key `lrr`"]),
         (&["--set", "model.n_heads=5"], &["model.n_heads = 5", "model.dim = 96"]),
         (&["--set", "model.n_kv_heads=3"], &["model.n_kv_heads = 3", "model.n_heads = 4"]),
         (&["--set", "train.global_batch_size=6"], &["train.global_batch_size = 6", "multiple of 4"]),
@@ -174,6 +173,31 @@ fn bad_configs_are_clear_errors() {
         }
         assert!(err.contains("job.toml"), "error should name the config file: {err}");
     }
+    // What comes from --set or the environment is named as such, not as the file's, with
+    // the values a key takes.
+    let overridden: &[(&[&str], &[&str])] = &[
+        (&["--set", "train.lrr=1"], &["--set train.lrr=1: unknown key `train.lrr`", "`steps`"]),
+        (&["--set", "train.steps=-1"], &["--set train.steps=-1: train.steps = -1: expected a whole number"]),
+        (&["--set", "schedule.decay=exp"], &["schedule.decay = exp", "expected one of `cosine`, `linear`"]),
+        (&["--set", "checkpoint.enabled=maybe"], &["checkpoint.enabled = maybe: expected true or false"]),
+    ];
+    for (extra, want) in overridden {
+        let mut args = vec!["train", job];
+        args.extend_from_slice(extra);
+        let err = fails(tmp.path(), &args);
+        for w in *want {
+            assert!(err.contains(w), "{extra:?}: {err:?} lacks {w:?}");
+        }
+        assert!(!err.contains("job.toml"), "a --set value is not the file's: {err}");
+    }
+    let out = std::process::Command::new(crate::common::BIN)
+        .args(["train", job])
+        .env("MOXIN__TRAIN__STEPS", "-1")
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("MOXIN__TRAIN__STEPS: train.steps = -1: expected a whole number"), "{err}");
     let err = fails(tmp.path(), &["train", "missing.toml"]);
     assert!(err.contains("missing.toml") && err.contains("cannot read"), "{err}");
     // A kernel trace needs a GPU, and warm-up steps before the traced ones.

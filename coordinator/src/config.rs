@@ -23,6 +23,15 @@ pub enum ConfigError {
         /// What is wrong.
         message: String,
     },
+    /// A `--set` override or `MOXIN__…` environment variable has an unknown key or a value
+    /// of the wrong type.
+    #[error("{origin}: {message}")]
+    Override {
+        /// Where the value came from, e.g. `--set train.steps=-1`.
+        origin: String,
+        /// What is wrong and what to do.
+        message: String,
+    },
     /// A value is out of range or inconsistent with another.
     #[error("{field} = {value}: {message}")]
     Invalid {
@@ -468,6 +477,7 @@ impl JobConfig {
     /// overrides (`section.key=value`), and rejects unknown keys. Does not validate values.
     pub fn load(file: &Path, env: HashMap<String, String>, overrides: &[String]) -> Result<Self, ConfigError> {
         let load_err = |message: String| ConfigError::Load { file: file.to_path_buf(), message };
+        let env_keys: HashMap<String, ()> = env.keys().map(|k| (k.clone(), ())).collect();
         let text = std::fs::read_to_string(file).map_err(|e| load_err(format!("cannot read config: {e}")))?;
         let mut builder = ::config::Config::builder()
             .add_source(::config::File::from_str(&text, ::config::FileFormat::Toml))
@@ -490,8 +500,18 @@ impl JobConfig {
             }
             builder = builder.set_override(key, value.trim()).map_err(|e| load_err(e.to_string()))?;
         }
-        let merged = builder.build().map_err(|e| load_err(describe(e)))?;
-        merged.try_deserialize::<JobConfig>().map_err(|e| load_err(describe(e)))
+        let described = |e: ::config::ConfigError| {
+            let (key, message) = describe(e);
+            let set = overrides.iter().rev().find(|s| s.split_once('=').is_some_and(|(k, _)| k.trim() == key));
+            let var = format!("MOXIN__{}", key.to_uppercase().replace('.', "__"));
+            match set {
+                Some(set) => ConfigError::Override { origin: format!("--set {set}"), message },
+                None if env_keys.contains_key(&var) => ConfigError::Override { origin: var, message },
+                None => load_err(message),
+            }
+        };
+        let merged = builder.build().map_err(described)?;
+        merged.try_deserialize::<JobConfig>().map_err(described)
     }
 
     /// Loads `file` with the process environment.
@@ -733,13 +753,61 @@ impl JobConfig {
     }
 }
 
-/// Turns the config crate's errors into one readable sentence with the offending key.
-fn describe(e: ::config::ConfigError) -> String {
+/// Turns the config crate's errors into the offending dotted key and one readable sentence
+/// naming it, its value and what it takes.
+fn describe(e: ::config::ConfigError) -> (String, String) {
     let text = e.to_string();
-    if let Some(rest) = text.strip_prefix("unknown field ") {
-        return format!("unknown key {rest}; remove it or fix the spelling");
+    // "... for key `train.steps`" (and " in the environment" for variables).
+    let Some((what, rest)) = text.rsplit_once(" for key `") else { return (String::new(), text) };
+    let key = rest.split('`').next().unwrap_or_default().to_string();
+    if let Some(unknown) = what.strip_prefix("unknown field ") {
+        // unknown field `stpes`, expected one of `steps`, …
+        let (field, expected) = unknown.split_once(", ").unwrap_or((unknown, ""));
+        let field = field.trim_matches('`');
+        let full = if key.is_empty() { field.to_string() } else { format!("{key}.{field}") };
+        return (full.clone(), format!("unknown key `{full}`; {expected}; remove it or fix the spelling"));
     }
-    text
+    if let Some(enum_part) = what.strip_prefix("enum ") {
+        // enum Decay does not have variant constructor exp
+        let (type_name, value) = enum_part.split_once(" does not have variant constructor ").unwrap_or((enum_part, ""));
+        let choices = enum_choices(type_name, value).unwrap_or_else(|| "not one of its values".into());
+        return (key.clone(), format!("{key} = {value}: {choices}"));
+    }
+    if let Some(types) = what.strip_prefix("invalid type: ") {
+        // invalid type: string "-1", expected an integer
+        let (got, expected) = types.split_once(", expected ").unwrap_or((types, ""));
+        let got = got.rsplit_once(' ').map_or(got, |(_, v)| v).trim_matches(['"', '`']);
+        let wanted = if expected.contains("integer") {
+            "a whole number (0 or more)"
+        } else if expected.contains("floating point") {
+            "a number"
+        } else if expected.contains("boolean") {
+            "true or false"
+        } else {
+            expected
+        };
+        return (key.clone(), format!("{key} = {got}: expected {wanted}"));
+    }
+    (key, text)
+}
+
+/// "unknown variant `x`, expected one of `a`, `b`" for `value` of the config enum named
+/// `type_name` (its own serde names, so the list cannot drift from the type).
+fn enum_choices(type_name: &str, value: &str) -> Option<String> {
+    fn err<T: serde::de::DeserializeOwned>(value: &str) -> Option<String> {
+        serde_json::from_value::<T>(serde_json::Value::String(value.into())).err().map(|e| e.to_string())
+    }
+    match type_name {
+        "Decay" => err::<Decay>(value),
+        "CollectiveChoice" => err::<CollectiveChoice>(value),
+        "Device" => err::<Device>(value),
+        "Precision" => err::<Precision>(value),
+        "Recompute" => err::<Recompute>(value),
+        "GradReduce" => err::<GradReduce>(value),
+        "BlockBackward" => err::<BlockBackward>(value),
+        "KernelChoice" => err::<KernelChoice>(value),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -232,13 +232,15 @@ fn override_pair() -> impl Strategy<Value = (String, String)> {
 }
 
 /// Loads `file` with `env` and `sets`, then validates what loads for several world sizes
-/// and resolves its TOML; errors must name the file or a field.
+/// and resolves its TOML; errors must name the file (or the --set override or variable the
+/// value came from) or a field.
 fn load_and_validate(file: &Path, env: HashMap<String, String>, sets: &[String]) {
     let config = match JobConfig::load(file, env, sets) {
         Ok(c) => c,
         Err(e) => {
             let e = e.to_string();
-            assert!(e.contains("job.toml"), "{e}");
+            let named = e.contains("job.toml") || e.starts_with("--set ") || e.starts_with("MOXIN__");
+            assert!(named, "an error names the file, or the override or variable it came from: {e}");
             return;
         }
     };

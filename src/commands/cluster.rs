@@ -381,13 +381,12 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 /// it; nothing is bound or written before this succeeds.
 fn resolve(config: &Path, out: Option<&Path>, overrides: &[String]) -> Result<moxin_coordinator::ResolvedJob> {
     let cfg = moxin_coordinator::JobConfig::load_with_process_env(config, overrides)
-        .with_context(|| format!("invalid job {}", config.display()))?;
+        .map_err(|e| super::invalid_job(config, e))?;
     let (min, max) = (cfg.cluster.min_workers, cfg.cluster.max());
     for world in min..=max {
         cfg.validate(world).with_context(|| format!("invalid job {} for {world} workers", config.display()))?;
     }
-    moxin_coordinator::job::resolve_loaded(config, cfg, out, min)
-        .with_context(|| format!("invalid job {}", config.display()))
+    moxin_coordinator::job::resolve_loaded(config, cfg, out, min).map_err(|e| super::invalid_job(config, e))
 }
 
 /// Starts the coordinator's runtime; `None` when the job already finished.

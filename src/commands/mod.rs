@@ -33,8 +33,7 @@ pub fn train(config: &Path, opts: TrainOptions<'_>) -> Result<JobEnd> {
     let TrainOptions { out, overrides, stop_after, device, trace_kernels } = opts;
     let signals = StopSignals::install()?;
     let device = device.map(moxin_worker::device::parse_device).transpose().map_err(anyhow::Error::msg)?;
-    let job = moxin_coordinator::resolve_job(config, overrides, out, 1)
-        .with_context(|| format!("invalid job {}", config.display()))?;
+    let job = moxin_coordinator::resolve_job(config, overrides, out, 1).map_err(|e| invalid_job(config, e))?;
     let steps = job.spec.train.as_ref().map_or(0, |t| t.steps);
     let runtime = job.spec.runtime.unwrap_or_default();
     let placement = moxin_worker::device::place(&runtime, device).context("choosing the device")?;
@@ -129,6 +128,16 @@ pub fn train(config: &Path, opts: TrainOptions<'_>) -> Result<JobEnd> {
             JobEnd::StoppedAfter { step }
         }
     })
+}
+
+/// A configuration error as the CLI reports it: "invalid job <file>: …", unless the error
+/// names the file itself (or a --set / environment override) already.
+pub(crate) fn invalid_job(config: &Path, e: moxin_coordinator::ConfigError) -> anyhow::Error {
+    use moxin_coordinator::ConfigError;
+    match e {
+        ConfigError::Load { .. } | ConfigError::Override { .. } => anyhow::Error::new(e).context("invalid job"),
+        other => anyhow::Error::new(other).context(format!("invalid job {}", config.display())),
+    }
 }
 
 /// `eval`: prints the report as JSON on stdout.
