@@ -7,6 +7,7 @@ use moxin_coordinator::rundir::{self, MetricsLog};
 use moxin_worker::collective::Solo;
 use moxin_worker::driver::{guard, JobEnd, StopSignals};
 use moxin_worker::trainer::{RunEnd, Trainer};
+use moxin_worker::WorkerError;
 
 mod kernel_trace;
 
@@ -40,10 +41,11 @@ pub fn train(config: &Path, opts: TrainOptions<'_>) -> Result<JobEnd> {
     let assignment = moxin_coordinator::plan::solo_assignment(&job.spec, job.samples_per_epoch);
     // This process holds the run directory's lock, so it commits its own checkpoints.
     let committer = std::sync::Arc::new(moxin_worker::checkpoint::LocalCommits::new(&job.run_dir));
+    // A panic comes back as "starting the trainer ran out of memory …" (guard names it).
     let mut trainer = guard("starting the trainer", || {
         Trainer::new(&job.spec, &assignment, Box::new(Solo), placement, committer, None)
-    })
-    .context("starting the trainer")?;
+            .map_err(|e| WorkerError::Setup(format!("starting the trainer: {e}")))
+    })?;
     trainer.stop_requested = signals.flag();
     // Only now: a job that cannot resume this run directory must not overwrite its config.
     rundir::write_resolved_config(&job.run_dir, &job.spec.resolved_config_toml)

@@ -139,7 +139,11 @@ impl JobEnd {
 /// failed allocation) into [`WorkerError::Panic`], so the failure is reported with a
 /// message instead of taking the process down mid-collective.
 pub fn guard<T>(what: &str, f: impl FnOnce() -> Result<T, WorkerError>) -> Result<T, WorkerError> {
-    match catch_unwind(AssertUnwindSafe(f)) {
+    quiet_guarded_panics();
+    GUARDED.with(|g| g.set(g.get() + 1));
+    let result = catch_unwind(AssertUnwindSafe(f));
+    GUARDED.with(|g| g.set(g.get() - 1));
+    match result {
         Ok(result) => result,
         Err(payload) => {
             let message = payload
@@ -152,12 +156,43 @@ pub fn guard<T>(what: &str, f: impl FnOnce() -> Result<T, WorkerError>) -> Resul
     }
 }
 
+thread_local! {
+    /// How many [`guard`]s this thread is inside.
+    static GUARDED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Panics that [`guard`] turns into errors are reported once, by the error: the default
+/// hook's "thread 'main' panicked at …" (and libtorch's C++ frames) would come first and
+/// bury it. With `RUST_BACKTRACE` set the default hook runs as usual, for debugging.
+fn quiet_guarded_panics() {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if GUARDED.with(|g| g.get()) > 0 && std::env::var_os("RUST_BACKTRACE").is_none() {
+                tracing::debug!("panic turned into an error: {info}");
+            } else {
+                default(info);
+            }
+        }));
+    });
+}
+
 fn describe_panic(what: &str, message: &str) -> String {
     let first_line = message.lines().find(|l| !l.trim().is_empty()).unwrap_or(message).trim();
+    // tch's errors arrive as Debug strings: escaped newlines, then libtorch's C++ frames.
+    let first_line = first_line.split("\\n").next().unwrap_or(first_line).trim_end_matches(['"', ')']);
     let lower = message.to_lowercase();
     if lower.contains("out of memory") || lower.contains("can't allocate memory") || lower.contains("cannot allocate") {
+        let asked = lower
+            .split("tried to allocate ")
+            .nth(1)
+            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse::<u64>().ok())
+            .map_or(String::new(), |bytes| {
+                format!("{:.1} GiB more was asked for; ", bytes as f64 / (1u64 << 30) as f64)
+            });
         format!(
-            "{what} ran out of memory ({first_line}); size the job with `moxin-train plan`, then lower \
+            "{what} ran out of memory ({asked}{first_line}); size the job with `moxin-train plan`, then lower \
              train.micro_batch_size or train.seq_len, set runtime.recompute = \"blocks\", use more workers \
              (ZeRO-1 splits the optimizer state) or a smaller model"
         )
@@ -184,6 +219,14 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("ran out of memory") && e.contains("moxin-train plan"), "{e}");
+        assert!(e.contains("27.0 GiB more was asked for"), "{e}");
+        // libtorch's frames after the first line of its message are left out.
+        let e = guard("training", || -> Result<(), WorkerError> {
+            panic!("called `Result::unwrap()` on an `Err` value: Torch(\"[enforce fail] CUDA out of memory.\\nframe #0: c10::Error\\nframe #1: at::empty\")")
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("CUDA out of memory.") && !e.contains("frame #0"), "{e}");
         let e = guard("training", || -> Result<(), WorkerError> { panic!("boom") }).unwrap_err().to_string();
         assert!(e.contains("training failed unexpectedly: boom"), "{e}");
         assert_eq!(guard("x", || Ok(7)).unwrap(), 7);
