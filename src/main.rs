@@ -551,7 +551,7 @@ fn main() {
         Ok(0) => {}
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", moxin_proto::security::chain(e.as_ref()));
             std::process::exit(1);
         }
     }
