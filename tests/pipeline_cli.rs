@@ -17,7 +17,7 @@ fn a_pipeline_runs_its_stages_in_order_and_skips_finished_ones() {
              [stage.pretrain.model]\npreset = \"tiny\"\n[stage.pretrain.data]\nsource = {pre:?}\n\
              [stage.pretrain.train]\nsteps = 20\nseq_len = 64\nglobal_batch_size = 8\nmicro_batch_size = 8\n\
              [stage.sft.data]\nsource = {sft:?}\n[stage.sft.train]\nsteps = 10\nseq_len = 64\nglobal_batch_size = 8\nmicro_batch_size = 8\n\
-             [stage.grpo.train]\nsteps = 3\nglobal_batch_size = 4\nmicro_batch_size = 4\n\
+             [stage.grpo.train]\nsteps = 2\nglobal_batch_size = 4\nmicro_batch_size = 4\n\
              [stage.grpo.grpo]\nprompts = {prompts:?}\ngroup_size = 4\nmax_new_tokens = 8\n",
             test = task.join("test.jsonl").display().to_string(),
             pre = task.join("pretrain.jsonl").display().to_string(),
@@ -27,7 +27,12 @@ fn a_pipeline_runs_its_stages_in_order_and_skips_finished_ones() {
     )
     .unwrap();
     let out = t.join("out");
-    let said = ok(t, &["train", s(&file), "--out", s(&out)]);
+    // A --set for one stage (GRPO's 2 steps become 3); one naming no stage is refused
+    // before anything runs.
+    let err = crate::common::fails(t, &["train", s(&file), "--out", s(&out), "--set", "stage.rl.train.steps=3"]);
+    assert!(err.contains("--set stage.rl.train.steps=3") && err.contains("\"grpo\""), "{err}");
+    assert!(!out.join("pretrain").exists(), "nothing ran");
+    let said = ok(t, &["train", s(&file), "--out", s(&out), "--set", "stage.grpo.train.steps=3"]);
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     let stages = summary["stages"].as_array().unwrap();

@@ -86,6 +86,34 @@ fn merge(base: &mut Table, over: &Table) {
 }
 
 impl Pipeline {
+    /// The `--set` overrides for stage `stage` out of those given to the whole pipeline:
+    /// `section.key=value` applies to every stage, `stage.<name>.section.key=value` to
+    /// stage `<name>` only (as `section.key=value`). A `stage.` override naming no stage
+    /// is an error (checked for every stage, so before any stage runs).
+    pub fn stage_overrides(&self, stage: &str, overrides: &[String]) -> Result<Vec<String>, ConfigError> {
+        let mut out = Vec::new();
+        for set in overrides {
+            let Some(rest) = set.trim_start().strip_prefix("stage.") else {
+                out.push(set.clone());
+                continue;
+            };
+            let named = rest.split_once('.').filter(|(name, _)| self.stages.iter().any(|s| s.name == *name));
+            let Some((name, inner)) = named else {
+                return Err(ConfigError::Override {
+                    origin: format!("--set {set}"),
+                    message: format!(
+                        "expected stage.<name>.<section>.<key>=<value> with <name> one of the stages {:?}",
+                        self.stages.iter().map(|s| s.name.as_str()).collect::<Vec<_>>()
+                    ),
+                });
+            };
+            if name == stage {
+                out.push(inner.to_string());
+            }
+        }
+        Ok(out)
+    }
+
     /// Reads the pipeline `file` and writes each stage's job file under
     /// `<out>/pipeline/` (`out` defaults to `runs/<file stem>`).
     pub fn load(file: &Path, out: Option<&Path>) -> Result<Self, ConfigError> {

@@ -31,6 +31,10 @@ pub fn run(file: &Path, out: Option<&Path>, overrides: &[String], mode: Mode) ->
         .unwrap_or_default();
     let mut summary: Vec<StageSummary> = Vec::new();
     for stage in &pipeline.stages {
+        pipeline.stage_overrides(&stage.name, overrides).map_err(|e| super::invalid_job(file, e))?;
+    }
+    for stage in &pipeline.stages {
+        let overrides = &pipeline.stage_overrides(&stage.name, overrides).map_err(|e| super::invalid_job(file, e))?;
         let marker = stage.run_dir.join(FINISHED);
         let kept = previous.iter().find(|s| s.stage == stage.name).filter(|_| marker.exists());
         if let Some(done) = kept {
