@@ -74,6 +74,21 @@ fn prepare_then_train_on_it_and_reuse_its_tokenizer() {
     );
     assert!(err.contains("--overwrite"), "{err}");
     ok(tmp.path(), &["train", s(&job), "--out", s(&tmp.path().join("run2"))]);
+
+    // A text file as data.source: too short, it is refused; with more text the same
+    // command prepares it again (nothing was trained on the first preparation).
+    let text = tmp.path().join("story.txt");
+    std::fs::write(&text, "a short story").unwrap();
+    let file_job = tiny_job(tmp.path(), 2, &format!("[data]\nsource = {:?}", s(&text)));
+    let run3 = tmp.path().join("run3");
+    let err = fails(tmp.path(), &["train", s(&file_job), "--out", s(&run3)]);
+    assert!(err.contains("add more text"), "{err}");
+    std::fs::write(&text, moxin_data::builtin::corpus(7, 300).join("\n\n")).unwrap();
+    ok(tmp.path(), &["train", s(&file_job), "--out", s(&run3)]);
+    // Once checkpoints were trained on it, a changed file is refused rather than swapped in.
+    std::fs::write(&text, moxin_data::builtin::corpus(8, 300).join("\n\n")).unwrap();
+    let err = fails(tmp.path(), &["train", s(&file_job), "--out", s(&run3)]);
+    assert!(err.contains("checkpoints were trained on it"), "{err}");
 }
 
 #[test]

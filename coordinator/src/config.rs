@@ -691,13 +691,20 @@ impl JobConfig {
             ));
         }
         let per_pass = t.micro_batch_size as u64 * world_size as u64;
-        if t.global_batch_size == 0 || !(t.global_batch_size as u64).is_multiple_of(per_pass) {
+        if t.global_batch_size == 0 {
+            return Err(bad("train.global_batch_size", &0, "must be at least 1".into()));
+        }
+        if !(t.global_batch_size as u64).is_multiple_of(per_pass) {
+            let fix = if (t.global_batch_size as u64) < per_pass {
+                format!("lower train.micro_batch_size, or raise train.global_batch_size to {per_pass}")
+            } else {
+                format!("make it a multiple of {per_pass}")
+            };
             return Err(bad(
                 "train.global_batch_size",
                 &t.global_batch_size,
                 format!(
-                    "is not divisible by train.micro_batch_size = {} x {world_size} worker(s) = {per_pass}; \
-                     make it a multiple of {per_pass}",
+                    "is not divisible by train.micro_batch_size = {} x {world_size} worker(s) = {per_pass}; {fix}",
                     t.micro_batch_size
                 ),
             ));

@@ -110,6 +110,15 @@ pub fn resolve_config(
         config.schedule.warmup_steps = (config.schedule.warmup_ratio * config.train.steps as f64).round() as u64;
         config.schedule.warmup_ratio = 0.0;
     }
+    if config.schedule.warmup_steps >= config.train.steps {
+        tracing::warn!(
+            "schedule.warmup_steps = {} is not below train.steps = {}: the learning rate never reaches \
+             optimizer.lr = {} (lower schedule.warmup_steps, or use schedule.warmup_ratio)",
+            config.schedule.warmup_steps,
+            config.train.steps,
+            config.optimizer.lr
+        );
+    }
     if let Some(dir) = &init_from {
         // Token ids only mean the same thing under the same tokenizer.
         let init = moxin_layout::checkpoint::CheckpointManifest::read(dir).map_err(|e| ConfigError::Invalid {
@@ -244,7 +253,9 @@ fn resolve_data(
         std::fs::canonicalize(&dir).map_err(|e| ConfigError::Invalid {
             field: "data.source".into(),
             value: config.data.source.clone(),
-            message: format!("{e}; expected \"builtin\" or a directory made by `moxin-train data prepare`"),
+            message: format!(
+                "{e}; expected \"builtin\", a .txt or .jsonl file, or a directory made by `moxin-train data prepare`"
+            ),
         })?
     };
     let (tokenizer_sha256, samples_per_epoch) = match moxin_data::sft::SftManifest::load(&data_dir)? {
@@ -289,11 +300,18 @@ fn prepare_file(
         if before == tag {
             return Ok(dir.to_path_buf());
         }
-        return Err(bad(format!(
-            "{} holds data prepared from another file (or this one before it changed); use another --out for \
-             this job, or remove that directory to prepare it again",
-            dir.display()
-        )));
+        // Data nothing was trained on yet (an earlier attempt failed after preparing it)
+        // is prepared again; data checkpoints were trained on is not replaced under them.
+        let trained = dir.parent().is_some_and(|run| moxin_layout::checkpoint::list(run).is_ok_and(|l| !l.is_empty()));
+        if trained {
+            return Err(bad(format!(
+                "{} holds data prepared from another file (or this one before it changed), and this run's \
+                 checkpoints were trained on it; use another --out for this job, or remove that directory to \
+                 prepare it again",
+                dir.display()
+            )));
+        }
+        tracing::info!(dir = %dir.display(), "the data there came from another file and nothing was trained on it");
     }
     let first = std::fs::read_to_string(&source)
         .map_err(|e| bad(e.to_string()))?

@@ -92,8 +92,14 @@ pub fn train(config: &Path, opts: TrainOptions<'_>) -> Result<JobEnd> {
     let end = guard("training", || {
         trainer.run(stop_after, &mut |m| {
             trace.after_step(m.step);
+            // GRPO's loss says little on its own (≈ β·KL); the reward is what it optimises.
+            let rollout = if m.rollout {
+                format!("  reward {:.3}  truncated {:.0}%", m.reward_mean, 100.0 * m.truncation_ratio)
+            } else {
+                String::new()
+            };
             tracing::info!(
-                "step {:>6}/{steps}  loss {:.4}  lr {:.2e}  grad_norm {:.3}  {:.0} tok/s",
+                "step {:>6}/{steps}  loss {:.4}  lr {:.2e}  grad_norm {:.3}  {:.0} tok/s{rollout}",
                 m.step,
                 m.loss,
                 m.lr,
