@@ -25,7 +25,8 @@ struct Cli {
 enum Command {
     /// Train a model in this process from a job config (resumes if the run dir has checkpoints).
     Train(TrainArgs),
-    /// Mean loss of a checkpoint on prepared data, as JSON.
+    /// Score a checkpoint, as JSON: mean loss on prepared data (--data), or accuracy on
+    /// prompts with answers (--prompts).
     Eval(EvalArgs),
     /// Prepare training data.
     #[command(subcommand)]
@@ -516,7 +517,7 @@ struct LogitsArgs {
 
 #[derive(Args)]
 struct GenerateArgs {
-    /// Checkpoint directory.
+    /// Checkpoint directory, or a run directory (its newest checkpoint).
     checkpoint: PathBuf,
     /// Prompt text; repeat for several prompts, continued together in one batch.
     #[arg(long, required = true)]

@@ -106,6 +106,13 @@ where
             if let Some(e) = failure.into_inner().unwrap() {
                 return Err(e);
             }
+            if tokenizer.vocab_size < *vocab_size {
+                tracing::warn!(
+                    "the tokenizer has {} tokens, not the {vocab_size} asked for: the text ran out of pairs to \
+                     merge (more text gives a larger vocabulary; a model's vocab_size may exceed the tokenizer's)",
+                    tokenizer.vocab_size
+                );
+            }
             tokenizer
         }
     };

@@ -97,10 +97,14 @@ pub fn place(runtime: &RuntimeSpec, explicit: Option<Device>) -> Result<Placemen
         (Some(Device::Cpu), _) => false,
         (Some(_), _) | (None, runtime_spec::Device::Cuda) => {
             if !tch::Cuda::is_available() {
-                return Err(WorkerError::Device(
-                    "CUDA was asked for but libtorch sees no CUDA device on this machine; use device = \"auto\" or \"cpu\""
-                        .into(),
-                ));
+                let fix = match explicit {
+                    Some(_) => "pass --device cpu, or leave --device out",
+                    None => "set runtime.device = \"auto\" or \"cpu\"",
+                };
+                return Err(WorkerError::Device(format!(
+                    "CUDA was asked for but libtorch sees no CUDA device on this machine; {fix} (`moxin-train \
+                     doctor` says what it sees)"
+                )));
             }
             true
         }

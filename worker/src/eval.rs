@@ -106,7 +106,7 @@ pub fn evaluate(
     });
     let loss = loss_sum / tokens.max(1) as f64;
     Ok(EvalReport {
-        checkpoint: checkpoint_dir.display().to_string(),
+        checkpoint: ckpt.dir.display().to_string(),
         step: ckpt.manifest.step,
         loss,
         perplexity: loss.exp(),
