@@ -267,7 +267,7 @@ pub fn model_info(preset: &str, json: bool) -> Result<()> {
 /// The model `--model` (or `model-info`'s argument) names: a preset, a model TOML, or a
 /// checkpoint or run directory (an imported model, an earlier stage).
 fn model_shape(model: &str) -> Result<moxin_layout::ModelShape> {
-    Ok(moxin_coordinator::config::ModelSection::named(model).shape().with_context(|| format!("model {model}"))?)
+    moxin_coordinator::config::ModelSection::named(model).shape().with_context(|| format!("model {model}"))
 }
 
 /// `plan`: the per-GPU memory of a training job, and whether it fits.
