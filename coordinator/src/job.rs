@@ -317,7 +317,7 @@ fn prepare_file(
         .map_err(|e| bad(e.to_string()))?
         .lines()
         .find(|l| !l.trim().is_empty())
-        .map(str::to_string)
+        .map(|l| l.trim_start_matches('\u{feff}').to_string())
         .unwrap_or_default();
     let conversations = serde_json::from_str::<serde_json::Value>(&first).is_ok_and(|v| v["messages"].is_array());
     let init_tokenizer = init_from.map(|d| d.join(moxin_layout::checkpoint::TOKENIZER_FILE)).filter(|t| t.exists());

@@ -277,7 +277,7 @@ impl<'a> Documents<'a> {
                 path: PathBuf::from(format!("{}:{}", path.display(), line_no)),
                 reason,
             };
-            let value: serde_json::Value = match serde_json::from_str(&line) {
+            let value: serde_json::Value = match serde_json::from_str(crate::without_bom(&line, *line_no == 1)) {
                 Ok(v) => v,
                 Err(e) => return Some(Err(bad(format!("not valid JSON: {e}")))),
             };
@@ -310,9 +310,11 @@ impl Iterator for Documents<'_> {
                 continue;
             }
             return Some(std::fs::read(path).map_err(|e| DataError::io(path, e)).and_then(|bytes| {
-                String::from_utf8(bytes).map_err(|e| DataError::Input {
-                    path: path.clone(),
-                    reason: format!("not valid UTF-8 (byte {})", e.utf8_error().valid_up_to()),
+                String::from_utf8(bytes).map(|text| crate::without_bom(&text, true).to_string()).map_err(|e| {
+                    DataError::Input {
+                        path: path.clone(),
+                        reason: format!("not valid UTF-8 (byte {})", e.utf8_error().valid_up_to()),
+                    }
                 })
             }));
         }
@@ -410,6 +412,20 @@ mod tests {
         let err = prepare(&opts).unwrap_err().to_string();
         assert!(err.contains("not empty") && err.contains("--overwrite"), "{err}");
         Manifest::load(&opts.out_dir).unwrap().verify(&opts.out_dir, true).unwrap();
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_not_part_of_the_first_line() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (jsonl, txt) = (tmp.path().join("a.jsonl"), tmp.path().join("b.txt"));
+        std::fs::write(&jsonl, "\u{feff}{\"text\": \"one\"}\n{\"text\": \"two\"}\n").unwrap();
+        std::fs::write(&txt, "\u{feff}three").unwrap();
+        let files = [jsonl.clone(), txt.clone()];
+        let docs: Vec<String> = Documents::new(&files, "text").collect::<Result<_, _>>().unwrap();
+        assert_eq!(docs, ["one", "two", "three"]);
+        let prompts = tmp.path().join("p.jsonl");
+        std::fs::write(&prompts, "\u{feff}{\"prompt\": \"1 + 1?\", \"answer\": 2}\n").unwrap();
+        assert_eq!(crate::sft::read_prompts(&prompts).unwrap(), [("1 + 1?".to_string(), "2".to_string())]);
     }
 
     #[test]

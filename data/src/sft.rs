@@ -190,7 +190,8 @@ pub fn read_prompts(path: &Path) -> Result<Vec<(String, String)>, DataError> {
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let bad =
             |reason: String| DataError::Input { path: path.to_path_buf(), reason: format!("line {}: {reason}", i + 1) };
-        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(crate::without_bom(line, i == 0)).map_err(|e| bad(e.to_string()))?;
         let answer = match &v["answer"] {
             serde_json::Value::String(s) => s.clone(),
             serde_json::Value::Number(n) => n.to_string(),
@@ -379,7 +380,7 @@ pub fn prepare_sft(opts: &SftPrepareOptions) -> Result<SftManifest, DataError> {
             struct Record {
                 messages: Vec<Message>,
             }
-            let record: Record = serde_json::from_str(&line)
+            let record: Record = serde_json::from_str(crate::without_bom(&line, line_no == 0))
                 .map_err(|e| at(format!("{e}; expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}]}}")))?;
             let mut r = render(&opts.template, &tokenizer, &record.messages).map_err(at)?;
             if r.tokens.len() > opts.max_tokens as usize {
