@@ -358,10 +358,10 @@ struct EvalArgs {
     #[arg(long, default_value_t = 1, requires = "prompts")]
     samples: usize,
     /// Sampling temperature (0 = greedy).
-    #[arg(long, default_value_t = 0.0, requires = "prompts")]
+    #[arg(long, default_value_t = 0.0, requires = "prompts", allow_negative_numbers = true)]
     temperature: f64,
     /// Nucleus sampling threshold.
-    #[arg(long, default_value_t = 1.0, requires = "prompts")]
+    #[arg(long, default_value_t = 1.0, requires = "prompts", allow_negative_numbers = true)]
     top_p: f64,
     /// Tokens generated at most per completion.
     #[arg(long, default_value_t = 64, requires = "prompts")]
@@ -485,7 +485,7 @@ struct ExportHfArgs {
     #[arg(long)]
     dtype: Option<String>,
     /// Largest weight file, in GB; bigger models are sharded with an index.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 5.0, allow_negative_numbers = true)]
     max_shard_gb: f64,
     /// Chat template for transformers' `apply_chat_template` (tokenizer_config.json):
     /// "moxin" (what SFT, distillation and GRPO use by default), a template JSON file as
@@ -526,10 +526,10 @@ struct GenerateArgs {
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
     /// Sampling temperature (0 = greedy).
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
     temperature: f64,
     /// Nucleus sampling threshold.
-    #[arg(long, default_value_t = 0.95)]
+    #[arg(long, default_value_t = 0.95, allow_negative_numbers = true)]
     top_p: f64,
     /// Sampling seed.
     #[arg(long, default_value_t = 0)]

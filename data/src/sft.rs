@@ -72,7 +72,7 @@ impl ChatTemplate {
         let text = std::fs::read_to_string(path).map_err(|e| DataError::Input {
             path: path.to_path_buf(),
             reason: format!(
-                "{e}; --template takes \"moxin\" or a JSON file with name, system, user, assistant, separator"
+                "{e}; a chat template is \"moxin\" or a JSON file with name, system, user, assistant, separator"
             ),
         })?;
         serde_json::from_str(&text).map_err(|e| DataError::Input { path: path.to_path_buf(), reason: e.to_string() })
