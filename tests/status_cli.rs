@@ -80,6 +80,12 @@ fn status_shows_a_running_job_and_then_what_its_run_directory_recorded() {
 
     let missing = fails(tmp.path(), &["status", s(&tmp.path().join("absent"))]);
     assert!(missing.contains("no coordinator state"), "{missing}");
+    // A `train` run (one process): its progress from metrics.jsonl and config.toml.
+    let single = tmp.path().join("single");
+    ok(tmp.path(), &["train", s(&job), "--out", s(&single), "--set", "train.steps=3"]);
+    let solo = status_json(tmp.path(), &[s(&single)]);
+    assert_eq!((solo["phase"].as_str(), solo["step"].as_u64()), (Some("finished"), Some(3)), "{solo}");
+    assert_eq!(solo["total_steps"], 3);
     let bad = fails(tmp.path(), &["status", s(&run), "--interval", "NaN"]);
     assert!(bad.contains("--interval"), "{bad}");
 }

@@ -97,8 +97,14 @@ async fn ask(url: &str, security: &moxin_proto::security::ClientSecurity) -> Res
 /// What the run directory recorded last.
 fn from_files(run_dir: &Path) -> Result<JobStatus> {
     let state_file = run_dir.join("coordinator/state.json");
+    if !state_file.exists() && run_dir.join("config.toml").exists() {
+        return Ok(single_process(run_dir));
+    }
     let text = std::fs::read_to_string(&state_file).with_context(|| {
-        format!("{}: no coordinator state; is this the run directory of a distributed job?", run_dir.display())
+        format!(
+            "{}: no coordinator state (coordinator/state.json) and no config.toml; is this a run directory?",
+            run_dir.display()
+        )
     })?;
     let state: Value =
         serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", state_file.display()))?;
@@ -140,6 +146,43 @@ fn from_files(run_dir: &Path) -> Result<JobStatus> {
         failures: u64_at(&state, "failures"),
         recoveries: u64_at(&state, "recoveries"),
     })
+}
+
+/// A `train` run (one process, no coordinator state): its progress from `metrics.jsonl`
+/// and `config.toml`; running while a live process on this machine holds its lock.
+fn single_process(run_dir: &Path) -> JobStatus {
+    let last = last_metrics(run_dir);
+    let step = last.as_ref().map_or(0, |m| m.step);
+    let (total_steps, ..) = recorded_config(run_dir);
+    let phase = if lock_holder_alive(run_dir) {
+        "training"
+    } else if total_steps > 0 && step >= total_steps {
+        "finished"
+    } else {
+        "stopped"
+    };
+    let name = run_dir.file_name().map_or_else(|| run_dir.display().to_string(), |n| n.to_string_lossy().into_owned());
+    JobStatus {
+        job: name,
+        phase: phase.into(),
+        reason: "one process (`train`)".into(),
+        step,
+        total_steps,
+        last,
+        ..Default::default()
+    }
+}
+
+/// Whether the run directory's lock names a process of this machine that is still alive
+/// (the lock file keeps its last holder's line after it exits).
+fn lock_holder_alive(run_dir: &Path) -> bool {
+    let text = std::fs::read_to_string(run_dir.join(moxin_coordinator::rundir::LOCK_FILE)).unwrap_or_default();
+    let mut words = text.split_whitespace();
+    let (Some("pid"), Some(pid), Some("on"), Some(host)) = (words.next(), words.next(), words.next(), words.next())
+    else {
+        return false;
+    };
+    host == moxin_proto::hostname() && Path::new("/proc").join(pid).exists()
 }
 
 /// `train.steps`, `cluster.min_workers` and `cluster.max_workers` (= min when absent) of
@@ -192,10 +235,11 @@ fn render(s: &JobStatus, source: &Source) -> String {
     let bounds =
         if s.max_workers > 0 { format!(" (min {}, max {})", s.min_workers, s.max_workers) } else { String::new() };
     let members = s.workers.iter().filter(|w| w.member).count();
-    out.push_str(&format!(
-        "job {}  phase {}{reason}  generation {}  workers {members}{bounds}\n",
-        s.job, s.phase, s.generation
-    ));
+    // A `train` run has no coordinator, generations or workers to show.
+    let single = s.workers.is_empty() && s.max_workers == 0;
+    let group =
+        if single { String::new() } else { format!("  generation {}  workers {members}{bounds}", s.generation) };
+    out.push_str(&format!("job {}  phase {}{reason}{group}\n", s.job, s.phase));
     let progress = if s.total_steps > 0 {
         format!("step {}/{} ({:.0}%)", s.step, s.total_steps, 100.0 * s.step as f64 / s.total_steps as f64)
     } else {
@@ -205,9 +249,14 @@ fn render(s: &JobStatus, source: &Source) -> String {
         format!("  loss {:.4}  {:.0} tok/s  {:.3} s/step", m.loss, m.tokens_per_s, m.step_time_s)
     });
     let eta = eta_s(s).map_or(String::new(), |e| format!("  ETA {}", duration(e)));
-    out.push_str(&format!("{progress}{metrics}{eta}  lost {}  recoveries {}\n", s.failures, s.recoveries));
+    let faults = if single { String::new() } else { format!("  lost {}  recoveries {}", s.failures, s.recoveries) };
+    out.push_str(&format!("{progress}{metrics}{eta}{faults}\n"));
     match source {
         Source::Coordinator(url) => out.push_str(&format!("from the coordinator at {url}\n\n")),
+        Source::Files { .. } if single => {
+            out.push_str("from the run directory\n");
+            return out;
+        }
         Source::Files { why } => out.push_str(&format!("from the run directory ({why})\n\n")),
     }
     out.push_str(&format!(
