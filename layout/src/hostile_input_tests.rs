@@ -79,6 +79,7 @@ fn valid_checkpoint(run: &Path) -> Value {
             ],
         )]
         .into(),
+        file_bytes: [(MODEL_FILE.to_string(), model.bytes), ("tokenizer.json".to_string(), 2)].into(),
         build: BuildInfo::default(),
         token_ids: Some(TokenIds::default()),
     };

@@ -412,11 +412,17 @@ pub fn import(dir: &Path, out: &Path) -> Result<ImportReport, WorkerError> {
             optimizer: Vec::new(),
             files,
             file_parts: Default::default(),
+            file_bytes: Default::default(),
             build: checkpoint::build_info(),
             token_ids: Some(config.ids),
         };
         for w in &written {
             manifest.record_written(w);
+        }
+        for name in manifest.files.keys().chain(manifest.file_parts.keys()).cloned().collect::<Vec<_>>() {
+            let path = staging.join(&name);
+            let size = std::fs::metadata(&path).map_err(|e| WorkerError::io(&path, e))?.len();
+            manifest.file_bytes.insert(name, size);
         }
         write_json(&staging.join(MANIFEST), &manifest)?;
         Ok(with_tokenizer)

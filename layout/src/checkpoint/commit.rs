@@ -6,7 +6,7 @@
 //! the files, ranks and world sizes agree, and a generation that was replaced can no
 //! longer publish.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -31,9 +31,6 @@ pub struct Commits {
     pending: BTreeMap<(u64, u64), Vec<CheckpointPart>>,
     /// Reports of generations before this one are refused.
     oldest_generation: u64,
-    /// Steps of checkpoints known to be whole: published here (their manifest was written
-    /// from the ranks' hashes) or verified once while pruning.
-    whole: BTreeSet<u64>,
 }
 
 impl Commits {
@@ -41,12 +38,7 @@ impl Commits {
     /// Staging directories are left alone: a restarted coordinator may still complete
     /// its generation's checkpoint; [`Commits::abandon_before`] removes the others.
     pub fn new(run_dir: &Path) -> Self {
-        Commits {
-            run_dir: run_dir.to_path_buf(),
-            pending: BTreeMap::new(),
-            oldest_generation: 0,
-            whole: BTreeSet::new(),
-        }
+        Commits { run_dir: run_dir.to_path_buf(), pending: BTreeMap::new(), oldest_generation: 0 }
     }
 
     /// Adds one rank's report. When it completes the checkpoint (every rank of its
@@ -136,30 +128,25 @@ impl Commits {
     }
 
     /// After publishing step `newest`: keeps the newest `keep_last − 1` older checkpoints
-    /// that are whole and removes every older one beyond them. A broken checkpoint (which
+    /// that look whole ([`Checkpoint::looks_whole`]: manifest, files, sizes; no hashing on
+    /// the commit path) and removes every older one beyond them. A broken checkpoint (which
     /// resume skips) does not count, or it would push out the fallback a resume needs; it
-    /// is left until enough whole ones are newer than it. A checkpoint this committer did
-    /// not publish is verified (hashed) once, so after a resume the first pruning reads up
-    /// to `keep_last − 1` checkpoints.
+    /// is left until enough whole ones are newer than it.
     fn prune(&mut self, newest: u64, keep_last: u32) -> Result<(), CheckpointError> {
-        self.whole.insert(newest);
         let wanted = keep_last.max(1) as usize - 1;
         let mut kept = 0;
         // Only checkpoints older than this one: a newer, broken one (skipped at resume) must
         // not push the one just published out.
         for (step, dir) in list(&self.run_dir)?.into_iter().filter(|(step, _)| *step < newest) {
             if kept < wanted {
-                if self.whole.contains(&step) || Checkpoint::open(&dir).is_ok() {
-                    self.whole.insert(step);
-                    kept += 1;
-                } else {
-                    tracing::warn!(dir = %dir.display(), "a broken checkpoint does not count toward keep_last");
+                match Checkpoint::looks_whole(&dir) {
+                    Ok(()) => kept += 1,
+                    Err(e) => tracing::warn!("a broken checkpoint does not count toward keep_last: {e}"),
                 }
                 continue;
             }
-            tracing::debug!(dir = %dir.display(), "pruning old checkpoint");
+            tracing::debug!(dir = %dir.display(), step, "pruning old checkpoint");
             std::fs::remove_dir_all(&dir).map_err(|e| CheckpointError::io(&dir, e))?;
-            self.whole.remove(&step);
         }
         Ok(())
     }
@@ -282,6 +269,7 @@ fn publish(run_dir: &Path, staging: &Path, mut parts: Vec<CheckpointPart>) -> Re
     manifest.format = FORMAT.into();
     manifest.files.clear();
     manifest.file_parts.clear();
+    manifest.file_bytes.clear();
     manifest.optimizer.clear();
     for part in &parts {
         for f in &part.files {
@@ -295,6 +283,7 @@ fn publish(run_dir: &Path, staging: &Path, mut parts: Vec<CheckpointPart>) -> Re
                     part.rank, f.name
                 )));
             }
+            manifest.file_bytes.insert(f.name.clone(), size);
             if !manifest.record_written(f) {
                 return Err(invalid(format!("{} was reported whole by one rank and again by another", f.name)));
             }
@@ -389,6 +378,7 @@ pub(crate) mod tests {
             optimizer: Vec::new(),
             files: Default::default(),
             file_parts: Default::default(),
+            file_bytes: Default::default(),
             build: BuildInfo::default(),
             token_ids: None,
         };

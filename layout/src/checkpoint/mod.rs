@@ -161,6 +161,10 @@ pub struct CheckpointManifest {
     /// tiling the file.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub file_parts: std::collections::BTreeMap<String, Vec<FilePart>>,
+    /// The size of every file in `files` and `file_parts`, in bytes (absent in checkpoints
+    /// of older builds): what [`Checkpoint::looks_whole`] checks without hashing.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub file_bytes: std::collections::BTreeMap<String, u64>,
     /// The software that wrote it (absent in checkpoints of older builds).
     #[serde(default)]
     pub build: BuildInfo,
@@ -193,6 +197,22 @@ pub struct Checkpoint {
 }
 
 impl CheckpointManifest {
+    /// Every file the manifest lists exists in `dir`, at its recorded size where one is
+    /// recorded.
+    fn check_sizes(&self, dir: &Path) -> Result<(), CheckpointError> {
+        for name in self.files.keys().chain(self.file_parts.keys()) {
+            let path = dir.join(name);
+            let size = std::fs::metadata(&path).map_err(|e| CheckpointError::io(&path, e))?.len();
+            if let Some(&want) = self.file_bytes.get(name).filter(|&&want| want != size) {
+                return Err(CheckpointError::Invalid {
+                    path,
+                    reason: format!("{size} bytes, the manifest says {want}; the file is truncated or corrupt"),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Records a writer's report of one file (see [`write::WrittenRanges`]): its digest in
     /// `files`, or one byte range's in `file_parts`. False when the file is already
     /// recorded whole (a second report of it) or now comes whole after parts.
@@ -269,10 +289,20 @@ pub(crate) fn is_plain_file_name(name: &str) -> bool {
 }
 
 impl Checkpoint {
-    /// Reads and verifies the checkpoint in `dir`: the manifest, and every file's sha256
-    /// (files are hashed in parallel).
+    /// Whether `dir` looks like a whole checkpoint without reading its data: the manifest
+    /// reads, and every file it lists is there at its recorded size. A checkpoint cut short
+    /// or missing files fails this; one with flipped bits passes it (only [`Checkpoint::open`]
+    /// hashes).
+    pub fn looks_whole(dir: &Path) -> Result<(), CheckpointError> {
+        let manifest = CheckpointManifest::read(dir)?;
+        manifest.check_sizes(dir)
+    }
+
+    /// Reads and verifies the checkpoint in `dir`: the manifest, the files' sizes, and every
+    /// file's sha256 (files are hashed in parallel).
     pub fn open(dir: &Path) -> Result<Self, CheckpointError> {
         let manifest = CheckpointManifest::read(dir)?;
+        manifest.check_sizes(dir)?;
         // One check per whole file and per part of a file written in parts, in parallel.
         let mut checks: Vec<(&String, Option<&FilePart>, &String)> =
             manifest.files.iter().map(|(file, want)| (file, None, want)).collect();

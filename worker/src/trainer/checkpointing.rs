@@ -279,6 +279,7 @@ impl Checkpointer {
             optimizer: Vec::new(),
             files: Default::default(),
             file_parts: Default::default(),
+            file_bytes: Default::default(),
             build: checkpoint::build_info(),
             token_ids: None,
         };
