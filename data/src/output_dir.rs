@@ -1,57 +1,92 @@
 //! The directory a preparation writes into, published by its manifest (written last).
 //!
 //! A preparation that fails — a bad line in the third input file, a full disk — must
-//! neither leave a directory that looks valid nor one that blocks the corrected rerun. So
-//! the directory is claimed for the run ([`OutputDir::claim`]) and, unless the run ends
-//! with [`OutputDir::publish`], the files it wrote are removed again (and the directory,
-//! if the run created it). Files the preparation does not write are never touched.
+//! neither leave a directory that looks valid nor one that blocks the corrected rerun, and
+//! must never remove what it did not write. So the directory is claimed for the run
+//! ([`OutputDir::claim`]) with a marker file naming the process; unless the run ends with
+//! [`OutputDir::publish`], the files it created are removed again (and the directory, if
+//! the run created it). The marker also keeps a second preparation out while one runs, and
+//! tells a later one that what a killed run left is its own to clear.
 
+use std::collections::BTreeSet;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::manifest::MANIFEST_FILE;
 use crate::DataError;
+
+/// The claim marker: `pid <pid> on <host>` of the preparation writing the directory.
+const MARKER: &str = ".preparing";
+
+/// The tokenizer file every preparation writes, and may also read (`--tokenizer` naming
+/// the directory's own): never removed except when this run created it.
+const TOKENIZER: &str = "tokenizer.json";
 
 /// A claimed output directory; see the module docs.
 pub(crate) struct OutputDir {
     dir: PathBuf,
     created: bool,
     ours: fn(&str) -> bool,
+    /// Names of ours that were there when the run claimed the directory (kept on failure).
+    there_before: BTreeSet<String>,
     published: bool,
 }
 
 impl OutputDir {
     /// Claims `dir` for a preparation whose files `ours` recognises by name. The directory
-    /// may be absent or empty; or hold an earlier unpublished output (ours only, no
-    /// manifest: a run that was killed), which is cleared; or, with `overwrite`, an
-    /// earlier output, which is unpublished first (manifest removed) and then cleared.
+    /// may be absent or empty; or hold what a killed preparation left (its marker names a
+    /// process that is gone), which is cleared; or, with `overwrite`, an earlier output,
+    /// which is unpublished first (manifest removed) and its data files removed (its
+    /// tokenizer is overwritten, never removed). Refused while another preparation writes
+    /// there, and without `overwrite` when the directory holds anything else.
     pub(crate) fn claim(dir: &Path, overwrite: bool, ours: fn(&str) -> bool) -> Result<OutputDir, DataError> {
         let created = !dir.exists();
-        if !created {
-            let names = entry_names(dir)?;
-            let unpublished_leftovers = !names.iter().any(|n| n == MANIFEST_FILE) && names.iter().all(|n| ours(n));
-            if !names.is_empty() && !overwrite && !unpublished_leftovers {
+        std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
+        let marker = dir.join(MARKER);
+        let leftovers = match std::fs::read_to_string(&marker) {
+            Ok(holder) if holder_alive(&holder) => {
                 return Err(DataError::Input {
                     path: dir.to_path_buf(),
-                    reason: "output directory is not empty; choose another --out or pass --overwrite".into(),
-                });
+                    reason: format!(
+                        "another preparation is writing here ({}); wait for it or choose another --out (if that \
+                         process is gone, remove {})",
+                        holder.trim(),
+                        marker.display()
+                    ),
+                })
             }
-            // Unpublish first: with the manifest gone, a crash below leaves nothing that looks valid.
-            let manifest = dir.join(MANIFEST_FILE);
-            if manifest.exists() {
-                std::fs::remove_file(&manifest).map_err(|e| DataError::io(&manifest, e))?;
-            }
-            for name in names.iter().filter(|n| ours(n)) {
-                let path = dir.join(name);
-                std::fs::remove_file(&path).map_err(|e| DataError::io(&path, e))?;
-            }
+            Ok(_) => true,
+            Err(_) => false,
+        };
+        let names = entry_names(dir)?;
+        let others = names.iter().any(|n| n != MARKER && !(leftovers && ours(n)));
+        if others && !overwrite {
+            return Err(DataError::Input {
+                path: dir.to_path_buf(),
+                reason: "output directory is not empty; choose another --out or pass --overwrite".into(),
+            });
         }
-        std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
-        Ok(OutputDir { dir: dir.to_path_buf(), created, ours, published: false })
+        // Unpublish first: with the manifest gone, a crash below leaves nothing that looks valid.
+        let manifest = dir.join(MANIFEST_FILE);
+        if manifest.exists() {
+            std::fs::remove_file(&manifest).map_err(|e| DataError::io(&manifest, e))?;
+        }
+        for name in names.iter().filter(|n| ours(n) && (leftovers || n.as_str() != TOKENIZER)) {
+            let path = dir.join(name);
+            std::fs::remove_file(&path).map_err(|e| DataError::io(&path, e))?;
+        }
+        let there_before = entry_names(dir)?.into_iter().filter(|n| ours(n)).collect();
+        if leftovers {
+            let _ = std::fs::remove_file(&marker);
+        }
+        write_marker(&marker)?;
+        Ok(OutputDir { dir: dir.to_path_buf(), created, ours, there_before, published: false })
     }
 
     /// The manifest is written: keep what the run wrote.
     pub(crate) fn publish(mut self) {
         self.published = true;
+        let _ = std::fs::remove_file(self.dir.join(MARKER));
     }
 }
 
@@ -62,14 +97,40 @@ impl Drop for OutputDir {
         }
         // Best effort: the run's own error is the one to report.
         for name in entry_names(&self.dir).unwrap_or_default() {
-            if (self.ours)(&name) || name == MANIFEST_FILE {
+            if (self.ours)(&name) && !self.there_before.contains(&name) {
                 let _ = std::fs::remove_file(self.dir.join(name));
             }
         }
+        let _ = std::fs::remove_file(self.dir.join(MARKER));
         if self.created {
             let _ = std::fs::remove_dir(&self.dir);
         }
     }
+}
+
+/// Writes the marker, failing if another process created it first.
+fn write_marker(marker: &Path) -> Result<(), DataError> {
+    let mut file =
+        std::fs::OpenOptions::new().write(true).create_new(true).open(marker).map_err(|e| DataError::Input {
+            path: marker.to_path_buf(),
+            reason: format!("{e}; another preparation may have started here at the same time"),
+        })?;
+    writeln!(file, "pid {} on {}", std::process::id(), hostname()).map_err(|e| DataError::io(marker, e))
+}
+
+/// Whether a marker's `pid N on HOST` names a live process (on another host: assumed
+/// alive, since it cannot be checked from here).
+fn holder_alive(holder: &str) -> bool {
+    let mut words = holder.split_whitespace();
+    let (Some("pid"), Some(pid), Some("on"), Some(host)) = (words.next(), words.next(), words.next(), words.next())
+    else {
+        return false;
+    };
+    host != hostname() || (pid != std::process::id().to_string() && Path::new("/proc").join(pid).exists())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
 fn entry_names(dir: &Path) -> Result<Vec<String>, DataError> {

@@ -440,18 +440,47 @@ mod tests {
         // Nothing is left behind (the tokenizer was trained and saved before the bad line).
         assert!(!tmp.path().join("out").exists());
 
-        // A killed run's unpublished files are no obstacle; files of others are.
+        // A killed run's files (its marker names a process that is gone) are no obstacle;
+        // a live run's are, and so are files of others.
         let out = tmp.path().join("out");
         std::fs::create_dir_all(&out).unwrap();
         std::fs::write(out.join("tokenizer.json"), "partial").unwrap();
         std::fs::write(out.join("shard-00000.bin"), "partial").unwrap();
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+        let mut gone = std::process::Command::new("true").spawn().unwrap();
+        let dead = gone.id();
+        gone.wait().unwrap();
+        std::fs::write(out.join(".preparing"), format!("pid {} on {}\n", 1, host.trim())).unwrap();
         std::fs::write(&f, "{\"text\": \"ok\"}\n").unwrap();
+        let err = prepare(&opts).unwrap_err().to_string();
+        assert!(err.contains("another preparation is writing here (pid 1 on"), "{err}");
+        std::fs::write(out.join(".preparing"), format!("pid {dead} on {}\n", host.trim())).unwrap();
         prepare(&opts).unwrap().verify(&out, true).unwrap();
+        assert!(!out.join(".preparing").exists());
         std::fs::remove_dir_all(&out).unwrap();
         std::fs::create_dir_all(&out).unwrap();
         std::fs::write(out.join("notes.txt"), "mine").unwrap();
+        std::fs::write(out.join("tokenizer.json"), "mine too").unwrap();
         let err = prepare(&opts).unwrap_err().to_string();
         assert!(err.contains("not empty"), "{err}");
-        assert_eq!(std::fs::read_to_string(out.join("notes.txt")).unwrap(), "mine");
+        assert_eq!(std::fs::read_to_string(out.join("tokenizer.json")).unwrap(), "mine too");
+    }
+
+    #[test]
+    fn overwriting_with_the_directorys_own_tokenizer_keeps_it_when_the_run_fails() {
+        let tmp = tempfile::tempdir().unwrap();
+        let f = tmp.path().join("x.jsonl");
+        std::fs::write(&f, "{\"text\": \"a first document\"}\n").unwrap();
+        let out = tmp.path().join("out");
+        prepare(&PrepareOptions::new(vec![f.clone()], out.clone(), TokenizerSource::Train { vocab_size: 300 }))
+            .unwrap();
+        let tokenizer = std::fs::read(out.join("tokenizer.json")).unwrap();
+        std::fs::write(&f, "{\"text\": \"more\"}\n{\"body\": \"no text\"}\n").unwrap();
+        let mut again = PrepareOptions::new(vec![f], out.clone(), TokenizerSource::File(out.join("tokenizer.json")));
+        again.overwrite = true;
+        let err = prepare(&again).unwrap_err().to_string();
+        assert!(err.contains("x.jsonl:2"), "{err}");
+        assert_eq!(std::fs::read(out.join("tokenizer.json")).unwrap(), tokenizer, "the tokenizer survives");
+        assert!(!out.join("manifest.json").exists() && !out.join(".preparing").exists());
     }
 }
