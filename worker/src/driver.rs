@@ -151,7 +151,8 @@ pub fn guard<T>(what: &str, f: impl FnOnce() -> Result<T, WorkerError>) -> Resul
                 .cloned()
                 .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "unknown panic".into());
-            Err(WorkerError::Panic(describe_panic(what, &message)))
+            let at = PANICKED_AT.with(|p| p.take());
+            Err(WorkerError::Panic(describe_panic(what, &message, at.as_deref())))
         }
     }
 }
@@ -159,6 +160,8 @@ pub fn guard<T>(what: &str, f: impl FnOnce() -> Result<T, WorkerError>) -> Resul
 thread_local! {
     /// How many [`guard`]s this thread is inside.
     static GUARDED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    /// Where the last guarded panic on this thread happened (`file:line`), for its error.
+    static PANICKED_AT: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
 }
 
 /// Panics that [`guard`] turns into errors are reported once, by the error: the default
@@ -170,6 +173,8 @@ fn quiet_guarded_panics() {
         let default = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             if GUARDED.with(|g| g.get()) > 0 && std::env::var_os("RUST_BACKTRACE").is_none() {
+                let at = info.location().map(|l| format!("{}:{}", l.file(), l.line()));
+                PANICKED_AT.with(|p| *p.borrow_mut() = at);
                 tracing::debug!("panic turned into an error: {info}");
             } else {
                 default(info);
@@ -178,26 +183,41 @@ fn quiet_guarded_panics() {
     });
 }
 
-fn describe_panic(what: &str, message: &str) -> String {
+/// The size in "tried to allocate N bytes" (libtorch's CPU allocator) or "tried to allocate
+/// 2.00 GiB" (its CUDA allocator), in GiB; `lower` is the message in lower case.
+fn allocation_gib(lower: &str) -> Option<f64> {
+    let mut words = lower.split("tried to allocate ").nth(1)?.split_whitespace();
+    let number: f64 = words.next()?.parse().ok()?;
+    let unit = words.next()?.trim_end_matches(['.', ',', ';', ')', '"']);
+    let bytes = match unit {
+        "bytes" | "b" => 1.0,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    Some(number * bytes / (1u64 << 30) as f64)
+}
+
+fn describe_panic(what: &str, message: &str, at: Option<&str>) -> String {
     let first_line = message.lines().find(|l| !l.trim().is_empty()).unwrap_or(message).trim();
     // tch's errors arrive as Debug strings: escaped newlines, then libtorch's C++ frames.
-    let first_line = first_line.split("\\n").next().unwrap_or(first_line).trim_end_matches(['"', ')']);
+    let first_line = match first_line.split_once("\\n") {
+        Some((first, _)) => first,
+        None => first_line,
+    };
     let lower = message.to_lowercase();
     if lower.contains("out of memory") || lower.contains("can't allocate memory") || lower.contains("cannot allocate") {
-        let asked = lower
-            .split("tried to allocate ")
-            .nth(1)
-            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse::<u64>().ok())
-            .map_or(String::new(), |bytes| {
-                format!("{:.1} GiB more was asked for; ", bytes as f64 / (1u64 << 30) as f64)
-            });
+        let asked = allocation_gib(&lower).map_or(String::new(), |gib| format!("{gib:.1} GiB more was asked for; "));
         format!(
             "{what} ran out of memory ({asked}{first_line}); size the job with `moxin-train plan`, then lower \
              train.micro_batch_size or train.seq_len, set runtime.recompute = \"blocks\", use more workers \
              (ZeRO-1 splits the optimizer state) or a smaller model"
         )
     } else {
-        format!("{what} failed unexpectedly: {first_line}")
+        let at = at.map_or(String::new(), |at| format!(" at {at}"));
+        format!("{what} failed unexpectedly{at}: {first_line}")
     }
 }
 
@@ -227,8 +247,12 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("CUDA out of memory.") && !e.contains("frame #0"), "{e}");
+        let cuda = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)";
+        assert_eq!(allocation_gib(&cuda.to_lowercase()), Some(2.0));
+        assert_eq!(allocation_gib("tried to allocate 512.00 mib."), Some(0.5));
+        assert_eq!(allocation_gib("tried to allocate 3 widgets"), None);
         let e = guard("training", || -> Result<(), WorkerError> { panic!("boom") }).unwrap_err().to_string();
-        assert!(e.contains("training failed unexpectedly: boom"), "{e}");
+        assert!(e.contains("training failed unexpectedly") && e.contains(": boom"), "{e}");
         assert_eq!(guard("x", || Ok(7)).unwrap(), 7);
     }
 
