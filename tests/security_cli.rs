@@ -203,8 +203,14 @@ fn mutual_tls_admits_only_workers_with_a_certificate_from_the_ca() {
         &["--tls-ca", s(&pki.ca), "--tls-cert", s(&pki.expired_client.0), "--tls-key", s(&pki.expired_client.1)],
         &tls_refusal,
     );
-    // A bad file is named.
+    // A bad file is named: a missing one, and a key given where the CA belongs.
     run(&["--tls-ca", s(&dir.path().join("absent.pem"))], &["absent.pem"]);
+    run(
+        &["--tls-ca", s(&pki.client.1)],
+        &[&format!("{}: the CA certificate has no CERTIFICATE block", s(&pki.client.1))],
+    );
+    // Mutual TLS without a client certificate: the coordinator requires one.
+    run(&["--tls-ca", s(&pki.ca)], &["requires a client certificate"]);
 
     // The coordinator's own pair is checked before its run directory is touched.
     let job = tiny_job(dir.path(), 3, "");

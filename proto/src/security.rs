@@ -149,8 +149,17 @@ pub fn random_key() -> Result<[u8; 32], SecurityError> {
 fn read(path: &Path, what: &str) -> Result<Vec<u8>, SecurityError> {
     let bytes = std::fs::read(path)
         .map_err(|e| SecurityError::File { path: path.into(), message: format!("cannot read the {what}: {e}") })?;
-    if !String::from_utf8_lossy(&bytes).contains("-----BEGIN ") {
+    let text = String::from_utf8_lossy(&bytes);
+    if !text.contains("-----BEGIN ") {
         return Err(SecurityError::File { path: path.into(), message: format!("the {what} is not in PEM format") });
+    }
+    // A key where a certificate belongs (or the reverse) is otherwise taken as an empty
+    // list of certificates and only fails later, as a certificate nobody signed.
+    if what.contains("certificate") && !text.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(SecurityError::File {
+            path: path.into(),
+            message: format!("the {what} has no CERTIFICATE block (a key?)"),
+        });
     }
     Ok(bytes)
 }
@@ -186,15 +195,15 @@ impl ServerSecurity {
     ) -> Result<Self, SecurityError> {
         let tls = match identity(cert, key)? {
             Some(identity) => {
+                // Built now, before the run directory is touched, the identity alone and then
+                // with the client CA, so that what TLS cannot use is named.
+                let build = |tls: &ServerTlsConfig| Server::builder().tls_config(tls.clone()).map(|_| ());
                 let mut tls = ServerTlsConfig::new().identity(identity);
+                build(&tls).map_err(|e| unusable_pair("the coordinator's ", cert, key, &chain(&e)))?;
                 if let Some(ca) = client_ca {
                     tls = tls.client_ca_root(Certificate::from_pem(read(ca, "client CA certificate")?));
+                    build(&tls).map_err(|e| unusable_ca("--tls-client-ca", ca, &chain(&e)))?;
                 }
-                // Built now, before the run directory is touched, so that a key that is not
-                // the certificate's is named as such.
-                Server::builder()
-                    .tls_config(tls.clone())
-                    .map_err(|e| unusable_pair("the coordinator's ", cert, key, &chain(&e)))?;
                 Some(tls)
             }
             None if client_ca.is_some() => {
@@ -337,23 +346,21 @@ impl ClientSecurity {
     ) -> Result<Self, SecurityError> {
         let identity = identity(cert, key)?;
         let tls = if ca.is_some() || identity.is_some() {
-            let mut tls = ClientTlsConfig::new();
-            match ca {
-                Some(ca) => tls = tls.ca_certificate(Certificate::from_pem(read(ca, "CA certificate")?)),
-                None => {
-                    return Err(SecurityError::Invalid(
-                        "a client certificate needs --tls-ca (the CA that signed the coordinator's certificate)".into(),
-                    ))
-                }
-            }
+            let Some(ca) = ca else {
+                return Err(SecurityError::Invalid(
+                    "a client certificate needs --tls-ca (the CA that signed the coordinator's certificate)".into(),
+                ));
+            };
+            // Built now (it is built again per connection), the CA alone and then with the
+            // identity, so that what TLS cannot use is named before the first try rather
+            // than reported as an unreachable coordinator.
+            let build = |tls: &ClientTlsConfig| Channel::from_static("https://localhost").tls_config(tls.clone());
+            let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca, "CA certificate")?));
+            build(&tls).map_err(|e| unusable_ca("--tls-ca", ca, &chain(&e)))?;
             if let Some(identity) = identity {
                 tls = tls.identity(identity);
+                build(&tls).map_err(|e| unusable_pair("", cert, key, &chain(&e)))?;
             }
-            // Built now (it is built again per connection) so that a key that is not the
-            // certificate's is named before the first try, not as an unreachable coordinator.
-            Channel::from_static("https://localhost")
-                .tls_config(tls.clone())
-                .map_err(|e| unusable_pair("", cert, key, &chain(&e)))?;
             Some(tls)
         } else {
             None
@@ -436,12 +443,25 @@ fn unusable_pair(whose: &str, cert: Option<&Path>, key: Option<&Path>, cause: &s
     SecurityError::Invalid(format!("{whose}--tls-cert {} and --tls-key {}: {why} ({cause})", name(cert), name(key)))
 }
 
+/// A CA file TLS cannot use (not a certificate, or one rustls refuses), named.
+fn unusable_ca(flag: &str, ca: &Path, cause: &str) -> SecurityError {
+    SecurityError::File {
+        path: ca.to_path_buf(),
+        message: format!("{flag}: TLS cannot use this as a CA certificate ({cause}); give the CA's certificate (PEM)"),
+    }
+}
+
 /// What to do about a failed certificate check (rustls' reason in `message`): `ca` is the
 /// CA the worker checks the coordinator against, `cert` the worker's own certificate.
 fn verification_hint(message: &str, ca: Option<&Path>, cert: Option<&Path>) -> String {
     let ca = ca.map_or_else(|| "--tls-ca".to_string(), |p| format!("--tls-ca {}", p.display()));
     let own = cert.map_or_else(|| "its certificate".to_string(), |p| format!("--tls-cert {}", p.display()));
     if message.contains("received fatal alert") {
+        if cert.is_none() {
+            return "the coordinator requires a client certificate (mutual TLS): pass --tls-cert and --tls-key, \
+                    signed by the CA it trusts (--tls-client-ca there)"
+                .into();
+        }
         return format!(
             "the coordinator refused this worker's certificate: {own} must be signed by the CA the coordinator \
              trusts (--tls-client-ca there), be an X.509 v3 certificate and not be expired"
@@ -450,12 +470,14 @@ fn verification_hint(message: &str, ca: Option<&Path>, cert: Option<&Path>) -> S
     if message.contains("UnknownIssuer") || message.contains("BadSignature") {
         return format!("the coordinator's certificate is not signed by the CA in {ca}; give the CA that signed it");
     }
-    if message.contains("NotValidForName") {
+    // rustls' Debug names (NotValidForName) or its Display texts ("certificate not valid
+    // for name"), whichever the error chain carries.
+    if message.contains("NotValidForName") || message.contains("not valid for name") {
         return "the coordinator's certificate does not list the host in the URL (subjectAltName); connect by a \
                 name or address the certificate lists"
             .into();
     }
-    if message.contains("Expired") || message.contains("NotValidYet") {
+    if ["Expired", "NotValidYet", "certificate expired", "not valid yet"].iter().any(|m| message.contains(m)) {
         return "a certificate is outside its validity period (expired, or not valid yet: check both machines' \
                 clocks)"
             .into();
@@ -487,6 +509,26 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn certificate_failures_get_the_hint_for_their_cause() {
+        let (ca, cert) = (Some(Path::new("ca.pem")), Some(Path::new("worker.pem")));
+        let hint = |m: &str, cert| verification_hint(m, ca, cert);
+        // rustls 0.23's Display texts and Debug names.
+        let name = "invalid peer certificate: certificate not valid for name \"db\"; certificate is only valid for ..";
+        assert!(hint(name, cert).contains("does not list the host"), "{}", hint(name, cert));
+        assert!(hint("invalid peer certificate: NotValidForName", cert).contains("does not list the host"));
+        for m in [
+            "invalid peer certificate: certificate expired: ..",
+            "invalid peer certificate: certificate not valid yet: ..",
+        ] {
+            assert!(hint(m, cert).contains("validity period"), "{}", hint(m, cert));
+        }
+        assert!(hint("invalid peer certificate: UnknownIssuer", cert).contains("--tls-ca ca.pem"));
+        let alert = "received fatal alert: UnknownCA";
+        assert!(hint(alert, cert).contains("--tls-cert worker.pem must be signed"), "{}", hint(alert, cert));
+        assert!(hint(alert, None).contains("requires a client certificate"), "{}", hint(alert, None));
+    }
 
     #[test]
     fn tokens_are_validated_and_never_printed() {

@@ -74,6 +74,12 @@ pub(super) fn rpc_error(what: &str, status: tonic::Status) -> WorkerError {
         Some(source) => format!("{}: {}", status.message(), moxin_proto::security::chain(source)),
         None => status.message().to_string(),
     };
+    if cause.contains("CertificateRequired") {
+        return WorkerError::Coordinator(format!(
+            "the coordinator requires a client certificate (mutual TLS) and refused this worker over {what} \
+             ({cause}); pass --tls-cert and --tls-key, signed by the CA it trusts (--tls-client-ca there)"
+        ));
+    }
     if moxin_proto::security::is_tls_verification(&cause) {
         return WorkerError::Coordinator(format!(
             "the coordinator's TLS refused this worker over {what} ({cause}); give --tls-cert and --tls-key: \
