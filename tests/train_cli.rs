@@ -177,6 +177,7 @@ fn bad_configs_are_clear_errors() {
     // the values a key takes.
     let overridden: &[(&[&str], &[&str])] = &[
         (&["--set", "train.lrr=1"], &["--set train.lrr=1: unknown key `train.lrr`", "`steps`"]),
+        (&["--set", "trian.steps=1"], &["--set trian.steps=1: unknown key `trian`", "`train`"]),
         (&["--set", "train.steps=-1"], &["--set train.steps=-1: train.steps = -1: expected a whole number"]),
         (&["--set", "schedule.decay=exp"], &["schedule.decay = exp", "expected one of `cosine`, `linear`"]),
         (&["--set", "checkpoint.enabled=maybe"], &["checkpoint.enabled = maybe: expected true or false"]),

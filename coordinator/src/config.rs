@@ -502,12 +502,16 @@ impl JobConfig {
         }
         let described = |e: ::config::ConfigError| {
             let (key, message) = describe(e);
-            let set = overrides.iter().rev().find(|s| s.split_once('=').is_some_and(|(k, _)| k.trim() == key));
-            let var = format!("MOXIN__{}", key.to_uppercase().replace('.', "__"));
-            match set {
-                Some(set) => ConfigError::Override { origin: format!("--set {set}"), message },
-                None if env_keys.contains_key(&var) => ConfigError::Override { origin: var, message },
-                None => load_err(message),
+            // The override of that key, or of a key inside it (an unknown section).
+            let names = |k: &str| !key.is_empty() && (k == key || k.starts_with(&format!("{key}.")));
+            let set = overrides.iter().rev().find(|s| s.split_once('=').is_some_and(|(k, _)| names(k.trim())));
+            let var = env_keys
+                .keys()
+                .find(|v| v.strip_prefix("MOXIN__").is_some_and(|k| names(&k.to_lowercase().replace("__", "."))));
+            match (set, var) {
+                (Some(set), _) => ConfigError::Override { origin: format!("--set {set}"), message },
+                (None, Some(var)) => ConfigError::Override { origin: var.clone(), message },
+                (None, None) => load_err(message),
             }
         };
         let merged = builder.build().map_err(described)?;
@@ -764,9 +768,13 @@ impl JobConfig {
 /// naming it, its value and what it takes.
 fn describe(e: ::config::ConfigError) -> (String, String) {
     let text = e.to_string();
-    // "... for key `train.steps`" (and " in the environment" for variables).
-    let Some((what, rest)) = text.rsplit_once(" for key `") else { return (String::new(), text) };
-    let key = rest.split('`').next().unwrap_or_default().to_string();
+    // "... for key `train.steps`" (and " in the environment" for variables); an unknown
+    // section has no key around it.
+    let (what, key) = match text.rsplit_once(" for key `") {
+        Some((what, rest)) => (what, rest.split('`').next().unwrap_or_default().to_string()),
+        None if text.starts_with("unknown field ") => (text.as_str(), String::new()),
+        None => return (String::new(), text),
+    };
     if let Some(unknown) = what.strip_prefix("unknown field ") {
         // unknown field `stpes`, expected one of `steps`, …
         let (field, expected) = unknown.split_once(", ").unwrap_or((unknown, ""));
