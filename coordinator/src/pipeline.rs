@@ -130,6 +130,11 @@ impl Pipeline {
             None => Table::new(),
             Some(_) => return Err(load_err("`stage` must be a table of [stage.<name>] tables".into())),
         };
+        if section.eval_max_new_tokens == 0 {
+            return Err(load_err(
+                "[pipeline] eval_max_new_tokens = 0: an answer needs at least one new token to be scored".into(),
+            ));
+        }
         if section.stages.is_empty() {
             return Err(load_err("[pipeline] stages is empty; list the stages in order".into()));
         }
