@@ -275,8 +275,9 @@ fn resolve_data(
     Ok((data_dir, tokenizer_sha256, samples_per_epoch, manifest_sha256))
 }
 
-/// Prepares the data file `source` into `dir` on first use (again only if the file
-/// changed, which is refused): JSONL conversations (`{"messages": ...}` lines) as SFT data
+/// Prepares the data file `source` into `dir` on first use, and again when the file
+/// changed before anything was trained on it (a changed file under trained steps is
+/// refused): JSONL conversations (`{"messages": ...}` lines) as SFT data
 /// with the starting checkpoint's tokenizer and the Moxin chat template; text (`.txt`, or
 /// JSONL `{"text": ...}` lines) as pre-training data, with the starting checkpoint's
 /// tokenizer or else a byte-level BPE of the model's vocabulary trained on it.
@@ -302,7 +303,13 @@ fn prepare_file(
         }
         // Data nothing was trained on yet (an earlier attempt failed after preparing it)
         // is prepared again; data checkpoints were trained on is not replaced under them.
-        let trained = dir.parent().is_some_and(|run| moxin_layout::checkpoint::list(run).is_ok_and(|l| !l.is_empty()));
+        let trained = dir.parent().is_some_and(|run| {
+            let published = moxin_layout::checkpoint::list(run).is_ok_and(|l| !l.is_empty());
+            let staged = std::fs::read_dir(moxin_layout::checkpoint::checkpoints_dir(run))
+                .is_ok_and(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))));
+            let logged = std::fs::metadata(run.join("metrics.jsonl")).is_ok_and(|m| m.len() > 0);
+            published || staged || logged
+        });
         if trained {
             return Err(bad(format!(
                 "{} holds data prepared from another file (or this one before it changed), and this run's \

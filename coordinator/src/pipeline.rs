@@ -91,12 +91,11 @@ impl Pipeline {
     /// stage `<name>` only (as `section.key=value`). A `stage.` override naming no stage
     /// is an error (checked for every stage, so before any stage runs).
     pub fn stage_overrides(&self, stage: &str, overrides: &[String]) -> Result<Vec<String>, ConfigError> {
-        let mut out = Vec::new();
+        // The stage's own overrides after the shared ones, so they win over them.
+        let mut out: Vec<String> =
+            overrides.iter().filter(|o| !o.trim_start().starts_with("stage.")).cloned().collect();
         for set in overrides {
-            let Some(rest) = set.trim_start().strip_prefix("stage.") else {
-                out.push(set.clone());
-                continue;
-            };
+            let Some(rest) = set.trim_start().strip_prefix("stage.") else { continue };
             let named = rest.split_once('.').filter(|(name, _)| self.stages.iter().any(|s| s.name == *name));
             let Some((name, inner)) = named else {
                 return Err(ConfigError::Override {

@@ -34,11 +34,19 @@ pub fn run(file: &Path, out: Option<&Path>, overrides: &[String], mode: Mode) ->
         pipeline.stage_overrides(&stage.name, overrides).map_err(|e| super::invalid_job(file, e))?;
     }
     for stage in &pipeline.stages {
-        let overrides = &pipeline.stage_overrides(&stage.name, overrides).map_err(|e| super::invalid_job(file, e))?;
+        let stage_overrides =
+            &pipeline.stage_overrides(&stage.name, overrides).map_err(|e| super::invalid_job(file, e))?;
         let marker = stage.run_dir.join(FINISHED);
         let kept = previous.iter().find(|s| s.stage == stage.name).filter(|_| marker.exists());
         if let Some(done) = kept {
             tracing::info!(stage = %stage.name, step = done.step, "stage finished before; skipping it");
+            let prefix = format!("stage.{}.", stage.name);
+            if overrides.iter().any(|o| o.trim_start().starts_with(&prefix)) {
+                tracing::warn!(
+                    stage = %stage.name,
+                    "--set {prefix}… does not apply: the stage finished before (use a new --out to run it again)"
+                );
+            }
             summary.push(done.clone());
             continue;
         }
@@ -46,10 +54,12 @@ pub fn run(file: &Path, out: Option<&Path>, overrides: &[String], mode: Mode) ->
         let code = match mode {
             Mode::Train => super::train(
                 &stage.config,
-                super::TrainOptions { out: Some(&stage.run_dir), overrides, ..Default::default() },
+                super::TrainOptions { out: Some(&stage.run_dir), overrides: stage_overrides, ..Default::default() },
             )?
             .exit_code(),
-            Mode::Launch(options) => super::cluster::launch(&stage.config, options, Some(&stage.run_dir), overrides)?,
+            Mode::Launch(options) => {
+                super::cluster::launch(&stage.config, options, Some(&stage.run_dir), stage_overrides)?
+            }
         };
         if code != 0 {
             tracing::warn!(stage = %stage.name, code, "the stage did not finish; rerun the same command to continue");
