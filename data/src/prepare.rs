@@ -310,12 +310,17 @@ impl Iterator for Documents<'_> {
                 continue;
             }
             return Some(std::fs::read(path).map_err(|e| DataError::io(path, e)).and_then(|bytes| {
-                String::from_utf8(bytes).map(|text| crate::without_bom(&text, true).to_string()).map_err(|e| {
-                    DataError::Input {
+                String::from_utf8(bytes)
+                    .map(|mut text| {
+                        if text.starts_with('\u{feff}') {
+                            text.drain(..'\u{feff}'.len_utf8());
+                        }
+                        text
+                    })
+                    .map_err(|e| DataError::Input {
                         path: path.clone(),
                         reason: format!("not valid UTF-8 (byte {})", e.utf8_error().valid_up_to()),
-                    }
-                })
+                    })
             }));
         }
     }

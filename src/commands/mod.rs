@@ -276,7 +276,8 @@ pub fn plan(model: &str, input: moxin_layout::memory::PlanInput, gpu_gib: f64, j
     if input.gpus == 0 || input.seq_len == 0 || input.micro_batch == 0 {
         anyhow::bail!("--gpus, --seq and --micro-batch must be at least 1");
     }
-    // Every GPU's ZeRO-1 partition holds at least one aligned run of real parameters.
+    // Past one aligned run of parameters per GPU, more GPUs only add padding (and a plan
+    // that lists them would be absurd).
     let most = (shape.param_count() / moxin_layout::PARTITION_ALIGN).max(1);
     if u64::from(input.gpus) > most {
         anyhow::bail!(

@@ -98,7 +98,7 @@ pub fn place(runtime: &RuntimeSpec, explicit: Option<Device>) -> Result<Placemen
         (Some(_), _) | (None, runtime_spec::Device::Cuda) => {
             if !tch::Cuda::is_available() {
                 let fix = match explicit {
-                    Some(_) => "pass --device cpu, or leave --device out",
+                    Some(_) => "pass --device cpu",
                     None => "set runtime.device = \"auto\" or \"cpu\"",
                 };
                 return Err(WorkerError::Device(format!(

@@ -60,7 +60,12 @@ impl StopSignals {
                         unsafe { libc::write(2, say.as_ptr().cast(), say.len()) };
                         let _ = signal_hook::low_level::emulate_default_handler(signal);
                     }
-                    Err(_) => {}
+                    Err(_) => {
+                        let say = b"\nstopping at the next step boundary, with a checkpoint (signal again after a \
+second to exit at once without one)\n";
+                        // SAFETY: as above.
+                        unsafe { libc::write(2, say.as_ptr().cast(), say.len()) };
+                    }
                 }
             };
             // SAFETY: `action` is async-signal-safe (see above).

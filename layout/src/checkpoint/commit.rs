@@ -85,7 +85,7 @@ impl Commits {
             return Ok(None);
         }
         let parts = self.pending.remove(&key).unwrap_or_default();
-        let keep_last = parts[0].keep_last;
+        let keep_last = rank0_keep_last(&parts);
         let dir = publish(&self.run_dir, &staging, parts)?;
         self.prune(key.1, keep_last)?;
         metrics::gauge!("moxin_last_checkpoint_step").set(key.1 as f64);
@@ -115,7 +115,7 @@ impl Commits {
             if newest.is_some_and(|n| n >= parts[0].step) {
                 continue;
             }
-            let (step, keep_last) = (parts[0].step, parts[0].keep_last);
+            let (step, keep_last) = (parts[0].step, rank0_keep_last(&parts));
             match publish(&self.run_dir, &dir, parts).and_then(|dest| self.prune(step, keep_last).map(|_| dest)) {
                 Ok(dest) => {
                     tracing::info!(dir = %dest.display(), "recovered a checkpoint whose commit was interrupted");
@@ -160,6 +160,11 @@ impl Commits {
             name.rsplit_once("-g").and_then(|(_, g)| g.parse::<u64>().ok()).is_none_or(|g| g < generation)
         });
     }
+}
+
+/// Rank 0's `keep_last` (the job's; every rank sends it).
+fn rank0_keep_last(parts: &[CheckpointPart]) -> u32 {
+    parts.iter().find(|p| p.rank == 0).unwrap_or(&parts[0]).keep_last
 }
 
 /// Name of the file in which a rank records its report inside the staging directory
