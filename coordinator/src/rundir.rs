@@ -71,12 +71,7 @@ impl RunLock {
         }
         let since = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let command: Vec<String> = std::env::args().collect();
-        let holder = format!(
-            "pid {} on {} (`{}`, locked at unix time {since})\n",
-            std::process::id(),
-            moxin_proto::hostname(),
-            command.join(" ")
-        );
+        let holder = format!("{} (`{}`, locked at unix time {since})\n", moxin_data::process::tag(), command.join(" "));
         file.set_len(0).and_then(|_| file.rewind()).and_then(|_| file.write_all(holder.as_bytes())).map_err(io)?;
         Ok(RunLock { _file: file, path })
     }

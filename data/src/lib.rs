@@ -24,6 +24,7 @@ mod manifest;
 mod order;
 mod output_dir;
 mod prepare;
+pub mod process;
 mod rng;
 pub mod sft;
 mod tokenizer;

@@ -44,7 +44,8 @@ impl OutputDir {
         std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
         let marker = dir.join(MARKER);
         let leftovers = match std::fs::read_to_string(&marker) {
-            Ok(holder) if holder_alive(&holder) => {
+            // One on another machine cannot be checked from here: taken as running.
+            Ok(holder) if crate::process::tag_alive(&holder) != Some(false) => {
                 return Err(DataError::Input {
                     path: dir.to_path_buf(),
                     reason: format!(
@@ -115,22 +116,7 @@ fn write_marker(marker: &Path) -> Result<(), DataError> {
             path: marker.to_path_buf(),
             reason: format!("{e}; another preparation may have started here at the same time"),
         })?;
-    writeln!(file, "pid {} on {}", std::process::id(), hostname()).map_err(|e| DataError::io(marker, e))
-}
-
-/// Whether a marker's `pid N on HOST` names a live process (on another host: assumed
-/// alive, since it cannot be checked from here).
-fn holder_alive(holder: &str) -> bool {
-    let mut words = holder.split_whitespace();
-    let (Some("pid"), Some(pid), Some("on"), Some(host)) = (words.next(), words.next(), words.next(), words.next())
-    else {
-        return false;
-    };
-    host != hostname() || (pid != std::process::id().to_string() && Path::new("/proc").join(pid).exists())
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
+    writeln!(file, "{}", crate::process::tag()).map_err(|e| DataError::io(marker, e))
 }
 
 fn entry_names(dir: &Path) -> Result<Vec<String>, DataError> {

@@ -16,15 +16,6 @@ pub mod security;
 /// incompatible peers.
 pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// This machine's host name, as a worker reports it at registration and a run's lock file
-/// records its holder.
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .or_else(|_| std::env::var("HOSTNAME"))
-        .unwrap_or_else(|_| "unknown host".into())
-}
-
 /// Counters every exporter serves from its start, at 0 until they count something:
 /// `rate` and `increase` see no increase in the first sample of a series, so a counter
 /// that first appeared at its first increment would hide that increment from alerts.

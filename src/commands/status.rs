@@ -177,12 +177,7 @@ fn single_process(run_dir: &Path) -> JobStatus {
 /// (the lock file keeps its last holder's line after it exits).
 fn lock_holder_alive(run_dir: &Path) -> bool {
     let text = std::fs::read_to_string(run_dir.join(moxin_coordinator::rundir::LOCK_FILE)).unwrap_or_default();
-    let mut words = text.split_whitespace();
-    let (Some("pid"), Some(pid), Some("on"), Some(host)) = (words.next(), words.next(), words.next(), words.next())
-    else {
-        return false;
-    };
-    host == moxin_proto::hostname() && Path::new("/proc").join(pid).exists()
+    moxin_data::process::tag_alive(&text) == Some(true)
 }
 
 /// `train.steps`, `cluster.min_workers` and `cluster.max_workers` (= min when absent) of

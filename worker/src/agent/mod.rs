@@ -217,7 +217,7 @@ async fn session(
 ) -> Result<AgentEnd, WorkerError> {
     let (devices, nccl_version) = local_devices(opts.device);
     let identity = WorkerIdentity {
-        host: moxin_proto::hostname(),
+        host: moxin_data::process::hostname(),
         pid: std::process::id(),
         instance: format!(
             "{:016x}",
