@@ -545,53 +545,8 @@ impl JobConfig {
                 ));
             }
         }
-        for (field, v) in [
-            ("model.vocab_size", m.vocab_size),
-            ("model.dim", m.dim),
-            ("model.n_layers", m.n_layers),
-            ("model.n_heads", m.n_heads),
-            ("model.n_kv_heads", m.n_kv_heads),
-            ("model.ffn_dim", m.ffn_dim),
-            ("model.max_seq_len", m.max_seq_len),
-            ("model.sliding_window", m.sliding_window),
-        ] {
-            if v == 0 {
-                return Err(bad(field, &v, "must be at least 1".into()));
-            }
-        }
-        if m.dim % m.n_heads != 0 {
-            return Err(bad(
-                "model.n_heads",
-                &m.n_heads,
-                format!("does not divide model.dim = {}; pick n_heads so that dim / n_heads is whole", m.dim),
-            ));
-        }
-        if m.n_heads % m.n_kv_heads != 0 {
-            return Err(bad(
-                "model.n_kv_heads",
-                &m.n_kv_heads,
-                format!(
-                    "does not divide model.n_heads = {}; each KV head must serve a whole group of query heads",
-                    m.n_heads
-                ),
-            ));
-        }
-        if (m.dim / m.n_heads) % 2 != 0 {
-            return Err(bad(
-                "model.n_heads",
-                &m.n_heads,
-                format!("gives an odd head dim {} (dim {}); RoPE needs an even head dim", m.dim / m.n_heads, m.dim),
-            ));
-        }
-        if let Err(e) = m.check_size() {
-            return Err(bad(&format!("model.{}", e.field), &e.value, e.reason()));
-        }
-        for (field, v) in
-            [("model.rope_theta", m.rope_theta), ("model.norm_eps", m.norm_eps), ("model.init_std", m.init_std)]
-        {
-            if !(v.is_finite() && v > 0.0) {
-                return Err(bad(field, &v, "must be a positive number".into()));
-            }
+        if let Err(e) = m.check(&|field| format!("model.{field}")) {
+            return Err(ConfigError::Invalid { field: e.field, value: e.value, message: e.reason });
         }
 
         let t = &self.train;

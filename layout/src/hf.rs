@@ -128,19 +128,6 @@ pub fn parse_config(text: &str) -> Result<ImportedConfig, String> {
     let kv_heads = if v["num_key_value_heads"].is_null() { heads } else { uint("num_key_value_heads")? };
     let layers = uint("num_hidden_layers")?;
     let max_pos = uint("max_position_embeddings")?;
-    if heads == 0 || hidden % heads != 0 || kv_heads == 0 || heads % kv_heads != 0 {
-        return Err(format!(
-            "hidden_size {hidden}, num_attention_heads {heads}, num_key_value_heads {kv_heads}: the heads must \
-             divide the width and the key/value heads the heads"
-        ));
-    }
-    if let Some(head_dim) = v["head_dim"].as_u64().filter(|&d| d != (hidden / heads) as u64) {
-        return Err(format!(
-            "head_dim {head_dim} differs from hidden_size / num_attention_heads = {}; moxin-train's attention \
-             uses the latter",
-            hidden / heads
-        ));
-    }
     let act = v["hidden_act"].as_str().unwrap_or("silu");
     if act != "silu" {
         return Err(format!("hidden_act {act:?}: only \"silu\" (SwiGLU) is supported"));
@@ -204,37 +191,30 @@ pub fn parse_config(text: &str) -> Result<ImportedConfig, String> {
         init_std: float("initializer_range", 0.02)?,
     };
     // What the config loader checks of a preset, named by config.json's keys.
-    for (key, n) in [
-        ("hidden_size", shape.dim),
-        ("num_hidden_layers", shape.n_layers),
-        ("vocab_size", shape.vocab_size),
-        ("intermediate_size", shape.ffn_dim),
-        ("max_position_embeddings", shape.max_seq_len),
-    ] {
-        if n == 0 {
-            return Err(format!("{key} 0: must be at least 1"));
-        }
-    }
-    if (hidden / heads) % 2 != 0 {
-        return Err(format!("hidden_size / num_attention_heads = {}: RoPE needs an even head size", hidden / heads));
-    }
-    for (key, x) in
-        [("rope_theta", shape.rope_theta), ("rms_norm_eps", shape.norm_eps), ("initializer_range", shape.init_std)]
-    {
-        if !(x.is_finite() && x > 0.0) {
-            return Err(format!("{key} {x}: must be a positive number"));
-        }
-    }
-    if let Err(e) = shape.check_size() {
-        let key = match e.field {
-            "n_layers" => "num_hidden_layers",
-            "dim" => "hidden_size",
-            "ffn_dim" => "intermediate_size",
-            other => other,
-        };
-        return Err(format!("{key} {}: {}", e.value, e.reason()));
+    shape.check(&|field| hf_key(field).to_string()).map_err(|e| e.to_string())?;
+    if let Some(head_dim) = v["head_dim"].as_u64().filter(|&d| d != shape.head_dim() as u64) {
+        return Err(format!(
+            "head_dim {head_dim} differs from hidden_size / num_attention_heads = {}; moxin-train's attention \
+             uses the latter",
+            shape.head_dim()
+        ));
     }
     Ok(ImportedConfig { shape, ids, tied_embeddings: v["tie_word_embeddings"].as_bool().unwrap_or(false) })
+}
+
+/// The `config.json` key of a [`ModelShape`] field.
+fn hf_key(field: &str) -> &str {
+    match field {
+        "dim" => "hidden_size",
+        "n_layers" => "num_hidden_layers",
+        "n_heads" => "num_attention_heads",
+        "n_kv_heads" => "num_key_value_heads",
+        "ffn_dim" => "intermediate_size",
+        "max_seq_len" => "max_position_embeddings",
+        "norm_eps" => "rms_norm_eps",
+        "init_std" => "initializer_range",
+        other => other,
+    }
 }
 
 /// `x`, the value of `key`, as a token id (a count below 2^32).
@@ -279,20 +259,20 @@ mod tests {
             (r#", "attention_bias": true"#, "attention_bias = true"),
             (r#", "hidden_act": "gelu""#, "hidden_act \"gelu\""),
             (r#", "head_dim": 32"#, "head_dim 32"),
-            (r#", "num_key_value_heads": 3"#, "key/value heads"),
-            (r#", "rope_theta": -1"#, "rope_theta -1: must be a positive number"),
-            (r#", "rope_parameters": {"rope_type": "default", "rope_theta": 0.0}"#, "rope_theta 0: must be"),
-            (r#", "rms_norm_eps": 0"#, "rms_norm_eps 0: must be a positive number"),
+            (r#", "num_key_value_heads": 3"#, "num_key_value_heads = 3: does not divide num_attention_heads = 4"),
+            (r#", "rope_theta": -1"#, "rope_theta = -1: must be a positive number"),
+            (r#", "rope_parameters": {"rope_type": "default", "rope_theta": 0.0}"#, "rope_theta = 0: must be"),
+            (r#", "rms_norm_eps": 0"#, "rms_norm_eps = 0: must be a positive number"),
         ] {
             let e = parse_config(&format!("{base}{extra}}}")).unwrap_err();
             assert!(e.contains(expected), "{extra}: {e}");
         }
         let zero_positions = base.replace(r#""max_position_embeddings": 128"#, r#""max_position_embeddings": 0"#);
         let e = parse_config(&format!("{zero_positions}}}")).unwrap_err();
-        assert!(e.contains("max_position_embeddings 0: must be at least 1"), "{e}");
+        assert!(e.contains("max_position_embeddings = 0: must be at least 1"), "{e}");
         let odd_heads = base.replace(r#""num_attention_heads": 4"#, r#""num_attention_heads": 64"#);
         let e = parse_config(&format!("{odd_heads}, \"num_key_value_heads\": 64}}")).unwrap_err();
-        assert!(e.contains("even head size"), "{e}");
+        assert!(e.contains("RoPE needs an even one"), "{e}");
         let e = parse_config(r#"{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}"#).unwrap_err();
         assert!(e.contains("\"gpt2\"") && e.contains("GPT2LMHeadModel"), "{e}");
     }
@@ -316,6 +296,6 @@ mod tests {
         let huge = r#"{"model_type": "mistral", "hidden_size": 64, "num_attention_heads": 4,
             "num_hidden_layers": 4294967295, "max_position_embeddings": 128, "vocab_size": 300, "intermediate_size": 160}"#;
         let e = parse_config(huge).unwrap_err();
-        assert!(e.contains("num_hidden_layers 4294967295") && e.contains("10000000000000"), "{e}");
+        assert!(e.contains("num_hidden_layers = 4294967295") && e.contains("10000000000000"), "{e}");
     }
 }

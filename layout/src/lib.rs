@@ -21,7 +21,7 @@ mod shape;
 
 pub use flat::{zero1_partition_len, zero1_partitions, FlatLayout, LeafSlot, ParamSlot, PARTITION_ALIGN};
 pub use params::{Init, ParamDecl, ParamGroup};
-pub use shape::{ModelShape, ParamClass, ShapeTooLarge, MAX_PARAMS};
+pub use shape::{ModelShape, ParamClass, ShapeInvalid, ShapeTooLarge, MAX_PARAMS};
 
 #[cfg(test)]
 mod hostile_input_tests;

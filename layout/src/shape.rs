@@ -67,6 +67,26 @@ impl std::fmt::Display for ShapeTooLarge {
 
 impl std::error::Error for ShapeTooLarge {}
 
+/// A shape [`ModelShape::check`] refuses: the field (spelled as the caller's input spells
+/// it), its value, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShapeInvalid {
+    /// The field, as the caller named it.
+    pub field: String,
+    /// Its value.
+    pub value: String,
+    /// What is wrong and what to do.
+    pub reason: String,
+}
+
+impl std::fmt::Display for ShapeInvalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} = {}: {}", self.field, self.value, self.reason)
+    }
+}
+
+impl std::error::Error for ShapeInvalid {}
+
 /// Parameters of one class (embedding, attention, MLP, norms, LM head).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ParamClass {
@@ -220,6 +240,68 @@ impl ModelShape {
         Err(ShapeTooLarge { field, value, params })
     }
 
+    /// Whether the model can be built and trained: every count at least 1, the heads
+    /// dividing the width and the key/value heads the heads, an even head size (RoPE),
+    /// at most [`MAX_PARAMS`] parameters, and positive RoPE base, norm epsilon and init
+    /// scale. `name` spells a field the way the caller's input does (`model.dim` in a job
+    /// file, `hidden_size` in a Hugging Face `config.json`), in the error and its reason.
+    pub fn check(&self, name: &dyn Fn(&str) -> String) -> Result<(), ShapeInvalid> {
+        let invalid = |field: &str, value: &dyn std::fmt::Display, reason: String| ShapeInvalid {
+            field: name(field),
+            value: value.to_string(),
+            reason,
+        };
+        for (field, v) in [
+            ("vocab_size", self.vocab_size),
+            ("dim", self.dim),
+            ("n_layers", self.n_layers),
+            ("n_heads", self.n_heads),
+            ("n_kv_heads", self.n_kv_heads),
+            ("ffn_dim", self.ffn_dim),
+            ("max_seq_len", self.max_seq_len),
+            ("sliding_window", self.sliding_window),
+        ] {
+            if v == 0 {
+                return Err(invalid(field, &v, "must be at least 1".into()));
+            }
+        }
+        if self.dim % self.n_heads != 0 {
+            let reason = format!(
+                "does not divide {} = {}; pick {} so that the width divides into whole heads",
+                name("dim"),
+                self.dim,
+                name("n_heads")
+            );
+            return Err(invalid("n_heads", &self.n_heads, reason));
+        }
+        if self.n_heads % self.n_kv_heads != 0 {
+            let reason = format!(
+                "does not divide {} = {}; each KV head must serve a whole group of query heads",
+                name("n_heads"),
+                self.n_heads
+            );
+            return Err(invalid("n_kv_heads", &self.n_kv_heads, reason));
+        }
+        if self.head_dim() % 2 != 0 {
+            let reason = format!(
+                "gives an odd head size {} ({} {}); RoPE needs an even one",
+                self.head_dim(),
+                name("dim"),
+                self.dim
+            );
+            return Err(invalid("n_heads", &self.n_heads, reason));
+        }
+        if let Err(e) = self.check_size() {
+            return Err(invalid(e.field, &e.value, e.reason()));
+        }
+        for (field, v) in [("rope_theta", self.rope_theta), ("norm_eps", self.norm_eps), ("init_std", self.init_std)] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(invalid(field, &v, "must be a positive number".into()));
+            }
+        }
+        Ok(())
+    }
+
     /// Parameters per class, in the order embedding, attention, mlp, norm, lm_head.
     pub fn param_classes(&self) -> Vec<ParamClass> {
         let mut counts = [0u64; 5];
@@ -272,6 +354,19 @@ pub(crate) mod tests {
             norm_eps: 1e-5,
             init_std: 0.02,
         }
+    }
+
+    #[test]
+    fn check_names_the_field_as_the_caller_spells_it() {
+        let named = |f: &str| format!("model.{f}");
+        assert_eq!(moxin_7b().check(&named), Ok(()));
+        let e = ModelShape { n_heads: 5, ..moxin_7b() }.check(&named).unwrap_err();
+        assert_eq!((e.field.as_str(), e.value.as_str()), ("model.n_heads", "5"));
+        assert!(e.reason.contains("model.dim = 4096"), "{e}");
+        let e = ModelShape { norm_eps: 0.0, ..moxin_7b() }.check(&|f| f.to_uppercase()).unwrap_err();
+        assert_eq!(e.to_string(), "NORM_EPS = 0: must be a positive number");
+        let e = ModelShape { n_layers: u32::MAX, ..moxin_7b() }.check(&named).unwrap_err();
+        assert!(e.field == "model.n_layers" && e.reason.contains("parameters"), "{e}");
     }
 
     #[test]
