@@ -110,28 +110,21 @@ impl MetricsLog {
     /// from it.
     pub fn open(run_dir: &Path) -> std::io::Result<Self> {
         let path = run_dir.join(METRICS_FILE);
-        if path.exists() {
-            let bytes = std::fs::read(&path)?;
-            if bytes.last().is_some_and(|&b| b != b'\n') {
-                let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-                tracing::warn!(
-                    "{}: dropping an unfinished last line ({} bytes; the writer was interrupted)",
-                    path.display(),
-                    bytes.len() - whole
-                );
-                OpenOptions::new().write(true).open(&path)?.set_len(whole as u64)?;
-            }
-        }
-        let last_step = if path.exists() {
-            BufReader::new(File::open(&path)?)
-                .lines()
-                .map_while(Result::ok)
-                .filter_map(|l| line_step(&l))
-                .max()
-                .unwrap_or(0)
-        } else {
-            0
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e),
         };
+        let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        if whole < bytes.len() {
+            tracing::warn!(
+                "{}: dropping an unfinished last line ({} bytes; the writer was interrupted)",
+                path.display(),
+                bytes.len() - whole
+            );
+            OpenOptions::new().write(true).open(&path)?.set_len(whole as u64)?;
+        }
+        let last_step = String::from_utf8_lossy(&bytes[..whole]).lines().filter_map(line_step).max().unwrap_or(0);
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
         Ok(MetricsLog { path, file, last_step })
     }
