@@ -265,7 +265,7 @@ impl ModelShape {
                 return Err(invalid(field, &v, "must be at least 1".into()));
             }
         }
-        if self.dim % self.n_heads != 0 {
+        if !self.dim.is_multiple_of(self.n_heads) {
             let reason = format!(
                 "does not divide {} = {}; pick {} so that the width divides into whole heads",
                 name("dim"),
@@ -274,7 +274,7 @@ impl ModelShape {
             );
             return Err(invalid("n_heads", &self.n_heads, reason));
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             let reason = format!(
                 "does not divide {} = {}; each KV head must serve a whole group of query heads",
                 name("n_heads"),
@@ -282,7 +282,7 @@ impl ModelShape {
             );
             return Err(invalid("n_kv_heads", &self.n_kv_heads, reason));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             let reason = format!(
                 "gives an odd head size {} ({} {}); RoPE needs an even one",
                 self.head_dim(),
