@@ -22,7 +22,9 @@
 #                                  kernel trace of 3 steps (CUPTI) of the defaults and of
 #                                  compile (GPU_CHECK_BENCH=0 skips it; GPU_CHECK_ATEN=0,
 #                                  GPU_CHECK_EAGER=0, GPU_CHECK_PROFILE=0, GPU_CHECK_TRACE=0,
-#                                  GPU_CHECK_COMPILE=0, GPU_CHECK_KEEPALL=0 skip those runs;
+#                                  GPU_CHECK_COMPILE=0, GPU_CHECK_KEEPALL=0, GPU_CHECK_AUTOGRAD=0,
+#                                  GPU_CHECK_GEMM=0 (weight gradients through a bf16 product
+#                                  and a copy, MOXIN_GEMM_FP32_OUT=0) skip those runs;
 #                                  GPU_CHECK_SHAPES picks shapes)
 #   9.  switches (only when named) gpu-1b: the defaults vs model.sliding_window = 1024,
 #                                  runtime.recompute = "blocks", runtime.grad_reduce = "bf16"
@@ -224,21 +226,22 @@ if want bench && [ "${GPU_CHECK_BENCH:-1}" != 0 ]; then
     config=configs/$shape-bench.toml
     say "8. $shape: moxin-train (aten, fused), PyTorch eager, torch.compile"
     BENCH=(--set train.steps=$STEPS)
-    [ "${GPU_CHECK_ATEN:-1}" = 1 ] && train "$shape-moxin-aten" 240 "$config" "${BENCH[@]}" --set runtime.kernels=aten
-    train "$shape-moxin-fused" 240 "$config" "${BENCH[@]}" --set runtime.kernels=fused --set runtime.block_backward=autograd
-    train "$shape-moxin-explicit" 240 "$config" "${BENCH[@]}" --set runtime.kernels=fused --set runtime.block_backward=explicit
-    [ "${GPU_CHECK_KEEPALL:-1}" = 1 ] && train "$shape-moxin-keepall" 240 "$config" "${BENCH[@]}" --set runtime.recompute=none
-    train "$shape-moxin-optstream" 240 "$config" "${BENCH[@]}" --set runtime.optimizer_stream=true
-    [ "${GPU_CHECK_PROFILE:-1}" = 1 ] && train "$shape-moxin-profile" 240 "$config" --set train.steps=8 --set runtime.profile=true
+    [ "${GPU_CHECK_ATEN:-1}" = 1 ] && train "$shape-moxin-aten" 150 "$config" "${BENCH[@]}" --set runtime.kernels=aten
+    [ "${GPU_CHECK_AUTOGRAD:-1}" = 1 ] && train "$shape-moxin-fused" 150 "$config" "${BENCH[@]}" --set runtime.kernels=fused --set runtime.block_backward=autograd
+    train "$shape-moxin-explicit" 150 "$config" "${BENCH[@]}" --set runtime.kernels=fused --set runtime.block_backward=explicit
+    [ "${GPU_CHECK_KEEPALL:-1}" = 1 ] && train "$shape-moxin-keepall" 150 "$config" "${BENCH[@]}" --set runtime.recompute=none
+    train "$shape-moxin-optstream" 150 "$config" "${BENCH[@]}" --set runtime.optimizer_stream=true
+    [ "${GPU_CHECK_GEMM:-1}" = 1 ] && MOXIN_GEMM_FP32_OUT=0 train "$shape-moxin-bf16gemm" 150 "$config" "${BENCH[@]}"
+    [ "${GPU_CHECK_PROFILE:-1}" = 1 ] && train "$shape-moxin-profile" 150 "$config" --set train.steps=8 --set runtime.profile=true
     # Every kernel of 3 steps after 5 of warm-up (CUPTI), the defaults; compile's the same way.
     TRACE=()
     if [ "${GPU_CHECK_TRACE:-1}" = 1 ]; then
-      train "$shape-moxin-trace" 240 "$config" --set train.steps=8 --trace-kernels 3 &&
+      train "$shape-moxin-trace" 150 "$config" --set train.steps=8 --trace-kernels 3 &&
         cp "$work/$shape-moxin-trace/kernel_trace.json" "$OUT/$shape-moxin-kernels.json"
       TRACE=(--trace-kernels 3 --trace-out "$OUT/$shape-torch-compile-kernels.json")
     fi
-    [ "${GPU_CHECK_EAGER:-1}" = 1 ] && run "$shape-torch-eager" 300 $PY bench/pytorch_gpu_reference.py --shape "$shape" --mode eager --steps "$STEPS"
-    [ "${GPU_CHECK_COMPILE:-1}" = 1 ] && run "$shape-torch-compile" 400 $PY bench/pytorch_gpu_reference.py --shape "$shape" --mode compile --steps "$STEPS" "${TRACE[@]}"
+    [ "${GPU_CHECK_EAGER:-1}" = 1 ] && run "$shape-torch-eager" 180 $PY bench/pytorch_gpu_reference.py --shape "$shape" --mode eager --steps "$STEPS"
+    [ "${GPU_CHECK_COMPILE:-1}" = 1 ] && run "$shape-torch-compile" 300 $PY bench/pytorch_gpu_reference.py --shape "$shape" --mode compile --steps "$STEPS" "${TRACE[@]}"
   done
 fi
 

@@ -59,7 +59,8 @@ for shape in ("gpu-1b", "moxin-7b-4l"):
     for variant, label in (("aten", "ATen kernels, autograd blocks"), ("fused", "fused kernels, autograd blocks"),
                            ("explicit", "fused kernels, hand-written blocks: the default"),
                            ("keepall", "the default with recompute = none"),
-                           ("optstream", "the default + optimizer_stream = true")):
+                           ("optstream", "the default + optimizer_stream = true"),
+                           ("bf16gemm", "the default, weight gradients via a bf16 product + copy")):
         m = moxin(f"{shape}-moxin-{variant}")
         if m:
             systems.append((f"moxin-train ({label})", m["tokens_per_s"], m["mfu"], m["memory"]))

@@ -76,7 +76,7 @@ pub struct RuntimeSection {
     /// run), `autograd` or `explicit` (hand-written).
     pub block_backward: BlockBackward,
     /// One GPU with the fused AdamW: the update runs stage by stage on a CUDA stream of its
-    /// own, beside the next forward (off until a GPU check has measured it).
+    /// own, beside the next forward (off: an H200 measured it 0.92–0.99× the default).
     pub optimizer_stream: bool,
 }
 

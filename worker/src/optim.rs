@@ -126,7 +126,8 @@ impl AdamW {
     }
 
     /// As [`AdamW::update`] with the fused kernel, launched range by range on `stream`;
-    /// `ranges` (offsets within the partition, in order, each with an optional cap on the
+    /// `ranges` (offsets within the partition, in the order to update them: the forward's,
+    /// not the buffer's, as the norm gains at the buffer's end come first; each with an optional cap on the
     /// kernel's thread blocks) tile it, and `launched(i)` is called once range `i` is queued
     /// (to record an event the next forward can wait for). Returns false, having done
     /// nothing, without the fused kernel.
@@ -140,10 +141,7 @@ impl AdamW {
         let (grad, grad_scale, lr, flat_params) = update;
         let Some(kernels) = self.fused.clone() else { return Ok(false) };
         let ranges: Vec<_> = capped_ranges.iter().map(|(r, _)| r.clone()).collect();
-        let tiles = ranges.first().is_none_or(|r| r.start == 0)
-            && ranges.windows(2).all(|w| w[0].end == w[1].start)
-            && ranges.last().map_or(0, |r| r.end) == self.len();
-        if !tiles {
+        if !tiles_in_any_order(&ranges, self.len()) {
             return Err(crate::WorkerError::Spec(format!(
                 "optimizer ranges {ranges:?} do not tile the {}-element partition",
                 self.len()
@@ -490,6 +488,16 @@ pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
     }
 }
 
+/// Whether `ranges`, taken in any order, cover `0..len` exactly once.
+fn tiles_in_any_order(ranges: &[std::ops::Range<i64>], len: i64) -> bool {
+    let mut sorted = ranges.to_vec();
+    sorted.sort_by_key(|r| r.start);
+    sorted.iter().all(|r| r.start < r.end)
+        && sorted.first().map_or(0, |r| r.start) == 0
+        && sorted.windows(2).all(|w| w[0].end == w[1].start)
+        && sorted.last().map_or(0, |r| r.end) == len
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -553,6 +561,17 @@ mod tests {
 
     /// Our flat AdamW against the textbook formulas, element by element, including the
     /// decay / no-decay split and chunking.
+    #[test]
+    fn update_ranges_tile_the_partition_in_any_order() {
+        // The forward's order: the norm gains (the buffer's end) first, then the matrices.
+        assert!(tiles_in_any_order(&[90..100, 0..40, 40..90], 100));
+        assert!(tiles_in_any_order(&[0..100], 100));
+        assert!(!tiles_in_any_order(&[90..100, 0..40], 100), "a gap");
+        assert!(!tiles_in_any_order(&[0..50, 40..100], 100), "an overlap");
+        assert!(!tiles_in_any_order(&[0..100, 100..100], 100), "an empty range");
+        assert!(!tiles_in_any_order(&[0..90], 100), "short of the end");
+    }
+
     #[test]
     fn adamw_matches_reference_formula() {
         let cfg = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };

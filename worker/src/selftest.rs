@@ -412,7 +412,7 @@ fn explicit_block(ordinal: usize, k: &Kernels) -> Result<Value, WorkerError> {
     );
 
     // The same with packed rows (positions restarting every 300 tokens), straight through the
-    // kernels: `Pieces` sends packed rows to the ATen piece until this shows them equal.
+    // kernels (which hand-written blocks use for packed rows since an H200 showed them equal).
     let positions = (Tensor::arange(t, (Kind::Int64, device)).remainder(300)).repeat([b, 1]);
     let (qkv_f, qkv_ref) = (qkv.copy(), f32_(&qkv));
     k.rope_forward(&qkv_f, model.rope().tables(), Some(&positions), heads + kv, hd)?;

@@ -279,9 +279,10 @@ impl Pieces<'_> {
         Ok((dx, d_weight))
     }
 
-    /// RoPE in place on the query and key heads of `qkv` `[b, t, (H + 2K)·hd]`. Packed rows
-    /// (explicit `positions`) take the ATen piece: the kernels' positions path has not run on
-    /// a GPU yet (`moxin-train bench kernels` checks it: `rope_packed`).
+    /// RoPE in place on the query and key heads of `qkv` `[b, t, (H + 2K)·hd]`, at each
+    /// token's position in its row, or at explicit `positions` (packed rows; the fused
+    /// kernels' positions path is checked on a GPU by `moxin-train bench kernels`:
+    /// `rope_packed`).
     pub fn rope(
         self,
         model: &Transformer,
@@ -291,8 +292,8 @@ impl Pieces<'_> {
         kv_heads: i64,
     ) -> Result<(), WorkerError> {
         let hd = model.shape.head_dim() as i64;
-        if let (Pieces::Fused(k), None) = (self, positions) {
-            return k.rope_forward(qkv, model.rope().tables(), None, heads + kv_heads, hd);
+        if let Pieces::Fused(k) = self {
+            return k.rope_forward(qkv, model.rope().tables(), positions, heads + kv_heads, hd);
         }
         let (b, t) = (qkv.size()[0], qkv.size()[1]);
         for (offset, n) in [(0, heads), (heads, kv_heads)] {
@@ -313,10 +314,10 @@ impl Pieces<'_> {
         grads: [&Tensor; 3],
         positions: Option<&Tensor>,
     ) -> Result<Tensor, WorkerError> {
-        if let (Pieces::Fused(k), None) = (self, positions) {
+        if let Pieces::Fused(k) = self {
             // The kernel takes any strides but needs each head's values side by side.
             let [dq, dk, dv] = grads.map(|g| if g.stride()[3] == 1 { g.shallow_clone() } else { g.contiguous() });
-            return k.rope_backward_pack([&dq, &dk, &dv], model.rope().tables(), None);
+            return k.rope_backward_pack([&dq, &dk, &dv], model.rope().tables(), positions);
         }
         let [dq, dk, dv] = grads;
         let rope = model.rope();

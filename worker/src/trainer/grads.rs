@@ -143,6 +143,13 @@ impl GradSink for FlatGrads {
 /// `addmm.dtype_out`), so it is not asked again at every GEMM.
 static NO_FP32_OUT: [AtomicBool; 2] = [AtomicBool::new(false), AtomicBool::new(false)];
 
+/// Whether bf16 products may be written as fp32 (`MOXIN_GEMM_FP32_OUT=0` turns it off, to
+/// measure the two ways against each other on a GPU).
+fn fp32_out_allowed() -> bool {
+    static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ALLOWED.get_or_init(|| std::env::var("MOXIN_GEMM_FP32_OUT").map_or(true, |v| v != "0"))
+}
+
 /// `dst = a · b` (`overwrite`) or `dst += a · b`, with the GEMM writing `dst`'s dtype: on
 /// CUDA a bf16 (or fp16) product goes into an fp32 `dst` directly (cuBLAS accumulates in
 /// fp32 either way); elsewhere, and if ATen refuses that, through a temporary in the
@@ -160,6 +167,7 @@ pub fn gemm_into(dst: &Tensor, a: &Tensor, b: &Tensor, overwrite: bool) {
         && half(a.kind())
         && a.kind() == b.kind()
         && !flag.load(Ordering::Relaxed)
+        && fp32_out_allowed()
     {
         let done = if overwrite {
             a.f_mm_dtype_out(&dst, b, Kind::Float)
