@@ -92,6 +92,9 @@ for k, p in b["pieces"].items():
 print("   block forward+backward ms", b["forward_backward_ms"], "errors", b["relative_l2_vs_fp32_autograd"])
 print("   attention backend SDPA picks:", b.get("attention_backend"), "; packed RoPE:", b.get("rope_packed_relative_l2"))
 print("   bf16 products written as fp32 (weight gradients):", b.get("gemm_fp32_out"))
+for shape, r in d.get("projection_gemms", {}).items():
+    t = r["block_ms"]
+    print(f"   {shape} projection GEMMs of a block: fused {t['fused']:.2f} ms, split {t['split']:.2f} ms ({t['split_vs_fused']:.3f}x)")
 PY
 fi
 

@@ -207,6 +207,19 @@ if r:
         f"every step logged once in order: {r['steps_once_in_order']}"
     )
 
+if k and k.get("projection_gemms"):
+    print("\n## Projection GEMMs: fused (moxin-train) vs split (q/k/v and gate/up separate), TFLOP/s\n")
+    print("| shape | projection (m x n x k) | role | fused | split | split time / fused |")
+    print("|---|---|---|---|---|---|")
+    for shape, r in k["projection_gemms"].items():
+        for name, p in r["projections"].items():
+            for role, e in p["roles"].items():
+                split = f"{e['split_tflops']:.0f}" if "split_tflops" in e else "-"
+                ratio = f"{e['split_vs_fused']:.3f}" if "split_vs_fused" in e else "-"
+                print(f"| {shape} | {name} ({p['m']} x {p['n']} x {p['k']}) | {role} | {e['fused_tflops']:.0f} | {split} | {ratio} |")
+        b = r["block_ms"]
+        print(f"| {shape} | one block (forward, input and fp32 weight gradients) | ms | {b['fused']:.2f} | {b['split']:.2f} | {b['split_vs_fused']:.3f} |")
+
 print("\n## Checkpoints (gpu-1b, local disk)\n")
 for mode in ("sync", "async"):
     rows = metrics(f"ckpt-{mode}")

@@ -20,6 +20,8 @@ use crate::trainer::step::Stages;
 use crate::trainer::Batch;
 use crate::WorkerError;
 
+pub mod gemms;
+
 fn gpu(ordinal: usize) -> Result<Device, WorkerError> {
     if !tch::Cuda::is_available() || ordinal >= tch::Cuda::device_count().max(0) as usize {
         return Err(WorkerError::Device(format!("this check needs CUDA device {ordinal}; see `moxin-train doctor`")));
@@ -108,9 +110,17 @@ pub fn fused_kernels(ordinal: usize) -> Result<Value, WorkerError> {
         head_forward_backward(&hidden, &weight, &batch, &objective, &mut adds_to(&gw_fused), Some(&k)).map(|_| ())
     })?;
     let block = explicit_block(ordinal, &k)?;
+    // The benchmark shapes' projections, fused (moxin-train's way) and split.
+    let mut gemm_ms = |f: &mut dyn FnMut() -> Result<(), WorkerError>| time_ms(ordinal, 10, f);
+    let dims = |tokens, dim, heads, ffn| gemms::BlockDims { tokens, dim, heads, kv_heads: 8, head_dim: 128, ffn };
+    let projection_gemms = json!({
+        "gpu-1b": gemms::projection_gemms(device, Kind::BFloat16, dims(8 * 2048, 2048, 16, 5632), &mut gemm_ms)?,
+        "moxin-7b": gemms::projection_gemms(device, Kind::BFloat16, dims(2 * 4096, 4096, 32, 14336), &mut gemm_ms)?,
+    });
     Ok(json!({
         "device": crate::cuda::gpu_info(ordinal).map(|g| g.name).unwrap_or_default(),
         "block": block,
+        "projection_gemms": projection_gemms,
         "adamw": {"elements": n, "relative_error": adamw_err, "aten_ms": aten_ms, "fused_ms": fused_ms, "speedup": aten_ms / fused_ms},
         "cross_entropy_head": {"tokens": rows, "dim": dim, "vocab": vocab, "relative_error": ce_err,
             "aten_ms": ce_aten_ms, "fused_ms": ce_fused_ms, "speedup": ce_aten_ms / ce_fused_ms},

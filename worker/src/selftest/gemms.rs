@@ -1,0 +1,181 @@
+//! A decoder block's projection GEMMs timed two ways on the same inputs: as moxin-train
+//! runs them (q/k/v as one matrix, gate/up as one) and split the way PyTorch models
+//! usually declare them (`q_proj`, `k_proj`, … as separate `nn.Linear`s), each in its three
+//! roles: forward, input gradient and weight gradient (with an fp32 output, moxin-train's
+//! way, and a bf16 one). A GPU's kernel trace showed compile's separate projections running
+//! faster per FLOP than ours; this says, per projection and role, whether splitting would
+//! pay, before any training code changes.
+
+use serde_json::{json, Value};
+use tch::{Device, Kind, Tensor};
+
+use crate::trainer::grads::gemm_into;
+use crate::WorkerError;
+
+/// A block's dimensions: tokens per step and the model's widths.
+#[derive(Clone, Copy, Debug)]
+pub struct BlockDims {
+    /// Tokens per step (rows of every GEMM).
+    pub tokens: i64,
+    /// Model width.
+    pub dim: i64,
+    /// Query heads.
+    pub heads: i64,
+    /// Key/value heads.
+    pub kv_heads: i64,
+    /// Width of one head.
+    pub head_dim: i64,
+    /// SwiGLU hidden width.
+    pub ffn: i64,
+}
+
+/// One projection: its name, input width and output parts (one part: nothing to split).
+fn projections(d: BlockDims) -> [(&'static str, i64, Vec<i64>); 4] {
+    let (q, kv) = (d.heads * d.head_dim, d.kv_heads * d.head_dim);
+    [
+        ("qkv", d.dim, vec![q, kv, kv]),
+        ("o", q, vec![d.dim]),
+        ("gate_up", d.dim, vec![d.ffn, d.ffn]),
+        ("down", d.ffn, vec![d.dim]),
+    ]
+}
+
+/// Times every projection of a block with `dims` on `device` in `kind` (bf16 on a GPU;
+/// any float kind elsewhere, where it only checks that the two ways agree), each timing the
+/// median of `iters` runs by `time_ms`. Returns per projection and role the milliseconds,
+/// TFLOP/s, the split/fused time ratio and the largest relative difference between the
+/// two ways' results.
+pub fn projection_gemms(
+    device: Device,
+    kind: Kind,
+    dims: BlockDims,
+    mut time_ms: impl FnMut(&mut dyn FnMut() -> Result<(), WorkerError>) -> Result<f64, WorkerError>,
+) -> Result<Value, WorkerError> {
+    let _guard = tch::no_grad_guard();
+    tch::manual_seed(3);
+    let m = dims.tokens;
+    let mut report = serde_json::Map::new();
+    let (mut fused_total, mut split_total) = (0.0, 0.0);
+    for (name, k_in, parts) in projections(dims) {
+        let n: i64 = parts.iter().sum();
+        let x = Tensor::randn([m, k_in], (Kind::Float, device)).to_kind(kind);
+        let w = (Tensor::randn([n, k_in], (Kind::Float, device)) * 0.02).to_kind(kind);
+        // A split model's output gradients are separate tensors: make them so, and the
+        // fused one their concatenation (the same values both ways).
+        let dys: Vec<Tensor> =
+            parts.iter().map(|&p| Tensor::randn([m, p], (Kind::Float, device)).to_kind(kind)).collect();
+        let dy = Tensor::cat(&dys, 1);
+        let ws: Vec<Tensor> = w.split_with_sizes(parts.as_slice(), 0);
+        // Weight gradients accumulate in fp32 when the products are half precision.
+        let grad_kind = if matches!(kind, Kind::BFloat16 | Kind::Half) { Kind::Float } else { kind };
+        let dw = Tensor::zeros([n, k_in], (grad_kind, device));
+        let dw_split = Tensor::zeros([n, k_in], (grad_kind, device));
+        let flop = 2.0 * (m * n * k_in) as f64;
+
+        let fused = |role: &str| -> Tensor {
+            match role {
+                "forward" => x.mm(&w.tr()),
+                "input_grad" => dy.mm(&w),
+                "weight_grad_fp32" => {
+                    gemm_into(&dw, &dy.tr(), &x, true);
+                    dw.shallow_clone()
+                }
+                _ => dy.tr().mm(&x),
+            }
+        };
+        let split = |role: &str| -> Tensor {
+            match role {
+                "forward" => Tensor::cat(&ws.iter().map(|wi| x.mm(&wi.tr())).collect::<Vec<_>>(), 1),
+                "input_grad" => {
+                    let mut acc = dys[0].mm(&ws[0]);
+                    for (dyi, wi) in dys.iter().zip(&ws).skip(1) {
+                        let _ = acc.addmm_(dyi, wi);
+                    }
+                    acc
+                }
+                "weight_grad_fp32" => {
+                    let mut offset = 0;
+                    for (dyi, &p) in dys.iter().zip(&parts) {
+                        gemm_into(&dw_split.narrow(0, offset, p), &dyi.tr(), &x, true);
+                        offset += p;
+                    }
+                    dw_split.shallow_clone()
+                }
+                _ => Tensor::cat(&dys.iter().map(|dyi| dyi.tr().mm(&x)).collect::<Vec<_>>(), 0),
+            }
+        };
+        let mut roles = serde_json::Map::new();
+        for role in ["forward", "input_grad", "weight_grad_fp32", "weight_grad_bf16"] {
+            let fused_ms = time_ms(&mut || {
+                drop(fused(role));
+                Ok(())
+            })?;
+            let mut entry = json!({"fused_ms": fused_ms, "fused_tflops": flop / fused_ms / 1e9});
+            if parts.len() > 1 {
+                // The split forward's `cat` stands in for the separate outputs a split model
+                // keeps; it is not timed.
+                let split_ms = time_ms(&mut || {
+                    if role == "forward" {
+                        ws.iter().for_each(|wi| drop(x.mm(&wi.tr())));
+                    } else if role == "weight_grad_bf16" {
+                        dys.iter().for_each(|dyi| drop(dyi.tr().mm(&x)));
+                    } else {
+                        drop(split(role));
+                    }
+                    Ok(())
+                })?;
+                let (a, b) = (fused(role).to_kind(Kind::Double), split(role).to_kind(Kind::Double));
+                let difference = (&a - &b).abs().max().double_value(&[]) / a.abs().max().double_value(&[]).max(1e-30);
+                entry["split_ms"] = json!(split_ms);
+                entry["split_tflops"] = json!(flop / split_ms / 1e9);
+                entry["split_vs_fused"] = json!(split_ms / fused_ms);
+                entry["relative_difference"] = json!(difference);
+                if role != "weight_grad_bf16" {
+                    split_total += split_ms;
+                }
+            } else if role != "weight_grad_bf16" {
+                split_total += fused_ms;
+            }
+            if role != "weight_grad_bf16" {
+                fused_total += fused_ms;
+            }
+            roles.insert(role.to_string(), entry);
+        }
+        report.insert(name.to_string(), json!({"m": m, "n": n, "k": k_in, "parts": parts, "roles": roles}));
+    }
+    Ok(json!({
+        "dims": {"tokens": m, "dim": dims.dim, "heads": dims.heads, "kv_heads": dims.kv_heads, "head_dim": dims.head_dim, "ffn": dims.ffn},
+        "projections": report,
+        // Forward, input and fp32 weight gradient of the four projections: one block's GEMMs.
+        "block_ms": {"fused": fused_total, "split": split_total, "split_vs_fused": split_total / fused_total},
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_projections_compute_what_the_fused_ones_do() {
+        let dims = BlockDims { tokens: 24, dim: 16, heads: 4, kv_heads: 2, head_dim: 4, ffn: 20 };
+        let mut calls = 0;
+        let report = projection_gemms(Device::Cpu, Kind::Double, dims, |f| {
+            calls += 1;
+            f().map(|()| 1.0)
+        })
+        .unwrap();
+        // 4 roles of 4 projections fused, and 4 roles of the two split ones again.
+        assert_eq!(calls, 16 + 8);
+        for name in ["qkv", "gate_up"] {
+            for (role, entry) in report["projections"][name]["roles"].as_object().unwrap() {
+                let d = entry["relative_difference"].as_f64().unwrap();
+                assert!(d < 1e-12, "{name} {role}: {d}");
+            }
+        }
+        assert_eq!(report["projections"]["qkv"]["n"], 32);
+        assert_eq!(report["projections"]["down"]["k"], 20);
+        assert!(report["projections"]["o"]["roles"]["forward"].get("split_ms").is_none());
+        assert_eq!(report["block_ms"]["fused"], 12.0);
+        assert_eq!(report["block_ms"]["split"], 12.0);
+    }
+}
