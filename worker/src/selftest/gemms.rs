@@ -1,10 +1,10 @@
 //! A decoder block's projection GEMMs timed two ways on the same inputs: as moxin-train
-//! runs them (q/k/v as one matrix, gate/up as one) and split the way PyTorch models
-//! usually declare them (`q_proj`, `k_proj`, … as separate `nn.Linear`s), each in its three
-//! roles: forward, input gradient and weight gradient (with an fp32 output, moxin-train's
-//! way, and a bf16 one). A GPU's kernel trace showed compile's separate projections running
-//! faster per FLOP than ours; this says, per projection and role, whether splitting would
-//! pay, before any training code changes.
+//! runs them (q/k/v as one matrix, gate/up as one) and split into one GEMM per part, as
+//! PyTorch models' separate `q_proj`, `k_proj`, … run (kept in moxin-train's layout), each
+//! in its three roles: forward, input gradient and weight gradient (with an fp32 output,
+//! moxin-train's way, and a bf16 one). A GPU's kernel trace showed compile's separate
+//! projections running faster per FLOP than ours; this says, per projection and role,
+//! whether splitting would pay, before any training code changes.
 
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
@@ -60,12 +60,21 @@ pub fn projection_gemms(
         let n: i64 = parts.iter().sum();
         let x = Tensor::randn([m, k_in], (Kind::Float, device)).to_kind(kind);
         let w = (Tensor::randn([n, k_in], (Kind::Float, device)) * 0.02).to_kind(kind);
-        // A split model's output gradients are separate tensors: make them so, and the
-        // fused one their concatenation (the same values both ways).
-        let dys: Vec<Tensor> =
-            parts.iter().map(|&p| Tensor::randn([m, p], (Kind::Float, device)).to_kind(kind)).collect();
-        let dy = Tensor::cat(&dys, 1);
+        // Split the way a split block would run inside moxin-train's layout: each part's
+        // weight is a block of rows of the fused matrix, each part's output (and output
+        // gradient) a block of columns of the fused one, which the RoPE and SwiGLU kernels
+        // read as one tensor (cuBLAS takes such strided operands as they are).
+        let dy = Tensor::randn([m, n], (Kind::Float, device)).to_kind(kind);
+        let dys: Vec<Tensor> = dy.split_with_sizes(parts.as_slice(), 1);
         let ws: Vec<Tensor> = w.split_with_sizes(parts.as_slice(), 0);
+        let out = Tensor::zeros([m, n], (kind, device));
+        let outs: Vec<Tensor> = out.split_with_sizes(parts.as_slice(), 1);
+        let forward_in_parts = || {
+            for (o, wi) in outs.iter().zip(&ws) {
+                let _ = x.mm_out(o, &wi.tr());
+            }
+            out.shallow_clone()
+        };
         // Weight gradients accumulate in fp32 when the products are half precision.
         let grad_kind = if matches!(kind, Kind::BFloat16 | Kind::Half) { Kind::Float } else { kind };
         let dw = Tensor::zeros([n, k_in], (grad_kind, device));
@@ -85,7 +94,7 @@ pub fn projection_gemms(
         };
         let split = |role: &str| -> Tensor {
             match role {
-                "forward" => Tensor::cat(&ws.iter().map(|wi| x.mm(&wi.tr())).collect::<Vec<_>>(), 1),
+                "forward" => forward_in_parts().copy(),
                 "input_grad" => {
                     let mut acc = dys[0].mm(&ws[0]);
                     for (dyi, wi) in dys.iter().zip(&ws).skip(1) {
@@ -112,12 +121,9 @@ pub fn projection_gemms(
             })?;
             let mut entry = json!({"fused_ms": fused_ms, "fused_tflops": flop / fused_ms / 1e9});
             if parts.len() > 1 {
-                // The split forward's `cat` stands in for the separate outputs a split model
-                // keeps; it is not timed.
+                // The bf16 weight gradients' `cat` is not timed: a split model keeps them apart.
                 let split_ms = time_ms(&mut || {
-                    if role == "forward" {
-                        ws.iter().for_each(|wi| drop(x.mm(&wi.tr())));
-                    } else if role == "weight_grad_bf16" {
+                    if role == "weight_grad_bf16" {
                         dys.iter().for_each(|dyi| drop(dyi.tr().mm(&x)));
                     } else {
                         drop(split(role));
