@@ -2,6 +2,7 @@
 
 use std::io::{Read, Write};
 use std::path::Path;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -193,7 +194,11 @@ fn wait_for_state_step(run: &Path, step: u64) -> (Vec<u64>, u64) {
 fn launch_until_step(job: &Path, run: &Path, step: u64) -> (std::process::Child, Vec<u64>) {
     let launch = Command::new(BIN)
         .args(["launch", s(job), "--workers", "2", "--out", s(run)])
-        .env("MOXIN_LOG", "warn")
+        // The coordinator's membership lines (workers joining and leaving) too.
+        .env("MOXIN_LOG", "warn,moxin_coordinator::server=info")
+        // A process group of its own, with its workers, as a shell gives a foreground job:
+        // Ctrl-C in a terminal signals the whole group.
+        .process_group(0)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -314,18 +319,22 @@ fn malformed_config_never_reaches_workers() {
     assert!(err.contains("x 3 worker(s)"), "{err}");
 }
 
-/// Ctrl-C on `launch` stops every worker cleanly at one step, with a checkpoint there, and
-/// exits 130; running the same command again resumes and finishes.
+/// Ctrl-C on `launch` (SIGINT to it and its workers, as a terminal sends it) stops every
+/// worker cleanly at one step, with a checkpoint there, and exits 130; running the same
+/// command again resumes and finishes.
 #[test]
 fn ctrl_c_is_a_clean_stop_and_the_run_resumes() {
     let tmp = tempfile::tempdir().unwrap();
     let job = tiny_job(tmp.path(), 60, "");
     let run = tmp.path().join("run");
     let (launch, pids) = launch_until_step(&job, &run, 3);
-    Command::new("kill").args(["-INT", &launch.id().to_string()]).status().unwrap();
+    Command::new("kill").args(["-INT", "--", &format!("-{}", launch.id())]).status().unwrap();
     let out = launch.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{stderr}");
+    // The workers leaving is the stop itself: no group re-forms, nothing failed.
+    assert!(stderr.contains("left: ") && stderr.contains("the job is over"), "{stderr}");
+    assert!(!stderr.contains("re-forms") && !stderr.contains("ERROR"), "{stderr}");
     for pid in pids {
         assert!(!Path::new(&format!("/proc/{pid}")).exists(), "worker {pid} still running");
     }

@@ -58,7 +58,7 @@ struct Worker {
     last_seen: Instant,
     events: Option<mpsc::UnboundedSender<Result<Event, Status>>>,
     rank: Option<u32>,
-    /// Compute seconds of its last logged step, from its heartbeats.
+    /// Compute seconds per step (the median of its last few), from its heartbeats.
     compute_s: f64,
     /// Flagged as a straggler now.
     straggler: bool,
@@ -350,8 +350,15 @@ impl CoordinatorService {
     fn remove(&self, s: &mut State, id: &str, why: &str, failed: bool) {
         let Some(w) = s.workers.remove(id) else { return };
         let member = w.rank.is_some();
-        let next = if member { "its group re-forms without it" } else { "it was not training" };
-        if failed {
+        // Once the job is over (finished, failed or stopping on request), workers leaving or
+        // exiting is the shutdown itself, not a failure, and no group re-forms.
+        let over = s.membership.phase().is_over();
+        let next = match (over, member) {
+            (true, _) => "the job is over",
+            (false, true) => "its group re-forms without it",
+            (false, false) => "it was not training",
+        };
+        if failed && !over {
             s.failures += 1;
             metrics::counter!("moxin_workers_lost_total").increment(1);
             tracing::error!("{why}; {next}");

@@ -156,7 +156,7 @@ pub(super) async fn heartbeats(
             worker_id: worker_id.clone(),
             step: step.step.load(Ordering::Relaxed),
             sent_unix_nanos,
-            compute_s: f64::from_bits(step.compute_s_bits.load(Ordering::Relaxed)),
+            compute_s: step.compute_s(),
         };
         // A heartbeat not answered within two intervals counts as failed.
         match timed((interval * 2).max(Duration::from_secs(1)), client.heartbeat(request)).await {
@@ -193,12 +193,44 @@ pub(super) enum Forgotten {
     Unreachable = 2,
 }
 
+/// Logged steps whose compute seconds make up the median the heartbeats carry.
+const COMPUTE_WINDOW: usize = 8;
+
 /// What the heartbeats tell the coordinator about this worker's training.
 #[derive(Default)]
 pub(super) struct Progress {
     pub(super) step: AtomicU64,
-    /// `f64` bits of the last logged step's compute seconds.
+    /// `f64` bits of the median compute seconds of the last [`COMPUTE_WINDOW`] logged steps:
+    /// a step the whole group found slow (a checkpoint, an evaluation, a busy machine) moves
+    /// it little, so the coordinator's straggler check does not flag each rank in turn as
+    /// their heartbeats arrive; a rank that stays slow moves it within a few steps.
     pub(super) compute_s_bits: AtomicU64,
+    /// Those steps' compute seconds, oldest first (only the agent writes them).
+    recent: std::sync::Mutex<std::collections::VecDeque<f64>>,
+}
+
+impl Progress {
+    /// Step `step` was logged after `compute_s` seconds of compute.
+    pub(super) fn record_step(&self, step: u64, compute_s: f64) {
+        if compute_s.is_finite() && compute_s > 0.0 {
+            let mut recent = self.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if recent.len() == COMPUTE_WINDOW {
+                recent.pop_front();
+            }
+            recent.push_back(compute_s);
+            let mut sorted: Vec<f64> = recent.iter().copied().collect();
+            sorted.sort_by(f64::total_cmp);
+            let n = sorted.len();
+            let median = if n % 2 == 1 { sorted[n / 2] } else { (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0 };
+            self.compute_s_bits.store(median.to_bits(), Ordering::Relaxed);
+        }
+        self.step.store(step, Ordering::Relaxed);
+    }
+
+    /// The median compute seconds the heartbeats carry (0 before any step).
+    pub(super) fn compute_s(&self) -> f64 {
+        f64::from_bits(self.compute_s_bits.load(Ordering::Relaxed))
+    }
 }
 
 /// A refusal because the group moved on to a newer generation is not an error for this
@@ -209,4 +241,36 @@ pub(super) fn stale_or(status: tonic::Status, what: &str) -> Result<(), WorkerEr
         return Ok(());
     }
     Err(rpc_error(what, status))
+}
+
+#[cfg(test)]
+mod progress_tests {
+    use super::*;
+
+    #[test]
+    fn heartbeats_carry_the_median_of_the_last_steps() {
+        let p = Progress::default();
+        assert_eq!(p.compute_s(), 0.0);
+        p.record_step(1, 1.0);
+        assert_eq!(p.compute_s(), 1.0);
+        // One slow step (the whole group's, say) barely moves it.
+        p.record_step(2, 30.0);
+        p.record_step(3, 1.2);
+        assert_eq!(p.compute_s(), 1.2);
+        assert_eq!(p.step.load(Ordering::Relaxed), 3);
+        // Unmeasured steps count as progress but not as compute.
+        p.record_step(4, f64::NAN);
+        p.record_step(5, 0.0);
+        assert_eq!((p.compute_s(), p.step.load(Ordering::Relaxed)), (1.2, 5));
+        // A rank that stays slow shows within half the window.
+        for step in 6..10 {
+            p.record_step(step, 5.0);
+        }
+        assert_eq!(p.compute_s(), 5.0);
+        // Only the last COMPUTE_WINDOW steps count.
+        for step in 10..10 + COMPUTE_WINDOW as u64 {
+            p.record_step(step, 0.5);
+        }
+        assert_eq!(p.compute_s(), 0.5);
+    }
 }

@@ -512,8 +512,7 @@ impl Agent {
         let (rank, generation) = (a.rank, a.generation);
         match msg {
             TrainMsg::Step(m) => {
-                self.step.step.store(m.step, Ordering::Relaxed);
-                self.step.compute_s_bits.store(m.compute_s.to_bits(), Ordering::Relaxed);
+                self.step.record_step(m.step, m.compute_s);
                 if rank == 0 {
                     self.report(generation, Some(m.clone()), false).await?;
                 }
