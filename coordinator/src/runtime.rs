@@ -8,7 +8,7 @@ use moxin_proto::security::ServerSecurity;
 use tokio::net::TcpListener;
 
 use crate::job::ResolvedJob;
-use crate::server::{CoordinatorService, Phase};
+use crate::server::{CoordinatorService, Phase, StopSource};
 
 /// Why the coordinator could not start.
 #[derive(Debug, thiserror::Error)]
@@ -86,9 +86,10 @@ pub async fn serve(
 }
 
 /// Shows progress until the job ends and returns how it ended. `stop_requested` is polled
-/// a few times a second; once it names a reason (a signal), the job is stopped cleanly:
-/// the workers checkpoint at the next step and exit.
-pub async fn follow(service: &CoordinatorService, stop_requested: &dyn Fn() -> Option<String>) -> Phase {
+/// a few times a second (and by the service when a worker leaves); once it names a reason
+/// (a signal), the job is stopped cleanly: the workers checkpoint at the next step and exit.
+pub async fn follow(service: &CoordinatorService, stop_requested: StopSource) -> Phase {
+    service.stop_on_signal(stop_requested.clone());
     let mut phase = service.phase();
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut shown = 0;

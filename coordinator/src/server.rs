@@ -62,6 +62,8 @@ struct Worker {
     compute_s: f64,
     /// Flagged as a straggler now.
     straggler: bool,
+    /// Since when its compute time has been over the straggler threshold, unbroken.
+    slow_since: Option<Instant>,
     /// Where it would like to rank (see `RegisterRequest.rank_hint`).
     rank_hint: Option<u32>,
 }
@@ -107,7 +109,13 @@ pub struct CoordinatorService {
     desired_tx: Arc<watch::Sender<u32>>,
     /// Checkpoints being committed (a lock of its own: commits do file I/O).
     commits: Arc<Mutex<Commits>>,
+    /// The coordinator process's own stop request (a signal), once [`Self::stop_on_signal`]
+    /// named where to look.
+    stop_signal: Arc<std::sync::OnceLock<StopSource>>,
 }
+
+/// Says whether (and why) the coordinator process was asked to stop, e.g. by a signal.
+pub type StopSource = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
 /// What an earlier coordinator of the same run directory left in `state.json`.
 #[derive(Debug, Clone, PartialEq)]
@@ -181,6 +189,7 @@ impl CoordinatorService {
             previous,
             desired_tx: Arc::new(desired_tx),
             commits: Arc::new(Mutex::new(commits)),
+            stop_signal: Default::default(),
         };
         if service.already_finished().is_none() {
             service.persist(&service.lock());
@@ -277,6 +286,14 @@ impl CoordinatorService {
         p
     }
 
+    /// Where to look for the coordinator process's own stop request. Ctrl-C reaches a
+    /// terminal's whole process group, so workers started beside the coordinator can hear
+    /// it and leave before the coordinator's next look at it: a departure while it is set
+    /// stops the job first, so that no group re-forms and nothing counts as lost.
+    pub fn stop_on_signal(&self, source: StopSource) {
+        let _ = self.stop_signal.set(source);
+    }
+
     /// Stops the job: every worker is told to stop (`failed` says whether that is a failure).
     pub fn stop(&self, reason: &str, failed: bool) {
         let mut s = self.lock();
@@ -349,6 +366,10 @@ impl CoordinatorService {
     /// lets the membership decide what follows.
     fn remove(&self, s: &mut State, id: &str, why: &str, failed: bool) {
         let Some(w) = s.workers.remove(id) else { return };
+        if let Some(reason) = self.stop_signal.get().and_then(|signalled| signalled()) {
+            let change = s.membership.stop(&format!("stopped by {reason}"), false);
+            self.apply(s, change);
+        }
         let member = w.rank.is_some();
         // Once the job is over (finished, failed or stopping on request), workers leaving or
         // exiting is the shutdown itself, not a failure, and no group re-forms.
@@ -372,17 +393,24 @@ impl CoordinatorService {
         self.apply(s, change);
     }
 
-    /// Flags group members much slower than the group's median compute time (and clears
-    /// the flag when they catch up), logging each change once.
+    /// Flags group members much slower than the group's median compute time for a few
+    /// heartbeats running (and clears the flag when they catch up), logging each change
+    /// once. Heartbeats arrive one worker at a time, so a worker's fresh figure is briefly
+    /// compared with the others' older ones; requiring the lag to last keeps a step that
+    /// slowed everyone from flagging each worker in turn.
     fn flag_stragglers(&self, s: &mut State) {
-        let factor = self.job.config.cluster.straggler_factor;
+        let cluster = &self.job.config.cluster;
+        let factor = cluster.straggler_factor;
+        let hold = Duration::from_millis(3 * u64::from(cluster.heartbeat_interval_ms));
         let times: Vec<(String, f64)> =
             s.membership.group().iter().filter_map(|id| s.workers.get(id).map(|w| (id.clone(), w.compute_s))).collect();
         let slow = crate::membership::stragglers(&times, factor);
         let mut changed = false;
+        let at = Instant::now();
         for (id, w) in s.workers.iter_mut() {
             let lag = slow.iter().find(|(w, _)| w == id).map(|(_, median)| *median);
-            let now = lag.is_some();
+            w.slow_since = lag.and(w.slow_since.or(Some(at)));
+            let now = w.slow_since.is_some_and(|since| at.duration_since(since) >= hold);
             if now != w.straggler {
                 changed = true;
                 w.straggler = now;
@@ -402,7 +430,7 @@ impl CoordinatorService {
             }
         }
         if changed {
-            metrics::gauge!("moxin_stragglers").set(slow.len() as f64);
+            metrics::gauge!("moxin_stragglers").set(s.workers.values().filter(|w| w.straggler).count() as f64);
             self.persist(s);
         }
     }
@@ -550,6 +578,7 @@ impl Coordinator for CoordinatorService {
                 events: None,
                 rank: None,
                 compute_s: 0.0,
+                slow_since: None,
                 straggler: false,
                 rank_hint: req.rank_hint,
             },

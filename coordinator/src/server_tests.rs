@@ -118,14 +118,38 @@ async fn admission_rules_and_group_formation() {
     assert_eq!(state["phase"]["phase"], "training");
     assert_eq!((state["generation"].as_u64(), state["failures"].as_u64()), (Some(2), Some(1)));
 
-    // A member computing much slower than the others is flagged as a straggler.
-    for (id, compute_s) in [(&second.worker_id, 1.0), (&third.worker_id, 2.0)] {
-        let hb = HeartbeatRequest { worker_id: id.clone(), compute_s, ..Default::default() };
-        client.heartbeat(hb).await.unwrap();
+    // A member computing much slower than the others for a few heartbeats running (3
+    // intervals of 500 ms) is flagged as a straggler; one slow heartbeat is not enough.
+    let stragglers = || {
+        let state: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(tmp.path().join("run/coordinator/state.json")).unwrap())
+                .unwrap();
+        state["stragglers"].clone()
+    };
+    let beat = |times: [f64; 2]| {
+        let mut client = client.clone();
+        let ids = [second.worker_id.clone(), third.worker_id.clone()];
+        async move {
+            for (id, compute_s) in ids.into_iter().zip(times) {
+                client.heartbeat(HeartbeatRequest { worker_id: id, compute_s, ..Default::default() }).await.unwrap();
+            }
+        }
+    };
+    let started = std::time::Instant::now();
+    beat([1.0, 2.0]).await;
+    beat([1.0, 1.0]).await;
+    assert_eq!(stragglers(), serde_json::json!([]), "a lag that did not last");
+    while started.elapsed() < std::time::Duration::from_millis(600) {
+        beat([1.0, 2.0]).await;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    let state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("run/coordinator/state.json")).unwrap()).unwrap();
-    assert_eq!(state["stragglers"], serde_json::json!([third.worker_id]));
+    assert_eq!(stragglers(), serde_json::json!([]), "the lag has lasted less than 3 heartbeat intervals");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while stragglers() != serde_json::json!([third.worker_id]) {
+        assert!(std::time::Instant::now() < deadline, "never flagged: {}", stragglers());
+        beat([1.0, 2.0]).await;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 
     // Stopping tells everyone, and the detector ends with the job.
     service.stop("test over", true);

@@ -400,5 +400,7 @@ async fn start(
 
 /// Follows the job to its end; SIGINT or SIGTERM stops it cleanly.
 async fn follow(service: &CoordinatorService, signals: &StopSignals) -> Phase {
-    moxin_coordinator::runtime::follow(service, &|| signals.received().map(str::to_string)).await
+    let signals = signals.clone();
+    moxin_coordinator::runtime::follow(service, std::sync::Arc::new(move || signals.received().map(str::to_string)))
+        .await
 }
