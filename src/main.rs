@@ -488,9 +488,10 @@ struct ExportHfArgs {
     #[arg(long, default_value_t = 5.0, allow_negative_numbers = true)]
     max_shard_gb: f64,
     /// Chat template for transformers' `apply_chat_template` (tokenizer_config.json):
-    /// "moxin" (what SFT, distillation and GRPO use by default), a template JSON file as
-    /// `data prepare-sft --template` takes, or "none".
-    #[arg(long, default_value = "moxin")]
+    /// "auto" (the one the checkpoint was fine-tuned with, from its prepared SFT data, else
+    /// "moxin"), "moxin" (what SFT, distillation and GRPO use by default), a template JSON
+    /// file as `data prepare-sft --template` takes, or "none".
+    #[arg(long, default_value = "auto")]
     chat_template: String,
 }
 
@@ -773,7 +774,13 @@ fn restart_with_cuda_libraries() {
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MOXIN_LOG")
+    let mut filter = tracing_subscriber::EnvFilter::try_from_env("MOXIN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // tonic reports a connection it refused at the TLS handshake (a worker without the job's
+    // CA or client certificate, plain HTTP to a TLS port) only at debug level, and a
+    // coordinator's operator needs to see those whatever the filter.
+    if let Ok(refusals) = "tonic::transport::server::io_stream=debug".parse() {
+        filter = filter.add_directive(refusals);
+    }
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
 }

@@ -234,6 +234,10 @@ fn mutual_tls_admits_only_workers_with_a_certificate_from_the_ca() {
     assert!(!out.status.success() && stderr.contains("the coordinator's --tls-cert"), "{stderr}");
     assert!(stderr.contains("does not belong to the certificate") && !elsewhere.exists(), "{stderr}");
 
+    // The coordinator's log shows the connections it refused at the handshake.
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("tls accept error"), "{text}");
+
     let args = worker(&["--tls-ca", s(&pki.ca), "--tls-cert", s(&pki.client.0), "--tls-key", s(&pki.client.1)]);
     let out = client(&args.iter().map(String::as_str).collect::<Vec<_>>(), None);
     assert!(out.status.success(), "the certified worker: {}", String::from_utf8_lossy(&out.stderr));

@@ -31,7 +31,31 @@ fn sft_from_a_pretraining_run_for_whole_epochs() {
     write_chats(&chats, 120);
     let tokenizer = pretrain.join("checkpoints/step-00000020/tokenizer.json");
     let sft = t.join("sft");
-    let said = ok(t, &["data", "prepare-sft", "--input", s(&chats), "--tokenizer", s(&tokenizer), "--out", s(&sft)]);
+    // A template of the user's own, which the exported model must carry.
+    let template = moxin_data::sft::ChatTemplate {
+        name: "plain".into(),
+        system: "System: ".into(),
+        user: "Question: ".into(),
+        assistant: "Answer: ".into(),
+        separator: "\n\n".into(),
+    };
+    let template_file = t.join("plain.json");
+    std::fs::write(&template_file, serde_json::to_string(&template).unwrap()).unwrap();
+    let said = ok(
+        t,
+        &[
+            "data",
+            "prepare-sft",
+            "--input",
+            s(&chats),
+            "--tokenizer",
+            s(&tokenizer),
+            "--template",
+            s(&template_file),
+            "--out",
+            s(&sft),
+        ],
+    );
     assert!(said.contains("\"conversations\": 120") && said.contains("\"skipped_no_assistant\": 1"), "{said}");
 
     let job = t.join("sft.toml");
@@ -66,6 +90,17 @@ fn sft_from_a_pretraining_run_for_whole_epochs() {
     );
     // It continues from the pre-trained weights: the first loss is far below a random model's.
     assert!(loss(0) < (1024f64).ln(), "first loss {}", loss(0));
+
+    // The checkpoint carries the template, and export-hf writes it for transformers'
+    // apply_chat_template (the pre-training run exports moxin's).
+    for (source, expected) in [(&run, &template), (&pretrain, &moxin_data::sft::ChatTemplate::moxin())] {
+        let exported = t.join(format!("hf-{}", source.file_name().unwrap().to_str().unwrap()));
+        let said = ok(t, &["export-hf", s(source), s(&exported)]);
+        assert!(said.contains(&format!("\"chat_template\": \"{}\"", expected.name)), "{said}");
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(exported.join("tokenizer_config.json")).unwrap()).unwrap();
+        assert_eq!(config["chat_template"], serde_json::json!(expected.jinja()));
+    }
 
     // Bad input: the line and the field are named; steps and epochs together are refused.
     std::fs::write(&chats, "{\"messages\": [{\"role\": \"user\", \"text\": \"hi\"}]}\n").unwrap();

@@ -16,14 +16,15 @@ pub fn export(
     if !(max_shard_gb > 0.0 && max_shard_gb.is_finite()) {
         anyhow::bail!("--max-shard-gb {max_shard_gb}: must be a positive number of gigabytes");
     }
+    use moxin_worker::hf::ChatTemplateChoice;
     let template = match chat_template {
-        "none" => None,
-        name => Some(
-            moxin_data::sft::ChatTemplate::load(name)
-                .with_context(|| format!("--chat-template {name}: \"moxin\", \"none\" or a template JSON file"))?,
-        ),
+        "none" => ChatTemplateChoice::None,
+        "auto" => ChatTemplateChoice::Trained,
+        name => ChatTemplateChoice::Given(moxin_data::sft::ChatTemplate::load(name).with_context(|| {
+            format!("--chat-template {name}: \"auto\", \"moxin\", \"none\" or a template JSON file")
+        })?),
     };
-    let report = moxin_worker::hf::export(checkpoint, out, dtype, (max_shard_gb * 1e9) as u64, template.as_ref())
+    let report = moxin_worker::hf::export(checkpoint, out, dtype, (max_shard_gb * 1e9) as u64, template)
         .with_context(|| format!("exporting {} to {}", checkpoint.display(), out.display()))?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())

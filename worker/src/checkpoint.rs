@@ -9,7 +9,7 @@ use std::sync::Mutex;
 pub use moxin_layout::checkpoint::{
     checkpoints_dir, latest_valid, list, partition_file, partition_files, record_part, staging_dir, write, BuildInfo,
     Checkpoint, CheckpointError, CheckpointManifest, Commits, PartitionFile, RngState, FORMAT, MANIFEST, MODEL_FILE,
-    OPTIMIZER_BYTES_PER_ELEMENT, TOKENIZER_FILE,
+    OPTIMIZER_BYTES_PER_ELEMENT, CHAT_TEMPLATE_FILE, TOKENIZER_FILE,
 };
 use moxin_proto::v1::CheckpointPart;
 use tch::{Kind, Tensor};

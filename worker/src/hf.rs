@@ -13,7 +13,9 @@ use moxin_layout::ModelShape;
 use serde::Serialize;
 use tch::{Kind, Tensor};
 
-use crate::checkpoint::{self, Checkpoint, CheckpointManifest, RngState, MANIFEST, MODEL_FILE, TOKENIZER_FILE};
+use crate::checkpoint::{
+    self, Checkpoint, CheckpointManifest, RngState, CHAT_TEMPLATE_FILE, MANIFEST, MODEL_FILE, TOKENIZER_FILE,
+};
 use crate::WorkerError;
 
 /// Index of a sharded safetensors model (transformers' name).
@@ -152,9 +154,22 @@ pub fn export(
     out: &Path,
     dtype: Option<Kind>,
     max_shard_bytes: u64,
-    chat_template: Option<&moxin_data::sft::ChatTemplate>,
+    chat_template: ChatTemplateChoice,
 ) -> Result<ExportReport, WorkerError> {
     let ckpt = open_checkpoint(source)?;
+    let chat_template = match chat_template {
+        ChatTemplateChoice::Trained => {
+            let path = ckpt.dir.join(CHAT_TEMPLATE_FILE);
+            Some(if path.is_file() {
+                moxin_data::sft::ChatTemplate::load(&path.to_string_lossy())?
+            } else {
+                moxin_data::sft::ChatTemplate::moxin()
+            })
+        }
+        ChatTemplateChoice::Given(t) => Some(t),
+        ChatTemplateChoice::None => None,
+    };
+    let chat_template = chat_template.as_ref();
     let shape = ckpt.manifest.model.clone();
     let tensors = checkpoint::model_tensors(&ckpt)?;
     let stored = tensors.first().map_or(Kind::Float, |(_, t)| t.kind());
@@ -256,6 +271,18 @@ pub fn export(
         tokenizer: tokenizer.is_some(),
         chat_template: chat_template.filter(|_| tokenizer.is_some()).map(|t| t.name.clone()),
     })
+}
+
+/// Which chat template [`export`] writes into `tokenizer_config.json`.
+#[derive(Debug, Clone)]
+pub enum ChatTemplateChoice {
+    /// The one the checkpoint was fine-tuned with (its `chat_template.json`, copied from the
+    /// prepared SFT data), else moxin's (what SFT, distillation and GRPO use by default).
+    Trained,
+    /// This one.
+    Given(moxin_data::sft::ChatTemplate),
+    /// None.
+    None,
 }
 
 /// The weight files of a Hugging Face folder: the index's shards, or `model.safetensors`.

@@ -257,6 +257,16 @@ impl BatchSource for SftPacks {
     }
 
     fn checkpoint_files(&self) -> Vec<(String, PathBuf)> {
-        vec![(crate::checkpoint::TOKENIZER_FILE.into(), self.data.dir().join(&self.data.manifest().tokenizer.file))]
+        let mut files = vec![(
+            crate::checkpoint::TOKENIZER_FILE.into(),
+            self.data.dir().join(&self.data.manifest().tokenizer.file),
+        )];
+        // The template the conversations were rendered with (`export-hf` writes it into
+        // tokenizer_config.json); directories prepared before it was written lack it.
+        let template = self.data.dir().join(moxin_data::sft::CHAT_TEMPLATE_FILE);
+        if template.is_file() {
+            files.push((crate::checkpoint::CHAT_TEMPLATE_FILE.into(), template));
+        }
+        files
     }
 }
