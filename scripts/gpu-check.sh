@@ -7,8 +7,9 @@
 #   1.  doctor                     what the machine has (torch, GPU, NCCL)
 #   2.  nccl, kernels              every NCCL collective on a world of one; fused kernels vs ATen
 #   3.  tiny                       tiny preset on CUDA: loss falls as on the CPU (ATen, fused,
-#                                  fused with the hand-written block backward, and AdamW on its
-#                                  own stream: the same losses as the defaults)
+#                                  fused with the hand-written block backward, AdamW on its
+#                                  own stream: the same losses as the defaults, and split
+#                                  projections: within bf16 rounding of them)
 #   4.  nccl1                      `launch --workers 1` over NCCL = `train` without it
 #   5.  ring                       `launch --workers 2` on one GPU over the ring = single-GPU `train`
 #   5b. chaos                      a worker SIGKILLed mid-run is replaced; every step logged once
@@ -24,7 +25,8 @@
 #                                  GPU_CHECK_EAGER=0, GPU_CHECK_PROFILE=0, GPU_CHECK_TRACE=0,
 #                                  GPU_CHECK_COMPILE=0, GPU_CHECK_KEEPALL=0, GPU_CHECK_AUTOGRAD=0,
 #                                  GPU_CHECK_GEMM=0 (weight gradients through a bf16 product
-#                                  and a copy, MOXIN_GEMM_FP32_OUT=0) skip those runs;
+#                                  and a copy, MOXIN_GEMM_FP32_OUT=0), GPU_CHECK_SPLIT=0
+#                                  (runtime.split_projections) skip those runs;
 #                                  GPU_CHECK_SHAPES picks shapes)
 #   9.  switches (only when named) gpu-1b: the defaults vs model.sliding_window = 1024,
 #                                  runtime.recompute = "blocks", runtime.grad_reduce = "bf16"
@@ -107,6 +109,7 @@ if want tiny; then
   train tiny-explicit 120 configs/tiny-pretrain.toml "${TINY[@]}" --set runtime.kernels=fused \
     --set runtime.block_backward=explicit
   train tiny-optstream 120 configs/tiny-pretrain.toml "${TINY[@]}" --set runtime.optimizer_stream=true
+  train tiny-split 120 configs/tiny-pretrain.toml "${TINY[@]}" --set runtime.split_projections=true
 fi
 
 if want nccl1; then
@@ -235,6 +238,7 @@ if want bench && [ "${GPU_CHECK_BENCH:-1}" != 0 ]; then
     [ "${GPU_CHECK_KEEPALL:-1}" = 1 ] && train "$shape-moxin-keepall" 150 "$config" "${BENCH[@]}" --set runtime.recompute=none
     train "$shape-moxin-optstream" 150 "$config" "${BENCH[@]}" --set runtime.optimizer_stream=true
     [ "${GPU_CHECK_GEMM:-1}" = 1 ] && MOXIN_GEMM_FP32_OUT=0 train "$shape-moxin-bf16gemm" 150 "$config" "${BENCH[@]}"
+    [ "${GPU_CHECK_SPLIT:-1}" = 1 ] && train "$shape-moxin-split" 150 "$config" "${BENCH[@]}" --set runtime.split_projections=true
     [ "${GPU_CHECK_PROFILE:-1}" = 1 ] && train "$shape-moxin-profile" 150 "$config" --set train.steps=8 --set runtime.profile=true
     # Every kernel of 3 steps after 5 of warm-up (CUPTI), the defaults; compile's the same way.
     TRACE=()

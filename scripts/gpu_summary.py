@@ -60,7 +60,8 @@ for shape in ("gpu-1b", "moxin-7b-4l"):
                            ("explicit", "fused kernels, hand-written blocks: the default"),
                            ("keepall", "the default with recompute = none"),
                            ("optstream", "the default + optimizer_stream = true"),
-                           ("bf16gemm", "the default, weight gradients via a bf16 product + copy")):
+                           ("bf16gemm", "the default, weight gradients via a bf16 product + copy"),
+                           ("split", "the default + split_projections = true")):
         m = moxin(f"{shape}-moxin-{variant}")
         if m:
             systems.append((f"moxin-train ({label})", m["tokens_per_s"], m["mfu"], m["memory"]))
@@ -159,7 +160,7 @@ if base:
             print(f"| {label} | {m['tokens_per_s']:,.0f} | {m['tokens_per_s'] / base['tokens_per_s']:.2f} | {gib(m['memory'])} | {m['loss'][1]:.3f} |")
 
 print("\n## Correctness\n")
-for name in ("tiny-aten", "tiny-fused", "tiny-explicit", "tiny-optstream", "nccl1"):
+for name in ("tiny-aten", "tiny-fused", "tiny-explicit", "tiny-optstream", "tiny-split", "nccl1"):
     rows = metrics(name)
     if rows:
         print(f"- {name}: loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f} over {len(rows)} steps")
@@ -176,6 +177,7 @@ compare("tiny-explicit", "nccl1", "NCCL world of one vs no NCCL (the defaults)",
 compare("tiny-aten", "tiny-fused", "fused vs ATen kernels (tiny, bf16)", True)
 compare("tiny-explicit", "tiny-optstream", "AdamW on its own stream vs on torch's (tiny, the defaults)", False)
 compare("tiny-fused", "tiny-explicit", "hand-written vs autograd block backward (tiny, bf16, fused kernels)", True)
+compare("tiny-explicit", "tiny-split", "one GEMM per projection part vs fused projections (tiny, the defaults)", True)
 eq = load_json("ring-equivalence.json")
 if eq:
     print(f"- 2 workers on one GPU over the ring vs single-GPU train, 20 steps: parameters differ by {eq['params_relative_l2']:.2e} (relative L2)")

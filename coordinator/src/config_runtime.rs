@@ -78,6 +78,10 @@ pub struct RuntimeSection {
     /// One GPU with the fused AdamW: the update runs stage by stage on a CUDA stream of its
     /// own, beside the next forward (off: an H200 measured it 0.92–0.99× the default).
     pub optimizer_stream: bool,
+    /// Hand-written blocks: q, k, v and gate, up as one GEMM each (inside the fused layouts)
+    /// instead of one GEMM per fused projection, as models with separate projections run
+    /// them (off: not yet measured on a GPU; `moxin-train bench kernels` times both ways).
+    pub split_projections: bool,
 }
 
 /// `runtime.block_backward`.
@@ -119,6 +123,7 @@ impl Default for RuntimeSection {
             kernels: KernelChoice::Auto,
             block_backward: BlockBackward::Auto,
             optimizer_stream: false,
+            split_projections: false,
         }
     }
 }

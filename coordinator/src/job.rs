@@ -223,6 +223,7 @@ pub fn resolve_config(
                 BlockBackward::Explicit => runtime_spec::BlockBackward::Explicit,
             } as i32,
             optimizer_stream: config.runtime.optimizer_stream,
+            split_projections: config.runtime.split_projections,
         }),
         resolved_config_toml,
         run_dir: run_dir.display().to_string(),

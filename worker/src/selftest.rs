@@ -468,8 +468,8 @@ fn explicit_block(ordinal: usize, k: &Kernels) -> Result<Value, WorkerError> {
     let mut grads = FlatGrads::new(layout, layout.numel, Kind::Float, device);
     let mut explicit = |pieces: Pieces<'_>| -> Result<Vec<Tensor>, WorkerError> {
         grads.begin_step();
-        let (_, tape) = block::forward(&model, 0, &x, None, pieces, true)?;
-        let dx = block::backward(&model, 0, tape, &dy, None, pieces, &mut grads, leaves)?;
+        let (_, tape) = block::forward(&model, 0, &x, None, pieces, true, false)?;
+        let dx = block::backward(&model, 0, tape, &dy, None, pieces, &mut grads, leaves, false)?;
         Ok(std::iter::once(dx).chain(leaves.iter().map(|&l| grads.leaf(l))).collect())
     };
     let want = autograd(&model32, &f32_(&x), &f32_(&dy))?;

@@ -79,17 +79,20 @@ fn reference(m: &crate::model::Transformer, b: &Batch, scale: f64) -> (f64, Tens
 fn block_by_block_gradients_equal_whole_graph_autograd() {
     // Window 7 < 20 tokens also sends attention through the windowed blocks. Explicit
     // blocks (hand-written backward, ATen pieces) alone, with recomputation, and packed.
+    // The last two split the fused projections into one GEMM per part.
     let cases = [
-        (64, false, false, false, false),
-        (7, false, true, false, false),
-        (7, true, false, false, false),
-        (64, false, true, true, false),
-        (7, false, false, true, false),
-        (7, true, true, true, false),
-        (64, false, false, true, true),
-        (7, false, false, false, true),
+        (64, false, false, false, false, false),
+        (7, false, true, false, false, false),
+        (7, true, false, false, false, false),
+        (64, false, true, true, false, false),
+        (7, false, false, true, false, false),
+        (7, true, true, true, false, false),
+        (64, false, false, true, true, false),
+        (7, false, false, false, true, false),
+        (7, false, true, true, false, true),
+        (64, true, false, true, true, true),
     ];
-    for (window, recompute, weights, explicit_blocks, packed) in cases {
+    for (window, recompute, weights, explicit_blocks, packed, split_projections) in cases {
         let m = model(window, 21);
         let b = if packed { packed_batch(20, window as i64) } else { batch(20, weights) };
         let scale = 1.0 / 40.0;
@@ -105,6 +108,7 @@ fn block_by_block_gradients_equal_whole_graph_autograd() {
             kernels: None,
             explicit_blocks,
             recompute_elementwise: explicit_blocks && !weights,
+            split_projections,
         };
         let mut clock = PhaseClock::new(true, None);
         clock.start();
@@ -117,8 +121,8 @@ fn block_by_block_gradients_equal_whole_graph_autograd() {
         let err = max_diff(sink.grads.buffer(), &want) / want.abs().max().double_value(&[]);
         assert!(
             err < 1e-10,
-            "window {window} recompute {recompute} weights {weights} explicit {explicit_blocks} packed {packed}: \
-             relative error {err}"
+            "window {window} recompute {recompute} weights {weights} explicit {explicit_blocks} packed {packed} \
+             split {split_projections}: relative error {err}"
         );
     }
 }

@@ -210,6 +210,15 @@ fn hand_written_block_backward_trains_like_autograd() {
     let (recomputed, ew_losses) = train_solo(&spec, Kind::Float);
     assert_eq!(losses, ew_losses);
     assert_eq!(rel_l2(&recomputed, &explicit), 0.0, "recomputing norms and SwiGLU is the same arithmetic");
+    // And with one GEMM per part of the fused projections (`runtime.split_projections`
+    // through the JobSpec): the same sums in another order, so within fp32 rounding.
+    let spec = job(tmp.path(), "explicit-split", 1, "block_backward = \"explicit\"\nsplit_projections = true\n");
+    let (split, split_losses) = train_solo(&spec, Kind::Float);
+    for (a, b) in losses.iter().zip(&split_losses) {
+        assert!((a - b).abs() < 1e-5 * a.abs(), "loss {b} (split) vs {a} (fused projections)");
+    }
+    let rel = rel_l2(&split, &explicit);
+    assert!(rel > 0.0 && rel < 1e-4, "parameters differ by {rel} (relative L2)");
 }
 
 /// Why parameters may only be written by raw pointers while a forward graph exists: every

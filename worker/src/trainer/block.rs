@@ -100,10 +100,19 @@ const POST_NORM: usize = 3;
 const GATE_UP: usize = 4;
 const DOWN: usize = 5;
 
+/// The parts of block `i`'s fused projections, in rows of their weights (q, k, v; gate,
+/// up), when `split` asks for one GEMM per part.
+fn projection_parts(model: &Transformer, split: bool) -> (Option<[i64; 3]>, Option<[i64; 2]>) {
+    let s = &model.shape;
+    let (q, kv, ffn) = ((s.n_heads * s.head_dim()) as i64, (s.n_kv_heads * s.head_dim()) as i64, s.ffn_dim as i64);
+    (split.then_some([q, kv, kv]), split.then_some([ffn, ffn]))
+}
+
 /// Block `i` on `x` `[b, t, dim]` (no graph): the output and the tape for [`backward`].
 /// With `keep_elementwise` false the tape leaves out the RMSNorm and SwiGLU outputs, which
 /// backward recomputes from what it keeps (one fused pass each on the GPU) — the cheap
-/// recomputation torch.compile's partitioner does too.
+/// recomputation torch.compile's partitioner does too. With `split` the fused projections
+/// (q/k/v, gate/up) run as one GEMM per part, each writing its columns of the fused output.
 pub fn forward(
     model: &Transformer,
     i: usize,
@@ -111,16 +120,18 @@ pub fn forward(
     packing: Option<&Packing>,
     pieces: Pieces<'_>,
     keep_elementwise: bool,
+    split: bool,
 ) -> Result<(Tensor, Tape), WorkerError> {
     let s = &model.shape;
     let l = model.layer(i);
     let (b, t, dim) = (x.size()[0], x.size()[1], x.size()[2]);
     let (heads, kv_heads, hd) = (s.n_heads as i64, s.n_kv_heads as i64, s.head_dim() as i64);
     let positions = packing.map(|p| &p.positions);
+    let (qkv_parts, gate_up_parts) = projection_parts(model, split);
     let _no_grad = tch::no_grad_guard();
 
     let (n1, rstd1) = pieces.rms_norm(x, &l.input_norm, s.norm_eps)?;
-    let qkv = crate::model::linear(&n1, &l.w_qkv);
+    let qkv = project(&n1, &l.w_qkv, qkv_parts.as_ref().map(|p| p.as_slice()));
     pieces.rope(model, &qkv, positions, heads, kv_heads)?;
     let split = |offset: i64, n: i64| {
         qkv.narrow(2, offset * hd, n * hd).view([b, t, n, hd]).transpose(1, 2).detach().set_requires_grad(true)
@@ -129,7 +140,7 @@ pub fn forward(
     let attn = tch::with_grad(|| model.self_attention(&q, &k, &v, packing).transpose(1, 2).reshape([b, t, heads * hd]));
     let h = plus_linear(x, &attn.detach(), &l.wo);
     let (n2, rstd2) = pieces.rms_norm(&h, &l.post_norm, s.norm_eps)?;
-    let gate_up = crate::model::linear(&n2, &l.w_gate_up);
+    let gate_up = project(&n2, &l.w_gate_up, gate_up_parts.as_ref().map(|p| p.as_slice()));
     let act = pieces.swiglu(&gate_up)?;
     let y = plus_linear(&h, &act, &l.w_down);
     debug_assert_eq!(y.size(), [b, t, dim]);
@@ -166,9 +177,11 @@ pub fn backward(
     pieces: Pieces<'_>,
     sink: &mut dyn GradSink,
     leaves: [usize; 6],
+    split: bool,
 ) -> Result<Tensor, WorkerError> {
     let (l, eps) = (model.layer(i), model.shape.norm_eps);
     let positions = packing.map(|p| &p.positions);
+    let (qkv_parts, gate_up_parts) = projection_parts(model, split);
     let Tape { x, n1, rstd1, q, k, v, attn, h, n2, rstd2, gate_up, act } = tape;
     let rows2 = |t: &Tensor| t.reshape([-1, *t.size().last().expect("a matrix")]);
     let _no_grad = tch::no_grad_guard();
@@ -189,9 +202,10 @@ pub fn backward(
         None => pieces.rms_norm(&h, &l.post_norm, eps)?.0,
     };
     let d_gate_up2 = rows2(&d_gate_up);
-    sink.add_product(leaves[GATE_UP], &d_gate_up2.tr(), &rows2(&n2))?;
+    let gate_up_parts = gate_up_parts.as_ref().map(|p| p.as_slice());
+    weight_grad(sink, leaves[GATE_UP], &d_gate_up2, &rows2(&n2), gate_up_parts)?;
     drop(n2);
-    let d_n2 = d_gate_up2.mm(&l.w_gate_up).view(h.size().as_slice());
+    let d_n2 = project_back(&d_gate_up2, &l.w_gate_up, gate_up_parts).view(h.size().as_slice());
     drop((d_gate_up, d_gate_up2));
     let (dh, post_norm) = pieces.rms_norm_backward(&h, &l.post_norm, &rstd2, &d_n2, Some(dy))?;
     sink.add(leaves[POST_NORM], &post_norm)?;
@@ -213,13 +227,70 @@ pub fn backward(
         None => pieces.rms_norm(&x, &l.input_norm, eps)?.0,
     };
     let d_qkv2 = rows2(&d_qkv);
-    sink.add_product(leaves[QKV], &d_qkv2.tr(), &rows2(&n1))?;
+    let qkv_parts = qkv_parts.as_ref().map(|p| p.as_slice());
+    weight_grad(sink, leaves[QKV], &d_qkv2, &rows2(&n1), qkv_parts)?;
     drop(n1);
-    let d_n1 = d_qkv2.mm(&l.w_qkv).view(x.size().as_slice());
+    let d_n1 = project_back(&d_qkv2, &l.w_qkv, qkv_parts).view(x.size().as_slice());
     drop((d_qkv, d_qkv2));
     let (dx, input_norm) = pieces.rms_norm_backward(&x, &l.input_norm, &rstd1, &d_n1, Some(&dh))?;
     sink.add(leaves[INPUT_NORM], &input_norm)?;
     Ok(dx)
+}
+
+/// `a·wᵀ` for a fused projection `w` `[Σ parts, in]`: one GEMM, or with `parts` one per
+/// part, each writing its block of columns of the one output (cuBLAS takes the strided
+/// output as it is), so what follows reads the fused layout either way.
+fn project(a: &Tensor, w: &Tensor, parts: Option<&[i64]>) -> Tensor {
+    let Some(parts) = parts else { return crate::model::linear(a, w) };
+    let mut size = a.size();
+    let rows = a.reshape([-1, *size.last().expect("a matrix")]);
+    let out = Tensor::empty([rows.size()[0], w.size()[0]], (a.kind(), a.device()));
+    let mut offset = 0;
+    for &n in parts {
+        let _ = rows.mm_out(&out.narrow(1, offset, n), &w.narrow(0, offset, n).tr());
+        offset += n;
+    }
+    *size.last_mut().expect("a matrix") = w.size()[0];
+    out.view(size.as_slice())
+}
+
+/// The input gradient of [`project`] for its output gradient `d` `[rows, Σ parts]`:
+/// `d·w`, or with `parts` the sum of each part's product.
+fn project_back(d: &Tensor, w: &Tensor, parts: Option<&[i64]>) -> Tensor {
+    let Some(parts) = parts else { return d.mm(w) };
+    let mut sum: Option<Tensor> = None;
+    let mut offset = 0;
+    for &n in parts {
+        let (dp, wp) = (d.narrow(1, offset, n), w.narrow(0, offset, n));
+        sum = Some(match sum {
+            None => dp.mm(&wp),
+            Some(mut acc) => {
+                let _ = acc.addmm_(&dp, &wp);
+                acc
+            }
+        });
+        offset += n;
+    }
+    sum.expect("a projection has parts")
+}
+
+/// The weight gradient of [`project`], `dᵀ·a`, handed to `sink`: one product, or with
+/// `parts` one per part, each into its rows of the leaf.
+fn weight_grad(
+    sink: &mut dyn GradSink,
+    leaf: usize,
+    d: &Tensor,
+    a: &Tensor,
+    parts: Option<&[i64]>,
+) -> Result<(), WorkerError> {
+    let Some(parts) = parts else { return sink.add_product(leaf, &d.tr(), a) };
+    let mut offset = 0;
+    let mut products = Vec::with_capacity(parts.len());
+    for &n in parts {
+        products.push(d.narrow(1, offset, n).tr());
+        offset += n;
+    }
+    sink.add_product_rows(leaf, &products, a)
 }
 
 /// `x + a·wᵀ` as one GEMM that adds into a copy of `x` (`addmm`, β = 1) instead of a GEMM

@@ -111,6 +111,31 @@ impl FlatGrads {
         Ok(())
     }
 
+    /// As [`FlatGrads::add_product`] for a product in row blocks: `aᵢ · b` goes to the
+    /// leaf's rows after those of `a₀ … aᵢ₋₁`, each GEMM writing its own rows.
+    pub fn add_product_rows(&mut self, leaf: usize, parts: &[Tensor], b: &Tensor) -> Result<(), WorkerError> {
+        let (rows, cols) = (parts.iter().map(|a| a.size()[0]).sum::<i64>(), b.size()[1]);
+        if self.shapes[leaf] != [rows, cols] || parts.iter().any(|a| a.size()[1] != b.size()[0]) {
+            return Err(WorkerError::Spec(format!(
+                "the gradient of {} is {:?}, and products of {:?} · {:?} were handed for it",
+                self.names[leaf],
+                self.shapes[leaf],
+                parts.iter().map(Tensor::size).collect::<Vec<_>>(),
+                b.size()
+            )));
+        }
+        let dst = self.flat(leaf).view([rows, cols]);
+        let overwrite = !self.written[leaf];
+        let mut offset = 0;
+        for a in parts {
+            let n = a.size()[0];
+            tch::no_grad(|| gemm_into(&dst.narrow(0, offset, n), a, b, overwrite));
+            offset += n;
+        }
+        self.written[leaf] = true;
+        Ok(())
+    }
+
     /// Leaf `leaf`'s gradient storage for code that accumulates into it in place (zeroed
     /// first if nothing wrote it this step).
     pub fn region(&mut self, leaf: usize) -> Tensor {
@@ -130,6 +155,9 @@ impl GradSink for FlatGrads {
     }
     fn add_product(&mut self, leaf: usize, a: &Tensor, b: &Tensor) -> Result<(), WorkerError> {
         FlatGrads::add_product(self, leaf, a, b)
+    }
+    fn add_product_rows(&mut self, leaf: usize, parts: &[Tensor], b: &Tensor) -> Result<(), WorkerError> {
+        FlatGrads::add_product_rows(self, leaf, parts, b)
     }
     fn region(&mut self, leaf: usize) -> Tensor {
         FlatGrads::region(self, leaf)

@@ -268,6 +268,12 @@ impl Trainer {
             runtime_spec::Recompute::Auto => explicit_blocks,
             runtime_spec::Recompute::None | runtime_spec::Recompute::Blocks => false,
         };
+        if runtime.split_projections && !explicit_blocks {
+            tracing::warn!(
+                "runtime.split_projections applies to hand-written blocks (runtime.block_backward = \"explicit\", \
+                 or \"auto\" with the fused kernels); these blocks use autograd and fused projections"
+            );
+        }
         if recompute_elementwise && !explicit_blocks {
             tracing::warn!(
                 "runtime.recompute = \"elementwise\" applies to hand-written blocks (runtime.block_backward = \
@@ -369,6 +375,7 @@ impl Trainer {
                 kernels,
                 explicit_blocks,
                 recompute_elementwise,
+                split_projections: runtime.split_projections && explicit_blocks,
             },
             clock: PhaseClock::new(runtime.profile, placement.cuda_ordinal()),
             peak_flops,

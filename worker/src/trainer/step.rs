@@ -38,6 +38,11 @@ pub trait GradSink {
     fn add_product(&mut self, leaf: usize, a: &Tensor, b: &Tensor) -> Result<(), WorkerError> {
         self.add(leaf, &a.mm(b))
     }
+    /// Adds the products `aᵢ · b`, stacked by rows, to leaf `leaf`'s gradient: a fused
+    /// projection's weight gradient one part at a time (`runtime.split_projections`).
+    fn add_product_rows(&mut self, leaf: usize, parts: &[Tensor], b: &Tensor) -> Result<(), WorkerError> {
+        self.add(leaf, &Tensor::cat(&parts.iter().map(|a| a.mm(b)).collect::<Vec<_>>(), 0))
+    }
     /// Leaf `leaf`'s gradient storage, shaped like the leaf, for code that accumulates into
     /// it in place.
     fn region(&mut self, leaf: usize) -> Tensor;
@@ -89,6 +94,9 @@ pub struct EngineOptions {
     /// With hand-written blocks, recompute the RMSNorm and SwiGLU outputs in backward
     /// instead of keeping them (`runtime.recompute = "elementwise"`).
     pub recompute_elementwise: bool,
+    /// With hand-written blocks, one GEMM per part of the fused projections
+    /// (`runtime.split_projections`).
+    pub split_projections: bool,
 }
 
 /// Runs `batch` forward and backward through `model` for `objective`, handing gradients to
@@ -117,7 +125,8 @@ pub fn forward_backward(
         sink.params_ready(1 + i)?;
         let x = inputs.last().expect("input");
         let y = if opts.explicit_blocks {
-            let (y, tape) = block::forward(model, i, x, packing, pieces, !opts.recompute_elementwise)?;
+            let (y, tape) =
+                block::forward(model, i, x, packing, pieces, !opts.recompute_elementwise, opts.split_projections)?;
             if !recompute {
                 tapes.push(tape);
             }
@@ -170,9 +179,10 @@ pub fn forward_backward(
         if opts.explicit_blocks {
             let tape = match tapes.pop() {
                 Some(tape) => tape,
-                None => block::forward(model, i, x, packing, pieces, true)?.1,
+                None => block::forward(model, i, x, packing, pieces, true, opts.split_projections)?.1,
             };
-            let dx = block::backward(model, i, tape, &d_x, packing, pieces, sink, stages.blocks[i])?;
+            let dx =
+                block::backward(model, i, tape, &d_x, packing, pieces, sink, stages.blocks[i], opts.split_projections)?;
             for &leaf in &stages.blocks[i] {
                 sink.done(leaf)?;
             }

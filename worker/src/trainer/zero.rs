@@ -380,6 +380,10 @@ impl GradSink for Zero1 {
         self.grads.add_product(leaf, a, b)
     }
 
+    fn add_product_rows(&mut self, leaf: usize, parts: &[Tensor], b: &Tensor) -> Result<(), WorkerError> {
+        self.grads.add_product_rows(leaf, parts, b)
+    }
+
     fn region(&mut self, leaf: usize) -> Tensor {
         self.grads.region(leaf)
     }
