@@ -112,6 +112,17 @@ fn grpo_raises_the_reward_over_two_workers() {
         m.iter().map(|m| &m["clip_fraction"]).collect::<Vec<_>>()
     );
     assert!(m[29]["kl"].as_f64().unwrap() > 0.0, "the policy moved away from the reference");
+    // The checkpoints carry the chat template the prompts were rendered with (export-hf's
+    // default writes it for transformers).
+    let last = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with("step-"))
+        .max()
+        .unwrap();
+    let carried: moxin_data::sft::ChatTemplate =
+        serde_json::from_str(&std::fs::read_to_string(last.join("chat_template.json")).unwrap()).unwrap();
+    assert_eq!(carried, moxin_data::sft::ChatTemplate::moxin());
 
     // Two updates per rollout batch: the second reuses the rollouts (no generation) and
     // the prompts advance only after it.

@@ -33,9 +33,6 @@ const TOKENS_FILE: &str = "tokens.bin";
 const MASK_FILE: &str = "mask.bin";
 const INDEX_FILE: &str = "conversations.bin";
 const TOKENIZER_FILE: &str = "tokenizer.json";
-/// The chat template by itself, as `--template` takes it (also in the manifest): training
-/// copies it into checkpoints, where `export-hf` finds it.
-pub const CHAT_TEMPLATE_FILE: &str = "chat_template.json";
 const INDEX_RECORD: usize = 16;
 
 /// How a conversation becomes text: what precedes each role's turn and what ends a turn.
@@ -342,9 +339,6 @@ pub fn prepare_sft(opts: &SftPrepareOptions) -> Result<SftManifest, DataError> {
         .inner
         .save(&tokenizer_path, false)
         .map_err(|e| DataError::Tokenizer { path: tokenizer_path.clone(), reason: e.to_string() })?;
-    let template_path = dir.join(CHAT_TEMPLATE_FILE);
-    let template_json = serde_json::to_string_pretty(&opts.template).expect("a template serialises");
-    std::fs::write(&template_path, template_json + "\n").map_err(|e| DataError::io(template_path, e))?;
 
     let create = |name: &str| -> Result<BufWriter<File>, DataError> {
         let path = dir.join(name);
@@ -442,8 +436,7 @@ pub fn prepare_sft(opts: &SftPrepareOptions) -> Result<SftManifest, DataError> {
 
 /// The files an SFT preparation writes (see [`OutputDir`]).
 fn written_by_prepare_sft(name: &str) -> bool {
-    [TOKENIZER_FILE, CHAT_TEMPLATE_FILE, TOKENS_FILE, MASK_FILE, INDEX_FILE].contains(&name)
-        || name == format!(".{MANIFEST_FILE}.tmp")
+    [TOKENIZER_FILE, TOKENS_FILE, MASK_FILE, INDEX_FILE].contains(&name) || name == format!(".{MANIFEST_FILE}.tmp")
 }
 
 /// One conversation in the store.

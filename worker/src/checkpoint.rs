@@ -8,8 +8,8 @@ use std::sync::Mutex;
 
 pub use moxin_layout::checkpoint::{
     checkpoints_dir, latest_valid, list, partition_file, partition_files, record_part, staging_dir, write, BuildInfo,
-    Checkpoint, CheckpointError, CheckpointManifest, Commits, PartitionFile, RngState, FORMAT, MANIFEST, MODEL_FILE,
-    OPTIMIZER_BYTES_PER_ELEMENT, CHAT_TEMPLATE_FILE, TOKENIZER_FILE,
+    Checkpoint, CheckpointError, CheckpointManifest, Commits, PartitionFile, RngState, CHAT_TEMPLATE_FILE, FORMAT,
+    MANIFEST, MODEL_FILE, OPTIMIZER_BYTES_PER_ELEMENT, TOKENIZER_FILE,
 };
 use moxin_proto::v1::CheckpointPart;
 use tch::{Kind, Tensor};
@@ -153,6 +153,16 @@ fn on_host(t: &Tensor) -> Tensor {
     }
 }
 
+/// A file a checkpoint carries besides its tensors, so it is self-contained (the tokenizer,
+/// the chat template); rank 0 writes them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CarriedFile {
+    /// A copy of this file.
+    Copy(PathBuf),
+    /// These bytes.
+    Contents(Vec<u8>),
+}
+
 /// Writes this rank's files of a checkpoint into `staging`, all at the same time: its
 /// optimizer partition as the files `partition` (from [`partition_files`], in flat order),
 /// its part of the model (`model`: host copies of the tensors `model_part.part`), and the
@@ -166,7 +176,7 @@ pub fn write_rank_files(
     partition: &[PartitionFile],
     state: &[(String, Tensor)],
     (model_part, model): (&ModelPart, Vec<(String, Tensor)>),
-    extra_files: &[(String, PathBuf)],
+    extra_files: &[(String, CarriedFile)],
 ) -> Result<Vec<moxin_proto::v1::WrittenFile>, WorkerError> {
     let (first, elements) = match (partition.first(), partition.last()) {
         (Some(first), Some(last)) => (first.start, last.end - first.start),
@@ -204,8 +214,13 @@ pub fn write_rank_files(
             .zip(pieces)
             .map(|(file, tensors)| scope.spawn(move || write_tensors(&staging.join(&file.file), &tensors)))
             .collect();
-        let copied: Vec<_> =
-            extra_files.iter().map(|(name, source)| write::copy_file(source, &staging.join(name))).collect();
+        let copied: Vec<_> = extra_files
+            .iter()
+            .map(|(name, file)| match file {
+                CarriedFile::Copy(source) => write::copy_file(source, &staging.join(name)),
+                CarriedFile::Contents(bytes) => write::write_segments(&staging.join(name), &[bytes]),
+            })
+            .collect();
         // Every writer is joined before any error is returned, so a failure in one never
         // leaves another to panic the scope.
         let mut results: Vec<Result<write::WrittenRanges, WorkerError>> =

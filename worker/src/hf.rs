@@ -276,8 +276,8 @@ pub fn export(
 /// Which chat template [`export`] writes into `tokenizer_config.json`.
 #[derive(Debug, Clone)]
 pub enum ChatTemplateChoice {
-    /// The one the checkpoint was fine-tuned with (its `chat_template.json`, copied from the
-    /// prepared SFT data), else moxin's (what SFT, distillation and GRPO use by default).
+    /// The one the checkpoint was fine-tuned with (its `chat_template.json`, which SFT and
+    /// GRPO checkpoints carry), else moxin's (what SFT, distillation and GRPO use by default).
     Trained,
     /// This one.
     Given(moxin_data::sft::ChatTemplate),

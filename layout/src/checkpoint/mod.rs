@@ -35,8 +35,8 @@ pub const MANIFEST: &str = "manifest.json";
 pub const MODEL_FILE: &str = "model.safetensors";
 /// Tokenizer copied from the training data.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
-/// The chat template a fine-tuned model's conversations were rendered with, when it was
-/// trained on prepared SFT data (the JSON `data prepare-sft --template` takes).
+/// The chat template a fine-tuned model's conversations (SFT) or prompts (GRPO) were
+/// rendered with (the JSON `data prepare-sft --template` takes).
 pub const CHAT_TEMPLATE_FILE: &str = "chat_template.json";
 
 /// Errors reading, writing or committing checkpoints; each names the path at fault.

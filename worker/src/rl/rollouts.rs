@@ -15,10 +15,11 @@ use tch::{Device, Kind, Tensor};
 
 use super::grpo::{advantages, token_weight, Aggregation, RlTerms};
 use super::reward::{Format, MathAnswer, Reward, Weighted};
+use crate::checkpoint::CarriedFile;
 use crate::collective::{all_sum, Collective};
 use crate::generate::{generate_with_entropy, SamplingOptions};
 use crate::model::Transformer;
-use crate::trainer::batch::{Batch, BatchSource};
+use crate::trainer::batch::{template_file, Batch, BatchSource};
 use crate::trainer::objective::target_log_probs;
 use crate::WorkerError;
 
@@ -60,6 +61,8 @@ pub struct Rollouts {
     global_batch: u32,
     tokenizer: TextTokenizer,
     tokenizer_path: PathBuf,
+    /// The chat template the prompts are rendered with (checkpoints carry it).
+    template: ChatTemplate,
     reward: Weighted,
     aggregation: Aggregation,
     reference: Option<Transformer>,
@@ -132,6 +135,7 @@ impl Rollouts {
             global_batch,
             tokenizer,
             tokenizer_path,
+            template,
             reward: Weighted(rewards),
             aggregation,
             reference,
@@ -244,8 +248,11 @@ impl BatchSource for Rollouts {
         self.prompts.len() as u64
     }
 
-    fn checkpoint_files(&self) -> Vec<(String, PathBuf)> {
-        vec![(crate::checkpoint::TOKENIZER_FILE.into(), self.tokenizer_path.clone())]
+    fn checkpoint_files(&self) -> Vec<(String, CarriedFile)> {
+        vec![
+            (crate::checkpoint::TOKENIZER_FILE.into(), CarriedFile::Copy(self.tokenizer_path.clone())),
+            (crate::checkpoint::CHAT_TEMPLATE_FILE.into(), CarriedFile::Contents(template_file(&self.template))),
+        ]
     }
 
     fn begin_step(

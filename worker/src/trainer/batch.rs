@@ -7,12 +7,12 @@
 //! not change with the data.
 
 use std::ops::Range;
-use std::path::PathBuf;
 
 use moxin_data::sft::{PackedRow, SftData};
 use moxin_data::{SampleOrder, TokenDataset};
 use tch::{Device, Tensor};
 
+use crate::checkpoint::CarriedFile;
 use crate::WorkerError;
 
 /// A rank's `slice` of a global batch of `global_batch` samples must be whole
@@ -58,8 +58,9 @@ pub trait BatchSource {
     fn loss_tokens(&self, cursor: u64) -> f64;
     /// Samples in one pass over the data.
     fn samples_per_epoch(&self) -> u64;
-    /// Files a checkpoint copies so it is self-contained, `(name, source)` (the tokenizer).
-    fn checkpoint_files(&self) -> Vec<(String, PathBuf)>;
+    /// Files a checkpoint carries so it is self-contained, by name (the tokenizer; the chat
+    /// template of conversation data).
+    fn checkpoint_files(&self) -> Vec<(String, CarriedFile)>;
     /// Called before the micro-batches of the step starting at `cursor`, with the model's
     /// whole parameters and the group: sources that generate their data (GRPO rollouts) do
     /// it here and say what they made.
@@ -160,8 +161,9 @@ impl BatchSource for PretrainWindows {
         self.data.num_samples()
     }
 
-    fn checkpoint_files(&self) -> Vec<(String, PathBuf)> {
-        vec![(crate::checkpoint::TOKENIZER_FILE.into(), self.data.dir().join(&self.data.manifest().tokenizer.file))]
+    fn checkpoint_files(&self) -> Vec<(String, CarriedFile)> {
+        let tokenizer = self.data.dir().join(&self.data.manifest().tokenizer.file);
+        vec![(crate::checkpoint::TOKENIZER_FILE.into(), CarriedFile::Copy(tokenizer))]
     }
 }
 
@@ -256,17 +258,21 @@ impl BatchSource for SftPacks {
         self.data.num_rows()
     }
 
-    fn checkpoint_files(&self) -> Vec<(String, PathBuf)> {
-        let mut files = vec![(
-            crate::checkpoint::TOKENIZER_FILE.into(),
-            self.data.dir().join(&self.data.manifest().tokenizer.file),
-        )];
-        // The template the conversations were rendered with (`export-hf` writes it into
-        // tokenizer_config.json); directories prepared before it was written lack it.
-        let template = self.data.dir().join(moxin_data::sft::CHAT_TEMPLATE_FILE);
-        if template.is_file() {
-            files.push((crate::checkpoint::CHAT_TEMPLATE_FILE.into(), template));
-        }
-        files
+    fn checkpoint_files(&self) -> Vec<(String, CarriedFile)> {
+        let manifest = self.data.manifest();
+        let tokenizer = self.data.dir().join(&manifest.tokenizer.file);
+        // The template the conversations were rendered with: `export-hf` writes it into
+        // tokenizer_config.json.
+        vec![
+            (crate::checkpoint::TOKENIZER_FILE.into(), CarriedFile::Copy(tokenizer)),
+            (crate::checkpoint::CHAT_TEMPLATE_FILE.into(), CarriedFile::Contents(template_file(&manifest.template))),
+        ]
     }
+}
+
+/// A chat template as a checkpoint carries it (the JSON `data prepare-sft --template` takes).
+pub fn template_file(template: &moxin_data::sft::ChatTemplate) -> Vec<u8> {
+    let mut json = serde_json::to_vec_pretty(template).expect("a chat template serialises");
+    json.push(b'\n');
+    json
 }

@@ -241,7 +241,7 @@ impl Checkpointer {
         model: &Transformer,
         opt: &AdamW,
         progress: Progress,
-        extra_files: Vec<(String, PathBuf)>,
+        extra_files: Vec<(String, crate::checkpoint::CarriedFile)>,
         keep_last: usize,
     ) -> Result<f64, WorkerError> {
         let started = Instant::now();
