@@ -488,8 +488,8 @@ struct ExportHfArgs {
     #[arg(long, default_value_t = 5.0, allow_negative_numbers = true)]
     max_shard_gb: f64,
     /// Chat template for transformers' `apply_chat_template` (tokenizer_config.json):
-    /// "auto" (the one the checkpoint was fine-tuned with, from its prepared SFT data, else
-    /// "moxin"), "moxin" (what SFT, distillation and GRPO use by default), a template JSON
+    /// "auto" (the one the checkpoint was fine-tuned with, which SFT and GRPO checkpoints
+    /// carry, else "moxin"), "moxin" (what SFT, distillation and GRPO use by default), a template JSON
     /// file as `data prepare-sft --template` takes, or "none".
     #[arg(long, default_value = "auto")]
     chat_template: String,
@@ -778,8 +778,9 @@ fn init_logging() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // tonic reports a connection it refused at the TLS handshake (a worker without the job's
     // CA or client certificate, plain HTTP to a TLS port) only at debug level, and a
-    // coordinator's operator needs to see those whatever the filter.
-    if let Ok(refusals) = "tonic::transport::server::io_stream=debug".parse() {
+    // coordinator's operator needs to see those, unless MOXIN_LOG says otherwise for tonic.
+    let says_tonic = std::env::var("MOXIN_LOG").is_ok_and(|v| v.contains("tonic"));
+    if let (false, Ok(refusals)) = (says_tonic, "tonic::transport::server::io_stream=debug".parse()) {
         filter = filter.add_directive(refusals);
     }
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();

@@ -290,6 +290,8 @@ impl CoordinatorService {
     /// terminal's whole process group, so workers started beside the coordinator can hear
     /// it and leave before the coordinator's next look at it: a departure while it is set
     /// stops the job first, so that no group re-forms and nothing counts as lost.
+    /// `source` is called with the service's state locked: it must not call back into the
+    /// service. The first source set stays.
     pub fn stop_on_signal(&self, source: StopSource) {
         let _ = self.stop_signal.set(source);
     }
@@ -386,6 +388,10 @@ impl CoordinatorService {
             if member {
                 s.recovering_since.get_or_insert_with(Instant::now);
             }
+        } else if failed {
+            // Not counted (the job is over), but a worker dying while it wrote the final
+            // checkpoint is worth a look.
+            tracing::warn!("{why}; {next}");
         } else {
             tracing::info!("{why}; {next}");
         }

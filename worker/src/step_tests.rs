@@ -28,6 +28,10 @@ impl GradSink for Collect {
         assert!(!self.done.contains(&leaf), "leaf {leaf} written after it was finished");
         self.grads.add_product(leaf, a, b)
     }
+    fn add_product_rows(&mut self, leaf: usize, parts: &[Tensor], b: &Tensor) -> Result<(), WorkerError> {
+        assert!(!self.done.contains(&leaf), "leaf {leaf} written after it was finished");
+        self.grads.add_product_rows(leaf, parts, b)
+    }
     fn region(&mut self, leaf: usize) -> Tensor {
         self.grads.region(leaf)
     }

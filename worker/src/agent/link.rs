@@ -227,6 +227,13 @@ impl Progress {
         self.step.store(step, Ordering::Relaxed);
     }
 
+    /// Forgets the compute times: a new group splits the work anew, so the old times say
+    /// nothing about this rank's share.
+    pub(super) fn new_group(&self) {
+        self.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
+        self.compute_s_bits.store(0, Ordering::Relaxed);
+    }
+
     /// The median compute seconds the heartbeats carry (0 before any step).
     pub(super) fn compute_s(&self) -> f64 {
         f64::from_bits(self.compute_s_bits.load(Ordering::Relaxed))
@@ -258,6 +265,13 @@ mod progress_tests {
         p.record_step(3, 1.2);
         assert_eq!(p.compute_s(), 1.2);
         assert_eq!(p.step.load(Ordering::Relaxed), 3);
+        // A new group starts afresh.
+        let q = Progress::default();
+        q.record_step(1, 9.0);
+        q.new_group();
+        assert_eq!(q.compute_s(), 0.0);
+        q.record_step(2, 1.0);
+        assert_eq!(q.compute_s(), 1.0);
         // Unmeasured steps count as progress but not as compute.
         p.record_step(4, f64::NAN);
         p.record_step(5, 0.0);

@@ -687,6 +687,7 @@ impl Agent {
     }
 
     fn start_training(&mut self, a: Assignment) -> Result<(), WorkerError> {
+        self.step.new_group();
         let peers: Vec<SocketAddr> = a
             .peers
             .iter()

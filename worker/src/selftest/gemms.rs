@@ -123,7 +123,10 @@ pub fn projection_gemms(
             if parts.len() > 1 {
                 // The bf16 weight gradients' `cat` is not timed: a split model keeps them apart.
                 let split_ms = time_ms(&mut || {
-                    if role == "weight_grad_bf16" {
+                    if role == "forward" {
+                        // The products alone (`split` copies its result out for the comparison).
+                        drop(forward_in_parts());
+                    } else if role == "weight_grad_bf16" {
                         dys.iter().for_each(|dyi| drop(dyi.tr().mm(&x)));
                     } else {
                         drop(split(role));

@@ -255,7 +255,8 @@ fn project(a: &Tensor, w: &Tensor, parts: Option<&[i64]>) -> Tensor {
 }
 
 /// The input gradient of [`project`] for its output gradient `d` `[rows, Σ parts]`:
-/// `d·w`, or with `parts` the sum of each part's product.
+/// `d·w`, or with `parts` the sum of each part's product (accumulated in the activations'
+/// dtype, as autograd sums the input gradients of separate projections).
 fn project_back(d: &Tensor, w: &Tensor, parts: Option<&[i64]>) -> Tensor {
     let Some(parts) = parts else { return d.mm(w) };
     let mut sum: Option<Tensor> = None;
