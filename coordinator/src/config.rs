@@ -172,7 +172,7 @@ impl Default for JobSection {
 
 /// `[model]`: `preset` names a built-in shape or a TOML file, or `init_from` a checkpoint
 /// whose shape and weights the run starts from; any other key overrides the shape.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[allow(missing_docs)]
 pub struct ModelSection {
@@ -204,17 +204,7 @@ impl ModelSection {
         ModelSection {
             preset: if dir { String::new() } else { model.to_string() },
             init_from: dir.then(|| model.to_string()),
-            vocab_size: None,
-            dim: None,
-            n_layers: None,
-            n_heads: None,
-            n_kv_heads: None,
-            ffn_dim: None,
-            max_seq_len: None,
-            sliding_window: None,
-            rope_theta: None,
-            norm_eps: None,
-            init_std: None,
+            ..Default::default()
         }
     }
 
@@ -477,7 +467,7 @@ impl JobConfig {
     /// overrides (`section.key=value`), and rejects unknown keys. Does not validate values.
     pub fn load(file: &Path, env: HashMap<String, String>, overrides: &[String]) -> Result<Self, ConfigError> {
         let load_err = |message: String| ConfigError::Load { file: file.to_path_buf(), message };
-        let env_keys: HashMap<String, ()> = env.keys().map(|k| (k.clone(), ())).collect();
+        let env_keys: Vec<String> = env.keys().cloned().collect();
         let text = std::fs::read_to_string(file).map_err(|e| load_err(format!("cannot read config: {e}")))?;
         let mut builder = ::config::Config::builder()
             .add_source(::config::File::from_str(&text, ::config::FileFormat::Toml))
@@ -506,7 +496,7 @@ impl JobConfig {
             let names = |k: &str| !key.is_empty() && (k == key || k.starts_with(&format!("{key}.")));
             let set = overrides.iter().rev().find(|s| s.split_once('=').is_some_and(|(k, _)| names(k.trim())));
             let var = env_keys
-                .keys()
+                .iter()
                 .find(|v| v.strip_prefix("MOXIN__").is_some_and(|k| names(&k.to_lowercase().replace("__", "."))));
             match (set, var) {
                 (Some(set), _) => ConfigError::Override { origin: format!("--set {set}"), message },

@@ -306,8 +306,7 @@ fn prepare_file(
         // is prepared again; data checkpoints were trained on is not replaced under them.
         let trained = dir.parent().is_some_and(|run| {
             let published = moxin_layout::checkpoint::list(run).is_ok_and(|l| !l.is_empty());
-            let staged = std::fs::read_dir(moxin_layout::checkpoint::checkpoints_dir(run))
-                .is_ok_and(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))));
+            let staged = !moxin_layout::checkpoint::staging_dirs(run).is_empty();
             let logged = std::fs::metadata(run.join("metrics.jsonl")).is_ok_and(|m| m.len() > 0);
             published || staged || logged
         });
@@ -325,7 +324,7 @@ fn prepare_file(
         .map_err(|e| bad(e.to_string()))?
         .lines()
         .find(|l| !l.trim().is_empty())
-        .map(|l| l.trim_start_matches('\u{feff}').to_string())
+        .map(|l| moxin_data::without_bom(l, true).to_string())
         .unwrap_or_default();
     let conversations = serde_json::from_str::<serde_json::Value>(&first).is_ok_and(|v| v["messages"].is_array());
     let init_tokenizer = init_from.map(|d| d.join(moxin_layout::checkpoint::TOKENIZER_FILE)).filter(|t| t.exists());

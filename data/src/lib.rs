@@ -33,7 +33,7 @@ pub use error::DataError;
 
 /// `line` without the UTF-8 byte order mark some editors (Windows Notepad, Excel exports)
 /// put at the start of a file: `first` says whether it is a file's first line.
-pub(crate) fn without_bom(line: &str, first: bool) -> &str {
+pub fn without_bom(line: &str, first: bool) -> &str {
     if first {
         line.strip_prefix('\u{feff}').unwrap_or(line)
     } else {

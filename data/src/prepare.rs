@@ -312,9 +312,9 @@ impl Iterator for Documents<'_> {
             return Some(std::fs::read(path).map_err(|e| DataError::io(path, e)).and_then(|bytes| {
                 String::from_utf8(bytes)
                     .map(|mut text| {
-                        if text.starts_with('\u{feff}') {
-                            text.drain(..'\u{feff}'.len_utf8());
-                        }
+                        // In place: a whole file is not copied for three bytes.
+                        let bom = text.len() - crate::without_bom(&text, true).len();
+                        text.drain(..bom);
                         text
                     })
                     .map_err(|e| DataError::Input {

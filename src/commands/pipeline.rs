@@ -30,12 +30,14 @@ pub fn run(file: &Path, out: Option<&Path>, overrides: &[String], mode: Mode) ->
         .and_then(|v| serde_json::from_value(v["stages"].clone()).ok())
         .unwrap_or_default();
     let mut summary: Vec<StageSummary> = Vec::new();
-    for stage in &pipeline.stages {
-        pipeline.stage_overrides(&stage.name, overrides).map_err(|e| super::invalid_job(file, e))?;
-    }
-    for stage in &pipeline.stages {
-        let stage_overrides =
-            &pipeline.stage_overrides(&stage.name, overrides).map_err(|e| super::invalid_job(file, e))?;
+    // Every stage's overrides before any stage runs: a bad `stage.` one stops nothing midway.
+    let per_stage: Vec<Vec<String>> = pipeline
+        .stages
+        .iter()
+        .map(|stage| pipeline.stage_overrides(&stage.name, overrides))
+        .collect::<Result<_, _>>()
+        .map_err(|e| super::invalid_job(file, e))?;
+    for (stage, stage_overrides) in pipeline.stages.iter().zip(&per_stage) {
         let marker = stage.run_dir.join(FINISHED);
         let kept = previous.iter().find(|s| s.stage == stage.name).filter(|_| marker.exists());
         if let Some(done) = kept {

@@ -15,8 +15,8 @@ use moxin_proto::v1::CheckpointPart;
 use prost::Message;
 
 use super::{
-    checkpoints_dir, is_plain_file_name, list, staging_dir, step_dir_name, sweep, Checkpoint, CheckpointError,
-    CheckpointManifest, PartitionFile, FORMAT, MANIFEST,
+    checkpoints_dir, is_plain_file_name, list, staging_dir, staging_dirs, step_dir_name, sweep, Checkpoint,
+    CheckpointError, CheckpointManifest, PartitionFile, FORMAT, MANIFEST,
 };
 
 /// Largest group a report may claim (far beyond any real job; bounds what a bad report
@@ -102,14 +102,7 @@ impl Commits {
     /// [`Commits::abandon_before`].
     pub fn recover(&mut self) -> Vec<PathBuf> {
         let mut published = Vec::new();
-        let Ok(entries) = std::fs::read_dir(checkpoints_dir(&self.run_dir)) else { return published };
-        let mut staged: Vec<PathBuf> = entries
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(".tmp-step-")))
-            .collect();
-        staged.sort();
-        for dir in staged {
+        for dir in staging_dirs(&self.run_dir) {
             let newest = list(&self.run_dir).ok().and_then(|l| l.first().map(|(step, _)| *step));
             let Some(parts) = recorded_parts(&dir) else { continue };
             if newest.is_some_and(|n| n >= parts[0].step) {

@@ -465,6 +465,18 @@ pub fn staging_dir(run_dir: &Path, step: u64, generation: u64) -> PathBuf {
     checkpoints_dir(run_dir).join(format!(".tmp-{}-g{generation}", step_dir_name(step)))
 }
 
+/// The staging directories of a run (checkpoints being written, or left unpublished).
+pub fn staging_dirs(run_dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(checkpoints_dir(run_dir)) else { return Vec::new() };
+    let mut dirs: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(".tmp-step-")))
+        .collect();
+    dirs.sort();
+    dirs
+}
+
 /// Published checkpoint directories of a run, newest first.
 pub fn list(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
     let dir = checkpoints_dir(run_dir);

@@ -200,29 +200,27 @@ const COMPUTE_WINDOW: usize = 8;
 #[derive(Default)]
 pub(super) struct Progress {
     pub(super) step: AtomicU64,
-    /// `f64` bits of the median compute seconds of the last [`COMPUTE_WINDOW`] logged steps:
-    /// a step the whole group found slow (a checkpoint, an evaluation, a busy machine) moves
-    /// it little, so the coordinator's straggler check does not flag each rank in turn as
-    /// their heartbeats arrive; a rank that stays slow moves it within a few steps.
-    pub(super) compute_s_bits: AtomicU64,
-    /// Those steps' compute seconds, oldest first (only the agent writes them).
+    /// The compute seconds of the last [`COMPUTE_WINDOW`] logged steps, oldest first. The
+    /// heartbeats carry their median: a step the whole group found slow (a checkpoint, an
+    /// evaluation, a busy machine) moves it little, so the coordinator's straggler check
+    /// does not flag each rank in turn as their heartbeats arrive; a rank that stays slow
+    /// moves it within a few steps.
     recent: std::sync::Mutex<std::collections::VecDeque<f64>>,
 }
 
 impl Progress {
+    fn recent(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<f64>> {
+        self.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Step `step` was logged after `compute_s` seconds of compute.
     pub(super) fn record_step(&self, step: u64, compute_s: f64) {
         if compute_s.is_finite() && compute_s > 0.0 {
-            let mut recent = self.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut recent = self.recent();
             if recent.len() == COMPUTE_WINDOW {
                 recent.pop_front();
             }
             recent.push_back(compute_s);
-            let mut sorted: Vec<f64> = recent.iter().copied().collect();
-            sorted.sort_by(f64::total_cmp);
-            let n = sorted.len();
-            let median = if n % 2 == 1 { sorted[n / 2] } else { (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0 };
-            self.compute_s_bits.store(median.to_bits(), Ordering::Relaxed);
         }
         self.step.store(step, Ordering::Relaxed);
     }
@@ -230,13 +228,19 @@ impl Progress {
     /// Forgets the compute times: a new group splits the work anew, so the old times say
     /// nothing about this rank's share.
     pub(super) fn new_group(&self) {
-        self.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
-        self.compute_s_bits.store(0, Ordering::Relaxed);
+        self.recent().clear();
     }
 
     /// The median compute seconds the heartbeats carry (0 before any step).
     pub(super) fn compute_s(&self) -> f64 {
-        f64::from_bits(self.compute_s_bits.load(Ordering::Relaxed))
+        let mut sorted: Vec<f64> = self.recent().iter().copied().collect();
+        sorted.sort_by(f64::total_cmp);
+        let n = sorted.len();
+        match n {
+            0 => 0.0,
+            _ if n % 2 == 1 => sorted[n / 2],
+            _ => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+        }
     }
 }
 

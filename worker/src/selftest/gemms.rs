@@ -4,11 +4,13 @@
 //! in its three roles: forward, input gradient and weight gradient (with an fp32 output,
 //! moxin-train's way, and a bf16 one). A GPU's kernel trace showed compile's separate
 //! projections running faster per FLOP than ours; this says, per projection and role,
-//! whether splitting would pay, before any training code changes.
+//! whether `runtime.split_projections` pays. Forward and input gradient run the training
+//! code's own `block::project` / `block::project_back`.
 
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
+use crate::trainer::block::{project, project_back};
 use crate::trainer::grads::gemm_into;
 use crate::WorkerError;
 
@@ -60,21 +62,12 @@ pub fn projection_gemms(
         let n: i64 = parts.iter().sum();
         let x = Tensor::randn([m, k_in], (Kind::Float, device)).to_kind(kind);
         let w = (Tensor::randn([n, k_in], (Kind::Float, device)) * 0.02).to_kind(kind);
-        // Split the way a split block would run inside moxin-train's layout: each part's
-        // weight is a block of rows of the fused matrix, each part's output (and output
-        // gradient) a block of columns of the fused one, which the RoPE and SwiGLU kernels
-        // read as one tensor (cuBLAS takes such strided operands as they are).
+        // Split the way a split block runs (`block::project`, `block::project_back`): each
+        // part's weight a block of rows of the fused matrix, its output and output gradient
+        // a block of columns of the fused ones (cuBLAS takes such strided operands as they are).
         let dy = Tensor::randn([m, n], (Kind::Float, device)).to_kind(kind);
         let dys: Vec<Tensor> = dy.split_with_sizes(parts.as_slice(), 1);
-        let ws: Vec<Tensor> = w.split_with_sizes(parts.as_slice(), 0);
-        let out = Tensor::zeros([m, n], (kind, device));
-        let outs: Vec<Tensor> = out.split_with_sizes(parts.as_slice(), 1);
-        let forward_in_parts = || {
-            for (o, wi) in outs.iter().zip(&ws) {
-                let _ = x.mm_out(o, &wi.tr());
-            }
-            out.shallow_clone()
-        };
+        let split_parts = Some(parts.as_slice());
         // Weight gradients accumulate in fp32 when the products are half precision.
         let grad_kind = if matches!(kind, Kind::BFloat16 | Kind::Half) { Kind::Float } else { kind };
         let dw = Tensor::zeros([n, k_in], (grad_kind, device));
@@ -83,8 +76,8 @@ pub fn projection_gemms(
 
         let fused = |role: &str| -> Tensor {
             match role {
-                "forward" => x.mm(&w.tr()),
-                "input_grad" => dy.mm(&w),
+                "forward" => project(&x, &w, None),
+                "input_grad" => project_back(&dy, &w, None),
                 "weight_grad_fp32" => {
                     gemm_into(&dw, &dy.tr(), &x, true);
                     dw.shallow_clone()
@@ -94,14 +87,8 @@ pub fn projection_gemms(
         };
         let split = |role: &str| -> Tensor {
             match role {
-                "forward" => forward_in_parts().copy(),
-                "input_grad" => {
-                    let mut acc = dys[0].mm(&ws[0]);
-                    for (dyi, wi) in dys.iter().zip(&ws).skip(1) {
-                        let _ = acc.addmm_(dyi, wi);
-                    }
-                    acc
-                }
+                "forward" => project(&x, &w, split_parts),
+                "input_grad" => project_back(&dy, &w, split_parts),
                 "weight_grad_fp32" => {
                     let mut offset = 0;
                     for (dyi, &p) in dys.iter().zip(&parts) {
@@ -123,10 +110,7 @@ pub fn projection_gemms(
             if parts.len() > 1 {
                 // The bf16 weight gradients' `cat` is not timed: a split model keeps them apart.
                 let split_ms = time_ms(&mut || {
-                    if role == "forward" {
-                        // The products alone (`split` copies its result out for the comparison).
-                        drop(forward_in_parts());
-                    } else if role == "weight_grad_bf16" {
+                    if role == "weight_grad_bf16" {
                         dys.iter().for_each(|dyi| drop(dyi.tr().mm(&x)));
                     } else {
                         drop(split(role));

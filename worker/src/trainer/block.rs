@@ -240,7 +240,7 @@ pub fn backward(
 /// `a·wᵀ` for a fused projection `w` `[Σ parts, in]`: one GEMM, or with `parts` one per
 /// part, each writing its block of columns of the one output (cuBLAS takes the strided
 /// output as it is), so what follows reads the fused layout either way.
-fn project(a: &Tensor, w: &Tensor, parts: Option<&[i64]>) -> Tensor {
+pub(crate) fn project(a: &Tensor, w: &Tensor, parts: Option<&[i64]>) -> Tensor {
     let Some(parts) = parts else { return crate::model::linear(a, w) };
     let mut size = a.size();
     let rows = a.reshape([-1, *size.last().expect("a matrix")]);
@@ -257,7 +257,7 @@ fn project(a: &Tensor, w: &Tensor, parts: Option<&[i64]>) -> Tensor {
 /// The input gradient of [`project`] for its output gradient `d` `[rows, Σ parts]`:
 /// `d·w`, or with `parts` the sum of each part's product (accumulated in the activations'
 /// dtype, as autograd sums the input gradients of separate projections).
-fn project_back(d: &Tensor, w: &Tensor, parts: Option<&[i64]>) -> Tensor {
+pub(crate) fn project_back(d: &Tensor, w: &Tensor, parts: Option<&[i64]>) -> Tensor {
     let Some(parts) = parts else { return d.mm(w) };
     let mut sum: Option<Tensor> = None;
     let mut offset = 0;

@@ -94,21 +94,7 @@ impl FlatGrads {
     /// Adds the product `a · b` (`[rows, k] · [k, cols]`, the leaf's 2-D shape) to leaf
     /// `leaf`, written by the GEMM itself.
     pub fn add_product(&mut self, leaf: usize, a: &Tensor, b: &Tensor) -> Result<(), WorkerError> {
-        let (rows, cols) = (a.size()[0], b.size()[1]);
-        if self.shapes[leaf] != [rows, cols] || a.size()[1] != b.size()[0] {
-            return Err(WorkerError::Spec(format!(
-                "the gradient of {} is {:?}, and a product of {:?} · {:?} was handed for it",
-                self.names[leaf],
-                self.shapes[leaf],
-                a.size(),
-                b.size()
-            )));
-        }
-        let dst = self.flat(leaf).view([rows, cols]);
-        let overwrite = !self.written[leaf];
-        tch::no_grad(|| gemm_into(&dst, a, b, overwrite));
-        self.written[leaf] = true;
-        Ok(())
+        self.add_product_rows(leaf, std::slice::from_ref(a), b)
     }
 
     /// As [`FlatGrads::add_product`] for a product in row blocks: `aᵢ · b` goes to the
@@ -117,7 +103,7 @@ impl FlatGrads {
         let (rows, cols) = (parts.iter().map(|a| a.size()[0]).sum::<i64>(), b.size()[1]);
         if self.shapes[leaf] != [rows, cols] || parts.iter().any(|a| a.size()[1] != b.size()[0]) {
             return Err(WorkerError::Spec(format!(
-                "the gradient of {} is {:?}, and products of {:?} · {:?} were handed for it",
+                "the gradient of {} is {:?}, and a product of {:?} · {:?} was handed for it",
                 self.names[leaf],
                 self.shapes[leaf],
                 parts.iter().map(Tensor::size).collect::<Vec<_>>(),
