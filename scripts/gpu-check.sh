@@ -9,7 +9,8 @@
 #   3.  tiny                       tiny preset on CUDA: loss falls as on the CPU (ATen, fused,
 #                                  fused with the hand-written block backward, AdamW on its
 #                                  own stream: the same losses as the defaults, and split
-#                                  projections: within bf16 rounding of them)
+#                                  projections and tuned GEMMs: within bf16 rounding of them;
+#                                  GPU_CHECK_TINY="explicit split" picks runs)
 #   4.  nccl1                      `launch --workers 1` over NCCL = `train` without it
 #   5.  ring                       `launch --workers 2` on one GPU over the ring = single-GPU `train`
 #   5b. chaos                      a worker SIGKILLed mid-run is replaced; every step logged once
@@ -26,7 +27,11 @@
 #                                  GPU_CHECK_COMPILE=0, GPU_CHECK_KEEPALL=0, GPU_CHECK_AUTOGRAD=0,
 #                                  GPU_CHECK_GEMM=0 (weight gradients through a bf16 product
 #                                  and a copy, MOXIN_GEMM_FP32_OUT=0), GPU_CHECK_SPLIT=0
-#                                  (runtime.split_projections) skip those runs;
+#                                  (runtime.split_projections), GPU_CHECK_OPTSTREAM=0
+#                                  (runtime.optimizer_stream) skip those runs;
+#                                  GPU_CHECK_TUNED=0 (runtime.gemm = "tuned") skips that run;
+#                                  GPU_CHECK_CUBLASLT=1 adds the defaults with libtorch's
+#                                  GEMMs through cuBLASLt (TORCH_BLAS_PREFER_CUBLASLT=1);
 #                                  GPU_CHECK_SHAPES picks shapes)
 #   9.  switches (only when named) gpu-1b: the defaults vs model.sliding_window = 1024,
 #                                  runtime.recompute = "blocks", runtime.grad_reduce = "bf16"
@@ -94,22 +99,32 @@ for k, p in b["pieces"].items():
 print("   block forward+backward ms", b["forward_backward_ms"], "errors", b["relative_l2_vs_fp32_autograd"])
 print("   attention backend SDPA picks:", b.get("attention_backend"), "; packed RoPE:", b.get("rope_packed_relative_l2"))
 print("   bf16 products written as fp32 (weight gradients):", b.get("gemm_fp32_out"))
+for shape, r in d.get("tuned_gemms", {}).items():
+    if shape != "problems":
+        t = r["block_ms"]
+        print(f"   {shape} projection GEMMs of a block, tuned cuBLASLt: fused {t['fused']:.2f} ms, split {t['split']:.2f} ms")
 for shape, r in d.get("projection_gemms", {}).items():
     t = r["block_ms"]
     print(f"   {shape} projection GEMMs of a block: fused {t['fused']:.2f} ms, split {t['split']:.2f} ms ({t['split_vs_fused']:.3f}x)")
+    for name, p in r["projections"].items():
+        if "residual" in p:
+            e = p["residual"]
+            print(f"   {shape} {name}: residual in the GEMM {e['addmm_ms']:.3f} ms, GEMM then add {e['mm_then_add_ms']:.3f} ms")
 PY
 fi
 
 TINY=(--set runtime.device=cuda --set train.steps=100 --set checkpoint.enabled=false)
 if want tiny; then
   say "3. tiny preset on CUDA (ATen kernels, fused kernels)"
-  train tiny-aten 120 configs/tiny-pretrain.toml "${TINY[@]}" --set runtime.kernels=aten
-  train tiny-fused 120 configs/tiny-pretrain.toml "${TINY[@]}" --set runtime.kernels=fused \
+  tiny() { [[ " ${GPU_CHECK_TINY:-aten fused explicit optstream split tuned} " == *" $1 "* ]]; }
+  tiny aten && train tiny-aten 120 configs/tiny-pretrain.toml "${TINY[@]}" --set runtime.kernels=aten
+  tiny fused && train tiny-fused 120 configs/tiny-pretrain.toml "${TINY[@]}" --set runtime.kernels=fused \
     --set runtime.block_backward=autograd
-  train tiny-explicit 120 configs/tiny-pretrain.toml "${TINY[@]}" --set runtime.kernels=fused \
+  tiny explicit && train tiny-explicit 120 configs/tiny-pretrain.toml "${TINY[@]}" --set runtime.kernels=fused \
     --set runtime.block_backward=explicit
-  train tiny-optstream 120 configs/tiny-pretrain.toml "${TINY[@]}" --set runtime.optimizer_stream=true
-  train tiny-split 120 configs/tiny-pretrain.toml "${TINY[@]}" --set runtime.split_projections=true
+  tiny optstream && train tiny-optstream 120 configs/tiny-pretrain.toml "${TINY[@]}" --set runtime.optimizer_stream=true
+  tiny split && train tiny-split 120 configs/tiny-pretrain.toml "${TINY[@]}" --set runtime.split_projections=true
+  tiny tuned && train tiny-tuned 120 configs/tiny-pretrain.toml "${TINY[@]}" --set runtime.gemm=tuned
 fi
 
 if want nccl1; then
@@ -236,9 +251,11 @@ if want bench && [ "${GPU_CHECK_BENCH:-1}" != 0 ]; then
     [ "${GPU_CHECK_AUTOGRAD:-1}" = 1 ] && train "$shape-moxin-fused" 150 "$config" "${BENCH[@]}" --set runtime.kernels=fused --set runtime.block_backward=autograd
     train "$shape-moxin-explicit" 150 "$config" "${BENCH[@]}" --set runtime.kernels=fused --set runtime.block_backward=explicit
     [ "${GPU_CHECK_KEEPALL:-1}" = 1 ] && train "$shape-moxin-keepall" 150 "$config" "${BENCH[@]}" --set runtime.recompute=none
-    train "$shape-moxin-optstream" 150 "$config" "${BENCH[@]}" --set runtime.optimizer_stream=true
+    [ "${GPU_CHECK_OPTSTREAM:-1}" = 1 ] && train "$shape-moxin-optstream" 150 "$config" "${BENCH[@]}" --set runtime.optimizer_stream=true
     [ "${GPU_CHECK_GEMM:-1}" = 1 ] && MOXIN_GEMM_FP32_OUT=0 train "$shape-moxin-bf16gemm" 150 "$config" "${BENCH[@]}"
     [ "${GPU_CHECK_SPLIT:-1}" = 1 ] && train "$shape-moxin-split" 150 "$config" "${BENCH[@]}" --set runtime.split_projections=true
+    [ "${GPU_CHECK_TUNED:-1}" = 1 ] && train "$shape-moxin-tuned" 150 "$config" "${BENCH[@]}" --set runtime.gemm=tuned
+    [ "${GPU_CHECK_CUBLASLT:-0}" = 1 ] && TORCH_BLAS_PREFER_CUBLASLT=1 train "$shape-moxin-cublaslt" 150 "$config" "${BENCH[@]}"
     [ "${GPU_CHECK_PROFILE:-1}" = 1 ] && train "$shape-moxin-profile" 150 "$config" --set train.steps=8 --set runtime.profile=true
     # Every kernel of 3 steps after 5 of warm-up (CUPTI), the defaults; compile's the same way.
     TRACE=()

@@ -61,7 +61,9 @@ for shape in ("gpu-1b", "moxin-7b-4l"):
                            ("keepall", "the default with recompute = none"),
                            ("optstream", "the default + optimizer_stream = true"),
                            ("bf16gemm", "the default, weight gradients via a bf16 product + copy"),
-                           ("split", "the default + split_projections = true")):
+                           ("split", "the default + split_projections = true"),
+                           ("tuned", "the default + gemm = tuned (cuBLASLt, algorithms chosen by timing)"),
+                           ("cublaslt", "the default, cuBLASLt preferred (TORCH_BLAS_PREFER_CUBLASLT=1)")):
         m = moxin(f"{shape}-moxin-{variant}")
         if m:
             systems.append((f"moxin-train ({label})", m["tokens_per_s"], m["mfu"], m["memory"]))
@@ -160,7 +162,7 @@ if base:
             print(f"| {label} | {m['tokens_per_s']:,.0f} | {m['tokens_per_s'] / base['tokens_per_s']:.2f} | {gib(m['memory'])} | {m['loss'][1]:.3f} |")
 
 print("\n## Correctness\n")
-for name in ("tiny-aten", "tiny-fused", "tiny-explicit", "tiny-optstream", "tiny-split", "nccl1"):
+for name in ("tiny-aten", "tiny-fused", "tiny-explicit", "tiny-optstream", "tiny-split", "tiny-tuned", "nccl1"):
     rows = metrics(name)
     if rows:
         print(f"- {name}: loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f} over {len(rows)} steps")
@@ -178,6 +180,7 @@ compare("tiny-aten", "tiny-fused", "fused vs ATen kernels (tiny, bf16)", True)
 compare("tiny-explicit", "tiny-optstream", "AdamW on its own stream vs on torch's (tiny, the defaults)", False)
 compare("tiny-fused", "tiny-explicit", "hand-written vs autograd block backward (tiny, bf16, fused kernels)", True)
 compare("tiny-explicit", "tiny-split", "one GEMM per projection part vs fused projections (tiny, the defaults)", True)
+compare("tiny-explicit", "tiny-tuned", "tuned cuBLASLt GEMMs vs libtorch's (tiny, the defaults)", True)
 eq = load_json("ring-equivalence.json")
 if eq:
     print(f"- 2 workers on one GPU over the ring vs single-GPU train, 20 steps: parameters differ by {eq['params_relative_l2']:.2e} (relative L2)")
@@ -221,6 +224,27 @@ if k and k.get("projection_gemms"):
                 print(f"| {shape} | {name} ({p['m']} x {p['n']} x {p['k']}) | {role} | {e['fused_tflops']:.0f} | {split} | {ratio} |")
         b = r["block_ms"]
         print(f"| {shape} | one block (forward, input and fp32 weight gradients) | ms | {b['fused']:.2f} | {b['split']:.2f} | {b['split_vs_fused']:.3f} |")
+    tuned = k.get("tuned_gemms") or {}
+    if tuned:
+        print("\n| shape | one block's projection GEMMs, ms | libtorch (cuBLAS) | tuned cuBLASLt | tuned / libtorch |")
+        print("|---|---|---|---|---|")
+        for shape, r in k["projection_gemms"].items():
+            for way in ("fused", "split"):
+                a, t = r["block_ms"][way], tuned[shape]["block_ms"][way]
+                print(f"| {shape} | {way} | {a:.2f} | {t:.2f} | {t / a:.3f} |")
+        problems = (tuned.get("problems") or {}).get("problems") or []
+        print("\n| tuned problem (m x n x k, cuBLASLt's terms) | out | first pick ms | chosen ms | chosen / first | candidates |")
+        print("|---|---|---|---|---|---|")
+        for p in [p for p in problems if p.get("first_pick_ms") and p.get("chosen_ms")][:24]:
+            ratio = p["chosen_ms"] / p["first_pick_ms"]
+            print(f"| {p['m']} x {p['n']} x {p['k']} | {p['out']} | {p['first_pick_ms']:.3f} | {p['chosen_ms']:.3f} | {ratio:.3f} | {p['candidates']} |")
+    print("\n| shape | projection | residual added inside the GEMM (addmm), ms | GEMM then add, ms | addmm / (GEMM + add) |")
+    print("|---|---|---|---|---|")
+    for shape, r in k["projection_gemms"].items():
+        for name, p in r["projections"].items():
+            e = p.get("residual")
+            if e:
+                print(f"| {shape} | {name} | {e['addmm_ms']:.3f} | {e['mm_then_add_ms']:.3f} | {e['addmm_vs_mm_then_add']:.3f} |")
 
 print("\n## Checkpoints (gpu-1b, local disk)\n")
 for mode in ("sync", "async"):

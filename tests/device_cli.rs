@@ -42,6 +42,10 @@ fn gpu_only_work_is_refused_clearly_on_a_cpu_machine() {
     assert!(err.contains("--device gpu0") && err.contains("cuda:N"), "{err}");
     let err = fails(tmp.path(), &["train", s(&job), "--set", "runtime.kernels=fused"]);
     assert!(err.contains("runtime.kernels = fused") && err.contains("aten"), "{err}");
+    let err = fails(tmp.path(), &["train", s(&job), "--set", "runtime.gemm=tuned"]);
+    assert!(err.contains("runtime.gemm") && err.contains("aten"), "{err}");
+    let err = fails(tmp.path(), &["train", s(&job), "--set", "runtime.gemm=fast"]);
+    assert!(err.contains("runtime.gemm") && err.contains("fast"), "{err}");
     let err = fails(tmp.path(), &["train", s(&job), "--set", "cluster.collective=nccl"]);
     assert!(err.contains("cluster.collective = nccl"), "{err}");
 }

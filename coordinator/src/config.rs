@@ -632,6 +632,13 @@ impl JobConfig {
                 "the fused kernels are CUDA code but runtime.device = \"cpu\"; use kernels = \"aten\"".into(),
             ));
         }
+        if self.runtime.gemm == GemmChoice::Tuned && self.runtime.device == Device::Cpu {
+            return Err(bad(
+                "runtime.gemm",
+                &"tuned",
+                "tuned GEMMs run through cuBLASLt on a GPU but runtime.device = \"cpu\"; use gemm = \"aten\"".into(),
+            ));
+        }
         if !(self.runtime.peak_tflops.is_finite() && self.runtime.peak_tflops >= 0.0) {
             return Err(bad(
                 "runtime.peak_tflops",
@@ -776,4 +783,6 @@ mod tests;
 
 #[path = "config_runtime.rs"]
 mod runtime_section;
-pub use runtime_section::{BlockBackward, Device, GradReduce, KernelChoice, Precision, Recompute, RuntimeSection};
+pub use runtime_section::{
+    BlockBackward, Device, GemmChoice, GradReduce, KernelChoice, Precision, Recompute, RuntimeSection,
+};

@@ -82,6 +82,20 @@ pub struct RuntimeSection {
     /// instead of one GEMM per fused projection, as models with separate projections run
     /// them (off: not yet measured on a GPU; `moxin-train bench kernels` times both ways).
     pub split_projections: bool,
+    /// `aten` (libtorch's GEMMs) or `tuned` (CUDA: the step's GEMMs through cuBLASLt with
+    /// each problem's algorithm chosen by timing; off until a GPU check shows it faster).
+    pub gemm: GemmChoice,
+}
+
+/// `runtime.gemm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GemmChoice {
+    /// libtorch's GEMMs: cuBLAS with the algorithm its heuristics pick.
+    Aten,
+    /// CUDA only: cuBLASLt, each distinct GEMM problem's algorithm chosen by timing its
+    /// top candidates once (a resumed run may choose differently: equal within rounding).
+    Tuned,
 }
 
 /// `runtime.block_backward`.
@@ -124,6 +138,7 @@ impl Default for RuntimeSection {
             block_backward: BlockBackward::Auto,
             optimizer_stream: false,
             split_projections: false,
+            gemm: GemmChoice::Aten,
         }
     }
 }

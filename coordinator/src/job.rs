@@ -8,7 +8,9 @@ use moxin_proto::v1::{
     ScheduleSpec, TrainSpec,
 };
 
-use crate::config::{BlockBackward, Decay, Device, GradReduce, JobConfig, KernelChoice, Precision, Recompute};
+use crate::config::{
+    BlockBackward, Decay, Device, GemmChoice, GradReduce, JobConfig, KernelChoice, Precision, Recompute,
+};
 use crate::presets::ModelShape;
 use crate::ConfigError;
 
@@ -224,6 +226,10 @@ pub fn resolve_config(
             } as i32,
             optimizer_stream: config.runtime.optimizer_stream,
             split_projections: config.runtime.split_projections,
+            gemm: match config.runtime.gemm {
+                GemmChoice::Aten => runtime_spec::Gemm::Aten,
+                GemmChoice::Tuned => runtime_spec::Gemm::Tuned,
+            } as i32,
         }),
         resolved_config_toml,
         run_dir: run_dir.display().to_string(),

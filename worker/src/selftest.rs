@@ -117,10 +117,20 @@ pub fn fused_kernels(ordinal: usize) -> Result<Value, WorkerError> {
         "gpu-1b": gemms::projection_gemms(device, Kind::BFloat16, dims(8 * 2048, 2048, 16, 5632), &mut gemm_ms)?,
         "moxin-7b": gemms::projection_gemms(device, Kind::BFloat16, dims(2 * 4096, 4096, 32, 14336), &mut gemm_ms)?,
     });
+    // The same projections with the tuned engine (`runtime.gemm = "tuned"`), last: it
+    // switches this process's GEMMs for good. Each problem is tuned on its first call
+    // (`time_ms`'s warm-up), so the timings are the chosen algorithms'.
+    crate::cuda::gemm::install(ordinal, crate::cuda::gemm::CANDIDATES)?;
+    let tuned_gemms = json!({
+        "gpu-1b": gemms::projection_gemms(device, Kind::BFloat16, dims(8 * 2048, 2048, 16, 5632), &mut gemm_ms)?,
+        "moxin-7b": gemms::projection_gemms(device, Kind::BFloat16, dims(2 * 4096, 4096, 32, 14336), &mut gemm_ms)?,
+        "problems": crate::cuda::gemm::report(),
+    });
     Ok(json!({
         "device": crate::cuda::gpu_info(ordinal).map(|g| g.name).unwrap_or_default(),
         "block": block,
         "projection_gemms": projection_gemms,
+        "tuned_gemms": tuned_gemms,
         "adamw": {"elements": n, "relative_error": adamw_err, "aten_ms": aten_ms, "fused_ms": fused_ms, "speedup": aten_ms / fused_ms},
         "cross_entropy_head": {"tokens": rows, "dim": dim, "vocab": vocab, "relative_error": ce_err,
             "aten_ms": ce_aten_ms, "fused_ms": ce_fused_ms, "speedup": ce_aten_ms / ce_fused_ms},

@@ -1,11 +1,12 @@
 //! CUDA through `cudarc`, loaded at run time: the driver (device facts, memory, events and
-//! streams for NCCL), NCCL and NVRTC. Nothing here runs unless a CUDA device is in use, so
+//! streams for NCCL), NCCL, NVRTC and cuBLASLt. Nothing here runs unless a CUDA device is in use, so
 //! one binary serves CPU-only and GPU machines.
 //!
 //! libtorch and cudarc share the device's *primary* context, and torch launches its kernels
 //! on the legacy default stream, so work cudarc orders against that stream (events, waits)
 //! is ordered against torch's kernels.
 
+pub mod gemm;
 pub mod kernels;
 pub mod libraries;
 pub mod trace;

@@ -5,12 +5,15 @@
 //! moxin-train's way, and a bf16 one). A GPU's kernel trace showed compile's separate
 //! projections running faster per FLOP than ours; this says, per projection and role,
 //! whether `runtime.split_projections` pays. Forward and input gradient run the training
-//! code's own `block::project` / `block::project_back`.
+//! code's own `block::project` / `block::project_back`; for o and down it also times the
+//! residual add inside the GEMM (`block::plus_linear`) against a GEMM and an add. Every
+//! result is compared with libtorch's own call (`relative_difference_vs_aten`): zero unless
+//! the tuned engine (`runtime.gemm = "tuned"`) is installed, its error when it is.
 
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
-use crate::trainer::block::{project, project_back};
+use crate::trainer::block::{plus_linear, project, project_back};
 use crate::trainer::grads::gemm_into;
 use crate::WorkerError;
 
@@ -100,13 +103,27 @@ pub fn projection_gemms(
                 _ => Tensor::cat(&dys.iter().map(|dyi| dyi.tr().mm(&x)).collect::<Vec<_>>(), 0),
             }
         };
+        // libtorch's own calls, the reference for the tuned engine (`runtime.gemm = "tuned"`),
+        // which the training code's GEMMs above go through when it is installed.
+        let aten = |role: &str| -> Tensor {
+            match role {
+                "forward" => x.mm(&w.tr()),
+                "input_grad" => dy.mm(&w),
+                "weight_grad_fp32" => dy.tr().to_kind(grad_kind).mm(&x.to_kind(grad_kind)),
+                _ => dy.tr().mm(&x),
+            }
+        };
         let mut roles = serde_json::Map::new();
         for role in ["forward", "input_grad", "weight_grad_fp32", "weight_grad_bf16"] {
             let fused_ms = time_ms(&mut || {
                 drop(fused(role));
                 Ok(())
             })?;
-            let mut entry = json!({"fused_ms": fused_ms, "fused_tflops": flop / fused_ms / 1e9});
+            let mut entry = json!({
+                "fused_ms": fused_ms,
+                "fused_tflops": flop / fused_ms / 1e9,
+                "relative_difference_vs_aten": relative_difference(&aten(role), &fused(role)),
+            });
             if parts.len() > 1 {
                 // The bf16 weight gradients' `cat` is not timed: a split model keeps them apart.
                 let split_ms = time_ms(&mut || {
@@ -117,8 +134,7 @@ pub fn projection_gemms(
                     }
                     Ok(())
                 })?;
-                let (a, b) = (fused(role).to_kind(Kind::Double), split(role).to_kind(Kind::Double));
-                let difference = (&a - &b).abs().max().double_value(&[]) / a.abs().max().double_value(&[]).max(1e-30);
+                let difference = relative_difference(&fused(role), &split(role));
                 entry["split_ms"] = json!(split_ms);
                 entry["split_tflops"] = json!(flop / split_ms / 1e9);
                 entry["split_vs_fused"] = json!(split_ms / fused_ms);
@@ -134,7 +150,29 @@ pub fn projection_gemms(
             }
             roles.insert(role.to_string(), entry);
         }
-        report.insert(name.to_string(), json!({"m": m, "n": n, "k": k_in, "parts": parts, "roles": roles}));
+        let mut entry = json!({"m": m, "n": n, "k": k_in, "parts": parts, "roles": roles});
+        if parts.len() == 1 {
+            // The projections that end in the residual stream (o, down): the training step adds
+            // the residual inside the GEMM (`addmm`, β = 1); a GEMM and a separate add is the
+            // other way. Whether cuBLAS picks a slower kernel for β = 1 is what this says.
+            let residual = Tensor::randn([m, n], (Kind::Float, device)).to_kind(kind);
+            let addmm_ms = time_ms(&mut || {
+                drop(plus_linear(&residual, &x, &w));
+                Ok(())
+            })?;
+            let mm_add_ms = time_ms(&mut || {
+                drop(project(&x, &w, None) + &residual);
+                Ok(())
+            })?;
+            let difference = relative_difference(&plus_linear(&residual, &x, &w), &(x.mm(&w.tr()) + &residual));
+            entry["residual"] = json!({
+                "addmm_ms": addmm_ms,
+                "mm_then_add_ms": mm_add_ms,
+                "addmm_vs_mm_then_add": addmm_ms / mm_add_ms,
+                "relative_difference": difference,
+            });
+        }
+        report.insert(name.to_string(), entry);
     }
     Ok(json!({
         "dims": {"tokens": m, "dim": dims.dim, "heads": dims.heads, "kv_heads": dims.kv_heads, "head_dim": dims.head_dim, "ffn": dims.ffn},
@@ -142,6 +180,12 @@ pub fn projection_gemms(
         // Forward, input and fp32 weight gradient of the four projections: one block's GEMMs.
         "block_ms": {"fused": fused_total, "split": split_total, "split_vs_fused": split_total / fused_total},
     }))
+}
+
+/// The largest difference between `a` and `b`, relative to `a`'s largest magnitude.
+fn relative_difference(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
+    (&a - &b).abs().max().double_value(&[]) / a.abs().max().double_value(&[]).max(1e-30)
 }
 
 #[cfg(test)]
@@ -157,8 +201,20 @@ mod tests {
             f().map(|()| 1.0)
         })
         .unwrap();
-        // 4 roles of 4 projections fused, and 4 roles of the two split ones again.
-        assert_eq!(calls, 16 + 8);
+        // 4 roles of 4 projections fused, 4 roles of the two split ones again, and the
+        // residual's two ways for the two unsplit ones.
+        assert_eq!(calls, 16 + 8 + 4);
+        for name in ["o", "down"] {
+            let d = report["projections"][name]["residual"]["relative_difference"].as_f64().unwrap();
+            assert!(d < 1e-12, "{name} residual: {d}");
+        }
+        // Without the tuned engine the training code's GEMMs are libtorch's own.
+        for name in ["qkv", "o", "gate_up", "down"] {
+            for (role, entry) in report["projections"][name]["roles"].as_object().unwrap() {
+                let d = entry["relative_difference_vs_aten"].as_f64().unwrap();
+                assert!(d < 1e-12, "{name} {role} vs ATen: {d}");
+            }
+        }
         for name in ["qkv", "gate_up"] {
             for (role, entry) in report["projections"][name]["roles"].as_object().unwrap() {
                 let d = entry["relative_difference"].as_f64().unwrap();

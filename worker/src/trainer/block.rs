@@ -27,6 +27,7 @@
 use tch::{Kind, Tensor};
 
 use super::step::GradSink;
+use crate::cuda::gemm;
 use crate::cuda::kernels::{Kernels, RMSNORM_MAX_DIM};
 use crate::model::{Packing, Transformer};
 use crate::WorkerError;
@@ -193,7 +194,7 @@ pub fn backward(
         None => pieces.swiglu(&gate_up)?,
     };
     sink.add_product(leaves[DOWN], &dy2.tr(), &rows2(&act))?;
-    let d_act = dy2.mm(&l.w_down).view(act.size().as_slice());
+    let d_act = gemm::mm(&dy2, &l.w_down).view(act.size().as_slice());
     drop(act);
     let d_gate_up = pieces.swiglu_backward(&gate_up, &d_act)?;
     drop((gate_up, d_act));
@@ -214,7 +215,7 @@ pub fn backward(
     // Attention: h = x + attn·Woᵀ.
     let dh2 = rows2(&dh);
     sink.add_product(leaves[O], &dh2.tr(), &rows2(&attn.detach()))?;
-    let d_attn = dh2.mm(&l.wo);
+    let d_attn = gemm::mm(&dh2, &l.wo);
     let grads = tch::with_grad(|| {
         let surrogate = attn.reshape([-1]).dot(&d_attn.reshape([-1]));
         Tensor::f_run_backward(&[surrogate], &[&q, &k, &v], false, false)
@@ -241,16 +242,22 @@ pub fn backward(
 /// part, each writing its block of columns of the one output (cuBLAS takes the strided
 /// output as it is), so what follows reads the fused layout either way.
 pub(crate) fn project(a: &Tensor, w: &Tensor, parts: Option<&[i64]>) -> Tensor {
-    let Some(parts) = parts else { return crate::model::linear(a, w) };
     let mut size = a.size();
     let rows = a.reshape([-1, *size.last().expect("a matrix")]);
+    *size.last_mut().expect("a matrix") = w.size()[0];
+    let Some(parts) = parts else {
+        return if gemm::engaged(a) {
+            gemm::mm(&rows, &w.tr()).view(size.as_slice())
+        } else {
+            crate::model::linear(a, w)
+        };
+    };
     let out = Tensor::empty([rows.size()[0], w.size()[0]], (a.kind(), a.device()));
     let mut offset = 0;
     for &n in parts {
-        let _ = rows.mm_out(&out.narrow(1, offset, n), &w.narrow(0, offset, n).tr());
+        gemm::mm_into(&out.narrow(1, offset, n), &rows, &w.narrow(0, offset, n).tr());
         offset += n;
     }
-    *size.last_mut().expect("a matrix") = w.size()[0];
     out.view(size.as_slice())
 }
 
@@ -258,15 +265,15 @@ pub(crate) fn project(a: &Tensor, w: &Tensor, parts: Option<&[i64]>) -> Tensor {
 /// `d·w`, or with `parts` the sum of each part's product (accumulated in the activations'
 /// dtype, as autograd sums the input gradients of separate projections).
 pub(crate) fn project_back(d: &Tensor, w: &Tensor, parts: Option<&[i64]>) -> Tensor {
-    let Some(parts) = parts else { return d.mm(w) };
+    let Some(parts) = parts else { return gemm::mm(d, w) };
     let mut sum: Option<Tensor> = None;
     let mut offset = 0;
     for &n in parts {
         let (dp, wp) = (d.narrow(1, offset, n), w.narrow(0, offset, n));
         sum = Some(match sum {
-            None => dp.mm(&wp),
-            Some(mut acc) => {
-                let _ = acc.addmm_(&dp, &wp);
+            None => gemm::mm(&dp, &wp),
+            Some(acc) => {
+                gemm::addmm_(&acc, &dp, &wp);
                 acc
             }
         });
@@ -296,9 +303,9 @@ fn weight_grad(
 
 /// `x + a·wᵀ` as one GEMM that adds into a copy of `x` (`addmm`, β = 1) instead of a GEMM
 /// and a separate add over its output. `x` `[.., out]`, `a` `[.., in]`, `w` `[out, in]`.
-fn plus_linear(x: &Tensor, a: &Tensor, w: &Tensor) -> Tensor {
+pub(crate) fn plus_linear(x: &Tensor, a: &Tensor, w: &Tensor) -> Tensor {
     let rows = |t: &Tensor| t.reshape([-1, *t.size().last().expect("a matrix")]);
-    rows(x).addmm(&rows(a), &w.tr()).view(x.size().as_slice())
+    gemm::addmm(&rows(x), &rows(a), &w.tr()).view(x.size().as_slice())
 }
 
 /// The precision the ATen pieces compute in: fp64 for an fp64 model (tests), else fp32.

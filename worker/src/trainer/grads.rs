@@ -169,6 +169,9 @@ fn fp32_out_allowed() -> bool {
 /// fp32 either way); elsewhere, and if ATen refuses that, through a temporary in the
 /// inputs' dtype (logged once).
 pub fn gemm_into(dst: &Tensor, a: &Tensor, b: &Tensor, overwrite: bool) {
+    if crate::cuda::gemm::try_product(dst, a, b, !overwrite) {
+        return;
+    }
     let mut dst = dst.shallow_clone();
     if dst.kind() == a.kind() {
         let _ = if overwrite { a.mm_out(&dst, b) } else { dst.addmm_(a, b) };

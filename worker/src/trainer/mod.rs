@@ -274,6 +274,23 @@ impl Trainer {
                  or \"auto\" with the fused kernels); these blocks use autograd and fused projections"
             );
         }
+        if runtime.gemm() == runtime_spec::Gemm::Tuned {
+            let Some(ordinal) = placement.cuda_ordinal() else {
+                return Err(WorkerError::Device(
+                    "runtime.gemm = \"tuned\" needs a CUDA device (it runs GEMMs through cuBLASLt); use \"aten\" on \
+                     the CPU"
+                        .into(),
+                ));
+            };
+            crate::cuda::gemm::install(ordinal, crate::cuda::gemm::CANDIDATES)?;
+            if !explicit_blocks {
+                tracing::warn!(
+                    "runtime.gemm = \"tuned\" applies to hand-written blocks and the fused head \
+                     (runtime.block_backward = \"explicit\", or \"auto\" with the fused kernels); these blocks use \
+                     libtorch's GEMMs"
+                );
+            }
+        }
         if recompute_elementwise && !explicit_blocks {
             tracing::warn!(
                 "runtime.recompute = \"elementwise\" applies to hand-written blocks (runtime.block_backward = \
@@ -451,9 +468,15 @@ impl Trainer {
         let every = if checkpoints.disabled { 0 } else { checkpoints.every_steps };
         let target = stop_after.map_or(train.steps, |s| s.min(train.steps));
         let mut saved_at = self.resumed_from();
+        let mut first_step = true;
         while self.progress.step < target {
             let metrics = self.train_step()?;
             let step = self.progress.step;
+            if std::mem::take(&mut first_step) {
+                if let Some(line) = crate::cuda::gemm::summary() {
+                    tracing::info!(step, "runtime.gemm = tuned: {line}");
+                }
+            }
             if step.is_multiple_of(train.log_every_steps as u64) || step == target {
                 observer(&metrics).map_err(WorkerError::Observer)?;
             }

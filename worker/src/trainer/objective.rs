@@ -141,7 +141,7 @@ pub fn head_forward_backward(
             let h = h_all.narrow(0, start, rows);
             let tgt = targets.narrow(0, start, rows);
             let g = if let Some(k) = kernels {
-                let logits = h.mm(&weight.tr());
+                let logits = crate::cuda::gemm::mm(&h, &weight.tr());
                 let (lse, logp) = k.ce_row_stats(&logits, &tgt)?;
                 let (chunk_loss, d_logp) = objective.token_terms(&logp, batch, start..start + rows);
                 loss += chunk_loss;
@@ -162,7 +162,7 @@ pub fn head_forward_backward(
                 // d_hidden = g · W as oneDNN's linear with Wᵀ (see `model::linear`).
                 d_hidden.narrow(0, start, rows).copy_(&crate::model::linear(&g, weight_t));
             } else {
-                let _ = g.mm_out(&d_hidden.narrow(0, start, rows), &weight);
+                crate::cuda::gemm::mm_into(&d_hidden.narrow(0, start, rows), &g, &weight);
             }
             add_weight_grad(&g.tr(), &h)?;
             start += rows;
