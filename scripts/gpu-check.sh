@@ -100,7 +100,9 @@ print("   block forward+backward ms", b["forward_backward_ms"], "errors", b["rel
 print("   attention backend SDPA picks:", b.get("attention_backend"), "; packed RoPE:", b.get("rope_packed_relative_l2"))
 print("   bf16 products written as fp32 (weight gradients):", b.get("gemm_fp32_out"))
 for shape, r in d.get("tuned_gemms", {}).items():
-    if shape != "problems":
+    if shape == "error":
+        print("   tuned GEMMs refused:", r)
+    elif shape != "problems":
         t = r["block_ms"]
         print(f"   {shape} projection GEMMs of a block, tuned cuBLASLt: fused {t['fused']:.2f} ms, split {t['split']:.2f} ms")
 for shape, r in d.get("projection_gemms", {}).items():

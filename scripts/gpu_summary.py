@@ -225,7 +225,9 @@ if k and k.get("projection_gemms"):
         b = r["block_ms"]
         print(f"| {shape} | one block (forward, input and fp32 weight gradients) | ms | {b['fused']:.2f} | {b['split']:.2f} | {b['split_vs_fused']:.3f} |")
     tuned = k.get("tuned_gemms") or {}
-    if tuned:
+    if tuned.get("error"):
+        print(f"\nTuned GEMMs refused: {tuned['error']}")
+    elif tuned:
         print("\n| shape | one block's projection GEMMs, ms | libtorch (cuBLAS) | tuned cuBLASLt | tuned / libtorch |")
         print("|---|---|---|---|---|")
         for shape, r in k["projection_gemms"].items():

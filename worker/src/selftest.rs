@@ -120,12 +120,15 @@ pub fn fused_kernels(ordinal: usize) -> Result<Value, WorkerError> {
     // The same projections with the tuned engine (`runtime.gemm = "tuned"`), last: it
     // switches this process's GEMMs for good. Each problem is tuned on its first call
     // (`time_ms`'s warm-up), so the timings are the chosen algorithms'.
-    crate::cuda::gemm::install(ordinal, crate::cuda::gemm::CANDIDATES)?;
-    let tuned_gemms = json!({
-        "gpu-1b": gemms::projection_gemms(device, Kind::BFloat16, dims(8 * 2048, 2048, 16, 5632), &mut gemm_ms)?,
-        "moxin-7b": gemms::projection_gemms(device, Kind::BFloat16, dims(2 * 4096, 4096, 32, 14336), &mut gemm_ms)?,
-        "problems": crate::cuda::gemm::report(),
-    });
+    // (The bf16 weight-gradient role is libtorch's either way: training never runs it.)
+    let tuned_gemms = match crate::cuda::gemm::install(ordinal, crate::cuda::gemm::CANDIDATES) {
+        Ok(()) => json!({
+            "gpu-1b": gemms::projection_gemms(device, Kind::BFloat16, dims(8 * 2048, 2048, 16, 5632), &mut gemm_ms)?,
+            "moxin-7b": gemms::projection_gemms(device, Kind::BFloat16, dims(2 * 4096, 4096, 32, 14336), &mut gemm_ms)?,
+            "problems": crate::cuda::gemm::report(),
+        }),
+        Err(e) => json!({ "error": e.to_string() }),
+    };
     Ok(json!({
         "device": crate::cuda::gpu_info(ordinal).map(|g| g.name).unwrap_or_default(),
         "block": block,

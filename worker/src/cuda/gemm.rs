@@ -30,7 +30,7 @@ use crate::WorkerError;
 
 /// `a · b` `[rows(a), cols(b)]` in `a`'s dtype.
 pub fn mm(a: &Tensor, b: &Tensor) -> Tensor {
-    if engaged(a) {
+    if engaged(a) && a.dim() == 2 && b.dim() == 2 {
         let d = Tensor::empty([a.size()[0], b.size()[1]], (a.kind(), a.device()));
         if run(&d, a, b, None) {
             return d;
@@ -79,8 +79,15 @@ pub fn engaged(a: &Tensor) -> bool {
 /// device `ordinal`, trying up to `candidates` of cuBLASLt's heuristic picks per problem.
 pub fn install(ordinal: usize, candidates: usize) -> Result<(), WorkerError> {
     let mut slot = ENGINE.lock().map_err(|_| WorkerError::Device("the GEMM engine's lock is poisoned".into()))?;
-    if slot.is_none() {
-        *slot = Some(Engine::new(ordinal, candidates.clamp(1, 64))?);
+    match slot.as_ref() {
+        None => *slot = Some(Engine::new(ordinal, candidates.clamp(1, 64))?),
+        Some(e) if e.ordinal != ordinal => {
+            return Err(WorkerError::Device(format!(
+                "the tuned GEMM engine serves CUDA device {} in this process; device {ordinal} was asked for",
+                e.ordinal
+            )))
+        }
+        Some(_) => {}
     }
     Ok(())
 }
@@ -124,7 +131,7 @@ pub fn summary() -> Option<String> {
     let chosen: f64 = timed.iter().map(|p| p.chosen_ms).sum();
     Some(format!(
         "{} GEMM problems timed; one call of each takes {chosen:.2} ms with the chosen algorithms, {first:.2} ms \
-         with cuBLASLt's first picks ({:.3}x); {} fell back to libtorch",
+         with cuBLASLt's first picks ({:.3}x); {} problems run on libtorch's GEMMs instead",
         timed.len(),
         first / chosen.max(1e-9),
         engine.fallbacks
@@ -215,8 +222,11 @@ impl Problem {
         let ldc = match c {
             None => None,
             Some(c) => {
+                if c.size() != sd || c.kind() != out {
+                    return None;
+                }
                 let (tc, ldc) = strides_of(c)?;
-                if tc || c.size() != sd || c.kind() != out {
+                if tc {
                     return None;
                 }
                 Some(ldc)
@@ -258,14 +268,22 @@ fn run(d: &Tensor, a: &Tensor, b: &Tensor, c: Option<&Tensor>) -> bool {
     let Some(problem) = Problem::of(d, a, b, c) else { return false };
     let Ok(mut slot) = ENGINE.lock() else { return false };
     let Some(engine) = slot.as_mut() else { return false };
+    // Every operand on the engine's device: cuBLASLt runs in the current context.
+    let device = Device::Cuda(engine.ordinal);
+    if [d, a, b].into_iter().chain(c).any(|t| t.device() != device) {
+        return false;
+    }
     let aliased = c.is_some_and(|c| c.data_ptr() == d.data_ptr());
     let problem = if aliased { Problem { c: None, ..problem } } else { problem };
+    match engine.plans.get(&problem) {
+        Some(Err(_)) => return false, // refused before, and logged then
+        None if engine.plans.len() >= MAX_PROBLEMS => return false, // shapes that keep changing
+        _ => {}
+    }
     match engine.matmul(&problem, d, a, b, c, aliased) {
         Ok(()) => true,
         Err(e) => {
-            if engine.fallbacks < 8 {
-                tracing::warn!("tuned GEMM {problem:?} fell back to ATen: {e}");
-            }
+            tracing::warn!("tuned GEMM {problem:?} runs on libtorch's GEMM instead: {e}");
             engine.fallbacks += 1;
             engine.plans.insert(problem, Err(e.to_string()));
             false
@@ -279,14 +297,19 @@ pub const CANDIDATES: usize = 16;
 const WORKSPACE: usize = 32 << 20;
 /// Timed launches per candidate, after one untimed.
 const REPEATS: usize = 3;
+/// Distinct problems the engine plans; later new ones run on libtorch's GEMMs (a training
+/// step has a few dozen; this bounds a run whose shapes keep changing).
+const MAX_PROBLEMS: usize = 512;
 
 /// The cuBLASLt handle, a workspace and the plans of this process.
 struct Engine {
+    ordinal: usize,
     handle: Handle,
     ctx: Arc<cudarc::driver::CudaContext>,
     workspace: Tensor,
     candidates: usize,
     plans: HashMap<Problem, Result<Plan, String>>,
+    /// Problems refused (each logged once).
     fallbacks: u64,
 }
 
@@ -308,7 +331,8 @@ impl Drop for Handle {
 /// A problem's descriptors and chosen algorithm.
 struct Plan {
     desc: lt::sys::cublasLtMatmulDesc_t,
-    /// cuBLASLt's A, B, C, D.
+    /// cuBLASLt's A, B, C, D; C is null when the product adds nothing or adds to D in
+    /// place, and D's layout serves as C's (as cuBLASLt documents for C = D).
     layouts: [lt::sys::cublasLtMatrixLayout_t; 4],
     algo: lt::sys::cublasLtMatmulAlgo_t,
     /// False when only cuBLASLt's first pick was taken (first seen accumulating in place).
@@ -319,13 +343,23 @@ struct Plan {
     chosen: usize,
 }
 
+impl Plan {
+    fn c_layout(&self) -> lt::sys::cublasLtMatrixLayout_t {
+        if self.layouts[2].is_null() {
+            self.layouts[3]
+        } else {
+            self.layouts[2]
+        }
+    }
+}
+
 impl Drop for Plan {
     fn drop(&mut self) {
         // SAFETY: each descriptor was created for this plan and is destroyed once.
         #[allow(unsafe_code)]
         unsafe {
             let _ = lt::result::destroy_matmul_desc(self.desc);
-            for l in self.layouts {
+            for l in self.layouts.into_iter().filter(|l| !l.is_null()) {
                 let _ = lt::result::destroy_matrix_layout(l);
             }
         }
@@ -346,8 +380,9 @@ fn lt_err(what: &str) -> impl Fn(lt::result::CublasError) -> WorkerError + '_ {
 
 impl Engine {
     fn new(ordinal: usize, candidates: usize) -> Result<Engine, WorkerError> {
-        // SAFETY: only tries to dlopen cuBLASLt by its usual names; libtorch has normally
-        // loaded it already (libcublasLt.so.13), and the loader returns that copy.
+        // SAFETY: only tries to dlopen cuBLASLt by its usual names. libtorch has loaded its
+        // own (pip's libcublasLt.so.13), and `libraries::plan` put a `libcublasLt.so` link to
+        // that file first in the search path, so the loader returns the copy already mapped.
         #[allow(unsafe_code)]
         if !unsafe { lt::sys::is_culib_present() } {
             return Err(WorkerError::Device(
@@ -356,11 +391,22 @@ impl Engine {
                     .into(),
             ));
         }
+        // Two cuBLASLt libraries in one process (a CUDA toolkit's beside torch's) would each
+        // keep their own state; refuse rather than run on the other one.
+        let mapped = super::libraries::mapped_libraries("libcublasLt.so");
+        if mapped.len() > 1 {
+            return Err(WorkerError::Device(format!(
+                "runtime.gemm = \"tuned\": this process has two cuBLASLt libraries mapped ({}); put the one \
+                 beside libtorch first in LD_LIBRARY_PATH or use runtime.gemm = \"aten\"",
+                mapped.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            )));
+        }
         let ctx = super::context(ordinal)?;
         ctx.bind_to_thread().map_err(|e| WorkerError::Device(format!("CUDA device {ordinal}: {e:?}")))?;
         let handle = Handle(lt::result::create_handle().map_err(lt_err("handle"))?);
-        let workspace = Tensor::empty([WORKSPACE as i64], (Kind::Uint8, Device::Cuda(ordinal)));
-        Ok(Engine { handle, ctx, workspace, candidates, plans: HashMap::new(), fallbacks: 0 })
+        let workspace = Tensor::f_empty([WORKSPACE as i64], (Kind::Uint8, Device::Cuda(ordinal)))
+            .map_err(|e| WorkerError::Device(format!("the tuned GEMMs' {WORKSPACE}-byte workspace: {e}")))?;
+        Ok(Engine { ordinal, handle, ctx, workspace, candidates, plans: HashMap::new(), fallbacks: 0 })
     }
 
     fn matmul(
@@ -372,14 +418,21 @@ impl Engine {
         c: Option<&Tensor>,
         aliased: bool,
     ) -> Result<(), WorkerError> {
-        let plan_now = match self.plans.get(p) {
+        self.ctx.bind_to_thread().map_err(|e| WorkerError::Device(format!("CUDA device {}: {e:?}", self.ordinal)))?;
+        match self.plans.get(p) {
             Some(Err(e)) => return Err(WorkerError::Device(e.clone())),
-            Some(Ok(plan)) => !plan.tuned && !aliased,
-            None => true,
-        };
-        if plan_now {
-            let plan = self.plan(p, d, a, b, c, aliased)?;
-            self.plans.insert(*p, Ok(plan));
+            None => {
+                let plan = self.plan(p, d, a, b, c, aliased)?;
+                self.plans.insert(*p, Ok(plan));
+            }
+            // First seen accumulating in place, now unaliased: time it now, keeping the
+            // first pick if that fails.
+            Some(Ok(plan)) if !plan.tuned && !aliased => {
+                if let Ok(plan) = self.plan(p, d, a, b, c, aliased) {
+                    self.plans.insert(*p, Ok(plan));
+                }
+            }
+            Some(Ok(_)) => {}
         }
         match self.plans.get(p) {
             Some(Ok(plan)) => self.launch(plan, &plan.algo, d, a, b, c).map_err(lt_err("matmul")),
@@ -419,8 +472,11 @@ impl Engine {
         // Filled one by one so that `plan`'s Drop frees whatever was created on an error.
         plan.layouts[0] = layout(p.input, p.a.rows, p.a.cols, p.a.ld)?;
         plan.layouts[1] = layout(p.input, p.b.rows, p.b.cols, p.b.ld)?;
-        plan.layouts[2] = layout(p.out, p.m, p.n, p.c.unwrap_or(p.ldd))?;
         plan.layouts[3] = layout(p.out, p.m, p.n, p.ldd)?;
+        if let Some(ldc) = p.c {
+            plan.layouts[2] = layout(p.out, p.m, p.n, ldc)?;
+        }
+        let c_layout = plan.c_layout();
         let pref = lt::result::create_matmul_pref().map_err(lt_err("preference"))?;
         let mut found = vec![
             lt::sys::cublasLtMatmulHeuristicResult_t {
@@ -485,7 +541,7 @@ impl Engine {
                     desc,
                     plan.layouts[0],
                     plan.layouts[1],
-                    plan.layouts[2],
+                    c_layout,
                     plan.layouts[3],
                     pref,
                     self.candidates as std::ffi::c_int,
@@ -498,7 +554,7 @@ impl Engine {
             status
         };
         heuristics.map_err(lt_err("heuristics"))?;
-        let usable: Vec<lt::sys::cublasLtMatmulAlgo_t> = found[..count.max(0) as usize]
+        let usable: Vec<lt::sys::cublasLtMatmulAlgo_t> = found[..(count.max(0) as usize).min(found.len())]
             .iter()
             .filter(|r| r.state == lt::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS && r.workspaceSize <= WORKSPACE)
             .map(|r| r.algo)
@@ -566,7 +622,7 @@ impl Engine {
                 a.data_ptr(),
                 plan.layouts[1],
                 c_ptr,
-                plan.layouts[2],
+                plan.c_layout(),
                 d.data_ptr(),
                 plan.layouts[3],
                 algo,

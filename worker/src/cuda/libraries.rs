@@ -1,4 +1,5 @@
-//! Finding NCCL (and NVRTC) without the user setting anything.
+//! Finding NCCL (and NVRTC, and the cuBLASLt libtorch loaded) without the user setting
+//! anything.
 //!
 //! cudarc opens NCCL by the names `libnccl.so`, `libnccl.so.1`, … through the dynamic
 //! loader's search path, but pip's NCCL (the one beside the torch that libtorch came from)
@@ -90,11 +91,17 @@ pub fn find_nccl(
 
 /// The NCCL library files mapped into this process (normally none or one).
 pub fn loaded_nccl() -> Vec<PathBuf> {
+    mapped_libraries("libnccl.so")
+}
+
+/// The distinct library files whose name starts with `prefix` (e.g. `libcublasLt.so`)
+/// mapped into this process, resolved through links.
+pub fn mapped_libraries(prefix: &str) -> Vec<PathBuf> {
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
     let mut found: Vec<PathBuf> = maps
         .lines()
         .filter_map(|l| l.split_whitespace().nth(5))
-        .filter(|p| Path::new(p).file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libnccl.so")))
+        .filter(|p| Path::new(p).file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(prefix)))
         .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| PathBuf::from(p)))
         .collect();
     found.sort();
@@ -110,25 +117,26 @@ pub fn system_dirs() -> Vec<PathBuf> {
         .collect()
 }
 
-/// Makes a private directory holding `libnccl.so` → `nccl`; returns it.
-pub fn link_dir(nccl: &Path, root: &Path) -> std::io::Result<PathBuf> {
+/// Makes a private directory under `root` holding the link `name` (e.g. `libnccl.so`) →
+/// `target`; returns it.
+pub fn link_dir(target: &Path, name: &str, root: &Path) -> std::io::Result<PathBuf> {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    nccl.hash(&mut h);
-    let dir = root.join(format!("nccl-{:016x}", h.finish()));
+    target.hash(&mut h);
+    let dir = root.join(format!("{name}-{:016x}", h.finish()));
     std::fs::create_dir_all(&dir)?;
-    let link = dir.join("libnccl.so");
-    if std::fs::read_link(&link).ok().as_deref() != Some(nccl) {
-        let tmp = dir.join(format!(".libnccl.so.{}", std::process::id()));
+    let link = dir.join(name);
+    if std::fs::read_link(&link).ok().as_deref() != Some(target) {
+        let tmp = dir.join(format!(".{name}.{}", std::process::id()));
         let _ = std::fs::remove_file(&tmp);
-        std::os::unix::fs::symlink(nccl, &tmp)?;
+        std::os::unix::fs::symlink(target, &tmp)?;
         std::fs::rename(&tmp, &link)?;
     }
     Ok(dir)
 }
 
-/// The `LD_LIBRARY_PATH` this process should restart with so that cudarc finds NCCL and
-/// NVRTC, or `None` when nothing needs to change (no CUDA driver, already restarted, or the
+/// The `LD_LIBRARY_PATH` this process should restart with so that cudarc finds NCCL, NVRTC
+/// and libtorch's cuBLASLt, or `None` when nothing needs to change (no CUDA driver, already restarted, or the
 /// libraries are already found). An error names a bad override.
 pub fn plan() -> Result<Option<String>, String> {
     if std::env::var_os(RESTARTED_ENV).is_some() || !super::driver_present() {
@@ -147,11 +155,18 @@ pub fn plan() -> Result<Option<String>, String> {
         && !beside_torch
         && unsafe { cudarc::nccl::sys::is_culib_present() };
     let mut dirs: Vec<PathBuf> = Vec::new();
+    let root = std::env::temp_dir().join(format!("moxin-train-libs-{}", user_id()));
+    // cudarc opens cuBLASLt (`runtime.gemm = "tuned"`) as `libcublasLt.so` first: a link by
+    // that name to the copy libtorch mapped makes the loader return that copy instead of a
+    // CUDA toolkit's.
+    if let Some(cublaslt) = mapped_libraries("libcublasLt.so").into_iter().next() {
+        let linked = link_dir(&cublaslt, "libcublasLt.so", &root).map_err(|e| format!("{}: {e}", root.display()))?;
+        dirs.push(linked);
+    }
     if let Some(found) =
         find_nccl(override_path.as_deref(), loaded.as_deref(), in_search_path, torch.as_deref(), &system_dirs())?
     {
-        let root = std::env::temp_dir().join(format!("moxin-train-libs-{}", user_id()));
-        let linked = link_dir(&found.path, &root).map_err(|e| format!("{}: {e}", root.display()))?;
+        let linked = link_dir(&found.path, "libnccl.so", &root).map_err(|e| format!("{}: {e}", root.display()))?;
         dirs.push(linked);
         dirs.extend(found.path.parent().map(Path::to_path_buf));
     }
@@ -218,9 +233,9 @@ mod tests {
 
         // The private directory links libnccl.so to the library, idempotently.
         let root = tmp.path().join("links");
-        let dir = link_dir(&system.join("libnccl.so.2"), &root).unwrap();
+        let dir = link_dir(&system.join("libnccl.so.2"), "libnccl.so", &root).unwrap();
         assert_eq!(std::fs::read_link(dir.join("libnccl.so")).unwrap(), system.join("libnccl.so.2"));
-        assert_eq!(link_dir(&system.join("libnccl.so.2"), &root).unwrap(), dir);
+        assert_eq!(link_dir(&system.join("libnccl.so.2"), "libnccl.so", &root).unwrap(), dir);
     }
 
     #[test]
@@ -233,5 +248,8 @@ mod tests {
         // libtorch links pip's NCCL, so exactly that one is mapped.
         let loaded = loaded_nccl();
         assert!(loaded.len() <= 1, "{loaded:?}");
+        // And one cuBLASLt at most (pip's CUDA build maps libcublasLt.so.13).
+        let cublaslt = mapped_libraries("libcublasLt.so");
+        assert!(cublaslt.len() <= 1, "{cublaslt:?}");
     }
 }

@@ -169,7 +169,8 @@ fn fp32_out_allowed() -> bool {
 /// fp32 either way); elsewhere, and if ATen refuses that, through a temporary in the
 /// inputs' dtype (logged once).
 pub fn gemm_into(dst: &Tensor, a: &Tensor, b: &Tensor, overwrite: bool) {
-    if crate::cuda::gemm::try_product(dst, a, b, !overwrite) {
+    // (MOXIN_GEMM_FP32_OUT=0 keeps mixed-dtype products off the tuned engine too.)
+    if (dst.kind() == a.kind() || fp32_out_allowed()) && crate::cuda::gemm::try_product(dst, a, b, !overwrite) {
         return;
     }
     let mut dst = dst.shallow_clone();
