@@ -234,6 +234,12 @@ if k and k.get("projection_gemms"):
             for way in ("fused", "split"):
                 a, t = r["block_ms"][way], tuned[shape]["block_ms"][way]
                 print(f"| {shape} | {way} | {a:.2f} | {t:.2f} | {t / a:.3f} |")
+        for shape in k["projection_gemms"]:
+            errs = {f"{name} {role}": e["relative_difference_vs_aten"]
+                    for name, p in tuned[shape]["projections"].items() for role, e in p["roles"].items()
+                    if role != "weight_grad_bf16"}
+            worst = max(errs, key=errs.get)
+            print(f"\n- tuned vs libtorch's results, {shape}: largest relative difference {errs[worst]:.1e} ({worst})")
         problems = (tuned.get("problems") or {}).get("problems") or []
         print("\n| tuned problem (m x n x k, cuBLASLt's terms) | out | first pick ms | chosen ms | chosen / first | candidates |")
         print("|---|---|---|---|---|---|")
