@@ -121,6 +121,12 @@ pub fn report() -> Report {
         if mapped.len() > 1 {
             notes.push(format!("two NCCL libraries are loaded ({mapped:?}); NCCL collectives will fail"));
         }
+        let cublaslt = libraries::mapped_libraries("libcublasLt.so");
+        if cublaslt.len() > 1 {
+            notes.push(format!(
+                "two cuBLASLt libraries are loaded ({cublaslt:?}); runtime.gemm = \"tuned\" refuses to run"
+            ));
+        }
     } else {
         notes.push("CUDA is not available: no GPU or no CUDA driver; workers train on the CPU".into());
     }
