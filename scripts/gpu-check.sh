@@ -29,7 +29,8 @@
 #                                  and a copy, MOXIN_GEMM_FP32_OUT=0), GPU_CHECK_SPLIT=0
 #                                  (runtime.split_projections), GPU_CHECK_OPTSTREAM=0
 #                                  (runtime.optimizer_stream) skip those runs;
-#                                  GPU_CHECK_TUNED=0 (runtime.gemm = "tuned") skips that run;
+#                                  GPU_CHECK_TUNED=0 (runtime.gemm = "tuned", alone and with
+#                                  split projections) skips those runs;
 #                                  GPU_CHECK_CUBLASLT=1 adds the defaults with libtorch's
 #                                  GEMMs through cuBLASLt (TORCH_BLAS_PREFER_CUBLASLT=1);
 #                                  GPU_CHECK_SHAPES picks shapes)
@@ -257,6 +258,8 @@ if want bench && [ "${GPU_CHECK_BENCH:-1}" != 0 ]; then
     [ "${GPU_CHECK_GEMM:-1}" = 1 ] && MOXIN_GEMM_FP32_OUT=0 train "$shape-moxin-bf16gemm" 150 "$config" "${BENCH[@]}"
     [ "${GPU_CHECK_SPLIT:-1}" = 1 ] && train "$shape-moxin-split" 150 "$config" "${BENCH[@]}" --set runtime.split_projections=true
     [ "${GPU_CHECK_TUNED:-1}" = 1 ] && train "$shape-moxin-tuned" 150 "$config" "${BENCH[@]}" --set runtime.gemm=tuned
+    [ "${GPU_CHECK_TUNED:-1}" = 1 ] && [ "${GPU_CHECK_SPLIT:-1}" = 1 ] && train "$shape-moxin-splittuned" 150 "$config" \
+      "${BENCH[@]}" --set runtime.gemm=tuned --set runtime.split_projections=true
     [ "${GPU_CHECK_CUBLASLT:-0}" = 1 ] && TORCH_BLAS_PREFER_CUBLASLT=1 train "$shape-moxin-cublaslt" 150 "$config" "${BENCH[@]}"
     [ "${GPU_CHECK_PROFILE:-1}" = 1 ] && train "$shape-moxin-profile" 150 "$config" --set train.steps=8 --set runtime.profile=true
     # Every kernel of 3 steps after 5 of warm-up (CUPTI), the defaults; compile's the same way.

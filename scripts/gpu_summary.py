@@ -63,6 +63,7 @@ for shape in ("gpu-1b", "moxin-7b-4l"):
                            ("bf16gemm", "the default, weight gradients via a bf16 product + copy"),
                            ("split", "the default + split_projections = true"),
                            ("tuned", "the default + gemm = tuned (cuBLASLt, algorithms chosen by timing)"),
+                           ("splittuned", "the default + split_projections = true + gemm = tuned"),
                            ("cublaslt", "the default, cuBLASLt preferred (TORCH_BLAS_PREFER_CUBLASLT=1)")):
         m = moxin(f"{shape}-moxin-{variant}")
         if m:
