@@ -113,20 +113,23 @@ pub fn fused_kernels(ordinal: usize) -> Result<Value, WorkerError> {
     // The benchmark shapes' projections, fused (moxin-train's way) and split.
     let mut gemm_ms = |f: &mut dyn FnMut() -> Result<(), WorkerError>| time_ms(ordinal, 10, f);
     let dims = |tokens, dim, heads, ffn| gemms::BlockDims { tokens, dim, heads, kv_heads: 8, head_dim: 128, ffn };
-    let projection_gemms = json!({
-        "gpu-1b": gemms::projection_gemms(device, Kind::BFloat16, dims(8 * 2048, 2048, 16, 5632), &mut gemm_ms)?,
-        "moxin-7b": gemms::projection_gemms(device, Kind::BFloat16, dims(2 * 4096, 4096, 32, 14336), &mut gemm_ms)?,
-    });
+    let mut both_shapes = || -> Result<Value, WorkerError> {
+        Ok(json!({
+            "gpu-1b": gemms::projection_gemms(device, Kind::BFloat16, dims(8 * 2048, 2048, 16, 5632), &mut gemm_ms)?,
+            "moxin-7b": gemms::projection_gemms(device, Kind::BFloat16, dims(2 * 4096, 4096, 32, 14336), &mut gemm_ms)?,
+        }))
+    };
+    let projection_gemms = both_shapes()?;
     // The same projections with the tuned engine (`runtime.gemm = "tuned"`), last: it
     // switches this process's GEMMs for good. Each problem is tuned on its first call
     // (`time_ms`'s warm-up), so the timings are the chosen algorithms'.
     // (The bf16 weight-gradient role is libtorch's either way: training never runs it.)
     let tuned_gemms = match crate::cuda::gemm::install(ordinal, crate::cuda::gemm::CANDIDATES) {
-        Ok(()) => json!({
-            "gpu-1b": gemms::projection_gemms(device, Kind::BFloat16, dims(8 * 2048, 2048, 16, 5632), &mut gemm_ms)?,
-            "moxin-7b": gemms::projection_gemms(device, Kind::BFloat16, dims(2 * 4096, 4096, 32, 14336), &mut gemm_ms)?,
-            "problems": crate::cuda::gemm::report(),
-        }),
+        Ok(()) => {
+            let mut tuned = both_shapes()?;
+            tuned["problems"] = json!(crate::cuda::gemm::report());
+            tuned
+        }
         Err(e) => json!({ "error": e.to_string() }),
     };
     Ok(json!({

@@ -19,6 +19,7 @@
 //! and A as its second, each transposed or not by its strides, without copying anything.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublaslt as lt;
@@ -72,7 +73,8 @@ pub fn try_product(d: &Tensor, a: &Tensor, b: &Tensor, accumulate: bool) -> bool
 
 /// Whether the tuned engine is installed and `a` is on a GPU.
 pub fn engaged(a: &Tensor) -> bool {
-    a.device() != Device::Cpu && ENGINE.lock().map(|e| e.is_some()).unwrap_or(false)
+    // An atomic, not the lock: every GEMM of a GPU step asks, installed or not.
+    a.device() != Device::Cpu && INSTALLED.load(Ordering::Relaxed)
 }
 
 /// Switches this process's GEMMs (the calls above) to cuBLASLt with tuned algorithms on
@@ -80,7 +82,10 @@ pub fn engaged(a: &Tensor) -> bool {
 pub fn install(ordinal: usize, candidates: usize) -> Result<(), WorkerError> {
     let mut slot = ENGINE.lock().map_err(|_| WorkerError::Device("the GEMM engine's lock is poisoned".into()))?;
     match slot.as_ref() {
-        None => *slot = Some(Engine::new(ordinal, candidates.clamp(1, 64))?),
+        None => {
+            *slot = Some(Engine::new(ordinal, candidates.clamp(1, 64))?);
+            INSTALLED.store(true, Ordering::Relaxed);
+        }
         Some(e) if e.ordinal != ordinal => {
             return Err(WorkerError::Device(format!(
                 "the tuned GEMM engine serves CUDA device {} in this process; device {ordinal} was asked for",
@@ -258,6 +263,17 @@ fn strides_of(t: &Tensor) -> Option<(bool, i64)> {
 }
 
 static ENGINE: Mutex<Option<Engine>> = Mutex::new(None);
+/// Whether `ENGINE` holds an engine (set once, never cleared).
+static INSTALLED: AtomicBool = AtomicBool::new(false);
+
+/// One call's tensors: `d = a · b [+ c]`.
+#[derive(Clone, Copy)]
+struct Operands<'t> {
+    d: &'t Tensor,
+    a: &'t Tensor,
+    b: &'t Tensor,
+    c: Option<&'t Tensor>,
+}
 
 /// Runs `d = a·b [+ c]` on the engine; false when it does not take the problem (the caller
 /// runs ATen). With `c` aliasing `d` (accumulation) the problem is not timed (timing would
@@ -280,7 +296,7 @@ fn run(d: &Tensor, a: &Tensor, b: &Tensor, c: Option<&Tensor>) -> bool {
         None if engine.plans.len() >= MAX_PROBLEMS => return false, // shapes that keep changing
         _ => {}
     }
-    match engine.matmul(&problem, d, a, b, c, aliased) {
+    match engine.matmul(&problem, Operands { d, a, b, c }, aliased) {
         Ok(()) => true,
         Err(e) => {
             tracing::warn!("tuned GEMM {problem:?} runs on libtorch's GEMM instead: {e}");
@@ -409,48 +425,32 @@ impl Engine {
         Ok(Engine { ordinal, handle, ctx, workspace, candidates, plans: HashMap::new(), fallbacks: 0 })
     }
 
-    fn matmul(
-        &mut self,
-        p: &Problem,
-        d: &Tensor,
-        a: &Tensor,
-        b: &Tensor,
-        c: Option<&Tensor>,
-        aliased: bool,
-    ) -> Result<(), WorkerError> {
+    fn matmul(&mut self, p: &Problem, ops: Operands<'_>, aliased: bool) -> Result<(), WorkerError> {
         self.ctx.bind_to_thread().map_err(|e| WorkerError::Device(format!("CUDA device {}: {e:?}", self.ordinal)))?;
         match self.plans.get(p) {
             Some(Err(e)) => return Err(WorkerError::Device(e.clone())),
             None => {
-                let plan = self.plan(p, d, a, b, c, aliased)?;
+                let plan = self.plan(p, ops, aliased)?;
                 self.plans.insert(*p, Ok(plan));
             }
             // First seen accumulating in place, now unaliased: time it now, keeping the
             // first pick if that fails.
             Some(Ok(plan)) if !plan.tuned && !aliased => {
-                if let Ok(plan) = self.plan(p, d, a, b, c, aliased) {
+                if let Ok(plan) = self.plan(p, ops, aliased) {
                     self.plans.insert(*p, Ok(plan));
                 }
             }
             Some(Ok(_)) => {}
         }
         match self.plans.get(p) {
-            Some(Ok(plan)) => self.launch(plan, &plan.algo, d, a, b, c).map_err(lt_err("matmul")),
+            Some(Ok(plan)) => self.launch(plan, &plan.algo, ops).map_err(lt_err("matmul")),
             _ => Err(WorkerError::Device(format!("no plan for {p:?}"))),
         }
     }
 
     /// Descriptors for `p`, cuBLASLt's candidates, and (unless `aliased`) each timed on
     /// the call's own operands, the fastest kept.
-    fn plan(
-        &self,
-        p: &Problem,
-        d: &Tensor,
-        a: &Tensor,
-        b: &Tensor,
-        c: Option<&Tensor>,
-        aliased: bool,
-    ) -> Result<Plan, WorkerError> {
+    fn plan(&self, p: &Problem, ops: Operands<'_>, aliased: bool) -> Result<Plan, WorkerError> {
         use lt::sys::cublasLtMatmulDescAttributes_t as DescAttr;
         use lt::sys::cublasLtMatmulPreferenceAttributes_t as PrefAttr;
         let desc =
@@ -571,10 +571,10 @@ impl Engine {
         let mut best = f64::INFINITY;
         for (i, algo) in usable.iter().enumerate() {
             let timed = (|| -> Result<f64, String> {
-                self.launch(&plan, algo, d, a, b, c).map_err(|e| format!("{e:?}"))?;
+                self.launch(&plan, algo, ops).map_err(|e| format!("{e:?}"))?;
                 let start = stream.record_event(flags).map_err(|e| format!("{e:?}"))?;
                 for _ in 0..REPEATS {
-                    self.launch(&plan, algo, d, a, b, c).map_err(|e| format!("{e:?}"))?;
+                    self.launch(&plan, algo, ops).map_err(|e| format!("{e:?}"))?;
                 }
                 let end = stream.record_event(flags).map_err(|e| format!("{e:?}"))?;
                 Ok(f64::from(start.elapsed_ms(&end).map_err(|e| format!("{e:?}"))?) / REPEATS as f64)
@@ -600,11 +600,9 @@ impl Engine {
         &self,
         plan: &Plan,
         algo: &lt::sys::cublasLtMatmulAlgo_t,
-        d: &Tensor,
-        a: &Tensor,
-        b: &Tensor,
-        c: Option<&Tensor>,
+        ops: Operands<'_>,
     ) -> Result<(), lt::result::CublasError> {
+        let Operands { d, a, b, c } = ops;
         let (alpha, beta) = (1.0f32, if c.is_some() { 1.0f32 } else { 0.0 });
         let c_ptr = c.map_or(d.data_ptr(), Tensor::data_ptr);
         // SAFETY: the plan's descriptors describe these tensors (`Problem::of` built them
