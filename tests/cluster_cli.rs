@@ -332,8 +332,11 @@ fn ctrl_c_is_a_clean_stop_and_the_run_resumes() {
     let out = launch.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{stderr}");
-    // The workers leaving is the stop itself: no group re-forms, nothing failed.
-    assert!(stderr.contains("left: ") && stderr.contains("the job is over"), "{stderr}");
+    // The workers leaving is the stop itself: no group re-forms, nothing failed. (Whether a
+    // worker's departure reaches the coordinator before it ends is a race; each one that
+    // does is logged as the job being over.)
+    let departures: Vec<&str> = stderr.lines().filter(|l| l.contains("left: ")).collect();
+    assert!(departures.iter().all(|l| l.contains("the job is over")), "{stderr}");
     assert!(!stderr.contains("re-forms") && !stderr.contains("ERROR"), "{stderr}");
     for pid in pids {
         assert!(!Path::new(&format!("/proc/{pid}")).exists(), "worker {pid} still running");
