@@ -1,44 +1,41 @@
 #!/usr/bin/env bash
-# GPU check: runs on a one-GPU machine from a binary built elsewhere (tiny, ckpt,
-# ckpt-write, rollout and the gpu-1b bench took 7 minutes on an H200 on 2026-11-27;
-# pick parts for a short lease). The machine needs python3 with torch 2.11
-# (CUDA) and transformers, no Rust. Parts, each bounded by a timeout; every result lands in
-# $OUT (JSON, logs, summary.md):
-#   1.  doctor                     what the machine has (torch, GPU, NCCL)
-#   2.  nccl, kernels              every NCCL collective on a world of one; fused kernels vs ATen
-#   3.  tiny                       tiny preset on CUDA: loss falls as on the CPU (ATen, fused,
-#                                  fused with the hand-written block backward, AdamW on its
-#                                  own stream: the same losses as the defaults, and split
-#                                  projections and tuned GEMMs: within bf16 rounding of them;
-#                                  GPU_CHECK_TINY="explicit split" picks runs)
+# GPU check: runs on a one-GPU machine from a binary built elsewhere. The machine needs
+# python3 with torch 2.11 (CUDA) (and transformers for `rollout`), no Rust. Every part is
+# bounded by a timeout; every result lands in $OUT (JSON, logs, summary.md, and
+# timings.tsv: the seconds each part took).
+#
+# The default invocation is the check itself, sized for a short lease:
+#   1.  doctor                     what the machine has (torch, GPU, NCCL); always runs
+#   2.  nccl                       every NCCL collective on a world of one
+#   3.  tiny                       tiny preset on CUDA, the defaults: loss falls as on the CPU
 #   4.  nccl1                      `launch --workers 1` over NCCL = `train` without it
 #   5.  ring                       `launch --workers 2` on one GPU over the ring = single-GPU `train`
-#   5b. chaos                      a worker SIGKILLed mid-run is replaced; every step logged once
-#   5c. ckpt                       gpu-1b checkpoints: blocking and background write seconds,
-#                                  synchronous vs asynchronous (GPU_CHECK_CKPT_SYNC=0: async only)
-#   6.  ckpt-write                 `bench checkpoint-write` to the machine's local disk
-#   7.  rollout                    `bench rollout` vs transformers `generate`, gpu-1b, bf16
-#   8.  bench                      gpu-1b and moxin-7b 4 layers: moxin-train (ATen, fused, fused
-#                                  with the hand-written block backward) vs PyTorch eager vs
-#                                  torch.compile, same run; a profile-mode run (phases) and a
-#                                  kernel trace of 3 steps (CUPTI) of the defaults and of
-#                                  compile (GPU_CHECK_BENCH=0 skips it; GPU_CHECK_ATEN=0,
-#                                  GPU_CHECK_EAGER=0, GPU_CHECK_PROFILE=0, GPU_CHECK_TRACE=0,
-#                                  GPU_CHECK_COMPILE=0, GPU_CHECK_KEEPALL=0, GPU_CHECK_AUTOGRAD=0,
-#                                  GPU_CHECK_GEMM=0 (weight gradients through a bf16 product
-#                                  and a copy, MOXIN_GEMM_FP32_OUT=0), GPU_CHECK_SPLIT=0
-#                                  (runtime.split_projections), GPU_CHECK_OPTSTREAM=0
-#                                  (runtime.optimizer_stream) skip those runs;
-#                                  GPU_CHECK_TUNED=0 (runtime.gemm = "tuned", alone and with
-#                                  split projections) skips those runs;
-#                                  GPU_CHECK_CUBLASLT=1 adds the defaults with libtorch's
-#                                  GEMMs through cuBLASLt (TORCH_BLAS_PREFER_CUBLASLT=1);
-#                                  GPU_CHECK_SHAPES picks shapes)
-#   9.  switches (only when named) gpu-1b: the defaults vs model.sliding_window = 1024,
-#                                  runtime.recompute = "blocks", runtime.grad_reduce = "bf16"
+#   6.  bench                      gpu-1b and moxin-7b 4 layers: moxin-train (the defaults) vs
+#                                  PyTorch eager vs torch.compile, same run
 #
-# GPU_CHECK_ONLY="ckpt rollout ..." runs only the named parts (doctor always runs).
-# GPU_CHECK_DEADLINE_S=N skips parts that would start after N seconds.
+# More, when asked for:
+#   GPU_CHECK_ONLY="part ..."      runs only the named parts; besides the ones above:
+#     kernels                      fused kernels vs ATen, projection GEMMs (fused, split, tuned)
+#     chaos                        a worker SIGKILLed mid-run is replaced; every step logged once
+#     ckpt                         gpu-1b checkpoints: blocking and background write seconds,
+#                                  synchronous vs asynchronous (GPU_CHECK_CKPT_SYNC=0: async only)
+#     ckpt-write                   `bench checkpoint-write` to the machine's local disk
+#     rollout                      `bench rollout` vs transformers `generate`, gpu-1b, bf16
+#     switches                     gpu-1b: the defaults vs model.sliding_window = 1024,
+#                                  runtime.recompute = "blocks", runtime.grad_reduce = "bf16"
+#   GPU_CHECK_ONLY=all             every part
+#   GPU_CHECK_TINY="explicit ..."  tiny runs (default: explicit, the defaults): aten, fused
+#                                  (autograd blocks), explicit, optstream, split, tuned; or all
+#   GPU_CHECK_VARIANTS="..."       more moxin-train runs per bench shape (default: none):
+#                                  aten, autograd (fused kernels, autograd blocks), keepall
+#                                  (recompute = none), optstream, bf16gemm (MOXIN_GEMM_FP32_OUT=0),
+#                                  split (split_projections), tuned (gemm = tuned), splittuned,
+#                                  cublaslt (TORCH_BLAS_PREFER_CUBLASLT=1), profile (phases,
+#                                  CUDA-synchronised), trace (every kernel of 3 steps, CUPTI, and
+#                                  compile's the same way); or all
+#   GPU_CHECK_SHAPES="gpu-1b"      bench shapes; GPU_CHECK_EAGER=0 / GPU_CHECK_COMPILE=0 skip
+#                                  the PyTorch references; GPU_CHECK_STEPS=N steps per bench run
+#   GPU_CHECK_DEADLINE_S=N         skips parts that would start after N seconds
 #
 # usage: bash scripts/gpu-check.sh [path/to/moxin-train]   (default dist/moxin-train)
 # Build the binary here first:  bash scripts/build-dist.sh
@@ -56,11 +53,21 @@ export PYTHONUNBUFFERED=1
 work=$(mktemp -d)
 started=$(date +%s)
 say() { echo "== [$(( $(date +%s) - started ))s] $*"; }
+# One word list per choice; "all" picks every word.
+listed() { [[ " $1 " == *" all "* || " $1 " == *" $2 "* ]]; }
 want() { # want PART: whether to run PART (GPU_CHECK_ONLY, GPU_CHECK_DEADLINE_S)
-  if [ -n "${GPU_CHECK_ONLY:-}" ] && [[ " $GPU_CHECK_ONLY " != *" $1 "* ]]; then return 1; fi
+  listed "${GPU_CHECK_ONLY:-nccl tiny nccl1 ring bench}" "$1" || return 1
   if [ -n "${GPU_CHECK_DEADLINE_S:-}" ] && [ $(( $(date +%s) - started )) -ge "$GPU_CHECK_DEADLINE_S" ]; then
     say "$1 skipped: past the deadline of ${GPU_CHECK_DEADLINE_S}s"; return 1
   fi
+}
+# timings.tsv: each part's name and seconds, written when the next part (or the summary) begins.
+part_name=""; part_start=$started
+part() { # part NAME TEXT...: ends the previous part, begins NAME
+  [ -n "$part_name" ] && printf '%s\t%s\n' "$part_name" $(( $(date +%s) - part_start )) >>"$OUT/timings.tsv"
+  part_name=$1; part_start=$(date +%s); shift
+  [ $# -gt 0 ] && say "$*"
+  return 0
 }
 run() { # run NAME TIMEOUT CMD...: stdout to $OUT/NAME.json, stderr to $OUT/NAME.log
   local name=$1 limit=$2; shift 2
@@ -78,17 +85,17 @@ train() { # train NAME TIMEOUT CONFIG ARGS...: a run directory under $work/NAME
   return $rc
 }
 
-say "1. doctor"
+part doctor "1. doctor"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null | tee "$OUT/nvidia-smi.txt"
 "$BIN" doctor | tee "$OUT/doctor.txt"
 "$BIN" doctor --json >"$OUT/doctor.json" 2>/dev/null
 
 if want nccl; then
-  say "2. NCCL collectives on a world of one"
+  part nccl "2. NCCL collectives on a world of one"
   run nccl 120 "$BIN" bench nccl && cat "$OUT/nccl.json" | $PY -c 'import json,sys; d=json.load(sys.stdin); print("   NCCL", d["nccl_version"], "all ok:", d["all_ok"])'
 fi
 if want kernels; then
-  say "2b. fused kernels vs ATen"
+  part kernels "fused kernels vs ATen; projection GEMMs"
   run kernels 180 "$BIN" bench kernels && $PY - "$OUT/kernels.json" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
@@ -118,8 +125,8 @@ fi
 
 TINY=(--set runtime.device=cuda --set train.steps=100 --set checkpoint.enabled=false)
 if want tiny; then
-  say "3. tiny preset on CUDA (ATen kernels, fused kernels)"
-  tiny() { [[ " ${GPU_CHECK_TINY:-aten fused explicit optstream split tuned} " == *" $1 "* ]]; }
+  part tiny "3. tiny preset on CUDA"
+  tiny() { listed "${GPU_CHECK_TINY:-explicit}" "$1"; }
   tiny aten && train tiny-aten 120 configs/tiny-pretrain.toml "${TINY[@]}" --set runtime.kernels=aten
   tiny fused && train tiny-fused 120 configs/tiny-pretrain.toml "${TINY[@]}" --set runtime.kernels=fused \
     --set runtime.block_backward=autograd
@@ -131,14 +138,14 @@ if want tiny; then
 fi
 
 if want nccl1; then
-  say "4. NCCL world of one vs no NCCL"
+  part nccl1 "4. NCCL world of one vs no NCCL"
   timeout 180 "$BIN" launch configs/tiny-pretrain.toml --workers 1 --out "$work/nccl1" "${TINY[@]}" \
     --set cluster.collective=nccl >"$OUT/nccl1.log" 2>&1 || { echo "   nccl1 failed:"; tail -5 "$OUT/nccl1.log"; }
   cp "$work/nccl1/metrics.jsonl" "$OUT/nccl1.metrics.jsonl" 2>/dev/null
 fi
 
 if want ring; then
-  say "5. launch --workers 2 on one GPU (ring) vs single-GPU train"
+  part ring "5. launch --workers 2 on one GPU (ring) vs single-GPU train"
   RING=(--set runtime.device=cuda --set train.steps=20 --set checkpoint.every_steps=0)
   train ring-single 120 configs/tiny-pretrain.toml "${RING[@]}"
   timeout 180 "$BIN" launch configs/tiny-pretrain.toml --workers 2 --out "$work/ring2" "${RING[@]}" \
@@ -158,7 +165,7 @@ PY
 fi
 
 if want chaos; then
-  say "5b. a worker SIGKILLed mid-run on the GPU: replaced, the group re-forms, the job finishes"
+  part chaos "a worker SIGKILLed mid-run on the GPU: replaced, the group re-forms, the job finishes"
   CHAOS=(--set runtime.device=cuda --set train.steps=150 --set checkpoint.every_steps=10 \
     --set cluster.collective=ring --set cluster.heartbeat_timeout_ms=2000 --set cluster.collective_timeout_ms=10000)
   timeout 240 "$BIN" launch configs/tiny-pretrain.toml --workers 2 --max-restarts 2 --out "$work/chaos" "${CHAOS[@]}" \
@@ -199,7 +206,7 @@ mkdir -p "$DISK"
 df -hT "$DISK" /tmp >"$OUT/disk.txt" 2>&1
 
 if want ckpt; then
-  say "5c. checkpoints of gpu-1b (12.4 GB of state): blocking and background write"
+  part ckpt "checkpoints of gpu-1b (12.4 GB of state): blocking and background write"
   # 100 steps, every 40: a background write (~6 s at 2 GB/s) outlasts 30 steps of ~0.2 s.
   CKPT=(--set train.steps=100 --set checkpoint.every_steps=40 --set checkpoint.keep_last=1 --set checkpoint.enabled=true)
   modes="async"; [ "${GPU_CHECK_CKPT_SYNC:-1}" = 1 ] && modes="sync async"
@@ -215,13 +222,13 @@ if want ckpt; then
 fi
 
 if want ckpt-write; then
-  say "6. checkpoint writer on local disk: hashed while written vs serialise, fsync, read back, hash"
+  part ckpt-write "checkpoint writer on local disk: hashed while written vs serialise, fsync, read back, hash"
   run ckpt-write 240 "$BIN" bench checkpoint-write --dir "$DISK/bench" --mib "${GPU_CHECK_CKPT_MIB:-4096}" --repeats 2 && cat "$OUT/ckpt-write.json"
   rm -rf "$DISK/bench"
 fi
 
 if want rollout; then
-  say "7. rollouts: bench rollout vs transformers generate (gpu-1b, bf16, 64 prompts of 24-64 tokens, 256 new)"
+  part rollout "rollouts: bench rollout vs transformers generate (gpu-1b, bf16, 64 prompts of 24-64 tokens, 256 new)"
   model=$DISK/ckpt-async
   if [ ! -d "$model/checkpoints" ]; then
     model=$DISK/rollout-model
@@ -244,27 +251,28 @@ PY
 fi
 rm -rf "$DISK"
 
-if want bench && [ "${GPU_CHECK_BENCH:-1}" != 0 ]; then
+if want bench; then
+  variant() { listed "${GPU_CHECK_VARIANTS:-}" "$1"; }
   for shape in ${GPU_CHECK_SHAPES:-gpu-1b moxin-7b-4l}; do
     want bench || break
     config=configs/$shape-bench.toml
-    say "8. $shape: moxin-train (aten, fused), PyTorch eager, torch.compile"
+    part "bench-$shape" "6. $shape: moxin-train, PyTorch eager, torch.compile"
     BENCH=(--set train.steps=$STEPS)
-    [ "${GPU_CHECK_ATEN:-1}" = 1 ] && train "$shape-moxin-aten" 150 "$config" "${BENCH[@]}" --set runtime.kernels=aten
-    [ "${GPU_CHECK_AUTOGRAD:-1}" = 1 ] && train "$shape-moxin-fused" 150 "$config" "${BENCH[@]}" --set runtime.kernels=fused --set runtime.block_backward=autograd
     train "$shape-moxin-explicit" 150 "$config" "${BENCH[@]}" --set runtime.kernels=fused --set runtime.block_backward=explicit
-    [ "${GPU_CHECK_KEEPALL:-1}" = 1 ] && train "$shape-moxin-keepall" 150 "$config" "${BENCH[@]}" --set runtime.recompute=none
-    [ "${GPU_CHECK_OPTSTREAM:-1}" = 1 ] && train "$shape-moxin-optstream" 150 "$config" "${BENCH[@]}" --set runtime.optimizer_stream=true
-    [ "${GPU_CHECK_GEMM:-1}" = 1 ] && MOXIN_GEMM_FP32_OUT=0 train "$shape-moxin-bf16gemm" 150 "$config" "${BENCH[@]}"
-    [ "${GPU_CHECK_SPLIT:-1}" = 1 ] && train "$shape-moxin-split" 150 "$config" "${BENCH[@]}" --set runtime.split_projections=true
-    [ "${GPU_CHECK_TUNED:-1}" = 1 ] && train "$shape-moxin-tuned" 150 "$config" "${BENCH[@]}" --set runtime.gemm=tuned
-    [ "${GPU_CHECK_TUNED:-1}" = 1 ] && [ "${GPU_CHECK_SPLIT:-1}" = 1 ] && train "$shape-moxin-splittuned" 150 "$config" \
-      "${BENCH[@]}" --set runtime.gemm=tuned --set runtime.split_projections=true
-    [ "${GPU_CHECK_CUBLASLT:-0}" = 1 ] && TORCH_BLAS_PREFER_CUBLASLT=1 train "$shape-moxin-cublaslt" 150 "$config" "${BENCH[@]}"
-    [ "${GPU_CHECK_PROFILE:-1}" = 1 ] && train "$shape-moxin-profile" 150 "$config" --set train.steps=8 --set runtime.profile=true
+    variant aten && train "$shape-moxin-aten" 150 "$config" "${BENCH[@]}" --set runtime.kernels=aten
+    variant autograd && train "$shape-moxin-fused" 150 "$config" "${BENCH[@]}" --set runtime.kernels=fused --set runtime.block_backward=autograd
+    variant keepall && train "$shape-moxin-keepall" 150 "$config" "${BENCH[@]}" --set runtime.recompute=none
+    variant optstream && train "$shape-moxin-optstream" 150 "$config" "${BENCH[@]}" --set runtime.optimizer_stream=true
+    variant bf16gemm && MOXIN_GEMM_FP32_OUT=0 train "$shape-moxin-bf16gemm" 150 "$config" "${BENCH[@]}"
+    variant split && train "$shape-moxin-split" 150 "$config" "${BENCH[@]}" --set runtime.split_projections=true
+    variant tuned && train "$shape-moxin-tuned" 150 "$config" "${BENCH[@]}" --set runtime.gemm=tuned
+    variant splittuned && train "$shape-moxin-splittuned" 150 "$config" "${BENCH[@]}" --set runtime.gemm=tuned \
+      --set runtime.split_projections=true
+    variant cublaslt && TORCH_BLAS_PREFER_CUBLASLT=1 train "$shape-moxin-cublaslt" 150 "$config" "${BENCH[@]}"
+    variant profile && train "$shape-moxin-profile" 150 "$config" --set train.steps=8 --set runtime.profile=true
     # Every kernel of 3 steps after 5 of warm-up (CUPTI), the defaults; compile's the same way.
     TRACE=()
-    if [ "${GPU_CHECK_TRACE:-1}" = 1 ]; then
+    if variant trace; then
       train "$shape-moxin-trace" 150 "$config" --set train.steps=8 --trace-kernels 3 &&
         cp "$work/$shape-moxin-trace/kernel_trace.json" "$OUT/$shape-moxin-kernels.json"
       TRACE=(--trace-kernels 3 --trace-out "$OUT/$shape-torch-compile-kernels.json")
@@ -274,9 +282,9 @@ if want bench && [ "${GPU_CHECK_BENCH:-1}" != 0 ]; then
   done
 fi
 
-# Only when named (GPU_CHECK_ONLY="... switches"): the defaults against one switch at a time.
-if [[ " ${GPU_CHECK_ONLY:-} " == *" switches "* ]] && want switches; then
-  say "9. gpu-1b switches: sliding window at seq = 2 x window, whole-block recomputation, bf16 gradients"
+# The defaults against one switch at a time.
+if want switches; then
+  part switches "gpu-1b switches: sliding window at seq = 2 x window, whole-block recomputation, bf16 gradients"
   config=configs/gpu-1b-bench.toml
   train switch-default 240 "$config" --set train.steps=$STEPS
   train switch-window 240 "$config" --set train.steps=$STEPS --set model.sliding_window=1024
@@ -284,6 +292,7 @@ if [[ " ${GPU_CHECK_ONLY:-} " == *" switches "* ]] && want switches; then
   train switch-grad-bf16 240 "$config" --set train.steps=$STEPS --set runtime.grad_reduce=bf16
 fi
 
+part ""  # ends the last part
 say "summary"
 $PY scripts/gpu_summary.py "$OUT" | tee "$OUT/summary.md"
 say "done; results in $OUT"

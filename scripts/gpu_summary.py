@@ -289,3 +289,11 @@ if theirs:
     print(f"- transformers generate tokens/s: {', '.join(f'{x:.0f}' for x in theirs)}")
 if ours and theirs:
     print(f"- ratio of the bests: {max(ours) / max(theirs):.2f}x")
+
+try:
+    timings = [line.rstrip("\n").split("\t") for line in open(os.path.join(out, "timings.tsv")) if "\t" in line]
+except OSError:
+    timings = []
+if timings:
+    print("\n## Seconds per part\n")
+    print(", ".join(f"{name} {secs} s" for name, secs in timings) + f"; {sum(int(s) for _, s in timings)} s in all")
