@@ -773,6 +773,7 @@ fn enum_choices(type_name: &str, value: &str) -> Option<String> {
         "GradReduce" => err::<GradReduce>(value),
         "BlockBackward" => err::<BlockBackward>(value),
         "KernelChoice" => err::<KernelChoice>(value),
+        "GemmChoice" => err::<GemmChoice>(value),
         _ => None,
     }
 }

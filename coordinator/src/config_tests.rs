@@ -84,6 +84,42 @@ fn invalid_values_name_field_value_and_fix() {
     check(&["model.vocab_size=4294967295", "model.dim=4096"], 1, &["model.vocab_size = 4294967295"]);
 }
 
+/// A word that is not one of a config enum's values gets the list of its values, for every
+/// enum key (found by walking the resolved config: a new enum without its arm in
+/// `enum_choices` fails here, not in front of a user).
+#[test]
+fn every_enum_key_lists_its_values() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = write(tmp.path(), MINIMAL);
+    let resolved = toml::Value::try_from(JobConfig::load(&f, HashMap::new(), &[]).unwrap()).unwrap();
+    fn string_keys(v: &toml::Value, prefix: &str, out: &mut Vec<String>) {
+        if let toml::Value::Table(t) = v {
+            for (k, v) in t {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                match v {
+                    toml::Value::String(_) => out.push(key),
+                    toml::Value::Table(_) => string_keys(v, &key, out),
+                    _ => {}
+                }
+            }
+        }
+    }
+    let mut keys = Vec::new();
+    string_keys(&resolved, "", &mut keys);
+    let mut enums = 0;
+    for key in keys {
+        let Err(e) = JobConfig::load(&f, HashMap::new(), &[format!("{key}=no-such-choice")]) else { continue };
+        let e = e.to_string();
+        assert!(!e.contains("not one of its values"), "{key}: {e}");
+        if e.contains("unknown variant") {
+            assert!(e.contains("expected one of") || e.contains("` or `"), "{key}: {e}");
+            assert!(e.contains(&key) && e.contains("no-such-choice"), "{key}: {e}");
+            enums += 1;
+        }
+    }
+    assert!(enums >= 9, "{enums} enum keys found");
+}
+
 /// Every shipped job config parses; those that do not start from a checkpoint validate.
 #[test]
 fn shipped_configs_load() {
