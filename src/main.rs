@@ -514,6 +514,9 @@ struct LogitsArgs {
     /// safetensors file to write (`logits`: fp32 [rows, length, vocab]).
     #[arg(long)]
     out: PathBuf,
+    /// Replace `--out` if it exists (else an existing file is refused).
+    #[arg(long)]
+    overwrite: bool,
 }
 
 #[derive(Args)]
@@ -713,7 +716,7 @@ fn run(cli: Cli) -> Result<i32> {
             commands::hf::export(&a.checkpoint, &a.out, a.dtype.as_deref(), a.max_shard_gb, &a.chat_template)
         }
         Command::ImportHf(a) => commands::hf::import(&a.dir, &a.out),
-        Command::Logits(a) => commands::hf::logits(&a.checkpoint, &a.tokens, &a.out),
+        Command::Logits(a) => commands::hf::logits(&a.checkpoint, &a.tokens, &a.out, a.overwrite),
         Command::Generate(a) => commands::generate(
             &a.checkpoint,
             &a.prompt,

@@ -45,9 +45,19 @@ fn gpu_only_work_is_refused_clearly_on_a_cpu_machine() {
     let err = fails(tmp.path(), &["train", s(&job), "--set", "runtime.gemm=tuned"]);
     assert!(err.contains("runtime.gemm") && err.contains("aten"), "{err}");
     let err = fails(tmp.path(), &["train", s(&job), "--set", "runtime.gemm=fast"]);
-    assert!(err.contains("runtime.gemm") && err.contains("fast"), "{err}");
+    assert!(err.contains("runtime.gemm") && err.contains("fast") && err.contains("tuned"), "{err}");
     let err = fails(tmp.path(), &["train", s(&job), "--set", "cluster.collective=nccl"]);
     assert!(err.contains("cluster.collective = nccl"), "{err}");
+    // Under `launch`, the worker's own reason reaches the last line once restarts run out.
+    let err = fails(
+        tmp.path(),
+        &["launch", s(&job), "--workers", "1", "--max-restarts", "1", "--out", s(&tmp.path().join("l"))]
+            .into_iter()
+            .chain(["--set", "runtime.device=cuda"])
+            .collect::<Vec<_>>(),
+    );
+    let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default();
+    assert!(last.contains("restart(s) allowed") && last.contains("CUDA was asked for"), "{err}");
 }
 
 #[test]

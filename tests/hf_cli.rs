@@ -70,6 +70,13 @@ fn hugging_face_export_and_import_agree_with_transformers() {
     let said = ok(t, &["export-hf", &s(&run), &s(&exported)]);
     assert!(said.contains("\"step\": 3") && said.contains("\"tokenizer\": true"), "{said}");
     ok(t, &["logits", &s(&run), "--tokens", &s(&tokens), "--out", &s(&t.join("ours.safetensors"))]);
+    // An existing --out (here: the checkpoint's own weights) is refused unless asked for.
+    let weights = moxin_layout::checkpoint::list(&run).unwrap().last().unwrap().1.join("model.safetensors");
+    let before = std::fs::read(&weights).unwrap();
+    let err = crate::common::fails(t, &["logits", &s(&run), "--tokens", &s(&tokens), "--out", &s(&weights)]);
+    assert!(err.contains("exists") && err.contains("--overwrite"), "{err}");
+    assert_eq!(std::fs::read(&weights).unwrap(), before, "nothing written");
+    ok(t, &["logits", &s(&run), "--tokens", &s(&tokens), "--out", &s(&t.join("ours.safetensors")), "--overwrite"]);
     check(t, &["logits", &s(&exported), &s(&tokens), "theirs.safetensors"]);
     let diff = check(t, &["compare", "ours.safetensors", "theirs.safetensors", "1e-4"]);
     assert!(diff.contains("max_abs_diff"), "{diff}");

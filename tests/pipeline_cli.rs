@@ -32,6 +32,21 @@ fn a_pipeline_runs_its_stages_in_order_and_skips_finished_ones() {
     let err = crate::common::fails(t, &["train", s(&file), "--out", s(&out), "--set", "stage.rl.train.steps=3"]);
     assert!(err.contains("--set stage.rl.train.steps=3") && err.contains("\"grpo\""), "{err}");
     assert!(!out.join("pretrain").exists(), "nothing ran");
+    // A bad value in the last stage, or held-out prompts that are not there, are refused
+    // before the first stage trains (naming the stage's table), as are two stages of one name.
+    let err = crate::common::fails(t, &["train", s(&file), "--out", s(&out), "--set", "stage.grpo.optimizer.lr=fast"]);
+    assert!(err.contains("invalid stage grpo") && err.contains("[stage.grpo]") && err.contains("fast"), "{err}");
+    assert!(!out.join("pretrain").exists(), "nothing ran");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let moved = t.join("moved.toml");
+    std::fs::write(&moved, text.replace("test.jsonl", "no-such-test.jsonl")).unwrap();
+    let err = crate::common::fails(t, &["train", s(&moved), "--out", s(&t.join("moved"))]);
+    assert!(err.contains("eval_prompts") && err.contains("no-such-test.jsonl"), "{err}");
+    assert!(!t.join("moved/pretrain").exists(), "nothing ran");
+    let twice = t.join("twice.toml");
+    std::fs::write(&twice, text.replace("\"pretrain\", \"sft\", \"grpo\"", "\"pretrain\", \"sft\", \"sft\"")).unwrap();
+    let err = crate::common::fails(t, &["train", s(&twice), "--out", s(&t.join("twice"))]);
+    assert!(err.contains("\"sft\" twice"), "{err}");
     let said = ok(t, &["train", s(&file), "--out", s(&out), "--set", "stage.grpo.train.steps=3"]);
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();

@@ -639,6 +639,13 @@ impl JobConfig {
                 "tuned GEMMs run through cuBLASLt on a GPU but runtime.device = \"cpu\"; use gemm = \"aten\"".into(),
             ));
         }
+        if self.runtime.threads > MAX_THREADS {
+            return Err(bad(
+                "runtime.threads",
+                &self.runtime.threads,
+                format!("at most {MAX_THREADS}; 0 = one per available core (usually best)"),
+            ));
+        }
         if !(self.runtime.peak_tflops.is_finite() && self.runtime.peak_tflops >= 0.0) {
             return Err(bad(
                 "runtime.peak_tflops",
@@ -757,6 +764,10 @@ fn describe(e: ::config::ConfigError) -> (String, String) {
     }
     (key, text)
 }
+
+/// The most intra-op threads a job may ask for: more than any machine's cores, far below
+/// what would exhaust a machine's threads.
+const MAX_THREADS: u32 = 4096;
 
 /// "unknown variant `x`, expected one of `a`, `b`" for `value` of the config enum named
 /// `type_name` (its own serde names, so the list cannot drift from the type).

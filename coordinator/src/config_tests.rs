@@ -72,6 +72,7 @@ fn invalid_values_name_field_value_and_fix() {
     check(&["schedule.warmup_ratio=1.5"], 1, &["schedule.warmup_ratio = 1.5"]);
     check(&["schedule.warmup_ratio=0.1", "schedule.warmup_steps=5"], 1, &["give one"]);
     check(&["checkpoint.optimizer_file_mib=0"], 1, &["checkpoint.optimizer_file_mib = 0", "default 1024"]);
+    check(&["runtime.threads=2147483648"], 1, &["runtime.threads = 2147483648", "at most 4096", "0 = one per"]);
     check(&["runtime.device=cpu", "runtime.gemm=tuned"], 1, &["runtime.gemm = tuned", "gemm = \"aten\""]);
     // Shapes whose parameter count is absurd or does not fit in 64 bits.
     check(&["model.n_layers=4294967295"], 1, &["model.n_layers = 4294967295", "at most 10000000000000"]);

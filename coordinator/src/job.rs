@@ -268,6 +268,17 @@ fn resolve_data(
     let (tokenizer_sha256, samples_per_epoch) = match moxin_data::sft::SftManifest::load(&data_dir)? {
         Some(sft) => {
             let data = moxin_data::sft::SftData::open(&data_dir, seq_len, vocab_size, config.job.seed, false)?;
+            let cut = data.truncation();
+            if cut.conversations > 0 {
+                tracing::warn!(
+                    conversations = cut.conversations,
+                    of = sft.conversations,
+                    trained_tokens_lost = cut.trained_targets,
+                    seq_len,
+                    "conversations longer than train.seq_len are cut to it and their ends are not trained; \
+                     raise train.seq_len to keep them"
+                );
+            }
             (sft.tokenizer.sha256, data.num_rows())
         }
         None => {

@@ -137,6 +137,12 @@ impl Pipeline {
         if section.stages.is_empty() {
             return Err(load_err("[pipeline] stages is empty; list the stages in order".into()));
         }
+        if let Some(twice) = section.stages.iter().enumerate().find(|(i, s)| section.stages[..*i].contains(s)) {
+            return Err(load_err(format!(
+                "[pipeline] stages names {:?} twice; each stage needs its own name (and run directory)",
+                twice.1
+            )));
+        }
         for name in stage_tables.keys() {
             if !section.stages.contains(name) {
                 return Err(load_err(format!("[stage.{name}] is not in [pipeline] stages {:?}", section.stages)));
@@ -175,6 +181,18 @@ impl Pipeline {
             stages.push(Stage { name: stage.clone(), config: path, run_dir });
         }
         Ok(Pipeline { section, stages, out })
+    }
+
+    /// Parses `stage`'s job with its `overrides` (and the process environment), and
+    /// validates it when it does not start from a checkpoint (the others take their shape
+    /// from a checkpoint an earlier stage has not made yet). Run for every stage before any
+    /// trains, so a mistake in the last stage does not surface after the first has trained.
+    pub fn check_stage(&self, stage: &Stage, overrides: &[String]) -> Result<(), ConfigError> {
+        let config = crate::JobConfig::load_with_process_env(&stage.config, overrides)?;
+        if config.model.init_from.is_none() {
+            config.validate(1)?;
+        }
+        Ok(())
     }
 }
 

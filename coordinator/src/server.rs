@@ -97,6 +97,8 @@ struct State {
     config_written: bool,
     /// Where workers reach this coordinator, once known (`moxin-train scale` reads it).
     url: Option<String>,
+    /// The latest worker failure while the job ran, as logged (who, and what it reported).
+    last_failure: Option<String>,
 }
 
 /// The coordinator of one job.
@@ -184,6 +186,7 @@ impl CoordinatorService {
                 recoveries: 0,
                 recovering_since: None,
                 config_written: false,
+                last_failure: None,
                 url: None,
             })),
             phase_tx: Arc::new(phase_tx),
@@ -237,6 +240,12 @@ impl CoordinatorService {
         let mut s = self.lock();
         s.url = Some(url.to_string());
         self.persist(&s);
+    }
+
+    /// The latest worker failure while the job ran (who failed, and why, as it reported),
+    /// so that whoever gives up on the job can say what went wrong.
+    pub fn last_failure(&self) -> Option<String> {
+        self.lock().last_failure.clone()
     }
 
     /// The worker count wanted now: `max_workers`, until `moxin-train scale` changes it.

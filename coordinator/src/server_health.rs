@@ -90,6 +90,7 @@ impl CoordinatorService {
             s.failures += 1;
             metrics::counter!("moxin_workers_lost_total").increment(1);
             tracing::error!("{why}; {next}");
+            s.last_failure = Some(why.to_string());
             if member {
                 s.recovering_since.get_or_insert_with(Instant::now);
             }

@@ -165,10 +165,13 @@ impl Supervisor {
             }
             let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
             if restarts >= self.max_restarts {
-                let reason = format!(
+                let mut reason = format!(
                     "worker process {slot} exited with {status}, and the {} restart(s) allowed (--max-restarts) are used up",
                     self.max_restarts
                 );
+                if let Some(failure) = self.service.last_failure() {
+                    reason.push_str(&format!("; the last failure: {failure}"));
+                }
                 self.service.stop(&reason, true);
                 continue;
             }

@@ -39,8 +39,12 @@ pub fn import(dir: &Path, out: &Path) -> Result<()> {
 }
 
 /// `logits`: token rows from a JSON file (`[[1, 2, 3], [4, 5, 6]]`), logits to a
-/// safetensors file (`logits`, fp32 `[rows, len, vocab]`).
-pub fn logits(checkpoint: &Path, tokens: &Path, out: &Path) -> Result<()> {
+/// safetensors file (`logits`, fp32 `[rows, len, vocab]`); an existing `out` only with
+/// `overwrite` (it could be anything, a checkpoint's weights included).
+pub fn logits(checkpoint: &Path, tokens: &Path, out: &Path, overwrite: bool) -> Result<()> {
+    if out.exists() && !overwrite {
+        anyhow::bail!("{} exists; choose another --out, or pass --overwrite to replace it", out.display());
+    }
     let text = std::fs::read_to_string(tokens).with_context(|| format!("reading {}", tokens.display()))?;
     let rows: Vec<Vec<i64>> = serde_json::from_str(&text)
         .with_context(|| format!("{}: expected a JSON list of token-id lists, e.g. [[1, 2, 3]]", tokens.display()))?;

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use moxin_coordinator::pipeline::{last_step, Pipeline, StageSummary};
+use moxin_coordinator::pipeline::{last_step, Pipeline, Stage, StageSummary};
 
 /// How each stage runs: in this process (`train`) or as a local group (`launch`).
 pub enum Mode {
@@ -37,10 +37,35 @@ pub fn run(file: &Path, out: Option<&Path>, overrides: &[String], mode: Mode) ->
         .map(|stage| pipeline.stage_overrides(&stage.name, overrides))
         .collect::<Result<_, _>>()
         .map_err(|e| super::invalid_job(file, e))?;
+    let finished = |stage: &Stage| {
+        previous.iter().find(|s| s.stage == stage.name).filter(|_| stage.run_dir.join(FINISHED).exists())
+    };
+    // Every stage that will run, and the held-out prompts, before the first trains.
+    for (stage, stage_overrides) in pipeline.stages.iter().zip(&per_stage) {
+        if finished(stage).is_none() {
+            pipeline.check_stage(stage, stage_overrides).map_err(|e| {
+                anyhow::Error::new(e).context(format!(
+                    "invalid stage {name} of {file} ([stage.{name}] over the shared sections, written as {config})",
+                    name = stage.name,
+                    file = file.display(),
+                    config = stage.config.display()
+                ))
+            })?;
+        }
+    }
+    let to_run = pipeline.stages.iter().any(|s| finished(s).is_none());
+    if let Some(prompts) = pipeline.section.eval_prompts.as_ref().filter(|_| to_run) {
+        if !Path::new(prompts).is_file() {
+            anyhow::bail!(
+                "invalid pipeline {}: [pipeline] eval_prompts = {prompts:?} is not a file; give a JSONL file of \
+                 {{\"prompt\", \"answer\"}} lines, or leave eval_prompts out",
+                file.display()
+            );
+        }
+    }
     for (stage, stage_overrides) in pipeline.stages.iter().zip(&per_stage) {
         let marker = stage.run_dir.join(FINISHED);
-        let kept = previous.iter().find(|s| s.stage == stage.name).filter(|_| marker.exists());
-        if let Some(done) = kept {
+        if let Some(done) = finished(stage) {
             tracing::info!(stage = %stage.name, step = done.step, "stage finished before; skipping it");
             let prefix = format!("stage.{}.", stage.name);
             if overrides.iter().any(|o| o.trim_start().starts_with(&prefix)) {

@@ -88,10 +88,22 @@ pub fn gpu_ordinal(
 /// Resolves `auto` choices against this machine, picks the GPU (`explicit` from
 /// `--device`, else the environment) and applies the thread count.
 pub fn place(runtime: &RuntimeSpec, explicit: Option<Device>) -> Result<Placement, WorkerError> {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let threads = match runtime.threads {
-        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as i32,
-        n => n as i32,
+        0 => cores,
+        n => n as usize,
     };
+    if threads > cores {
+        tracing::warn!(
+            threads,
+            cores,
+            "runtime.threads is more than this machine's available cores: the threads share them and \
+             every step is slower; runtime.threads = 0 uses one per core"
+        );
+    }
+    let threads = i32::try_from(threads).map_err(|_| {
+        WorkerError::Device(format!("runtime.threads = {threads} is too many; 0 = one per available core"))
+    })?;
     tch::set_num_threads(threads);
     let want_cuda = match (explicit, runtime.device()) {
         (Some(Device::Cpu), _) => false,
