@@ -1,8 +1,8 @@
 //! `launch`, `coordinator` and `worker` as separate processes.
 
 use std::io::{Read, Write};
-use std::path::Path;
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -386,6 +386,8 @@ fn scale_a_running_launch_up_and_down() {
     assert!(said.contains("scaled to 3"), "{said}");
     let (members, grown) = wait_for_group(&run, 3, generation);
     assert_eq!(members, 3);
+    let live: serde_json::Value = serde_json::from_str(&ok(tmp.path(), &["status", s(&run), "--json"])).unwrap();
+    assert_eq!((live["min_workers"].as_u64(), live["max_workers"].as_u64()), (Some(3), Some(3)), "{live}");
     let at = state_step(&run);
     wait_for_state_step_with(&run, at + 3, 3);
     ok(tmp.path(), &["scale", s(&run), "--workers", "2"]);

@@ -367,6 +367,15 @@ pub struct TrainSection {
     pub log_every_steps: u32,
 }
 
+impl TrainSection {
+    /// Whether `workers` workers split the global batch: a whole number of micro-batches
+    /// on each (the coordinator forms groups only at such sizes).
+    pub fn splits_over(&self, workers: u32) -> bool {
+        let per_pass = self.micro_batch_size as u64 * workers as u64;
+        per_pass > 0 && (self.global_batch_size as u64).is_multiple_of(per_pass)
+    }
+}
+
 fn one() -> u32 {
     1
 }
@@ -657,7 +666,7 @@ impl JobConfig {
         if t.global_batch_size == 0 {
             return Err(bad("train.global_batch_size", &0, "must be at least 1".into()));
         }
-        if !(t.global_batch_size as u64).is_multiple_of(per_pass) {
+        if !t.splits_over(world_size) {
             let fix = if (t.global_batch_size as u64) < per_pass {
                 format!("lower train.micro_batch_size, or raise train.global_batch_size to {per_pass}")
             } else {

@@ -46,6 +46,12 @@ fn unknown_and_mistyped_keys_are_errors() {
     assert!(e.contains("section.key=value"), "{e}");
     let e = JobConfig::load(&tmp.path().join("missing.toml"), HashMap::new(), &[]).unwrap_err().to_string();
     assert!(e.contains("missing.toml") && e.contains("cannot read"), "{e}");
+    // Two mistakes: the same one is reported every time (the file's order, not a hash map's).
+    let f = write(tmp.path(), "[trian]\nsteps = 5\n");
+    for _ in 0..20 {
+        let e = JobConfig::load(&f, HashMap::new(), &["train.steps=2".into()]).unwrap_err().to_string();
+        assert!(e.contains("unknown key `trian`"), "{e}");
+    }
 }
 
 #[test]

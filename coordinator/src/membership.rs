@@ -17,12 +17,36 @@
 //! re-formation can never mix members of two groups. Generations keep counting across
 //! coordinator restarts (the server reloads the last one from `state.json`).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 /// A registered worker's id (`w1`, `w2`, …).
 pub type WorkerId = String;
+
+/// Which group sizes the job can train with (its batch geometry: the global batch must
+/// split into whole micro-batches on every worker). A group is only ever formed at such a
+/// size; live workers beyond it wait as standby.
+#[derive(Clone)]
+pub struct SizeRule(Arc<dyn Fn(usize) -> bool + Send + Sync>);
+
+impl SizeRule {
+    /// Sizes for which `fits` says yes.
+    pub fn new(fits: impl Fn(usize) -> bool + Send + Sync + 'static) -> Self {
+        SizeRule(Arc::new(fits))
+    }
+
+    fn fits(&self, workers: usize) -> bool {
+        (self.0)(workers)
+    }
+}
+
+impl std::fmt::Debug for SizeRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SizeRule")
+    }
+}
 
 /// Where the job is.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -110,12 +134,19 @@ pub struct Membership {
     short_since: Option<Instant>,
     /// Groups formed (including the first).
     formations: u64,
+    /// The group sizes the job can train with.
+    sizes: SizeRule,
 }
 
 impl Membership {
-    /// A job that trains with `min..=max` workers; `generation` is the last one an earlier
-    /// coordinator of the run formed (0 for a new run).
+    /// A job that trains with `min..=max` workers, at any size in that range;
+    /// `generation` is the last one an earlier coordinator of the run formed (0 for a new run).
     pub fn new(min: u32, max: u32, generation: u64) -> Self {
+        Self::with_sizes(min, max, generation, SizeRule::new(|_| true))
+    }
+
+    /// [`Membership::new`] for a job that trains only at the sizes `sizes` allows.
+    pub fn with_sizes(min: u32, max: u32, generation: u64, sizes: SizeRule) -> Self {
         Membership {
             min: min.max(1) as usize,
             max: max.max(min).max(1) as usize,
@@ -126,6 +157,7 @@ impl Membership {
             group: Vec::new(),
             short_since: None,
             formations: 0,
+            sizes,
         }
     }
 
@@ -273,9 +305,14 @@ impl Membership {
     }
 
     fn form_if_possible(&mut self) -> Change {
-        let wanted = self.live.len().min(self.max);
+        // The largest size within the bounds that the live workers fill and the job's batch
+        // splits over (workers join one at a time: a scale from 2 to 4 passes 3).
+        let most = self.live.len().min(self.max);
+        let Some(wanted) = (self.min..=most).rev().find(|&w| self.sizes.fits(w)) else {
+            return Change::None;
+        };
         let grows = self.phase == Phase::Training && wanted > self.group.len();
-        if !(self.phase == Phase::Admitting && wanted >= self.min || grows) {
+        if !(self.phase == Phase::Admitting || grows) {
             return Change::None;
         }
         self.generation += 1;
@@ -410,6 +447,27 @@ mod tests {
         assert_eq!(m.resize(2, 2), Change::None);
         assert_eq!(m.lost("w3", t0), form(3, &["w1", "w2"]), "the leaver's group re-forms at the new size");
         assert_eq!(m.bounds(), (2, 2));
+    }
+
+    #[test]
+    fn groups_form_only_at_sizes_the_batch_splits_over() {
+        let now = Instant::now();
+        // A global batch of 16 in micro-batches of 4: 1, 2 or 4 workers, never 3.
+        let mut m = Membership::with_sizes(1, 4, 0, SizeRule::new(|w| 16 % (4 * w) == 0));
+        assert_eq!(m.joined("w1", None), form(1, &["w1"]));
+        assert_eq!(m.joined("w2", None), form(2, &["w1", "w2"]));
+        assert_eq!(m.joined("w3", None), Change::None, "3 does not split the batch: w3 waits");
+        assert_eq!(m.joined("w4", None), form(3, &["w1", "w2", "w3", "w4"]));
+        // Losing one of four re-forms with two; the third survivor waits as standby.
+        assert_eq!(m.lost("w2", now), form(4, &["w1", "w3"]));
+        assert_eq!(m.live(), ["w1", "w3", "w4"]);
+        // Scaled from 2 to 4 (min = max = 4): no group of 3 on the way.
+        let mut m = Membership::with_sizes(2, 2, 0, SizeRule::new(|w| 16 % (4 * w) == 0));
+        m.joined("a", None);
+        assert_eq!(m.joined("b", None), form(1, &["a", "b"]));
+        assert_eq!(m.resize(4, 4), Change::None);
+        assert_eq!(m.joined("c", None), Change::None);
+        assert_eq!(m.joined("d", None), form(2, &["a", "b", "c", "d"]));
     }
 
     #[test]

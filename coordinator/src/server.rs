@@ -33,7 +33,7 @@ mod views;
 pub use crate::backend::{choose_backend, MemberDevices};
 use crate::job::ResolvedJob;
 pub use crate::membership::Phase;
-use crate::membership::{Change, Membership, Refusal};
+use crate::membership::{Change, Membership, Refusal, SizeRule};
 use crate::plan::{assignment, GroupPlan};
 use crate::rundir::MetricsLog;
 
@@ -162,6 +162,7 @@ impl CoordinatorService {
         if let Some(p) = &previous {
             tracing::info!(phase = %p.phase, generation = p.generation, step = p.step, "continuing after an earlier coordinator");
         }
+        let train = job.config.train.clone();
         let (phase_tx, _) = watch::channel(Phase::Admitting);
         let (desired_tx, _) = watch::channel(max_workers);
         let mut commits = Commits::new(&job.run_dir);
@@ -177,7 +178,12 @@ impl CoordinatorService {
                 next_id: 1,
                 // Generations never repeat across coordinator restarts: a worker of an old
                 // group can never be mistaken for a member of the new one.
-                membership: Membership::new(min_workers, max_workers, previous.as_ref().map_or(0, |p| p.generation)),
+                membership: Membership::with_sizes(
+                    min_workers,
+                    max_workers,
+                    previous.as_ref().map_or(0, |p| p.generation),
+                    SizeRule::new(move |w| train.splits_over(w as u32)),
+                ),
                 progress: Progress::default(),
                 metrics,
                 collective_id: None,

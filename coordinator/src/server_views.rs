@@ -79,8 +79,9 @@ impl CoordinatorService {
             total_steps: train.steps,
             last: s.progress.last.clone(),
             workers,
-            min_workers: self.job.config.cluster.min_workers,
-            max_workers: self.job.config.cluster.max(),
+            // The bounds now: `moxin-train scale` moves them from the config's.
+            min_workers: s.membership.bounds().0,
+            max_workers: s.membership.bounds().1,
             failures: s.failures,
             recoveries: s.recoveries,
         }
