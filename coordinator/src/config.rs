@@ -492,7 +492,7 @@ impl JobConfig {
                 load_err(format!("--set {set:?}: expected section.key=value, e.g. --set train.steps=100"))
             })?;
             let key = key.trim();
-            if !key.contains('.') {
+            if !key.contains('.') || key.split('.').any(str::is_empty) {
                 return Err(load_err(format!(
                     "--set {set:?}: key {key:?} must name a section and a field, e.g. train.steps"
                 )));

@@ -44,6 +44,10 @@ fn unknown_and_mistyped_keys_are_errors() {
     assert!(e.contains("steps") && e.contains("many"), "{e}");
     let e = JobConfig::load(&f, HashMap::new(), &["steps".into()]).unwrap_err().to_string();
     assert!(e.contains("section.key=value"), "{e}");
+    for key in [".steps", "train..steps", "train."] {
+        let e = JobConfig::load(&f, HashMap::new(), &[format!("{key}=1")]).unwrap_err().to_string();
+        assert!(e.contains("must name a section and a field"), "{key}: {e}");
+    }
     let e = JobConfig::load(&tmp.path().join("missing.toml"), HashMap::new(), &[]).unwrap_err().to_string();
     assert!(e.contains("missing.toml") && e.contains("cannot read"), "{e}");
     // Two mistakes: the same one is reported every time (the file's order, not a hash map's).

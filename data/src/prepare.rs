@@ -125,7 +125,7 @@ where
     let dtype = TokenDtype::for_vocab(tokenizer.vocab_size);
     let mut shards = ShardWriter::new(&opts.out_dir, dtype, opts.shard_tokens);
     let bar = progress_bar(opts.progress, total_bytes);
-    let mut count = 0u64;
+    let (mut count, mut text_tokens) = (0u64, 0u64);
     let mut batch: Vec<String> = Vec::new();
     let mut batch_bytes = 0usize;
     for doc in documents() {
@@ -133,14 +133,22 @@ where
         batch_bytes += doc.len();
         batch.push(doc);
         if batch_bytes >= ENCODE_BATCH_BYTES {
-            count += encode_batch(&tokenizer, &mut batch, &mut shards)?;
+            let (docs, tokens) = encode_batch(&tokenizer, &mut batch, &mut shards)?;
+            (count, text_tokens) = (count + docs, text_tokens + tokens);
             bar.inc(batch_bytes as u64);
             batch_bytes = 0;
         }
     }
-    count += encode_batch(&tokenizer, &mut batch, &mut shards)?;
+    let (docs, tokens) = encode_batch(&tokenizer, &mut batch, &mut shards)?;
+    (count, text_tokens) = (count + docs, text_tokens + tokens);
     bar.inc(batch_bytes as u64);
     bar.finish_and_clear();
+    if text_tokens == 0 {
+        return Err(DataError::Input {
+            path: opts.out_dir.clone(),
+            reason: format!("the inputs ({source}) hold no text to train on; give files with text in them"),
+        });
+    }
 
     let shards = shards.finish()?;
     let info = TokenizerInfo {
@@ -175,25 +183,28 @@ fn progress_bar(show: bool, total_bytes: u64) -> ProgressBar {
     bar
 }
 
+/// Encodes and writes `batch`; returns the documents and their tokens (end-of-document
+/// markers not counted).
 fn encode_batch(
     tokenizer: &TextTokenizer,
     batch: &mut Vec<String>,
     shards: &mut ShardWriter,
-) -> Result<u64, DataError> {
+) -> Result<(u64, u64), DataError> {
     if batch.is_empty() {
-        return Ok(0);
+        return Ok((0, 0));
     }
     let docs = std::mem::take(batch);
     let encodings = tokenizer
         .inner
         .encode_batch(docs, false)
         .map_err(|e| DataError::Tokenizer { path: "<inputs>".into(), reason: e.to_string() })?;
-    let n = encodings.len() as u64;
+    let (n, mut tokens) = (encodings.len() as u64, 0u64);
     for enc in encodings {
+        tokens += enc.get_ids().len() as u64;
         shards.push(enc.get_ids())?;
         shards.push(&[tokenizer.eos_id])?;
     }
-    Ok(n)
+    Ok((n, tokens))
 }
 
 /// Expands files and directories into `(file, size)` of `.txt`/`.jsonl`, sorted for determinism.
@@ -443,6 +454,14 @@ mod tests {
         let err = prepare(&opts).unwrap_err().to_string();
         assert!(err.contains("x.jsonl:2") && err.contains("--text-field"), "{err}");
         // Nothing is left behind (the tokenizer was trained and saved before the bad line).
+        assert!(!tmp.path().join("out").exists());
+        // Inputs without text are refused, and leave nothing behind either.
+        let blank = tmp.path().join("blank.txt");
+        std::fs::write(&blank, "").unwrap();
+        let empty =
+            PrepareOptions::new(vec![blank], tmp.path().join("out"), TokenizerSource::Train { vocab_size: 300 });
+        let err = prepare(&empty).unwrap_err().to_string();
+        assert!(err.contains("no text"), "{err}");
         assert!(!tmp.path().join("out").exists());
 
         // A killed run's files (its marker names a process that is gone) are no obstacle;

@@ -81,10 +81,12 @@ pub fn open_checkpoint(path: &Path) -> Result<Checkpoint, WorkerError> {
             Err(e) => Err(e.into()),
         };
     }
-    Err(WorkerError::Input {
-        path: path.to_path_buf(),
-        reason: "neither a checkpoint (no manifest.json) nor a run directory (no checkpoints/)".into(),
-    })
+    let reason = if path.exists() {
+        "neither a checkpoint (no manifest.json) nor a run directory (no checkpoints/)"
+    } else {
+        "does not exist; name a checkpoint directory or a run directory"
+    };
+    Err(WorkerError::Input { path: path.to_path_buf(), reason: reason.into() })
 }
 
 fn kind_of(dtype: &str) -> Option<Kind> {
