@@ -42,6 +42,15 @@ pub fn launch(config: &Path, options: LaunchOptions, out: Option<&Path>, overrid
         bail!("--workers must be at least 1");
     }
     let signals = StopSignals::install()?;
+    // `launch` decides these itself: say so rather than drop a user's setting silently.
+    for key in ["cluster.min_workers", "cluster.max_workers", "cluster.listen"] {
+        if overrides.iter().any(|o| o.split_once('=').is_some_and(|(k, _)| k.trim() == key)) {
+            tracing::warn!(
+                "--set {key} does not apply to `launch`: it starts --workers {workers} on this machine, \
+                 with a coordinator on a loopback port (run `coordinator` and `worker` to choose them)"
+            );
+        }
+    }
     let mut overrides = overrides.to_vec();
     overrides.push(format!("cluster.min_workers={workers}"));
     overrides.push(format!("cluster.max_workers={workers}"));
