@@ -53,6 +53,11 @@ export PYTHONUNBUFFERED=1
 work=$(mktemp -d)
 started=$(date +%s)
 say() { echo "== [$(( $(date +%s) - started ))s] $*"; }
+# The switches of the script before GPU_CHECK_VARIANTS: they no longer do anything.
+for old in GPU_CHECK_BENCH GPU_CHECK_ATEN GPU_CHECK_AUTOGRAD GPU_CHECK_KEEPALL GPU_CHECK_OPTSTREAM GPU_CHECK_GEMM \
+  GPU_CHECK_SPLIT GPU_CHECK_TUNED GPU_CHECK_CUBLASLT GPU_CHECK_PROFILE GPU_CHECK_TRACE; do
+  [ -n "${!old:-}" ] && say "warning: $old is no longer read; name extra bench runs in GPU_CHECK_VARIANTS (see the header)"
+done
 # One word list per choice; "all" picks every word.
 listed() { [[ " $1 " == *" all "* || " $1 " == *" $2 "* ]]; }
 want() { # want PART: whether to run PART (GPU_CHECK_ONLY, GPU_CHECK_DEADLINE_S)
@@ -62,6 +67,7 @@ want() { # want PART: whether to run PART (GPU_CHECK_ONLY, GPU_CHECK_DEADLINE_S)
   fi
 }
 # timings.tsv: each part's name and seconds, written when the next part (or the summary) begins.
+: >"$OUT/timings.tsv"
 part_name=""; part_start=$started
 part() { # part NAME TEXT...: ends the previous part, begins NAME
   [ -n "$part_name" ] && printf '%s\t%s\n' "$part_name" $(( $(date +%s) - part_start )) >>"$OUT/timings.tsv"

@@ -37,6 +37,12 @@ fn a_pipeline_runs_its_stages_in_order_and_skips_finished_ones() {
     let err = crate::common::fails(t, &["train", s(&file), "--out", s(&out), "--set", "stage.grpo.optimizer.lr=fast"]);
     assert!(err.contains("invalid stage grpo") && err.contains("[stage.grpo]") && err.contains("fast"), "{err}");
     assert!(!out.join("pretrain").exists(), "nothing ran");
+    // Not only what fails to parse: a later stage's batch geometry too (its shape comes
+    // from a checkpoint not written yet, everything else is checked).
+    let err =
+        crate::common::fails(t, &["train", s(&file), "--out", s(&out), "--set", "stage.grpo.train.micro_batch_size=3"]);
+    assert!(err.contains("invalid stage grpo") && err.contains("train.global_batch_size = 4"), "{err}");
+    assert!(!out.join("pretrain").exists(), "nothing ran");
     let text = std::fs::read_to_string(&file).unwrap();
     let moved = t.join("moved.toml");
     std::fs::write(&moved, text.replace("test.jsonl", "no-such-test.jsonl")).unwrap();

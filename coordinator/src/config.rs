@@ -527,6 +527,25 @@ impl JobConfig {
     /// model shape and sequence length.
     pub fn validate(&self, world_size: u32) -> Result<(ModelShape, u32), ConfigError> {
         let m = self.model.shape()?;
+        if let Err(e) = m.check(&|field| format!("model.{field}")) {
+            return Err(ConfigError::Invalid { field: e.field, value: e.value, message: e.reason });
+        }
+        let seq_len = self.train.seq_len.unwrap_or(m.max_seq_len);
+        if seq_len == 0 || seq_len > m.max_seq_len {
+            return Err(ConfigError::Invalid {
+                field: "train.seq_len".into(),
+                value: seq_len.to_string(),
+                message: format!("must be between 1 and model.max_seq_len = {}", m.max_seq_len),
+            });
+        }
+        self.validate_settings(world_size)?;
+        Ok((m, seq_len))
+    }
+
+    /// Validates every value that does not depend on the model's shape, for a job of
+    /// `world_size` workers (what can be checked of a job whose shape comes from a
+    /// checkpoint not written yet: a pipeline's later stages).
+    pub fn validate_settings(&self, world_size: u32) -> Result<(), ConfigError> {
         let bad = |field: &str, value: &dyn std::fmt::Display, message: String| ConfigError::Invalid {
             field: field.into(),
             value: value.to_string(),
@@ -544,19 +563,8 @@ impl JobConfig {
                 ));
             }
         }
-        if let Err(e) = m.check(&|field| format!("model.{field}")) {
-            return Err(ConfigError::Invalid { field: e.field, value: e.value, message: e.reason });
-        }
 
         let t = &self.train;
-        let seq_len = t.seq_len.unwrap_or(m.max_seq_len);
-        if seq_len == 0 || seq_len > m.max_seq_len {
-            return Err(bad(
-                "train.seq_len",
-                &seq_len,
-                format!("must be between 1 and model.max_seq_len = {}", m.max_seq_len),
-            ));
-        }
         match (t.steps, t.epochs) {
             (0, None) => return Err(bad("train.steps", &t.steps, "must be at least 1 (or set train.epochs)".into())),
             (_, Some(e)) if !(e > 0.0 && e.is_finite()) => {
@@ -720,7 +728,7 @@ impl JobConfig {
                  1.8x fp32 on bench-small on one); without them, compare with fp32 first"
             );
         }
-        Ok((m, seq_len))
+        Ok(())
     }
 
     /// This configuration with every model field and `train.seq_len` spelled out, as TOML.
@@ -732,71 +740,13 @@ impl JobConfig {
     }
 }
 
-/// Turns the config crate's errors into the offending dotted key and one readable sentence
-/// naming it, its value and what it takes.
-fn describe(e: ::config::ConfigError) -> (String, String) {
-    let text = e.to_string();
-    // "... for key `train.steps`" (and " in the environment" for variables); an unknown
-    // section has no key around it.
-    let (what, key) = match text.rsplit_once(" for key `") {
-        Some((what, rest)) => (what, rest.split('`').next().unwrap_or_default().to_string()),
-        None if text.starts_with("unknown field ") => (text.as_str(), String::new()),
-        None => return (String::new(), text),
-    };
-    if let Some(unknown) = what.strip_prefix("unknown field ") {
-        // unknown field `stpes`, expected one of `steps`, …
-        let (field, expected) = unknown.split_once(", ").unwrap_or((unknown, ""));
-        let field = field.trim_matches('`');
-        let full = if key.is_empty() { field.to_string() } else { format!("{key}.{field}") };
-        return (full.clone(), format!("unknown key `{full}`; {expected}; remove it or fix the spelling"));
-    }
-    if let Some(enum_part) = what.strip_prefix("enum ") {
-        // enum Decay does not have variant constructor exp
-        let (type_name, value) = enum_part.split_once(" does not have variant constructor ").unwrap_or((enum_part, ""));
-        let choices = enum_choices(type_name, value).unwrap_or_else(|| "not one of its values".into());
-        return (key.clone(), format!("{key} = {value}: {choices}"));
-    }
-    if let Some(types) = what.strip_prefix("invalid type: ") {
-        // invalid type: string "-1", expected an integer
-        let (got, expected) = types.split_once(", expected ").unwrap_or((types, ""));
-        let got = got.rsplit_once(' ').map_or(got, |(_, v)| v).trim_matches(['"', '`']);
-        let wanted = if expected.contains("integer") {
-            "a whole number (0 or more)"
-        } else if expected.contains("floating point") {
-            "a number"
-        } else if expected.contains("boolean") {
-            "true or false"
-        } else {
-            expected
-        };
-        return (key.clone(), format!("{key} = {got}: expected {wanted}"));
-    }
-    (key, text)
-}
-
 /// The most intra-op threads a job may ask for: more than any machine's cores, far below
 /// what would exhaust a machine's threads.
 const MAX_THREADS: u32 = 4096;
 
-/// "unknown variant `x`, expected one of `a`, `b`" for `value` of the config enum named
-/// `type_name` (its own serde names, so the list cannot drift from the type).
-fn enum_choices(type_name: &str, value: &str) -> Option<String> {
-    fn err<T: serde::de::DeserializeOwned>(value: &str) -> Option<String> {
-        serde_json::from_value::<T>(serde_json::Value::String(value.into())).err().map(|e| e.to_string())
-    }
-    match type_name {
-        "Decay" => err::<Decay>(value),
-        "CollectiveChoice" => err::<CollectiveChoice>(value),
-        "Device" => err::<Device>(value),
-        "Precision" => err::<Precision>(value),
-        "Recompute" => err::<Recompute>(value),
-        "GradReduce" => err::<GradReduce>(value),
-        "BlockBackward" => err::<BlockBackward>(value),
-        "KernelChoice" => err::<KernelChoice>(value),
-        "GemmChoice" => err::<GemmChoice>(value),
-        _ => None,
-    }
-}
+#[path = "config_describe.rs"]
+mod describe;
+use describe::describe;
 
 #[cfg(test)]
 #[path = "config_tests.rs"]

@@ -96,8 +96,8 @@ fn invalid_values_name_field_value_and_fix() {
 }
 
 /// A word that is not one of a config enum's values gets the list of its values, for every
-/// enum key (found by walking the resolved config: a new enum without its arm in
-/// `enum_choices` fails here, not in front of a user).
+/// enum key of the sections a minimal job resolves (found by walking it: a new enum there
+/// without its arm in `enum_choices` fails here, not in front of a user).
 #[test]
 fn every_enum_key_lists_its_values() {
     let tmp = tempfile::tempdir().unwrap();

@@ -183,14 +183,33 @@ impl Pipeline {
         Ok(Pipeline { section, stages, out })
     }
 
-    /// Parses `stage`'s job with its `overrides` (and the process environment), and
-    /// validates it when it does not start from a checkpoint (the others take their shape
-    /// from a checkpoint an earlier stage has not made yet). Run for every stage before any
-    /// trains, so a mistake in the last stage does not surface after the first has trained.
-    pub fn check_stage(&self, stage: &Stage, overrides: &[String]) -> Result<(), ConfigError> {
+    /// Checks `stage`'s job with its `overrides` (and the process environment) for a group
+    /// of `workers`: in full when it does not start from a checkpoint; else every setting
+    /// that does not depend on the model's shape (which comes from a checkpoint an earlier
+    /// stage has not written yet), its GRPO section, and that its data and prompts files
+    /// exist. Run for every stage before any trains, so that a mistake in the last stage
+    /// does not surface after the first has trained.
+    pub fn check_stage(&self, stage: &Stage, overrides: &[String], workers: u32) -> Result<(), ConfigError> {
         let config = crate::JobConfig::load_with_process_env(&stage.config, overrides)?;
         if config.model.init_from.is_none() {
-            config.validate(1)?;
+            config.validate(workers)?;
+        } else {
+            config.validate_settings(workers)?;
+        }
+        let missing = |field: &str, path: &str| ConfigError::Invalid {
+            field: field.into(),
+            value: path.into(),
+            message: "does not exist".into(),
+        };
+        if let Some(grpo) = &config.grpo {
+            grpo.validate()?;
+            if !Path::new(&grpo.prompts).is_file() {
+                return Err(missing("grpo.prompts", &grpo.prompts));
+            }
+        }
+        let source = &config.data.source;
+        if config.grpo.is_none() && source != "builtin" && !Path::new(source).exists() {
+            return Err(missing("data.source", source));
         }
         Ok(())
     }

@@ -505,6 +505,15 @@ impl Coordinator for CoordinatorService {
         w.last_seen = Instant::now();
         let hint = w.rank_hint;
         let change = s.membership.joined(&id, hint);
+        if change == Change::None && s.membership.phase() == &Phase::Training {
+            let (live, (min, _)) = (s.membership.live().len(), s.membership.bounds());
+            tracing::info!(
+                worker = %id,
+                live,
+                "standby: the group of {} grows at its next size ({min} or more workers, one the batch splits over)",
+                s.membership.group().len()
+            );
+        }
         self.apply(&mut s, change);
         Ok(Response::new(Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))))
     }
@@ -537,6 +546,8 @@ impl Coordinator for CoordinatorService {
             }
             if let Some(since) = s.recovering_since.take() {
                 s.recoveries += 1;
+                // Recovered: a later give-up is about something else.
+                s.last_failure = None;
                 metrics::counter!("moxin_recoveries_total").increment(1);
                 metrics::histogram!("moxin_recovery_seconds").record(since.elapsed().as_secs_f64());
                 tracing::info!(

@@ -145,8 +145,8 @@ where
     bar.finish_and_clear();
     if text_tokens == 0 {
         return Err(DataError::Input {
-            path: opts.out_dir.clone(),
-            reason: format!("the inputs ({source}) hold no text to train on; give files with text in them"),
+            path: PathBuf::from(&source),
+            reason: "holds no text to train on; give files with text in them".into(),
         });
     }
 

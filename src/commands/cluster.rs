@@ -44,9 +44,11 @@ pub fn launch(config: &Path, options: LaunchOptions, out: Option<&Path>, overrid
     let signals = StopSignals::install()?;
     // `launch` decides these itself: say so rather than drop a user's setting silently.
     for key in ["cluster.min_workers", "cluster.max_workers", "cluster.listen"] {
-        if overrides.iter().any(|o| o.split_once('=').is_some_and(|(k, _)| k.trim() == key)) {
+        let var = format!("MOXIN__{}", key.to_uppercase().replace('.', "__"));
+        let set = overrides.iter().any(|o| o.split_once('=').is_some_and(|(k, _)| k.trim() == key));
+        if set || std::env::var_os(&var).is_some() {
             tracing::warn!(
-                "--set {key} does not apply to `launch`: it starts --workers {workers} on this machine, \
+                "{key} (--set or {var}) does not apply to `launch`: it starts --workers {workers} on this machine, \
                  with a coordinator on a loopback port (run `coordinator` and `worker` to choose them)"
             );
         }

@@ -42,6 +42,9 @@ pub fn import(dir: &Path, out: &Path) -> Result<()> {
 /// safetensors file (`logits`, fp32 `[rows, len, vocab]`); an existing `out` only with
 /// `overwrite` (it could be anything, a checkpoint's weights included).
 pub fn logits(checkpoint: &Path, tokens: &Path, out: &Path, overwrite: bool) -> Result<()> {
+    if out.is_dir() {
+        anyhow::bail!("--out {} is a directory; name the safetensors file to write", out.display());
+    }
     if out.exists() && !overwrite {
         anyhow::bail!("{} exists; choose another --out, or pass --overwrite to replace it", out.display());
     }

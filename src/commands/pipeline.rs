@@ -41,9 +41,13 @@ pub fn run(file: &Path, out: Option<&Path>, overrides: &[String], mode: Mode) ->
         previous.iter().find(|s| s.stage == stage.name).filter(|_| stage.run_dir.join(FINISHED).exists())
     };
     // Every stage that will run, and the held-out prompts, before the first trains.
+    let workers = match &mode {
+        Mode::Train => 1,
+        Mode::Launch(options) => options.workers,
+    };
     for (stage, stage_overrides) in pipeline.stages.iter().zip(&per_stage) {
         if finished(stage).is_none() {
-            pipeline.check_stage(stage, stage_overrides).map_err(|e| {
+            pipeline.check_stage(stage, stage_overrides, workers).map_err(|e| {
                 anyhow::Error::new(e).context(format!(
                     "invalid stage {name} of {file} ([stage.{name}] over the shared sections, written as {config})",
                     name = stage.name,
@@ -55,13 +59,13 @@ pub fn run(file: &Path, out: Option<&Path>, overrides: &[String], mode: Mode) ->
     }
     let to_run = pipeline.stages.iter().any(|s| finished(s).is_none());
     if let Some(prompts) = pipeline.section.eval_prompts.as_ref().filter(|_| to_run) {
-        if !Path::new(prompts).is_file() {
-            anyhow::bail!(
-                "invalid pipeline {}: [pipeline] eval_prompts = {prompts:?} is not a file; give a JSONL file of \
+        moxin_data::sft::read_prompts(Path::new(prompts)).with_context(|| {
+            format!(
+                "invalid pipeline {}: [pipeline] eval_prompts = {prompts:?}: give a JSONL file of \
                  {{\"prompt\", \"answer\"}} lines, or leave eval_prompts out",
                 file.display()
-            );
-        }
+            )
+        })?;
     }
     for (stage, stage_overrides) in pipeline.stages.iter().zip(&per_stage) {
         let marker = stage.run_dir.join(FINISHED);

@@ -93,13 +93,17 @@ pub fn place(runtime: &RuntimeSpec, explicit: Option<Device>) -> Result<Placemen
         0 => cores,
         n => n as usize,
     };
+    static OVERSUBSCRIBED: std::sync::Once = std::sync::Once::new();
     if threads > cores {
-        tracing::warn!(
-            threads,
-            cores,
-            "runtime.threads is more than this machine's available cores: the threads share them and \
+        // Once per process: `place` runs again for every group the worker joins.
+        OVERSUBSCRIBED.call_once(|| {
+            tracing::warn!(
+                threads,
+                cores,
+                "runtime.threads is more than this machine's available cores: the threads share them and \
              every step is slower; runtime.threads = 0 uses one per core"
-        );
+            )
+        });
     }
     let threads = i32::try_from(threads).map_err(|_| {
         WorkerError::Device(format!("runtime.threads = {threads} is too many; 0 = one per available core"))
