@@ -130,6 +130,11 @@ pub struct PreviousRun {
     pub generation: u64,
     /// The last step reported to it.
     pub step: u64,
+    /// Workers the run had lost, and groups that recovered, so far (the run's totals
+    /// continue across coordinator restarts).
+    pub failures: u64,
+    /// See `failures`.
+    pub recoveries: u64,
 }
 
 impl PreviousRun {
@@ -144,6 +149,8 @@ impl PreviousRun {
             phase: doc.pointer("/phase/phase").and_then(|p| p.as_str()).unwrap_or("unknown").to_string(),
             generation: doc.get("generation").and_then(|g| g.as_u64()).unwrap_or(0),
             step: doc.get("step").and_then(|g| g.as_u64()).unwrap_or(0),
+            failures: doc.get("failures").and_then(|g| g.as_u64()).unwrap_or(0),
+            recoveries: doc.get("recoveries").and_then(|g| g.as_u64()).unwrap_or(0),
         })
     }
 }
@@ -188,8 +195,8 @@ impl CoordinatorService {
                 metrics,
                 collective_id: None,
                 start_step: previous.as_ref().map_or(0, |p| p.step),
-                failures: 0,
-                recoveries: 0,
+                failures: previous.as_ref().map_or(0, |p| p.failures),
+                recoveries: previous.as_ref().map_or(0, |p| p.recoveries),
                 recovering_since: None,
                 config_written: false,
                 last_failure: None,

@@ -195,3 +195,18 @@ fn backend_choice_follows_devices() {
     assert_eq!(choose_backend(Ring, &own_gpus[..1]), Ok(CollectiveBackend::Solo));
     assert_eq!(choose_backend(Nccl, &own_gpus[..1]), Ok(CollectiveBackend::Nccl));
 }
+
+/// A restarted coordinator continues the run's counts of failures and recoveries (with its
+/// generation and step) from `state.json`, rather than starting them again from 0.
+#[test]
+fn a_restarted_coordinator_continues_the_counts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("state.json");
+    std::fs::write(
+        &file,
+        r#"{"phase": {"phase": "stopped"}, "generation": 4, "step": 60, "failures": 3, "recoveries": 2}"#,
+    )
+    .unwrap();
+    let p = crate::server::PreviousRun::load(&file).unwrap();
+    assert_eq!((p.generation, p.step, p.failures, p.recoveries), (4, 60, 3, 2));
+}
